@@ -1,0 +1,1 @@
+//! Benchmarks for infergate; see benches/benches/.

@@ -1,0 +1,110 @@
+//! The one typed value that crosses layers: a model call with its deadline.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A request for `model` carrying `payload`, bounded by `deadline`.
+#[derive(Debug, Clone)]
+pub struct Call<P> {
+    pub model: String,
+    pub payload: P,
+    pub deadline: Deadline,
+    /// Travels to the worker as `x-request-id` metadata.
+    pub request_id: String,
+}
+
+/// When a call must be answered by, and the budget it was given.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    pub budget: Duration,
+}
+
+impl Deadline {
+    /// A deadline `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        Self {
+            at: Instant::now() + budget,
+            budget,
+        }
+    }
+
+    /// The default budget, lowered (never raised) by what the client asked for.
+    pub fn from_request(default: Duration, requested: Option<Duration>) -> Self {
+        Self::after(requested.map_or(default, |r| r.min(default)))
+    }
+
+    /// Time left, zero when past.
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Parse a gRPC `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Parse an `X-Request-Timeout` header: `2.5` (seconds) or a duration like `500ms`.
+pub fn parse_request_timeout(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs > 0.0 && secs < 1e9)
+            .then(|| Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("100"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+
+    #[test]
+    fn request_timeouts_parse() {
+        assert_eq!(
+            parse_request_timeout("2.5"),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(
+            parse_request_timeout("500ms"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_request_timeout("0"), None);
+        assert_eq!(parse_request_timeout("-1"), None);
+        assert_eq!(parse_request_timeout("soon"), None);
+    }
+
+    #[test]
+    fn a_client_may_only_lower_the_deadline() {
+        let d = Deadline::from_request(Duration::from_secs(30), Some(Duration::from_secs(90)));
+        assert_eq!(d.budget, Duration::from_secs(30));
+        let d = Deadline::from_request(Duration::from_secs(30), Some(Duration::from_secs(2)));
+        assert_eq!(d.budget, Duration::from_secs(2));
+    }
+}

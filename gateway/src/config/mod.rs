@@ -1,0 +1,400 @@
+//! Typed configuration: TOML (or the embedded default) plus `INFERGATE__*`
+//! environment overrides, validated once at start into checked values.
+//!
+//! Loading is two steps: [`raw::RawConfig`] mirrors the file and rejects
+//! unknown keys; [`Config::from_raw`] turns it into durations, socket
+//! addresses and pool definitions, naming the offending key on failure.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use raw::RawConfig;
+
+/// The embedded default config (`make run`).
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Prefix of environment overrides: `INFERGATE__HTTP__LISTEN=0.0.0.0:8080`,
+/// `INFERGATE__POOLS__0__WORKERS=4`.
+pub const ENV_PREFIX: &str = "INFERGATE__";
+
+/// A config that cannot be used, with the key to blame.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The checked config the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub grpc_listen: SocketAddr,
+    pub max_message_bytes: usize,
+    pub default_deadline: Duration,
+    pub shutdown_grace: Duration,
+    pub workers: WorkersConfig,
+    pub log: LogConfig,
+    pub pools: Vec<PoolConfig>,
+    /// The raw form, for `check-config`.
+    pub raw: RawConfig,
+}
+
+/// How local worker processes run.
+#[derive(Debug, Clone)]
+pub struct WorkersConfig {
+    pub python: PathBuf,
+    /// `None`: a fresh temporary directory per gateway process.
+    pub socket_dir: Option<PathBuf>,
+    pub restart_backoff_min: Duration,
+    pub restart_backoff_max: Duration,
+    pub stop_grace: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Log output settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub json: bool,
+    pub filter: String,
+}
+
+/// A pool of workers.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub kind: PoolKind,
+}
+
+/// Where a pool's workers come from.
+#[derive(Debug, Clone)]
+pub enum PoolKind {
+    /// Spawned and supervised by this gateway.
+    Local {
+        class: String,
+        workers: NonZeroU32,
+        threads: NonZeroU32,
+        env: BTreeMap<String, String>,
+    },
+    /// Run elsewhere; reached at fixed addresses.
+    Remote { addresses: Vec<WorkerAddr> },
+}
+
+/// How to reach one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerAddr {
+    Unix(PathBuf),
+    Tcp(http::Uri),
+}
+
+impl std::fmt::Display for WorkerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            Self::Tcp(uri) => write!(f, "{uri}"),
+        }
+    }
+}
+
+impl Config {
+    /// Load from `path` (or the embedded default) with overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (
+                DEFAULT_TOML.to_owned(),
+                "embedded default config".to_owned(),
+            ),
+        };
+        let mut value: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+        for (name, val) in env {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut value, key, &val)
+                    .map_err(|m| invalid(format!("{name} (env)"), m))?;
+            }
+        }
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+                let key = e.path().to_string();
+                invalid(key, e.into_inner().message().to_owned())
+            })?;
+        Self::from_raw(raw)
+    }
+
+    /// Validate a raw config.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let http_listen = parse_addr("http.listen", &raw.http.listen)?;
+        let grpc_listen = parse_addr("grpc.listen", &raw.grpc.listen)?;
+        if http_listen == grpc_listen {
+            return Err(invalid("grpc.listen", "must differ from http.listen"));
+        }
+        let max_body_bytes = positive_size("http.max_body_bytes", raw.http.max_body_bytes)?;
+        let max_message_bytes =
+            positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
+        let w = &raw.workers;
+        let workers = WorkersConfig {
+            python: default_python(&w.python),
+            socket_dir: (!w.socket_dir.is_empty()).then(|| PathBuf::from(&w.socket_dir)),
+            restart_backoff_min: duration("workers.restart_backoff_min", &w.restart_backoff_min)?,
+            restart_backoff_max: duration("workers.restart_backoff_max", &w.restart_backoff_max)?,
+            stop_grace: duration("workers.stop_grace", &w.stop_grace)?,
+            connect_timeout: duration("workers.connect_timeout", &w.connect_timeout)?,
+        };
+        if workers.restart_backoff_max < workers.restart_backoff_min {
+            return Err(invalid(
+                "workers.restart_backoff_max",
+                "must be at least restart_backoff_min",
+            ));
+        }
+        let json = match raw.log.format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("expected `text` or `json`, got {other:?}"),
+                ));
+            }
+        };
+        let mut names = HashSet::new();
+        let mut pools = Vec::with_capacity(raw.pools.len());
+        for (i, pool) in raw.pools.iter().enumerate() {
+            let key = |field: &str| format!("pools[{i}].{field}");
+            if pool.name.is_empty()
+                || !pool
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(
+                    key("name"),
+                    "must be non-empty and use only [A-Za-z0-9-_.]",
+                ));
+            }
+            if !names.insert(pool.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate pool name {:?}", pool.name),
+                ));
+            }
+            pools.push(PoolConfig {
+                name: pool.name.clone(),
+                kind: pool_kind(pool, key)?,
+            });
+        }
+        if pools.is_empty() {
+            return Err(invalid("pools", "at least one pool is required"));
+        }
+        Ok(Self {
+            http_listen,
+            max_body_bytes,
+            grpc_listen,
+            max_message_bytes,
+            default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
+            shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
+            workers,
+            log: LogConfig {
+                json,
+                filter: raw.log.level.clone(),
+            },
+            pools,
+            raw,
+        })
+    }
+
+    /// The effective config as TOML (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        let mut raw = self.raw.clone();
+        raw.workers.python = self.workers.python.display().to_string();
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKind, ConfigError> {
+    match (pool.class.is_empty(), pool.addresses.is_empty()) {
+        (false, true) => {
+            let (module, class) = pool.class.split_once(':').unwrap_or_default();
+            if module.is_empty() || class.is_empty() {
+                return Err(invalid(
+                    key("class"),
+                    format!("expected `module:Class`, got {:?}", pool.class),
+                ));
+            }
+            let nonzero = |field: &str, v: Option<u32>| {
+                NonZeroU32::new(v.unwrap_or(1))
+                    .ok_or_else(|| invalid(key(field), "must be at least 1"))
+            };
+            Ok(PoolKind::Local {
+                class: pool.class.clone(),
+                workers: nonzero("workers", pool.workers)?,
+                threads: nonzero("threads", pool.threads)?,
+                env: pool.env.clone(),
+            })
+        }
+        (true, false) => {
+            if pool.workers.is_some() || pool.threads.is_some() || !pool.env.is_empty() {
+                return Err(invalid(
+                    key("addresses"),
+                    "remote pools take no workers/threads/env",
+                ));
+            }
+            let addresses = pool
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| {
+                    parse_worker_addr(a).map_err(|m| invalid(key(&format!("addresses[{j}]")), m))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(PoolKind::Remote { addresses })
+        }
+        (false, false) => Err(invalid(
+            key("class"),
+            "give either `class` (local) or `addresses` (remote), not both",
+        )),
+        (true, true) => Err(invalid(
+            key("class"),
+            "give `class` (local workers) or `addresses` (remote workers)",
+        )),
+    }
+}
+
+/// Parse `unix:/path`, `http://host:port` or bare `host:port`.
+pub fn parse_worker_addr(s: &str) -> Result<WorkerAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        let path = path.trim_start_matches("//");
+        return if path.starts_with('/') {
+            Ok(WorkerAddr::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!("unix socket path must be absolute: {s:?}"))
+        };
+    }
+    let with_scheme = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: http::Uri = with_scheme
+        .parse()
+        .map_err(|e| format!("bad address {s:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.port_u16().is_none() {
+        return Err(format!("expected http://host:port, got {s:?}"));
+    }
+    Ok(WorkerAddr::Tcp(uri))
+}
+
+fn default_python(configured: &str) -> PathBuf {
+    if !configured.is_empty() {
+        return PathBuf::from(configured);
+    }
+    let venv = PathBuf::from(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|e| invalid(key, format!("{s:?} is not ip:port ({e})")))
+}
+
+fn positive_size(key: &str, v: u64) -> Result<usize, ConfigError> {
+    usize::try_from(v)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| invalid(key, "must be a positive byte count"))
+}
+
+fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like 250ms or 30s ({e})"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+/// Set `a__b__0__c` in `table`, creating tables on the way; a numeric part
+/// indexes a list (`pools__0__workers`). Values parse as TOML scalars
+/// (numbers, booleans) and fall back to strings.
+fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+    let parts: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    set_path(table, &parts, value)
+}
+
+fn set_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Result<(), String> {
+    let [head, rest @ ..] = parts else {
+        return Err("empty key".into());
+    };
+    if rest.is_empty() {
+        table.insert(head.clone(), value);
+        return Ok(());
+    }
+    match table
+        .entry(head.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(t) => set_path(t, rest, value),
+        toml::Value::Array(items) => {
+            let [idx, rest @ ..] = rest else {
+                return Err(format!("`{head}` is a list"));
+            };
+            let idx: usize = idx
+                .parse()
+                .map_err(|_| format!("`{head}` is a list: use {head}__N__field"))?;
+            match items.get_mut(idx) {
+                Some(toml::Value::Table(t)) if !rest.is_empty() => set_path(t, rest, value),
+                Some(_) => Err(format!("cannot replace `{head}[{idx}]` as a whole")),
+                None => Err(format!("`{head}` has no entry {idx}")),
+            }
+        }
+        _ => Err(format!("`{head}` is not a table")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+use super::*;
+
+fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = std::env::temp_dir().join(format!("infergate-cfg-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).map_err(|source| ConfigError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    let path = dir.join("c.toml");
+    std::fs::write(&path, toml).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    let result = Config::load(Some(&path), env);
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
+
+const POOL: &str = "[[pools]]\nname = \"echo\"\nclass = \"m:Echo\"\n";
+
+fn err_key(result: Result<Config, ConfigError>) -> String {
+    match result {
+        Err(ConfigError::Invalid { key, .. }) => key,
+        other => panic!("expected an invalid-key error, got {other:?}"),
+    }
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let cfg = Config::load(None, std::iter::empty()).unwrap();
+    assert_eq!(cfg.http_listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(cfg.grpc_listen.to_string(), "127.0.0.1:50051");
+    assert_eq!(cfg.default_deadline, Duration::from_secs(30));
+    assert_eq!(cfg.max_body_bytes, 10 * 1024 * 1024);
+    let names: Vec<_> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["minilm", "echo"]);
+    match &cfg.pools[0].kind {
+        PoolKind::Local { workers, .. } => assert_eq!(workers.get(), 2),
+        other => panic!("minilm should be local, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let key = err_key(load(
+        &format!("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n{POOL}"),
+        &[],
+    ));
+    assert!(key.starts_with("http"), "{key}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    assert_eq!(
+        err_key(load(
+            &format!("[deadlines]\ndefault = \"soon\"\n{POOL}"),
+            &[]
+        )),
+        "deadlines.default"
+    );
+    assert_eq!(
+        err_key(load(&format!("[http]\nlisten = \"nowhere\"\n{POOL}"), &[])),
+        "http.listen"
+    );
+    assert_eq!(
+        err_key(load("[[pools]]\nname = \"x\"\n", &[])),
+        "pools[0].class"
+    );
+    assert_eq!(
+        err_key(load("[[pools]]\nname = \"x\"\nclass = \"noclass\"\n", &[])),
+        "pools[0].class"
+    );
+    assert_eq!(
+        err_key(load(&format!("{POOL}{POOL}"), &[])),
+        "pools[1].name"
+    );
+    assert_eq!(
+        err_key(load(
+            "[[pools]]\nname = \"r\"\naddresses = [\"unix:rel/path\"]\n",
+            &[]
+        )),
+        "pools[0].addresses[0]"
+    );
+    assert_eq!(err_key(load("", &[])), "pools");
+    assert_eq!(
+        err_key(load(
+            &format!("[http]\nmax_body_bytes = \"big\"\n{POOL}"),
+            &[]
+        )),
+        "http.max_body_bytes"
+    );
+}
+
+#[test]
+fn env_overrides_win_over_the_file() {
+    let cfg = load(
+        POOL,
+        &[
+            ("INFERGATE__HTTP__LISTEN", "127.0.0.1:9999"),
+            ("INFERGATE__POOLS__0__WORKERS", "3"),
+            ("INFERGATE__DEADLINES__DEFAULT", "5s"),
+            ("OTHER", "ignored"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(cfg.http_listen.to_string(), "127.0.0.1:9999");
+    assert_eq!(cfg.default_deadline, Duration::from_secs(5));
+    match &cfg.pools[0].kind {
+        PoolKind::Local { workers, .. } => assert_eq!(workers.get(), 3),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_env_override_names_the_variable() {
+    let key = err_key(load(POOL, &[("INFERGATE__POOLS__7__WORKERS", "3")]));
+    assert!(key.contains("INFERGATE__POOLS__7__WORKERS"), "{key}");
+}
+
+#[test]
+fn worker_addresses_parse() {
+    assert_eq!(
+        parse_worker_addr("unix:/tmp/w.sock"),
+        Ok(WorkerAddr::Unix("/tmp/w.sock".into()))
+    );
+    assert!(matches!(
+        parse_worker_addr("10.0.0.1:50061"),
+        Ok(WorkerAddr::Tcp(_))
+    ));
+    assert!(matches!(
+        parse_worker_addr("http://w.svc:50061"),
+        Ok(WorkerAddr::Tcp(_))
+    ));
+    assert!(parse_worker_addr("https://w:1").is_err());
+    assert!(parse_worker_addr("w.svc").is_err());
+}
+
+#[test]
+fn check_config_output_round_trips() {
+    let cfg = Config::load(None, std::iter::empty()).unwrap();
+    let again: RawConfig = toml::from_str(&cfg.to_toml()).unwrap();
+    assert_eq!(again.pools.len(), 2);
+}

@@ -1,0 +1,230 @@
+//! The gRPC edge (tonic): the public `Inference` service, `grpc.health.v1`,
+//! reflection, and grpc-web on the same port.
+//!
+//! The routes are served by axum's server rather than `tonic::transport::Server`
+//! because tonic's server answers an expired client `grpc-timeout` with
+//! CANCELLED; here the handler owns the deadline and answers DEADLINE_EXCEEDED.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+
+use super::EdgeState;
+use crate::call::{Call, Deadline, parse_grpc_timeout};
+use crate::error::GatewayError;
+use crate::pool::ChunkStream;
+use crate::proto::inference_server::{Inference, InferenceServer};
+use crate::proto::{
+    EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest, InferItem,
+    InferRequest, InferResponse, ListModelsRequest, ListModelsResponse, Usage,
+};
+
+/// The public Inference service over the shared upstream.
+pub struct InferenceService {
+    state: Arc<EdgeState>,
+}
+
+/// The gRPC router: Inference, health, reflection (v1 and v1alpha), grpc-web.
+pub fn router(
+    state: Arc<EdgeState>,
+    health: HealthServer<impl Health>,
+) -> Result<axum::Router, tonic_reflection::server::Error> {
+    let max = state.max_message_bytes;
+    let inference = InferenceServer::new(InferenceService { state })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(tonic::service::Routes::new(inference)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router()
+        // Browsers speak grpc-web over HTTP/1.1; translate before routing.
+        .layer(tonic_web::GrpcWebLayer::new()))
+}
+
+struct Meta {
+    request_id: String,
+    deadline: Deadline,
+}
+
+fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
+    let md = req.metadata();
+    let requested = match md.get("grpc-timeout") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(parse_grpc_timeout)
+                .ok_or_else(|| Status::invalid_argument("malformed grpc-timeout metadata"))?,
+        ),
+    };
+    let request_id = md
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    Ok(Meta {
+        request_id,
+        deadline: Deadline::from_request(state.default_deadline, requested),
+    })
+}
+
+fn respond<T>(msg: T, request_id: &str) -> Response<T> {
+    let mut resp = Response::new(msg);
+    if let Ok(v) = request_id.parse() {
+        resp.metadata_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn fail(err: GatewayError, request_id: &str) -> Status {
+    if err.http_status().is_server_error() {
+        tracing::warn!(request_id, error = %err, "grpc request failed");
+    }
+    let mut status = Status::from(err);
+    if let Ok(v) = request_id.parse() {
+        status.metadata_mut().insert("x-request-id", v);
+    }
+    status
+}
+
+fn require_model(model: &str) -> Result<(), GatewayError> {
+    if model.is_empty() {
+        Err(GatewayError::invalid("model", "is required"))
+    } else {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    async fn list_models(
+        &self,
+        _req: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse {
+            models: self.state.upstream.models(),
+        }))
+    }
+
+    async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
+        let m = meta(&self.state, &req)?;
+        let r = req.into_inner();
+        let result = async {
+            require_model(&r.model)?;
+            if r.inputs.is_empty() {
+                return Err(GatewayError::invalid(
+                    "inputs",
+                    "at least one input tensor is required",
+                ));
+            }
+            let item = InferItem {
+                id: r.id.clone(),
+                inputs: r.inputs,
+                outputs: r.outputs,
+                parameters: r.parameters,
+            };
+            let call = Call {
+                model: r.model,
+                payload: item,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+            };
+            let (info, out) = self.state.upstream.infer(call).await?;
+            Ok(InferResponse {
+                model: info.name,
+                model_version: info.version,
+                id: r.id,
+                outputs: out.tensors,
+                parameters: out.parameters,
+            })
+        }
+        .await;
+        result
+            .map(|msg| respond(msg, &m.request_id))
+            .map_err(|e| fail(e, &m.request_id))
+    }
+
+    async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let m = meta(&self.state, &req)?;
+        let r = req.into_inner();
+        let result = async {
+            require_model(&r.model)?;
+            if r.inputs.is_empty() {
+                return Err(GatewayError::invalid("inputs", "must not be empty"));
+            }
+            if r.inputs.len() > super::json::MAX_EMBED_INPUTS {
+                return Err(GatewayError::invalid(
+                    "inputs",
+                    format!(
+                        "at most {} inputs per request",
+                        super::json::MAX_EMBED_INPUTS
+                    ),
+                ));
+            }
+            let call = Call {
+                model: r.model,
+                payload: r.inputs,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+            };
+            let out = self.state.upstream.embed(call).await?;
+            Ok(EmbedResponse {
+                model: out.model.name,
+                data: out
+                    .vectors
+                    .into_iter()
+                    .map(|values| Embedding { values })
+                    .collect(),
+                usage: Some(Usage {
+                    prompt_tokens: out.prompt_tokens,
+                    completion_tokens: 0,
+                }),
+            })
+        }
+        .await;
+        result
+            .map(|msg| respond(msg, &m.request_id))
+            .map_err(|e| fail(e, &m.request_id))
+    }
+
+    type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;
+
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let m = meta(&self.state, &req)?;
+        let r = req.into_inner();
+        let result: Result<ChunkStream, GatewayError> = async {
+            require_model(&r.model)?;
+            if r.messages.is_empty() {
+                return Err(GatewayError::invalid("messages", "must not be empty"));
+            }
+            let call = Call {
+                model: r.model.clone(),
+                payload: r,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+            };
+            self.state.upstream.generate(call).await
+        }
+        .await;
+        let rid = m.request_id.clone();
+        let stream = result.map_err(|e| fail(e, &m.request_id))?;
+        Ok(respond(
+            stream.map(move |c| c.map_err(|e| fail(e, &rid))).boxed(),
+            &m.request_id,
+        ))
+    }
+}

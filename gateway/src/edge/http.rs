@@ -1,0 +1,311 @@
+//! The REST edge (axum): OpenAI-compatible `/v1`, Open Inference Protocol
+//! `/v2`, health and readiness. Every error is `application/problem+json`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use super::EdgeState;
+use super::json::{self, EmbeddingsRequest, InferRequestJson};
+use crate::call::{Call, Deadline, parse_request_timeout};
+use crate::error::GatewayError;
+use crate::proto::{ModelEntry, ModelKind};
+
+/// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
+pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+
+/// The REST router with its layers, outermost first.
+pub fn router(state: Arc<EdgeState>) -> Router {
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(healthz))
+        .route("/v2/health/ready", get(readyz))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        // Echo the request id on every response, errors included.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Give every request an id before anything else sees it.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A handler outcome: the answer, or an error rendered with the request id.
+struct Reply(Result<Response, GatewayError>, String);
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        match self.0 {
+            Ok(r) => r,
+            Err(e) => {
+                if e.http_status().is_server_error() {
+                    tracing::warn!(request_id = %self.1, error = %e, "request failed");
+                }
+                e.into_http(Some(&self.1))
+            }
+        }
+    }
+}
+
+fn deadline(state: &EdgeState, headers: &HeaderMap) -> Result<Deadline, GatewayError> {
+    let requested = match headers.get(REQUEST_TIMEOUT_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(parse_request_timeout)
+                .ok_or_else(|| {
+                    GatewayError::invalid(
+                        "X-Request-Timeout",
+                        "expected seconds (e.g. 2.5) or a duration (e.g. 500ms)",
+                    )
+                })?,
+        ),
+    };
+    Ok(Deadline::from_request(state.default_deadline, requested))
+}
+
+/// Read a JSON body: 415 unless JSON, 413 past the limit (checked against
+/// Content-Length first, then while streaming, never buffering past it),
+/// 400 naming the field that failed to parse.
+async fn read_json<T: DeserializeOwned>(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, GatewayError> {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return Err(GatewayError::UnsupportedMediaType { got: ct.to_owned() });
+        }
+    }
+    let limit = state.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::PayloadTooLarge { limit });
+    }
+    let bytes = Limited::new(body, limit).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            GatewayError::PayloadTooLarge { limit }
+        } else {
+            GatewayError::invalid("body", format!("cannot read body: {e}"))
+        }
+    })?;
+    let bytes = bytes.to_bytes();
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path == "?" {
+            "body".to_owned()
+        } else {
+            path
+        };
+        GatewayError::invalid(field, e.into_inner().to_string())
+    })?;
+    de.end()
+        .map_err(|e| GatewayError::invalid("body", e.to_string()))?;
+    Ok(value)
+}
+
+async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
+    let (parts, body) = req.into_parts();
+    let rid = request_id(&parts.headers);
+    let result = async {
+        let deadline = deadline(&state, &parts.headers)?;
+        let body: EmbeddingsRequest = read_json(&state, &parts.headers, body).await?;
+        let texts = body.texts()?;
+        let format = body.format()?;
+        let entry = state.upstream.model(&body.model)?;
+        let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
+        if let Some(d) = body.dimensions.filter(|d| *d != dim) {
+            return Err(GatewayError::invalid(
+                "dimensions",
+                format!("model {:?} returns {dim} dimensions, not {d}", body.model),
+            ));
+        }
+        let call = Call {
+            model: body.model.clone(),
+            payload: texts,
+            deadline,
+            request_id: rid.clone(),
+        };
+        let out = state.upstream.embed(call).await?;
+        Ok(axum::Json(json::embeddings_response(
+            &out.model.name,
+            out.vectors,
+            out.prompt_tokens,
+            format,
+        ))
+        .into_response())
+    }
+    .await;
+    Reply(result, rid)
+}
+
+async fn infer(
+    State(state): State<Arc<EdgeState>>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Reply {
+    let (parts, body) = req.into_parts();
+    let rid = request_id(&parts.headers);
+    let result = async {
+        let deadline = deadline(&state, &parts.headers)?;
+        let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
+        let item = json::infer_item_from_json(&body)?;
+        let id = item.id.clone();
+        let call = Call {
+            model,
+            payload: item,
+            deadline,
+            request_id: rid.clone(),
+        };
+        let (info, out) = state.upstream.infer(call).await?;
+        Ok(axum::Json(json::infer_response_json(&info, id, out)).into_response())
+    }
+    .await;
+    Reply(result, rid)
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match ModelKind::try_from(kind).unwrap_or(ModelKind::Unspecified) {
+        ModelKind::Embed => "embed",
+        ModelKind::Infer => "infer",
+        ModelKind::Generate => "generate",
+        ModelKind::Unspecified => "unspecified",
+    }
+}
+
+fn model_json(entry: &ModelEntry) -> serde_json::Value {
+    let info = entry.info.clone().unwrap_or_default();
+    json!({
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "infergate",
+        "version": info.version,
+        "kind": kind_name(info.kind),
+        "max_batch_size": info.max_batch_size,
+        "streaming": info.streaming,
+        "pool": entry.pool,
+        "ready": entry.ready,
+    })
+}
+
+async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
+    let data: Vec<_> = state.upstream.models().iter().map(model_json).collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+async fn model_metadata(
+    State(state): State<Arc<EdgeState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Reply {
+    let result = state.upstream.model(&model).map(|entry| {
+        let info = entry.info.unwrap_or_default();
+        let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
+        axum::Json(json!({
+            "name": info.name,
+            "versions": [info.version],
+            "platform": info.platform,
+            "inputs": info.inputs.iter().map(spec).collect::<Vec<_>>(),
+            "outputs": info.outputs.iter().map(spec).collect::<Vec<_>>(),
+        }))
+        .into_response()
+    });
+    Reply(result, request_id(&headers))
+}
+
+async fn model_ready(
+    State(state): State<Arc<EdgeState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Reply {
+    let result = state.upstream.model(&model).map(|entry| {
+        let status = if entry.ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (
+            status,
+            axum::Json(json!({ "name": model, "ready": entry.ready })),
+        )
+            .into_response()
+    });
+    Reply(result, request_id(&headers))
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(
+        json!({ "name": "infergate", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }),
+    )
+    .into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+/// 200 only when every pool has a SERVING worker and the gateway is not draining.
+async fn readyz(State(state): State<Arc<EdgeState>>) -> Response {
+    let pools = state.upstream.status();
+    let draining = state.draining.is_cancelled();
+    let ready = !draining && pools.iter().all(|p| p.ready_workers > 0);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({ "ready": ready, "draining": draining, "pools": pools })),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Reply {
+    let rid = request_id(req.headers());
+    Reply(
+        Err(GatewayError::RouteNotFound {
+            path: req.uri().path().to_owned(),
+        }),
+        rid,
+    )
+}
+
+async fn method_not_allowed(headers: HeaderMap) -> Reply {
+    Reply(Err(GatewayError::MethodNotAllowed), request_id(&headers))
+}

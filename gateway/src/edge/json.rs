@@ -1,0 +1,606 @@
+//! JSON <-> proto transcoding for the REST edge: Open Inference Protocol v2
+//! tensors and the OpenAI embeddings shapes. Pure functions, no I/O: this is
+//! the hot path the criterion bench measures.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+use crate::proto::{InferItem, InferOutputs, ModelInfo, ParamValue, Tensor, param_value};
+
+/// Most inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+/// `POST /v2/models/{model}/infer` body.
+#[derive(Debug, Deserialize)]
+pub struct InferRequestJson {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    pub inputs: Vec<TensorJson>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// One input tensor in OIP JSON form.
+#[derive(Debug, Deserialize)]
+pub struct TensorJson {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    pub data: Value,
+}
+
+/// An output the client asks for.
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+}
+
+/// `POST /v2/models/{model}/infer` answer.
+#[derive(Debug, Serialize)]
+pub struct InferResponseJson {
+    pub model_name: String,
+    pub model_version: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
+    pub outputs: Vec<TensorOut>,
+}
+
+/// One output tensor in OIP JSON form (data flattened, row-major).
+#[derive(Debug, Serialize)]
+pub struct TensorOut {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+    pub data: Vec<Value>,
+}
+
+/// The element kind a datatype is carried as.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Elem {
+    Bool,
+    Int { min: i64, max: i64 },
+    Uint { max: u64 },
+    Float,
+    Double,
+    Bytes,
+}
+
+fn elem(datatype: &str) -> Option<Elem> {
+    Some(match datatype {
+        "BOOL" => Elem::Bool,
+        "INT8" => Elem::Int {
+            min: i8::MIN.into(),
+            max: i8::MAX.into(),
+        },
+        "INT16" => Elem::Int {
+            min: i16::MIN.into(),
+            max: i16::MAX.into(),
+        },
+        "INT32" => Elem::Int {
+            min: i32::MIN.into(),
+            max: i32::MAX.into(),
+        },
+        "INT64" => Elem::Int {
+            min: i64::MIN,
+            max: i64::MAX,
+        },
+        "UINT8" => Elem::Uint {
+            max: u8::MAX.into(),
+        },
+        "UINT16" => Elem::Uint {
+            max: u16::MAX.into(),
+        },
+        "UINT32" => Elem::Uint {
+            max: u32::MAX.into(),
+        },
+        "UINT64" => Elem::Uint { max: u64::MAX },
+        "FP16" | "FP32" => Elem::Float,
+        "FP64" => Elem::Double,
+        "BYTES" => Elem::Bytes,
+        _ => return None,
+    })
+}
+
+/// Flatten nested JSON arrays into `out`, row-major.
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other),
+    }
+}
+
+/// Decode one OIP JSON tensor; errors name the field, e.g. `inputs[0].data[3]`.
+pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayError> {
+    let kind = elem(&t.datatype).ok_or_else(|| {
+        GatewayError::invalid(
+            format!("{field}.datatype"),
+            format!("unknown datatype {:?}", t.datatype),
+        )
+    })?;
+    if let Some(i) = t.shape.iter().position(|d| *d < 0) {
+        return Err(GatewayError::invalid(
+            format!("{field}.shape[{i}]"),
+            "dimensions must be >= 0",
+        ));
+    }
+    let expected = t
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
+        .filter(|n| *n <= 1 << 28)
+        .ok_or_else(|| {
+            GatewayError::invalid(format!("{field}.shape"), "shape has too many elements")
+        })?;
+    let mut flat = Vec::with_capacity(expected as usize);
+    flatten(&t.data, &mut flat);
+    if flat.len() as u64 != expected {
+        return Err(GatewayError::invalid(
+            format!("{field}.data"),
+            format!(
+                "shape {:?} needs {expected} values, got {}",
+                t.shape,
+                flat.len()
+            ),
+        ));
+    }
+    let mut out = Tensor {
+        name: t.name.clone(),
+        datatype: t.datatype.clone(),
+        shape: t.shape.clone(),
+        ..Default::default()
+    };
+    let bad = |i: usize, what: &str| {
+        GatewayError::invalid(
+            format!("{field}.data[{i}]"),
+            format!("expected {what} for {}", t.datatype),
+        )
+    };
+    match kind {
+        Elem::Bool => {
+            out.bool_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, "a boolean")))
+                .collect::<Result<_, _>>()?;
+        }
+        Elem::Int { min, max } => {
+            out.int64_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_i64()
+                        .filter(|n| (min..=max).contains(n))
+                        .ok_or_else(|| bad(i, "an integer in range"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Elem::Uint { max } => {
+            out.uint64_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_u64()
+                        .filter(|n| *n <= max)
+                        .ok_or_else(|| bad(i, "an unsigned integer in range"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Elem::Float => {
+            out.fp32_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_f64()
+                        .map(|f| f as f32)
+                        .ok_or_else(|| bad(i, "a number"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        Elem::Double => {
+            out.fp64_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, "a number")))
+                .collect::<Result<_, _>>()?;
+        }
+        Elem::Bytes => {
+            out.bytes_contents = flat
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(|s| s.as_bytes().to_vec())
+                        .ok_or_else(|| bad(i, "a string"))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+    }
+    Ok(out)
+}
+
+/// Decode request parameters; only scalars are allowed.
+pub fn params_from_json(
+    params: Option<&Map<String, Value>>,
+    field: &str,
+) -> Result<HashMap<String, ParamValue>, GatewayError> {
+    let Some(params) = params else {
+        return Ok(HashMap::new());
+    };
+    params
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::Bool(b) => param_value::Value::BoolParam(*b),
+                Value::Number(n) if n.is_i64() => {
+                    param_value::Value::Int64Param(n.as_i64().unwrap_or_default())
+                }
+                Value::Number(n) => param_value::Value::DoubleParam(n.as_f64().unwrap_or_default()),
+                Value::String(s) => param_value::Value::StringParam(s.clone()),
+                _ => {
+                    return Err(GatewayError::invalid(
+                        format!("{field}.{k}"),
+                        "parameters must be booleans, numbers or strings",
+                    ));
+                }
+            };
+            Ok((k.clone(), ParamValue { value: Some(value) }))
+        })
+        .collect()
+}
+
+/// Encode parameters back to JSON.
+pub fn params_to_json(params: &HashMap<String, ParamValue>) -> Map<String, Value> {
+    params
+        .iter()
+        .map(|(k, v)| {
+            let value = match &v.value {
+                Some(param_value::Value::BoolParam(b)) => Value::from(*b),
+                Some(param_value::Value::Int64Param(n)) => Value::from(*n),
+                Some(param_value::Value::DoubleParam(f)) => Value::from(*f),
+                Some(param_value::Value::StringParam(s)) => Value::from(s.clone()),
+                None => Value::Null,
+            };
+            (k.clone(), value)
+        })
+        .collect()
+}
+
+/// Transcode an OIP JSON request into the worker's item.
+pub fn infer_item_from_json(req: &InferRequestJson) -> Result<InferItem, GatewayError> {
+    if req.inputs.is_empty() {
+        return Err(GatewayError::invalid(
+            "inputs",
+            "at least one input tensor is required",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (i, t) in req.inputs.iter().enumerate() {
+        if !seen.insert(t.name.as_str()) {
+            return Err(GatewayError::invalid(
+                format!("inputs[{i}].name"),
+                format!("input {:?} given twice", t.name),
+            ));
+        }
+        inputs.push(tensor_from_json(t, &format!("inputs[{i}]"))?);
+    }
+    Ok(InferItem {
+        id: req.id.clone().unwrap_or_default(),
+        inputs,
+        outputs: req
+            .outputs
+            .iter()
+            .flatten()
+            .map(|o| o.name.clone())
+            .collect(),
+        parameters: params_from_json(req.parameters.as_ref(), "parameters")?,
+    })
+}
+
+/// Encode one output tensor as OIP JSON.
+pub fn tensor_to_json(t: Tensor) -> TensorOut {
+    let data: Vec<Value> = match elem(&t.datatype) {
+        Some(Elem::Bool) => t.bool_contents.into_iter().map(Value::from).collect(),
+        Some(Elem::Int { .. }) => t.int64_contents.into_iter().map(Value::from).collect(),
+        Some(Elem::Uint { .. }) => t.uint64_contents.into_iter().map(Value::from).collect(),
+        Some(Elem::Float) => t
+            .fp32_contents
+            .into_iter()
+            .map(|f| Value::from(f64::from(f)))
+            .collect(),
+        Some(Elem::Double) => t.fp64_contents.into_iter().map(Value::from).collect(),
+        Some(Elem::Bytes) => t
+            .bytes_contents
+            .into_iter()
+            .map(|b| Value::from(String::from_utf8_lossy(&b).into_owned()))
+            .collect(),
+        None => Vec::new(),
+    };
+    TensorOut {
+        name: t.name,
+        datatype: t.datatype,
+        shape: t.shape,
+        data,
+    }
+}
+
+/// Build the OIP JSON answer.
+pub fn infer_response_json(info: &ModelInfo, id: String, out: InferOutputs) -> InferResponseJson {
+    InferResponseJson {
+        model_name: info.name.clone(),
+        model_version: info.version.clone(),
+        id,
+        parameters: params_to_json(&out.parameters),
+        outputs: out.tensors.into_iter().map(tensor_to_json).collect(),
+    }
+}
+
+/// `POST /v1/embeddings` body (OpenAI shape).
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub input: Value,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// How vectors are written in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingFormat {
+    Float,
+    /// Little-endian f32 bytes, base64: what the OpenAI SDKs ask for by default.
+    Base64,
+}
+
+impl EmbeddingsRequest {
+    /// The texts to embed, checked: a string or a non-empty array of strings.
+    pub fn texts(&self) -> Result<Vec<String>, GatewayError> {
+        let texts = match &self.input {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(items) if items.is_empty() => {
+                return Err(GatewayError::invalid("input", "must not be empty"));
+            }
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| {
+                        GatewayError::invalid(
+                            format!("input[{i}]"),
+                            "must be a string (token arrays are not supported)",
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(GatewayError::invalid(
+                    "input",
+                    "must be a string or an array of strings",
+                ));
+            }
+        };
+        if texts.len() > MAX_EMBED_INPUTS {
+            return Err(GatewayError::invalid(
+                "input",
+                format!("at most {MAX_EMBED_INPUTS} inputs per request"),
+            ));
+        }
+        Ok(texts)
+    }
+
+    /// The requested encoding, checked.
+    pub fn format(&self) -> Result<EncodingFormat, GatewayError> {
+        match self.encoding_format.as_deref() {
+            None | Some("float") => Ok(EncodingFormat::Float),
+            Some("base64") => Ok(EncodingFormat::Base64),
+            Some(other) => Err(GatewayError::invalid(
+                "encoding_format",
+                format!("expected \"float\" or \"base64\", got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// Build the OpenAI embeddings answer.
+pub fn embeddings_response(
+    model: &str,
+    vectors: Vec<Vec<f32>>,
+    prompt_tokens: u32,
+    format: EncodingFormat,
+) -> Value {
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = match format {
+                EncodingFormat::Float => {
+                    Value::from(v.into_iter().map(f64::from).collect::<Vec<_>>())
+                }
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                    Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> InferRequestJson {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn nested_data_flattens_row_major() {
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]}),
+        );
+        let item = infer_item_from_json(&r).unwrap();
+        assert_eq!(item.inputs[0].int64_contents, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn element_count_must_match_shape() {
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0]}]}),
+        );
+        let err = infer_item_from_json(&r).unwrap_err();
+        assert_eq!(err.problem(None).field.as_deref(), Some("inputs[0].data"));
+    }
+
+    #[test]
+    fn values_must_fit_the_datatype() {
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}]}),
+        );
+        assert_eq!(
+            infer_item_from_json(&r)
+                .unwrap_err()
+                .problem(None)
+                .field
+                .as_deref(),
+            Some("inputs[0].data[1]")
+        );
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [5]}]}),
+        );
+        assert_eq!(
+            infer_item_from_json(&r)
+                .unwrap_err()
+                .problem(None)
+                .field
+                .as_deref(),
+            Some("inputs[0].data[0]")
+        );
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [5]}]}),
+        );
+        assert_eq!(
+            infer_item_from_json(&r)
+                .unwrap_err()
+                .problem(None)
+                .field
+                .as_deref(),
+            Some("inputs[0].datatype")
+        );
+    }
+
+    #[test]
+    fn huge_shapes_are_rejected_before_allocating() {
+        let r = req(
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1_000_000, 1_000_000], "datatype": "FP32", "data": []}]}),
+        );
+        assert_eq!(
+            infer_item_from_json(&r)
+                .unwrap_err()
+                .problem(None)
+                .field
+                .as_deref(),
+            Some("inputs[0].shape")
+        );
+    }
+
+    #[test]
+    fn tensors_round_trip() {
+        let r = req(serde_json::json!({
+            "id": "a", "parameters": {"delay_ms": 5, "fail": false},
+            "inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["hi", "there"]},
+                       {"name": "f", "shape": [1, 2], "datatype": "FP64", "data": [[0.5, 1.5]]}]}));
+        let item = infer_item_from_json(&r).unwrap();
+        assert_eq!(item.parameters.len(), 2);
+        let out = InferOutputs {
+            tensors: item.inputs,
+            parameters: HashMap::new(),
+        };
+        let info = ModelInfo {
+            name: "echo".into(),
+            version: "1".into(),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(infer_response_json(&info, item.id, out)).unwrap();
+        assert_eq!(
+            json["outputs"][0]["data"],
+            serde_json::json!(["hi", "there"])
+        );
+        assert_eq!(json["outputs"][1]["data"], serde_json::json!([0.5, 1.5]));
+        assert_eq!(json["outputs"][1]["shape"], serde_json::json!([1, 2]));
+        assert_eq!(json["id"], "a");
+    }
+
+    #[test]
+    fn embeddings_input_forms() {
+        let parse = |v: Value| serde_json::from_value::<EmbeddingsRequest>(v).unwrap();
+        assert_eq!(
+            parse(serde_json::json!({"model": "m", "input": "a"}))
+                .texts()
+                .unwrap(),
+            vec!["a"]
+        );
+        assert_eq!(
+            parse(serde_json::json!({"model": "m", "input": ["a", "b"]}))
+                .texts()
+                .unwrap()
+                .len(),
+            2
+        );
+        let field = |v: Value| parse(v).texts().unwrap_err().problem(None).field;
+        assert_eq!(
+            field(serde_json::json!({"model": "m", "input": []})).as_deref(),
+            Some("input")
+        );
+        assert_eq!(
+            field(serde_json::json!({"model": "m", "input": ["a", 7]})).as_deref(),
+            Some("input[1]")
+        );
+        assert_eq!(
+            field(serde_json::json!({"model": "m", "input": 7})).as_deref(),
+            Some("input")
+        );
+        assert!(
+            parse(serde_json::json!({"model": "m", "input": "a", "encoding_format": "hex"}))
+                .format()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn base64_embeddings_are_little_endian_f32() {
+        let v = embeddings_response("m", vec![vec![1.0, -2.0]], 3, EncodingFormat::Base64);
+        let b64 = v["data"][0]["embedding"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let floats: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(floats, vec![1.0, -2.0]);
+        assert_eq!(v["usage"]["total_tokens"], 3);
+    }
+}

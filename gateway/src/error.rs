@@ -1,0 +1,345 @@
+//! The gateway's one error type, and its mapping to HTTP problem+json and gRPC status.
+//!
+//! Every variant knows its HTTP status, its gRPC code and a stable
+//! machine-readable `type`; the mapping has no wildcard arm, so a new variant
+//! cannot ship without deciding all three.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Why a request failed. Client errors carry enough detail to fix the request.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum GatewayError {
+    /// The body or a parameter is malformed; `field` names the offending part.
+    #[error("invalid request: {detail}")]
+    InvalidRequest {
+        field: Option<String>,
+        detail: String,
+    },
+    /// The request body is not JSON.
+    #[error("unsupported media type {got:?}: send application/json")]
+    UnsupportedMediaType { got: String },
+    /// The request body exceeds the configured limit.
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// No such route.
+    #[error("no route for {path}")]
+    RouteNotFound { path: String },
+    /// The route exists but not for this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// No pool serves the model.
+    #[error("model {model:?} not found")]
+    ModelNotFound { model: String },
+    /// The model exists but does not do this operation.
+    #[error("model {model:?} does not support {operation}")]
+    UnsupportedOperation {
+        model: String,
+        operation: &'static str,
+    },
+    /// Pools are still starting and the model may yet appear.
+    #[error("model {model:?} is not known yet: workers are starting")]
+    Starting { model: String },
+    /// The pool has no worker able to take the call right now.
+    #[error("no ready worker in pool {pool:?}")]
+    NoReadyWorker { pool: String },
+    /// The deadline passed before the answer came.
+    #[error("deadline of {} exceeded", humantime::format_duration(*.after))]
+    DeadlineExceeded { after: Duration },
+    /// The worker failed or answered with an error.
+    #[error("worker {worker} failed: {detail}")]
+    WorkerFailed { worker: String, detail: String },
+    /// The worker could not be reached (crashed, restarting, refused).
+    #[error("worker {worker} unavailable: {detail}")]
+    WorkerUnavailable { worker: String, detail: String },
+    /// The model rejected the input (per-item INVALID_INPUT).
+    #[error("model rejected input: {detail}")]
+    ModelRejected { detail: String },
+    /// The client went away; no one reads this answer.
+    #[error("request cancelled")]
+    Cancelled,
+    /// The gateway is draining and takes no new work.
+    #[error("gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// The transport-neutral facts about an error, derived in one place.
+struct Meta {
+    status: StatusCode,
+    code: tonic::Code,
+    slug: &'static str,
+    title: &'static str,
+}
+
+impl GatewayError {
+    /// Shorthand for an invalid-request error naming a field.
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            field: Some(field.into()),
+            detail: detail.into(),
+        }
+    }
+
+    fn meta(&self) -> Meta {
+        use GatewayError as E;
+        use tonic::Code as C;
+        let (status, code, slug, title) = match self {
+            E::InvalidRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                C::InvalidArgument,
+                "invalid-request",
+                "Invalid request",
+            ),
+            E::UnsupportedMediaType { .. } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                C::InvalidArgument,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            E::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                C::ResourceExhausted,
+                "payload-too-large",
+                "Payload too large",
+            ),
+            E::RouteNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                C::Unimplemented,
+                "route-not-found",
+                "Route not found",
+            ),
+            E::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                C::Unimplemented,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
+            E::ModelNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                C::NotFound,
+                "model-not-found",
+                "Model not found",
+            ),
+            E::UnsupportedOperation { .. } => (
+                StatusCode::BAD_REQUEST,
+                C::InvalidArgument,
+                "unsupported-operation",
+                "Operation not supported by model",
+            ),
+            E::Starting { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                C::Unavailable,
+                "starting",
+                "Gateway is starting",
+            ),
+            E::NoReadyWorker { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                C::Unavailable,
+                "no-ready-worker",
+                "No ready worker",
+            ),
+            E::DeadlineExceeded { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                C::DeadlineExceeded,
+                "deadline-exceeded",
+                "Deadline exceeded",
+            ),
+            E::WorkerFailed { .. } => (
+                StatusCode::BAD_GATEWAY,
+                C::Internal,
+                "worker-failed",
+                "Worker failed",
+            ),
+            E::WorkerUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                C::Unavailable,
+                "worker-unavailable",
+                "Worker unavailable",
+            ),
+            E::ModelRejected { .. } => (
+                StatusCode::BAD_REQUEST,
+                C::InvalidArgument,
+                "model-rejected-input",
+                "Model rejected input",
+            ),
+            // 499 is nginx's "client closed request": only ever seen in logs.
+            E::Cancelled => (
+                client_closed(),
+                C::Cancelled,
+                "cancelled",
+                "Request cancelled",
+            ),
+            E::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                C::Unavailable,
+                "shutting-down",
+                "Gateway is shutting down",
+            ),
+        };
+        Meta {
+            status,
+            code,
+            slug,
+            title,
+        }
+    }
+
+    /// The HTTP status this error answers with.
+    pub fn http_status(&self) -> StatusCode {
+        self.meta().status
+    }
+
+    /// The gRPC code this error answers with.
+    pub fn grpc_code(&self) -> tonic::Code {
+        self.meta().code
+    }
+
+    /// The stable problem type, e.g. `urn:infergate:error:model-not-found`.
+    pub fn problem_type(&self) -> String {
+        format!("urn:infergate:error:{}", self.meta().slug)
+    }
+
+    /// Seconds a client should wait before retrying, for transient errors.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::Starting { .. } | Self::NoReadyWorker { .. } | Self::WorkerUnavailable { .. } => {
+                Some(1)
+            }
+            _ => None,
+        }
+    }
+
+    /// The RFC 9457 problem document for this error.
+    pub fn problem(&self, request_id: Option<&str>) -> Problem {
+        let meta = self.meta();
+        let field = match self {
+            Self::InvalidRequest { field, .. } => field.clone(),
+            _ => None,
+        };
+        Problem {
+            kind: self.problem_type(),
+            title: meta.title,
+            status: meta.status.as_u16(),
+            detail: self.to_string(),
+            field,
+            request_id: request_id.map(str::to_owned),
+        }
+    }
+
+    /// The HTTP response: status, `application/problem+json` body, `Retry-After`.
+    pub fn into_http(self, request_id: Option<&str>) -> Response {
+        let problem = self.problem(request_id);
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (problem_status(problem.status), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+fn problem_status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        self.into_http(None)
+    }
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(err: GatewayError) -> Self {
+        tonic::Status::new(err.grpc_code(), err.to_string())
+    }
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    /// Stable machine-readable error type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short human-readable summary of the type.
+    pub title: &'static str,
+    /// HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// The offending field, as a JSON path, when one is to blame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The request id, to quote when reporting a problem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_are_never_5xx() {
+        let client_errors = [
+            GatewayError::invalid("input", "empty"),
+            GatewayError::UnsupportedMediaType {
+                got: "text/plain".into(),
+            },
+            GatewayError::PayloadTooLarge { limit: 10 },
+            GatewayError::ModelNotFound { model: "x".into() },
+            GatewayError::RouteNotFound { path: "/x".into() },
+            GatewayError::ModelRejected {
+                detail: "bad shape".into(),
+            },
+        ];
+        for err in client_errors {
+            assert!(
+                err.http_status().is_client_error(),
+                "{err:?} -> {}",
+                err.http_status()
+            );
+        }
+    }
+
+    #[test]
+    fn problem_names_the_field_and_type() {
+        let p = GatewayError::invalid("input[2]", "must be a string").problem(Some("r1"));
+        assert_eq!(p.status, 400);
+        assert_eq!(p.field.as_deref(), Some("input[2]"));
+        assert_eq!(p.kind, "urn:infergate:error:invalid-request");
+        assert_eq!(p.request_id.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn grpc_codes_match_the_contract() {
+        assert_eq!(
+            GatewayError::PayloadTooLarge { limit: 1 }.grpc_code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            GatewayError::ModelNotFound { model: "m".into() }.grpc_code(),
+            tonic::Code::NotFound
+        );
+        let d = GatewayError::DeadlineExceeded {
+            after: Duration::from_millis(5),
+        };
+        assert_eq!(d.grpc_code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(d.http_status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            GatewayError::NoReadyWorker { pool: "p".into() }.retry_after(),
+            Some(1)
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! The `infergate` binary: parse the command line, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use infergate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "infergate",
+    version,
+    about = "Edge gateway for Python AI workers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the embedded default config when no --config is given).
+    Serve {
+        /// TOML config file; `INFERGATE__SECTION__KEY` variables override it.
+        #[arg(long, short, env = "INFERGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and print the effective result as TOML.
+    CheckConfig {
+        #[arg(long, short, env = "INFERGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(path.map(PathBuf::as_path), std::env::vars()).map_err(|e| {
+        eprintln!("infergate: invalid config: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match load(config.as_ref()) {
+            Ok(cfg) => {
+                #[expect(
+                    clippy::print_stdout,
+                    reason = "printing the config is this command's output"
+                )]
+                {
+                    print!("{}", cfg.to_toml());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve { config } => {
+            let cfg = match load(config.as_ref()) {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            infergate::telemetry::init(&cfg.log);
+            if config.is_none() {
+                tracing::info!(
+                    "no --config given: running the embedded default (local workers, in-memory state)"
+                );
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("infergate: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    infergate::server::shutdown_signal().await;
+                    trigger.cancel();
+                });
+                match infergate::server::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        eprintln!("infergate: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

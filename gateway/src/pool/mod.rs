@@ -1,0 +1,423 @@
+//! Worker pools: which pool serves a model, which worker takes a call, and
+//! the call itself with its deadline. The edge sees only [`Upstream`].
+
+pub mod balance;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::call::{Call, Deadline};
+use crate::config::{Config, PoolKind, WorkerAddr};
+use crate::error::GatewayError;
+use crate::proto::{
+    self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem,
+    InferOutputs, ItemError, ModelEntry, ModelInfo, ModelKind, embed_result, infer_result,
+    item_error,
+};
+use worker::{InFlight, Worker};
+
+/// A stream of generated chunks; ends after the chunk with a finish reason
+/// or with an error.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, GatewayError>> + Send>>;
+
+/// Embeddings for a list of texts, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOutput {
+    pub model: ModelInfo,
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
+}
+
+/// Readiness of one pool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    pub pool: String,
+    pub ready_workers: usize,
+    pub workers: usize,
+}
+
+/// What the edge needs from the worker side. The real implementation is
+/// [`Pools`]; edge tests use an in-process fake.
+#[async_trait::async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    /// Every model known, sorted by name.
+    fn models(&self) -> Vec<ModelEntry>;
+    /// Look up one model; `Starting` while pools have not described themselves.
+    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError>;
+    /// Readiness of every pool.
+    fn status(&self) -> Vec<PoolStatus>;
+    /// Embed texts with an EMBED model.
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError>;
+    /// Run one tensor item through an INFER model.
+    async fn infer(&self, call: Call<InferItem>)
+    -> Result<(ModelInfo, InferOutputs), GatewayError>;
+    /// Stream a generation from a streaming model.
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError>;
+}
+
+struct Pool {
+    name: String,
+    workers: Vec<Arc<Worker>>,
+}
+
+impl Pool {
+    fn pick(&self) -> Result<InFlight, GatewayError> {
+        balance::p2c(&self.workers, |n| fastrand::usize(..n))
+            .map(Worker::begin)
+            .ok_or_else(|| GatewayError::NoReadyWorker {
+                pool: self.name.clone(),
+            })
+    }
+}
+
+#[derive(Default)]
+struct Routes {
+    /// model name -> (pool index, what its workers said about it).
+    models: HashMap<String, (usize, ModelInfo)>,
+    /// Pools that have described their models at least once.
+    described: Vec<bool>,
+}
+
+/// All configured pools and the model routes learned from their workers.
+pub struct Pools {
+    pools: Vec<Pool>,
+    routes: RwLock<Routes>,
+}
+
+impl Pools {
+    /// Build pools from config. Local pools' workers listen on
+    /// `socket_dir/<pool>-<n>.sock` (see [`local_socket`]).
+    pub fn new(config: &Config, socket_dir: &Path) -> Result<Arc<Self>, tonic::transport::Error> {
+        let mut pools = Vec::with_capacity(config.pools.len());
+        for pool in &config.pools {
+            let addrs: Vec<WorkerAddr> = match &pool.kind {
+                PoolKind::Local { workers, .. } => (0..workers.get())
+                    .map(|i| WorkerAddr::Unix(local_socket(socket_dir, &pool.name, i)))
+                    .collect(),
+                PoolKind::Remote { addresses } => addresses.clone(),
+            };
+            let workers = addrs
+                .into_iter()
+                .enumerate()
+                .map(|(i, addr)| Worker::new(format!("{}-{i}", pool.name), addr).map(Arc::new))
+                .collect::<Result<_, _>>()?;
+            pools.push(Pool {
+                name: pool.name.clone(),
+                workers,
+            });
+        }
+        let routes = Routes {
+            models: HashMap::new(),
+            described: vec![false; pools.len()],
+        };
+        Ok(Arc::new(Self {
+            pools,
+            routes: RwLock::new(routes),
+        }))
+    }
+
+    /// Start one health watcher per worker; they end with `stop`.
+    pub fn watch(self: &Arc<Self>, connect_timeout: std::time::Duration, stop: &CancellationToken) {
+        for (p, pool) in self.pools.iter().enumerate() {
+            for worker in &pool.workers {
+                let me = self.clone();
+                let on_describe =
+                    move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
+                tokio::spawn(worker.clone().watch(
+                    connect_timeout,
+                    on_describe,
+                    stop.child_token(),
+                ));
+            }
+        }
+    }
+
+    fn register(&self, pool: usize, worker: &Worker, models: Vec<ModelInfo>) {
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        routes.described[pool] = true;
+        for info in models {
+            match routes.models.get(&info.name) {
+                Some((owner, _)) if *owner != pool => tracing::error!(
+                    model = %info.name, worker = %worker.id, pool = %self.pools[pool].name,
+                    "model already served by pool {:?}; ignoring this worker's claim", self.pools[*owner].name
+                ),
+                _ => {
+                    routes.models.insert(info.name.clone(), (pool, info));
+                }
+            }
+        }
+    }
+
+    fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        match routes.models.get(name) {
+            Some((p, info)) => Ok((&self.pools[*p], info.clone())),
+            None if routes.described.iter().all(|d| *d) => Err(GatewayError::ModelNotFound {
+                model: name.to_owned(),
+            }),
+            None => Err(GatewayError::Starting {
+                model: name.to_owned(),
+            }),
+        }
+    }
+
+    fn entry(&self, pool: &Pool, info: ModelInfo) -> ModelEntry {
+        let ready = pool.workers.iter().any(|w| w.is_serving());
+        ModelEntry {
+            info: Some(info),
+            pool: pool.name.clone(),
+            ready,
+        }
+    }
+}
+
+/// The socket path of local worker `n` of `pool`.
+pub fn local_socket(dir: &Path, pool: &str, n: u32) -> std::path::PathBuf {
+    dir.join(format!("{pool}-{n}.sock"))
+}
+
+fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), GatewayError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::UnsupportedOperation {
+            model: info.name.clone(),
+            operation,
+        })
+    }
+}
+
+/// Attach the deadline and request id to a worker call.
+fn request<T>(msg: T, call_deadline: &Deadline, request_id: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(call_deadline.remaining());
+    if let Ok(v) = request_id.parse() {
+        req.metadata_mut().insert("x-request-id", v);
+    }
+    req
+}
+
+/// Await a worker call, bounded by the deadline.
+async fn bounded<T>(
+    deadline: &Deadline,
+    worker: &Worker,
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, GatewayError> {
+    match tokio::time::timeout_at(deadline.at, fut).await {
+        Err(_) => Err(GatewayError::DeadlineExceeded {
+            after: deadline.budget,
+        }),
+        // tonic's client enforces the propagated timeout too (as CANCELLED):
+        // any failure once the deadline has passed is the deadline's doing.
+        Ok(Err(_)) if deadline.remaining().is_zero() => Err(GatewayError::DeadlineExceeded {
+            after: deadline.budget,
+        }),
+        Ok(Err(status)) => Err(from_status(&worker.id, status, deadline)),
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+    }
+}
+
+/// Map a worker's gRPC status to the gateway's error.
+pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> GatewayError {
+    use tonic::Code as C;
+    let detail = status.message().to_owned();
+    let worker = worker.to_owned();
+    match status.code() {
+        C::DeadlineExceeded => GatewayError::DeadlineExceeded {
+            after: deadline.budget,
+        },
+        C::InvalidArgument | C::OutOfRange => GatewayError::ModelRejected { detail },
+        C::Unavailable | C::ResourceExhausted | C::Aborted => {
+            GatewayError::WorkerUnavailable { worker, detail }
+        }
+        _ => GatewayError::WorkerFailed { worker, detail },
+    }
+}
+
+/// Map a per-item error from a worker to the gateway's error.
+pub fn from_item_error(
+    worker: &str,
+    model: &str,
+    err: ItemError,
+    deadline: &Deadline,
+) -> GatewayError {
+    use item_error::Code;
+    match Code::try_from(err.code).unwrap_or(Code::Unspecified) {
+        Code::InvalidInput => GatewayError::ModelRejected {
+            detail: err.message,
+        },
+        Code::DeadlineExceeded => GatewayError::DeadlineExceeded {
+            after: deadline.budget,
+        },
+        Code::Cancelled => GatewayError::Cancelled,
+        Code::Unimplemented => GatewayError::UnsupportedOperation {
+            model: model.to_owned(),
+            operation: "this call",
+        },
+        Code::Unspecified | Code::ModelError => GatewayError::WorkerFailed {
+            worker: worker.to_owned(),
+            detail: err.message,
+        },
+    }
+}
+
+fn missing_result(worker: &str) -> GatewayError {
+    GatewayError::WorkerFailed {
+        worker: worker.to_owned(),
+        detail: "worker returned fewer results than items".into(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Upstream for Pools {
+    fn models(&self) -> Vec<ModelEntry> {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<ModelEntry> = routes
+            .models
+            .values()
+            .map(|(p, info)| self.entry(&self.pools[*p], info.clone()))
+            .collect();
+        entries.sort_by(|a, b| {
+            a.info
+                .as_ref()
+                .map(|i| &i.name)
+                .cmp(&b.info.as_ref().map(|i| &i.name))
+        });
+        entries
+    }
+
+    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
+        let (pool, info) = self.route(name)?;
+        Ok(self.entry(pool, info))
+    }
+
+    fn status(&self) -> Vec<PoolStatus> {
+        self.pools
+            .iter()
+            .map(|p| PoolStatus {
+                pool: p.name.clone(),
+                ready_workers: p.workers.iter().filter(|w| w.is_serving()).count(),
+                workers: p.workers.len(),
+            })
+            .collect()
+    }
+
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+        let (pool, info) = self.route(&call.model)?;
+        require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
+        let count = call.payload.len();
+        let guard = pool.pick()?;
+        let worker = guard.worker();
+        let msg = EmbedBatchRequest {
+            model: call.model.clone(),
+            texts: call.payload,
+        };
+        let resp = bounded(
+            &call.deadline,
+            worker,
+            worker
+                .client()
+                .embed(request(msg, &call.deadline, &call.request_id)),
+        )
+        .await?;
+        let mut vectors = Vec::with_capacity(count);
+        let mut prompt_tokens = 0u32;
+        for result in resp.results.into_iter().take(count) {
+            prompt_tokens = prompt_tokens.saturating_add(result.tokens);
+            match result.result {
+                Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
+                Some(embed_result::Result::Error(err)) => {
+                    return Err(from_item_error(&worker.id, &info.name, err, &call.deadline));
+                }
+                None => return Err(missing_result(&worker.id)),
+            }
+        }
+        if vectors.len() != count {
+            return Err(missing_result(&worker.id));
+        }
+        Ok(EmbedOutput {
+            model: info,
+            vectors,
+            prompt_tokens,
+        })
+    }
+
+    async fn infer(
+        &self,
+        call: Call<InferItem>,
+    ) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        let (pool, info) = self.route(&call.model)?;
+        require(
+            &info,
+            info.kind == ModelKind::Infer as i32,
+            "tensor inference",
+        )?;
+        let guard = pool.pick()?;
+        let worker = guard.worker();
+        let msg = InferBatchRequest {
+            model: call.model.clone(),
+            items: vec![call.payload],
+        };
+        let resp = bounded(
+            &call.deadline,
+            worker,
+            worker
+                .client()
+                .infer(request(msg, &call.deadline, &call.request_id)),
+        )
+        .await?;
+        match resp.results.into_iter().next().and_then(|r| r.result) {
+            Some(infer_result::Result::Outputs(out)) => Ok((info, out)),
+            Some(infer_result::Result::Error(err)) => {
+                Err(from_item_error(&worker.id, &info.name, err, &call.deadline))
+            }
+            None => Err(missing_result(&worker.id)),
+        }
+    }
+
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        let (pool, info) = self.route(&call.model)?;
+        require(&info, info.streaming, "generation")?;
+        let guard = pool.pick()?;
+        let worker = guard.worker().clone();
+        let deadline = call.deadline;
+        let req = request(call.payload, &deadline, &call.request_id);
+        let stream = bounded(&deadline, &worker, worker.client().generate(req)).await?;
+        // The guard lives as long as the stream: the worker stays busy until
+        // the last chunk, and a dropped stream cancels the worker's call.
+        let chunks = futures::stream::unfold(Some((stream, guard)), move |state| {
+            let worker = worker.clone();
+            async move {
+                let (mut stream, guard) = state?;
+                let next = match tokio::time::timeout_at(deadline.at, stream.message()).await {
+                    Err(_) => Err(GatewayError::DeadlineExceeded {
+                        after: deadline.budget,
+                    }),
+                    Ok(Err(_)) if deadline.remaining().is_zero() => {
+                        Err(GatewayError::DeadlineExceeded {
+                            after: deadline.budget,
+                        })
+                    }
+                    Ok(Err(status)) => Err(from_status(&worker.id, status, &deadline)),
+                    Ok(Ok(Some(chunk))) => Ok(Some(chunk)),
+                    Ok(Ok(None)) => Ok(None),
+                };
+                match next {
+                    Ok(Some(chunk)) => {
+                        let done = chunk.finish_reason != proto::FinishReason::Unspecified as i32;
+                        Some((Ok(chunk), (!done).then_some((stream, guard))))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            }
+        });
+        Ok(chunks.boxed())
+    }
+}

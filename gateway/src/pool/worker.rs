@@ -1,0 +1,181 @@
+//! One worker endpoint: its pooled HTTP/2 channel, its load, and its health.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::config::WorkerAddr;
+use crate::proto::worker_client::WorkerClient;
+use crate::proto::{DescribeRequest, ModelInfo};
+
+/// Largest message the gateway accepts from or sends to a worker.
+const MAX_WORKER_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// A worker the pool may send calls to.
+pub struct Worker {
+    /// Stable id for logs, e.g. `minilm-1`.
+    pub id: String,
+    pub addr: WorkerAddr,
+    channel: Channel,
+    outstanding: AtomicUsize,
+    serving: AtomicBool,
+}
+
+impl Worker {
+    /// A worker reached over one lazily connected HTTP/2 channel that
+    /// reconnects by itself after the process restarts.
+    pub fn new(id: String, addr: WorkerAddr) -> Result<Self, tonic::transport::Error> {
+        let channel = match &addr {
+            WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
+            WorkerAddr::Unix(path) => {
+                let path = path.clone();
+                // The URI is ignored by the connector; tonic needs a valid one.
+                endpoint(Endpoint::from_static("http://worker.local")).connect_with_connector_lazy(
+                    tower::service_fn(move |_: http::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }),
+                )
+            }
+        };
+        Ok(Self {
+            id,
+            addr,
+            channel,
+            outstanding: AtomicUsize::new(0),
+            serving: AtomicBool::new(false),
+        })
+    }
+
+    /// A client for the Worker service on the shared channel.
+    pub fn client(&self) -> WorkerClient<Channel> {
+        WorkerClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_WORKER_MESSAGE)
+            .max_encoding_message_size(MAX_WORKER_MESSAGE)
+    }
+
+    /// True while the worker reports SERVING for its model.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// Calls sent and not yet answered.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Count a call as outstanding until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn set_serving(&self, serving: bool) {
+        if self.serving.swap(serving, Ordering::AcqRel) != serving {
+            if serving {
+                tracing::info!(worker = %self.id, "worker is SERVING");
+            } else {
+                tracing::warn!(worker = %self.id, "worker is not serving; no traffic until it recovers");
+            }
+        }
+    }
+
+    /// Keep `serving` current until `stop`: ask what the worker serves, then
+    /// follow `grpc.health.v1.Health/Watch` for its model; on any break, mark
+    /// it not serving and start over with a capped backoff.
+    pub async fn watch(
+        self: Arc<Self>,
+        connect_timeout: Duration,
+        on_describe: impl Fn(&Worker, Vec<ModelInfo>) + Send,
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let session = async {
+                let described = tokio::time::timeout(
+                    connect_timeout,
+                    self.client().describe(DescribeRequest {}),
+                )
+                .await
+                .map_err(|_| "describe timed out".to_owned())?
+                .map_err(|s| format!("describe failed: {}", s.message()))?
+                .into_inner();
+                let service = described
+                    .models
+                    .first()
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                on_describe(&self, described.models);
+                let mut stream = HealthClient::new(self.channel.clone())
+                    .watch(HealthCheckRequest { service })
+                    .await
+                    .map_err(|s| format!("health watch failed: {}", s.message()))?
+                    .into_inner();
+                while let Some(update) = stream
+                    .message()
+                    .await
+                    .map_err(|s| format!("health stream broke: {}", s.message()))?
+                {
+                    self.set_serving(update.status == ServingStatus::Serving as i32);
+                }
+                Err::<(), String>("health stream ended".to_owned())
+            };
+            let outcome = tokio::select! {
+                () = stop.cancelled() => return,
+                outcome = session => outcome,
+            };
+            self.set_serving(false);
+            if let Err(why) = outcome {
+                tracing::debug!(worker = %self.id, %why, "health session ended");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+fn endpoint(e: Endpoint) -> Endpoint {
+    e.connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+}
+
+/// Marks one call outstanding on a worker while alive.
+pub struct InFlight(Arc<Worker>);
+
+impl InFlight {
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl super::balance::Candidate for Arc<Worker> {
+    fn ready(&self) -> bool {
+        self.is_serving()
+    }
+    fn outstanding(&self) -> usize {
+        Worker::outstanding(self)
+    }
+}

@@ -1,0 +1,156 @@
+//! `infergate serve`: wire config, supervisor, pools and both edges together,
+//! and shut them down in order.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::edge::{self, EdgeState};
+use crate::pool::Pools;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the worker socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Workers(#[from] SupervisorError),
+    #[error("cannot set up worker channels: {0}")]
+    Channel(#[from] tonic::transport::Error),
+    #[error("cannot set up gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+struct SocketDir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl SocketDir {
+    fn create(configured: Option<&PathBuf>) -> Result<Self, ServeError> {
+        let (path, owned) = match configured {
+            Some(p) => (p.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "infergate-{}-{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                )),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&path).map_err(|source| ServeError::SocketDir {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { path, owned })
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
+/// let in-flight requests finish (up to `shutdown.grace`), stop the workers.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let http_listener = bind(config.http_listen).await?;
+    let grpc_listener = bind(config.grpc_listen).await?;
+    let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
+
+    let supervisor = Supervisor::start(&config, &sockets.path).await?;
+    let pools = Pools::new(&config, &sockets.path)?;
+    let watchers = CancellationToken::new();
+    pools.watch(config.workers.connect_timeout, &watchers);
+
+    let draining = CancellationToken::new();
+    let state = Arc::new(EdgeState {
+        upstream: pools,
+        default_deadline: config.default_deadline,
+        max_body_bytes: config.max_body_bytes,
+        max_message_bytes: config.max_message_bytes,
+        draining: draining.clone(),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<crate::proto::inference_server::InferenceServer<edge::grpc::InferenceService>>().await;
+    let http_app = edge::http::router(state.clone());
+    let grpc_app = edge::grpc::router(state, health_service)?;
+
+    tracing::info!(
+        http = %http_listener.local_addr()?,
+        grpc = %grpc_listener.local_addr()?,
+        pools = config.pools.len(),
+        "infergate listening"
+    );
+    let http = tokio::spawn(
+        axum::serve(http_listener, http_app)
+            .with_graceful_shutdown(draining.clone().cancelled_owned())
+            .into_future(),
+    );
+    let grpc = tokio::spawn(
+        axum::serve(grpc_listener, grpc_app)
+            .with_graceful_shutdown(draining.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?config.shutdown_grace, "draining: no new connections, finishing in-flight requests");
+    health.set_not_serving::<crate::proto::inference_server::InferenceServer<edge::grpc::InferenceService>>().await;
+    draining.cancel();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        let _ = http.await;
+        let _ = grpc.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "in-flight requests did not finish within the grace period; stopping anyway"
+        );
+    }
+    watchers.cancel();
+    supervisor.shutdown().await;
+    tracing::info!("infergate stopped");
+    Ok(())
+}

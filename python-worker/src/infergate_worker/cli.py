@@ -1,0 +1,92 @@
+"""``infergate-worker serve module:Class [...] --listen unix:/path|host:port``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from infergate.v1 import worker_pb2_grpc
+from infergate_worker.model import Model
+from infergate_worker.server import RequestIdFilter, serve
+
+
+def load_target(spec: str) -> Model | worker_pb2_grpc.WorkerServicer:
+    """Import ``module:Class`` and instantiate it (a Model or a raw servicer)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"expected module:Class, got {spec!r}")
+    try:
+        cls: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"cannot import {spec}: {exc}") from exc
+    if isinstance(cls, type) and issubclass(cls, Model | worker_pb2_grpc.WorkerServicer):
+        return cls()
+    raise SystemExit(f"{spec} is neither an infergate_worker.Model nor a WorkerServicer subclass")
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to send SIGTERM if the process that spawned us dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _loop_factory() -> Any:
+    if os.environ.get("INFERGATE_WORKER_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infergate-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="serve model classes over the Worker gRPC contract")
+    run.add_argument("targets", nargs="+", metavar="module:Class")
+    run.add_argument("--listen", required=True, help="unix:/path/to.sock or host:port")
+    run.add_argument("--threads", type=int, default=int(os.environ.get("INFERGATE_THREADS", "1")),
+                     help="model threads (concurrent batches); default 1")
+    run.add_argument("--grace", type=float, default=30.0,
+                     help="seconds to finish in-flight calls after SIGTERM")
+    run.add_argument("--log-level", default=os.environ.get("INFERGATE_LOG_LEVEL", "INFO"))
+    run.add_argument("--exit-with-parent", action="store_true",
+                     help="exit when the spawning process dies (used by the gateway)")
+    args = parser.parse_args(argv)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(levelname)s %(name)s [request_id=%(request_id)s] %(message)s")
+    )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.exit_with_parent:
+        _exit_with_parent()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    targets = [load_target(spec) for spec in args.targets]
+    coro = serve(targets, args.listen, threads=max(args.threads, 1), grace=args.grace)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(coro)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

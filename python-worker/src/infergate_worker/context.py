@@ -1,0 +1,94 @@
+"""The per-call context model code sees: deadline, cancellation, request id."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+class Cancelled(Exception):  # noqa: N818 - reads better at the raise site
+    """Raised by :meth:`CallContext.check` when the call is over for the caller.
+
+    ``reason`` is ``"cancelled"`` (the caller went away) or ``"deadline"``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"call {reason}")
+        self.reason = reason
+
+
+@dataclass
+class CallContext:
+    """What model code may ask about the call it is serving.
+
+    Model methods run on a worker thread; they can poll :meth:`check` (or
+    :attr:`cancelled`) between steps to stop early when the gateway cancels
+    the call or its deadline passes.
+    """
+
+    request_id: str = ""
+    traceparent: str = ""
+    #: Absolute deadline on the ``time.monotonic()`` clock, or ``None``.
+    deadline: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller cancelled the call."""
+        return self._cancel.is_set()
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the deadline (negative when past), or None."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` when the call was cancelled or timed out."""
+        if self._cancel.is_set():
+            raise Cancelled("cancelled")
+        remaining = self.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise Cancelled("deadline")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking (and raising) on cancellation."""
+        remaining = self.time_remaining()
+        if remaining is not None:
+            seconds = min(seconds, max(remaining, 0.0))
+        if self._cancel.wait(seconds):
+            raise Cancelled("cancelled")
+        self.check()
+
+    def cancel(self) -> None:
+        """Mark the call cancelled (done by the server, not by model code)."""
+        self._cancel.set()
+
+
+_CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "infergate_call", default=None
+)
+
+
+def current_context() -> CallContext:
+    """The context of the call the current thread is serving.
+
+    Outside a call (e.g. in ``load()``) this is an empty context that never
+    cancels.
+    """
+    ctx = _CURRENT.get()
+    return ctx if ctx is not None else CallContext()
+
+
+@contextlib.contextmanager
+def use_context(ctx: CallContext) -> Iterator[CallContext]:
+    """Make ``ctx`` the current context of this thread for the block."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,1 @@
+"""Example models: ``echo`` (no dependencies) and ``minilm`` (PyTorch)."""

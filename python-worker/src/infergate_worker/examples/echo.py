@@ -1,0 +1,66 @@
+"""``echo``: returns its inputs; no dependencies. Useful for tests and wiring.
+
+Request parameters it understands (per item):
+- ``delay_ms``: work that long first, stopping early on cancellation;
+- ``fail``: true fails this item with a model error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from infergate_worker import (
+    Cancelled,
+    Chunk,
+    GenerateInput,
+    InferItem,
+    Model,
+    current_context,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Echo(Model):
+    name = "echo"
+    kind = "infer"
+    version = "1"
+    max_batch_size = 64
+    platform = "python"
+
+    #: Pause between generated words, so streaming is observable.
+    word_delay_s = 0.01
+
+    def load(self) -> None:
+        log.info("echo loaded")
+
+    def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
+        ctx = current_context()
+        delay_ms = max((int(i.parameters.get("delay_ms", 0)) for i in items), default=0)
+        if delay_ms:
+            try:
+                ctx.wait(delay_ms / 1000)
+            except Cancelled as exc:
+                log.warning("echo stopped early (%s) during %d ms of asked-for work", exc.reason, delay_ms)
+                raise
+        results: list[dict[str, Any] | BaseException] = []
+        for item in items:
+            if item.parameters.get("fail"):
+                results.append(RuntimeError("echo was asked to fail this item"))
+            else:
+                results.append(dict(item.inputs))
+        return results
+
+    def generate(self, request: GenerateInput) -> Iterator[str | Chunk]:
+        ctx = current_context()
+        last = request.messages[-1]["content"] if request.messages else ""
+        words = last.split()
+        limit = request.max_tokens or len(words)
+        for n, word in enumerate(words[:limit]):
+            ctx.wait(self.word_delay_s)
+            yield (" " if n else "") + word
+        reason = "length" if limit < len(words) else "stop"
+        yield Chunk("", completion_tokens=min(limit, len(words)), finish_reason=reason)

@@ -1,0 +1,112 @@
+"""The class an ML engineer subclasses: one model, loaded once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from infergate_worker.tensors import Tensor
+
+
+class InvalidInput(ValueError):
+    """The input does not fit the model (bad shape, type, name).
+
+    Raise it from a batch method to fail the whole batch, or return an
+    instance in the result list to fail one item; the gateway answers the
+    caller with HTTP 400 / INVALID_ARGUMENT.
+    """
+
+
+@dataclass
+class InferItem:
+    """One item of an ``infer`` batch."""
+
+    id: str
+    inputs: dict[str, Tensor]
+    #: Names of the outputs the caller wants; empty means all.
+    outputs: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Embeddings:
+    """What ``embed`` may return to report token counts with the vectors."""
+
+    vectors: Sequence[Any]
+    #: Tokens per text, same order as the vectors.
+    tokens: Sequence[int] | None = None
+
+
+@dataclass
+class GenerateInput:
+    """A generation request: the conversation and the sampling settings."""
+
+    messages: list[dict[str, str]]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    user: str = ""
+
+
+@dataclass
+class Chunk:
+    """A generated piece of text, optionally with running token counts."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    #: "stop" or "length" on the final chunk; None otherwise.
+    finish_reason: str | None = None
+
+
+class Model:
+    """Base class for a model served by an infergate worker.
+
+    Set the class attributes, implement :meth:`load` and the batch method of
+    your ``kind``. Methods run on a worker thread, one batch at a time per
+    thread; call :func:`infergate_worker.current_context` inside them to see
+    the deadline and cancellation of the call being served.
+    """
+
+    #: The name clients use to call the model.
+    name: ClassVar[str] = ""
+    #: "embed", "infer" or "generate".
+    kind: ClassVar[str] = "infer"
+    #: Version of weights or code, reported to clients.
+    version: ClassVar[str] = "1"
+    #: The most items one batch call may carry.
+    max_batch_size: ClassVar[int] = 1
+    #: For embed models: the vector length.
+    embedding_dim: ClassVar[int] = 0
+    #: Label shown in model metadata.
+    platform: ClassVar[str] = "python"
+
+    def load(self) -> None:
+        """Load weights; called once per process before the model serves."""
+
+    def embed(self, texts: list[str]) -> Sequence[Any] | Embeddings:
+        """Embed a batch of texts: one vector (list, array or tensor) per text.
+
+        An element may be an exception instance to fail that text alone.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement embed")
+
+    def infer(self, items: list[InferItem]) -> Sequence[dict[str, Any] | BaseException]:
+        """Run a batch of tensor items: a dict of output name -> value per item.
+
+        Values may be :class:`Tensor`, numpy arrays, torch tensors or lists
+        of str/bytes. An element may be an exception instance to fail that
+        item alone.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement infer")
+
+    def generate(self, request: GenerateInput) -> Iterator[str | Chunk]:
+        """Yield text pieces as they are produced."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate")
+
+    @classmethod
+    def streams(cls) -> bool:
+        """True when the class overrides :meth:`generate`."""
+        return cls.generate is not Model.generate

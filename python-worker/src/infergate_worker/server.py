@@ -1,0 +1,421 @@
+"""The grpc.aio server that serves :class:`Model` classes as ``infergate.v1.Worker``.
+
+Model methods are blocking (PyTorch releases the GIL while it computes), so
+they run on a thread pool; the event loop only moves bytes. Cancellation of a
+call (the gateway's deadline or its client leaving) sets the call's
+:class:`CallContext` so model code can stop early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from infergate_worker import __version__
+from infergate_worker.context import CallContext, Cancelled, current_context, use_context
+from infergate_worker.model import (
+    Chunk,
+    Embeddings,
+    GenerateInput,
+    InferItem,
+    InvalidInput,
+    Model,
+)
+from infergate_worker.tensors import Tensor, as_tensor
+
+log = logging.getLogger("infergate_worker")
+
+T = TypeVar("T")
+
+_KINDS = {
+    "embed": types_pb2.MODEL_KIND_EMBED,
+    "infer": types_pb2.MODEL_KIND_INFER,
+    "generate": types_pb2.MODEL_KIND_GENERATE,
+}
+_MAX_MESSAGE = 64 * 1024 * 1024
+_ItemCode = types_pb2.ItemError.Code
+
+
+def describe(model: Model) -> types_pb2.ModelInfo:
+    """The ModelInfo a model class declares."""
+    cls = type(model)
+    if cls.kind not in _KINDS:
+        raise ValueError(f"{cls.__name__}.kind must be one of {sorted(_KINDS)}, not {cls.kind!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.name is empty")
+    return types_pb2.ModelInfo(
+        name=cls.name,
+        version=cls.version,
+        kind=_KINDS[cls.kind],
+        max_batch_size=max(cls.max_batch_size, 1),
+        streaming=cls.streams(),
+        embedding_dim=cls.embedding_dim,
+        platform=cls.platform,
+    )
+
+
+def item_error(exc: BaseException) -> types_pb2.ItemError:
+    """Map an exception raised or returned by model code to a per-item error."""
+    if isinstance(exc, InvalidInput):
+        return types_pb2.ItemError(code=_ItemCode.CODE_INVALID_INPUT, message=str(exc))
+    if isinstance(exc, Cancelled):
+        code = _ItemCode.CODE_DEADLINE_EXCEEDED if exc.reason == "deadline" else _ItemCode.CODE_CANCELLED
+        return types_pb2.ItemError(code=code, message=str(exc))
+    if isinstance(exc, NotImplementedError):
+        return types_pb2.ItemError(code=_ItemCode.CODE_UNIMPLEMENTED, message=str(exc))
+    return types_pb2.ItemError(
+        code=_ItemCode.CODE_MODEL_ERROR, message=f"{type(exc).__name__}: {exc}"
+    )
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
+def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
+    remaining = context.time_remaining()
+    ctx = CallContext(
+        request_id=_metadata(context, "x-request-id"),
+        traceparent=_metadata(context, "traceparent"),
+        deadline=None if remaining is None else time.monotonic() + remaining,
+    )
+    # Fires when the RPC ends for any reason; after a normal finish it is moot.
+    context.add_done_callback(lambda _: ctx.cancel())
+    return ctx
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+
+
+class ModelServicer(worker_pb2_grpc.WorkerServicer):
+    """Serves one or more :class:`Model` instances over the Worker contract."""
+
+    def __init__(self, models: list[Model], executor: ThreadPoolExecutor) -> None:
+        self._models = {type(m).name: m for m in models}
+        self._infos = {name: describe(m) for name, m in self._models.items()}
+        self._executor = executor
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
+    async def Describe(self, request: worker_pb2.DescribeRequest, context: Any) -> Any:  # noqa: N802
+        return worker_pb2.DescribeResponse(
+            models=list(self._infos.values()), worker_version=__version__
+        )
+
+    async def _model(self, name: str, context: grpc.aio.ServicerContext) -> Model:
+        model = self._models.get(name)
+        if model is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served here")
+        return model  # type: ignore[return-value]
+
+    async def _run(
+        self, ctx: CallContext, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any
+    ) -> T:
+        """Run blocking model code on the pool with ``ctx`` as its current context."""
+
+        def call() -> T:
+            with use_context(ctx):
+                ctx.check()  # the call may have ended while it queued
+                return fn(*args)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except asyncio.CancelledError:
+            ctx.cancel()
+            log.warning("call cancelled by the gateway", extra={"request_id": ctx.request_id})
+            raise
+        except Cancelled as exc:
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if exc.reason == "deadline"
+                else grpc.StatusCode.CANCELLED
+            )
+            log.warning("model stopped: %s", exc, extra={"request_id": ctx.request_id})
+            await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+
+    async def _run_batch(
+        self, ctx: CallContext, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any
+    ) -> T | Exception:
+        """Like :meth:`_run`, but a model exception is returned for per-item errors."""
+        try:
+            return await self._run(ctx, context, fn, *args)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed", getattr(fn, "__qualname__", "model call"))
+            return exc
+
+    async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:  # noqa: N802
+        model = await self._model(request.model, context)
+        ctx = _call_context(context)
+        texts = list(request.texts)
+        results: list[worker_pb2.EmbedResult] = []
+        for part in _chunks(texts, self._infos[request.model].max_batch_size):
+            out = await self._run_batch(ctx, context, model.embed, list(part))
+            if isinstance(out, Exception):
+                results.extend(worker_pb2.EmbedResult(error=item_error(out)) for _ in part)
+            else:
+                results.extend(_embed_results(out, len(part), request.model))
+        return worker_pb2.EmbedBatchResponse(results=results)
+
+    async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:  # noqa: N802
+        model = await self._model(request.model, context)
+        ctx = _call_context(context)
+        results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
+        items: list[tuple[int, InferItem]] = []
+        for n, msg in enumerate(request.items):
+            try:
+                items.append((n, _infer_item(msg)))
+            except ValueError as exc:
+                results[n] = worker_pb2.InferResult(error=item_error(InvalidInput(str(exc))))
+        for part in _chunks(items, self._infos[request.model].max_batch_size):
+            if not part:
+                continue
+            out = await self._run_batch(ctx, context, model.infer, [item for _, item in part])
+            if not isinstance(out, Exception) and len(out) != len(part):
+                out = RuntimeError(f"infer returned {len(out)} results for {len(part)} items")
+            if isinstance(out, Exception):
+                out = [out] * len(part)
+            for (n, item), value in zip(part, out, strict=True):
+                results[n] = _infer_result(value, item)
+        return worker_pb2.InferBatchResponse(results=results)
+
+    async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:  # noqa: N802
+        model = await self._model(request.model, context)
+        ctx = _call_context(context)
+        params = request.params
+        inp = GenerateInput(
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            temperature=params.temperature if params.has_temperature else None,
+            max_tokens=params.max_tokens or None,
+            stop=list(params.stop),
+            seed=params.seed or None,
+            user=request.user,
+        )
+        done = object()
+        it = await self._run_batch(ctx, context, lambda: iter(model.generate(inp)))
+        if isinstance(it, Exception):
+            code = (
+                grpc.StatusCode.UNIMPLEMENTED
+                if isinstance(it, NotImplementedError)
+                else grpc.StatusCode.INTERNAL
+            )
+            await context.abort(code, f"{type(it).__name__}: {it}")
+        produced = 0
+        prompt_tokens = 0
+        while True:
+            piece = await self._run_batch(ctx, context, next, it, done)
+            if isinstance(piece, Exception):
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(piece).__name__}: {piece}")
+            if piece is done:
+                break
+            chunk = piece if isinstance(piece, Chunk) else Chunk(str(piece))
+            produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
+            if chunk.finish_reason:
+                yield types_pb2.GenerateChunk(
+                    text=chunk.text, finish_reason=_finish(chunk.finish_reason), usage=usage
+                )
+                return
+            yield types_pb2.GenerateChunk(text=chunk.text, usage=usage)
+        yield types_pb2.GenerateChunk(
+            finish_reason=types_pb2.FINISH_REASON_STOP,
+            usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
+        )
+
+
+def _finish(reason: str) -> int:
+    return types_pb2.FINISH_REASON_LENGTH if reason == "length" else types_pb2.FINISH_REASON_STOP
+
+
+def _embed_results(out: Any, count: int, model: str) -> list[worker_pb2.EmbedResult]:
+    tokens: Sequence[int] | None = None
+    if isinstance(out, Embeddings):
+        out, tokens = out.vectors, out.tokens
+    if hasattr(out, "detach"):  # torch.Tensor
+        out = out.detach().cpu().numpy()
+    rows = out.tolist() if hasattr(out, "tolist") else list(out)
+    if len(rows) != count:
+        err = item_error(RuntimeError(f"{model}.embed returned {len(rows)} vectors for {count}"))
+        return [worker_pb2.EmbedResult(error=err) for _ in range(count)]
+    results = []
+    for n, row in enumerate(rows):
+        t = int(tokens[n]) if tokens is not None else 0
+        if isinstance(row, BaseException):
+            results.append(worker_pb2.EmbedResult(error=item_error(row), tokens=t))
+        else:
+            values = row.tolist() if hasattr(row, "tolist") else row
+            results.append(
+                worker_pb2.EmbedResult(embedding=types_pb2.Embedding(values=values), tokens=t)
+            )
+    return results
+
+
+def _param(value: types_pb2.ParamValue) -> Any:
+    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
+
+
+def _to_param(value: Any) -> types_pb2.ParamValue:
+    if isinstance(value, bool):
+        return types_pb2.ParamValue(bool_param=value)
+    if isinstance(value, int):
+        return types_pb2.ParamValue(int64_param=value)
+    if isinstance(value, float):
+        return types_pb2.ParamValue(double_param=value)
+    return types_pb2.ParamValue(string_param=str(value))
+
+
+def _infer_item(msg: worker_pb2.InferItem) -> InferItem:
+    inputs = {}
+    for t in msg.inputs:
+        if t.name in inputs:
+            raise ValueError(f"input {t.name!r} given twice")
+        inputs[t.name] = Tensor.from_proto(t)
+    return InferItem(
+        id=msg.id,
+        inputs=inputs,
+        outputs=list(msg.outputs),
+        parameters={k: _param(v) for k, v in msg.parameters.items()},
+    )
+
+
+def _infer_result(value: Any, item: InferItem) -> worker_pb2.InferResult:
+    if isinstance(value, BaseException):
+        return worker_pb2.InferResult(error=item_error(value))
+    try:
+        params = value.pop("parameters", None) if isinstance(value, dict) else None
+        wanted = set(item.outputs)
+        tensors = [
+            as_tensor(name, v).to_proto()
+            for name, v in value.items()
+            if not wanted or name in wanted
+        ]
+    except (TypeError, ValueError, AttributeError) as exc:
+        return worker_pb2.InferResult(error=item_error(exc))
+    outputs = worker_pb2.InferOutputs(tensors=tensors)
+    for k, v in (params or {}).items():
+        outputs.parameters[k].CopyFrom(_to_param(v))
+    return worker_pb2.InferResult(outputs=outputs)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current call's request id on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = current_context().request_id or "-"
+        return True
+
+
+def _prepare_unix_socket(listen: str) -> None:
+    path = listen.removeprefix("unix:").removeprefix("//")
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket from a dead process
+
+
+async def serve(
+    targets: list[Model | worker_pb2_grpc.WorkerServicer],
+    listen: str,
+    *,
+    threads: int = 1,
+    grace: float = 30.0,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
+
+    ``targets`` are Model instances (not yet loaded) or, alone, one raw
+    WorkerServicer implementation.
+    """
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
+    models = [t for t in targets if isinstance(t, Model)]
+    raw = [t for t in targets if not isinstance(t, Model)]
+    if raw and (models or len(raw) > 1):
+        raise ValueError("a raw WorkerServicer must be served alone")
+    servicer = raw[0] if raw else ModelServicer(models, executor)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    if listen.startswith("unix:"):
+        _prepare_unix_socket(listen)
+    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+
+    described = await servicer.Describe(worker_pb2.DescribeRequest(), None)
+    names = [m.name for m in described.models]
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in [*names, ""]:
+        await health_servicer.set(name, not_serving)
+    log.info("listening on %s for %s (pid %d)", listen, ", ".join(names), os.getpid())
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    async def load_all() -> None:
+        for model in models:
+            started = time.monotonic()
+            await loop.run_in_executor(executor, model.load)
+            log.info("%s loaded in %.1f s", type(model).name, time.monotonic() - started)
+        for name in [*names, ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if ready is not None:
+            ready.set()
+
+    loader = asyncio.create_task(load_all())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        stopper.cancel()
+        await server.stop(0)
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise loader.exception()  # type: ignore[misc]
+    await stopper
+
+    log.info("draining: NOT_SERVING, finishing in-flight calls (grace %.0f s)", grace)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace)
+    loader.cancel()
+    executor.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
