@@ -24,10 +24,7 @@ pub struct Deadline {
 impl Deadline {
     /// A deadline `budget` from now.
     pub fn after(budget: Duration) -> Self {
-        Self {
-            at: Instant::now() + budget,
-            budget,
-        }
+        Self { at: Instant::now() + budget, budget }
     }
 
     /// The default budget, lowered (never raised) by what the client asked for.
@@ -63,12 +60,9 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 pub fn parse_request_timeout(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs > 0.0 && secs < 1e9)
-            .then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs));
     }
-    humantime::parse_duration(value)
-        .ok()
-        .filter(|d| !d.is_zero())
+    humantime::parse_duration(value).ok().filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -87,14 +81,8 @@ mod tests {
 
     #[test]
     fn request_timeouts_parse() {
-        assert_eq!(
-            parse_request_timeout("2.5"),
-            Some(Duration::from_millis(2500))
-        );
-        assert_eq!(
-            parse_request_timeout("500ms"),
-            Some(Duration::from_millis(500))
-        );
+        assert_eq!(parse_request_timeout("2.5"), Some(Duration::from_millis(2500)));
+        assert_eq!(parse_request_timeout("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_request_timeout("0"), None);
         assert_eq!(parse_request_timeout("-1"), None);
         assert_eq!(parse_request_timeout("soon"), None);

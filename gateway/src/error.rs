@@ -15,10 +15,7 @@ use serde::Serialize;
 pub enum GatewayError {
     /// The body or a parameter is malformed; `field` names the offending part.
     #[error("invalid request: {detail}")]
-    InvalidRequest {
-        field: Option<String>,
-        detail: String,
-    },
+    InvalidRequest { field: Option<String>, detail: String },
     /// The request body is not JSON.
     #[error("unsupported media type {got:?}: send application/json")]
     UnsupportedMediaType { got: String },
@@ -36,10 +33,7 @@ pub enum GatewayError {
     ModelNotFound { model: String },
     /// The model exists but does not do this operation.
     #[error("model {model:?} does not support {operation}")]
-    UnsupportedOperation {
-        model: String,
-        operation: &'static str,
-    },
+    UnsupportedOperation { model: String, operation: &'static str },
     /// Pools are still starting and the model may yet appear.
     #[error("model {model:?} is not known yet: workers are starting")]
     Starting { model: String },
@@ -77,114 +71,57 @@ struct Meta {
 impl GatewayError {
     /// Shorthand for an invalid-request error naming a field.
     pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self::InvalidRequest {
-            field: Some(field.into()),
-            detail: detail.into(),
-        }
+        Self::InvalidRequest { field: Some(field.into()), detail: detail.into() }
     }
 
     fn meta(&self) -> Meta {
         use GatewayError as E;
         use tonic::Code as C;
         let (status, code, slug, title) = match self {
-            E::InvalidRequest { .. } => (
-                StatusCode::BAD_REQUEST,
-                C::InvalidArgument,
-                "invalid-request",
-                "Invalid request",
-            ),
+            E::InvalidRequest { .. } => {
+                (StatusCode::BAD_REQUEST, C::InvalidArgument, "invalid-request", "Invalid request")
+            }
             E::UnsupportedMediaType { .. } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 C::InvalidArgument,
                 "unsupported-media-type",
                 "Unsupported media type",
             ),
-            E::PayloadTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                C::ResourceExhausted,
-                "payload-too-large",
-                "Payload too large",
-            ),
-            E::RouteNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                C::Unimplemented,
-                "route-not-found",
-                "Route not found",
-            ),
-            E::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                C::Unimplemented,
-                "method-not-allowed",
-                "Method not allowed",
-            ),
-            E::ModelNotFound { .. } => (
-                StatusCode::NOT_FOUND,
-                C::NotFound,
-                "model-not-found",
-                "Model not found",
-            ),
+            E::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "payload-too-large", "Payload too large")
+            }
+            E::RouteNotFound { .. } => (StatusCode::NOT_FOUND, C::Unimplemented, "route-not-found", "Route not found"),
+            E::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, C::Unimplemented, "method-not-allowed", "Method not allowed")
+            }
+            E::ModelNotFound { .. } => (StatusCode::NOT_FOUND, C::NotFound, "model-not-found", "Model not found"),
             E::UnsupportedOperation { .. } => (
                 StatusCode::BAD_REQUEST,
                 C::InvalidArgument,
                 "unsupported-operation",
                 "Operation not supported by model",
             ),
-            E::Starting { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                C::Unavailable,
-                "starting",
-                "Gateway is starting",
-            ),
-            E::NoReadyWorker { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                C::Unavailable,
-                "no-ready-worker",
-                "No ready worker",
-            ),
-            E::DeadlineExceeded { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                C::DeadlineExceeded,
-                "deadline-exceeded",
-                "Deadline exceeded",
-            ),
-            E::WorkerFailed { .. } => (
-                StatusCode::BAD_GATEWAY,
-                C::Internal,
-                "worker-failed",
-                "Worker failed",
-            ),
-            E::WorkerUnavailable { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                C::Unavailable,
-                "worker-unavailable",
-                "Worker unavailable",
-            ),
-            E::ModelRejected { .. } => (
-                StatusCode::BAD_REQUEST,
-                C::InvalidArgument,
-                "model-rejected-input",
-                "Model rejected input",
-            ),
+            E::Starting { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "starting", "Gateway is starting"),
+            E::NoReadyWorker { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "no-ready-worker", "No ready worker")
+            }
+            E::DeadlineExceeded { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, C::DeadlineExceeded, "deadline-exceeded", "Deadline exceeded")
+            }
+            E::WorkerFailed { .. } => (StatusCode::BAD_GATEWAY, C::Internal, "worker-failed", "Worker failed"),
+            E::WorkerUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "worker-unavailable", "Worker unavailable")
+            }
+            E::ModelRejected { .. } => {
+                (StatusCode::BAD_REQUEST, C::InvalidArgument, "model-rejected-input", "Model rejected input")
+            }
             // 499 is nginx's "client closed request": only ever seen in logs.
-            E::Cancelled => (
-                client_closed(),
-                C::Cancelled,
-                "cancelled",
-                "Request cancelled",
-            ),
-            E::ShuttingDown => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                C::Unavailable,
-                "shutting-down",
-                "Gateway is shutting down",
-            ),
+            E::Cancelled => (client_closed(), C::Cancelled, "cancelled", "Request cancelled"),
+            E::ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "shutting-down", "Gateway is shutting down")
+            }
         };
-        Meta {
-            status,
-            code,
-            slug,
-            title,
-        }
+        Meta { status, code, slug, title }
     }
 
     /// The HTTP status this error answers with.
@@ -205,9 +142,7 @@ impl GatewayError {
     /// Seconds a client should wait before retrying, for transient errors.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Starting { .. } | Self::NoReadyWorker { .. } | Self::WorkerUnavailable { .. } => {
-                Some(1)
-            }
+            Self::Starting { .. } | Self::NoReadyWorker { .. } | Self::WorkerUnavailable { .. } => Some(1),
             _ => None,
         }
     }
@@ -235,10 +170,7 @@ impl GatewayError {
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (problem_status(problem.status), body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(secs) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -294,22 +226,14 @@ mod tests {
     fn client_errors_are_never_5xx() {
         let client_errors = [
             GatewayError::invalid("input", "empty"),
-            GatewayError::UnsupportedMediaType {
-                got: "text/plain".into(),
-            },
+            GatewayError::UnsupportedMediaType { got: "text/plain".into() },
             GatewayError::PayloadTooLarge { limit: 10 },
             GatewayError::ModelNotFound { model: "x".into() },
             GatewayError::RouteNotFound { path: "/x".into() },
-            GatewayError::ModelRejected {
-                detail: "bad shape".into(),
-            },
+            GatewayError::ModelRejected { detail: "bad shape".into() },
         ];
         for err in client_errors {
-            assert!(
-                err.http_status().is_client_error(),
-                "{err:?} -> {}",
-                err.http_status()
-            );
+            assert!(err.http_status().is_client_error(), "{err:?} -> {}", err.http_status());
         }
     }
 
@@ -324,22 +248,11 @@ mod tests {
 
     #[test]
     fn grpc_codes_match_the_contract() {
-        assert_eq!(
-            GatewayError::PayloadTooLarge { limit: 1 }.grpc_code(),
-            tonic::Code::ResourceExhausted
-        );
-        assert_eq!(
-            GatewayError::ModelNotFound { model: "m".into() }.grpc_code(),
-            tonic::Code::NotFound
-        );
-        let d = GatewayError::DeadlineExceeded {
-            after: Duration::from_millis(5),
-        };
+        assert_eq!(GatewayError::PayloadTooLarge { limit: 1 }.grpc_code(), tonic::Code::ResourceExhausted);
+        assert_eq!(GatewayError::ModelNotFound { model: "m".into() }.grpc_code(), tonic::Code::NotFound);
+        let d = GatewayError::DeadlineExceeded { after: Duration::from_millis(5) };
         assert_eq!(d.grpc_code(), tonic::Code::DeadlineExceeded);
         assert_eq!(d.http_status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(
-            GatewayError::NoReadyWorker { pool: "p".into() }.retry_after(),
-            Some(1)
-        );
+        assert_eq!(GatewayError::NoReadyWorker { pool: "p".into() }.retry_after(), Some(1));
     }
 }

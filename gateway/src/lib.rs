@@ -19,6 +19,5 @@ pub mod proto {
     tonic::include_proto!("infergate.v1");
 
     /// Encoded descriptors of the contract, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("infergate_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("infergate_descriptor");
 }

@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use infergate::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "infergate",
-    version,
-    about = "Edge gateway for Python AI workers"
-)]
+#[command(name = "infergate", version, about = "Edge gateway for Python AI workers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,10 +40,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load(config.as_ref()) {
             Ok(cfg) => {
-                #[expect(
-                    clippy::print_stdout,
-                    reason = "printing the config is this command's output"
-                )]
+                #[expect(clippy::print_stdout, reason = "printing the config is this command's output")]
                 {
                     print!("{}", cfg.to_toml());
                 }
@@ -62,9 +55,7 @@ fn main() -> ExitCode {
             };
             infergate::telemetry::init(&cfg.log);
             if config.is_none() {
-                tracing::info!(
-                    "no --config given: running the embedded default (local workers, in-memory state)"
-                );
+                tracing::info!("no --config given: running the embedded default (local workers, in-memory state)");
             }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

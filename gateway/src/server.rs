@@ -17,15 +17,9 @@ use crate::supervisor::{Supervisor, SupervisorError};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot create the worker socket directory {path}: {source}")]
-    SocketDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    SocketDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Workers(#[from] SupervisorError),
     #[error("cannot set up worker channels: {0}")]
@@ -62,19 +56,11 @@ impl SocketDir {
     fn create(configured: Option<&PathBuf>) -> Result<Self, ServeError> {
         let (path, owned) = match configured {
             Some(p) => (p.clone(), false),
-            None => (
-                std::env::temp_dir().join(format!(
-                    "infergate-{}-{:08x}",
-                    std::process::id(),
-                    fastrand::u32(..)
-                )),
-                true,
-            ),
+            None => {
+                (std::env::temp_dir().join(format!("infergate-{}-{:08x}", std::process::id(), fastrand::u32(..))), true)
+            }
         };
-        std::fs::create_dir_all(&path).map_err(|source| ServeError::SocketDir {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&path).map_err(|source| ServeError::SocketDir { path: path.clone(), source })?;
         Ok(Self { path, owned })
     }
 }
@@ -88,9 +74,7 @@ impl Drop for SocketDir {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
@@ -125,14 +109,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         "infergate listening"
     );
     let http = tokio::spawn(
-        axum::serve(http_listener, http_app)
-            .with_graceful_shutdown(draining.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(http_listener, http_app).with_graceful_shutdown(draining.clone().cancelled_owned()).into_future(),
     );
     let grpc = tokio::spawn(
-        axum::serve(grpc_listener, grpc_app)
-            .with_graceful_shutdown(draining.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(grpc_listener, grpc_app).with_graceful_shutdown(draining.clone().cancelled_owned()).into_future(),
     );
 
     shutdown.cancelled().await;
@@ -145,9 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(
-            "in-flight requests did not finish within the grace period; stopping anyway"
-        );
+        tracing::warn!("in-flight requests did not finish within the grace period; stopping anyway");
     }
     watchers.cancel();
     supervisor.shutdown().await;

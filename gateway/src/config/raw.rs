@@ -27,10 +27,7 @@ pub struct RawHttp {
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            max_body_bytes: 10 * 1024 * 1024,
-        }
+        Self { listen: "127.0.0.1:8080".into(), max_body_bytes: 10 * 1024 * 1024 }
     }
 }
 
@@ -44,10 +41,7 @@ pub struct RawGrpc {
 
 impl Default for RawGrpc {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:50051".into(),
-            max_message_bytes: 10 * 1024 * 1024,
-        }
+        Self { listen: "127.0.0.1:50051".into(), max_message_bytes: 10 * 1024 * 1024 }
     }
 }
 
@@ -61,9 +55,7 @@ pub struct RawDeadlines {
 
 impl Default for RawDeadlines {
     fn default() -> Self {
-        Self {
-            default: "30s".into(),
-        }
+        Self { default: "30s".into() }
     }
 }
 
@@ -110,10 +102,7 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        Self {
-            format: "text".into(),
-            level: "info".into(),
-        }
+        Self { format: "text".into(), level: "info".into() }
     }
 }
 
@@ -126,9 +115,7 @@ pub struct RawShutdown {
 
 impl Default for RawShutdown {
     fn default() -> Self {
-        Self {
-            grace: "30s".into(),
-        }
+        Self { grace: "30s".into() }
     }
 }
 

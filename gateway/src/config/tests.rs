@@ -2,15 +2,9 @@ use super::*;
 
 fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
     let dir = std::env::temp_dir().join(format!("infergate-cfg-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).map_err(|source| ConfigError::Read {
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(|source| ConfigError::Read { path: dir.clone(), source })?;
     let path = dir.join("c.toml");
-    std::fs::write(&path, toml).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    std::fs::write(&path, toml).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
     let result = Config::load(Some(&path), env);
     let _ = std::fs::remove_dir_all(dir);
@@ -43,53 +37,23 @@ fn embedded_default_is_valid() {
 
 #[test]
 fn unknown_keys_are_rejected_with_their_path() {
-    let key = err_key(load(
-        &format!("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n{POOL}"),
-        &[],
-    ));
+    let key = err_key(load(&format!("[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n{POOL}"), &[]));
     assert!(key.starts_with("http"), "{key}");
 }
 
 #[test]
 fn bad_values_name_the_key() {
+    assert_eq!(err_key(load(&format!("[deadlines]\ndefault = \"soon\"\n{POOL}"), &[])), "deadlines.default");
+    assert_eq!(err_key(load(&format!("[http]\nlisten = \"nowhere\"\n{POOL}"), &[])), "http.listen");
+    assert_eq!(err_key(load("[[pools]]\nname = \"x\"\n", &[])), "pools[0].class");
+    assert_eq!(err_key(load("[[pools]]\nname = \"x\"\nclass = \"noclass\"\n", &[])), "pools[0].class");
+    assert_eq!(err_key(load(&format!("{POOL}{POOL}"), &[])), "pools[1].name");
     assert_eq!(
-        err_key(load(
-            &format!("[deadlines]\ndefault = \"soon\"\n{POOL}"),
-            &[]
-        )),
-        "deadlines.default"
-    );
-    assert_eq!(
-        err_key(load(&format!("[http]\nlisten = \"nowhere\"\n{POOL}"), &[])),
-        "http.listen"
-    );
-    assert_eq!(
-        err_key(load("[[pools]]\nname = \"x\"\n", &[])),
-        "pools[0].class"
-    );
-    assert_eq!(
-        err_key(load("[[pools]]\nname = \"x\"\nclass = \"noclass\"\n", &[])),
-        "pools[0].class"
-    );
-    assert_eq!(
-        err_key(load(&format!("{POOL}{POOL}"), &[])),
-        "pools[1].name"
-    );
-    assert_eq!(
-        err_key(load(
-            "[[pools]]\nname = \"r\"\naddresses = [\"unix:rel/path\"]\n",
-            &[]
-        )),
+        err_key(load("[[pools]]\nname = \"r\"\naddresses = [\"unix:rel/path\"]\n", &[])),
         "pools[0].addresses[0]"
     );
     assert_eq!(err_key(load("", &[])), "pools");
-    assert_eq!(
-        err_key(load(
-            &format!("[http]\nmax_body_bytes = \"big\"\n{POOL}"),
-            &[]
-        )),
-        "http.max_body_bytes"
-    );
+    assert_eq!(err_key(load(&format!("[http]\nmax_body_bytes = \"big\"\n{POOL}"), &[])), "http.max_body_bytes");
 }
 
 #[test]
@@ -120,18 +84,9 @@ fn bad_env_override_names_the_variable() {
 
 #[test]
 fn worker_addresses_parse() {
-    assert_eq!(
-        parse_worker_addr("unix:/tmp/w.sock"),
-        Ok(WorkerAddr::Unix("/tmp/w.sock".into()))
-    );
-    assert!(matches!(
-        parse_worker_addr("10.0.0.1:50061"),
-        Ok(WorkerAddr::Tcp(_))
-    ));
-    assert!(matches!(
-        parse_worker_addr("http://w.svc:50061"),
-        Ok(WorkerAddr::Tcp(_))
-    ));
+    assert_eq!(parse_worker_addr("unix:/tmp/w.sock"), Ok(WorkerAddr::Unix("/tmp/w.sock".into())));
+    assert!(matches!(parse_worker_addr("10.0.0.1:50061"), Ok(WorkerAddr::Tcp(_))));
+    assert!(matches!(parse_worker_addr("http://w.svc:50061"), Ok(WorkerAddr::Tcp(_))));
     assert!(parse_worker_addr("https://w:1").is_err());
     assert!(parse_worker_addr("w.svc").is_err());
 }

@@ -17,8 +17,8 @@ use crate::error::GatewayError;
 use crate::pool::ChunkStream;
 use crate::proto::inference_server::{Inference, InferenceServer};
 use crate::proto::{
-    EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest, InferItem,
-    InferRequest, InferResponse, ListModelsRequest, ListModelsResponse, Usage,
+    EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest, InferItem, InferRequest, InferResponse,
+    ListModelsRequest, ListModelsResponse, Usage,
 };
 
 /// The public Inference service over the shared upstream.
@@ -32,9 +32,8 @@ pub fn router(
     health: HealthServer<impl Health>,
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
     let max = state.max_message_bytes;
-    let inference = InferenceServer::new(InferenceService { state })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let inference =
+        InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -48,8 +47,27 @@ pub fn router(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router()
+        // Report over-size messages the way gRPC core does (below).
+        .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
         // Browsers speak grpc-web over HTTP/1.1; translate before routing.
         .layer(tonic_web::GrpcWebLayer::new()))
+}
+
+/// tonic rejects a request over `max_decoding_message_size` with OUT_OF_RANGE;
+/// gRPC core, grpc-go and grpc-java say RESOURCE_EXHAUSTED, which is what
+/// clients retry-classify on. The rejection is a trailers-only response, so
+/// the status sits in the headers.
+async fn oversize_is_resource_exhausted(mut resp: axum::response::Response) -> axum::response::Response {
+    let headers = resp.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let oversize = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("message length too large") || m.contains("message%20length%20too%20large"));
+    if out_of_range && oversize {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
 }
 
 struct Meta {
@@ -73,10 +91,7 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    Ok(Meta {
-        request_id,
-        deadline: Deadline::from_request(state.default_deadline, requested),
-    })
+    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested) })
 }
 
 fn respond<T>(msg: T, request_id: &str) -> Response<T> {
@@ -99,22 +114,13 @@ fn fail(err: GatewayError, request_id: &str) -> Status {
 }
 
 fn require_model(model: &str) -> Result<(), GatewayError> {
-    if model.is_empty() {
-        Err(GatewayError::invalid("model", "is required"))
-    } else {
-        Ok(())
-    }
+    if model.is_empty() { Err(GatewayError::invalid("model", "is required")) } else { Ok(()) }
 }
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn list_models(
-        &self,
-        _req: Request<ListModelsRequest>,
-    ) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse {
-            models: self.state.upstream.models(),
-        }))
+    async fn list_models(&self, _req: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse { models: self.state.upstream.models() }))
     }
 
     async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
@@ -123,23 +129,10 @@ impl Inference for InferenceService {
         let result = async {
             require_model(&r.model)?;
             if r.inputs.is_empty() {
-                return Err(GatewayError::invalid(
-                    "inputs",
-                    "at least one input tensor is required",
-                ));
+                return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
-            let item = InferItem {
-                id: r.id.clone(),
-                inputs: r.inputs,
-                outputs: r.outputs,
-                parameters: r.parameters,
-            };
-            let call = Call {
-                model: r.model,
-                payload: item,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-            };
+            let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
+            let call = Call { model: r.model, payload: item, deadline: m.deadline, request_id: m.request_id.clone() };
             let (info, out) = self.state.upstream.infer(call).await?;
             Ok(InferResponse {
                 model: info.name,
@@ -150,9 +143,7 @@ impl Inference for InferenceService {
             })
         }
         .await;
-        result
-            .map(|msg| respond(msg, &m.request_id))
-            .map_err(|e| fail(e, &m.request_id))
+        result.map(|msg| respond(msg, &m.request_id)).map_err(|e| fail(e, &m.request_id))
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
@@ -166,44 +157,25 @@ impl Inference for InferenceService {
             if r.inputs.len() > super::json::MAX_EMBED_INPUTS {
                 return Err(GatewayError::invalid(
                     "inputs",
-                    format!(
-                        "at most {} inputs per request",
-                        super::json::MAX_EMBED_INPUTS
-                    ),
+                    format!("at most {} inputs per request", super::json::MAX_EMBED_INPUTS),
                 ));
             }
-            let call = Call {
-                model: r.model,
-                payload: r.inputs,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-            };
+            let call =
+                Call { model: r.model, payload: r.inputs, deadline: m.deadline, request_id: m.request_id.clone() };
             let out = self.state.upstream.embed(call).await?;
             Ok(EmbedResponse {
                 model: out.model.name,
-                data: out
-                    .vectors
-                    .into_iter()
-                    .map(|values| Embedding { values })
-                    .collect(),
-                usage: Some(Usage {
-                    prompt_tokens: out.prompt_tokens,
-                    completion_tokens: 0,
-                }),
+                data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
+                usage: Some(Usage { prompt_tokens: out.prompt_tokens, completion_tokens: 0 }),
             })
         }
         .await;
-        result
-            .map(|msg| respond(msg, &m.request_id))
-            .map_err(|e| fail(e, &m.request_id))
+        result.map(|msg| respond(msg, &m.request_id)).map_err(|e| fail(e, &m.request_id))
     }
 
     type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;
 
-    async fn generate(
-        &self,
-        req: Request<GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let m = meta(&self.state, &req)?;
         let r = req.into_inner();
         let result: Result<ChunkStream, GatewayError> = async {
@@ -211,20 +183,13 @@ impl Inference for InferenceService {
             if r.messages.is_empty() {
                 return Err(GatewayError::invalid("messages", "must not be empty"));
             }
-            let call = Call {
-                model: r.model.clone(),
-                payload: r,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-            };
+            let call =
+                Call { model: r.model.clone(), payload: r, deadline: m.deadline, request_id: m.request_id.clone() };
             self.state.upstream.generate(call).await
         }
         .await;
         let rid = m.request_id.clone();
         let stream = result.map_err(|e| fail(e, &m.request_id))?;
-        Ok(respond(
-            stream.map(move |c| c.map_err(|e| fail(e, &rid))).boxed(),
-            &m.request_id,
-        ))
+        Ok(respond(stream.map(move |c| c.map_err(|e| fail(e, &rid))).boxed(), &m.request_id))
     }
 }

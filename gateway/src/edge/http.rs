@@ -46,11 +46,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
 }
 
 fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+    headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
 }
 
 /// A handler outcome: the answer, or an error rendered with the request id.
@@ -73,17 +69,9 @@ impl IntoResponse for Reply {
 fn deadline(state: &EdgeState, headers: &HeaderMap) -> Result<Deadline, GatewayError> {
     let requested = match headers.get(REQUEST_TIMEOUT_HEADER) {
         None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(parse_request_timeout)
-                .ok_or_else(|| {
-                    GatewayError::invalid(
-                        "X-Request-Timeout",
-                        "expected seconds (e.g. 2.5) or a duration (e.g. 500ms)",
-                    )
-                })?,
-        ),
+        Some(v) => Some(v.to_str().ok().and_then(parse_request_timeout).ok_or_else(|| {
+            GatewayError::invalid("X-Request-Timeout", "expected seconds (e.g. 2.5) or a duration (e.g. 500ms)")
+        })?),
     };
     Ok(Deadline::from_request(state.default_deadline, requested))
 }
@@ -91,27 +79,16 @@ fn deadline(state: &EdgeState, headers: &HeaderMap) -> Result<Deadline, GatewayE
 /// Read a JSON body: 415 unless JSON, 413 past the limit (checked against
 /// Content-Length first, then while streaming, never buffering past it),
 /// 400 naming the field that failed to parse.
-async fn read_json<T: DeserializeOwned>(
-    state: &EdgeState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<T, GatewayError> {
+async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, body: Body) -> Result<T, GatewayError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default();
-        let mime = ct
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         if mime != "application/json" && !mime.ends_with("+json") {
             return Err(GatewayError::UnsupportedMediaType { got: ct.to_owned() });
         }
     }
     let limit = state.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
@@ -125,16 +102,16 @@ async fn read_json<T: DeserializeOwned>(
     let bytes = bytes.to_bytes();
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path == "?" {
-            "body".to_owned()
-        } else {
-            path
+        // Broken JSON is the body's fault; a well-formed value of the wrong
+        // shape is the fault of the field at the path.
+        let field = match e.inner().classify() {
+            serde_json::error::Category::Data => e.path().to_string(),
+            _ => "body".to_owned(),
         };
+        let field = if field == "." { "body".to_owned() } else { field };
         GatewayError::invalid(field, e.into_inner().to_string())
     })?;
-    de.end()
-        .map_err(|e| GatewayError::invalid("body", e.to_string()))?;
+    de.end().map_err(|e| GatewayError::invalid("body", e.to_string()))?;
     Ok(value)
 }
 
@@ -154,30 +131,16 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
                 format!("model {:?} returns {dim} dimensions, not {d}", body.model),
             ));
         }
-        let call = Call {
-            model: body.model.clone(),
-            payload: texts,
-            deadline,
-            request_id: rid.clone(),
-        };
+        let call = Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone() };
         let out = state.upstream.embed(call).await?;
-        Ok(axum::Json(json::embeddings_response(
-            &out.model.name,
-            out.vectors,
-            out.prompt_tokens,
-            format,
-        ))
-        .into_response())
+        Ok(axum::Json(json::embeddings_response(&out.model.name, out.vectors, out.prompt_tokens, format))
+            .into_response())
     }
     .await;
     Reply(result, rid)
 }
 
-async fn infer(
-    State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Reply {
+async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let result = async {
@@ -185,12 +148,7 @@ async fn infer(
         let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
         let item = json::infer_item_from_json(&body)?;
         let id = item.id.clone();
-        let call = Call {
-            model,
-            payload: item,
-            deadline,
-            request_id: rid.clone(),
-        };
+        let call = Call { model, payload: item, deadline, request_id: rid.clone() };
         let (info, out) = state.upstream.infer(call).await?;
         Ok(axum::Json(json::infer_response_json(&info, id, out)).into_response())
     }
@@ -228,11 +186,7 @@ async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
-async fn model_metadata(
-    State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-) -> Reply {
+async fn model_metadata(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
     let result = state.upstream.model(&model).map(|entry| {
         let info = entry.info.unwrap_or_default();
         let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
@@ -248,31 +202,16 @@ async fn model_metadata(
     Reply(result, request_id(&headers))
 }
 
-async fn model_ready(
-    State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
-    headers: HeaderMap,
-) -> Reply {
+async fn model_ready(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
     let result = state.upstream.model(&model).map(|entry| {
-        let status = if entry.ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        (
-            status,
-            axum::Json(json!({ "name": model, "ready": entry.ready })),
-        )
-            .into_response()
+        let status = if entry.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        (status, axum::Json(json!({ "name": model, "ready": entry.ready }))).into_response()
     });
     Reply(result, request_id(&headers))
 }
 
 async fn server_metadata() -> Response {
-    axum::Json(
-        json!({ "name": "infergate", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }),
-    )
-    .into_response()
+    axum::Json(json!({ "name": "infergate", "version": env!("CARGO_PKG_VERSION"), "extensions": [] })).into_response()
 }
 
 async fn healthz() -> Response {
@@ -284,26 +223,13 @@ async fn readyz(State(state): State<Arc<EdgeState>>) -> Response {
     let pools = state.upstream.status();
     let draining = state.draining.is_cancelled();
     let ready = !draining && pools.iter().all(|p| p.ready_workers > 0);
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(json!({ "ready": ready, "draining": draining, "pools": pools })),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({ "ready": ready, "draining": draining, "pools": pools }))).into_response()
 }
 
 async fn not_found(req: Request) -> Reply {
     let rid = request_id(req.headers());
-    Reply(
-        Err(GatewayError::RouteNotFound {
-            path: req.uri().path().to_owned(),
-        }),
-        rid,
-    )
+    Reply(Err(GatewayError::RouteNotFound { path: req.uri().path().to_owned() }), rid)
 }
 
 async fn method_not_allowed(headers: HeaderMap) -> Reply {

@@ -80,31 +80,13 @@ enum Elem {
 fn elem(datatype: &str) -> Option<Elem> {
     Some(match datatype {
         "BOOL" => Elem::Bool,
-        "INT8" => Elem::Int {
-            min: i8::MIN.into(),
-            max: i8::MAX.into(),
-        },
-        "INT16" => Elem::Int {
-            min: i16::MIN.into(),
-            max: i16::MAX.into(),
-        },
-        "INT32" => Elem::Int {
-            min: i32::MIN.into(),
-            max: i32::MAX.into(),
-        },
-        "INT64" => Elem::Int {
-            min: i64::MIN,
-            max: i64::MAX,
-        },
-        "UINT8" => Elem::Uint {
-            max: u8::MAX.into(),
-        },
-        "UINT16" => Elem::Uint {
-            max: u16::MAX.into(),
-        },
-        "UINT32" => Elem::Uint {
-            max: u32::MAX.into(),
-        },
+        "INT8" => Elem::Int { min: i8::MIN.into(), max: i8::MAX.into() },
+        "INT16" => Elem::Int { min: i16::MIN.into(), max: i16::MAX.into() },
+        "INT32" => Elem::Int { min: i32::MIN.into(), max: i32::MAX.into() },
+        "INT64" => Elem::Int { min: i64::MIN, max: i64::MAX },
+        "UINT8" => Elem::Uint { max: u8::MAX.into() },
+        "UINT16" => Elem::Uint { max: u16::MAX.into() },
+        "UINT32" => Elem::Uint { max: u32::MAX.into() },
         "UINT64" => Elem::Uint { max: u64::MAX },
         "FP16" | "FP32" => Elem::Float,
         "FP64" => Elem::Double,
@@ -124,48 +106,29 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 /// Decode one OIP JSON tensor; errors name the field, e.g. `inputs[0].data[3]`.
 pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayError> {
     let kind = elem(&t.datatype).ok_or_else(|| {
-        GatewayError::invalid(
-            format!("{field}.datatype"),
-            format!("unknown datatype {:?}", t.datatype),
-        )
+        GatewayError::invalid(format!("{field}.datatype"), format!("unknown datatype {:?}", t.datatype))
     })?;
     if let Some(i) = t.shape.iter().position(|d| *d < 0) {
-        return Err(GatewayError::invalid(
-            format!("{field}.shape[{i}]"),
-            "dimensions must be >= 0",
-        ));
+        return Err(GatewayError::invalid(format!("{field}.shape[{i}]"), "dimensions must be >= 0"));
     }
     let expected = t
         .shape
         .iter()
         .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
         .filter(|n| *n <= 1 << 28)
-        .ok_or_else(|| {
-            GatewayError::invalid(format!("{field}.shape"), "shape has too many elements")
-        })?;
+        .ok_or_else(|| GatewayError::invalid(format!("{field}.shape"), "shape has too many elements"))?;
     let mut flat = Vec::with_capacity(expected as usize);
     flatten(&t.data, &mut flat);
     if flat.len() as u64 != expected {
         return Err(GatewayError::invalid(
             format!("{field}.data"),
-            format!(
-                "shape {:?} needs {expected} values, got {}",
-                t.shape,
-                flat.len()
-            ),
+            format!("shape {:?} needs {expected} values, got {}", t.shape, flat.len()),
         ));
     }
-    let mut out = Tensor {
-        name: t.name.clone(),
-        datatype: t.datatype.clone(),
-        shape: t.shape.clone(),
-        ..Default::default()
-    };
+    let mut out =
+        Tensor { name: t.name.clone(), datatype: t.datatype.clone(), shape: t.shape.clone(), ..Default::default() };
     let bad = |i: usize, what: &str| {
-        GatewayError::invalid(
-            format!("{field}.data[{i}]"),
-            format!("expected {what} for {}", t.datatype),
-        )
+        GatewayError::invalid(format!("{field}.data[{i}]"), format!("expected {what} for {}", t.datatype))
     };
     match kind {
         Elem::Bool => {
@@ -180,9 +143,7 @@ pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayEr
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.as_i64()
-                        .filter(|n| (min..=max).contains(n))
-                        .ok_or_else(|| bad(i, "an integer in range"))
+                    v.as_i64().filter(|n| (min..=max).contains(n)).ok_or_else(|| bad(i, "an integer in range"))
                 })
                 .collect::<Result<_, _>>()?;
         }
@@ -190,22 +151,14 @@ pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayEr
             out.uint64_contents = flat
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    v.as_u64()
-                        .filter(|n| *n <= max)
-                        .ok_or_else(|| bad(i, "an unsigned integer in range"))
-                })
+                .map(|(i, v)| v.as_u64().filter(|n| *n <= max).ok_or_else(|| bad(i, "an unsigned integer in range")))
                 .collect::<Result<_, _>>()?;
         }
         Elem::Float => {
             out.fp32_contents = flat
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    v.as_f64()
-                        .map(|f| f as f32)
-                        .ok_or_else(|| bad(i, "a number"))
-                })
+                .map(|(i, v)| v.as_f64().map(|f| f as f32).ok_or_else(|| bad(i, "a number")))
                 .collect::<Result<_, _>>()?;
         }
         Elem::Double => {
@@ -219,11 +172,7 @@ pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayEr
             out.bytes_contents = flat
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    v.as_str()
-                        .map(|s| s.as_bytes().to_vec())
-                        .ok_or_else(|| bad(i, "a string"))
-                })
+                .map(|(i, v)| v.as_str().map(|s| s.as_bytes().to_vec()).ok_or_else(|| bad(i, "a string")))
                 .collect::<Result<_, _>>()?;
         }
     }
@@ -243,9 +192,7 @@ pub fn params_from_json(
         .map(|(k, v)| {
             let value = match v {
                 Value::Bool(b) => param_value::Value::BoolParam(*b),
-                Value::Number(n) if n.is_i64() => {
-                    param_value::Value::Int64Param(n.as_i64().unwrap_or_default())
-                }
+                Value::Number(n) if n.is_i64() => param_value::Value::Int64Param(n.as_i64().unwrap_or_default()),
                 Value::Number(n) => param_value::Value::DoubleParam(n.as_f64().unwrap_or_default()),
                 Value::String(s) => param_value::Value::StringParam(s.clone()),
                 _ => {
@@ -280,31 +227,20 @@ pub fn params_to_json(params: &HashMap<String, ParamValue>) -> Map<String, Value
 /// Transcode an OIP JSON request into the worker's item.
 pub fn infer_item_from_json(req: &InferRequestJson) -> Result<InferItem, GatewayError> {
     if req.inputs.is_empty() {
-        return Err(GatewayError::invalid(
-            "inputs",
-            "at least one input tensor is required",
-        ));
+        return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
     }
     let mut seen = std::collections::HashSet::new();
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for (i, t) in req.inputs.iter().enumerate() {
         if !seen.insert(t.name.as_str()) {
-            return Err(GatewayError::invalid(
-                format!("inputs[{i}].name"),
-                format!("input {:?} given twice", t.name),
-            ));
+            return Err(GatewayError::invalid(format!("inputs[{i}].name"), format!("input {:?} given twice", t.name)));
         }
         inputs.push(tensor_from_json(t, &format!("inputs[{i}]"))?);
     }
     Ok(InferItem {
         id: req.id.clone().unwrap_or_default(),
         inputs,
-        outputs: req
-            .outputs
-            .iter()
-            .flatten()
-            .map(|o| o.name.clone())
-            .collect(),
+        outputs: req.outputs.iter().flatten().map(|o| o.name.clone()).collect(),
         parameters: params_from_json(req.parameters.as_ref(), "parameters")?,
     })
 }
@@ -315,25 +251,14 @@ pub fn tensor_to_json(t: Tensor) -> TensorOut {
         Some(Elem::Bool) => t.bool_contents.into_iter().map(Value::from).collect(),
         Some(Elem::Int { .. }) => t.int64_contents.into_iter().map(Value::from).collect(),
         Some(Elem::Uint { .. }) => t.uint64_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Float) => t
-            .fp32_contents
-            .into_iter()
-            .map(|f| Value::from(f64::from(f)))
-            .collect(),
+        Some(Elem::Float) => t.fp32_contents.into_iter().map(|f| Value::from(f64::from(f))).collect(),
         Some(Elem::Double) => t.fp64_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Bytes) => t
-            .bytes_contents
-            .into_iter()
-            .map(|b| Value::from(String::from_utf8_lossy(&b).into_owned()))
-            .collect(),
+        Some(Elem::Bytes) => {
+            t.bytes_contents.into_iter().map(|b| Value::from(String::from_utf8_lossy(&b).into_owned())).collect()
+        }
         None => Vec::new(),
     };
-    TensorOut {
-        name: t.name,
-        datatype: t.datatype,
-        shape: t.shape,
-        data,
-    }
+    TensorOut { name: t.name, datatype: t.datatype, shape: t.shape, data }
 }
 
 /// Build the OIP JSON answer.
@@ -389,17 +314,11 @@ impl EmbeddingsRequest {
                 })
                 .collect::<Result<_, _>>()?,
             _ => {
-                return Err(GatewayError::invalid(
-                    "input",
-                    "must be a string or an array of strings",
-                ));
+                return Err(GatewayError::invalid("input", "must be a string or an array of strings"));
             }
         };
         if texts.len() > MAX_EMBED_INPUTS {
-            return Err(GatewayError::invalid(
-                "input",
-                format!("at most {MAX_EMBED_INPUTS} inputs per request"),
-            ));
+            return Err(GatewayError::invalid("input", format!("at most {MAX_EMBED_INPUTS} inputs per request")));
         }
         Ok(texts)
     }
@@ -418,20 +337,13 @@ impl EmbeddingsRequest {
 }
 
 /// Build the OpenAI embeddings answer.
-pub fn embeddings_response(
-    model: &str,
-    vectors: Vec<Vec<f32>>,
-    prompt_tokens: u32,
-    format: EncodingFormat,
-) -> Value {
+pub fn embeddings_response(model: &str, vectors: Vec<Vec<f32>>, prompt_tokens: u32, format: EncodingFormat) -> Value {
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
         .map(|(index, v)| {
             let embedding = match format {
-                EncodingFormat::Float => {
-                    Value::from(v.into_iter().map(f64::from).collect::<Vec<_>>())
-                }
+                EncodingFormat::Float => Value::from(v.into_iter().map(f64::from).collect::<Vec<_>>()),
                 EncodingFormat::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
                     Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -467,48 +379,21 @@ mod tests {
 
     #[test]
     fn element_count_must_match_shape() {
-        let r = req(
-            serde_json::json!({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0]}]}),
-        );
+        let r =
+            req(serde_json::json!({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0]}]}));
         let err = infer_item_from_json(&r).unwrap_err();
         assert_eq!(err.problem(None).field.as_deref(), Some("inputs[0].data"));
     }
 
     #[test]
     fn values_must_fit_the_datatype() {
-        let r = req(
-            serde_json::json!({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}]}),
-        );
-        assert_eq!(
-            infer_item_from_json(&r)
-                .unwrap_err()
-                .problem(None)
-                .field
-                .as_deref(),
-            Some("inputs[0].data[1]")
-        );
-        let r = req(
-            serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [5]}]}),
-        );
-        assert_eq!(
-            infer_item_from_json(&r)
-                .unwrap_err()
-                .problem(None)
-                .field
-                .as_deref(),
-            Some("inputs[0].data[0]")
-        );
-        let r = req(
-            serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [5]}]}),
-        );
-        assert_eq!(
-            infer_item_from_json(&r)
-                .unwrap_err()
-                .problem(None)
-                .field
-                .as_deref(),
-            Some("inputs[0].datatype")
-        );
+        let r =
+            req(serde_json::json!({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}]}));
+        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].data[1]"));
+        let r = req(serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [5]}]}));
+        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].data[0]"));
+        let r = req(serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [5]}]}));
+        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].datatype"));
     }
 
     #[test]
@@ -516,14 +401,7 @@ mod tests {
         let r = req(
             serde_json::json!({"inputs": [{"name": "x", "shape": [1_000_000, 1_000_000], "datatype": "FP32", "data": []}]}),
         );
-        assert_eq!(
-            infer_item_from_json(&r)
-                .unwrap_err()
-                .problem(None)
-                .field
-                .as_deref(),
-            Some("inputs[0].shape")
-        );
+        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].shape"));
     }
 
     #[test]
@@ -534,20 +412,10 @@ mod tests {
                        {"name": "f", "shape": [1, 2], "datatype": "FP64", "data": [[0.5, 1.5]]}]}));
         let item = infer_item_from_json(&r).unwrap();
         assert_eq!(item.parameters.len(), 2);
-        let out = InferOutputs {
-            tensors: item.inputs,
-            parameters: HashMap::new(),
-        };
-        let info = ModelInfo {
-            name: "echo".into(),
-            version: "1".into(),
-            ..Default::default()
-        };
+        let out = InferOutputs { tensors: item.inputs, parameters: HashMap::new() };
+        let info = ModelInfo { name: "echo".into(), version: "1".into(), ..Default::default() };
         let json = serde_json::to_value(infer_response_json(&info, item.id, out)).unwrap();
-        assert_eq!(
-            json["outputs"][0]["data"],
-            serde_json::json!(["hi", "there"])
-        );
+        assert_eq!(json["outputs"][0]["data"], serde_json::json!(["hi", "there"]));
         assert_eq!(json["outputs"][1]["data"], serde_json::json!([0.5, 1.5]));
         assert_eq!(json["outputs"][1]["shape"], serde_json::json!([1, 2]));
         assert_eq!(json["id"], "a");
@@ -556,50 +424,21 @@ mod tests {
     #[test]
     fn embeddings_input_forms() {
         let parse = |v: Value| serde_json::from_value::<EmbeddingsRequest>(v).unwrap();
-        assert_eq!(
-            parse(serde_json::json!({"model": "m", "input": "a"}))
-                .texts()
-                .unwrap(),
-            vec!["a"]
-        );
-        assert_eq!(
-            parse(serde_json::json!({"model": "m", "input": ["a", "b"]}))
-                .texts()
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(parse(serde_json::json!({"model": "m", "input": "a"})).texts().unwrap(), vec!["a"]);
+        assert_eq!(parse(serde_json::json!({"model": "m", "input": ["a", "b"]})).texts().unwrap().len(), 2);
         let field = |v: Value| parse(v).texts().unwrap_err().problem(None).field;
-        assert_eq!(
-            field(serde_json::json!({"model": "m", "input": []})).as_deref(),
-            Some("input")
-        );
-        assert_eq!(
-            field(serde_json::json!({"model": "m", "input": ["a", 7]})).as_deref(),
-            Some("input[1]")
-        );
-        assert_eq!(
-            field(serde_json::json!({"model": "m", "input": 7})).as_deref(),
-            Some("input")
-        );
-        assert!(
-            parse(serde_json::json!({"model": "m", "input": "a", "encoding_format": "hex"}))
-                .format()
-                .is_err()
-        );
+        assert_eq!(field(serde_json::json!({"model": "m", "input": []})).as_deref(), Some("input"));
+        assert_eq!(field(serde_json::json!({"model": "m", "input": ["a", 7]})).as_deref(), Some("input[1]"));
+        assert_eq!(field(serde_json::json!({"model": "m", "input": 7})).as_deref(), Some("input"));
+        assert!(parse(serde_json::json!({"model": "m", "input": "a", "encoding_format": "hex"})).format().is_err());
     }
 
     #[test]
     fn base64_embeddings_are_little_endian_f32() {
         let v = embeddings_response("m", vec![vec![1.0, -2.0]], 3, EncodingFormat::Base64);
         let b64 = v["data"][0]["embedding"].as_str().unwrap();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap();
-        let floats: Vec<f32> = bytes
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let floats: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(floats, vec![1.0, -2.0]);
         assert_eq!(v["usage"]["total_tokens"], 3);
     }

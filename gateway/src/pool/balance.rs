@@ -8,10 +8,7 @@ pub trait Candidate {
 
 /// Pick two distinct ready workers at random and take the less loaded one
 /// (the first on a tie). `rand(n)` returns a uniform index below `n`.
-pub fn p2c<'a, C: Candidate>(
-    workers: &'a [C],
-    mut rand: impl FnMut(usize) -> usize,
-) -> Option<&'a C> {
+pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) -> Option<&C> {
     let ready: Vec<&C> = workers.iter().filter(|w| w.ready()).collect();
     match ready.len() {
         0 => None,
@@ -20,11 +17,7 @@ pub fn p2c<'a, C: Candidate>(
             let a = rand(n);
             let b = (a + 1 + rand(n - 1)) % n; // distinct from a
             let (wa, wb) = (ready[a], ready[b]);
-            Some(if wb.outstanding() < wa.outstanding() {
-                wb
-            } else {
-                wa
-            })
+            Some(if wb.outstanding() < wa.outstanding() { wb } else { wa })
         }
     }
 }

@@ -16,9 +16,8 @@ use crate::call::{Call, Deadline};
 use crate::config::{Config, PoolKind, WorkerAddr};
 use crate::error::GatewayError;
 use crate::proto::{
-    self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem,
-    InferOutputs, ItemError, ModelEntry, ModelInfo, ModelKind, embed_result, infer_result,
-    item_error,
+    self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem, InferOutputs, ItemError,
+    ModelEntry, ModelInfo, ModelKind, embed_result, infer_result, item_error,
 };
 use worker::{InFlight, Worker};
 
@@ -55,8 +54,7 @@ pub trait Upstream: Send + Sync + 'static {
     /// Embed texts with an EMBED model.
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError>;
     /// Run one tensor item through an INFER model.
-    async fn infer(&self, call: Call<InferItem>)
-    -> Result<(ModelInfo, InferOutputs), GatewayError>;
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError>;
     /// Stream a generation from a streaming model.
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError>;
 }
@@ -70,9 +68,7 @@ impl Pool {
     fn pick(&self) -> Result<InFlight, GatewayError> {
         balance::p2c(&self.workers, |n| fastrand::usize(..n))
             .map(Worker::begin)
-            .ok_or_else(|| GatewayError::NoReadyWorker {
-                pool: self.name.clone(),
-            })
+            .ok_or_else(|| GatewayError::NoReadyWorker { pool: self.name.clone() })
     }
 }
 
@@ -97,9 +93,9 @@ impl Pools {
         let mut pools = Vec::with_capacity(config.pools.len());
         for pool in &config.pools {
             let addrs: Vec<WorkerAddr> = match &pool.kind {
-                PoolKind::Local { workers, .. } => (0..workers.get())
-                    .map(|i| WorkerAddr::Unix(local_socket(socket_dir, &pool.name, i)))
-                    .collect(),
+                PoolKind::Local { workers, .. } => {
+                    (0..workers.get()).map(|i| WorkerAddr::Unix(local_socket(socket_dir, &pool.name, i))).collect()
+                }
                 PoolKind::Remote { addresses } => addresses.clone(),
             };
             let workers = addrs
@@ -107,19 +103,10 @@ impl Pools {
                 .enumerate()
                 .map(|(i, addr)| Worker::new(format!("{}-{i}", pool.name), addr).map(Arc::new))
                 .collect::<Result<_, _>>()?;
-            pools.push(Pool {
-                name: pool.name.clone(),
-                workers,
-            });
+            pools.push(Pool { name: pool.name.clone(), workers });
         }
-        let routes = Routes {
-            models: HashMap::new(),
-            described: vec![false; pools.len()],
-        };
-        Ok(Arc::new(Self {
-            pools,
-            routes: RwLock::new(routes),
-        }))
+        let routes = Routes { models: HashMap::new(), described: vec![false; pools.len()] };
+        Ok(Arc::new(Self { pools, routes: RwLock::new(routes) }))
     }
 
     /// Start one health watcher per worker; they end with `stop`.
@@ -127,13 +114,8 @@ impl Pools {
         for (p, pool) in self.pools.iter().enumerate() {
             for worker in &pool.workers {
                 let me = self.clone();
-                let on_describe =
-                    move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
-                tokio::spawn(worker.clone().watch(
-                    connect_timeout,
-                    on_describe,
-                    stop.child_token(),
-                ));
+                let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
+                tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop.child_token()));
             }
         }
     }
@@ -158,22 +140,14 @@ impl Pools {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
         match routes.models.get(name) {
             Some((p, info)) => Ok((&self.pools[*p], info.clone())),
-            None if routes.described.iter().all(|d| *d) => Err(GatewayError::ModelNotFound {
-                model: name.to_owned(),
-            }),
-            None => Err(GatewayError::Starting {
-                model: name.to_owned(),
-            }),
+            None if routes.described.iter().all(|d| *d) => Err(GatewayError::ModelNotFound { model: name.to_owned() }),
+            None => Err(GatewayError::Starting { model: name.to_owned() }),
         }
     }
 
     fn entry(&self, pool: &Pool, info: ModelInfo) -> ModelEntry {
         let ready = pool.workers.iter().any(|w| w.is_serving());
-        ModelEntry {
-            info: Some(info),
-            pool: pool.name.clone(),
-            ready,
-        }
+        ModelEntry { info: Some(info), pool: pool.name.clone(), ready }
     }
 }
 
@@ -183,14 +157,7 @@ pub fn local_socket(dir: &Path, pool: &str, n: u32) -> std::path::PathBuf {
 }
 
 fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), GatewayError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(GatewayError::UnsupportedOperation {
-            model: info.name.clone(),
-            operation,
-        })
-    }
+    if ok { Ok(()) } else { Err(GatewayError::UnsupportedOperation { model: info.name.clone(), operation }) }
 }
 
 /// Attach the deadline and request id to a worker call.
@@ -210,14 +177,10 @@ async fn bounded<T>(
     fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, GatewayError> {
     match tokio::time::timeout_at(deadline.at, fut).await {
-        Err(_) => Err(GatewayError::DeadlineExceeded {
-            after: deadline.budget,
-        }),
+        Err(_) => Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
         // tonic's client enforces the propagated timeout too (as CANCELLED):
         // any failure once the deadline has passed is the deadline's doing.
-        Ok(Err(_)) if deadline.remaining().is_zero() => Err(GatewayError::DeadlineExceeded {
-            after: deadline.budget,
-        }),
+        Ok(Err(_)) if deadline.remaining().is_zero() => Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
         Ok(Err(status)) => Err(from_status(&worker.id, status, deadline)),
         Ok(Ok(resp)) => Ok(resp.into_inner()),
     }
@@ -228,67 +191,45 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
     use tonic::Code as C;
     let detail = status.message().to_owned();
     let worker = worker.to_owned();
+    // A broken connection (the process died mid-call) surfaces as a transport
+    // error with code UNKNOWN: the worker is unavailable, not misbehaving.
+    let transport = std::error::Error::source(&status).is_some_and(|e| e.is::<tonic::transport::Error>());
+    if transport {
+        return GatewayError::WorkerUnavailable { worker, detail };
+    }
     match status.code() {
-        C::DeadlineExceeded => GatewayError::DeadlineExceeded {
-            after: deadline.budget,
-        },
+        C::DeadlineExceeded => GatewayError::DeadlineExceeded { after: deadline.budget },
         C::InvalidArgument | C::OutOfRange => GatewayError::ModelRejected { detail },
-        C::Unavailable | C::ResourceExhausted | C::Aborted => {
-            GatewayError::WorkerUnavailable { worker, detail }
-        }
+        C::Unavailable | C::ResourceExhausted | C::Aborted => GatewayError::WorkerUnavailable { worker, detail },
         _ => GatewayError::WorkerFailed { worker, detail },
     }
 }
 
 /// Map a per-item error from a worker to the gateway's error.
-pub fn from_item_error(
-    worker: &str,
-    model: &str,
-    err: ItemError,
-    deadline: &Deadline,
-) -> GatewayError {
+pub fn from_item_error(worker: &str, model: &str, err: ItemError, deadline: &Deadline) -> GatewayError {
     use item_error::Code;
     match Code::try_from(err.code).unwrap_or(Code::Unspecified) {
-        Code::InvalidInput => GatewayError::ModelRejected {
-            detail: err.message,
-        },
-        Code::DeadlineExceeded => GatewayError::DeadlineExceeded {
-            after: deadline.budget,
-        },
+        Code::InvalidInput => GatewayError::ModelRejected { detail: err.message },
+        Code::DeadlineExceeded => GatewayError::DeadlineExceeded { after: deadline.budget },
         Code::Cancelled => GatewayError::Cancelled,
-        Code::Unimplemented => GatewayError::UnsupportedOperation {
-            model: model.to_owned(),
-            operation: "this call",
-        },
-        Code::Unspecified | Code::ModelError => GatewayError::WorkerFailed {
-            worker: worker.to_owned(),
-            detail: err.message,
-        },
+        Code::Unimplemented => GatewayError::UnsupportedOperation { model: model.to_owned(), operation: "this call" },
+        Code::Unspecified | Code::ModelError => {
+            GatewayError::WorkerFailed { worker: worker.to_owned(), detail: err.message }
+        }
     }
 }
 
 fn missing_result(worker: &str) -> GatewayError {
-    GatewayError::WorkerFailed {
-        worker: worker.to_owned(),
-        detail: "worker returned fewer results than items".into(),
-    }
+    GatewayError::WorkerFailed { worker: worker.to_owned(), detail: "worker returned fewer results than items".into() }
 }
 
 #[async_trait::async_trait]
 impl Upstream for Pools {
     fn models(&self) -> Vec<ModelEntry> {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        let mut entries: Vec<ModelEntry> = routes
-            .models
-            .values()
-            .map(|(p, info)| self.entry(&self.pools[*p], info.clone()))
-            .collect();
-        entries.sort_by(|a, b| {
-            a.info
-                .as_ref()
-                .map(|i| &i.name)
-                .cmp(&b.info.as_ref().map(|i| &i.name))
-        });
+        let mut entries: Vec<ModelEntry> =
+            routes.models.values().map(|(p, info)| self.entry(&self.pools[*p], info.clone())).collect();
+        entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
         entries
     }
 
@@ -314,18 +255,10 @@ impl Upstream for Pools {
         let count = call.payload.len();
         let guard = pool.pick()?;
         let worker = guard.worker();
-        let msg = EmbedBatchRequest {
-            model: call.model.clone(),
-            texts: call.payload,
-        };
-        let resp = bounded(
-            &call.deadline,
-            worker,
-            worker
-                .client()
-                .embed(request(msg, &call.deadline, &call.request_id)),
-        )
-        .await?;
+        let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload };
+        let resp =
+            bounded(&call.deadline, worker, worker.client().embed(request(msg, &call.deadline, &call.request_id)))
+                .await?;
         let mut vectors = Vec::with_capacity(count);
         let mut prompt_tokens = 0u32;
         for result in resp.results.into_iter().take(count) {
@@ -341,42 +274,21 @@ impl Upstream for Pools {
         if vectors.len() != count {
             return Err(missing_result(&worker.id));
         }
-        Ok(EmbedOutput {
-            model: info,
-            vectors,
-            prompt_tokens,
-        })
+        Ok(EmbedOutput { model: info, vectors, prompt_tokens })
     }
 
-    async fn infer(
-        &self,
-        call: Call<InferItem>,
-    ) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route(&call.model)?;
-        require(
-            &info,
-            info.kind == ModelKind::Infer as i32,
-            "tensor inference",
-        )?;
+        require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
         let guard = pool.pick()?;
         let worker = guard.worker();
-        let msg = InferBatchRequest {
-            model: call.model.clone(),
-            items: vec![call.payload],
-        };
-        let resp = bounded(
-            &call.deadline,
-            worker,
-            worker
-                .client()
-                .infer(request(msg, &call.deadline, &call.request_id)),
-        )
-        .await?;
+        let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload] };
+        let resp =
+            bounded(&call.deadline, worker, worker.client().infer(request(msg, &call.deadline, &call.request_id)))
+                .await?;
         match resp.results.into_iter().next().and_then(|r| r.result) {
             Some(infer_result::Result::Outputs(out)) => Ok((info, out)),
-            Some(infer_result::Result::Error(err)) => {
-                Err(from_item_error(&worker.id, &info.name, err, &call.deadline))
-            }
+            Some(infer_result::Result::Error(err)) => Err(from_item_error(&worker.id, &info.name, err, &call.deadline)),
             None => Err(missing_result(&worker.id)),
         }
     }
@@ -396,13 +308,9 @@ impl Upstream for Pools {
             async move {
                 let (mut stream, guard) = state?;
                 let next = match tokio::time::timeout_at(deadline.at, stream.message()).await {
-                    Err(_) => Err(GatewayError::DeadlineExceeded {
-                        after: deadline.budget,
-                    }),
+                    Err(_) => Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
                     Ok(Err(_)) if deadline.remaining().is_zero() => {
-                        Err(GatewayError::DeadlineExceeded {
-                            after: deadline.budget,
-                        })
+                        Err(GatewayError::DeadlineExceeded { after: deadline.budget })
                     }
                     Ok(Err(status)) => Err(from_status(&worker.id, status, &deadline)),
                     Ok(Ok(Some(chunk))) => Ok(Some(chunk)),

@@ -38,24 +38,16 @@ impl Worker {
                 let path = path.clone();
                 // The URI is ignored by the connector; tonic needs a valid one.
                 endpoint(Endpoint::from_static("http://worker.local")).connect_with_connector_lazy(
-                    tower::service_fn(move |_: http::Uri| {
-                        let path = path.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(TokioIo::new(
-                                tokio::net::UnixStream::connect(path).await?,
-                            ))
-                        }
-                    }),
-                )
+                        tower::service_fn(move |_: http::Uri| {
+                            let path = path.clone();
+                            async move {
+                                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                            }
+                        }),
+                    )
             }
         };
-        Ok(Self {
-            id,
-            addr,
-            channel,
-            outstanding: AtomicUsize::new(0),
-            serving: AtomicBool::new(false),
-        })
+        Ok(Self { id, addr, channel, outstanding: AtomicUsize::new(0), serving: AtomicBool::new(false) })
     }
 
     /// A client for the Worker service on the shared channel.
@@ -103,29 +95,20 @@ impl Worker {
         let mut backoff = Duration::from_millis(50);
         loop {
             let session = async {
-                let described = tokio::time::timeout(
-                    connect_timeout,
-                    self.client().describe(DescribeRequest {}),
-                )
-                .await
-                .map_err(|_| "describe timed out".to_owned())?
-                .map_err(|s| format!("describe failed: {}", s.message()))?
-                .into_inner();
-                let service = described
-                    .models
-                    .first()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
+                let described = tokio::time::timeout(connect_timeout, self.client().describe(DescribeRequest {}))
+                    .await
+                    .map_err(|_| "describe timed out".to_owned())?
+                    .map_err(|s| format!("describe failed: {}", s.message()))?
+                    .into_inner();
+                let service = described.models.first().map(|m| m.name.clone()).unwrap_or_default();
                 on_describe(&self, described.models);
                 let mut stream = HealthClient::new(self.channel.clone())
                     .watch(HealthCheckRequest { service })
                     .await
                     .map_err(|s| format!("health watch failed: {}", s.message()))?
                     .into_inner();
-                while let Some(update) = stream
-                    .message()
-                    .await
-                    .map_err(|s| format!("health stream broke: {}", s.message()))?
+                while let Some(update) =
+                    stream.message().await.map_err(|s| format!("health stream broke: {}", s.message()))?
                 {
                     self.set_serving(update.status == ServingStatus::Serving as i32);
                 }

@@ -22,10 +22,7 @@ const STABLE_RUN: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("cannot run the worker Python {python}: {source}")]
-    Python {
-        python: PathBuf,
-        source: std::io::Error,
-    },
+    Python { python: PathBuf, source: std::io::Error },
     #[error("the worker Python {python} cannot import the configured classes:\n{stderr}")]
     Import { python: PathBuf, stderr: String },
 }
@@ -54,12 +51,7 @@ impl Supervisor {
             .pools
             .iter()
             .flat_map(|pool| match &pool.kind {
-                PoolKind::Local {
-                    class,
-                    workers,
-                    threads,
-                    env,
-                } => (0..workers.get())
+                PoolKind::Local { class, workers, threads, env } => (0..workers.get())
                     .map(|i| WorkerSpec {
                         id: format!("{}-{i}", pool.name),
                         class: class.clone(),
@@ -102,10 +94,7 @@ async fn check_imports(python: &Path, specs: &[WorkerSpec]) -> Result<(), Superv
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| SupervisorError::Python {
-            python: python.to_owned(),
-            source,
-        })?;
+        .map_err(|source| SupervisorError::Python { python: python.to_owned(), source })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -143,10 +132,7 @@ fn forward(id: &str, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             // The worker SDK starts its log lines with the level name.
-            if line.starts_with("ERROR")
-                || line.starts_with("CRITICAL")
-                || line.starts_with("Traceback")
-            {
+            if line.starts_with("ERROR") || line.starts_with("CRITICAL") || line.starts_with("Traceback") {
                 tracing::error!(target: "worker", worker = %id, "{line}");
             } else if line.starts_with("WARNING") {
                 tracing::warn!(target: "worker", worker = %id, "{line}");

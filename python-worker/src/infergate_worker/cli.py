@@ -60,13 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("serve", help="serve model classes over the Worker gRPC contract")
     run.add_argument("targets", nargs="+", metavar="module:Class")
     run.add_argument("--listen", required=True, help="unix:/path/to.sock or host:port")
-    run.add_argument("--threads", type=int, default=int(os.environ.get("INFERGATE_THREADS", "1")),
-                     help="model threads (concurrent batches); default 1")
-    run.add_argument("--grace", type=float, default=30.0,
-                     help="seconds to finish in-flight calls after SIGTERM")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("INFERGATE_THREADS", "1")),
+        help="model threads (concurrent batches); default 1",
+    )
+    run.add_argument(
+        "--grace", type=float, default=30.0, help="seconds to finish in-flight calls after SIGTERM"
+    )
     run.add_argument("--log-level", default=os.environ.get("INFERGATE_LOG_LEVEL", "INFO"))
-    run.add_argument("--exit-with-parent", action="store_true",
-                     help="exit when the spawning process dies (used by the gateway)")
+    run.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the spawning process dies (used by the gateway)",
+    )
     args = parser.parse_args(argv)
 
     handler = logging.StreamHandler(sys.stderr)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
-class Cancelled(Exception):  # noqa: N818 - reads better at the raise site
+class Cancelled(Exception):
     """Raised by :meth:`CallContext.check` when the call is over for the caller.
 
     ``reason`` is ``"cancelled"`` (the caller went away) or ``"deadline"``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -72,7 +73,11 @@ def item_error(exc: BaseException) -> types_pb2.ItemError:
     if isinstance(exc, InvalidInput):
         return types_pb2.ItemError(code=_ItemCode.CODE_INVALID_INPUT, message=str(exc))
     if isinstance(exc, Cancelled):
-        code = _ItemCode.CODE_DEADLINE_EXCEEDED if exc.reason == "deadline" else _ItemCode.CODE_CANCELLED
+        code = (
+            _ItemCode.CODE_DEADLINE_EXCEEDED
+            if exc.reason == "deadline"
+            else _ItemCode.CODE_CANCELLED
+        )
         return types_pb2.ItemError(code=code, message=str(exc))
     if isinstance(exc, NotImplementedError):
         return types_pb2.ItemError(code=_ItemCode.CODE_UNIMPLEMENTED, message=str(exc))
@@ -116,7 +121,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
     def model_names(self) -> list[str]:
         return list(self._models)
 
-    async def Describe(self, request: worker_pb2.DescribeRequest, context: Any) -> Any:  # noqa: N802
+    async def Describe(self, request: worker_pb2.DescribeRequest, context: Any) -> Any:
         return worker_pb2.DescribeResponse(
             models=list(self._infos.values()), worker_version=__version__
         )
@@ -165,7 +170,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             log.exception("%s failed", getattr(fn, "__qualname__", "model call"))
             return exc
 
-    async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:  # noqa: N802
+    async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         texts = list(request.texts)
@@ -178,7 +183,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 results.extend(_embed_results(out, len(part), request.model))
         return worker_pb2.EmbedBatchResponse(results=results)
 
-    async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:  # noqa: N802
+    async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
@@ -200,7 +205,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 results[n] = _infer_result(value, item)
         return worker_pb2.InferBatchResponse(results=results)
 
-    async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:  # noqa: N802
+    async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         params = request.params
@@ -357,6 +362,8 @@ async def serve(
     servicer = raw[0] if raw else ModelServicer(models, executor)
 
     server = grpc.aio.server(
+        # Lets a raw servicer with plain (non-async) methods be served too.
+        migration_thread_pool=executor,
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -380,7 +387,9 @@ async def serve(
         raise OSError(f"cannot listen on {listen}")
     await server.start()
 
-    described = await servicer.Describe(worker_pb2.DescribeRequest(), None)
+    described = servicer.Describe(worker_pb2.DescribeRequest(), None)
+    if inspect.isawaitable(described):
+        described = await described
     names = [m.name for m in described.models]
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in [*names, ""]:

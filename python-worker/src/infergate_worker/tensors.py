@@ -107,7 +107,9 @@ class Tensor:
 def as_tensor(name: str, value: Any) -> Tensor:
     """Accept a :class:`Tensor`, an array-like, or a list of str/bytes."""
     if isinstance(value, Tensor):
-        return value if value.name == name else Tensor(name, value.datatype, value.shape, value.data)
+        return (
+            value if value.name == name else Tensor(name, value.datatype, value.shape, value.data)
+        )
     if isinstance(value, list) and all(isinstance(v, str | bytes) for v in value):
         data = [v.encode() if isinstance(v, str) else v for v in value]
         return Tensor(name, "BYTES", [len(data)], data)

@@ -8,7 +8,6 @@ Request parameters it understands (per item):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,7 +43,9 @@ class Echo(Model):
             try:
                 ctx.wait(delay_ms / 1000)
             except Cancelled as exc:
-                log.warning("echo stopped early (%s) during %d ms of asked-for work", exc.reason, delay_ms)
+                log.warning(
+                    "echo stopped early (%s) during %d ms of asked-for work", exc.reason, delay_ms
+                )
                 raise
         results: list[dict[str, Any] | BaseException] = []
         for item in items:

@@ -27,7 +27,7 @@ def build_encoder(config: dict[str, Any]) -> Any:
     """A BERT encoder module whose parameter names match the checkpoint."""
     import torch
     from torch import nn
-    from torch.nn import functional as F  # noqa: N812
+    from torch.nn import functional as F
 
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]

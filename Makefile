@@ -1,0 +1,61 @@
+# infergate: two commands on a fresh machine.
+#   make run   - install what is missing, build release, start the gateway (embedded default config)
+#   make test  - install what is missing, run every test tier, lint and format checks
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMPS := .stamps
+WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
+
+.PHONY: run test venv build build-release test-rust test-python lint fmt clean help
+
+help:
+	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
+	@echo "make test  - unit, integration and end-to-end tests, clippy, rustfmt, ruff"
+
+# The worker venv: the SDK (stubs generated from proto/ at install), the
+# MiniLM example's PyTorch stack, and test tools. torch comes from PyPI
+# (~3 GB with its CUDA libraries); pip's cache makes reinstalls fast.
+$(STAMPS)/venv: $(WORKER_SRC)
+	@mkdir -p $(STAMPS)
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet "setuptools>=68" "grpcio-tools==1.85.1"
+	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev]"
+	@touch $@
+
+venv: $(STAMPS)/venv
+
+build-release:
+	cargo build --release --locked -p infergate
+
+build:
+	cargo build --locked -p infergate
+
+run: venv build-release
+	./target/release/infergate serve
+
+test-rust: venv build
+	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) \
+		cargo test --locked --workspace --all-targets -- --test-threads=1
+
+test-python: venv
+	cd python-worker && ../$(VPY) -m pytest -q
+
+lint: venv
+	cargo fmt --all -- --check
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+	cd python-worker && ../$(VPY) -m ruff check . && ../$(VPY) -m ruff format --check .
+
+test: lint test-python test-rust
+
+fmt:
+	cargo fmt --all
+	cd python-worker && ../$(VPY) -m ruff format . && ../$(VPY) -m ruff check --fix .
+
+clean:
+	cargo clean
+	rm -rf $(STAMPS)

@@ -1,0 +1,190 @@
+"""The worker SDK against real worker processes over Unix sockets."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from infergate.v1 import types_pb2, worker_pb2
+from infergate_worker.context import CallContext, Cancelled
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+Code = types_pb2.ItemError.Code
+
+
+def tensor(name: str, values: list[float]) -> types_pb2.Tensor:
+    return types_pb2.Tensor(name=name, datatype="FP32", shape=[len(values)], fp32_contents=values)
+
+
+def echo_item(params: dict | None = None, **tensors: list[float]) -> worker_pb2.InferItem:
+    item = worker_pb2.InferItem(id="i", inputs=[tensor(k, v) for k, v in tensors.items()])
+    for k, v in (params or {}).items():
+        if isinstance(v, bool):
+            item.parameters[k].bool_param = v
+        else:
+            item.parameters[k].int64_param = v
+    return item
+
+
+def test_not_serving_until_loaded_and_describe_answers_meanwhile(spawn, tmp_path: Path):
+    gate = tmp_path / "gate"
+    w = spawn("models:SlowLoad", env={"SLOWLOAD_GATE": str(gate)})
+    w.wait_status("slowload", NOT_SERVING)
+    described = w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
+    assert [m.name for m in described.models] == ["slowload"]
+    assert described.models[0].kind == types_pb2.MODEL_KIND_EMBED
+    assert described.models[0].max_batch_size == 4
+    time.sleep(0.3)
+    assert w.status("slowload") == NOT_SERVING
+    gate.touch()
+    w.wait_status("slowload", SERVING)
+    assert w.status("") == SERVING
+
+
+def test_per_item_errors_leave_other_items_alone(spawn, tmp_path: Path):
+    gate = tmp_path / "gate"
+    gate.touch()
+    w = spawn("models:SlowLoad", env={"SLOWLOAD_GATE": str(gate)})
+    w.wait_status("slowload", SERVING)
+    # Six texts with max_batch_size 4: the worker splits them into two batches.
+    texts = ["ab", "bad", "abc", "boom", "a", "abcd"]
+    req = worker_pb2.EmbedBatchRequest(model="slowload", texts=texts)
+    resp = w.stub.Embed(req, timeout=5)
+    kinds = [r.WhichOneof("result") for r in resp.results]
+    assert kinds == ["embedding", "error", "embedding", "error", "embedding", "embedding"]
+    assert list(resp.results[0].embedding.values) == [2.0, 1.0]
+    assert list(resp.results[5].embedding.values) == [4.0, 1.0]
+    assert resp.results[1].error.code == Code.CODE_INVALID_INPUT
+    assert resp.results[3].error.code == Code.CODE_MODEL_ERROR
+    assert "exploded" in resp.results[3].error.message
+
+
+def test_unknown_model_is_not_found(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    with pytest.raises(grpc.RpcError) as err:
+        w.stub.Embed(worker_pb2.EmbedBatchRequest(model="nope", texts=["x"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_echo_infer_and_item_failure(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    items = [echo_item(x=[1.0, 2.0]), echo_item({"fail": True}, y=[3.0])]
+    resp = w.stub.Infer(worker_pb2.InferBatchRequest(model="echo", items=items), timeout=5)
+    out = resp.results[0].outputs.tensors[0]
+    assert (out.name, list(out.shape), list(out.fp32_contents)) == ("x", [2], [1.0, 2.0])
+    assert resp.results[1].error.code == Code.CODE_MODEL_ERROR
+    # Embedding an INFER model is an item error, not a crash.
+    resp = w.stub.Embed(worker_pb2.EmbedBatchRequest(model="echo", texts=["x"]), timeout=5)
+    assert resp.results[0].error.code == Code.CODE_UNIMPLEMENTED
+
+
+def test_malformed_tensor_is_invalid_input(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    bad = types_pb2.Tensor(name="x", datatype="FP32", shape=[3], fp32_contents=[1.0])
+    item = worker_pb2.InferItem(inputs=[bad])
+    resp = w.stub.Infer(worker_pb2.InferBatchRequest(model="echo", items=[item]), timeout=5)
+    assert resp.results[0].error.code == Code.CODE_INVALID_INPUT
+    assert "needs 3 values" in resp.results[0].error.message
+
+
+def test_echo_generate_streams_words(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    req = types_pb2.GenerateRequest(
+        model="echo", messages=[types_pb2.ChatMessage(role="user", content="one two three")]
+    )
+    chunks = list(w.stub.Generate(req, timeout=5))
+    assert "".join(c.text for c in chunks) == "one two three"
+    assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_STOP
+    assert chunks[-1].usage.completion_tokens == 3
+    req.params.max_tokens = 2
+    chunks = list(w.stub.Generate(req, timeout=5))
+    assert "".join(c.text for c in chunks) == "one two"
+    assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH
+
+
+def test_deadline_reaches_model_code(spawn, tmp_path: Path):
+    marker = tmp_path / "marker"
+    w = spawn("models:Patient", env={"PATIENT_MARKER": str(marker)})
+    w.wait_status("patient", SERVING)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        w.stub.Embed(
+            worker_pb2.EmbedBatchRequest(model="patient", texts=["x"]),
+            timeout=0.3,
+            metadata=[("x-request-id", "req-42")],
+        )
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2
+    end = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert marker.read_text() in ("deadline req-42", "cancelled req-42")
+
+
+def test_client_cancellation_reaches_model_code(spawn, tmp_path: Path):
+    marker = tmp_path / "marker"
+    w = spawn("models:Patient", env={"PATIENT_MARKER": str(marker)})
+    w.wait_status("patient", SERVING)
+    future = w.stub.Embed.future(
+        worker_pb2.EmbedBatchRequest(model="patient", texts=["x"]),
+        timeout=30,
+        metadata=[("x-request-id", "req-7")],
+    )
+    time.sleep(0.3)
+    future.cancel()
+    end = time.monotonic() + 5
+    while not marker.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert marker.read_text() == "cancelled req-7"
+    assert "call cancelled by the gateway" in w.output()
+
+
+def test_sigterm_drains_in_flight_calls(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    item = echo_item({"delay_ms": 800}, x=[5.0])
+    result: dict = {}
+
+    def call() -> None:
+        req = worker_pb2.InferBatchRequest(model="echo", items=[item])
+        result["resp"] = w.stub.Infer(req, timeout=10)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)
+    w.proc.send_signal(signal.SIGTERM)
+    t.join(10)
+    assert list(result["resp"].results[0].outputs.tensors[0].fp32_contents) == [5.0]
+    assert w.proc.wait(10) == 0
+    assert "draining" in w.output()
+
+
+def test_raw_servicer_is_served_with_health(spawn):
+    w = spawn("models:RawWorker")
+    w.wait_status("raw", SERVING)
+    resp = w.stub.Embed(worker_pb2.EmbedBatchRequest(model="raw", texts=["abc"]), timeout=5)
+    assert list(resp.results[0].embedding.values) == [3.0]
+
+
+def test_call_context_checks():
+    ctx = CallContext(deadline=time.monotonic() + 0.05)
+    ctx.check()
+    with pytest.raises(Cancelled) as exc:
+        ctx.wait(1)
+    assert exc.value.reason == "deadline"
+    ctx = CallContext()
+    ctx.cancel()
+    with pytest.raises(Cancelled) as exc:
+        ctx.check()
+    assert exc.value.reason == "cancelled"

@@ -1,0 +1,342 @@
+//! End to end: the real gateway binary, real Python workers, real models.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::time::{Duration, Instant};
+
+use infergate::proto::inference_client::InferenceClient;
+use infergate::proto::{EmbedRequest, EmbedResponse, InferRequest, ListModelsRequest, Tensor};
+use infergate_e2e::{ECHO_POOL, Gateway, MINILM_POOL, cosine, reference_embeddings};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use prost::Message;
+use serde_json::{Value, json};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+fn post(gw: &Gateway, path: &str, body: &Value) -> reqwest::blocking::Response {
+    http().post(gw.url(path)).json(body).send().unwrap()
+}
+
+fn echo_body(delay_ms: u64) -> Value {
+    json!({"parameters": {"delay_ms": delay_ms},
+           "inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.5, 2.5]}]})
+}
+
+const TEXTS: [&str; 3] = ["The cat sits on the mat.", "A gateway in Rust, workers in Python.", "hello"];
+
+#[test]
+fn minilm_embeddings_over_rest_and_grpc_match_sentence_transformers() {
+    let gw = Gateway::start(MINILM_POOL).unwrap();
+    let reference = reference_embeddings(&TEXTS).unwrap();
+
+    let resp = post(&gw, "/v1/embeddings", &json!({"model": "minilm", "input": TEXTS}));
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let body: Value = resp.json().unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "minilm");
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let rest: Vec<Vec<f32>> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(rest.len(), 3);
+
+    let grpc: EmbedResponse = rt().block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let req =
+            EmbedRequest { model: "minilm".into(), inputs: TEXTS.map(String::from).to_vec(), user: String::new() };
+        client.embed(req).await.unwrap().into_inner()
+    });
+    assert_eq!(grpc.data.len(), 3);
+    for i in 0..3 {
+        assert_eq!(rest[i].len(), 384);
+        assert_eq!(grpc.data[i].values.len(), 384);
+        let c = cosine(&rest[i], &reference[i]);
+        assert!(c >= 0.999, "REST vector {i} cosine {c}");
+        let c = cosine(&grpc.data[i].values, &reference[i]);
+        assert!(c >= 0.999, "gRPC vector {i} cosine {c}");
+    }
+    // A single string input works too, and order is kept across a batch.
+    let one: Value = post(&gw, "/v1/embeddings", &json!({"model": "minilm", "input": TEXTS[2]})).json().unwrap();
+    let v: Vec<f32> = serde_json::from_value(one["data"][0]["embedding"].clone()).unwrap();
+    assert!(cosine(&v, &reference[2]) >= 0.999);
+}
+
+/// Frame a message for gRPC (and grpc-web): flag byte, big-endian length, payload.
+fn grpc_web_frame(msg: &impl Message) -> Vec<u8> {
+    let payload = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[test]
+fn grpc_web_over_http1() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let client = reqwest::blocking::Client::builder().http1_only().build().unwrap();
+    let req = InferRequest {
+        model: "echo".into(),
+        id: "web-1".into(),
+        inputs: vec![Tensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            fp32_contents: vec![4.0],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let resp = client
+        .post(format!("{}/infergate.v1.Inference/Infer", gw.grpc_url()))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(grpc_web_frame(&req))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/grpc-web"));
+    let body = resp.bytes().unwrap();
+    assert_eq!(body[0], 0, "first frame is data");
+    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+    let msg = infergate::proto::InferResponse::decode(&body[5..5 + len]).unwrap();
+    assert_eq!(msg.id, "web-1");
+    assert_eq!(msg.outputs[0].fp32_contents, vec![4.0]);
+    let trailers = String::from_utf8_lossy(&body[5 + len + 5..]);
+    assert_eq!(body[5 + len], 0x80, "then the trailer frame");
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+}
+
+#[test]
+fn deadline_shorter_than_the_work_is_504_and_cancels_the_worker() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let started = Instant::now();
+    let resp = http()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("x-request-timeout", "500ms")
+        .header("x-request-id", "deadline-test-1")
+        .json(&echo_body(5000))
+        .send()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    assert!(took < Duration::from_millis(600), "answered after {took:?}");
+    let problem: Value = resp.json().unwrap();
+    assert_eq!(problem["type"], "urn:infergate:error:deadline-exceeded");
+    // The worker saw its call end (the SDK logs it with the request id).
+    let seen = gw.wait_log(0, Duration::from_secs(5), |v| {
+        v["worker"] == "echo-0"
+            && v["message"].as_str().is_some_and(|m| m.contains("echo stopped early") && m.contains("deadline-test-1"))
+    });
+    assert!(seen.is_some(), "worker never observed the cancellation:\n{}", gw.log_text());
+
+    // Over gRPC: a raw HTTP/2 call, because tonic's client would enforce
+    // grpc-timeout itself (as CANCELLED) and hide the gateway's answer.
+    let req = InferRequest {
+        model: "echo".into(),
+        inputs: vec![Tensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        }],
+        parameters: [(
+            "delay_ms".to_owned(),
+            infergate::proto::ParamValue { value: Some(infergate::proto::param_value::Value::Int64Param(5000)) },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let h2 = reqwest::blocking::Client::builder().http2_prior_knowledge().build().unwrap();
+    let started = Instant::now();
+    let resp = h2
+        .post(format!("{}/infergate.v1.Inference/Infer", gw.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "400m")
+        .body(grpc_web_frame(&req))
+        .send()
+        .unwrap();
+    let took = started.elapsed();
+    // An error before any message is a trailers-only response: status in headers.
+    assert_eq!(resp.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED; headers {:?}", resp.headers());
+    assert!(took < Duration::from_millis(500), "answered after {took:?}");
+    // The gateway and worker keep serving afterwards.
+    assert_eq!(post(&gw, "/v2/models/echo/infer", &echo_body(0)).status(), 200);
+}
+
+#[test]
+fn sigkill_of_one_worker_under_load_keeps_serving_and_restarts_it() {
+    let gw = Gateway::start(MINILM_POOL).unwrap();
+    let victim = gw.worker_pid("minilm-0").unwrap();
+    let stop_at = Instant::now() + Duration::from_secs(9);
+    let kill_at = Instant::now() + Duration::from_secs(1);
+    let results = std::sync::Mutex::new(Vec::<(Instant, u16)>::new());
+    let mut killed_at = None;
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let client = http();
+                while Instant::now() < stop_at {
+                    let resp = client
+                        .post(gw.url("/v1/embeddings"))
+                        .json(&json!({"model": "minilm", "input": ["keep answering", "please"]}))
+                        .send()
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    if status != 200 {
+                        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+                    }
+                    results.lock().unwrap().push((Instant::now(), status));
+                }
+            });
+        }
+        std::thread::sleep(kill_at.saturating_duration_since(Instant::now()));
+        let log_mark = gw.log().len();
+        kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+        let t0 = Instant::now();
+        killed_at = Some(t0);
+        // Restarted and SERVING again within 5 s.
+        let restarted = gw.wait_log(log_mark, Duration::from_secs(5), |v| {
+            v["message"] == "worker is SERVING" && v["worker"] == "minilm-0"
+        });
+        assert!(restarted.is_some(), "minilm-0 not serving again within 5 s:\n{}", gw.log_text());
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_ne!(gw.worker_pid("minilm-0"), Some(victim), "a new process serves minilm-0");
+    });
+    let killed_at = killed_at.unwrap();
+    let results = results.into_inner().unwrap();
+    let failures: Vec<_> = results.iter().filter(|(_, s)| *s != 200).collect();
+    let after_kill_ok = results.iter().filter(|(t, s)| *t > killed_at && *s == 200).count();
+    assert!(failures.iter().all(|(_, s)| *s == 502 || *s == 503), "{failures:?}");
+    // Only calls in flight on the killed worker may fail (2 clients).
+    assert!(failures.len() <= 2, "{} failures: {failures:?}", failures.len());
+    assert!(after_kill_ok > 20, "only {after_kill_ok} successes after the kill");
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_complete() {
+    let mut gw = Gateway::start(ECHO_POOL).unwrap();
+    let answers = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| post(&gw, "/v2/models/echo/infer", &echo_body(1500)).status().as_u16()))
+            .collect();
+        std::thread::sleep(Duration::from_millis(400));
+        kill(Pid::from_raw(gw.pid()), Signal::SIGTERM).unwrap();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert_eq!(answers, vec![200; 4], "{}", gw.log_text());
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(gw.log().iter().any(|v| v["message"] == "infergate stopped"));
+}
+
+#[test]
+fn bad_rest_input_gets_precise_problems() {
+    let gw = Gateway::start(&format!("[http]\nmax_body_bytes = 4096\n{ECHO_POOL}")).unwrap();
+    let client = http();
+    let problem = |resp: reqwest::blocking::Response, status: u16| -> Value {
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        let p: Value = resp.json().unwrap();
+        assert_eq!(p["status"], status);
+        assert!(p["type"].as_str().unwrap().starts_with("urn:infergate:error:"));
+        assert!(p["request_id"].is_string());
+        p
+    };
+    let infer = gw.url("/v2/models/echo/infer");
+    let send = |body: &str| {
+        client.post(&infer).header("content-type", "application/json").body(body.to_owned()).send().unwrap()
+    };
+
+    let p = problem(send("{\"inputs\": [{\"name\": \"x\", \"shape\": [1], \"datatype\": \"FP32\", \"data\": [1]"), 400);
+    assert_eq!(p["field"], "body");
+    let p = problem(send(r#"{"inputs": [{"name": "x", "shape": "one", "datatype": "FP32", "data": [1]}]}"#), 400);
+    assert_eq!(p["field"], "inputs[0].shape");
+    let p = problem(send(r#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]}"#), 400);
+    assert_eq!(p["field"], "inputs[0].data");
+    let p = problem(post(&gw, "/v1/embeddings", &json!({"input": "x"})), 400);
+    assert!(p["detail"].as_str().unwrap().contains("model"), "{p}");
+    problem(post(&gw, "/v1/embeddings", &json!({"model": "echo", "input": "x"})), 400);
+    problem(post(&gw, "/v2/models/nope/infer", &echo_body(0)), 404);
+    problem(post(&gw, "/v1/embeddings", &json!({"model": "nope", "input": "x"})), 404);
+    problem(client.get(gw.url("/v3/nothing")).send().unwrap(), 404);
+    problem(client.get(gw.url("/v1/embeddings")).send().unwrap(), 405);
+    problem(client.post(&infer).header("content-type", "text/plain").body("hi").send().unwrap(), 415);
+    // Over the limit with a Content-Length: refused before reading.
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(10_000));
+    problem(send(&big), 413);
+    // Over the limit without a Content-Length (chunked): refused while streaming.
+    let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))));
+    let streamed = rt().block_on(async {
+        reqwest::Client::new()
+            .post(&infer)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(streamed, 413);
+    // A worker failure is a 502 with a message, and the gateway keeps serving.
+    let failing = json!({"parameters": {"fail": true},
+                         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]});
+    let p = problem(post(&gw, "/v2/models/echo/infer", &failing), 502);
+    assert!(p["detail"].as_str().unwrap().contains("asked to fail"), "{p}");
+    assert_eq!(post(&gw, "/v2/models/echo/infer", &echo_body(0)).status(), 200);
+}
+
+#[test]
+fn bad_grpc_input_gets_precise_statuses() {
+    let gw = Gateway::start(&format!("[grpc]\nmax_message_bytes = 4096\n{ECHO_POOL}")).unwrap();
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let tensor = |n: usize| Tensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![n as i64],
+            fp32_contents: vec![1.0; n],
+            ..Default::default()
+        };
+        let infer =
+            |model: &str, inputs: Vec<Tensor>| InferRequest { model: model.into(), inputs, ..Default::default() };
+
+        let s = client.infer(infer("echo", vec![])).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let s = client.infer(infer("", vec![tensor(1)])).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let s = client.infer(infer("nope", vec![tensor(1)])).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+        assert!(s.message().contains("nope"));
+        let s = client
+            .embed(EmbedRequest { model: "echo".into(), inputs: vec!["x".into()], user: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        // A shape that does not match the data: the worker rejects the item.
+        let mut bad = tensor(1);
+        bad.shape = vec![3];
+        let s = client.infer(infer("echo", vec![bad])).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let s = client.infer(infer("echo", vec![tensor(5000)])).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        // Still serving, and the model list answers.
+        let ok = client.infer(infer("echo", vec![tensor(2)])).await.unwrap().into_inner();
+        assert_eq!(ok.outputs[0].fp32_contents, vec![1.0, 1.0]);
+        let models = client.list_models(ListModelsRequest {}).await.unwrap().into_inner();
+        assert_eq!(models.models.len(), 1);
+        assert!(models.models[0].ready);
+    });
+}
