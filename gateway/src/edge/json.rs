@@ -336,28 +336,65 @@ impl EmbeddingsRequest {
     }
 }
 
+/// `POST /v1/embeddings` answer (OpenAI shape).
+#[derive(Debug, Serialize)]
+pub struct EmbeddingsResponse {
+    pub object: &'static str,
+    pub data: Vec<EmbeddingData>,
+    pub model: String,
+    pub usage: EmbeddingsUsage,
+}
+
+/// One vector of the answer.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingData {
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: EmbeddingValue,
+}
+
+/// A vector as JSON numbers (shortest f32 form) or base64 of little-endian f32.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+/// Token counts of an embeddings call.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingsUsage {
+    pub prompt_tokens: u32,
+    pub total_tokens: u32,
+}
+
 /// Build the OpenAI embeddings answer.
-pub fn embeddings_response(model: &str, vectors: Vec<Vec<f32>>, prompt_tokens: u32, format: EncodingFormat) -> Value {
-    let data: Vec<Value> = vectors
+pub fn embeddings_response(
+    model: &str,
+    vectors: Vec<Vec<f32>>,
+    prompt_tokens: u32,
+    format: EncodingFormat,
+) -> EmbeddingsResponse {
+    let data = vectors
         .into_iter()
         .enumerate()
         .map(|(index, v)| {
             let embedding = match format {
-                EncodingFormat::Float => Value::from(v.into_iter().map(f64::from).collect::<Vec<_>>()),
+                EncodingFormat::Float => EmbeddingValue::Float(v),
                 EncodingFormat::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-                    Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    EmbeddingValue::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             };
-            serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
+            EmbeddingData { object: "embedding", index, embedding }
         })
         .collect();
-    serde_json::json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens },
-    })
+    EmbeddingsResponse {
+        object: "list",
+        data,
+        model: model.to_owned(),
+        usage: EmbeddingsUsage { prompt_tokens, total_tokens: prompt_tokens },
+    }
 }
 
 #[cfg(test)]
@@ -434,8 +471,19 @@ mod tests {
     }
 
     #[test]
+    fn float_embeddings_keep_f32_precision_in_shortest_form() {
+        let v = embeddings_response("m", vec![vec![0.1, 1.0e-7]], 2, EncodingFormat::Float);
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(text.contains("[0.1,1e-7]"), "{text}");
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["data"][0]["index"], 0);
+        assert_eq!(back["object"], "list");
+    }
+
+    #[test]
     fn base64_embeddings_are_little_endian_f32() {
-        let v = embeddings_response("m", vec![vec![1.0, -2.0]], 3, EncodingFormat::Base64);
+        let v =
+            serde_json::to_value(embeddings_response("m", vec![vec![1.0, -2.0]], 3, EncodingFormat::Base64)).unwrap();
         let b64 = v["data"][0]["embedding"].as_str().unwrap();
         let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
         let floats: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
