@@ -55,6 +55,9 @@ pub enum GatewayError {
     /// The client went away; no one reads this answer.
     #[error("request cancelled")]
     Cancelled,
+    /// More requests in flight than the edge admits; shed at once.
+    #[error("gateway overloaded: more than {limit} requests in flight")]
+    Overloaded { limit: usize },
     /// The gateway is draining and takes no new work.
     #[error("gateway is shutting down")]
     ShuttingDown,
@@ -117,6 +120,9 @@ impl GatewayError {
             }
             // 499 is nginx's "client closed request": only ever seen in logs.
             E::Cancelled => (client_closed(), C::Cancelled, "cancelled", "Request cancelled"),
+            E::Overloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "overloaded", "Gateway overloaded")
+            }
             E::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "shutting-down", "Gateway is shutting down")
             }
@@ -142,7 +148,10 @@ impl GatewayError {
     /// Seconds a client should wait before retrying, for transient errors.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Starting { .. } | Self::NoReadyWorker { .. } | Self::WorkerUnavailable { .. } => Some(1),
+            Self::Starting { .. }
+            | Self::NoReadyWorker { .. }
+            | Self::WorkerUnavailable { .. }
+            | Self::Overloaded { .. } => Some(1),
             _ => None,
         }
     }

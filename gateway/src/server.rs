@@ -95,6 +95,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,
+        http_max_in_flight: config.http_max_in_flight,
+        grpc_max_in_flight: config.grpc_max_in_flight,
         draining: draining.clone(),
     });
     let (health, health_service) = tonic_health::server::health_reporter();

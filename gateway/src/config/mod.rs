@@ -44,6 +44,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub grpc_listen: SocketAddr,
     pub max_message_bytes: usize,
+    pub http_max_in_flight: usize,
+    pub grpc_max_in_flight: usize,
     pub default_deadline: Duration,
     pub shutdown_grace: Duration,
     pub workers: WorkersConfig,
@@ -177,6 +179,8 @@ impl Config {
             max_body_bytes,
             grpc_listen,
             max_message_bytes,
+            http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
+            grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,
@@ -259,7 +263,7 @@ fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 fn positive_size(key: &str, v: u64) -> Result<usize, ConfigError> {
-    usize::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| invalid(key, "must be a positive byte count"))
+    usize::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| invalid(key, "must be a positive number"))
 }
 
 fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {

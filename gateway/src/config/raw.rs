@@ -23,11 +23,13 @@ pub struct RawConfig {
 pub struct RawHttp {
     pub listen: String,
     pub max_body_bytes: u64,
+    /// Requests handled at once; more are shed with 503 (health routes exempt).
+    pub max_in_flight: u32,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_body_bytes: 10 * 1024 * 1024 }
+        Self { listen: "127.0.0.1:8080".into(), max_body_bytes: 10 * 1024 * 1024, max_in_flight: 1024 }
     }
 }
 
@@ -37,11 +39,13 @@ impl Default for RawHttp {
 pub struct RawGrpc {
     pub listen: String,
     pub max_message_bytes: u64,
+    /// Calls handled at once; more are shed with UNAVAILABLE.
+    pub max_in_flight: u32,
 }
 
 impl Default for RawGrpc {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), max_message_bytes: 10 * 1024 * 1024 }
+        Self { listen: "127.0.0.1:50051".into(), max_message_bytes: 10 * 1024 * 1024, max_in_flight: 1024 }
     }
 }
 

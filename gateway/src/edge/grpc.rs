@@ -32,6 +32,7 @@ pub fn router(
     health: HealthServer<impl Health>,
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
     let max = state.max_message_bytes;
+    let max_in_flight = state.grpc_max_in_flight;
     let inference =
         InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -42,11 +43,15 @@ pub fn router(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    Ok(tonic::service::Routes::new(inference)
+    let routes = tonic::service::Routes::new(inference)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .into_axum_router()
+        .into_axum_router();
+    let routes = super::with_in_flight_limit(routes, max_in_flight, |limit| {
+        Status::from(GatewayError::Overloaded { limit }).into_http::<axum::body::Body>()
+    });
+    Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
         // Browsers speak grpc-web over HTTP/1.1; translate before routing.

@@ -25,20 +25,28 @@ pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
 
 /// The REST router with its layers, outermost first.
 pub fn router(state: Arc<EdgeState>) -> Router {
-    Router::new()
+    // Work that reaches workers is bounded; health and metadata stay
+    // answerable under overload so probes do not flap.
+    let api = Router::new()
         .route("/v1/embeddings", post(embeddings))
+        .route("/v2/models/{model}/infer", post(infer))
+        .with_state(state.clone());
+    let api = super::with_in_flight_limit(api, state.http_max_in_flight, |limit| {
+        GatewayError::Overloaded { limit }.into_http(None)
+    });
+    Router::new()
         .route("/v1/models", get(list_models))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(healthz))
         .route("/v2/health/ready", get(readyz))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/infer", post(infer))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
         // Echo the request id on every response, errors included.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Give every request an id before anything else sees it.

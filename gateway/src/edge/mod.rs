@@ -3,6 +3,8 @@
 pub mod grpc;
 pub mod http;
 pub mod json;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,29 @@ pub struct EdgeState {
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,
+    pub http_max_in_flight: usize,
+    pub grpc_max_in_flight: usize,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,
+}
+
+/// Admit at most `limit` requests at once into `router`; shed the rest
+/// immediately with `shed(limit)` rather than queueing them without bound.
+pub fn with_in_flight_limit<F>(router: axum::Router, limit: usize, shed: F) -> axum::Router
+where
+    F: Fn(usize) -> axum::response::Response + Clone + Send + Sync + 'static,
+{
+    router.layer(
+        tower::ServiceBuilder::new()
+            // Turn the load-shed error into the caller's protocol.
+            .layer(axum::error_handling::HandleErrorLayer::new(move |_: tower::BoxError| {
+                let shed = shed.clone();
+                async move { shed(limit) }
+            }))
+            // Refuse at once when no permit is free ...
+            .layer(tower::load_shed::LoadShedLayer::new())
+            // ... of this many.
+            .layer(tower::limit::ConcurrencyLimitLayer::new(limit)),
+    )
 }

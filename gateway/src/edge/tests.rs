@@ -1,0 +1,198 @@
+//! The REST and gRPC edges against an in-process fake upstream: routing,
+//! deadlines, request ids, readiness and overload, without Python.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use super::EdgeState;
+use crate::call::Call;
+use crate::error::GatewayError;
+use crate::pool::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
+use crate::proto::{GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo, ModelKind};
+
+/// Answers embeddings with `[len(text)]`, remembers each call's deadline
+/// budget, and can be made to hold calls until released.
+#[derive(Default)]
+struct Fake {
+    ready: bool,
+    starting: bool,
+    budgets: Mutex<Vec<Duration>>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+fn embed_model() -> ModelInfo {
+    ModelInfo { name: "m".into(), kind: ModelKind::Embed as i32, embedding_dim: 1, ..Default::default() }
+}
+
+#[async_trait::async_trait]
+impl Upstream for Fake {
+    fn models(&self) -> Vec<ModelEntry> {
+        vec![ModelEntry { info: Some(embed_model()), pool: "p".into(), ready: self.ready }]
+    }
+    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
+        match name {
+            "m" => Ok(self.models().remove(0)),
+            _ if self.starting => Err(GatewayError::Starting { model: name.into() }),
+            _ => Err(GatewayError::ModelNotFound { model: name.into() }),
+        }
+    }
+    fn status(&self) -> Vec<PoolStatus> {
+        vec![PoolStatus { pool: "p".into(), ready_workers: usize::from(self.ready), workers: 1 }]
+    }
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+        self.model(&call.model)?;
+        self.budgets.lock().unwrap().push(call.deadline.budget);
+        if let Some(gate) = &self.gate {
+            let _permit = gate.acquire().await;
+        }
+        let vectors = call.payload.iter().map(|t| vec![t.len() as f32]).collect();
+        Ok(EmbedOutput { model: embed_model(), vectors, prompt_tokens: 7 })
+    }
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
+    }
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "generation" })
+    }
+}
+
+fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
+    let fake = Arc::new(fake);
+    let state = Arc::new(EdgeState {
+        upstream: fake.clone(),
+        default_deadline: Duration::from_secs(30),
+        max_body_bytes: 1024,
+        max_message_bytes: 1024,
+        http_max_in_flight: max_in_flight,
+        grpc_max_in_flight: max_in_flight,
+        draining: tokio_util::sync::CancellationToken::new(),
+    });
+    (state, fake)
+}
+
+fn embed_req(body: Value) -> Request<Body> {
+    Request::post("/v1/embeddings")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn embeddings_answer_in_openai_shape_with_request_id() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    let mut req = embed_req(json!({"model": "m", "input": ["ab", "abcd"]}));
+    req.headers_mut().insert("x-request-id", "mine-1".parse().unwrap());
+    let (status, headers, body) = send(&app, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-request-id"], "mine-1");
+    assert_eq!(body["data"][1]["embedding"], json!([4.0]));
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(body["usage"], json!({"prompt_tokens": 7, "total_tokens": 7}));
+}
+
+#[tokio::test]
+async fn problems_carry_the_request_id_and_a_generated_one_is_returned() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    let (status, headers, body) = send(&app, embed_req(json!({"model": "zzz", "input": "x"}))).await;
+    assert_eq!(status, 404);
+    let id = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 36, "a uuid: {id}");
+    assert_eq!(body["request_id"], id);
+    let (status, _, body) = send(&app, embed_req(json!({"model": "m", "input": "x", "dimensions": 3}))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "dimensions");
+}
+
+#[tokio::test]
+async fn a_client_may_lower_but_not_raise_the_deadline() {
+    let (state, fake) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    for (header, _) in [("250ms", ()), ("1.5", ()), ("3600", ())] {
+        let mut req = embed_req(json!({"model": "m", "input": "x"}));
+        req.headers_mut().insert("x-request-timeout", header.parse().unwrap());
+        assert_eq!(send(&app, req).await.0, 200);
+    }
+    let budgets = fake.budgets.lock().unwrap().clone();
+    assert_eq!(budgets, vec![Duration::from_millis(250), Duration::from_millis(1500), Duration::from_secs(30)]);
+
+    let mut req = embed_req(json!({"model": "m", "input": "x"}));
+    req.headers_mut().insert("x-request-timeout", "soon".parse().unwrap());
+    let (status, _, body) = send(&app, req).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "X-Request-Timeout");
+}
+
+#[tokio::test]
+async fn readiness_follows_pools_and_draining() {
+    let (state, _) = state(Fake { ready: false, ..Default::default() }, 8);
+    let app = super::http::router(state.clone());
+    let (status, _, body) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["pools"][0]["ready_workers"], 0);
+    assert_eq!(send(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await.0, 200);
+
+    let (state, _) = self::state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state.clone());
+    assert_eq!(send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await.0, 200);
+    state.draining.cancel();
+    let (status, _, body) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["draining"], true);
+}
+
+#[tokio::test]
+async fn unknown_models_while_starting_are_503_with_retry_after() {
+    let (state, _) = state(Fake { ready: false, starting: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    let (status, headers, body) = send(&app, embed_req(json!({"model": "later", "input": "x"}))).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(body["type"], "urn:infergate:error:starting");
+}
+
+#[tokio::test]
+async fn method_not_allowed_is_a_problem_on_every_route() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    for path in ["/v1/embeddings", "/readyz"] {
+        let (status, headers, body) = send(&app, Request::delete(path).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, 405, "{path}");
+        assert_eq!(headers["content-type"], "application/problem+json", "{path}");
+        assert_eq!(body["status"], 405);
+    }
+}
+
+#[tokio::test]
+async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (state, _) = state(Fake { ready: true, gate: Some(gate.clone()), ..Default::default() }, 1);
+    let app = super::http::router(state);
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, embed_req(json!({"model": "m", "input": "x"}))).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, headers, body) = send(&app, embed_req(json!({"model": "m", "input": "y"}))).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(body["type"], "urn:infergate:error:overloaded");
+    assert_eq!(send(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await.0, 200);
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+}
