@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo bench -p infergate-benches --bench transcode`
 
+#![allow(clippy::unwrap_used, reason = "a benchmark harness: a failure here is a broken bench")]
+
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
