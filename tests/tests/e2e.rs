@@ -213,7 +213,9 @@ fn sigkill_of_one_worker_under_load_keeps_serving_and_restarts_it() {
             v["message"] == "worker is SERVING" && v["worker"] == "minilm-0"
         });
         assert!(restarted.is_some(), "minilm-0 not serving again within 5 s:\n{}", gw.log_text());
-        assert!(t0.elapsed() < Duration::from_secs(5));
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(5));
+        eprintln!("minilm-0 SIGKILLed under load: serving again after {took:?}");
         assert_ne!(gw.worker_pid("minilm-0"), Some(victim), "a new process serves minilm-0");
     });
     let killed_at = killed_at.unwrap();
