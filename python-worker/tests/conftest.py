@@ -54,7 +54,15 @@ def spawn(tmp_path: Path) -> Iterator:
         sock = tmp_path / f"w{len(procs)}.sock"
         log = tmp_path / f"w{len(procs)}.log"
         full_env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
-        cmd = [sys.executable, "-m", "infergate_worker", "serve", *targets, "--listen", f"unix:{sock}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "infergate_worker",
+            "serve",
+            *targets,
+            "--listen",
+            f"unix:{sock}",
+        ]
         proc = subprocess.Popen(cmd, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         w = WorkerProc(proc, f"unix:{sock}", log)
         procs.append(w)

@@ -57,11 +57,11 @@ class Patient(Model):
 class RawWorker(worker_pb2_grpc.WorkerServicer):
     """A hand-written servicer, no SDK Model involved."""
 
-    def Describe(self, request, context):  # noqa: N802, ANN001, ANN201
+    def Describe(self, request, context):
         info = types_pb2.ModelInfo(name="raw", kind=types_pb2.MODEL_KIND_EMBED, max_batch_size=8)
         return worker_pb2.DescribeResponse(models=[info])
 
-    def Embed(self, request, context):  # noqa: N802, ANN001, ANN201
+    def Embed(self, request, context):
         if request.model != "raw":
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
         results = [
