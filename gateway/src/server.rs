@@ -77,6 +77,29 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
+/// Log once when every pool first has a SERVING worker, so a person
+/// watching `make run` knows when to send requests.
+fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
+    use crate::pool::Upstream;
+    let started = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let status = pools.status();
+            if status.iter().all(|p| p.ready_workers > 0) {
+                let pools: Vec<String> =
+                    status.iter().map(|p| format!("{} {}/{}", p.pool, p.ready_workers, p.workers)).collect();
+                tracing::info!(after = ?started.elapsed(), pools = %pools.join(", "), "infergate ready");
+                return;
+            }
+        }
+    });
+}
+
 /// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
 /// let in-flight requests finish (up to `shutdown.grace`), stop the workers.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
@@ -88,6 +111,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let pools = Pools::new(&config, &sockets.path)?;
     let watchers = CancellationToken::new();
     pools.watch(config.workers.connect_timeout, &watchers);
+
+    announce_ready(pools.clone(), watchers.clone());
 
     let draining = CancellationToken::new();
     let state = Arc::new(EdgeState {

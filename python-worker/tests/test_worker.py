@@ -188,3 +188,15 @@ def test_call_context_checks():
     with pytest.raises(Cancelled) as exc:
         ctx.check()
     assert exc.value.reason == "cancelled"
+
+
+def test_reflection_lists_the_worker_service(spawn):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    services = ProtoReflectionDescriptorDatabase(w.channel).get_services()
+    assert "infergate.v1.Worker" in services
+    assert "grpc.health.v1.Health" in services

@@ -342,3 +342,70 @@ fn bad_grpc_input_gets_precise_statuses() {
         assert!(models.models[0].ready);
     });
 }
+
+#[test]
+fn grpc_health_and_reflection_are_served() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    rt().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(gw.grpc_url()).unwrap().connect().await.unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest { service: "infergate.v1.Inference".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = reflection.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected a service list");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"infergate.v1.Inference".to_owned()), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    });
+}
+
+#[test]
+fn remote_workers_are_reached_by_address_beside_local_ones() {
+    // A worker the gateway does not supervise, on TCP.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut worker = std::process::Command::new(infergate_e2e::python())
+        .args(["-m", "infergate_worker", "serve", "infergate_worker.examples.echo:Echo", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = format!(
+        "[[pools]]\nname = \"remote-echo\"\naddresses = [\"127.0.0.1:{port}\"]\n\
+         [[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\n"
+    );
+    let result = std::panic::catch_unwind(|| {
+        let gw = Gateway::start(&config).unwrap();
+        let resp = post(&gw, "/v2/models/echo/infer", &echo_body(0));
+        assert_eq!(resp.status(), 200);
+        let models: Value = http().get(gw.url("/v1/models")).send().unwrap().json().unwrap();
+        let pools: Vec<_> =
+            models["data"].as_array().unwrap().iter().map(|m| (m["id"].clone(), m["pool"].clone())).collect();
+        assert!(pools.contains(&(json!("echo"), json!("remote-echo"))), "{pools:?}");
+        let emb: Value = post(&gw, "/v1/embeddings", &json!({"model": "minilm", "input": "x"})).json().unwrap();
+        assert_eq!(emb["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    });
+    let _ = worker.kill();
+    let _ = worker.wait();
+    result.unwrap();
+}
