@@ -40,7 +40,7 @@ run: venv build-release
 
 test-rust: venv build
 	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) \
-		cargo test --locked --workspace --all-targets -- --test-threads=1
+		cargo test --locked --workspace --all-targets
 
 test-python: venv
 	cd python-worker && ../$(VPY) -m pytest -q

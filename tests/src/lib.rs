@@ -29,6 +29,10 @@ fn binary() -> PathBuf {
     std::env::var_os("INFERGATE_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/debug/infergate"))
 }
 
+/// One gateway at a time: the timing assertions (deadline + 100 ms, restart
+/// within 5 s) are about the gateway, not about 2 cores shared by several.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 /// A running gateway; killed (with its workers) on drop.
 pub struct Gateway {
     child: Child,
@@ -36,6 +40,7 @@ pub struct Gateway {
     pub grpc: SocketAddr,
     log: Arc<Mutex<Vec<Value>>>,
     _dir: TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 struct TempDir(PathBuf);
@@ -55,6 +60,8 @@ impl Gateway {
     /// Start the gateway with `extra` config (pools and overrides) on
     /// ephemeral ports, and wait until every pool is ready.
     pub fn start(extra: &str) -> anyhow::Result<Self> {
+        // A test that failed while holding the lock poisons it; the lock is still good.
+        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(dir.join("sockets"))?;
         let dir = TempDir(dir);
@@ -88,7 +95,7 @@ impl Gateway {
         let listening = wait_for(&log, Duration::from_secs(30), |v| v["message"] == "infergate listening")
             .context("gateway never logged its addresses")?;
         let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
-        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir };
+        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir, _serial: serial };
         gw.wait_ready(Duration::from_secs(60))?;
         Ok(gw)
     }
