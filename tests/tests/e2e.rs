@@ -409,3 +409,20 @@ fn remote_workers_are_reached_by_address_beside_local_ones() {
     let _ = worker.wait();
     result.unwrap();
 }
+
+#[test]
+fn the_openai_python_sdk_gets_embeddings() {
+    let gw = Gateway::start(MINILM_POOL).unwrap();
+    // The SDK asks for base64 by default and decodes it itself.
+    let script = "import sys\nfrom openai import OpenAI\n\
+                  c = OpenAI(base_url=sys.argv[1], api_key='unused', max_retries=0)\n\
+                  r = c.embeddings.create(model='minilm', input=['hello', 'world'])\n\
+                  print(len(r.data), len(r.data[0].embedding), r.usage.prompt_tokens)\n\
+                  try:\n    c.embeddings.create(model='nope', input='x')\nexcept Exception as e:\n    print(e.status_code)\n";
+    let out =
+        std::process::Command::new(infergate_e2e::python()).args(["-c", script, &gw.url("/v1")]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["2 384 6", "404"]);
+}

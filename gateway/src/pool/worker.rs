@@ -93,6 +93,7 @@ impl Worker {
         stop: CancellationToken,
     ) {
         let mut backoff = Duration::from_millis(50);
+        let mut service_hint = String::new();
         loop {
             let session = async {
                 let described = tokio::time::timeout(connect_timeout, self.client().describe(DescribeRequest {}))
@@ -101,6 +102,7 @@ impl Worker {
                     .map_err(|s| format!("describe failed: {}", s.message()))?
                     .into_inner();
                 let service = described.models.first().map(|m| m.name.clone()).unwrap_or_default();
+                service_hint.clone_from(&service);
                 on_describe(&self, described.models);
                 let mut stream = HealthClient::new(self.channel.clone())
                     .watch(HealthCheckRequest { service })
@@ -118,9 +120,14 @@ impl Worker {
                 () = stop.cancelled() => return,
                 outcome = session => outcome,
             };
-            self.set_serving(false);
             if let Err(why) = outcome {
                 tracing::debug!(worker = %self.id, %why, "health session ended");
+            }
+            // A stream can end without the worker being unwell (a GOAWAY when
+            // a connection is recycled): ask once before taking it out.
+            let still_serving = self.check_once(&service_hint, connect_timeout).await;
+            if !still_serving {
+                self.set_serving(false);
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -128,6 +135,21 @@ impl Worker {
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+}
+
+impl Worker {
+    /// One unary health check of `service`: true only for a SERVING answer.
+    async fn check_once(&self, service: &str, timeout: Duration) -> bool {
+        if service.is_empty() {
+            return false;
+        }
+        let mut client = HealthClient::new(self.channel.clone());
+        let check = client.check(HealthCheckRequest { service: service.to_owned() });
+        matches!(
+            tokio::time::timeout(timeout, check).await,
+            Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
+        )
     }
 }
 

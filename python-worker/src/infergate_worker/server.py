@@ -368,6 +368,13 @@ async def serve(
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
+            # The gateway pings every 10 s to find dead connections, also
+            # while only an idle health Watch is open. gRPC core's default
+            # policy calls that abuse and sends GOAWAY (too_many_pings) after
+            # two pings, which would drop every health stream every ~40 s.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
