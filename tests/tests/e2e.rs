@@ -132,6 +132,7 @@ fn deadline_shorter_than_the_work_is_504_and_cancels_the_worker() {
     assert_eq!(resp.status(), 504);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
     assert!(took < Duration::from_millis(600), "answered after {took:?}");
+    eprintln!("REST 500ms deadline answered 504 after {took:?}");
     let problem: Value = resp.json().unwrap();
     assert_eq!(problem["type"], "urn:infergate:error:deadline-exceeded");
     // The worker saw its call end (the SDK logs it with the request id).
@@ -173,6 +174,7 @@ fn deadline_shorter_than_the_work_is_504_and_cancels_the_worker() {
     // An error before any message is a trailers-only response: status in headers.
     assert_eq!(resp.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED; headers {:?}", resp.headers());
     assert!(took < Duration::from_millis(500), "answered after {took:?}");
+    eprintln!("gRPC 400ms deadline answered DEADLINE_EXCEEDED after {took:?}");
     // The gateway and worker keep serving afterwards.
     assert_eq!(post(&gw, "/v2/models/echo/infer", &echo_body(0)).status(), 200);
 }
@@ -226,6 +228,11 @@ fn sigkill_of_one_worker_under_load_keeps_serving_and_restarts_it() {
     // Only calls in flight on the killed worker may fail (2 clients).
     assert!(failures.len() <= 2, "{} failures: {failures:?}", failures.len());
     assert!(after_kill_ok > 20, "only {after_kill_ok} successes after the kill");
+    eprintln!(
+        "SIGKILL under load: {} requests, {} failed, {after_kill_ok} ok after the kill",
+        results.len(),
+        failures.len()
+    );
 }
 
 #[test]
