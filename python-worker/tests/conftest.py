@@ -50,7 +50,9 @@ class WorkerProc:
 def spawn(tmp_path: Path) -> Iterator:
     procs: list[WorkerProc] = []
 
-    def start(*targets: str, env: dict[str, str] | None = None) -> WorkerProc:
+    def start(
+        *targets: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> WorkerProc:
         sock = tmp_path / f"w{len(procs)}.sock"
         log = tmp_path / f"w{len(procs)}.log"
         full_env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
@@ -60,6 +62,7 @@ def spawn(tmp_path: Path) -> Iterator:
             "infergate_worker",
             "serve",
             *targets,
+            *args,
             "--listen",
             f"unix:{sock}",
         ]

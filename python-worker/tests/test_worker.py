@@ -200,3 +200,20 @@ def test_reflection_lists_the_worker_service(spawn):
     services = ProtoReflectionDescriptorDatabase(w.channel).get_services()
     assert "infergate.v1.Worker" in services
     assert "grpc.health.v1.Health" in services
+
+
+def test_calls_beyond_the_bound_are_refused_not_queued(spawn, tmp_path: Path):
+    marker = tmp_path / "marker"
+    w = spawn(
+        "models:Patient",
+        env={"PATIENT_MARKER": str(marker)},
+        args=("--max-concurrent-rpcs", "1"),
+    )
+    w.wait_status("patient", SERVING)
+    req = worker_pb2.EmbedBatchRequest(model="patient", texts=["x"])
+    held = w.stub.Embed.future(req, timeout=30)
+    time.sleep(0.3)
+    with pytest.raises(grpc.RpcError) as err:
+        w.stub.Embed(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    held.cancel()

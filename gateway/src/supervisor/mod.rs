@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -124,21 +124,82 @@ fn spawn(spec: &WorkerSpec, python: &Path) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// Longest worker output line forwarded as one record; longer lines are
+/// forwarded in pieces of this size.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Splits a byte stream into lines of at most `max` bytes. It never holds
+/// more than `max` bytes of an unfinished line, so the pipe is always drained
+/// (a worker blocked on a full stderr pipe would hang).
+struct LineSplitter {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl LineSplitter {
+    fn new(max: usize) -> Self {
+        Self { buf: Vec::new(), max }
+    }
+
+    /// Feed bytes; get the complete lines (without the newline).
+    fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        let mut lines = Vec::new();
+        for chunk in data.split_inclusive(|b| *b == b'\n') {
+            let (body, ended) = match chunk.split_last() {
+                Some((b'\n', body)) => (body, true),
+                _ => (chunk, false),
+            };
+            for piece in body.chunks(self.max.max(1)) {
+                let room = self.max - self.buf.len();
+                let (now, later) = piece.split_at(piece.len().min(room));
+                self.buf.extend_from_slice(now);
+                if !later.is_empty() || self.buf.len() == self.max {
+                    lines.push(std::mem::take(&mut self.buf));
+                    self.buf.extend_from_slice(later);
+                }
+            }
+            // An empty line is a line; the end of a line already flushed at
+            // exactly `max` bytes is not another one.
+            if ended && (!self.buf.is_empty() || body.is_empty()) {
+                lines.push(std::mem::take(&mut self.buf));
+            }
+        }
+        lines
+    }
+
+    /// What is left when the stream ends.
+    fn finish(self) -> Option<Vec<u8>> {
+        (!self.buf.is_empty()).then_some(self.buf)
+    }
+}
+
+fn log_worker_line(id: &str, bytes: &[u8]) {
+    let line = String::from_utf8_lossy(bytes);
+    // The worker SDK starts its log lines with the level name.
+    if line.starts_with("ERROR") || line.starts_with("CRITICAL") || line.starts_with("Traceback") {
+        tracing::error!(target: "worker", worker = %id, "{line}");
+    } else if line.starts_with("WARNING") {
+        tracing::warn!(target: "worker", worker = %id, "{line}");
+    } else {
+        tracing::info!(target: "worker", worker = %id, "{line}");
+    }
+}
+
 /// Forward each line a worker prints into the gateway's log.
 fn forward(id: &str, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
-    let Some(stream) = stream else { return };
+    let Some(mut stream) = stream else { return };
     let id = id.to_owned();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            // The worker SDK starts its log lines with the level name.
-            if line.starts_with("ERROR") || line.starts_with("CRITICAL") || line.starts_with("Traceback") {
-                tracing::error!(target: "worker", worker = %id, "{line}");
-            } else if line.starts_with("WARNING") {
-                tracing::warn!(target: "worker", worker = %id, "{line}");
-            } else {
-                tracing::info!(target: "worker", worker = %id, "{line}");
+        let mut lines = LineSplitter::new(MAX_LOG_LINE);
+        let mut chunk = vec![0u8; 8192];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => lines.push(&chunk[..n]).iter().for_each(|l| log_worker_line(&id, l)),
             }
+        }
+        if let Some(rest) = lines.finish() {
+            log_worker_line(&id, &rest);
         }
     });
 }
@@ -197,6 +258,39 @@ async fn terminate(id: &str, child: &mut Child, grace: Duration) {
         Err(_) => {
             tracing::warn!(worker = %id, "worker ignored SIGTERM for {grace:?}; killing it");
             let _ = child.kill().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineSplitter;
+
+    fn text(lines: Vec<Vec<u8>>) -> Vec<String> {
+        lines.into_iter().map(|l| String::from_utf8(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn splits_lines_across_reads() {
+        let mut s = LineSplitter::new(100);
+        assert_eq!(text(s.push(b"INFO one\nINFO tw")), ["INFO one"]);
+        assert_eq!(text(s.push(b"o\n\nlast")), ["INFO two", ""]);
+        assert_eq!(s.finish().unwrap(), b"last");
+    }
+
+    #[test]
+    fn long_lines_come_out_in_bounded_pieces() {
+        let mut s = LineSplitter::new(4);
+        assert_eq!(text(s.push(b"abcdefghij\nxy")), ["abcd", "efgh", "ij"]);
+        assert_eq!(text(s.push(b"zw12")), ["xyzw"]);
+        assert_eq!(s.finish().unwrap(), b"12");
+        let mut s = LineSplitter::new(4);
+        assert_eq!(text(s.push(b"abcd\nefghijkl\n")), ["abcd", "efgh", "ijkl"]);
+        assert!(s.finish().is_none());
+        let mut s = LineSplitter::new(4);
+        for _ in 0..1000 {
+            s.push(b"0123456789");
+            assert!(s.buf.len() <= 4);
         }
     }
 }

@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--grace", type=float, default=30.0, help="seconds to finish in-flight calls after SIGTERM"
     )
+    run.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=256,
+        help="calls admitted at once; more are refused (RESOURCE_EXHAUSTED)",
+    )
     run.add_argument("--log-level", default=os.environ.get("INFERGATE_LOG_LEVEL", "INFO"))
     run.add_argument(
         "--exit-with-parent",
@@ -87,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         _exit_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     targets = [load_target(spec) for spec in args.targets]
-    coro = serve(targets, args.listen, threads=max(args.threads, 1), grace=args.grace)
+    coro = serve(
+        targets,
+        args.listen,
+        threads=max(args.threads, 1),
+        grace=args.grace,
+        max_concurrent_rpcs=max(args.max_concurrent_rpcs, 1),
+    )
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(coro)

@@ -346,13 +346,15 @@ async def serve(
     *,
     threads: int = 1,
     grace: float = 30.0,
+    max_concurrent_rpcs: int = 256,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
     ``targets`` are Model instances (not yet loaded) or, alone, one raw
-    WorkerServicer implementation.
+    WorkerServicer implementation. Calls beyond ``max_concurrent_rpcs`` are
+    refused with RESOURCE_EXHAUSTED instead of queueing without bound.
     """
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="model")
     models = [t for t in targets if isinstance(t, Model)]
@@ -364,6 +366,7 @@ async def serve(
     server = grpc.aio.server(
         # Lets a raw servicer with plain (non-async) methods be served too.
         migration_thread_pool=executor,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
