@@ -22,8 +22,6 @@ pub enum ServeError {
     SocketDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Workers(#[from] SupervisorError),
-    #[error("cannot set up worker channels: {0}")]
-    Channel(#[from] tonic::transport::Error),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -108,7 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
 
     let supervisor = Supervisor::start(&config, &sockets.path).await?;
-    let pools = Pools::new(&config, &sockets.path)?;
+    let pools = Pools::new(&config, &sockets.path);
     let watchers = CancellationToken::new();
     pools.watch(config.workers.connect_timeout, &watchers);
 

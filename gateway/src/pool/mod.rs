@@ -80,16 +80,21 @@ struct Routes {
     described: Vec<bool>,
 }
 
+/// How long an unknown model name is answered "starting" (503) rather than
+/// "not found" (404) while some pool has not yet described its models.
+const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// All configured pools and the model routes learned from their workers.
 pub struct Pools {
     pools: Vec<Pool>,
     routes: RwLock<Routes>,
+    created: tokio::time::Instant,
 }
 
 impl Pools {
     /// Build pools from config. Local pools' workers listen on
     /// `socket_dir/<pool>-<n>.sock` (see [`local_socket`]).
-    pub fn new(config: &Config, socket_dir: &Path) -> Result<Arc<Self>, tonic::transport::Error> {
+    pub fn new(config: &Config, socket_dir: &Path) -> Arc<Self> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for pool in &config.pools {
             let addrs: Vec<WorkerAddr> = match &pool.kind {
@@ -101,12 +106,12 @@ impl Pools {
             let workers = addrs
                 .into_iter()
                 .enumerate()
-                .map(|(i, addr)| Worker::new(format!("{}-{i}", pool.name), addr).map(Arc::new))
-                .collect::<Result<_, _>>()?;
+                .map(|(i, addr)| Arc::new(Worker::new(format!("{}-{i}", pool.name), addr)))
+                .collect();
             pools.push(Pool { name: pool.name.clone(), workers });
         }
         let routes = Routes { models: HashMap::new(), described: vec![false; pools.len()] };
-        Ok(Arc::new(Self { pools, routes: RwLock::new(routes) }))
+        Arc::new(Self { pools, routes: RwLock::new(routes), created: tokio::time::Instant::now() })
     }
 
     /// Start one health watcher per worker; they end with `stop`.
@@ -140,7 +145,11 @@ impl Pools {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
         match routes.models.get(name) {
             Some((p, info)) => Ok((&self.pools[*p], info.clone())),
-            None if routes.described.iter().all(|d| *d) => Err(GatewayError::ModelNotFound { model: name.to_owned() }),
+            // A pool that never answers (a wrong remote address) must not make
+            // every typo a 503 forever.
+            None if routes.described.iter().all(|d| *d) || self.created.elapsed() > STARTUP_WINDOW => {
+                Err(GatewayError::ModelNotFound { model: name.to_owned() })
+            }
             None => Err(GatewayError::Starting { model: name.to_owned() }),
         }
     }
@@ -327,5 +336,52 @@ impl Upstream for Pools {
             }
         });
         Ok(chunks.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools() -> Arc<Pools> {
+        let toml = "[[pools]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n\
+                    [[pools]]\nname = \"b\"\naddresses = [\"127.0.0.1:2\"]\n";
+        let raw: crate::config::RawConfig = toml::from_str(toml).unwrap();
+        let config = Config::from_raw(raw).unwrap();
+        Pools::new(&config, Path::new("/nonexistent"))
+    }
+
+    fn info(name: &str) -> ModelInfo {
+        ModelInfo { name: name.into(), kind: ModelKind::Embed as i32, ..Default::default() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_models_are_starting_until_every_pool_described_or_the_window_passed() {
+        let p = pools();
+        let w = p.pools[0].workers[0].clone();
+        p.register(0, &w, vec![info("m")]);
+        assert!(p.model("m").is_ok());
+        assert!(matches!(p.route("typo"), Err(GatewayError::Starting { .. })));
+        tokio::time::advance(STARTUP_WINDOW + std::time::Duration::from_secs(1)).await;
+        assert!(matches!(p.route("typo"), Err(GatewayError::ModelNotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_model_stays_with_the_pool_that_claimed_it_first() {
+        let p = pools();
+        let (wa, wb) = (p.pools[0].workers[0].clone(), p.pools[1].workers[0].clone());
+        p.register(0, &wa, vec![info("m")]);
+        p.register(1, &wb, vec![info("m"), info("n")]);
+        assert_eq!(p.model("m").unwrap().pool, "a");
+        assert_eq!(p.model("n").unwrap().pool, "b");
+        assert!(matches!(p.route("zzz"), Err(GatewayError::ModelNotFound { .. })));
+        // No worker is SERVING yet: calls are refused at once, not queued.
+        let call = Call {
+            model: "m".into(),
+            payload: vec!["x".into()],
+            deadline: Deadline::after(std::time::Duration::from_secs(1)),
+            request_id: String::new(),
+        };
+        assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
     }
 }

@@ -31,7 +31,7 @@ pub struct Worker {
 impl Worker {
     /// A worker reached over one lazily connected HTTP/2 channel that
     /// reconnects by itself after the process restarts.
-    pub fn new(id: String, addr: WorkerAddr) -> Result<Self, tonic::transport::Error> {
+    pub fn new(id: String, addr: WorkerAddr) -> Self {
         let channel = match &addr {
             WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
             WorkerAddr::Unix(path) => {
@@ -47,7 +47,7 @@ impl Worker {
                     )
             }
         };
-        Ok(Self { id, addr, channel, outstanding: AtomicUsize::new(0), serving: AtomicBool::new(false) })
+        Self { id, addr, channel, outstanding: AtomicUsize::new(0), serving: AtomicBool::new(false) }
     }
 
     /// A client for the Worker service on the shared channel.

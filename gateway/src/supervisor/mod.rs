@@ -83,8 +83,7 @@ impl Supervisor {
 
 /// Fail fast, with Python's own message, when the environment is wrong.
 async fn check_imports(python: &Path, specs: &[WorkerSpec]) -> Result<(), SupervisorError> {
-    let mut classes: Vec<&str> = specs.iter().map(|s| s.class.as_str()).collect();
-    classes.dedup();
+    let classes: std::collections::BTreeSet<&str> = specs.iter().map(|s| s.class.as_str()).collect();
     let script = "import importlib, sys\nimport infergate_worker\nfor spec in sys.argv[1:]:\n    m, c = spec.split(':')\n    getattr(importlib.import_module(m), c)\n";
     let out = Command::new(python)
         .arg("-c")
