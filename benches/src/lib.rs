@@ -1,6 +1,7 @@
-//! Benchmarks for infergate. `benches/transcode.rs` measures the REST edge's
-//! JSON <-> proto transcoding; the load generator and the FastAPI baseline
-//! comparison arrive with the benchmark-suite issue.
+//! Benchmarks for infergate: the `infergate-bench` load generator ([`load`]),
+//! and payload helpers shared by the criterion benches in `benches/`.
+
+pub mod load;
 
 use serde_json::{Value, json};
 

@@ -1,0 +1,124 @@
+//! Where requests go: HTTP/1.1 or HTTP/2 (h2c) with a pooled hyper client,
+//! or gRPC with a tonic client; every outcome is classified for the report.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use infergate::proto::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+use super::bodies::Payload;
+
+/// Wire protocol of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Grpc,
+}
+
+/// How one request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// An HTTP status other than 2xx, or a gRPC code name.
+    Status(String),
+    /// No answer within the request timeout.
+    Timeout,
+    /// Connection or protocol failure.
+    Transport,
+}
+
+impl Outcome {
+    /// The key under which the report counts this outcome.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Ok => "ok".into(),
+            Self::Status(s) => s.clone(),
+            Self::Timeout => "timeout".into(),
+            Self::Transport => "transport".into(),
+        }
+    }
+}
+
+/// A configured target.
+#[expect(clippy::large_enum_variant, reason = "built once per run and shared behind an Arc")]
+pub enum Target {
+    Http { client: Client<HttpConnector, Full<Bytes>>, uri: http::Uri },
+    Grpc { client: InferenceClient<Channel> },
+}
+
+impl Target {
+    /// Build a client for `url`; gRPC connects lazily over one HTTP/2 connection.
+    pub fn new(protocol: Protocol, url: &str) -> anyhow::Result<Self> {
+        let uri: http::Uri = url.parse()?;
+        Ok(match protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                let client = Client::builder(TokioExecutor::new())
+                    .http2_only(protocol == Protocol::Http2)
+                    .pool_max_idle_per_host(usize::MAX)
+                    .build(connector);
+                Self::Http { client, uri }
+            }
+            Protocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from(uri).tcp_nodelay(true).connect_lazy();
+                Self::Grpc { client: InferenceClient::new(channel).max_decoding_message_size(64 << 20) }
+            }
+        })
+    }
+
+    /// Send request number `i` and wait for the whole answer.
+    pub async fn send(&self, payload: &Payload, i: u64, timeout: Duration) -> Outcome {
+        match tokio::time::timeout(timeout, self.send_inner(payload, i)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Timeout,
+        }
+    }
+
+    async fn send_inner(&self, payload: &Payload, i: u64) -> Outcome {
+        match self {
+            Self::Http { client, uri } => {
+                let Ok(req) = http::Request::post(uri.clone())
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(payload.http_body(i)))
+                else {
+                    return Outcome::Transport;
+                };
+                match client.request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        // Read the whole body: the latency is the full answer's.
+                        if resp.into_body().collect().await.is_err() {
+                            return Outcome::Transport;
+                        }
+                        if status.is_success() { Outcome::Ok } else { Outcome::Status(status.as_u16().to_string()) }
+                    }
+                    Err(_) => Outcome::Transport,
+                }
+            }
+            Self::Grpc { client } => {
+                let mut client = client.clone();
+                let result = if let Some(req) = payload.grpc_embed(i) {
+                    client.embed(req).await.map(|_| ())
+                } else if let Some(req) = payload.grpc_infer() {
+                    client.infer(req.clone()).await.map(|_| ())
+                } else {
+                    return Outcome::Status("no-grpc-payload".into());
+                };
+                match result {
+                    Ok(()) => Outcome::Ok,
+                    Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("transport") => {
+                        Outcome::Transport
+                    }
+                    Err(s) => Outcome::Status(format!("grpc:{:?}", s.code())),
+                }
+            }
+        }
+    }
+}
