@@ -24,7 +24,7 @@ $(STAMPS)/venv: $(WORKER_SRC)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet "setuptools>=68" "grpcio-tools==1.85.1"
-	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev]"
+	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev,baseline]"
 	@touch $@
 
 venv: $(STAMPS)/venv
@@ -44,17 +44,18 @@ test-rust: venv build
 
 test-python: venv
 	cd python-worker && ../$(VPY) -m pytest -q
+	cd benches/baseline && ../../$(VPY) -m pytest -q -p no:cacheprovider
 
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . && ../$(VPY) -m ruff format --check .
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline && ../$(VPY) -m ruff format --check . ../benches/baseline
 
 test: lint test-python test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . && ../$(VPY) -m ruff check --fix .
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline && ../$(VPY) -m ruff check --fix . ../benches/baseline
 
 clean:
 	cargo clean
