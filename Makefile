@@ -10,11 +10,12 @@ VPY := $(VENV)/bin/python
 STAMPS := .stamps
 WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
 
-.PHONY: run test venv build build-release test-rust test-python lint fmt clean help
+.PHONY: run test bench venv build build-release test-rust test-python lint fmt clean help
 
 help:
 	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
 	@echo "make test  - unit, integration and end-to-end tests, clippy, rustfmt, ruff"
+	@echo "make bench - benchmark scenarios side by side (SCENARIO=name for one)"
 
 # The worker venv: the SDK (stubs generated from proto/ at install), the
 # MiniLM example's PyTorch stack, and test tools. torch comes from PyPI
@@ -29,11 +30,21 @@ $(STAMPS)/venv: $(WORKER_SRC)
 
 venv: $(STAMPS)/venv
 
+# Plotting for the benchmarks only; `make test` does not need it.
+$(STAMPS)/venv-bench: $(STAMPS)/venv
+	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev,baseline,bench]"
+	@touch $@
+
 build-release:
 	cargo build --release --locked -p infergate
 
 build:
 	cargo build --locked -p infergate
+
+# Side-by-side scenarios (benches/scenarios.py); SCENARIO=name runs one.
+bench: $(STAMPS)/venv-bench
+	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench
+	$(VPY) benches/scenarios.py $(SCENARIO)
 
 run: venv build-release
 	./target/release/infergate serve
@@ -49,13 +60,13 @@ test-python: venv
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline && ../$(VPY) -m ruff format --check . ../benches/baseline
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py
 
 test: lint test-python test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline && ../$(VPY) -m ruff check --fix . ../benches/baseline
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py
 
 clean:
 	cargo clean

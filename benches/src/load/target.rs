@@ -9,6 +9,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use infergate::proto::inference_client::InferenceClient;
+use infergate::proto::worker_client::WorkerClient;
+use infergate::proto::{EmbedBatchRequest, InferBatchRequest, InferItem};
 use tonic::transport::Channel;
 
 use super::bodies::Payload;
@@ -18,7 +20,11 @@ use super::bodies::Payload;
 pub enum Protocol {
     Http1,
     Http2,
+    /// The gateway's public `Inference` service.
     Grpc,
+    /// A worker's `Worker` service directly (batches of one), to measure
+    /// what the gateway adds in front of the same worker.
+    GrpcWorker,
 }
 
 /// How one request ended.
@@ -50,6 +56,7 @@ impl Outcome {
 pub enum Target {
     Http { client: Client<HttpConnector, Full<Bytes>>, uri: http::Uri },
     Grpc { client: InferenceClient<Channel> },
+    GrpcWorker { client: WorkerClient<Channel> },
 }
 
 impl Target {
@@ -66,9 +73,13 @@ impl Target {
                     .build(connector);
                 Self::Http { client, uri }
             }
-            Protocol::Grpc => {
+            Protocol::Grpc | Protocol::GrpcWorker => {
                 let channel = tonic::transport::Endpoint::from(uri).tcp_nodelay(true).connect_lazy();
-                Self::Grpc { client: InferenceClient::new(channel).max_decoding_message_size(64 << 20) }
+                if protocol == Protocol::Grpc {
+                    Self::Grpc { client: InferenceClient::new(channel).max_decoding_message_size(64 << 20) }
+                } else {
+                    Self::GrpcWorker { client: WorkerClient::new(channel).max_decoding_message_size(64 << 20) }
+                }
             }
         })
     }
@@ -111,14 +122,34 @@ impl Target {
                 } else {
                     return Outcome::Status("no-grpc-payload".into());
                 };
-                match result {
-                    Ok(()) => Outcome::Ok,
-                    Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("transport") => {
-                        Outcome::Transport
-                    }
-                    Err(s) => Outcome::Status(format!("grpc:{:?}", s.code())),
-                }
+                grpc_outcome(result)
+            }
+            Self::GrpcWorker { client } => {
+                let mut client = client.clone();
+                let result = if let Some(req) = payload.grpc_embed(i) {
+                    let req = EmbedBatchRequest { model: req.model, texts: req.inputs };
+                    client.embed(req).await.map(|_| ())
+                } else if let Some(req) = payload.grpc_infer() {
+                    let item = InferItem {
+                        id: req.id.clone(),
+                        inputs: req.inputs.clone(),
+                        outputs: req.outputs.clone(),
+                        parameters: req.parameters.clone(),
+                    };
+                    client.infer(InferBatchRequest { model: req.model.clone(), items: vec![item] }).await.map(|_| ())
+                } else {
+                    return Outcome::Status("no-grpc-payload".into());
+                };
+                grpc_outcome(result)
             }
         }
+    }
+}
+
+fn grpc_outcome(result: Result<(), tonic::Status>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Ok,
+        Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("transport") => Outcome::Transport,
+        Err(s) => Outcome::Status(format!("grpc:{:?}", s.code())),
     }
 }

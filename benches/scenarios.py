@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Benchmark scenarios: infergate and its baselines side by side in one run.
+
+    make bench                    # every scenario
+    make bench SCENARIO=tiny      # one
+
+Servers are pinned to one core set and the load generator to the other
+(`taskset`), so the two do not fight for the same core. Each scenario writes
+``benches/results/<name>.json``, ``<name>.md`` and ``<name>.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY = ROOT / "target/release/infergate"
+BENCH = ROOT / "target/release/infergate-bench"
+PYTHON = ROOT / ".venv/bin/python"
+RESULTS = ROOT / "benches/results"
+ECHO_BODY = ROOT / "benches/bodies/echo-fp32x4.json"
+CPUS = os.cpu_count() or 1
+# Server side on the first half of the cores, load on the rest.
+SERVER_CPUS = ",".join(str(c) for c in range(max(CPUS // 2, 1)))
+LOAD_CPUS = ",".join(str(c) for c in range(max(CPUS // 2, 1), CPUS)) or SERVER_CPUS
+STEP_S = "5s"
+WARMUP_S = "1s"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": CPUS,
+        "cpu_model": model,
+        "server_cpus": SERVER_CPUS,
+        "load_cpus": LOAD_CPUS,
+        "kernel": platform.release(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def pinned(cmd: list[str], cpus: str) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if shutil.which("taskset") else cmd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Any, what: str, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout} s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:  # loopback only
+        return r.status == 200
+
+
+@contextlib.contextmanager
+def process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        try:
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def gateway(pools: str, tmp: Path) -> Iterator[dict[str, str]]:
+    http_port, grpc_port = free_port(), free_port()
+    config = tmp / "infergate.toml"
+    config.write_text(
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n[grpc]\nlisten = "127.0.0.1:{grpc_port}"\n'
+        f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n{pools}'
+    )
+    cmd = pinned([str(GATEWAY), "serve", "--config", str(config)], SERVER_CPUS)
+    with process(cmd, tmp / "gateway.log"):
+        urls = {"http": f"http://127.0.0.1:{http_port}", "grpc": f"http://127.0.0.1:{grpc_port}"}
+        wait_until(lambda: http_ok(urls["http"] + "/readyz"), "infergate")
+        yield urls
+
+
+@contextlib.contextmanager
+def fastapi(models: str, tmp: Path) -> Iterator[str]:
+    port = free_port()
+    workers = str(len(SERVER_CPUS.split(",")))
+    cmd = [str(ROOT / ".venv/bin/uvicorn"), "app:app", "--app-dir", str(ROOT / "benches/baseline")]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", workers]
+    cmd += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    env = {"INFERGATE_BASELINE_MODELS": models, "INFERGATE_TORCH_THREADS": "1"}
+    with process(pinned(cmd, SERVER_CPUS), tmp / "fastapi.log", env):
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(url + "/healthz"), "fastapi")
+        time.sleep(1)  # every uvicorn worker has finished its lifespan startup
+        yield url
+
+
+@contextlib.contextmanager
+def worker(spec: str, tmp: Path) -> Iterator[str]:
+    port = free_port()
+    cmd = [str(PYTHON), "-m", "infergate_worker", "serve", spec, "--listen", f"127.0.0.1:{port}"]
+    with process(pinned(cmd, SERVER_CPUS), tmp / "worker.log"):
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None,
+            "worker",
+        )
+        time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+
+
+def load(args: list[str], label: str, tmp: Path) -> dict[str, Any]:
+    out = tmp / f"{label}.json"
+    cmd = [str(BENCH), "--quiet", "--label", label, "--json", str(out), "--warmup", WARMUP_S]
+    cmd += ["--duration", STEP_S, "--timeout", "2s", *args]
+    subprocess.run(pinned(cmd, LOAD_CPUS), check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def plot(
+    path: Path, title: str, series: dict[str, list[dict[str, Any]]], slo_ms: float | None = None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, reports) in enumerate(series.items()):
+        xs = [r["offered_rps"] for r in reports]
+        color = f"C{i}"
+        ax.plot(
+            xs, [r["latency_ms"]["p50"] for r in reports], "o--", color=color, label=f"{name} p50"
+        )
+        ax.plot(
+            xs, [r["latency_ms"]["p99"] for r in reports], "s-", color=color, label=f"{name} p99"
+        )
+    if slo_ms:
+        ax.axhline(slo_ms, color="grey", linestyle=":", label=f"p99 SLO {slo_ms:g} ms")
+    ax.set_xlabel("offered load (requests/s, open loop)")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def knee(reports: list[dict[str, Any]], slo_ms: float) -> dict[str, Any] | None:
+    good = [
+        r
+        for r in reports
+        if r["latency_ms"]["p99"] <= slo_ms
+        and r["achieved_rps"] >= 0.95 * r["offered_rps"]
+        and r["outcomes"].get("ok", 0) >= 0.99 * (r["sent"] + r["dropped"])
+    ]
+    return max(good, key=lambda r: r["offered_rps"], default=None)
+
+
+def write(name: str, doc: dict[str, Any], md: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    m = doc["machine"]
+    header = (
+        f"# {name}\n\nMachine: {m['cpus']} cores ({m['cpu_model']}), "
+        f"servers on cpus {m['server_cpus']}, load on cpus {m['load_cpus']}; "
+        f"{m['date']}. Command: `make bench SCENARIO={name}`.\n\n"
+    )
+    (RESULTS / f"{name}.md").write_text(header + md)
+    print(header + md)
+
+
+def row(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"]
+    errors = {k: v for k, v in r["outcomes"].items() if k != "ok"}
+    if r["dropped"]:
+        errors["dropped"] = r["dropped"]
+    return (
+        f"{r['offered_rps']:.0f} | {r['achieved_rps']:.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+        f"{lat['p999']:.2f} | {errors or 0}"
+    )
+
+
+def scenario_overhead(tmp: Path) -> None:
+    """Gateway in front of an echo worker vs gRPC straight to the same worker."""
+    rates = [500, 1000, 2000, 5000]
+    body = ["--body-file", str(ECHO_BODY), "--model", "echo"]
+    with worker("infergate_worker.examples.echo:Echo", tmp) as direct_url:
+        pool = f'[[pools]]\nname = "echo"\naddresses = ["{direct_url}"]\n'
+        with gateway(pool, tmp) as gw:
+            direct, via = [], []
+            for rate in rates:
+                r = ["--rate", str(rate)]
+                direct += load(
+                    ["--protocol", "grpc-worker", "--url", direct_url, *body, *r],
+                    f"direct@{rate}",
+                    tmp,
+                )["reports"]
+                via += load(
+                    ["--protocol", "grpc", "--url", gw["grpc"], *body, *r], f"infergate@{rate}", tmp
+                )["reports"]
+    lines = [
+        "| rate | direct p50 | via gateway p50 | added p50 "
+        "| direct p99 | via gateway p99 | added p99 | errors (direct / gateway) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    added = []
+    for d, g in zip(direct, via, strict=True):
+        a50 = g["latency_ms"]["p50"] - d["latency_ms"]["p50"]
+        a99 = g["latency_ms"]["p99"] - d["latency_ms"]["p99"]
+        added.append({"rate": d["offered_rps"], "added_p50_ms": a50, "added_p99_ms": a99})
+        err = lambda r: {k: v for k, v in r["outcomes"].items() if k != "ok"} or 0  # noqa: E731
+        dl, gl = d["latency_ms"], g["latency_ms"]
+        lines.append(
+            f"| {d['offered_rps']:.0f} | {dl['p50']:.2f} | {gl['p50']:.2f} | {a50:+.2f} "
+            f"| {dl['p99']:.2f} | {gl['p99']:.2f} | {a99:+.2f} | {err(d)} / {err(g)} |"
+        )
+    plot(
+        RESULTS / "overhead.png",
+        "overhead: echo worker direct vs through infergate (gRPC)",
+        {"direct": direct, "infergate": via},
+    )
+    md = (
+        "Latency in ms, open loop, gRPC; the same echo worker (TCP) either called directly "
+        "(Worker/Infer) or through infergate (Inference/Infer). "
+        "Target: added p99 <= 0.5 ms at 5,000 rps.\n\n"
+    )
+    write(
+        "overhead",
+        {"machine": machine(), "direct": direct, "infergate": via, "added": added},
+        md + "\n".join(lines) + "\n",
+    )
+
+
+def scenario_tiny(tmp: Path) -> None:
+    """Echo through infergate vs the FastAPI baseline: max rate with p99 < 50 ms."""
+    rates = [250, 500, 1000, 1500, 2000, 3000, 4000, 6000]
+    slo = 50.0
+    args = [
+        "--body-file",
+        str(ECHO_BODY),
+        "--step-rates",
+        ",".join(map(str, rates)),
+        "--slo-p99",
+        "50ms",
+    ]
+    with gateway(
+        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n', tmp
+    ) as gw:
+        ig = load(["--url", gw["http"] + "/v2/models/echo/infer", *args], "infergate", tmp)[
+            "reports"
+        ]
+    with fastapi("infergate_worker.examples.echo:Echo", tmp) as url:
+        fa = load(["--url", url + "/v2/models/echo/infer", *args], "fastapi", tmp)["reports"]
+    k_ig, k_fa = knee(ig, slo), knee(fa, slo)
+    rate = lambda k: k["offered_rps"] if k else 0.0  # noqa: E731
+    ratio = rate(k_ig) / rate(k_fa) if rate(k_fa) else None
+    plot(
+        RESULTS / "tiny.png",
+        "tiny: echo model, infergate vs FastAPI (REST, open loop)",
+        {"infergate": ig, "fastapi": fa},
+        slo,
+    )
+    head = (
+        "| system | offered | achieved | p50 ms | p99 ms | p99.9 ms | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---|\n"
+    )
+    table = "".join(f"| infergate | {row(r)} |\n" for r in ig) + "".join(
+        f"| fastapi | {row(r)} |\n" for r in fa
+    )
+    summary = (
+        f"Max rate with p99 < {slo:g} ms (of the rates tried): infergate {rate(k_ig):.0f} rps, "
+        f"FastAPI {rate(k_fa):.0f} rps"
+        + (f", ratio {ratio:.2f}x" if ratio else "")
+        + ". Target: >= 15x.\n\n"
+    )
+    doc = {
+        "machine": machine(),
+        "slo_p99_ms": slo,
+        "infergate": ig,
+        "fastapi": fa,
+        "knee_rps": {"infergate": rate(k_ig), "fastapi": rate(k_fa)},
+        "ratio": ratio,
+    }
+    write("tiny", doc, summary + head + table)
+
+
+SCENARIOS = {"overhead": scenario_overhead, "tiny": scenario_tiny}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; have {sorted(SCENARIOS)}", file=sys.stderr)
+        return 2
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"infergate-bench-{name}-") as tmp:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            SCENARIOS[name](Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
