@@ -222,7 +222,7 @@ def row(r: dict[str, Any]) -> str:
 
 def scenario_overhead(tmp: Path) -> None:
     """Gateway in front of an echo worker vs gRPC straight to the same worker."""
-    rates = [500, 1000, 2000, 5000]
+    rates = [500, 1000, 1500, 2000, 5000]
     body = ["--body-file", str(ECHO_BODY), "--model", "echo"]
     with worker("infergate_worker.examples.echo:Echo", tmp) as direct_url:
         pool = f'[[pools]]\nname = "echo"\naddresses = ["{direct_url}"]\n'
@@ -244,15 +244,25 @@ def scenario_overhead(tmp: Path) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     added = []
+
+    def err(r: dict[str, Any]) -> Any:
+        return {k: v for k, v in r["outcomes"].items() if k != "ok"} or 0
+
+    def ms(r: dict[str, Any], q: str) -> float | None:
+        # No successful request: there is no latency to speak of.
+        return r["latency_ms"][q] if r["outcomes"].get("ok") else None
+
+    def fmt(v: float | None, sign: str = "") -> str:
+        return "n/a" if v is None else f"{v:{sign}.2f}"
+
     for d, g in zip(direct, via, strict=True):
-        a50 = g["latency_ms"]["p50"] - d["latency_ms"]["p50"]
-        a99 = g["latency_ms"]["p99"] - d["latency_ms"]["p99"]
+        d50, g50, d99, g99 = ms(d, "p50"), ms(g, "p50"), ms(d, "p99"), ms(g, "p99")
+        a50 = None if d50 is None or g50 is None else g50 - d50
+        a99 = None if d99 is None or g99 is None else g99 - d99
         added.append({"rate": d["offered_rps"], "added_p50_ms": a50, "added_p99_ms": a99})
-        err = lambda r: {k: v for k, v in r["outcomes"].items() if k != "ok"} or 0  # noqa: E731
-        dl, gl = d["latency_ms"], g["latency_ms"]
         lines.append(
-            f"| {d['offered_rps']:.0f} | {dl['p50']:.2f} | {gl['p50']:.2f} | {a50:+.2f} "
-            f"| {dl['p99']:.2f} | {gl['p99']:.2f} | {a99:+.2f} | {err(d)} / {err(g)} |"
+            f"| {d['offered_rps']:.0f} | {fmt(d50)} | {fmt(g50)} | {fmt(a50, '+')} "
+            f"| {fmt(d99)} | {fmt(g99)} | {fmt(a99, '+')} | {err(d)} / {err(g)} |"
         )
     plot(
         RESULTS / "overhead.png",
