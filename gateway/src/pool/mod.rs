@@ -209,7 +209,12 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
     match status.code() {
         C::DeadlineExceeded => GatewayError::DeadlineExceeded { after: deadline.budget },
         C::InvalidArgument | C::OutOfRange => GatewayError::ModelRejected { detail },
-        C::Unavailable | C::ResourceExhausted | C::Aborted => GatewayError::WorkerUnavailable { worker, detail },
+        // CANCELLED from the worker (our deadline had not passed, see
+        // `bounded`) means the worker gave the call up: overload, or a drain
+        // that ran out of grace. Transient, so 503 and worth a retry.
+        C::Unavailable | C::ResourceExhausted | C::Aborted | C::Cancelled => {
+            GatewayError::WorkerUnavailable { worker, detail }
+        }
         _ => GatewayError::WorkerFailed { worker, detail },
     }
 }
@@ -353,6 +358,19 @@ mod tests {
 
     fn info(name: &str) -> ModelInfo {
         ModelInfo { name: name.into(), kind: ModelKind::Embed as i32, ..Default::default() }
+    }
+
+    #[test]
+    fn worker_statuses_map_to_client_facing_errors() {
+        let d = Deadline::after(std::time::Duration::from_secs(5));
+        let map = |code| from_status("w", tonic::Status::new(code, "x"), &d).http_status().as_u16();
+        assert_eq!(map(tonic::Code::Cancelled), 503);
+        assert_eq!(map(tonic::Code::ResourceExhausted), 503);
+        assert_eq!(map(tonic::Code::Unavailable), 503);
+        assert_eq!(map(tonic::Code::DeadlineExceeded), 504);
+        assert_eq!(map(tonic::Code::InvalidArgument), 400);
+        assert_eq!(map(tonic::Code::Internal), 502);
+        assert_eq!(map(tonic::Code::Unknown), 502);
     }
 
     #[tokio::test(start_paused = true)]
