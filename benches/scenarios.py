@@ -112,8 +112,14 @@ def gateway(pools: str, tmp: Path) -> Iterator[dict[str, str]]:
         f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n{pools}'
     )
     cmd = pinned([str(GATEWAY), "serve", "--config", str(config)], SERVER_CPUS)
-    with process(cmd, tmp / "gateway.log"):
-        urls = {"http": f"http://127.0.0.1:{http_port}", "grpc": f"http://127.0.0.1:{grpc_port}"}
+    with process(cmd, tmp / "gateway.log") as proc:
+        urls = {
+            "http": f"http://127.0.0.1:{http_port}",
+            "grpc": f"http://127.0.0.1:{grpc_port}",
+            "http_port": str(http_port),
+            # taskset execs the gateway, so this is the gateway's own pid.
+            "pid": str(proc.pid),
+        }
         wait_until(lambda: http_ok(urls["http"] + "/readyz"), "infergate")
         yield urls
 
@@ -334,7 +340,93 @@ def scenario_tiny(tmp: Path) -> None:
     write("tiny", doc, summary + head + table)
 
 
-SCENARIOS = {"overhead": scenario_overhead, "tiny": scenario_tiny}
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def open_idle_connections(port: int, count: int) -> list[socket.socket]:
+    """Open `count` HTTP/1.1 keep-alive connections, one answered request each."""
+    conns = []
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(request)
+        conns.append(s)
+    for s in conns:
+        if b"200 OK" not in s.recv(4096):
+            raise RuntimeError("a keep-alive connection did not get its answer")
+    return conns
+
+
+def scenario_connections(tmp: Path) -> None:
+    """Gateway RSS with 10,000 idle keep-alive connections, then under the tiny load."""
+    import resource
+    import threading
+
+    count = 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < count + 1000:
+        raise RuntimeError(f"need {count + 1000} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the gateway
+    pool = '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n'
+    with gateway(pool, tmp) as gw:
+        pid = int(gw["pid"])
+        time.sleep(1)
+        base = rss_mb(pid)
+        conns = open_idle_connections(int(gw["http_port"]), count)
+        time.sleep(2)
+        idle = rss_mb(pid)
+        peak = [idle]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                peak.append(rss_mb(pid))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        url = gw["http"] + "/v2/models/echo/infer"
+        report = load(
+            ["--url", url, "--body-file", str(ECHO_BODY), "--rate", "1000"], "tiny-load", tmp
+        )
+        done.set()
+        sampler.join()
+        for s in conns:
+            s.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    r = report["reports"][0]
+    per_conn_kib = (idle - base) * 1024 / count
+    md = (
+        f"Gateway RSS (MiB), echo pool, HTTP/1.1 keep-alive connections that each made one "
+        f"request and then stay idle. Target: <= 64 MB with {count:,} idle connections.\n\n"
+        "| state | gateway RSS MiB |\n|---|---:|\n"
+        f"| started, no clients | {base:.1f} |\n"
+        f"| {count:,} idle keep-alive connections | {idle:.1f} |\n"
+        f"| same, plus 1,000 rps echo load (peak) | {max(peak):.1f} |\n\n"
+        f"About {per_conn_kib:.1f} KiB per idle connection. The load itself: "
+        f"{r['achieved_rps']:.0f} rps achieved, p50 {r['latency_ms']['p50']:.2f} ms, "
+        f"p99 {r['latency_ms']['p99']:.2f} ms, "
+        f"outcomes {r['outcomes']}.\n"
+    )
+    doc = {
+        "machine": machine(),
+        "connections": count,
+        "rss_mib": {"start": base, "idle_connections": idle, "under_load_peak": max(peak)},
+        "per_connection_kib": per_conn_kib,
+        "load": r,
+    }
+    write("connections", doc, md)
+
+
+SCENARIOS = {
+    "overhead": scenario_overhead,
+    "tiny": scenario_tiny,
+    "connections": scenario_connections,
+}
 
 
 def main(argv: list[str]) -> int:
