@@ -11,6 +11,17 @@ use nix::unistd::Pid;
 use prost::Message;
 use serde_json::{Value, json};
 
+/// A one-dimensional FP32 tensor named `x`.
+fn fp32(values: &[f32]) -> Tensor {
+    Tensor {
+        name: "x".into(),
+        datatype: "FP32".into(),
+        shape: vec![values.len() as i64],
+        fp32_contents: values.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -84,18 +95,8 @@ fn grpc_web_frame(msg: &impl Message) -> Vec<u8> {
 fn grpc_web_over_http1() {
     let gw = Gateway::start(ECHO_POOL).unwrap();
     let client = reqwest::blocking::Client::builder().http1_only().build().unwrap();
-    let req = InferRequest {
-        model: "echo".into(),
-        id: "web-1".into(),
-        inputs: vec![Tensor {
-            name: "x".into(),
-            datatype: "FP32".into(),
-            shape: vec![1],
-            fp32_contents: vec![4.0],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let req =
+        InferRequest { model: "echo".into(), id: "web-1".into(), inputs: vec![fp32(&[4.0])], ..Default::default() };
     let resp = client
         .post(format!("{}/infergate.v1.Inference/Infer", gw.grpc_url()))
         .header("content-type", "application/grpc-web+proto")
@@ -146,13 +147,7 @@ fn deadline_shorter_than_the_work_is_504_and_cancels_the_worker() {
     // grpc-timeout itself (as CANCELLED) and hide the gateway's answer.
     let req = InferRequest {
         model: "echo".into(),
-        inputs: vec![Tensor {
-            name: "x".into(),
-            datatype: "FP32".into(),
-            shape: vec![1],
-            fp32_contents: vec![1.0],
-            ..Default::default()
-        }],
+        inputs: vec![fp32(&[1.0])],
         parameters: [(
             "delay_ms".to_owned(),
             infergate::proto::ParamValue { value: Some(infergate::proto::param_value::Value::Int64Param(5000)) },
@@ -312,13 +307,7 @@ fn bad_grpc_input_gets_precise_statuses() {
     let gw = Gateway::start(&format!("[grpc]\nmax_message_bytes = 4096\n{ECHO_POOL}")).unwrap();
     rt().block_on(async {
         let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
-        let tensor = |n: usize| Tensor {
-            name: "x".into(),
-            datatype: "FP32".into(),
-            shape: vec![n as i64],
-            fp32_contents: vec![1.0; n],
-            ..Default::default()
-        };
+        let tensor = |n: usize| fp32(&vec![1.0; n]);
         let infer =
             |model: &str, inputs: Vec<Tensor>| InferRequest { model: model.into(), inputs, ..Default::default() };
 

@@ -98,22 +98,12 @@ impl Payload {
         Self::Fixed { body, grpc }
     }
 
-    fn texts(&self, i: u64, model_inputs: usize, texts: &Texts) -> Vec<String> {
-        let mut rng = fastrand::Rng::with_seed(i ^ 0x9e37_79b9_7f4a_7c15);
-        (0..model_inputs as u64)
-            .map(|k| match texts {
-                Texts::Unique => unique_text(i * model_inputs as u64 + k),
-                Texts::Zipf(z) => unique_text(z.sample(&mut rng) as u64),
-            })
-            .collect()
-    }
-
     /// The HTTP body of request number `i`.
     pub fn http_body(&self, i: u64) -> Bytes {
         match self {
             Self::Fixed { body, .. } => body.clone(),
             Self::Embed { model, inputs, texts } => {
-                let input = self.texts(i, *inputs, texts);
+                let input = texts_for(i, *inputs, texts);
                 Bytes::from(
                     serde_json::to_vec(&serde_json::json!({ "model": model, "input": input })).unwrap_or_default(),
                 )
@@ -125,7 +115,7 @@ impl Payload {
     pub fn grpc_embed(&self, i: u64) -> Option<EmbedRequest> {
         match self {
             Self::Embed { model, inputs, texts } => {
-                Some(EmbedRequest { model: model.clone(), inputs: self.texts(i, *inputs, texts), user: String::new() })
+                Some(EmbedRequest { model: model.clone(), inputs: texts_for(i, *inputs, texts), user: String::new() })
             }
             Self::Fixed { .. } => None,
         }
@@ -138,6 +128,17 @@ impl Payload {
             Self::Embed { .. } => None,
         }
     }
+}
+
+/// The `model_inputs` texts of request number `i`.
+fn texts_for(i: u64, model_inputs: usize, texts: &Texts) -> Vec<String> {
+    let mut rng = fastrand::Rng::with_seed(i ^ 0x9e37_79b9_7f4a_7c15);
+    (0..model_inputs as u64)
+        .map(|k| match texts {
+            Texts::Unique => unique_text(i * model_inputs as u64 + k),
+            Texts::Zipf(z) => unique_text(z.sample(&mut rng) as u64),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -150,24 +150,33 @@ pub async fn run(target: Arc<Target>, payload: Arc<Payload>, cfg: &RunConfig) ->
             }
         })
     };
+    let job = Arc::new(Job { target, payload, rec: rec.clone(), timeout: cfg.timeout });
     match cfg.mode {
-        Mode::Open { rate } => open_loop(target, payload, cfg, rate, start, end, &rec).await,
-        Mode::Closed { concurrency } => closed_loop(target, payload, cfg, concurrency, start, end, &rec).await,
+        Mode::Open { rate } => open_loop(job, rate, cfg.max_in_flight, start, end).await,
+        Mode::Closed { concurrency } => closed_loop(job, concurrency, start, end).await,
     }
     ticker.abort();
     bar.finish_and_clear();
     Ok(rec.report(cfg))
 }
 
-async fn open_loop(
+/// What every request task of a run shares.
+struct Job {
     target: Arc<Target>,
     payload: Arc<Payload>,
-    cfg: &RunConfig,
-    rate: f64,
-    start: Instant,
-    end: Instant,
-    rec: &Arc<Recorder>,
-) {
+    rec: Arc<Recorder>,
+    timeout: Duration,
+}
+
+impl Job {
+    /// Send request `i` and record it against the time it was due.
+    async fn send(&self, i: u64, due: Instant) {
+        let outcome = self.target.send(&self.payload, i, self.timeout).await;
+        self.rec.record(due, &outcome);
+    }
+}
+
+async fn open_loop(job: Arc<Job>, rate: f64, max_in_flight: usize, start: Instant, end: Instant) {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     let period = Duration::from_secs_f64(1.0 / rate.max(1e-3));
@@ -177,18 +186,16 @@ async fn open_loop(
             break;
         }
         tokio::time::sleep_until(scheduled).await;
-        if in_flight.load(Ordering::Relaxed) >= cfg.max_in_flight {
-            if rec.measured(scheduled) {
-                rec.dropped.fetch_add(1, Ordering::Relaxed);
+        if in_flight.load(Ordering::Relaxed) >= max_in_flight {
+            if job.rec.measured(scheduled) {
+                job.rec.dropped.fetch_add(1, Ordering::Relaxed);
             }
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let (target, payload, rec, in_flight, timeout) =
-            (target.clone(), payload.clone(), rec.clone(), in_flight.clone(), cfg.timeout);
+        let (job, in_flight) = (job.clone(), in_flight.clone());
         tasks.spawn(async move {
-            let outcome = target.send(&payload, i, timeout).await;
-            rec.record(scheduled, &outcome);
+            job.send(i, scheduled).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
         // Reap finished tasks so the set does not grow with the run.
@@ -197,20 +204,11 @@ async fn open_loop(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn closed_loop(
-    target: Arc<Target>,
-    payload: Arc<Payload>,
-    cfg: &RunConfig,
-    concurrency: usize,
-    start: Instant,
-    end: Instant,
-    rec: &Arc<Recorder>,
-) {
+async fn closed_loop(job: Arc<Job>, concurrency: usize, start: Instant, end: Instant) {
     let counter = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (target, payload, rec, counter, timeout) =
-            (target.clone(), payload.clone(), rec.clone(), counter.clone(), cfg.timeout);
+        let (job, counter) = (job.clone(), counter.clone());
         tasks.spawn(async move {
             tokio::time::sleep_until(start).await;
             loop {
@@ -218,9 +216,7 @@ async fn closed_loop(
                 if sent_at >= end {
                     break;
                 }
-                let i = counter.fetch_add(1, Ordering::Relaxed);
-                let outcome = target.send(&payload, i, timeout).await;
-                rec.record(sent_at, &outcome);
+                job.send(counter.fetch_add(1, Ordering::Relaxed), sent_at).await;
             }
         });
     }

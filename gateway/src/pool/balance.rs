@@ -8,16 +8,22 @@ pub trait Candidate {
 
 /// Pick two distinct ready workers at random and take the less loaded one
 /// (the first on a tie). `rand(n)` returns a uniform index below `n`.
+/// Runs on every request, so it picks by rank among the ready workers
+/// instead of collecting them.
 pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) -> Option<&C> {
-    let ready: Vec<&C> = workers.iter().filter(|w| w.ready()).collect();
-    match ready.len() {
+    let ready = || workers.iter().filter(|w| w.ready());
+    match ready().count() {
         0 => None,
-        1 => Some(ready[0]),
+        1 => ready().next(),
         n => {
             let a = rand(n);
             let b = (a + 1 + rand(n - 1)) % n; // distinct from a
-            let (wa, wb) = (ready[a], ready[b]);
-            Some(if wb.outstanding() < wa.outstanding() { wb } else { wa })
+            match (ready().nth(a), ready().nth(b)) {
+                (Some(wa), Some(wb)) => Some(if wb.outstanding() < wa.outstanding() { wb } else { wa }),
+                // Readiness changed between counting and picking.
+                (Some(w), None) | (None, Some(w)) => Some(w),
+                (None, None) => ready().next(),
+            }
         }
     }
 }
