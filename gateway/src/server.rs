@@ -71,6 +71,44 @@ impl Drop for SocketDir {
     }
 }
 
+/// Descriptors the gateway needs beside client connections: worker sockets
+/// and pipes, listeners, the log, Python's files.
+const OWN_DESCRIPTORS: u64 = 512;
+
+/// Raise the open-files soft limit to the hard limit (as Go's runtime does),
+/// and warn when even that cannot hold the configured connection caps.
+fn raise_open_files_limit(config: &Config) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let wanted =
+        (config.http_connections.max_connections + config.grpc_connections.max_connections) as u64 + OWN_DESCRIPTORS;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-files limit");
+            return;
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < wanted {
+        tracing::warn!(
+            open_files_limit = limit,
+            wanted,
+            "the open-files limit is below http.max_connections + grpc.max_connections; \
+             accepts will fail before the connection caps are reached (raise `ulimit -n` or lower the caps)"
+        );
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
@@ -101,6 +139,7 @@ fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
 /// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
 /// let in-flight requests finish (up to `shutdown.grace`), stop the workers.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    raise_open_files_limit(&config);
     let http_listener = bind(config.http_listen).await?;
     let grpc_listener = bind(config.grpc_listen).await?;
     let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
@@ -133,12 +172,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         pools = config.pools.len(),
         "infergate listening"
     );
-    let http = tokio::spawn(
-        axum::serve(http_listener, http_app).with_graceful_shutdown(draining.clone().cancelled_owned()).into_future(),
-    );
-    let grpc = tokio::spawn(
-        axum::serve(grpc_listener, grpc_app).with_graceful_shutdown(draining.clone().cancelled_owned()).into_future(),
-    );
+    let http =
+        tokio::spawn(edge::conn::serve("http", http_listener, http_app, config.http_connections, draining.clone()));
+    let grpc =
+        tokio::spawn(edge::conn::serve("grpc", grpc_listener, grpc_app, config.grpc_connections, draining.clone()));
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?config.shutdown_grace, "draining: no new connections, finishing in-flight requests");

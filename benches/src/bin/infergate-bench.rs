@@ -2,6 +2,7 @@
 //! gRPC targets, with HDR latency percentiles, JSON and Markdown results, and
 //! a step mode that finds the knee (highest rate with p99 under an SLO).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,12 @@ use infergate_benches::load::{self, Mode, Payload, Protocol, Report, RunConfig, 
 #[command(name = "infergate-bench", about = "Load generator for infergate and its baselines")]
 struct Args {
     /// Full URL for HTTP (`http://127.0.0.1:8080/v1/embeddings`); `http://host:port` for gRPC.
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "print_texts")]
+    url: Option<String>,
+    /// Print the first N texts of the `unique` generator, one per line, and
+    /// exit (the raw-model baseline embeds exactly these).
+    #[arg(long, value_name = "N")]
+    print_texts: Option<u64>,
     #[arg(long, value_enum, default_value = "http1")]
     protocol: Protocol,
     /// A fixed JSON body to send every time (for gRPC: an OIP infer body, sent as Inference/Infer).
@@ -101,7 +106,16 @@ fn write_results(args: &Args, reports: &[Report], extra: Option<serde_json::Valu
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let target = Arc::new(Target::new(args.protocol, &args.url)?);
+    if let Some(n) = args.print_texts {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for i in 0..n {
+            writeln!(out, "{}", load::unique_text(i))?;
+        }
+        out.flush()?;
+        return Ok(());
+    }
+    let url = args.url.as_deref().context("--url is required")?;
+    let target = Arc::new(Target::new(args.protocol, url)?);
     let payload = Arc::new(payload(&args)?);
     let config = |label: String, mode| RunConfig {
         label,

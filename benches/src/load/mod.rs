@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
-pub use bodies::{Payload, Texts, Zipf};
+pub use bodies::{Payload, Texts, Zipf, unique_text};
 pub use report::{Latency, Report, markdown};
 pub use target::{Outcome, Protocol, Target};
 

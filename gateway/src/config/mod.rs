@@ -46,6 +46,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub http_max_in_flight: usize,
     pub grpc_max_in_flight: usize,
+    pub http_connections: ConnLimits,
+    pub grpc_connections: ConnLimits,
     pub default_deadline: Duration,
     pub shutdown_grace: Duration,
     pub workers: WorkersConfig,
@@ -53,6 +55,33 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
+}
+
+/// Bounds on one listener's client connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl ConnLimits {
+    fn from_raw(
+        section: &str,
+        max_connections: u32,
+        idle_timeout: &str,
+        keepalive_interval: &str,
+        keepalive_timeout: &str,
+    ) -> Result<Self, ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
+        Ok(Self {
+            max_connections: positive_size(&key("max_connections"), max_connections.into())?,
+            idle_timeout: duration(&key("idle_timeout"), idle_timeout)?,
+            keepalive_interval: duration(&key("keepalive_interval"), keepalive_interval)?,
+            keepalive_timeout: duration(&key("keepalive_timeout"), keepalive_timeout)?,
+        })
+    }
 }
 
 /// How local worker processes run.
@@ -181,6 +210,20 @@ impl Config {
             max_message_bytes,
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
             grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
+            http_connections: ConnLimits::from_raw(
+                "http",
+                raw.http.max_connections,
+                &raw.http.idle_timeout,
+                &raw.http.keepalive_interval,
+                &raw.http.keepalive_timeout,
+            )?,
+            grpc_connections: ConnLimits::from_raw(
+                "grpc",
+                raw.grpc.max_connections,
+                &raw.grpc.idle_timeout,
+                &raw.grpc.keepalive_interval,
+                &raw.grpc.keepalive_timeout,
+            )?,
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,

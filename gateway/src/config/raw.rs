@@ -25,11 +25,28 @@ pub struct RawHttp {
     pub max_body_bytes: u64,
     /// Requests handled at once; more are shed with 503 (health routes exempt).
     pub max_in_flight: u32,
+    /// Client connections open at once; one more is accepted and closed.
+    pub max_connections: u32,
+    /// An HTTP/1.1 connection waiting this long for a request head is closed
+    /// (idle keep-alive and slow headers alike).
+    pub idle_timeout: String,
+    /// HTTP/2: ping a connection this often, and close it when the ping is
+    /// not answered within `keepalive_timeout` (finds dead peers).
+    pub keepalive_interval: String,
+    pub keepalive_timeout: String,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_body_bytes: 10 * 1024 * 1024, max_in_flight: 1024 }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_in_flight: 1024,
+            max_connections: 16_384,
+            idle_timeout: "60s".into(),
+            keepalive_interval: "30s".into(),
+            keepalive_timeout: "10s".into(),
+        }
     }
 }
 
@@ -41,11 +58,24 @@ pub struct RawGrpc {
     pub max_message_bytes: u64,
     /// Calls handled at once; more are shed with UNAVAILABLE.
     pub max_in_flight: u32,
+    /// Same meaning as under `[http]`.
+    pub max_connections: u32,
+    pub idle_timeout: String,
+    pub keepalive_interval: String,
+    pub keepalive_timeout: String,
 }
 
 impl Default for RawGrpc {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:50051".into(), max_message_bytes: 10 * 1024 * 1024, max_in_flight: 1024 }
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            max_message_bytes: 10 * 1024 * 1024,
+            max_in_flight: 1024,
+            max_connections: 4096,
+            idle_timeout: "60s".into(),
+            keepalive_interval: "30s".into(),
+            keepalive_timeout: "10s".into(),
+        }
     }
 }
 

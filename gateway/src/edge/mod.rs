@@ -1,5 +1,6 @@
 //! The edge: REST (axum) and gRPC (tonic, grpc-web) in front of [`Upstream`].
 
+pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod json;
