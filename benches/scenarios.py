@@ -161,7 +161,11 @@ def load(args: list[str], label: str, tmp: Path) -> dict[str, Any]:
 
 
 def plot(
-    path: Path, title: str, series: dict[str, list[dict[str, Any]]], slo_ms: float | None = None
+    path: Path,
+    title: str,
+    series: dict[str, list[dict[str, Any]]],
+    slo_ms: float | None = None,
+    limit: tuple[float, str] | None = None,
 ) -> None:
     import matplotlib
 
@@ -180,6 +184,8 @@ def plot(
         )
     if slo_ms:
         ax.axhline(slo_ms, color="grey", linestyle=":", label=f"p99 SLO {slo_ms:g} ms")
+    if limit:
+        ax.axvline(limit[0], color="black", linestyle="-.", label=limit[1])
     ax.set_xlabel("offered load (requests/s, open loop)")
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_yscale("log")
@@ -340,6 +346,101 @@ def scenario_tiny(tmp: Path) -> None:
     write("tiny", doc, summary + head + table)
 
 
+def at_rate(reports: list[dict[str, Any]], rate: float) -> dict[str, Any] | None:
+    return next((r for r in reports if r["offered_rps"] == rate), None)
+
+
+def scenario_minilm(tmp: Path) -> None:
+    """MiniLM embeddings of unique texts: infergate vs FastAPI vs the raw batched model loop."""
+    rates = [20, 40, 60, 80, 100, 120, 140]
+    slo = 500.0
+    cores = len(SERVER_CPUS.split(","))
+    texts = tmp / "texts.txt"
+    with texts.open("w") as out:
+        subprocess.run([str(BENCH), "--print-texts", "5000"], check=True, stdout=out)
+    raw_json = tmp / "raw.json"
+    raw_cmd = [str(PYTHON), str(ROOT / "benches/baseline/raw_loop.py"), "--texts", str(texts)]
+    raw_cmd += ["--batch-sizes", "1,4,8,16,32,64", "--json", str(raw_json)]
+    subprocess.run(
+        pinned(raw_cmd, SERVER_CPUS),
+        check=True,
+        cwd=ROOT / "benches/baseline",
+        env={**os.environ, "INFERGATE_TORCH_THREADS": "1"},
+    )
+    raw = json.loads(raw_json.read_text())
+    args = ["--texts", "unique", "--inputs", "1", "--model", "minilm"]
+    args += ["--step-rates", ",".join(map(str, rates)), "--slo-p99", f"{slo:g}ms"]
+    pool = (
+        '[[pools]]\nname = "minilm"\nclass = "infergate_worker.examples.minilm:MiniLM"\n'
+        f'workers = {cores}\nenv = {{ INFERGATE_TORCH_THREADS = "1" }}\n'
+    )
+    with gateway(pool, tmp) as gw:
+        ig = load(["--url", gw["http"] + "/v1/embeddings", *args], "infergate", tmp)["reports"]
+    with fastapi("infergate_worker.examples.minilm:MiniLM", tmp) as url:
+        fa = load(["--url", url + "/v1/embeddings", *args], "fastapi", tmp)["reports"]
+    k_ig, k_fa = knee(ig, slo), knee(fa, slo)
+    rate = lambda k: k["offered_rps"] if k else 0.0  # noqa: E731
+    best = raw["best"]
+    raw_limit = best["texts_per_s"]
+    ratio = rate(k_ig) / rate(k_fa) if rate(k_fa) else None
+    # Both systems' p99 at the highest rate FastAPI sustains.
+    p99_at_fa = {
+        name: (r["latency_ms"]["p99"] if (r := at_rate(reports, rate(k_fa))) else None)
+        for name, reports in (("infergate", ig), ("fastapi", fa))
+    }
+    plot(
+        RESULTS / "minilm.png",
+        "minilm: embeddings of unique texts, infergate vs FastAPI (REST, open loop)",
+        {"infergate": ig, "fastapi": fa},
+        slo,
+        (raw_limit, f"raw model loop, batch {best['batch_size']}: {raw_limit:.0f} texts/s"),
+    )
+    raw_rows = "".join(
+        f"| {r['batch_size']} | {r['texts_per_s']:.1f} | {r['batch_ms_p50']:.1f} |\n"
+        for r in raw["results"]
+    )
+    head = (
+        "| system | offered | achieved | p50 ms | p99 ms | p99.9 ms | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---|\n"
+    )
+    table = "".join(f"| infergate | {row(r)} |\n" for r in ig) + "".join(
+        f"| fastapi | {row(r)} |\n" for r in fa
+    )
+
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f} ms"
+
+    summary = (
+        f"One text per request (8-23 words, never repeated), `/v1/embeddings`; servers on "
+        f"{cores} core(s), torch with 1 thread. infergate: a pool of {cores} MiniLM worker(s) "
+        f"(no batching yet: each request is one forward pass). FastAPI: {cores} uvicorn "
+        f"worker(s), one forward pass per request.\n\n"
+        f"Highest rate with p99 < {slo:g} ms (of the rates tried): infergate {rate(k_ig):.0f} rps, "
+        f"FastAPI {rate(k_fa):.0f} rps"
+        + (f", ratio {ratio:.2f}x" if ratio else "")
+        + f"; the raw batched model loop embeds {raw_limit:.1f} texts/s "
+        f"(batch {best['batch_size']}), so infergate reaches "
+        f"{100 * rate(k_ig) / raw_limit:.0f}% of it. p99 at FastAPI's highest rate: "
+        f"infergate {ms(p99_at_fa['infergate'])}, FastAPI {ms(p99_at_fa['fastapi'])}. "
+        "Targets: >= 4x FastAPI, >= 85% of the raw loop, p99 at FastAPI's rate <= half "
+        "of FastAPI's.\n\n"
+        "Raw model loop (same class, same texts, no server):\n\n"
+        "| batch size | texts/s | ms per batch (p50) |\n|---:|---:|---:|\n" + raw_rows + "\n"
+    )
+    doc = {
+        "machine": machine(),
+        "slo_p99_ms": slo,
+        "infergate": ig,
+        "fastapi": fa,
+        "raw_loop": raw,
+        "knee_rps": {"infergate": rate(k_ig), "fastapi": rate(k_fa)},
+        "ratio": ratio,
+        "share_of_raw": rate(k_ig) / raw_limit,
+        "p99_ms_at_fastapi_knee": p99_at_fa,
+    }
+    write("minilm", doc, summary + head + table)
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -425,6 +526,7 @@ def scenario_connections(tmp: Path) -> None:
 SCENARIOS = {
     "overhead": scenario_overhead,
     "tiny": scenario_tiny,
+    "minilm": scenario_minilm,
     "connections": scenario_connections,
 }
 
