@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 STAMPS := .stamps
 WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
 
-.PHONY: run test bench venv build build-release test-rust test-python lint fmt clean help
+.PHONY: run test bench venv build build-release test-rust test-python lint fmt clean help redis-server
 
 help:
 	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
@@ -49,7 +49,14 @@ bench: $(STAMPS)/venv-bench
 run: venv build-release
 	./target/release/infergate serve
 
-test-rust: venv build
+# The policy tests start private redis-server instances (Debian's package).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package) for the policy tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+test-rust: venv build redis-server
 	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) \
 		cargo test --locked --workspace --all-targets
 

@@ -87,6 +87,7 @@ async fn open_loop_holds_the_offered_rate_over_http1_and_http2() {
 async fn closed_loop_over_grpc_counts_what_it_sends() {
     let state = Arc::new(EdgeState {
         upstream: Arc::new(Fake),
+        policy: infergate::policy::Policy::unrestricted(),
         default_deadline: Duration::from_secs(5),
         max_body_bytes: 1 << 20,
         max_message_bytes: 1 << 20,

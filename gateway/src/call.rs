@@ -1,8 +1,11 @@
 //! The one typed value that crosses layers: a model call with its deadline.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::policy::Caller;
 
 /// A request for `model` carrying `payload`, bounded by `deadline`.
 #[derive(Debug, Clone)]
@@ -12,6 +15,8 @@ pub struct Call<P> {
     pub deadline: Deadline,
     /// Travels to the worker as `x-request-id` metadata.
     pub request_id: String,
+    /// Who asked (never their secret).
+    pub caller: Arc<Caller>,
 }
 
 /// When a call must be answered by, and the budget it was given.

@@ -61,6 +61,29 @@ pub enum GatewayError {
     /// The gateway is draining and takes no new work.
     #[error("gateway is shutting down")]
     ShuttingDown,
+    /// No valid credentials. One message for every cause, so a client cannot
+    /// tell an unknown key from a wrong one.
+    #[error("missing or invalid credentials")]
+    Unauthenticated,
+    /// The caller may not use this model.
+    #[error("this caller may not use model {model:?}")]
+    ModelForbidden { model: String },
+    /// A limit refused the request; `limit` names it (`key.rate`, …).
+    #[error("{limit} limit reached ({quota}){}", retry_hint(*.retry_after))]
+    RateLimited { limit: String, quota: u64, remaining: u64, retry_after: Option<Duration> },
+    /// Shared limits cannot be checked (Redis down, fallback `deny`).
+    #[error("rate limits cannot be checked right now")]
+    LimitsUnavailable,
+    /// The pool's queue is full; shed at once.
+    #[error("pool {pool:?} is at capacity: {limit} requests queued")]
+    QueueFull { pool: String, limit: usize },
+}
+
+fn retry_hint(after: Option<Duration>) -> String {
+    match after {
+        Some(d) => format!("; retry in {} ms", d.as_millis().max(1)),
+        None => String::new(),
+    }
 }
 
 /// The transport-neutral facts about an error, derived in one place.
@@ -126,6 +149,17 @@ impl GatewayError {
             E::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "shutting-down", "Gateway is shutting down")
             }
+            E::Unauthenticated => (StatusCode::UNAUTHORIZED, C::Unauthenticated, "unauthenticated", "Unauthenticated"),
+            E::ModelForbidden { .. } => {
+                (StatusCode::FORBIDDEN, C::PermissionDenied, "model-not-allowed", "Model not allowed")
+            }
+            E::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, C::ResourceExhausted, "rate-limited", "Rate limit reached")
+            }
+            E::LimitsUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "limits-unavailable", "Limits unavailable")
+            }
+            E::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "queue-full", "Pool at capacity"),
         };
         Meta { status, code, slug, title }
     }
@@ -151,16 +185,37 @@ impl GatewayError {
             Self::Starting { .. }
             | Self::NoReadyWorker { .. }
             | Self::WorkerUnavailable { .. }
-            | Self::Overloaded { .. } => Some(1),
+            | Self::Overloaded { .. }
+            | Self::LimitsUnavailable
+            | Self::QueueFull { .. } => Some(1),
+            Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
             _ => None,
         }
     }
 
-    /// The RFC 9457 problem document for this error.
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (and the
+    /// name of the limit) for a rate-limit refusal; these go out as HTTP
+    /// headers and as gRPC metadata alike.
+    fn rate_limit_fields(&self) -> Option<[(&'static str, String); 4]> {
+        match self {
+            Self::RateLimited { limit, quota, remaining, retry_after } => Some([
+                ("ratelimit-limit", quota.to_string()),
+                ("ratelimit-remaining", remaining.to_string()),
+                ("ratelimit-reset", retry_after.map_or(0, ceil_secs).to_string()),
+                ("infergate-limit", limit.clone()),
+            ]),
+            _ => None,
+        }
+    }
+
+    /// The RFC 9457 problem document for this error. A 401 never carries
+    /// the request id, so every 401 body is the same bytes.
     pub fn problem(&self, request_id: Option<&str>) -> Problem {
+        let request_id = if matches!(self, Self::Unauthenticated) { None } else { request_id };
         let meta = self.meta();
         let field = match self {
             Self::InvalidRequest { field, .. } => field.clone(),
+            Self::RateLimited { limit, .. } => Some(limit.clone()),
             _ => None,
         };
         Problem {
@@ -183,8 +238,27 @@ impl GatewayError {
         if let Some(secs) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if matches!(self, Self::Unauthenticated) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        for (name, value) in self.rate_limit_fields().into_iter().flatten() {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        }
         response
     }
+}
+
+/// Whole seconds to wait, rounded up, at least 1.
+fn ceil_secs(d: Duration) -> u32 {
+    u32::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1)
+}
+
+/// A gRPC error as a complete HTTP response (trailers-only), for middleware
+/// that answers before a tonic service runs.
+pub fn grpc_response(err: GatewayError) -> Response {
+    tonic::Status::from(err).into_http::<axum::body::Body>()
 }
 
 fn client_closed() -> StatusCode {
@@ -203,7 +277,19 @@ impl IntoResponse for GatewayError {
 
 impl From<GatewayError> for tonic::Status {
     fn from(err: GatewayError) -> Self {
-        tonic::Status::new(err.grpc_code(), err.to_string())
+        let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
+        let md = status.metadata_mut();
+        if let Some(secs) = err.retry_after()
+            && let Ok(v) = secs.to_string().parse()
+        {
+            md.insert("retry-after", v);
+        }
+        for (name, value) in err.rate_limit_fields().into_iter().flatten() {
+            if let Ok(v) = value.parse() {
+                md.insert(name, v);
+            }
+        }
+        status
     }
 }
 

@@ -8,6 +8,7 @@ pub mod call;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod policy;
 pub mod pool;
 pub mod server;
 pub mod supervisor;

@@ -26,6 +26,26 @@ enum Command {
         #[arg(long, short, env = "INFERGATE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a fresh key: prints it once, then the `[[auth.keys]]` lines
+    /// (with its SHA-256 only) to paste into the config or keys file.
+    New {
+        /// Names the key in logs and metrics.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "standard")]
+        tier: String,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -38,6 +58,24 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Keys { command: KeysCommand::New { id, tenant, tier } } => {
+            match infergate::policy::auth::new_key(&id, &tenant, &tier) {
+                Ok((key, toml)) => {
+                    #[expect(clippy::print_stdout, reason = "printing the key is this command's output")]
+                    {
+                        println!("# The key, shown only now; give it to the client:");
+                        println!("#   {key}");
+                        println!("# Paste into the config (or the keys file, as [[keys]]):");
+                        print!("{toml}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("infergate: cannot get random bytes for a key: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match load(config.as_ref()) {
             Ok(cfg) => {
                 #[expect(clippy::print_stdout, reason = "printing the config is this command's output")]

@@ -22,6 +22,8 @@ pub enum ServeError {
     SocketDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Workers(#[from] SupervisorError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -144,6 +146,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let grpc_listener = bind(config.grpc_listen).await?;
     let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
 
+    // Key files and Redis settings fail here, before any worker is spawned.
+    let policy = crate::policy::Policy::new(&config)?;
     let supervisor = Supervisor::start(&config, &sockets.path).await?;
     let pools = Pools::new(&config, &sockets.path);
     let watchers = CancellationToken::new();
@@ -152,8 +156,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     announce_ready(pools.clone(), watchers.clone());
 
     let draining = CancellationToken::new();
+    policy.start_housekeeping(watchers.clone());
     let state = Arc::new(EdgeState {
         upstream: pools,
+        policy,
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,

@@ -40,7 +40,7 @@ pub struct Gateway {
     pub grpc: SocketAddr,
     log: Arc<Mutex<Vec<Value>>>,
     _dir: TempDir,
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 struct TempDir(PathBuf);
@@ -62,6 +62,22 @@ impl Gateway {
     pub fn start(extra: &str) -> anyhow::Result<Self> {
         // A test that failed while holding the lock poisons it; the lock is still good.
         let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::launch(extra, "info", Some(serial))
+    }
+
+    /// Like [`Gateway::start`] with a log filter of the test's choosing.
+    pub fn start_logging(extra: &str, filter: &str) -> anyhow::Result<Self> {
+        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::launch(extra, filter, Some(serial))
+    }
+
+    /// A second gateway beside one the test already runs (which holds the
+    /// one-at-a-time lock), e.g. two replicas sharing Redis.
+    pub fn start_beside(_first: &Gateway, extra: &str) -> anyhow::Result<Self> {
+        Self::launch(extra, "info", None)
+    }
+
+    fn launch(extra: &str, filter: &str, serial: Option<std::sync::MutexGuard<'static, ()>>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(dir.join("sockets"))?;
         let dir = TempDir(dir);
@@ -77,7 +93,7 @@ impl Gateway {
         let mut child = Command::new(binary())
             .args(["serve", "--config"])
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -240,6 +256,61 @@ fn merge_sections(text: &str) -> String {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
+}
+
+/// A private `redis-server` on a free loopback port, no persistence; killed on drop.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Start one (`make test` installs Debian's redis-server when missing).
+    pub fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let server = std::env::var("INFERGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&server)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot run {server} (make test installs redis-server)"))?;
+        let redis = Self { child, port };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if redis.ping() {
+                return Ok(redis);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("redis-server on port {port} did not answer PING")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// True when the server answers `PING` with `+PONG`.
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        conn.write_all(b"PING\r\n").is_ok() && conn.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// SIGKILL the server, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Cosine similarity of two vectors.

@@ -5,6 +5,7 @@
 //! unknown keys; [`Config::from_raw`] turns it into durations, socket
 //! addresses and pool definitions, naming the offending key on failure.
 
+pub mod policy;
 pub mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,6 +14,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use policy::{AuthConfig, Fallback, LimitSpec, LimitsConfig, RateSpec, RedisConfig};
 pub use raw::RawConfig;
 
 /// The embedded default config (`make run`).
@@ -48,6 +50,12 @@ pub struct Config {
     pub grpc_max_in_flight: usize,
     pub http_connections: ConnLimits,
     pub grpc_connections: ConnLimits,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    /// `None`: limits live in memory only.
+    pub redis: Option<RedisConfig>,
     pub default_deadline: Duration,
     pub shutdown_grace: Duration,
     pub workers: WorkersConfig,
@@ -108,7 +116,16 @@ pub struct LogConfig {
 pub struct PoolConfig {
     pub name: String,
     pub kind: PoolKind,
+    /// Calls given to one worker at once.
+    pub max_in_flight_per_worker: usize,
+    /// Calls that may wait for a free worker slot.
+    pub max_queue: usize,
 }
+
+/// Default calls per worker (per model thread for local pools).
+pub const DEFAULT_IN_FLIGHT_PER_WORKER: u32 = 8;
+/// Default bound of a pool's queue.
+pub const DEFAULT_MAX_QUEUE: u32 = 256;
 
 /// Where a pool's workers come from.
 #[derive(Debug, Clone)]
@@ -198,7 +215,16 @@ impl Config {
             if !names.insert(pool.name.clone()) {
                 return Err(invalid(key("name"), format!("duplicate pool name {:?}", pool.name)));
             }
-            pools.push(PoolConfig { name: pool.name.clone(), kind: pool_kind(pool, key)? });
+            let kind = pool_kind(pool, key)?;
+            let threads = match &kind {
+                PoolKind::Local { threads, .. } => threads.get(),
+                PoolKind::Remote { .. } => 1,
+            };
+            let per_worker =
+                pool.max_in_flight_per_worker.unwrap_or(DEFAULT_IN_FLIGHT_PER_WORKER.saturating_mul(threads));
+            let max_in_flight_per_worker = positive_size(&key("max_in_flight_per_worker"), per_worker.into())?;
+            let max_queue = usize::try_from(pool.max_queue.unwrap_or(DEFAULT_MAX_QUEUE)).unwrap_or(usize::MAX);
+            pools.push(PoolConfig { name: pool.name.clone(), kind, max_in_flight_per_worker, max_queue });
         }
         if pools.is_empty() {
             return Err(invalid("pools", "at least one pool is required"));
@@ -224,6 +250,10 @@ impl Config {
                 &raw.grpc.keepalive_interval,
                 &raw.grpc.keepalive_timeout,
             )?,
+            trusted_proxies: policy::trusted_proxies(&raw.http.trusted_proxies)?,
+            auth: AuthConfig::from_raw(&raw.auth)?,
+            limits: LimitsConfig::from_raw(&raw.limits)?,
+            redis: RedisConfig::from_raw(&raw.redis)?,
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,

@@ -17,7 +17,10 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use tower::ServiceExt;
+
 use crate::config::ConnLimits;
+use crate::policy::PeerAddr;
 
 /// How often refused connections are reported, at most.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(5);
@@ -48,8 +51,8 @@ pub async fn serve(
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) if is_peer_error(&e) => continue,
             Err(e) => {
                 tracing::error!(listener = name, error = %e, "accept failed; pausing");
@@ -65,7 +68,11 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(listener = name, error = %e, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone());
+        // Every request learns its TCP peer (client addressing, limits).
+        let service = TowerToHyperService::new(app.clone().map_request(move |mut req: http::Request<_>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            req
+        }));
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -14,6 +14,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use super::EdgeState;
 use crate::call::{Call, Deadline, parse_grpc_timeout};
 use crate::error::GatewayError;
+use crate::policy::{Admission, estimate_tokens};
 use crate::pool::ChunkStream;
 use crate::proto::inference_server::{Inference, InferenceServer};
 use crate::proto::{
@@ -33,6 +34,7 @@ pub fn router(
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
     let max = state.max_message_bytes;
     let max_in_flight = state.grpc_max_in_flight;
+    let policy = state.policy.clone();
     let inference =
         InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -50,7 +52,9 @@ pub fn router(
         .into_axum_router();
     let routes = super::with_in_flight_limit(routes, max_in_flight, |limit| {
         Status::from(GatewayError::Overloaded { limit }).into_http::<axum::body::Body>()
-    });
+    })
+    // Who is calling, before a message is decoded (health passes).
+    .layer(axum::middleware::from_fn_with_state(policy, crate::policy::identify_grpc));
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
@@ -78,6 +82,7 @@ async fn oversize_is_resource_exhausted(mut resp: axum::response::Response) -> a
 struct Meta {
     request_id: String,
     deadline: Deadline,
+    caller: Arc<crate::policy::Caller>,
 }
 
 fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
@@ -96,7 +101,8 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested) })
+    let caller = super::caller_of(req.extensions());
+    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller })
 }
 
 fn respond<T>(msg: T, request_id: &str) -> Response<T> {
@@ -137,8 +143,16 @@ impl Inference for InferenceService {
                 return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
             let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
-            let call = Call { model: r.model, payload: item, deadline: m.deadline, request_id: m.request_id.clone() };
+            let admission = self.state.policy.admit(&m.caller, &r.model, 0).await?;
+            let call = Call {
+                model: r.model,
+                payload: item,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+                caller: m.caller.clone(),
+            };
             let (info, out) = self.state.upstream.infer(call).await?;
+            admission.settle(None);
             Ok(InferResponse {
                 model: info.name,
                 model_version: info.version,
@@ -165,9 +179,17 @@ impl Inference for InferenceService {
                     format!("at most {} inputs per request", super::json::MAX_EMBED_INPUTS),
                 ));
             }
-            let call =
-                Call { model: r.model, payload: r.inputs, deadline: m.deadline, request_id: m.request_id.clone() };
+            let tokens = r.inputs.iter().map(|t| estimate_tokens(t)).sum();
+            let admission = self.state.policy.admit(&m.caller, &r.model, tokens).await?;
+            let call = Call {
+                model: r.model,
+                payload: r.inputs,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+                caller: m.caller.clone(),
+            };
             let out = self.state.upstream.embed(call).await?;
+            admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
             Ok(EmbedResponse {
                 model: out.model.name,
                 data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
@@ -183,18 +205,39 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let m = meta(&self.state, &req)?;
         let r = req.into_inner();
-        let result: Result<ChunkStream, GatewayError> = async {
+        let result: Result<(ChunkStream, Admission), GatewayError> = async {
             require_model(&r.model)?;
             if r.messages.is_empty() {
                 return Err(GatewayError::invalid("messages", "must not be empty"));
             }
-            let call =
-                Call { model: r.model.clone(), payload: r, deadline: m.deadline, request_id: m.request_id.clone() };
-            self.state.upstream.generate(call).await
+            let prompt: u64 = r.messages.iter().map(|msg| estimate_tokens(&msg.content)).sum();
+            let max_tokens = r.params.as_ref().map_or(0, |p| u64::from(p.max_tokens));
+            let admission = self.state.policy.admit(&m.caller, &r.model, prompt + max_tokens).await?;
+            let call = Call {
+                model: r.model.clone(),
+                payload: r,
+                deadline: m.deadline,
+                request_id: m.request_id.clone(),
+                caller: m.caller.clone(),
+            };
+            Ok((self.state.upstream.generate(call).await?, admission))
         }
         .await;
         let rid = m.request_id.clone();
-        let stream = result.map_err(|e| fail(e, &m.request_id))?;
-        Ok(respond(stream.map(move |c| c.map_err(|e| fail(e, &rid))).boxed(), &m.request_id))
+        let (stream, admission) = result.map_err(|e| fail(e, &m.request_id))?;
+        // The reservation is settled with the usage the worker reports last,
+        // when the stream ends; a stream dropped early gives it back.
+        let mut admission = Some(admission);
+        let stream = stream.map(move |c| {
+            if let Ok(chunk) = &c
+                && let Some(usage) = &chunk.usage
+                && chunk.finish_reason != 0
+                && let Some(a) = admission.take()
+            {
+                a.settle(Some(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)));
+            }
+            c.map_err(|e| fail(e, &rid))
+        });
+        Ok(respond(stream.boxed(), &m.request_id))
     }
 }

@@ -18,6 +18,7 @@ use super::EdgeState;
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::GatewayError;
+use crate::policy::estimate_tokens;
 use crate::proto::{ModelEntry, ModelKind};
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
@@ -43,10 +44,12 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(state.clone())
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Who is calling, before any body is read (public routes pass).
+        .layer(axum::middleware::from_fn_with_state(state.policy.clone(), crate::policy::identify_http))
         // Echo the request id on every response, errors included.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Give every request an id before anything else sees it.
@@ -126,6 +129,7 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
 async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
+    let caller = super::caller_of(&parts.extensions);
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
         let body: EmbeddingsRequest = read_json(&state, &parts.headers, body).await?;
@@ -139,8 +143,11 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
                 format!("model {:?} returns {dim} dimensions, not {d}", body.model),
             ));
         }
-        let call = Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone() };
+        let tokens = texts.iter().map(|t| estimate_tokens(t)).sum();
+        let admission = state.policy.admit(&caller, &body.model, tokens).await?;
+        let call = Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller };
         let out = state.upstream.embed(call).await?;
+        admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         Ok(axum::Json(json::embeddings_response(&out.model.name, out.vectors, out.prompt_tokens, format))
             .into_response())
     }
@@ -151,13 +158,16 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
 async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
+    let caller = super::caller_of(&parts.extensions);
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
         let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
         let item = json::infer_item_from_json(&body)?;
         let id = item.id.clone();
-        let call = Call { model, payload: item, deadline, request_id: rid.clone() };
+        let admission = state.policy.admit(&caller, &model, 0).await?;
+        let call = Call { model, payload: item, deadline, request_id: rid.clone(), caller };
         let (info, out) = state.upstream.infer(call).await?;
+        admission.settle(None);
         Ok(axum::Json(json::infer_response_json(&info, id, out)).into_response())
     }
     .await;

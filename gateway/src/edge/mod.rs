@@ -5,6 +5,8 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
@@ -12,11 +14,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::policy::{Caller, Policy};
 use crate::pool::Upstream;
 
 /// What every edge handler shares.
 pub struct EdgeState {
     pub upstream: Arc<dyn Upstream>,
+    /// Auth and limits.
+    pub policy: Arc<Policy>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,
@@ -45,4 +50,13 @@ where
             // ... of this many.
             .layer(tower::limit::ConcurrencyLimitLayer::new(limit)),
     )
+}
+
+/// The caller the policy middleware attached to a request (anonymous from
+/// nowhere if it did not run, which only a bare test router does).
+pub fn caller_of(extensions: &::http::Extensions) -> Arc<Caller> {
+    extensions
+        .get::<Arc<Caller>>()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(Caller::anonymous(std::net::IpAddr::from([0, 0, 0, 0]))))
 }

@@ -20,11 +20,11 @@ use crate::proto::{GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelIn
 /// Answers embeddings with `[len(text)]`, remembers each call's deadline
 /// budget, and can be made to hold calls until released.
 #[derive(Default)]
-struct Fake {
-    ready: bool,
-    starting: bool,
-    budgets: Mutex<Vec<Duration>>,
-    gate: Option<Arc<Semaphore>>,
+pub(super) struct Fake {
+    pub(super) ready: bool,
+    pub(super) starting: bool,
+    pub(super) budgets: Mutex<Vec<Duration>>,
+    pub(super) gate: Option<Arc<Semaphore>>,
 }
 
 fn embed_model() -> ModelInfo {
@@ -67,6 +67,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
     let fake = Arc::new(fake);
     let state = Arc::new(EdgeState {
         upstream: fake.clone(),
+        policy: crate::policy::Policy::unrestricted(),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,
         max_message_bytes: 1024,

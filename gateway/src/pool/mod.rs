@@ -7,9 +7,11 @@ pub mod worker;
 use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::call::{Call, Deadline};
@@ -62,6 +64,32 @@ pub trait Upstream: Send + Sync + 'static {
 struct Pool {
     name: String,
     workers: Vec<Arc<Worker>>,
+    /// Calls handed to workers at once: workers × per-worker bound.
+    slots: Arc<Semaphore>,
+    /// Calls waiting for a slot, at most `max_queue`.
+    queued: AtomicUsize,
+    max_queue: usize,
+}
+
+/// A call's hold on a pool: its slot and the worker chosen for it.
+struct Lease {
+    in_flight: InFlight,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    fn worker(&self) -> &Arc<Worker> {
+        self.in_flight.worker()
+    }
+}
+
+/// Counts a waiter in the queue while it exists.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
@@ -69,6 +97,28 @@ impl Pool {
         balance::p2c(&self.workers, |n| fastrand::usize(..n))
             .map(Worker::begin)
             .ok_or_else(|| GatewayError::NoReadyWorker { pool: self.name.clone() })
+    }
+
+    /// A slot (waiting in the bounded queue if all are taken, never past the
+    /// deadline) and a ready worker. A full queue is refused at once, and a
+    /// call whose deadline passes while queued never reaches a worker.
+    async fn lease(&self, deadline: &Deadline) -> Result<Lease, GatewayError> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_queue {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(GatewayError::QueueFull { pool: self.name.clone(), limit: self.max_queue });
+                }
+                let _queued = Queued(&self.queued);
+                match tokio::time::timeout_at(deadline.at, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    Ok(Err(_closed)) => return Err(GatewayError::NoReadyWorker { pool: self.name.clone() }),
+                    Err(_) => return Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
+                }
+            }
+        };
+        Ok(Lease { in_flight: self.pick()?, _slot: slot })
     }
 }
 
@@ -103,12 +153,19 @@ impl Pools {
                 }
                 PoolKind::Remote { addresses } => addresses.clone(),
             };
-            let workers = addrs
+            let workers: Vec<_> = addrs
                 .into_iter()
                 .enumerate()
                 .map(|(i, addr)| Arc::new(Worker::new(format!("{}-{i}", pool.name), addr)))
                 .collect();
-            pools.push(Pool { name: pool.name.clone(), workers });
+            let slots = Arc::new(Semaphore::new(workers.len().saturating_mul(pool.max_in_flight_per_worker)));
+            pools.push(Pool {
+                name: pool.name.clone(),
+                workers,
+                slots,
+                queued: AtomicUsize::new(0),
+                max_queue: pool.max_queue,
+            });
         }
         let routes = Routes { models: HashMap::new(), described: vec![false; pools.len()] };
         Arc::new(Self { pools, routes: RwLock::new(routes), created: tokio::time::Instant::now() })
@@ -267,7 +324,7 @@ impl Upstream for Pools {
         let (pool, info) = self.route(&call.model)?;
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
         let count = call.payload.len();
-        let guard = pool.pick()?;
+        let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker();
         let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload };
         let resp =
@@ -294,7 +351,7 @@ impl Upstream for Pools {
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route(&call.model)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
-        let guard = pool.pick()?;
+        let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker();
         let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload] };
         let resp =
@@ -310,7 +367,7 @@ impl Upstream for Pools {
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
         let (pool, info) = self.route(&call.model)?;
         require(&info, info.streaming, "generation")?;
-        let guard = pool.pick()?;
+        let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker().clone();
         let deadline = call.deadline;
         let req = request(call.payload, &deadline, &call.request_id);
@@ -399,6 +456,7 @@ mod tests {
             payload: vec!["x".into()],
             deadline: Deadline::after(std::time::Duration::from_secs(1)),
             request_id: String::new(),
+            caller: Arc::new(crate::policy::Caller::anonymous([127, 0, 0, 1].into())),
         };
         assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
     }

@@ -1,0 +1,400 @@
+//! Auth, limits and client addressing at the edge, against the fake upstream:
+//! every refusal is checked to happen before the upstream is called.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use base64::Engine;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use sha2::Digest;
+use tower::ServiceExt;
+
+use super::EdgeState;
+use super::tests::Fake;
+use crate::config::{Config, RawConfig};
+use crate::policy::{PeerAddr, Policy};
+
+const KEY: &str = "ig_test-key-0123456789abcdefghijklmnopqrstuv";
+const HS_SECRET: &str = "a shared secret for the hs256 tests, 32+ bytes";
+const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/policy/testdata");
+
+fn sha256(s: &str) -> String {
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// A config with auth on: one key (models `m` only), HS256/RS256/ES256 JWT keys.
+fn config(extra: &str) -> Config {
+    let secret_file = std::env::temp_dir().join(format!("infergate-hs-{}", fastrand::u64(..)));
+    std::fs::write(&secret_file, HS_SECRET).unwrap();
+    let text = format!(
+        r#"
+[auth]
+enabled = true
+[[auth.keys]]
+id = "k1"
+sha256 = "{}"
+tenant = "acme"
+tier = "vip"
+models = ["m"]
+[auth.jwt]
+issuer = "https://issuer.test"
+audience = "infergate"
+leeway = "30s"
+[[auth.jwt.keys]]
+kid = "hs"
+alg = "HS256"
+secret_file = "{}"
+[[auth.jwt.keys]]
+kid = "rs"
+alg = "RS256"
+public_key_file = "{TESTDATA}/rs256-public.pem"
+[[auth.jwt.keys]]
+kid = "es"
+alg = "ES256"
+public_key_file = "{TESTDATA}/es256-public.pem"
+{extra}
+[[pools]]
+name = "p"
+class = "x:Y"
+"#,
+        sha256(KEY),
+        secret_file.display()
+    );
+    let raw: RawConfig = toml::from_str(&text).unwrap();
+    Config::from_raw(raw).unwrap()
+}
+
+fn app(config: &Config, fake: Fake) -> (axum::Router, Arc<Fake>) {
+    let (state, fake) = state(config, fake);
+    (super::http::router(state), fake)
+}
+
+fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
+    let fake = Arc::new(fake);
+    let state = Arc::new(EdgeState {
+        upstream: fake.clone(),
+        policy: Policy::new(config).unwrap(),
+        default_deadline: Duration::from_secs(30),
+        max_body_bytes: 1024,
+        max_message_bytes: 1024,
+        http_max_in_flight: 64,
+        grpc_max_in_flight: 64,
+        draining: tokio_util::sync::CancellationToken::new(),
+    });
+    (state, fake)
+}
+
+fn ready() -> Fake {
+    Fake { ready: true, ..Default::default() }
+}
+
+fn embed(auth: Option<(&str, &str)>) -> Request<Body> {
+    let mut req = Request::post("/v1/embeddings").header("content-type", "application/json");
+    if let Some((name, value)) = auth {
+        req = req.header(name, value);
+    }
+    req.body(Body::from(json!({"model": "m", "input": "x"}).to_string())).unwrap()
+}
+
+fn bearer(token: &str) -> Request<Body> {
+    embed(Some(("authorization", &format!("Bearer {token}"))))
+}
+
+async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, http::HeaderMap, Vec<u8>) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes().to_vec())
+}
+
+fn calls(fake: &Fake) -> usize {
+    fake.budgets.lock().unwrap().len()
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn claims() -> serde_json::Map<String, Value> {
+    let c =
+        json!({"iss": "https://issuer.test", "aud": "infergate", "sub": "u1", "tenant": "acme", "exp": now() + 300});
+    c.as_object().unwrap().clone()
+}
+
+fn jwt(alg: Algorithm, kid: &str, claims: &serde_json::Map<String, Value>) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.into());
+    let key = match alg {
+        Algorithm::HS256 => EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        Algorithm::RS256 => {
+            EncodingKey::from_rsa_pem(&std::fs::read(format!("{TESTDATA}/rs256-private.pem")).unwrap()).unwrap()
+        }
+        _ => EncodingKey::from_ec_pem(&std::fs::read(format!("{TESTDATA}/es256-private.pem")).unwrap()).unwrap(),
+    };
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn no_credentials_is_401_before_any_work_and_public_routes_stay_open() {
+    let (app, fake) = app(&config(""), ready());
+    let (status, headers, body) = send(&app, embed(None)).await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["type"], "urn:infergate:error:unauthenticated");
+    // Unknown routes are not revealed to strangers either.
+    let (status, _, _) = send(&app, Request::get("/nope").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = send(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(calls(&fake), 0);
+}
+
+#[tokio::test]
+async fn api_keys_work_as_bearer_or_x_api_key_and_bad_ones_get_identical_401s() {
+    let (app, fake) = app(&config(""), ready());
+    assert_eq!(send(&app, bearer(KEY)).await.0, 200);
+    assert_eq!(send(&app, embed(Some(("x-api-key", KEY)))).await.0, 200);
+    assert_eq!(calls(&fake), 2);
+
+    let unknown = send(&app, bearer("ig_somebody-elses-key-that-does-not-exist")).await;
+    let mut wrong = KEY.to_owned();
+    wrong.pop();
+    wrong.push('!');
+    let wrong = send(&app, bearer(&wrong)).await;
+    let basic = send(&app, embed(Some(("authorization", "Basic dXNlcjpwYXNz")))).await;
+    assert_eq!(unknown.0, 401);
+    assert_eq!(unknown.2, wrong.2, "unknown and wrong keys must be indistinguishable");
+    assert_eq!(unknown.2, basic.2);
+    assert_eq!(calls(&fake), 2, "no refused request reached the upstream");
+}
+
+#[tokio::test]
+async fn a_key_may_only_use_its_models() {
+    let policy = Policy::new(&config("")).unwrap();
+    let caller = policy.identify("/v1/embeddings", bearer(KEY).headers(), None).unwrap();
+    assert_eq!(&*caller.tenant, "acme");
+    assert_eq!(&*caller.tier, "vip");
+    assert!(policy.admit(&caller, "m", 0).await.is_ok());
+    let refusal = policy.admit(&caller, "other", 0).await.err().unwrap();
+    assert_eq!(refusal.http_status(), 403);
+    assert_eq!(refusal.grpc_code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn valid_jwts_of_each_algorithm_are_accepted() {
+    let (app, fake) = app(&config(""), ready());
+    for (alg, kid) in [(Algorithm::HS256, "hs"), (Algorithm::RS256, "rs"), (Algorithm::ES256, "es")] {
+        let (status, _, body) = send(&app, bearer(&jwt(alg, kid, &claims()))).await;
+        assert_eq!(status, 200, "{alg:?}: {}", String::from_utf8_lossy(&body));
+    }
+    // Within the leeway, an expired token still passes.
+    let mut c = claims();
+    c.insert("exp".into(), json!(now() - 10));
+    assert_eq!(send(&app, bearer(&jwt(Algorithm::HS256, "hs", &c))).await.0, 200);
+    assert_eq!(calls(&fake), 4);
+}
+
+#[tokio::test]
+async fn forged_and_invalid_jwts_are_refused_before_any_work() {
+    let (app, fake) = app(&config(""), ready());
+    let rs_public = std::fs::read(format!("{TESTDATA}/rs256-public.pem")).unwrap();
+    let with = |k: &str, v: Value| {
+        let mut c = claims();
+        c.insert(k.into(), v);
+        c
+    };
+    let without = |k: &str| {
+        let mut c = claims();
+        c.remove(k);
+        c
+    };
+    let mut attacks: Vec<(&str, String)> = vec![
+        (
+            "alg none",
+            format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT", "kid": "hs"})), b64(&Value::Object(claims()))),
+        ),
+        ("expired beyond leeway", jwt(Algorithm::HS256, "hs", &with("exp", json!(now() - 120)))),
+        ("nbf in the future", jwt(Algorithm::HS256, "hs", &with("nbf", json!(now() + 120)))),
+        ("wrong aud", jwt(Algorithm::HS256, "hs", &with("aud", json!("someone-else")))),
+        ("wrong iss", jwt(Algorithm::HS256, "hs", &with("iss", json!("https://evil.test")))),
+        ("missing exp", jwt(Algorithm::HS256, "hs", &without("exp"))),
+        ("kid with path characters", jwt(Algorithm::HS256, "../../etc/passwd", &claims())),
+        ("unknown kid", jwt(Algorithm::HS256, "nope", &claims())),
+        ("RS256 token under the HS256 kid", jwt(Algorithm::RS256, "hs", &claims())),
+        ("tampered payload", {
+            let t = jwt(Algorithm::HS256, "hs", &claims());
+            let parts: Vec<&str> = t.split('.').collect();
+            format!("{}.{}.{}", parts[0], b64(&Value::Object(with("tenant", json!("other")))), parts[2])
+        }),
+    ];
+    // HS256 signed with the RS256 *public* key, presented under the RS256 kid.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("rs".into());
+    attacks.push((
+        "HS256 signed with the RS256 public key",
+        jsonwebtoken::encode(&header, &claims(), &EncodingKey::from_secret(&rs_public)).unwrap(),
+    ));
+    for (name, token) in &attacks {
+        let (status, _, body) = send(&app, bearer(token)).await;
+        assert_eq!(status, 401, "{name}: {}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(calls(&fake), 0, "no forged token reached the upstream");
+}
+
+#[tokio::test]
+async fn jku_and_x5u_headers_are_never_fetched() {
+    // A listener that would serve the attacker's keys: it must see no connection.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", trap.local_addr().unwrap());
+    let (app, fake) = app(&config(""), ready());
+    let attacker = EncodingKey::from_secret(b"the attacker's own secret, which their jku serves");
+    for field in ["jku", "x5u"] {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("attacker".into());
+        match field {
+            "jku" => header.jku = Some(url.clone()),
+            _ => header.x5u = Some(url.clone()),
+        }
+        let token = jsonwebtoken::encode(&header, &claims(), &attacker).unwrap();
+        assert_eq!(send(&app, bearer(&token)).await.0, 401, "{field}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(200), trap.accept()).await;
+    assert!(accepted.is_err(), "the gateway fetched a key from a token header");
+    assert_eq!(calls(&fake), 0);
+}
+
+fn limited_config(limits: &str) -> Config {
+    config(&format!("[limits]\n{limits}"))
+}
+
+#[tokio::test]
+async fn the_request_rate_refuses_past_the_burst_with_back_off_headers() {
+    let (app, fake) = app(&limited_config("per_key = { rate = 1, burst = 2 }"), ready());
+    assert_eq!(send(&app, bearer(KEY)).await.0, 200);
+    assert_eq!(send(&app, bearer(KEY)).await.0, 200);
+    let (status, headers, body) = send(&app, bearer(KEY)).await;
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["ratelimit-limit"], "2");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert_eq!(headers["ratelimit-reset"], "1");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["type"], "urn:infergate:error:rate-limited");
+    assert_eq!(body["field"], "key.rate");
+    assert_eq!(calls(&fake), 2);
+}
+
+#[tokio::test]
+async fn token_limits_reconcile_with_the_reported_usage() {
+    // Each request is estimated at 1 token; the fake reports 7 used.
+    let (app, fake) = app(&limited_config("per_key = { tokens_per_minute = 20 }"), ready());
+    for _ in 0..3 {
+        assert_eq!(send(&app, bearer(KEY)).await.0, 200);
+    }
+    // 21 tokens used; without reconciliation 20 requests would have passed.
+    let (status, _, body) = send(&app, bearer(KEY)).await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["field"], "key.tokens_per_minute");
+    assert_eq!(calls(&fake), 3);
+}
+
+#[tokio::test]
+async fn in_flight_per_key_is_bounded() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (app, fake) =
+        app(&limited_config("per_key = { max_in_flight = 1 }"), Fake { gate: Some(gate.clone()), ..ready() });
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, bearer(KEY)).await.0 }
+    });
+    while calls(&fake) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (status, _, body) = send(&app, bearer(KEY)).await;
+    assert_eq!(status, 429);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["field"], "key.max_in_flight");
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(send(&app, bearer(KEY)).await.0, 200, "the permit was returned");
+}
+
+fn from_peer(peer: &str, forwarded_for: Option<&str>) -> Request<Body> {
+    let mut req = embed(None);
+    req.extensions_mut().insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
+    if let Some(xff) = forwarded_for {
+        req.headers_mut().insert("x-forwarded-for", xff.parse().unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
+    let text = "[auth]\nenabled = false\n[http]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+                [limits]\nper_key = { rate = 0.001, burst = 1 }\n[[pools]]\nname = \"p\"\nclass = \"x:Y\"\n";
+    let config = Config::from_raw(toml::from_str(text).unwrap()).unwrap();
+    let (app, fake) = app(&config, ready());
+    // An untrusted peer cannot escape its limit by claiming other addresses.
+    assert_eq!(send(&app, from_peer("192.0.2.7:5000", Some("1.1.1.1"))).await.0, 200);
+    assert_eq!(send(&app, from_peer("192.0.2.7:5001", Some("2.2.2.2"))).await.0, 429);
+    // Through a trusted proxy, each forwarded client has its own allowance ...
+    assert_eq!(send(&app, from_peer("10.1.2.3:6000", Some("3.3.3.3"))).await.0, 200);
+    assert_eq!(send(&app, from_peer("10.1.2.3:6001", Some("4.4.4.4"))).await.0, 200);
+    // ... and a client-supplied entry left of the proxy's own is not believed.
+    assert_eq!(send(&app, from_peer("10.1.2.3:6002", Some("5.5.5.5, 3.3.3.3"))).await.0, 429);
+    assert_eq!(calls(&fake), 3);
+
+    let policy = Policy::new(&config).unwrap();
+    let headers = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-forwarded-for", v.parse().unwrap());
+        h
+    };
+    let addr = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(policy.client_addr(addr("10.0.0.1"), &headers("9.9.9.9, 10.0.0.2")), addr("9.9.9.9"));
+    assert_eq!(policy.client_addr(addr("10.0.0.1"), &headers("garbage")), addr("10.0.0.1"));
+    assert_eq!(policy.client_addr(addr("8.8.8.8"), &headers("9.9.9.9")), addr("8.8.8.8"));
+}
+
+#[tokio::test]
+async fn grpc_refusals_are_unauthenticated_and_resource_exhausted_with_metadata() {
+    let (state, fake) = state(&limited_config("per_key = { rate = 1, burst = 1 }"), ready());
+    let (_, health) = tonic_health::server::health_reporter();
+    let app = super::grpc::router(state, health).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = crate::proto::inference_client::InferenceClient::new(channel);
+    let request = |key: Option<&str>| {
+        let mut r = tonic::Request::new(crate::proto::EmbedRequest {
+            model: "m".into(),
+            inputs: vec!["x".into()],
+            ..Default::default()
+        });
+        if let Some(k) = key {
+            r.metadata_mut().insert("x-api-key", k.parse().unwrap());
+        }
+        r
+    };
+    let status = client.embed(request(None)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    client.embed(request(Some(KEY))).await.unwrap();
+    let status = client.embed(request(Some(KEY))).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    let md = status.metadata();
+    assert_eq!(md.get("infergate-limit").unwrap(), "key.rate");
+    assert_eq!(md.get("ratelimit-limit").unwrap(), "1");
+    assert_eq!(md.get("retry-after").unwrap(), "1");
+    assert_eq!(calls(&fake), 1);
+}

@@ -1,0 +1,387 @@
+//! The policy layer: who calls (auth), from where (client address), and how
+//! much they may do (limits) — all decided before a worker is touched.
+//!
+//! The edge runs [`identify`] as middleware before it reads a body (a 401
+//! costs no parsing), then [`Policy::admit`] once it knows the model and the
+//! request's size; the returned [`Admission`] holds in-flight permits and a
+//! token reservation until the call ends.
+
+pub mod auth;
+pub mod limits;
+pub mod redis;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use self::auth::{Authenticator, KeyLoadError};
+use self::limits::{Gcra, LocalLimits, Refusal, Scope};
+use self::redis::{Check, Decision, RedisLimits, RedisSetupError};
+use crate::config::{Config, Fallback, LimitSpec, LimitsConfig};
+use crate::error::GatewayError;
+
+/// How often the keys file and JWKS file are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// How often idle limiter state (clients that went away) is dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Who a request is from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// An API key, by its id.
+    Key(Arc<str>),
+    /// A JWT subject.
+    User(Arc<str>),
+    /// No credentials (auth off): limited by client address.
+    Anonymous,
+}
+
+/// The resolved caller; travels with the request (never the secret).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub tenant: Arc<str>,
+    pub tier: Arc<str>,
+    /// The client address (the peer, or `X-Forwarded-For` from a trusted proxy).
+    pub client: IpAddr,
+    /// Models this caller may use; `None`: all.
+    pub models: Option<Arc<HashSet<String>>>,
+    /// The key's own limits, replacing `[limits.per_key]`.
+    pub limits: Option<LimitSpec>,
+}
+
+/// Tenant of callers without credentials.
+pub const ANONYMOUS_TENANT: &str = "anonymous";
+
+impl Caller {
+    pub fn anonymous(client: IpAddr) -> Self {
+        Self {
+            principal: Principal::Anonymous,
+            tenant: ANONYMOUS_TENANT.into(),
+            tier: crate::config::policy::DEFAULT_TIER.into(),
+            client,
+            models: None,
+            limits: None,
+        }
+    }
+
+    /// The per-key limit state key: the key id, the JWT subject, or the address.
+    pub fn limit_key(&self) -> String {
+        match &self.principal {
+            Principal::Key(id) => format!("key:{id}"),
+            Principal::User(sub) => format!("user:{}:{sub}", self.tenant),
+            Principal::Anonymous => format!("addr:{}", self.client),
+        }
+    }
+
+    /// For logs: the key id, `user:<sub>`, or `anonymous`.
+    pub fn id(&self) -> String {
+        match &self.principal {
+            Principal::Key(id) => id.to_string(),
+            Principal::User(sub) => format!("user:{sub}"),
+            Principal::Anonymous => "anonymous".to_owned(),
+        }
+    }
+}
+
+/// The TCP peer of a connection, set by the accept loop on every request.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Why the policy layer cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("auth: {0}")]
+    Keys(#[from] KeyLoadError),
+    #[error(transparent)]
+    Redis(#[from] RedisSetupError),
+}
+
+/// Auth, limits and client addressing, shared by both edges.
+pub struct Policy {
+    auth: Authenticator,
+    limits: LimitsConfig,
+    local: LocalLimits,
+    redis: Option<RedisLimits>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Result<Arc<Self>, PolicyError> {
+        let auth = Authenticator::new(config.auth.clone())?;
+        let redis = config.redis.as_ref().map(RedisLimits::new).transpose()?;
+        if !auth.enabled() {
+            tracing::warn!("auth is off: anyone who can reach the listeners may call (set auth.enabled)");
+        }
+        Ok(Arc::new(Self {
+            auth,
+            limits: config.limits.clone(),
+            local: LocalLimits::default(),
+            redis,
+            trusted_proxies: config.trusted_proxies.clone(),
+        }))
+    }
+
+    /// No auth and no limits: for embedding the edge in tests and benches.
+    pub fn unrestricted() -> Arc<Self> {
+        Arc::new(Self {
+            auth: Authenticator::disabled(),
+            limits: LimitsConfig::default(),
+            local: LocalLimits::default(),
+            redis: None,
+            trusted_proxies: Vec::new(),
+        })
+    }
+
+    /// Reload changed key files and drop idle limiter state until `stop`.
+    pub fn start_housekeeping(self: &Arc<Self>, stop: CancellationToken) {
+        let policy = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut reload = tokio::time::interval(RELOAD_EVERY);
+            let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = reload.tick() => policy.auth.reload_changed(),
+                    _ = sweep.tick() => policy.local.sweep(),
+                }
+            }
+        });
+    }
+
+    fn trusted(&self, addr: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The client address: the peer, unless the peer is a trusted proxy, in
+    /// which case the right-most `X-Forwarded-For` entry that is not itself a
+    /// trusted proxy (entries further left are the client's own claims).
+    pub fn client_addr(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if !self.trusted(peer) {
+            return peer;
+        }
+        let mut client = peer;
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        for hop in hops.iter().rev() {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(addr) => {
+                    client = addr;
+                    if !self.trusted(addr) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        client
+    }
+
+    /// The caller of a request to `path`, or why it is refused.
+    pub fn identify(&self, path: &str, headers: &http::HeaderMap, peer: Option<SocketAddr>) -> Result<Caller, String> {
+        let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+        let client = self.client_addr(peer, headers);
+        if !self.auth.enabled() || self.auth.is_public(path) {
+            return Ok(Caller::anonymous(client));
+        }
+        self.auth.authenticate(headers, client).map_err(|f| f.reason().to_owned())
+    }
+
+    /// Admit `caller` to call `model` with about `tokens` model tokens:
+    /// model allowlist, then in-flight, request-rate and token limits in every
+    /// scope. Refusals are 403, 429 (with back-off facts) or, when Redis is
+    /// down and the fallback is `deny`, 503.
+    pub async fn admit(self: &Arc<Self>, caller: &Caller, model: &str, tokens: u64) -> Result<Admission, GatewayError> {
+        if caller.models.as_ref().is_some_and(|m| !m.contains(model)) {
+            return Err(GatewayError::ModelForbidden { model: model.to_owned() });
+        }
+        let scopes = limits::scopes(&self.limits, caller, model);
+        if scopes.is_empty() {
+            return Ok(Admission::default());
+        }
+        let permits = self.local.acquire_in_flight(&scopes).map_err(refused)?;
+        let shared = match &self.redis {
+            Some(redis) if redis.available() => {
+                let checks = checks(redis, &scopes, tokens);
+                if checks.is_empty() {
+                    Some(Ok(Decision::Admitted))
+                } else {
+                    Some(redis.decide(&checks, &scopes).await)
+                }
+            }
+            Some(_) => Some(Err("paused after a failure".to_owned())),
+            None => None,
+        };
+        let on_redis = match shared {
+            None => {
+                self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
+                false
+            }
+            Some(Ok(Decision::Admitted)) => true,
+            Some(Ok(Decision::Refused(r))) => return Err(refused(r)),
+            Some(Err(_)) => match self.redis.as_ref().map(|r| r.fallback) {
+                Some(Fallback::Allow) => false,
+                Some(Fallback::Deny) => return Err(GatewayError::LimitsUnavailable),
+                Some(Fallback::Local) | None => {
+                    self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
+                    false
+                }
+            },
+        };
+        let token_scopes: Vec<(String, Gcra)> = scopes
+            .iter()
+            .filter_map(|s| {
+                let gcra = Gcra::tokens_per_minute(s.spec.tokens_per_minute?);
+                let key = match (&self.redis, on_redis) {
+                    (Some(r), true) => r.key("tpm", &s.key),
+                    _ => s.key.clone(),
+                };
+                Some((key, gcra))
+            })
+            .collect();
+        let reservation = (tokens > 0 && !token_scopes.is_empty()).then(|| Reservation {
+            policy: Arc::clone(self),
+            scopes: token_scopes,
+            reserved: tokens,
+            on_redis,
+        });
+        Ok(Admission { _permits: permits, reservation })
+    }
+}
+
+/// The script's checks for `scopes`: a rate check per rated scope, a token
+/// check per token-limited scope (when the request has tokens).
+fn checks(redis: &RedisLimits, scopes: &[Scope], tokens: u64) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (i, s) in scopes.iter().enumerate() {
+        if let Some(rate) = s.spec.rate {
+            out.push(Check {
+                scope_index: i,
+                limit: "rate",
+                key: redis.key("rate", &s.key),
+                gcra_interval_us: u64::try_from(rate.interval().as_micros()).unwrap_or(u64::MAX).max(1),
+                capacity: u64::from(rate.burst),
+                cost: 1,
+            });
+        }
+        if let (Some(tpm), true) = (s.spec.tokens_per_minute, tokens > 0) {
+            let gcra = Gcra::tokens_per_minute(tpm);
+            out.push(Check {
+                scope_index: i,
+                limit: "tokens_per_minute",
+                key: redis.key("tpm", &s.key),
+                gcra_interval_us: redis::interval_us(&gcra),
+                capacity: tpm,
+                cost: tokens,
+            });
+        }
+    }
+    out
+}
+
+fn refused(r: Refusal) -> GatewayError {
+    GatewayError::RateLimited { limit: r.limit, quota: r.quota, remaining: r.remaining, retry_after: r.retry_after }
+}
+
+/// What an admitted request holds until it ends.
+#[derive(Default)]
+pub struct Admission {
+    _permits: Vec<OwnedSemaphorePermit>,
+    reservation: Option<Reservation>,
+}
+
+struct Reservation {
+    policy: Arc<Policy>,
+    scopes: Vec<(String, Gcra)>,
+    reserved: u64,
+    on_redis: bool,
+}
+
+impl Admission {
+    /// Settle the token reservation with what the worker reported the call
+    /// used; `None` (no usage reported) keeps the estimate. An admission
+    /// dropped without settling (the call failed or was cancelled) gives the
+    /// whole reservation back. Redis settles off the request path.
+    pub fn settle(mut self, used: Option<u64>) {
+        if let Some(r) = self.reservation.take()
+            && let Some(used) = used
+        {
+            r.adjust(used);
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            r.adjust(0);
+        }
+    }
+}
+
+impl Reservation {
+    fn adjust(self, used: u64) {
+        let refund = i64::try_from(self.reserved).unwrap_or(i64::MAX) - i64::try_from(used).unwrap_or(i64::MAX);
+        if refund == 0 {
+            return;
+        }
+        if self.on_redis {
+            tokio::spawn(async move {
+                if let Some(redis) = &self.policy.redis
+                    && let Err(e) = redis.adjust(&self.scopes, refund).await
+                {
+                    tracing::debug!(error = %e, refund, "token reservation not settled in redis");
+                }
+            });
+        } else {
+            self.policy.local.adjust_tokens(&self.scopes, refund);
+        }
+    }
+}
+
+/// Estimated model tokens of some text: about four characters a token.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// Middleware: resolve the caller before the body is read; refuse with
+/// `reject` (same body for every auth failure).
+async fn identify_with(
+    policy: &Policy,
+    mut req: Request,
+    next: Next,
+    reject: fn(GatewayError) -> Response,
+) -> Response {
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    match policy.identify(req.uri().path(), req.headers(), peer) {
+        Ok(caller) => {
+            req.extensions_mut().insert(Arc::new(caller));
+            next.run(req).await
+        }
+        Err(reason) => {
+            tracing::info!(reason, path = %req.uri().path(), "authentication failed");
+            reject(GatewayError::Unauthenticated)
+        }
+    }
+}
+
+/// REST: identify the caller or answer 401 problem+json.
+pub async fn identify_http(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
+    identify_with(&policy, req, next, |e| e.into_http(None)).await
+}
+
+/// gRPC: identify the caller or answer UNAUTHENTICATED.
+pub async fn identify_grpc(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
+    identify_with(&policy, req, next, crate::error::grpc_response).await
+}
