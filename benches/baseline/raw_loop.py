@@ -20,10 +20,12 @@ from pathlib import Path
 
 from app import load_models
 
+from infergate_worker import Model
+
 DEFAULT_MODEL = "infergate_worker.examples.minilm:MiniLM"
 
 
-def measure(model, texts: list[str], batch: int, seconds: float) -> dict[str, float]:
+def measure(model: Model, texts: list[str], batch: int, seconds: float) -> dict[str, float]:
     """Embed `batch`-sized slices of `texts` (wrapping around) for `seconds`."""
     model.embed(texts[:batch])  # warm-up: allocator, kernels, tokenizer caches
     done, start, calls = 0, time.perf_counter(), []

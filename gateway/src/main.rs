@@ -92,6 +92,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             infergate::telemetry::init(&cfg.log);
+            infergate::telemetry::metrics::install();
             if config.is_none() {
                 tracing::info!("no --config given: running the embedded default (local workers, in-memory state)");
             }

@@ -57,6 +57,16 @@ fn secrets_never_appear_in_logs() {
     for s in [KEY, secret] {
         assert!(!log.contains(s), "a secret leaked into the log");
     }
+    let metrics = client().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(!metrics.contains(secret), "a secret leaked into the metrics");
+    // Bearer, x-api-key and the JWT-shaped token (no JWT configured: looked up as a key).
+    assert_eq!(metric(&metrics, "infergate_auth_failures_total{reason=\"unknown_key\"}"), 3.0, "{metrics}");
+    assert_eq!(metric(&metrics, "infergate_auth_failures_total{reason=\"missing\"}"), 2.0, "{metrics}");
+}
+
+/// The value of one sample in a Prometheus text exposition (0 when absent).
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 #[test]
@@ -107,6 +117,10 @@ fn killing_redis_falls_back_to_local_limits_and_keeps_answering() {
     assert!(down.is_some(), "the fallback is logged");
     let transitions = gw.log().iter().filter(|v| v["message"] == "redis unavailable: limits fall back").count();
     assert_eq!(transitions, 1, "logged once per transition, not per request");
+    // ... and counted per decision. /metrics is public: no key needed.
+    let metrics = client().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    let counted: f64 = metric(&metrics, "infergate_limits_fallback_total{fallback=\"local\"}");
+    assert!(counted >= 1.0, "{metrics}");
 }
 
 #[test]

@@ -43,6 +43,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .with_state(state.clone())
         .merge(api)
@@ -230,6 +231,14 @@ async fn model_ready(State(state): State<Arc<EdgeState>>, Path(model): Path<Stri
 
 async fn server_metadata() -> Response {
     axum::Json(json!({ "name": "infergate", "version": env!("CARGO_PKG_VERSION"), "extensions": [] })).into_response()
+}
+
+/// Prometheus text exposition.
+async fn metrics() -> Response {
+    match crate::telemetry::metrics::render() {
+        Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
+    }
 }
 
 async fn healthz() -> Response {

@@ -361,3 +361,65 @@ pub fn new_key(id: &str, tenant: &str, tier: &str) -> Result<(String, String), g
     );
     Ok((key, toml))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::policy::AuthConfig;
+
+    fn headers(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", key.parse().unwrap());
+        h
+    }
+
+    const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_new_key_is_admitted_by_the_lines_printed_for_it() {
+        let (key, toml) = new_key("ci", "acme", "vip").unwrap();
+        assert!(key.starts_with(KEY_PREFIX) && key.len() > 40, "{key}");
+        assert!(!toml.contains(&key), "only the digest goes into config");
+        let file: toml::Table = toml.parse().unwrap();
+        let raw: crate::config::raw::RawConfig =
+            toml::Value::Table(file).try_into().unwrap_or_else(|e| panic!("{toml}\n{e}"));
+        let auth = Authenticator::new(AuthConfig::from_raw(&raw.auth).unwrap()).unwrap();
+        let caller = auth.authenticate(&headers(&key), LOCAL).unwrap();
+        assert_eq!(caller.principal, Principal::Key("ci".into()));
+        assert_eq!((&*caller.tenant, &*caller.tier), ("acme", "vip"));
+        let (other, _) = new_key("ci", "acme", "vip").unwrap();
+        assert_ne!(key, other);
+    }
+
+    #[test]
+    fn the_keys_file_is_reloaded_when_it_changes_and_kept_when_broken() {
+        let dir = std::env::temp_dir().join(format!("infergate-keys-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        let entry = |id: &str, key: &str| {
+            format!("[[keys]]\nid = \"{id}\"\nsha256 = \"{}\"\ntenant = \"t\"\n", hex::encode(Sha256::digest(key)))
+        };
+        std::fs::write(&path, entry("one", "ig_first")).unwrap();
+        let config = AuthConfig { enabled: true, keys_file: Some(path.clone()), ..AuthConfig::default() };
+        let auth = Authenticator::new(config).unwrap();
+        assert!(auth.authenticate(&headers("ig_first"), LOCAL).is_ok());
+        assert_eq!(auth.authenticate(&headers("ig_second"), LOCAL).unwrap_err(), AuthFailure::UnknownKey);
+
+        // mtime resolution can be coarse: set distinct times explicitly.
+        let touch = |secs: u64| {
+            let t = SystemTime::now() + std::time::Duration::from_secs(secs);
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(t).unwrap();
+        };
+        std::fs::write(&path, entry("two", "ig_second")).unwrap();
+        touch(1);
+        auth.reload_changed();
+        assert!(auth.authenticate(&headers("ig_second"), LOCAL).is_ok());
+        assert!(auth.authenticate(&headers("ig_first"), LOCAL).is_err(), "a removed key stops working");
+
+        std::fs::write(&path, "[[keys]]\nid = ").unwrap();
+        touch(3);
+        auth.reload_changed();
+        assert!(auth.authenticate(&headers("ig_second"), LOCAL).is_ok(), "a broken file keeps the previous keys");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

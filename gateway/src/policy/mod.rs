@@ -230,14 +230,23 @@ impl Policy {
             }
             Some(Ok(Decision::Admitted)) => true,
             Some(Ok(Decision::Refused(r))) => return Err(refused(r)),
-            Some(Err(_)) => match self.redis.as_ref().map(|r| r.fallback) {
-                Some(Fallback::Allow) => false,
-                Some(Fallback::Deny) => return Err(GatewayError::LimitsUnavailable),
-                Some(Fallback::Local) | None => {
-                    self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
-                    false
+            Some(Err(_)) => {
+                let fallback = self.redis.as_ref().map_or(Fallback::Local, |r| r.fallback);
+                let name = match fallback {
+                    Fallback::Local => "local",
+                    Fallback::Allow => "allow",
+                    Fallback::Deny => "deny",
+                };
+                metrics::counter!(crate::telemetry::metrics::LIMITS_FALLBACK, "fallback" => name).increment(1);
+                match fallback {
+                    Fallback::Allow => false,
+                    Fallback::Deny => return Err(GatewayError::LimitsUnavailable),
+                    Fallback::Local => {
+                        self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
+                        false
+                    }
                 }
-            },
+            }
         };
         let token_scopes: Vec<(String, Gcra)> = scopes
             .iter()
@@ -291,6 +300,7 @@ fn checks(redis: &RedisLimits, scopes: &[Scope], tokens: u64) -> Vec<Check> {
 }
 
 fn refused(r: Refusal) -> GatewayError {
+    metrics::counter!(crate::telemetry::metrics::LIMIT_REJECTIONS, "limit" => r.limit.clone()).increment(1);
     GatewayError::RateLimited { limit: r.limit, quota: r.quota, remaining: r.remaining, retry_after: r.retry_after }
 }
 
@@ -370,6 +380,7 @@ async fn identify_with(
             next.run(req).await
         }
         Err(reason) => {
+            metrics::counter!(crate::telemetry::metrics::AUTH_FAILURES, "reason" => reason.clone()).increment(1);
             tracing::info!(reason, path = %req.uri().path(), "authentication failed");
             reject(GatewayError::Unauthenticated)
         }

@@ -108,6 +108,8 @@ impl Pool {
             Err(_) => {
                 if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_queue {
                     self.queued.fetch_sub(1, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::metrics::QUEUE_REJECTIONS, "pool" => self.name.clone())
+                        .increment(1);
                     return Err(GatewayError::QueueFull { pool: self.name.clone(), limit: self.max_queue });
                 }
                 let _queued = Queued(&self.queued);
@@ -459,5 +461,50 @@ mod tests {
             caller: Arc::new(crate::policy::Caller::anonymous([127, 0, 0, 1].into())),
         };
         assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
+    }
+
+    fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
+        let worker = Arc::new(Worker::new("q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into())));
+        worker.set_serving(true);
+        Pool {
+            name: "q".into(),
+            workers: vec![worker],
+            slots: Arc::new(Semaphore::new(per_worker)),
+            queued: AtomicUsize::new(0),
+            max_queue,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_refused_at_once_and_queued_calls_never_outlive_their_deadline() {
+        let pool = one_worker_pool(1, 1);
+        let long = Deadline::after(std::time::Duration::from_secs(10));
+        let held = pool.lease(&long).await.unwrap();
+        assert_eq!(pool.workers[0].outstanding(), 1);
+
+        // The second call waits in the queue ...
+        let mut queued = Box::pin(pool.lease(&long));
+        assert!(futures::poll!(queued.as_mut()).is_pending());
+        assert_eq!(pool.queued.load(Ordering::Relaxed), 1);
+        // ... the third finds it full and is refused without waiting.
+        let refused = pool.lease(&long).await.err().unwrap();
+        assert!(matches!(refused, GatewayError::QueueFull { limit: 1, .. }), "{refused:?}");
+        assert_eq!(refused.retry_after(), Some(1));
+
+        // A freed slot goes to the queued call.
+        drop(held);
+        let next = queued.await.unwrap();
+        assert_eq!(pool.queued.load(Ordering::Relaxed), 0);
+
+        // A call whose deadline passes while queued never reaches a worker.
+        let started = tokio::time::Instant::now();
+        let short = Deadline::after(std::time::Duration::from_millis(50));
+        let expired = pool.lease(&short).await.err().unwrap();
+        assert!(matches!(expired, GatewayError::DeadlineExceeded { .. }), "{expired:?}");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert_eq!(pool.workers[0].outstanding(), 1, "only the leased call is on the worker");
+        assert_eq!(pool.queued.load(Ordering::Relaxed), 0, "the expired waiter left the queue");
+        drop(next);
+        assert_eq!(pool.workers[0].outstanding(), 0);
     }
 }

@@ -73,7 +73,7 @@ impl Worker {
         InFlight(self.clone())
     }
 
-    fn set_serving(&self, serving: bool) {
+    pub(super) fn set_serving(&self, serving: bool) {
         if self.serving.swap(serving, Ordering::AcqRel) != serving {
             if serving {
                 tracing::info!(worker = %self.id, "worker is SERVING");

@@ -1,4 +1,6 @@
-//! Logging setup: text for terminals, JSON lines for collectors.
+//! Logging setup (text for terminals, JSON lines for collectors) and metrics.
+
+pub mod metrics;
 
 use std::io::Write;
 
