@@ -97,3 +97,36 @@ fn check_config_output_round_trips() {
     let again: RawConfig = toml::from_str(&cfg.to_toml()).unwrap();
     assert_eq!(again.pools.len(), 2);
 }
+
+#[test]
+fn the_example_production_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/infergate.example.toml");
+    let cfg = Config::load(Some(&path), std::iter::empty()).unwrap();
+    assert!(cfg.auth.enabled);
+    assert!(cfg.redis.is_some());
+    assert_eq!(cfg.trusted_proxies.len(), 1);
+    assert_eq!(cfg.limits.per_key.max_in_flight, Some(16));
+}
+
+#[test]
+fn policy_settings_are_checked_with_their_key() {
+    let bad = [
+        ("[auth]\nenabled = true\n", "auth"),
+        ("[limits]\nper_key = { burst = 3 }\n", "limits.per_key.burst"),
+        ("[limits]\nper_key = { rate = -1.0 }\n", "limits.per_key.rate"),
+        ("[limits.models.m]\ntokens_per_minute = 0\n", "limits.models.m.tokens_per_minute"),
+        ("[redis]\nurl = \"http://x\"\n", "redis.url"),
+        ("[redis]\nfallback = \"maybe\"\n", "redis.fallback"),
+        ("[http]\ntrusted_proxies = [\"not-an-ip\"]\n", "http.trusted_proxies[0]"),
+        ("[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n", "auth.jwt.keys"),
+        ("[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n[[auth.jwt.keys]]\nalg = \"none\"\n", "auth.jwt.keys[0].alg"),
+        (
+            "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n[[auth.jwt.keys]]\nalg = \"RS256\"\nsecret_env = \"S\"\n",
+            "auth.jwt.keys[0].public_key_file",
+        ),
+        ("[[auth.keys]]\nid = \"k\"\nsha256 = \"abc\"\ntenant = \"t\"\n", "auth.keys[0].sha256"),
+    ];
+    for (toml, key) in bad {
+        assert_eq!(err_key(load(&format!("{toml}{POOL}"), &[])), key, "{toml}");
+    }
+}
