@@ -23,6 +23,13 @@ struct Args {
     print_texts: Option<u64>,
     #[arg(long, value_enum, default_value = "http1")]
     protocol: Protocol,
+    /// An extra HTTP header for every request, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Count this HTTP status as a success (its latency is recorded), e.g.
+    /// 401 or 429 to measure refusals.
+    #[arg(long, value_name = "STATUS")]
+    expect_status: Option<u16>,
     /// A fixed JSON body to send every time (for gRPC: an OIP infer body, sent as Inference/Infer).
     #[arg(long, conflicts_with = "texts")]
     body_file: Option<PathBuf>,
@@ -115,7 +122,16 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let url = args.url.as_deref().context("--url is required")?;
-    let target = Arc::new(Target::new(args.protocol, url)?);
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').with_context(|| format!("--header {h:?}: expected `Name: value`"))?;
+        headers.append(http::HeaderName::try_from(name.trim())?, http::HeaderValue::try_from(value.trim())?);
+    }
+    let mut target = Target::new(args.protocol, url)?.with_headers(headers)?;
+    if let Some(status) = args.expect_status {
+        target = target.expecting(http::StatusCode::from_u16(status)?)?;
+    }
+    let target = Arc::new(target);
     let payload = Arc::new(payload(&args)?);
     let config = |label: String, mode| RunConfig {
         label,

@@ -54,9 +54,19 @@ impl Outcome {
 /// A configured target.
 #[expect(clippy::large_enum_variant, reason = "built once per run and shared behind an Arc")]
 pub enum Target {
-    Http { client: Client<HttpConnector, Full<Bytes>>, uri: http::Uri },
-    Grpc { client: InferenceClient<Channel> },
-    GrpcWorker { client: WorkerClient<Channel> },
+    Http {
+        client: Client<HttpConnector, Full<Bytes>>,
+        uri: http::Uri,
+        headers: http::HeaderMap,
+        /// A status to count as a success (e.g. 401 when measuring refusals).
+        expect: Option<http::StatusCode>,
+    },
+    Grpc {
+        client: InferenceClient<Channel>,
+    },
+    GrpcWorker {
+        client: WorkerClient<Channel>,
+    },
 }
 
 impl Target {
@@ -71,7 +81,7 @@ impl Target {
                     .http2_only(protocol == Protocol::Http2)
                     .pool_max_idle_per_host(usize::MAX)
                     .build(connector);
-                Self::Http { client, uri }
+                Self::Http { client, uri, headers: http::HeaderMap::new(), expect: None }
             }
             Protocol::Grpc | Protocol::GrpcWorker => {
                 let channel = tonic::transport::Endpoint::from(uri).tcp_nodelay(true).connect_lazy();
@@ -84,6 +94,27 @@ impl Target {
         })
     }
 
+    /// Send `headers` with every HTTP request (e.g. credentials); gRPC
+    /// targets refuse them.
+    pub fn with_headers(mut self, extra: http::HeaderMap) -> anyhow::Result<Self> {
+        match &mut self {
+            Self::Http { headers, .. } => headers.extend(extra),
+            _ if extra.is_empty() => {}
+            _ => anyhow::bail!("--header is supported for HTTP targets only"),
+        }
+        Ok(self)
+    }
+
+    /// Count answers with `status` as successes: the latency of refusals is
+    /// what a rejection benchmark measures. HTTP targets only.
+    pub fn expecting(mut self, status: http::StatusCode) -> anyhow::Result<Self> {
+        match &mut self {
+            Self::Http { expect, .. } => *expect = Some(status),
+            _ => anyhow::bail!("--expect-status is supported for HTTP targets only"),
+        }
+        Ok(self)
+    }
+
     /// Send request number `i` and wait for the whole answer.
     pub async fn send(&self, payload: &Payload, i: u64, timeout: Duration) -> Outcome {
         match tokio::time::timeout(timeout, self.send_inner(payload, i)).await {
@@ -94,13 +125,14 @@ impl Target {
 
     async fn send_inner(&self, payload: &Payload, i: u64) -> Outcome {
         match self {
-            Self::Http { client, uri } => {
-                let Ok(req) = http::Request::post(uri.clone())
+            Self::Http { client, uri, headers, expect } => {
+                let Ok(mut req) = http::Request::post(uri.clone())
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(Full::new(payload.http_body(i)))
                 else {
                     return Outcome::Transport;
                 };
+                req.headers_mut().extend(headers.clone());
                 match client.request(req).await {
                     Ok(resp) => {
                         let status = resp.status();
@@ -108,7 +140,11 @@ impl Target {
                         if resp.into_body().collect().await.is_err() {
                             return Outcome::Transport;
                         }
-                        if status.is_success() { Outcome::Ok } else { Outcome::Status(status.as_u16().to_string()) }
+                        if status.is_success() || Some(status) == *expect {
+                            Outcome::Ok
+                        } else {
+                            Outcome::Status(status.as_u16().to_string())
+                        }
                     }
                     Err(_) => Outcome::Transport,
                 }

@@ -162,10 +162,13 @@ async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, r
     let caller = super::caller_of(&parts.extensions);
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
+        // The model is in the path: refuse over-limit callers before the
+        // body is read or parsed (tensor calls carry no token estimate).
+        state.upstream.model(&model)?;
+        let admission = state.policy.admit(&caller, &model, 0).await?;
         let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
         let item = json::infer_item_from_json(&body)?;
         let id = item.id.clone();
-        let admission = state.policy.admit(&caller, &model, 0).await?;
         let call = Call { model, payload: item, deadline, request_id: rid.clone(), caller };
         let (info, out) = state.upstream.infer(call).await?;
         admission.settle(None);

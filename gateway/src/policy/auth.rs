@@ -422,4 +422,47 @@ mod tests {
         assert!(auth.authenticate(&headers("ig_second"), LOCAL).is_ok(), "a broken file keeps the previous keys");
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    #[test]
+    fn jwks_keys_verify_tokens_and_must_name_their_alg() {
+        use base64::Engine;
+        use jsonwebtoken::{Algorithm, EncodingKey, Header};
+        let secret = b"a jwks-held shared secret for the test, long enough";
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+        let dir = std::env::temp_dir().join(format!("infergate-jwks-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jwks.json");
+        let jwks = serde_json::json!({"keys": [{"kty": "oct", "kid": "j1", "alg": "HS256", "k": k}]});
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let jwt = JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            leeway: std::time::Duration::from_secs(30),
+            keys: Vec::new(),
+            jwks_file: Some(path.clone()),
+            tenant_claim: "tenant".into(),
+            tier_claim: "tier".into(),
+            user_claim: "sub".into(),
+            default_tier: "standard".into(),
+        };
+        let auth =
+            Authenticator::new(AuthConfig { enabled: true, jwt: Some(jwt.clone()), ..AuthConfig::default() }).unwrap();
+        let exp = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60;
+        let claims = serde_json::json!({"iss": "i", "aud": "a", "sub": "u7", "tenant": "t", "exp": exp});
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("j1".into());
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret)).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let caller = auth.authenticate(&h, LOCAL).unwrap();
+        assert_eq!(caller.principal, Principal::User("u7".into()));
+        assert_eq!(&*caller.tier, "standard", "no tier claim: the default");
+
+        // A JWKS key without "alg" would let the token choose: refused at load.
+        let jwks = serde_json::json!({"keys": [{"kty": "oct", "kid": "j1", "k": k}]});
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let config = AuthConfig { enabled: true, jwt: Some(jwt), ..AuthConfig::default() };
+        assert!(matches!(Authenticator::new(config), Err(KeyLoadError::Invalid { .. })));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -50,22 +50,20 @@ pub struct Scope {
 
 /// The scopes that apply to `caller` calling `model`.
 pub fn scopes(config: &LimitsConfig, caller: &Caller, model: &str) -> Vec<Scope> {
-    let mut out = Vec::with_capacity(4);
-    let mut push = |kind, key: String, spec: LimitSpec| {
+    let mut out = Vec::new();
+    // Keys are only formatted for scopes that limit something.
+    let mut push = |kind, spec: LimitSpec, key: &dyn Fn() -> String| {
         if !spec.is_unlimited() {
-            out.push(Scope { kind, key, spec });
+            out.push(Scope { kind, key: key(), spec });
         }
     };
-    push("key", caller.limit_key(), caller.limits.unwrap_or(config.per_key));
-    push(
-        "tenant",
-        format!("tenant:{}", caller.tenant),
-        config.tenants.get(&*caller.tenant).copied().unwrap_or(config.per_tenant),
-    );
+    push("key", caller.limits.unwrap_or(config.per_key), &|| caller.limit_key());
+    let tenant = config.tenants.get(&*caller.tenant).copied().unwrap_or(config.per_tenant);
+    push("tenant", tenant, &|| format!("tenant:{}", caller.tenant));
     if let Some(spec) = config.models.get(model) {
-        push("model", format!("model:{model}"), *spec);
+        push("model", *spec, &|| format!("model:{model}"));
     }
-    push("global", "global".to_owned(), config.global);
+    push("global", config.global, &|| "global".to_owned());
     out
 }
 
@@ -190,7 +188,8 @@ impl RateState {
             limit: format!("{}.rate", scope.kind),
             quota: u64::from(spec.burst),
             remaining: 0,
-            retry_after: Some(not_until.wait_time_from(DefaultClock::default().now())),
+            // The limiter's own clock: a fresh quanta clock calibrates (µs).
+            retry_after: Some(not_until.wait_time_from(limiter.clock().now())),
         })
     }
 
