@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench -p infergate-benches --bench policy`
 
+#![allow(clippy::expect_used, reason = "a benchmark harness: a failure here is a broken bench")]
+
 use std::hint::black_box;
 use std::sync::Arc;
 
