@@ -189,13 +189,18 @@ impl Policy {
     }
 
     /// The caller of a request to `path`, or why it is refused.
-    pub fn identify(&self, path: &str, headers: &http::HeaderMap, peer: Option<SocketAddr>) -> Result<Caller, String> {
+    pub fn identify(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Caller, &'static str> {
         let peer = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
         let client = self.client_addr(peer, headers);
         if !self.auth.enabled() || self.auth.is_public(path) {
             return Ok(Caller::anonymous(client));
         }
-        self.auth.authenticate(headers, client).map_err(|f| f.reason().to_owned())
+        self.auth.authenticate(headers, client).map_err(auth::AuthFailure::reason)
     }
 
     /// Admit `caller` to call `model` with about `tokens` model tokens:
@@ -248,6 +253,9 @@ impl Policy {
                 }
             }
         };
+        if tokens == 0 {
+            return Ok(Admission { _permits: permits, reservation: None });
+        }
         let token_scopes: Vec<(String, Gcra)> = scopes
             .iter()
             .filter_map(|s| {
@@ -259,7 +267,7 @@ impl Policy {
                 Some((key, gcra))
             })
             .collect();
-        let reservation = (tokens > 0 && !token_scopes.is_empty()).then(|| Reservation {
+        let reservation = (!token_scopes.is_empty()).then(|| Reservation {
             policy: Arc::clone(self),
             scopes: token_scopes,
             reserved: tokens,
@@ -380,7 +388,7 @@ async fn identify_with(
             next.run(req).await
         }
         Err(reason) => {
-            metrics::counter!(crate::telemetry::metrics::AUTH_FAILURES, "reason" => reason.clone()).increment(1);
+            metrics::counter!(crate::telemetry::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
             tracing::info!(reason, path = %req.uri().path(), "authentication failed");
             reject(GatewayError::Unauthenticated)
         }
