@@ -5,6 +5,8 @@
 //! binary and the worker venv; both default to the workspace's own.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness")]
 
+pub mod fault_proxy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
