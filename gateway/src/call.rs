@@ -17,6 +17,8 @@ pub struct Call<P> {
     pub request_id: String,
     /// Who asked (never their secret).
     pub caller: Arc<Caller>,
+    /// The pool a route variant chose; `None`: the pool serving `model`.
+    pub pool: Option<Arc<str>>,
 }
 
 /// When a call must be answered by, and the budget it was given.

@@ -68,6 +68,9 @@ pub enum GatewayError {
     /// The caller may not use this model.
     #[error("this caller may not use model {model:?}")]
     ModelForbidden { model: String },
+    /// The caller's tier may not pin a version of this model.
+    #[error("this caller may not pin a version of model {model:?} (X-Model-Version)")]
+    PinForbidden { model: String },
     /// A limit refused the request; `limit` names it (`key.rate`, …).
     #[error("{limit} limit reached ({quota}){}", retry_hint(*.retry_after))]
     RateLimited { limit: String, quota: u64, remaining: u64, retry_after: Option<Duration> },
@@ -152,6 +155,9 @@ impl GatewayError {
             E::Unauthenticated => (StatusCode::UNAUTHORIZED, C::Unauthenticated, "unauthenticated", "Unauthenticated"),
             E::ModelForbidden { .. } => {
                 (StatusCode::FORBIDDEN, C::PermissionDenied, "model-not-allowed", "Model not allowed")
+            }
+            E::PinForbidden { .. } => {
+                (StatusCode::FORBIDDEN, C::PermissionDenied, "version-pin-not-allowed", "Version pin not allowed")
             }
             E::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, C::ResourceExhausted, "rate-limited", "Rate limit reached")

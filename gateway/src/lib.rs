@@ -10,6 +10,7 @@ pub mod edge;
 pub mod error;
 pub mod policy;
 pub mod pool;
+pub mod route;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;

@@ -160,6 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let state = Arc::new(EdgeState {
         upstream: pools,
         policy,
+        routes: Arc::new(crate::route::Routes::new(&config.aliases)),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,

@@ -7,6 +7,7 @@
 
 pub mod policy;
 pub mod raw;
+pub mod routes;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -61,6 +62,8 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub log: LogConfig,
     pub pools: Vec<PoolConfig>,
+    /// Model names clients use, with their variants and fallbacks.
+    pub aliases: Vec<routes::AliasConfig>,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
 }
@@ -258,6 +261,7 @@ impl Config {
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,
             log: LogConfig { json, filter: raw.log.level.clone() },
+            aliases: routes::check(&raw.aliases, &pools)?,
             pools,
             raw,
         })

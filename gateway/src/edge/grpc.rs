@@ -21,6 +21,7 @@ use crate::proto::{
     EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest, InferItem, InferRequest, InferResponse,
     ListModelsRequest, ListModelsResponse, Usage,
 };
+use crate::route::{self, Plan, Target};
 
 /// The public Inference service over the shared upstream.
 pub struct InferenceService {
@@ -83,6 +84,8 @@ struct Meta {
     request_id: String,
     deadline: Deadline,
     caller: Arc<crate::policy::Caller>,
+    /// `x-model-version` metadata: the variant the caller pins.
+    pin: Option<String>,
 }
 
 fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
@@ -102,13 +105,27 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
     let caller = super::caller_of(req.extensions());
-    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller })
+    let pin = match md.get(crate::route::VERSION_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| Status::invalid_argument("malformed x-model-version metadata"))?.into()),
+    };
+    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller, pin })
 }
 
-fn respond<T>(msg: T, request_id: &str) -> Response<T> {
+impl Meta {
+    fn plan(&self, state: &EdgeState, model: &str) -> Result<Plan, GatewayError> {
+        state.routes.plan(model, &self.caller, self.pin.as_deref())
+    }
+}
+
+/// The response with its request id and the variant that answered.
+fn respond<T>(msg: T, request_id: &str, target: &Target) -> Response<T> {
     let mut resp = Response::new(msg);
     if let Ok(v) = request_id.parse() {
         resp.metadata_mut().insert("x-request-id", v);
+    }
+    if let Some(v) = target.variant.as_deref().and_then(|v| v.parse().ok()) {
+        resp.metadata_mut().insert(crate::route::VARIANT_HEADER, v);
     }
     resp
 }
@@ -131,7 +148,7 @@ fn require_model(model: &str) -> Result<(), GatewayError> {
 #[tonic::async_trait]
 impl Inference for InferenceService {
     async fn list_models(&self, _req: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse { models: self.state.upstream.models() }))
+        Ok(Response::new(ListModelsResponse { models: self.state.routes.entries(&*self.state.upstream) }))
     }
 
     async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
@@ -142,27 +159,30 @@ impl Inference for InferenceService {
             if r.inputs.is_empty() {
                 return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
+            let plan = m.plan(&self.state, &r.model)?;
             let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
             let admission = self.state.policy.admit(&m.caller, &r.model, 0).await?;
             let call = Call {
-                model: r.model,
+                model: r.model.clone(),
                 payload: item,
                 deadline: m.deadline,
                 request_id: m.request_id.clone(),
                 caller: m.caller.clone(),
+                pool: None,
             };
-            let (info, out) = self.state.upstream.infer(call).await?;
+            let ((info, out), target) = route::run(&plan, call, |c| self.state.upstream.infer(c)).await?;
             admission.settle(None);
-            Ok(InferResponse {
-                model: info.name,
+            let msg = InferResponse {
+                model: r.model,
                 model_version: info.version,
                 id: r.id,
                 outputs: out.tensors,
                 parameters: out.parameters,
-            })
+            };
+            Ok((msg, target))
         }
         .await;
-        result.map(|msg| respond(msg, &m.request_id)).map_err(|e| fail(e, &m.request_id))
+        result.map(|(msg, target)| respond(msg, &m.request_id, &target)).map_err(|e| fail(e, &m.request_id))
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
@@ -179,25 +199,28 @@ impl Inference for InferenceService {
                     format!("at most {} inputs per request", super::json::MAX_EMBED_INPUTS),
                 ));
             }
+            let plan = m.plan(&self.state, &r.model)?;
             let tokens = r.inputs.iter().map(|t| estimate_tokens(t)).sum();
             let admission = self.state.policy.admit(&m.caller, &r.model, tokens).await?;
             let call = Call {
-                model: r.model,
+                model: r.model.clone(),
                 payload: r.inputs,
                 deadline: m.deadline,
                 request_id: m.request_id.clone(),
                 caller: m.caller.clone(),
+                pool: None,
             };
-            let out = self.state.upstream.embed(call).await?;
+            let (out, target) = route::run(&plan, call, |c| self.state.upstream.embed(c)).await?;
             admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
-            Ok(EmbedResponse {
-                model: out.model.name,
+            let msg = EmbedResponse {
+                model: r.model,
                 data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
                 usage: Some(Usage { prompt_tokens: out.prompt_tokens, completion_tokens: 0 }),
-            })
+            };
+            Ok((msg, target))
         }
         .await;
-        result.map(|msg| respond(msg, &m.request_id)).map_err(|e| fail(e, &m.request_id))
+        result.map(|(msg, target)| respond(msg, &m.request_id, &target)).map_err(|e| fail(e, &m.request_id))
     }
 
     type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;
@@ -205,11 +228,12 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let m = meta(&self.state, &req)?;
         let r = req.into_inner();
-        let result: Result<(ChunkStream, Admission), GatewayError> = async {
+        let result: Result<((ChunkStream, Target), Admission), GatewayError> = async {
             require_model(&r.model)?;
             if r.messages.is_empty() {
                 return Err(GatewayError::invalid("messages", "must not be empty"));
             }
+            let plan = m.plan(&self.state, &r.model)?;
             let prompt: u64 = r.messages.iter().map(|msg| estimate_tokens(&msg.content)).sum();
             let max_tokens = r.params.as_ref().map_or(0, |p| u64::from(p.max_tokens));
             let admission = self.state.policy.admit(&m.caller, &r.model, prompt + max_tokens).await?;
@@ -219,12 +243,14 @@ impl Inference for InferenceService {
                 deadline: m.deadline,
                 request_id: m.request_id.clone(),
                 caller: m.caller.clone(),
+                pool: None,
             };
-            Ok((self.state.upstream.generate(call).await?, admission))
+            // Fallbacks apply until the stream starts, never after.
+            Ok((route::run(&plan, call, |c| self.state.upstream.generate(c)).await?, admission))
         }
         .await;
         let rid = m.request_id.clone();
-        let (stream, admission) = result.map_err(|e| fail(e, &m.request_id))?;
+        let ((stream, target), admission) = result.map_err(|e| fail(e, &m.request_id))?;
         // The reservation is settled with the usage the worker reports last,
         // when the stream ends; a stream dropped early gives it back.
         let mut admission = Some(admission);
@@ -238,6 +264,6 @@ impl Inference for InferenceService {
             }
             c.map_err(|e| fail(e, &rid))
         });
-        Ok(respond(stream.boxed(), &m.request_id))
+        Ok(respond(stream.boxed(), &m.request_id, &target))
     }
 }

@@ -20,6 +20,7 @@ use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::GatewayError;
 use crate::policy::estimate_tokens;
 use crate::proto::{ModelEntry, ModelKind};
+use crate::route;
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
@@ -136,7 +137,8 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
         let body: EmbeddingsRequest = read_json(&state, &parts.headers, body).await?;
         let texts = body.texts()?;
         let format = body.format()?;
-        let entry = state.upstream.model(&body.model)?;
+        let plan = state.routes.plan(&body.model, &caller, super::version_pin(&parts.headers)?)?;
+        let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
         let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
         if let Some(d) = body.dimensions.filter(|d| *d != dim) {
             return Err(GatewayError::invalid(
@@ -146,11 +148,14 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
         }
         let tokens = texts.iter().map(|t| estimate_tokens(t)).sum();
         let admission = state.policy.admit(&caller, &body.model, tokens).await?;
-        let call = Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller };
-        let out = state.upstream.embed(call).await?;
+        let call =
+            Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller, pool: None };
+        let (out, target) = route::run(&plan, call, |c| state.upstream.embed(c)).await?;
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
-        Ok(axum::Json(json::embeddings_response(&out.model.name, out.vectors, out.prompt_tokens, format))
-            .into_response())
+        let mut resp =
+            axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
+        route::tag(resp.headers_mut(), &target);
+        Ok(resp)
     }
     .await;
     Reply(result, rid)
@@ -164,15 +169,19 @@ async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, r
         let deadline = deadline(&state, &parts.headers)?;
         // The model is in the path: refuse over-limit callers before the
         // body is read or parsed (tensor calls carry no token estimate).
-        state.upstream.model(&model)?;
+        let plan = state.routes.plan(&model, &caller, super::version_pin(&parts.headers)?)?;
+        route::target_entry(&*state.upstream, &plan.targets[0])?;
         let admission = state.policy.admit(&caller, &model, 0).await?;
         let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
         let item = json::infer_item_from_json(&body)?;
         let id = item.id.clone();
-        let call = Call { model, payload: item, deadline, request_id: rid.clone(), caller };
-        let (info, out) = state.upstream.infer(call).await?;
+        let call = Call { model: model.clone(), payload: item, deadline, request_id: rid.clone(), caller, pool: None };
+        let ((mut info, out), target) = route::run(&plan, call, |c| state.upstream.infer(c)).await?;
         admission.settle(None);
-        Ok(axum::Json(json::infer_response_json(&info, id, out)).into_response())
+        info.name = model;
+        let mut resp = axum::Json(json::infer_response_json(&info, id, out)).into_response();
+        route::tag(resp.headers_mut(), &target);
+        Ok(resp)
     }
     .await;
     Reply(result, rid)
@@ -204,12 +213,12 @@ fn model_json(entry: &ModelEntry) -> serde_json::Value {
 }
 
 async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
-    let data: Vec<_> = state.upstream.models().iter().map(model_json).collect();
+    let data: Vec<_> = state.routes.entries(&*state.upstream).iter().map(model_json).collect();
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 async fn model_metadata(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    let result = state.upstream.model(&model).map(|entry| {
+    let result = state.routes.entry(&*state.upstream, &model).map(|entry| {
         let info = entry.info.unwrap_or_default();
         let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
         axum::Json(json!({
@@ -225,7 +234,7 @@ async fn model_metadata(State(state): State<Arc<EdgeState>>, Path(model): Path<S
 }
 
 async fn model_ready(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    let result = state.upstream.model(&model).map(|entry| {
+    let result = state.routes.entry(&*state.upstream, &model).map(|entry| {
         let status = if entry.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         (status, axum::Json(json!({ "name": model, "ready": entry.ready }))).into_response()
     });

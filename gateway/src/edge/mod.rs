@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::error::GatewayError;
 use crate::policy::{Caller, Policy};
 use crate::pool::Upstream;
 
@@ -22,6 +23,8 @@ pub struct EdgeState {
     pub upstream: Arc<dyn Upstream>,
     /// Auth and limits.
     pub policy: Arc<Policy>,
+    /// Aliases, variants and fallbacks.
+    pub routes: Arc<crate::route::Routes>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,
@@ -59,4 +62,12 @@ pub fn caller_of(extensions: &::http::Extensions) -> Arc<Caller> {
         .get::<Arc<Caller>>()
         .cloned()
         .unwrap_or_else(|| Arc::new(Caller::anonymous(std::net::IpAddr::from([0, 0, 0, 0]))))
+}
+
+/// The variant a caller pins with `X-Model-Version` (header or metadata).
+pub fn version_pin(headers: &::http::HeaderMap) -> Result<Option<&str>, GatewayError> {
+    headers
+        .get(crate::route::VERSION_HEADER)
+        .map(|v| v.to_str().map_err(|_| GatewayError::invalid("X-Model-Version", "must be a visible ASCII string")))
+        .transpose()
 }

@@ -79,6 +79,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
     let state = Arc::new(EdgeState {
         upstream: fake.clone(),
         policy: Policy::new(config).unwrap(),
+        routes: Arc::new(crate::route::Routes::new(&config.aliases)),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,
         max_message_bytes: 1024,

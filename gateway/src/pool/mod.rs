@@ -51,6 +51,11 @@ pub trait Upstream: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelEntry>;
     /// Look up one model; `Starting` while pools have not described themselves.
     fn model(&self, name: &str) -> Result<ModelEntry, GatewayError>;
+    /// Look up a model as served by one pool (a route variant's target).
+    fn model_in(&self, pool: &str, name: &str) -> Result<ModelEntry, GatewayError> {
+        let entry = self.model(name)?;
+        if entry.pool == pool { Ok(entry) } else { Err(GatewayError::ModelNotFound { model: name.to_owned() }) }
+    }
     /// Readiness of every pool.
     fn status(&self) -> Vec<PoolStatus>;
     /// Embed texts with an EMBED model.
@@ -126,8 +131,12 @@ impl Pool {
 
 #[derive(Default)]
 struct Routes {
-    /// model name -> (pool index, what its workers said about it).
-    models: HashMap<String, (usize, ModelInfo)>,
+    /// model name -> the pool that claimed it first (for calls that name a
+    /// model rather than a route variant).
+    first: HashMap<String, usize>,
+    /// Per pool: model name -> what its workers said about it. Several pools
+    /// may serve the same model name (the variants of a route).
+    by_pool: Vec<HashMap<String, ModelInfo>>,
     /// Pools that have described their models at least once.
     described: Vec<bool>,
 }
@@ -169,7 +178,11 @@ impl Pools {
                 max_queue: pool.max_queue,
             });
         }
-        let routes = Routes { models: HashMap::new(), described: vec![false; pools.len()] };
+        let routes = Routes {
+            first: HashMap::new(),
+            by_pool: vec![HashMap::new(); pools.len()],
+            described: vec![false; pools.len()],
+        };
         Arc::new(Self { pools, routes: RwLock::new(routes), created: tokio::time::Instant::now() })
     }
 
@@ -188,22 +201,51 @@ impl Pools {
         let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
         routes.described[pool] = true;
         for info in models {
-            match routes.models.get(&info.name) {
-                Some((owner, _)) if *owner != pool => tracing::error!(
+            match routes.first.get(&info.name) {
+                Some(owner) if *owner != pool => tracing::debug!(
                     model = %info.name, worker = %worker.id, pool = %self.pools[pool].name,
-                    "model already served by pool {:?}; ignoring this worker's claim", self.pools[*owner].name
+                    "model also served by pool {:?}; a bare model name goes there, a route variant may name this pool",
+                    self.pools[*owner].name
                 ),
-                _ => {
-                    routes.models.insert(info.name.clone(), (pool, info));
+                Some(_) => {}
+                None => {
+                    routes.first.insert(info.name.clone(), pool);
                 }
             }
+            routes.by_pool[pool].insert(info.name.clone(), info);
+        }
+    }
+
+    fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+
+    /// The pool and model for a call: the named pool when the call carries
+    /// one (a route variant), else the pool that first claimed the model.
+    fn route_call<P>(&self, call: &Call<P>) -> Result<(&Pool, ModelInfo), GatewayError> {
+        match &call.pool {
+            Some(pool) => self.route_in(pool, &call.model),
+            None => self.route(&call.model),
+        }
+    }
+
+    fn route_in(&self, pool: &str, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+        let p = self.pool_index(pool).ok_or_else(|| GatewayError::ModelNotFound { model: name.to_owned() })?;
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        match routes.by_pool[p].get(name) {
+            Some(info) => Ok((&self.pools[p], info.clone())),
+            None if routes.described[p] || self.created.elapsed() > STARTUP_WINDOW => {
+                Err(GatewayError::ModelNotFound { model: name.to_owned() })
+            }
+            None => Err(GatewayError::Starting { model: name.to_owned() }),
         }
     }
 
     fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        match routes.models.get(name) {
-            Some((p, info)) => Ok((&self.pools[*p], info.clone())),
+        let found = routes.first.get(name).and_then(|p| Some((*p, routes.by_pool[*p].get(name)?)));
+        match found {
+            Some((p, info)) => Ok((&self.pools[p], info.clone())),
             // A pool that never answers (a wrong remote address) must not make
             // every typo a 503 forever.
             None if routes.described.iter().all(|d| *d) || self.created.elapsed() > STARTUP_WINDOW => {
@@ -300,14 +342,22 @@ fn missing_result(worker: &str) -> GatewayError {
 impl Upstream for Pools {
     fn models(&self) -> Vec<ModelEntry> {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        let mut entries: Vec<ModelEntry> =
-            routes.models.values().map(|(p, info)| self.entry(&self.pools[*p], info.clone())).collect();
+        let mut entries: Vec<ModelEntry> = routes
+            .first
+            .iter()
+            .filter_map(|(name, p)| Some(self.entry(&self.pools[*p], routes.by_pool[*p].get(name)?.clone())))
+            .collect();
         entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
         entries
     }
 
     fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
         let (pool, info) = self.route(name)?;
+        Ok(self.entry(pool, info))
+    }
+
+    fn model_in(&self, pool: &str, name: &str) -> Result<ModelEntry, GatewayError> {
+        let (pool, info) = self.route_in(pool, name)?;
         Ok(self.entry(pool, info))
     }
 
@@ -323,7 +373,7 @@ impl Upstream for Pools {
     }
 
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
-        let (pool, info) = self.route(&call.model)?;
+        let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
         let count = call.payload.len();
         let guard = pool.lease(&call.deadline).await?;
@@ -351,7 +401,7 @@ impl Upstream for Pools {
     }
 
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-        let (pool, info) = self.route(&call.model)?;
+        let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
         let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker();
@@ -367,12 +417,15 @@ impl Upstream for Pools {
     }
 
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
-        let (pool, info) = self.route(&call.model)?;
+        let (pool, info) = self.route_call(&call)?;
         require(&info, info.streaming, "generation")?;
         let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker().clone();
         let deadline = call.deadline;
-        let req = request(call.payload, &deadline, &call.request_id);
+        // A route variant may serve the model under another name.
+        let mut payload = call.payload;
+        payload.model.clone_from(&call.model);
+        let req = request(payload, &deadline, &call.request_id);
         let stream = bounded(&deadline, &worker, worker.client().generate(req)).await?;
         // The guard lives as long as the stream: the worker stays busy until
         // the last chunk, and a dropped stream cancels the worker's call.
@@ -459,6 +512,7 @@ mod tests {
             deadline: Deadline::after(std::time::Duration::from_secs(1)),
             request_id: String::new(),
             caller: Arc::new(crate::policy::Caller::anonymous([127, 0, 0, 1].into())),
+            pool: None,
         };
         assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
     }

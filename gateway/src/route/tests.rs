@@ -1,0 +1,197 @@
+//! Variant choice, stickiness, pins, tier rules, fallback plans and walks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::*;
+use crate::config::{Config, RawConfig};
+use crate::policy::{Caller, Principal};
+
+fn routes(aliases: &str) -> Routes {
+    let text = format!(
+        "[[pools]]\nname = \"a\"\nclass = \"x:Y\"\n[[pools]]\nname = \"b\"\nclass = \"x:Y\"\n\
+         [[pools]]\nname = \"vip\"\nclass = \"x:Y\"\n[[pools]]\nname = \"other\"\nclass = \"x:Y\"\n{aliases}"
+    );
+    let raw: RawConfig = toml::from_str(&text).unwrap();
+    Routes::new(&Config::from_raw(raw).unwrap().aliases)
+}
+
+const CANARY: &str = r#"
+[[aliases]]
+name = "embed"
+fallbacks = ["v1", "backup"]
+tiers = { vip = "vip" }
+pin_tiers = ["standard", "vip"]
+[[aliases.variants]]
+name = "v1"
+pool = "a"
+model = "minilm"
+weight = 90
+[[aliases.variants]]
+name = "v2"
+pool = "b"
+model = "minilm"
+weight = 10
+[[aliases.variants]]
+name = "vip"
+pool = "vip"
+model = "minilm"
+[[aliases]]
+name = "backup"
+[[aliases.variants]]
+name = "only"
+pool = "other"
+model = "minilm-small"
+"#;
+
+fn user(id: &str, tier: &str) -> Caller {
+    Caller { principal: Principal::Key(id.into()), tier: tier.into(), ..Caller::anonymous([127, 0, 0, 1].into()) }
+}
+
+fn chosen(r: &Routes, caller: &Caller) -> String {
+    r.plan("embed", caller, None).unwrap().targets[0].variant.as_deref().unwrap().to_owned()
+}
+
+#[test]
+fn the_canary_split_is_close_to_its_weight_and_sticky_per_caller() {
+    let r = routes(CANARY);
+    let mut per_user: HashMap<String, String> = HashMap::new();
+    let mut v2 = 0;
+    // 2,000 requests from 200 users.
+    for i in 0..2000 {
+        let id = format!("user-{}", i % 200);
+        let variant = chosen(&r, &user(&id, "standard"));
+        if variant == "v2" {
+            v2 += 1;
+        }
+        let first = per_user.entry(id.clone()).or_insert_with(|| variant.clone());
+        assert_eq!(*first, variant, "{id} moved between variants");
+    }
+    let share = f64::from(v2) / 2000.0;
+    assert!((0.07..=0.13).contains(&share), "v2 got {share:.3} of requests, want 0.10 +- 0.03");
+}
+
+#[test]
+fn a_tier_rule_wins_over_the_canary_and_a_pin_over_both() {
+    let r = routes(CANARY);
+    for i in 0..50 {
+        assert_eq!(chosen(&r, &user(&format!("v{i}"), "vip")), "vip");
+    }
+    let plan = r.plan("embed", &user("u", "vip"), Some("v2")).unwrap();
+    assert_eq!(plan.targets[0].variant.as_deref(), Some("v2"));
+    assert_eq!(plan.targets[0].pool.as_deref(), Some("b"));
+    assert_eq!(&*plan.targets[0].model, "minilm");
+}
+
+#[test]
+fn pins_are_checked() {
+    let r = routes(CANARY);
+    let err = r.plan("embed", &user("u", "free"), Some("v2")).unwrap_err();
+    assert!(matches!(err, GatewayError::PinForbidden { .. }), "{err:?}");
+    assert_eq!(err.http_status(), 403);
+    let err = r.plan("embed", &user("u", "vip"), Some("v9")).unwrap_err();
+    assert_eq!(err.http_status(), 400);
+    let err = r.plan("plain-model", &user("u", "vip"), Some("v1")).unwrap_err();
+    assert_eq!(err.http_status(), 400);
+}
+
+#[test]
+fn plans_continue_with_fallbacks_in_order_without_repeats() {
+    let r = routes(CANARY);
+    // A caller on v1: the v1 fallback is already in the plan; then the other alias.
+    let caller = (0..100).map(|i| user(&format!("f{i}"), "standard")).find(|c| chosen(&r, c) == "v1").unwrap();
+    let plan = r.plan("embed", &caller, None).unwrap();
+    let labels: Vec<_> = plan.targets.iter().map(|t| t.variant.as_deref().unwrap().to_owned()).collect();
+    assert_eq!(labels, ["v1", "backup:only"]);
+    let caller = (0..100).map(|i| user(&format!("g{i}"), "standard")).find(|c| chosen(&r, c) == "v2").unwrap();
+    let plan = r.plan("embed", &caller, None).unwrap();
+    let labels: Vec<_> = plan.targets.iter().map(|t| t.variant.as_deref().unwrap().to_owned()).collect();
+    assert_eq!(labels, ["v2", "v1", "backup:only"]);
+    // A plain model name is one target with no pool constraint.
+    let plan = r.plan("minilm", &caller, None).unwrap();
+    assert_eq!(plan.targets, [Target { variant: None, pool: None, model: "minilm".into() }]);
+}
+
+#[test]
+fn alias_config_errors_name_their_key() {
+    let bad = [
+        ("[[aliases]]\nname = \"x\"\n", "aliases[0].variants"),
+        (
+            "[[aliases]]\nname = \"x\"\n[[aliases.variants]]\nname = \"v\"\npool = \"nope\"\n",
+            "aliases[0].variants[0].pool",
+        ),
+        (
+            "[[aliases]]\nname = \"x\"\nstable = \"w\"\n[[aliases.variants]]\nname = \"v\"\npool = \"a\"\n",
+            "aliases[0].stable",
+        ),
+        (
+            "[[aliases]]\nname = \"x\"\nfallbacks = [\"zz\"]\n[[aliases.variants]]\nname = \"v\"\npool = \"a\"\n",
+            "aliases[0].fallbacks[0]",
+        ),
+        (
+            "[[aliases]]\nname = \"x\"\nfallbacks = [\"y\"]\n[[aliases.variants]]\nname = \"v\"\npool = \"a\"\n\
+             [[aliases]]\nname = \"y\"\nfallbacks = [\"x\"]\n[[aliases.variants]]\nname = \"v\"\npool = \"b\"\n",
+            "aliases",
+        ),
+    ];
+    for (toml, key) in bad {
+        let text =
+            format!("[[pools]]\nname = \"a\"\nclass = \"x:Y\"\n[[pools]]\nname = \"b\"\nclass = \"x:Y\"\n{toml}");
+        let raw: RawConfig = toml::from_str(&text).unwrap();
+        match Config::from_raw(raw) {
+            Err(crate::config::ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),
+            other => panic!("{toml}: expected an error at {key}, got {other:?}"),
+        }
+    }
+}
+
+fn call() -> Call<u32> {
+    Call {
+        model: "embed".into(),
+        payload: 7,
+        deadline: crate::call::Deadline::after(std::time::Duration::from_secs(1)),
+        request_id: "r".into(),
+        caller: Arc::new(user("u", "standard")),
+        pool: None,
+    }
+}
+
+#[tokio::test]
+async fn run_falls_back_only_when_a_target_could_not_take_the_call() {
+    let plan = Plan {
+        targets: vec![
+            Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
+            Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
+        ],
+    };
+    // Pool `a` has no ready worker: the call goes to `b`, with b's model name.
+    let (out, answered) = run(&plan, call(), |c: Call<u32>| async move {
+        match c.pool.as_deref() {
+            Some("a") => Err(GatewayError::NoReadyWorker { pool: "a".into() }),
+            _ => Ok((c.model, c.payload)),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out, ("m2".to_owned(), 7));
+    assert_eq!(answered.variant.as_deref(), Some("v2"));
+
+    // A model failure is the answer: no fallback, no second attempt.
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
+    let err = run(&plan, call(), |_c: Call<u32>| {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async { Err::<(), _>(GatewayError::WorkerFailed { worker: "a-0".into(), detail: "boom".into() }) }
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, GatewayError::WorkerFailed { .. }));
+    assert_eq!(attempts.into_inner(), 1);
+
+    // Every target shed: the last one's error is the answer.
+    let err = run(&plan, call(), |c: Call<u32>| async move {
+        Err::<(), _>(GatewayError::QueueFull { pool: c.pool.as_deref().unwrap_or_default().into(), limit: 1 })
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, GatewayError::QueueFull { ref pool, .. } if pool == "b"), "{err:?}");
+}
