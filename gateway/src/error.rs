@@ -77,6 +77,9 @@ pub enum GatewayError {
     /// Shared limits cannot be checked (Redis down, fallback `deny`).
     #[error("rate limits cannot be checked right now")]
     LimitsUnavailable,
+    /// The pool's circuit is open after repeated failures; fail fast.
+    #[error("pool {pool:?} is failing; its circuit is open")]
+    CircuitOpen { pool: String, retry_after: Duration },
     /// The pool's queue is full; shed at once.
     #[error("pool {pool:?} is at capacity: {limit} requests queued")]
     QueueFull { pool: String, limit: usize },
@@ -166,6 +169,9 @@ impl GatewayError {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "limits-unavailable", "Limits unavailable")
             }
             E::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "queue-full", "Pool at capacity"),
+            E::CircuitOpen { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "circuit-open", "Pool circuit open")
+            }
         };
         Meta { status, code, slug, title }
     }
@@ -195,6 +201,7 @@ impl GatewayError {
             | Self::LimitsUnavailable
             | Self::QueueFull { .. } => Some(1),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
+            Self::CircuitOpen { retry_after, .. } => Some(ceil_secs(*retry_after)),
             _ => None,
         }
     }

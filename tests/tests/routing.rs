@@ -156,3 +156,32 @@ impl Drop for KillOnDrop {
         self.kill();
     }
 }
+
+#[test]
+fn a_failing_pool_opens_its_circuit_the_fallback_answers_and_probes_close_it() {
+    let config = format!(
+        "[[pools]]\nname = \"flaky\"\nclass = \"{ECHO}\"\ncircuit = {{ failures = 3, open_for = \"1s\", probes = 1 }}\n\
+         [[pools]]\nname = \"backup\"\nclass = \"{ECHO}\"\n\
+         [[aliases]]\nname = \"tensors\"\nfallbacks = [\"backup\"]\n\
+         [[aliases.variants]]\nname = \"primary\"\npool = \"flaky\"\nmodel = \"echo\"\n\
+         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n"
+    );
+    let gw = Gateway::start(&config).unwrap();
+    let failing = json!({"parameters": {"fail": true},
+                         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    for _ in 0..3 {
+        let resp = client().post(gw.url("/v2/models/tensors/infer")).json(&failing).send().unwrap();
+        // The model's failure is the answer: no fallback for it.
+        assert_eq!(resp.status(), 502);
+    }
+    let opened =
+        gw.wait_log(0, Duration::from_secs(5), |v| v["message"] == "circuit opened: calls fail fast or fall back");
+    assert_eq!(opened.expect("the opening is logged").1["pool"], "flaky");
+    // Open: the call does not reach `flaky`; the fallback answers.
+    assert_eq!(call(&gw, "tensors", None, None), (200, "backup".to_owned()));
+    // After open_for, one probe goes to `flaky`; it succeeds and closes the circuit.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(call(&gw, "tensors", None, None), (200, "primary".to_owned()));
+    assert!(gw.wait_log(0, Duration::from_secs(5), |v| v["message"] == "circuit closed: probes succeeded").is_some());
+    assert_eq!(call(&gw, "tensors", None, None), (200, "primary".to_owned()));
+}

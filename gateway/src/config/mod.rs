@@ -123,6 +123,7 @@ pub struct PoolConfig {
     pub max_in_flight_per_worker: usize,
     /// Calls that may wait for a free worker slot.
     pub max_queue: usize,
+    pub circuit: crate::pool::circuit::CircuitConfig,
 }
 
 /// Default calls per worker (per model thread for local pools).
@@ -227,7 +228,14 @@ impl Config {
                 pool.max_in_flight_per_worker.unwrap_or(DEFAULT_IN_FLIGHT_PER_WORKER.saturating_mul(threads));
             let max_in_flight_per_worker = positive_size(&key("max_in_flight_per_worker"), per_worker.into())?;
             let max_queue = usize::try_from(pool.max_queue.unwrap_or(DEFAULT_MAX_QUEUE)).unwrap_or(usize::MAX);
-            pools.push(PoolConfig { name: pool.name.clone(), kind, max_in_flight_per_worker, max_queue });
+            let c = pool.circuit.clone().unwrap_or_default();
+            let circuit = crate::pool::circuit::CircuitConfig {
+                failures: u32::try_from(positive_size(&key("circuit.failures"), c.failures.into())?)
+                    .unwrap_or(u32::MAX),
+                open_for: duration(&key("circuit.open_for"), &c.open_for)?,
+                probes: u32::try_from(positive_size(&key("circuit.probes"), c.probes.into())?).unwrap_or(u32::MAX),
+            };
+            pools.push(PoolConfig { name: pool.name.clone(), kind, max_in_flight_per_worker, max_queue, circuit });
         }
         if pools.is_empty() {
             return Err(invalid("pools", "at least one pool is required"));

@@ -188,6 +188,27 @@ pub struct RawPool {
     /// Calls that may wait for a worker (default 256); past it, 503 at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queue: Option<u32>,
+    /// The pool's circuit breaker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<RawCircuit>,
+}
+
+/// `circuit = { failures = 5, open_for = "5s", probes = 3 }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCircuit {
+    /// Consecutive worker failures that open the circuit.
+    pub failures: u32,
+    /// How long it stays open before probes are let through.
+    pub open_for: String,
+    /// Probes while half-open; all must succeed to close it.
+    pub probes: u32,
+}
+
+impl Default for RawCircuit {
+    fn default() -> Self {
+        Self { failures: 5, open_for: "5s".into(), probes: 3 }
+    }
 }
 
 /// `[auth]`: who may call. Off unless `enabled`; when on, everything but

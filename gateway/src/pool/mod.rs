@@ -2,6 +2,7 @@
 //! the call itself with its deadline. The edge sees only [`Upstream`].
 
 pub mod balance;
+pub mod circuit;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use crate::proto::{
     self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem, InferOutputs, ItemError,
     ModelEntry, ModelInfo, ModelKind, embed_result, infer_result, item_error,
 };
+use circuit::{Circuit, Outcome};
 use worker::{InFlight, Worker};
 
 /// A stream of generated chunks; ends after the chunk with a finish reason
@@ -69,6 +71,7 @@ pub trait Upstream: Send + Sync + 'static {
 struct Pool {
     name: String,
     workers: Vec<Arc<Worker>>,
+    circuit: Circuit,
     /// Calls handed to workers at once: workers × per-worker bound.
     slots: Arc<Semaphore>,
     /// Calls waiting for a slot, at most `max_queue`.
@@ -108,6 +111,7 @@ impl Pool {
     /// deadline) and a ready worker. A full queue is refused at once, and a
     /// call whose deadline passes while queued never reaches a worker.
     async fn lease(&self, deadline: &Deadline) -> Result<Lease, GatewayError> {
+        self.circuit.admit()?;
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -173,6 +177,7 @@ impl Pools {
             pools.push(Pool {
                 name: pool.name.clone(),
                 workers,
+                circuit: Circuit::new(&pool.name, pool.circuit),
                 slots,
                 queued: AtomicUsize::new(0),
                 max_queue: pool.max_queue,
@@ -379,24 +384,31 @@ impl Upstream for Pools {
         let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker();
         let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload };
-        let resp =
-            bounded(&call.deadline, worker, worker.client().embed(request(msg, &call.deadline, &call.request_id)))
-                .await?;
-        let mut vectors = Vec::with_capacity(count);
-        let mut prompt_tokens = 0u32;
-        for result in resp.results.into_iter().take(count) {
-            prompt_tokens = prompt_tokens.saturating_add(result.tokens);
-            match result.result {
-                Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
-                Some(embed_result::Result::Error(err)) => {
-                    return Err(from_item_error(&worker.id, &info.name, err, &call.deadline));
+        let deadline = call.deadline;
+        let result = async {
+            let resp =
+                bounded(&deadline, worker, worker.client().embed(request(msg, &deadline, &call.request_id))).await?;
+            let mut vectors = Vec::with_capacity(count);
+            let mut prompt_tokens = 0u32;
+            for result in resp.results.into_iter().take(count) {
+                prompt_tokens = prompt_tokens.saturating_add(result.tokens);
+                match result.result {
+                    Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
+                    Some(embed_result::Result::Error(err)) => {
+                        return Err(from_item_error(&worker.id, &info.name, err, &deadline));
+                    }
+                    None => return Err(missing_result(&worker.id)),
                 }
-                None => return Err(missing_result(&worker.id)),
             }
+            if vectors.len() != count {
+                return Err(missing_result(&worker.id));
+            }
+            Ok((vectors, prompt_tokens))
         }
-        if vectors.len() != count {
-            return Err(missing_result(&worker.id));
-        }
+        .await;
+        // Model errors count against the pool as much as transport errors.
+        pool.circuit.record(Outcome::of(&result));
+        let (vectors, prompt_tokens) = result?;
         Ok(EmbedOutput { model: info, vectors, prompt_tokens })
     }
 
@@ -406,14 +418,19 @@ impl Upstream for Pools {
         let guard = pool.lease(&call.deadline).await?;
         let worker = guard.worker();
         let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload] };
-        let resp =
-            bounded(&call.deadline, worker, worker.client().infer(request(msg, &call.deadline, &call.request_id)))
-                .await?;
-        match resp.results.into_iter().next().and_then(|r| r.result) {
-            Some(infer_result::Result::Outputs(out)) => Ok((info, out)),
-            Some(infer_result::Result::Error(err)) => Err(from_item_error(&worker.id, &info.name, err, &call.deadline)),
-            None => Err(missing_result(&worker.id)),
+        let deadline = call.deadline;
+        let result = async {
+            let resp =
+                bounded(&deadline, worker, worker.client().infer(request(msg, &deadline, &call.request_id))).await?;
+            match resp.results.into_iter().next().and_then(|r| r.result) {
+                Some(infer_result::Result::Outputs(out)) => Ok(out),
+                Some(infer_result::Result::Error(err)) => Err(from_item_error(&worker.id, &info.name, err, &deadline)),
+                None => Err(missing_result(&worker.id)),
+            }
         }
+        .await;
+        pool.circuit.record(Outcome::of(&result));
+        Ok((info, result?))
     }
 
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
@@ -426,7 +443,9 @@ impl Upstream for Pools {
         let mut payload = call.payload;
         payload.model.clone_from(&call.model);
         let req = request(payload, &deadline, &call.request_id);
-        let stream = bounded(&deadline, &worker, worker.client().generate(req)).await?;
+        let stream = bounded(&deadline, &worker, worker.client().generate(req)).await;
+        pool.circuit.record(Outcome::of(&stream));
+        let stream = stream?;
         // The guard lives as long as the stream: the worker stays busy until
         // the last chunk, and a dropped stream cancels the worker's call.
         let chunks = futures::stream::unfold(Some((stream, guard)), move |state| {
@@ -523,6 +542,7 @@ mod tests {
         Pool {
             name: "q".into(),
             workers: vec![worker],
+            circuit: Circuit::new("q", circuit::CircuitConfig::default()),
             slots: Arc::new(Semaphore::new(per_worker)),
             queued: AtomicUsize::new(0),
             max_queue,

@@ -187,7 +187,13 @@ fn sticky_hash(alias: &str, caller: &Caller) -> u64 {
 /// Whether the next target in a plan may take a call this error stopped:
 /// the target could not take it at all (nothing reached a model).
 fn falls_back(err: &GatewayError) -> bool {
-    matches!(err, GatewayError::NoReadyWorker { .. } | GatewayError::QueueFull { .. } | GatewayError::Starting { .. })
+    matches!(
+        err,
+        GatewayError::NoReadyWorker { .. }
+            | GatewayError::QueueFull { .. }
+            | GatewayError::CircuitOpen { .. }
+            | GatewayError::Starting { .. }
+    )
 }
 
 /// Send `call` to the plan's targets in order until one takes it: the first
