@@ -154,20 +154,22 @@ mod tests {
         Circuit::new("p", CircuitConfig { failures: 3, open_for: Duration::from_secs(5), probes: 2 })
     }
 
+    /// Fail `n` admitted calls in a row.
+    fn fail(c: &Circuit, n: usize) {
+        for _ in 0..n {
+            c.admit().unwrap();
+            c.record(Outcome::Failure);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_fails_fast_with_a_retry_time() {
         let c = circuit();
-        for _ in 0..2 {
-            c.admit().unwrap();
-            c.record(Outcome::Failure);
-        }
+        fail(&c, 2);
         // A success in between resets the count.
         c.admit().unwrap();
         c.record(Outcome::Success);
-        for _ in 0..2 {
-            c.admit().unwrap();
-            c.record(Outcome::Failure);
-        }
+        fail(&c, 2);
         assert_eq!(c.state_name(), "closed");
         c.admit().unwrap();
         c.record(Outcome::Neutral);
@@ -183,10 +185,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn half_open_lets_the_probes_through_and_closes_when_they_succeed() {
         let c = circuit();
-        for _ in 0..3 {
-            c.admit().unwrap();
-            c.record(Outcome::Failure);
-        }
+        fail(&c, 3);
         tokio::time::advance(Duration::from_secs(5)).await;
         c.admit().unwrap();
         c.admit().unwrap();
@@ -202,10 +201,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn probes_that_never_report_are_replaced() {
         let c = circuit();
-        for _ in 0..3 {
-            c.admit().unwrap();
-            c.record(Outcome::Failure);
-        }
+        fail(&c, 3);
         tokio::time::advance(Duration::from_secs(5)).await;
         c.admit().unwrap();
         c.admit().unwrap();
@@ -219,10 +215,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_opens_it_again() {
         let c = circuit();
-        for _ in 0..3 {
-            c.admit().unwrap();
-            c.record(Outcome::Failure);
-        }
+        fail(&c, 3);
         tokio::time::advance(Duration::from_secs(6)).await;
         c.admit().unwrap();
         c.record(Outcome::Failure);
