@@ -124,6 +124,7 @@ pub struct PoolConfig {
     /// Calls that may wait for a free worker slot.
     pub max_queue: usize,
     pub circuit: crate::pool::circuit::CircuitConfig,
+    pub outlier: crate::pool::outlier::OutlierConfig,
 }
 
 /// Default calls per worker (per model thread for local pools).
@@ -235,7 +236,32 @@ impl Config {
                 open_for: duration(&key("circuit.open_for"), &c.open_for)?,
                 probes: u32::try_from(positive_size(&key("circuit.probes"), c.probes.into())?).unwrap_or(u32::MAX),
             };
-            pools.push(PoolConfig { name: pool.name.clone(), kind, max_in_flight_per_worker, max_queue, circuit });
+            let o = pool.outlier.clone().unwrap_or_default();
+            if !(0.0..=1.0).contains(&o.ratio) || o.ratio == 0.0 {
+                return Err(invalid(key("outlier.ratio"), "must be above 0 and at most 1"));
+            }
+            if !(0.0..=1.0).contains(&o.max_ejected) {
+                return Err(invalid(key("outlier.max_ejected"), "must be a share between 0 and 1"));
+            }
+            if !(1..=64).contains(&o.window) {
+                return Err(invalid(key("outlier.window"), "must be 1 to 64 calls"));
+            }
+            let outlier = crate::pool::outlier::OutlierConfig {
+                consecutive: u32::try_from(positive_size(&key("outlier.consecutive"), o.consecutive.into())?)
+                    .unwrap_or(u32::MAX),
+                ratio: o.ratio,
+                window: o.window,
+                base_ejection: duration(&key("outlier.base_ejection"), &o.base_ejection)?,
+                max_ejected: o.max_ejected,
+            };
+            pools.push(PoolConfig {
+                name: pool.name.clone(),
+                kind,
+                max_in_flight_per_worker,
+                max_queue,
+                circuit,
+                outlier,
+            });
         }
         if pools.is_empty() {
             return Err(invalid("pools", "at least one pool is required"));

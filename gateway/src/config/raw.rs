@@ -191,6 +191,26 @@ pub struct RawPool {
     /// The pool's circuit breaker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit: Option<RawCircuit>,
+    /// Passive outlier detection of the pool's workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<RawOutlier>,
+}
+
+/// `outlier = { consecutive = 5, ratio = 0.5, window = 20, base_ejection = "30s", max_ejected = 0.5 }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutlier {
+    pub consecutive: u32,
+    pub ratio: f64,
+    pub window: u32,
+    pub base_ejection: String,
+    pub max_ejected: f64,
+}
+
+impl Default for RawOutlier {
+    fn default() -> Self {
+        Self { consecutive: 5, ratio: 0.5, window: 20, base_ejection: "30s".into(), max_ejected: 0.5 }
+    }
 }
 
 /// `circuit = { failures = 5, open_for = "5s", probes = 3 }`.

@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod circuit;
+pub mod outlier;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -72,6 +73,9 @@ struct Pool {
     name: String,
     workers: Vec<Arc<Worker>>,
     circuit: Circuit,
+    outlier: outlier::OutlierConfig,
+    /// Workers ejected now, at most `outlier.cap(workers)`.
+    ejected: AtomicUsize,
     /// Calls handed to workers at once: workers × per-worker bound.
     slots: Arc<Semaphore>,
     /// Calls waiting for a slot, at most `max_queue`.
@@ -101,6 +105,38 @@ impl Drop for Queued<'_> {
 }
 
 impl Pool {
+    /// What a finished call says about the pool (circuit) and its worker
+    /// (outlier detection).
+    fn record(&self, worker: &Worker, outcome: Outcome) {
+        self.circuit.record(outcome);
+        if outcome == Outcome::Neutral {
+            return;
+        }
+        match worker.outlier.record(outcome == Outcome::Failure, &self.outlier) {
+            outlier::Event::None => {}
+            outlier::Event::ShouldEject => {
+                let cap = self.outlier.cap(self.workers.len());
+                let admitted = self
+                    .ejected
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+                    .is_ok();
+                if admitted {
+                    let d = worker.outlier.eject(&self.outlier);
+                    tracing::warn!(worker = %worker.id, pool = %self.name, ejected_for = ?d, "worker ejected");
+                } else {
+                    tracing::debug!(worker = %worker.id, pool = %self.name, cap, "worker not ejected: pool at its ejection cap");
+                }
+            }
+            outlier::Event::Readmitted => {
+                self.ejected.fetch_sub(1, Ordering::AcqRel);
+                tracing::info!(worker = %worker.id, pool = %self.name, "worker re-admitted after a successful probe");
+            }
+            outlier::Event::EjectedAgain(d) => {
+                tracing::warn!(worker = %worker.id, pool = %self.name, ejected_for = ?d, "worker ejected again: probe failed");
+            }
+        }
+    }
+
     fn pick(&self) -> Result<InFlight, GatewayError> {
         balance::p2c(&self.workers, |n| fastrand::usize(..n))
             .map(Worker::begin)
@@ -178,6 +214,8 @@ impl Pools {
                 name: pool.name.clone(),
                 workers,
                 circuit: Circuit::new(&pool.name, pool.circuit),
+                outlier: pool.outlier,
+                ejected: AtomicUsize::new(0),
                 slots,
                 queued: AtomicUsize::new(0),
                 max_queue: pool.max_queue,
@@ -407,7 +445,7 @@ impl Upstream for Pools {
         }
         .await;
         // Model errors count against the pool as much as transport errors.
-        pool.circuit.record(Outcome::of(&result));
+        pool.record(worker, Outcome::of(&result));
         let (vectors, prompt_tokens) = result?;
         Ok(EmbedOutput { model: info, vectors, prompt_tokens })
     }
@@ -429,7 +467,7 @@ impl Upstream for Pools {
             }
         }
         .await;
-        pool.circuit.record(Outcome::of(&result));
+        pool.record(worker, Outcome::of(&result));
         Ok((info, result?))
     }
 
@@ -444,7 +482,7 @@ impl Upstream for Pools {
         payload.model.clone_from(&call.model);
         let req = request(payload, &deadline, &call.request_id);
         let stream = bounded(&deadline, &worker, worker.client().generate(req)).await;
-        pool.circuit.record(Outcome::of(&stream));
+        pool.record(&worker, Outcome::of(&stream));
         let stream = stream?;
         // The guard lives as long as the stream: the worker stays busy until
         // the last chunk, and a dropped stream cancels the worker's call.
@@ -543,6 +581,8 @@ mod tests {
             name: "q".into(),
             workers: vec![worker],
             circuit: Circuit::new("q", circuit::CircuitConfig::default()),
+            outlier: outlier::OutlierConfig::default(),
+            ejected: AtomicUsize::new(0),
             slots: Arc::new(Semaphore::new(per_worker)),
             queued: AtomicUsize::new(0),
             max_queue,
@@ -580,5 +620,29 @@ mod tests {
         assert_eq!(pool.queued.load(Ordering::Relaxed), 0, "the expired waiter left the queue");
         drop(next);
         assert_eq!(pool.workers[0].outstanding(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap() {
+        let mut pool = one_worker_pool(8, 8);
+        let second = Arc::new(Worker::new("q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
+        second.set_serving(true);
+        pool.workers.push(second);
+        let (w0, w1) = (pool.workers[0].clone(), pool.workers[1].clone());
+        for _ in 0..5 {
+            pool.record(&w0, Outcome::Failure);
+        }
+        assert!(w0.outlier.is_ejected());
+        for _ in 0..50 {
+            assert_eq!(pool.pick().unwrap().worker().id, "q-1", "an ejected worker gets no calls");
+        }
+        // Half of two workers may be out: the second stays in whatever it does.
+        for _ in 0..10 {
+            pool.record(&w1, Outcome::Failure);
+        }
+        assert!(!w1.outlier.is_ejected(), "the pool must not be emptied");
+        assert_eq!(pool.pick().unwrap().worker().id, "q-1");
+        // Client errors and cancellations say nothing about a worker.
+        pool.record(&w1, Outcome::Neutral);
     }
 }

@@ -26,6 +26,8 @@ pub struct Worker {
     channel: Channel,
     outstanding: AtomicUsize,
     serving: AtomicBool,
+    /// Passive health: ejection after repeated failures.
+    pub outlier: super::outlier::Outlier,
 }
 
 impl Worker {
@@ -47,7 +49,14 @@ impl Worker {
                     )
             }
         };
-        Self { id, addr, channel, outstanding: AtomicUsize::new(0), serving: AtomicBool::new(false) }
+        Self {
+            id,
+            addr,
+            channel,
+            outstanding: AtomicUsize::new(0),
+            serving: AtomicBool::new(false),
+            outlier: super::outlier::Outlier::default(),
+        }
     }
 
     /// A client for the Worker service on the shared channel.
@@ -70,6 +79,7 @@ impl Worker {
     /// Count a call as outstanding until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.outlier.on_pick();
         InFlight(self.clone())
     }
 
@@ -177,10 +187,12 @@ impl Drop for InFlight {
 }
 
 impl super::balance::Candidate for Arc<Worker> {
+    /// SERVING and not ejected (or ejected with a probe due).
     fn ready(&self) -> bool {
-        self.is_serving()
+        self.is_serving() && self.outlier.eligible()
     }
+    /// Outstanding calls, plus a penalty for recent failures.
     fn outstanding(&self) -> usize {
-        Worker::outstanding(self)
+        Worker::outstanding(self).saturating_add(self.outlier.penalty())
     }
 }
