@@ -49,6 +49,10 @@ pub enum GatewayError {
     /// The worker could not be reached (crashed, restarting, refused).
     #[error("worker {worker} unavailable: {detail}")]
     WorkerUnavailable { worker: String, detail: String },
+    /// The worker refused the call before it started (connection or stream
+    /// refused, its admission full): always safe to try elsewhere.
+    #[error("worker {worker} refused the call: {detail}")]
+    WorkerRefused { worker: String, detail: String },
     /// The model rejected the input (per-item INVALID_INPUT).
     #[error("model rejected input: {detail}")]
     ModelRejected { detail: String },
@@ -141,7 +145,7 @@ impl GatewayError {
                 (StatusCode::GATEWAY_TIMEOUT, C::DeadlineExceeded, "deadline-exceeded", "Deadline exceeded")
             }
             E::WorkerFailed { .. } => (StatusCode::BAD_GATEWAY, C::Internal, "worker-failed", "Worker failed"),
-            E::WorkerUnavailable { .. } => {
+            E::WorkerUnavailable { .. } | E::WorkerRefused { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "worker-unavailable", "Worker unavailable")
             }
             E::ModelRejected { .. } => {
@@ -197,6 +201,7 @@ impl GatewayError {
             Self::Starting { .. }
             | Self::NoReadyWorker { .. }
             | Self::WorkerUnavailable { .. }
+            | Self::WorkerRefused { .. }
             | Self::Overloaded { .. }
             | Self::LimitsUnavailable
             | Self::QueueFull { .. } => Some(1),

@@ -125,6 +125,7 @@ pub struct PoolConfig {
     pub max_queue: usize,
     pub circuit: crate::pool::circuit::CircuitConfig,
     pub outlier: crate::pool::outlier::OutlierConfig,
+    pub retry: crate::pool::retry::RetryConfig,
 }
 
 /// Default calls per worker (per model thread for local pools).
@@ -254,6 +255,16 @@ impl Config {
                 base_ejection: duration(&key("outlier.base_ejection"), &o.base_ejection)?,
                 max_ejected: o.max_ejected,
             };
+            let r = pool.retries.clone().unwrap_or_default();
+            if !(0.0..=10.0).contains(&r.ratio) {
+                return Err(invalid(key("retries.ratio"), "must be a share of requests between 0 and 10"));
+            }
+            let retry = crate::pool::retry::RetryConfig {
+                max: r.max.min(5),
+                ratio: r.ratio,
+                floor: r.floor,
+                idempotent: pool.idempotent,
+            };
             pools.push(PoolConfig {
                 name: pool.name.clone(),
                 kind,
@@ -261,6 +272,7 @@ impl Config {
                 max_queue,
                 circuit,
                 outlier,
+                retry,
             });
         }
         if pools.is_empty() {

@@ -194,6 +194,27 @@ pub struct RawPool {
     /// Passive outlier detection of the pool's workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<RawOutlier>,
+    /// Retries of calls that failed on a worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RawRetries>,
+    /// The model may be run again after a call possibly started (pure
+    /// functions such as embeddings): such calls are retried too.
+    pub idempotent: bool,
+}
+
+/// `retries = { max = 2, ratio = 0.2, floor = 10 }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRetries {
+    pub max: u32,
+    pub ratio: f64,
+    pub floor: u32,
+}
+
+impl Default for RawRetries {
+    fn default() -> Self {
+        Self { max: 2, ratio: 0.2, floor: 10 }
+    }
 }
 
 /// `outlier = { consecutive = 5, ratio = 0.5, window = 20, base_ejection = "30s", max_ejected = 0.5 }`.

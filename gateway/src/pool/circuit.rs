@@ -59,7 +59,12 @@ impl Outcome {
         use GatewayError as E;
         match result {
             Ok(_) => Self::Success,
-            Err(E::WorkerFailed { .. } | E::WorkerUnavailable { .. } | E::DeadlineExceeded { .. }) => Self::Failure,
+            Err(
+                E::WorkerFailed { .. }
+                | E::WorkerUnavailable { .. }
+                | E::WorkerRefused { .. }
+                | E::DeadlineExceeded { .. },
+            ) => Self::Failure,
             Err(_) => Self::Neutral,
         }
     }

@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod circuit;
 pub mod outlier;
+pub mod retry;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -76,6 +77,8 @@ struct Pool {
     outlier: outlier::OutlierConfig,
     /// Workers ejected now, at most `outlier.cap(workers)`.
     ejected: AtomicUsize,
+    retry: retry::RetryConfig,
+    budget: retry::Budget,
     /// Calls handed to workers at once: workers × per-worker bound.
     slots: Arc<Semaphore>,
     /// Calls waiting for a slot, at most `max_queue`.
@@ -134,6 +137,42 @@ impl Pool {
             outlier::Event::EjectedAgain(d) => {
                 tracing::warn!(worker = %worker.id, pool = %self.name, ejected_for = ?d, "worker ejected again: probe failed");
             }
+        }
+    }
+
+    /// Run `once` on a leased worker; when it fails in a way that may be
+    /// retried, try again (the balancer now sees the failure, so usually on
+    /// another worker) up to `retry.max` times, after a jittered backoff,
+    /// within the deadline and the pool's retry budget.
+    async fn with_retries<T, F, Fut>(&self, deadline: &Deadline, request_id: &str, once: F) -> Result<T, GatewayError>
+    where
+        F: Fn(Arc<Worker>) -> Fut,
+        Fut: Future<Output = Result<T, GatewayError>>,
+    {
+        self.budget.count_request();
+        let mut retries = 0;
+        loop {
+            let lease = self.lease(deadline).await?;
+            let worker = lease.worker().clone();
+            tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
+            let result = once(worker.clone()).await;
+            self.record(&worker, Outcome::of(&result));
+            drop(lease);
+            let err = match result {
+                Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
+                other => return other,
+            };
+            retries += 1;
+            let wait = retry::backoff(retries);
+            if deadline.remaining() <= wait {
+                return Err(err);
+            }
+            if !self.budget.try_retry(&self.retry) {
+                tracing::warn!(request_id, pool = %self.name, worker = %worker.id, error = %err, "not retrying: retry budget spent");
+                return Err(err);
+            }
+            tracing::warn!(request_id, pool = %self.name, worker = %worker.id, retry = retries, error = %err, "retrying");
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -216,6 +255,8 @@ impl Pools {
                 circuit: Circuit::new(&pool.name, pool.circuit),
                 outlier: pool.outlier,
                 ejected: AtomicUsize::new(0),
+                retry: pool.retry,
+                budget: retry::Budget::default(),
                 slots,
                 queued: AtomicUsize::new(0),
                 max_queue: pool.max_queue,
@@ -346,6 +387,9 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
     let worker = worker.to_owned();
     // A broken connection (the process died mid-call) surfaces as a transport
     // error with code UNKNOWN: the worker is unavailable, not misbehaving.
+    if never_started(&status) {
+        return GatewayError::WorkerRefused { worker, detail };
+    }
     let transport = std::error::Error::source(&status).is_some_and(|e| e.is::<tonic::transport::Error>());
     if transport {
         return GatewayError::WorkerUnavailable { worker, detail };
@@ -361,6 +405,27 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
         }
         _ => GatewayError::WorkerFailed { worker, detail },
     }
+}
+
+/// True when the call provably never started on the worker: the connection
+/// or the stream was refused, or the worker's admission was full.
+fn never_started(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::ResourceExhausted {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+        {
+            return true;
+        }
+        if e.to_string().contains("refused stream") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Map a per-item error from a worker to the gateway's error.
@@ -419,56 +484,59 @@ impl Upstream for Pools {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
         let count = call.payload.len();
-        let guard = pool.lease(&call.deadline).await?;
-        let worker = guard.worker();
-        let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload };
         let deadline = call.deadline;
-        let result = async {
-            let resp =
-                bounded(&deadline, worker, worker.client().embed(request(msg, &deadline, &call.request_id))).await?;
-            let mut vectors = Vec::with_capacity(count);
-            let mut prompt_tokens = 0u32;
-            for result in resp.results.into_iter().take(count) {
-                prompt_tokens = prompt_tokens.saturating_add(result.tokens);
-                match result.result {
-                    Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
-                    Some(embed_result::Result::Error(err)) => {
-                        return Err(from_item_error(&worker.id, &info.name, err, &deadline));
+        let (vectors, prompt_tokens) = pool
+            .with_retries(&deadline, &call.request_id, |worker| {
+                let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload.clone() };
+                let (info, request_id) = (&info, &call.request_id);
+                async move {
+                    let resp =
+                        bounded(&deadline, &worker, worker.client().embed(request(msg, &deadline, request_id))).await?;
+                    let mut vectors = Vec::with_capacity(count);
+                    let mut prompt_tokens = 0u32;
+                    for result in resp.results.into_iter().take(count) {
+                        prompt_tokens = prompt_tokens.saturating_add(result.tokens);
+                        match result.result {
+                            Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
+                            // Model errors count against the worker as much as transport errors.
+                            Some(embed_result::Result::Error(err)) => {
+                                return Err(from_item_error(&worker.id, &info.name, err, &deadline));
+                            }
+                            None => return Err(missing_result(&worker.id)),
+                        }
                     }
-                    None => return Err(missing_result(&worker.id)),
+                    if vectors.len() != count {
+                        return Err(missing_result(&worker.id));
+                    }
+                    Ok((vectors, prompt_tokens))
                 }
-            }
-            if vectors.len() != count {
-                return Err(missing_result(&worker.id));
-            }
-            Ok((vectors, prompt_tokens))
-        }
-        .await;
-        // Model errors count against the pool as much as transport errors.
-        pool.record(worker, Outcome::of(&result));
-        let (vectors, prompt_tokens) = result?;
+            })
+            .await?;
         Ok(EmbedOutput { model: info, vectors, prompt_tokens })
     }
 
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
-        let guard = pool.lease(&call.deadline).await?;
-        let worker = guard.worker();
-        let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload] };
         let deadline = call.deadline;
-        let result = async {
-            let resp =
-                bounded(&deadline, worker, worker.client().infer(request(msg, &deadline, &call.request_id))).await?;
-            match resp.results.into_iter().next().and_then(|r| r.result) {
-                Some(infer_result::Result::Outputs(out)) => Ok(out),
-                Some(infer_result::Result::Error(err)) => Err(from_item_error(&worker.id, &info.name, err, &deadline)),
-                None => Err(missing_result(&worker.id)),
-            }
-        }
-        .await;
-        pool.record(worker, Outcome::of(&result));
-        Ok((info, result?))
+        let out = pool
+            .with_retries(&deadline, &call.request_id, |worker| {
+                let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload.clone()] };
+                let (info, request_id) = (&info, &call.request_id);
+                async move {
+                    let resp =
+                        bounded(&deadline, &worker, worker.client().infer(request(msg, &deadline, request_id))).await?;
+                    match resp.results.into_iter().next().and_then(|r| r.result) {
+                        Some(infer_result::Result::Outputs(out)) => Ok(out),
+                        Some(infer_result::Result::Error(err)) => {
+                            Err(from_item_error(&worker.id, &info.name, err, &deadline))
+                        }
+                        None => Err(missing_result(&worker.id)),
+                    }
+                }
+            })
+            .await?;
+        Ok((info, out))
     }
 
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
@@ -583,6 +651,8 @@ mod tests {
             circuit: Circuit::new("q", circuit::CircuitConfig::default()),
             outlier: outlier::OutlierConfig::default(),
             ejected: AtomicUsize::new(0),
+            retry: retry::RetryConfig::default(),
+            budget: retry::Budget::default(),
             slots: Arc::new(Semaphore::new(per_worker)),
             queued: AtomicUsize::new(0),
             max_queue,

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How long after its last failure a worker's balancing penalty lasts.
+const PENALTY_LAPSE_MS: u64 = 2_000;
+
 /// Outlier settings of a pool.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierConfig {
@@ -65,8 +68,11 @@ pub struct Outlier {
     /// 0: in rotation; else ms since `epoch` when it may be probed.
     ejected_until_ms: AtomicU64,
     probing: AtomicBool,
-    /// Consecutive failures, as a balancing penalty.
+    /// Consecutive failures, as a balancing penalty ...
     penalty: AtomicU64,
+    /// ... that lapses this long after the last failure (ms since `epoch`),
+    /// so a worker that recovered is not starved of the calls that would show it.
+    last_failure_ms: AtomicU64,
     counts: Mutex<Counts>,
 }
 
@@ -77,6 +83,7 @@ impl Default for Outlier {
             ejected_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             penalty: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
             counts: Mutex::new(Counts::default()),
         }
     }
@@ -102,7 +109,21 @@ impl Outlier {
     /// Extra load the balancer adds for recent failures, so a worker that
     /// fails fast does not look idle and attract more calls.
     pub fn penalty(&self) -> usize {
-        usize::try_from(self.penalty.load(Ordering::Relaxed)).unwrap_or(usize::MAX).saturating_mul(2)
+        let penalty = self.penalty.load(Ordering::Relaxed);
+        if penalty == 0 || self.now_ms() > self.last_failure_ms.load(Ordering::Relaxed) + PENALTY_LAPSE_MS {
+            return 0;
+        }
+        usize::try_from(penalty).unwrap_or(usize::MAX).saturating_mul(2)
+    }
+
+    /// A new process answers for this worker (it turned SERVING): its
+    /// predecessor's failures are not its own. An ejection stands.
+    pub fn reset_failures(&self) {
+        let mut c = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.consecutive = 0;
+        c.recent = 0;
+        c.seen = 0;
+        self.penalty.store(0, Ordering::Relaxed);
     }
 
     /// A call was just given to this worker: if it is ejected, it is the probe.
@@ -120,6 +141,9 @@ impl Outlier {
         c.seen = (c.seen + 1).min(window);
         c.consecutive = if failed { c.consecutive + 1 } else { 0 };
         self.penalty.store(u64::from(c.consecutive), Ordering::Relaxed);
+        if failed {
+            self.last_failure_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
         if self.is_ejected() {
             if !self.probing.swap(false, Ordering::AcqRel) {
                 // A call picked before the ejection: says nothing new.
@@ -180,6 +204,8 @@ mod tests {
         assert_eq!(o.record(true, &c), Event::None);
         assert_eq!(o.record(true, &c), Event::None);
         assert!(o.penalty() > 0, "failing fast must not look idle");
+        tokio::time::advance(Duration::from_millis(2_001)).await;
+        assert_eq!(o.penalty(), 0, "the penalty lapses, so a recovered worker is tried again");
         assert_eq!(o.record(true, &c), Event::ShouldEject);
         assert_eq!(o.eject(&c), Duration::from_secs(10));
         assert!(!o.eligible());

@@ -86,6 +86,7 @@ impl Worker {
     pub(super) fn set_serving(&self, serving: bool) {
         if self.serving.swap(serving, Ordering::AcqRel) != serving {
             if serving {
+                self.outlier.reset_failures();
                 tracing::info!(worker = %self.id, "worker is SERVING");
             } else {
                 tracing::warn!(worker = %self.id, "worker is not serving; no traffic until it recovers");

@@ -1,0 +1,159 @@
+//! Retries of worker calls: which failures may be retried, how long to wait,
+//! and a budget per pool so a failing pool cannot multiply its own load.
+//!
+//! A call is retried only when it provably never started on the worker
+//! (connection refused, stream refused, the worker's admission full), or
+//! when the pool's model is marked idempotent and the worker was
+//! unavailable; at most `max` extra attempts, with jittered backoff, never
+//! past the deadline, and only while retries stay within `ratio` of the
+//! pool's recent requests plus `floor`.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::GatewayError;
+
+/// Retry settings of a pool.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    /// Extra attempts per call.
+    pub max: u32,
+    /// Retries allowed per request over the last window ...
+    pub ratio: f64,
+    /// ... plus this many.
+    pub floor: u32,
+    /// The model may be re-run safely after it possibly started.
+    pub idempotent: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max: 2, ratio: 0.2, floor: 10, idempotent: false }
+    }
+}
+
+/// How far back the budget looks.
+const WINDOW: Duration = Duration::from_secs(10);
+/// First backoff; each retry doubles it, with ±50% jitter.
+const BACKOFF: Duration = Duration::from_millis(20);
+
+impl RetryConfig {
+    /// May this failure be retried at all?
+    pub fn retryable(&self, err: &GatewayError) -> bool {
+        match err {
+            GatewayError::WorkerRefused { .. } => true,
+            GatewayError::WorkerUnavailable { .. } => self.idempotent,
+            _ => false,
+        }
+    }
+}
+
+/// The wait before retry number `n` (1-based): 20 ms × 2^(n-1), ±50%.
+pub fn backoff(n: u32) -> Duration {
+    let base = BACKOFF.saturating_mul(1 << n.saturating_sub(1).min(6));
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    requests: u64,
+    retries: u64,
+    /// The previous window's counts, so the budget does not reset to empty
+    /// at each window boundary.
+    previous: (u64, u64),
+}
+
+/// Requests and retries of one pool over the last window or two.
+#[derive(Debug)]
+pub struct Budget {
+    window: Mutex<Window>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self { window: Mutex::new(Window { start: Instant::now(), requests: 0, retries: 0, previous: (0, 0) }) }
+    }
+}
+
+impl Budget {
+    fn roll(w: &mut Window) {
+        let now = Instant::now();
+        if now.duration_since(w.start) >= WINDOW {
+            let stale = now.duration_since(w.start) >= WINDOW * 2;
+            w.previous = if stale { (0, 0) } else { (w.requests, w.retries) };
+            w.start = now;
+            w.requests = 0;
+            w.retries = 0;
+        }
+    }
+
+    pub fn count_request(&self) {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::roll(&mut w);
+        w.requests += 1;
+    }
+
+    /// Take one retry from the budget, if any is left.
+    pub fn try_retry(&self, config: &RetryConfig) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::roll(&mut w);
+        let requests = (w.requests + w.previous.0) as f64;
+        let retries = w.retries + w.previous.1;
+        let allowed = (requests * config.ratio).floor() as u64 + u64::from(config.floor);
+        if retries < allowed {
+            w.retries += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_calls_that_never_started_or_idempotent_ones_are_retried() {
+        let refused = GatewayError::WorkerRefused { worker: "w".into(), detail: "connection refused".into() };
+        let unavailable = GatewayError::WorkerUnavailable { worker: "w".into(), detail: "reset".into() };
+        let failed = GatewayError::WorkerFailed { worker: "w".into(), detail: "raised".into() };
+        let plain = RetryConfig::default();
+        let idempotent = RetryConfig { idempotent: true, ..plain };
+        assert!(plain.retryable(&refused) && idempotent.retryable(&refused));
+        assert!(!plain.retryable(&unavailable) && idempotent.retryable(&unavailable));
+        assert!(!idempotent.retryable(&failed), "a model error would only fail again");
+        assert!(!idempotent.retryable(&GatewayError::DeadlineExceeded { after: Duration::from_secs(1) }));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        for _ in 0..100 {
+            let first = backoff(1);
+            assert!(first >= Duration::from_millis(10) && first <= Duration::from_millis(30), "{first:?}");
+            let second = backoff(2);
+            assert!(second >= Duration::from_millis(20) && second <= Duration::from_millis(60), "{second:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_is_a_share_of_requests_plus_a_floor() {
+        let b = Budget::default();
+        let c = RetryConfig { ratio: 0.2, floor: 2, ..RetryConfig::default() };
+        for _ in 0..10 {
+            b.count_request();
+        }
+        // 10 requests: 2 + 2 retries.
+        let granted = (0..10).filter(|_| b.try_retry(&c)).count();
+        assert_eq!(granted, 4);
+        // A window later, the last window still counts ...
+        tokio::time::advance(WINDOW).await;
+        assert!(!b.try_retry(&c));
+        // ... two windows later, only the floor is left.
+        tokio::time::advance(WINDOW * 2).await;
+        assert_eq!((0..10).filter(|_| b.try_retry(&c)).count(), 2);
+    }
+}
