@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -103,16 +103,21 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
     let limit = state.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(body).await;
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    let bytes = Limited::new(body, limit).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            GatewayError::PayloadTooLarge { limit }
-        } else {
-            GatewayError::invalid("body", format!("cannot read body: {e}"))
+    let mut buf = bytes::BytesMut::new();
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::invalid("body", format!("cannot read body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            drain(body).await;
+            return Err(GatewayError::PayloadTooLarge { limit });
         }
-    })?;
-    let bytes = bytes.to_bytes();
+        buf.extend_from_slice(&data);
+    }
+    let bytes = buf.freeze();
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         // Broken JSON is the body's fault; a well-formed value of the wrong
@@ -126,6 +131,25 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
     })?;
     de.end().map_err(|e| GatewayError::invalid("body", e.to_string()))?;
     Ok(value)
+}
+
+/// Most of an oversized body read and dropped before answering 413, and
+/// how long that may take. Answering while the client still writes makes
+/// it see a broken pipe instead of the 413 (no lingering close in hyper).
+const DRAIN_MAX_BYTES: usize = 1 << 20;
+const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn drain(mut body: Body) {
+    let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, bytes::Bytes::len);
+            if seen > DRAIN_MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
