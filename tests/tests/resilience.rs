@@ -146,3 +146,74 @@ fn a_hung_worker_times_out_at_the_deadline_is_ejected_and_comes_back_after_sigco
     }
     assert!(readmitted, "echo-1 not re-admitted after SIGCONT");
 }
+
+/// Workers run by the test itself (`tests/workers/faulty.py`); killed on drop.
+struct Faulty(Vec<std::process::Child>);
+
+impl Faulty {
+    fn start(class: &str, ports: &[u16]) -> Self {
+        let dir = infergate_e2e::root().join("tests/workers");
+        let children = ports
+            .iter()
+            .map(|port| {
+                std::process::Command::new(infergate_e2e::python())
+                    .args(["-m", "infergate_worker", "serve", class, "--listen"])
+                    .arg(format!("127.0.0.1:{port}"))
+                    .env("PYTHONPATH", &dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        Self(children)
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in_time() {
+    let ports: Vec<u16> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+    let _workers = Faulty::start("faulty:Unavailable", &ports);
+    let addresses: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    // The circuit is set out of the way so the retry budget alone bounds the attempts.
+    let config = format!(
+        "[[pools]]\nname = \"broken\"\naddresses = [{}]\nidempotent = true\n\
+         retries = {{ max = 2, ratio = 0.2, floor = 10 }}\ncircuit = {{ failures = 100000 }}\n",
+        addresses.join(", ")
+    );
+    let gw = Gateway::start_logging(&config, "info,infergate::pool=debug").unwrap();
+    let mark = gw.log().len();
+    let client = reqwest::blocking::Client::new();
+    let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    let requests = 100;
+    for _ in 0..requests {
+        let started = Instant::now();
+        let resp = client
+            .post(gw.url("/v2/models/broken/infer"))
+            .header("x-request-timeout", "1s")
+            .json(&body)
+            .send()
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 503);
+        assert!(resp.headers().contains_key("retry-after"));
+        assert!(took < Duration::from_secs(1), "answered after {took:?}, past the deadline");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = gw.log();
+    let attempts = log.iter().skip(mark).filter(|v| v["message"] == "call sent").count();
+    let retries = log.iter().skip(mark).filter(|v| v["message"] == "retrying").count();
+    eprintln!("{requests} requests to a pool where every call fails: {attempts} attempts, {retries} retries");
+    assert!(attempts as f64 <= f64::from(requests) * 1.2 + 10.0, "{attempts} attempts for {requests} requests");
+    assert!(retries > 0, "retries happened at all");
+}
