@@ -260,6 +260,48 @@ fn rand_u64() -> u64 {
     RandomState::new().hash_one(Instant::now())
 }
 
+/// A worker process the test runs itself on a free loopback TCP port (a
+/// "remote" worker no gateway supervises); killed on drop. `tests/workers`
+/// is on its `PYTHONPATH`, for the misbehaving workers there.
+pub struct RemoteWorker {
+    child: Child,
+    pub port: u16,
+}
+
+impl RemoteWorker {
+    /// Serve `class` (`module:Class`).
+    pub fn start(class: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(python())
+            .args(["-m", "infergate_worker", "serve", class, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("PYTHONPATH", root().join("tests/workers"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start a worker for {class}"))?;
+        Ok(Self { child, port })
+    }
+
+    /// `host:port`, as a remote pool's `addresses` entry.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL it, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RemoteWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A private `redis-server` on a free loopback port, no persistence; killed on drop.
 pub struct Redis {
     child: Child,

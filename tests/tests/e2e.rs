@@ -378,32 +378,21 @@ fn grpc_health_and_reflection_are_served() {
 #[test]
 fn remote_workers_are_reached_by_address_beside_local_ones() {
     // A worker the gateway does not supervise, on TCP.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut worker = std::process::Command::new(infergate_e2e::python())
-        .args(["-m", "infergate_worker", "serve", "infergate_worker.examples.echo:Echo", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let worker = infergate_e2e::RemoteWorker::start("infergate_worker.examples.echo:Echo").unwrap();
     let config = format!(
-        "[[pools]]\nname = \"remote-echo\"\naddresses = [\"127.0.0.1:{port}\"]\n\
-         [[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\n"
+        "[[pools]]\nname = \"remote-echo\"\naddresses = [\"{}\"]\n\
+         [[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\n",
+        worker.addr()
     );
-    let result = std::panic::catch_unwind(|| {
-        let gw = Gateway::start(&config).unwrap();
-        let resp = post(&gw, "/v2/models/echo/infer", &echo_body(0));
-        assert_eq!(resp.status(), 200);
-        let models: Value = http().get(gw.url("/v1/models")).send().unwrap().json().unwrap();
-        let pools: Vec<_> =
-            models["data"].as_array().unwrap().iter().map(|m| (m["id"].clone(), m["pool"].clone())).collect();
-        assert!(pools.contains(&(json!("echo"), json!("remote-echo"))), "{pools:?}");
-        let emb: Value = post(&gw, "/v1/embeddings", &json!({"model": "minilm", "input": "x"})).json().unwrap();
-        assert_eq!(emb["data"][0]["embedding"].as_array().unwrap().len(), 384);
-    });
-    let _ = worker.kill();
-    let _ = worker.wait();
-    result.unwrap();
+    let gw = Gateway::start(&config).unwrap();
+    let resp = post(&gw, "/v2/models/echo/infer", &echo_body(0));
+    assert_eq!(resp.status(), 200);
+    let models: Value = http().get(gw.url("/v1/models")).send().unwrap().json().unwrap();
+    let pools: Vec<_> =
+        models["data"].as_array().unwrap().iter().map(|m| (m["id"].clone(), m["pool"].clone())).collect();
+    assert!(pools.contains(&(json!("echo"), json!("remote-echo"))), "{pools:?}");
+    let emb: Value = post(&gw, "/v1/embeddings", &json!({"model": "minilm", "input": "x"})).json().unwrap();
+    assert_eq!(emb["data"][0]["embedding"].as_array().unwrap().len(), 384);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use infergate_e2e::Gateway;
+use infergate_e2e::{Gateway, RemoteWorker};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -147,44 +147,10 @@ fn a_hung_worker_times_out_at_the_deadline_is_ejected_and_comes_back_after_sigco
     assert!(readmitted, "echo-1 not re-admitted after SIGCONT");
 }
 
-/// Workers run by the test itself (`tests/workers/faulty.py`); killed on drop.
-struct Faulty(Vec<std::process::Child>);
-
-impl Faulty {
-    fn start(class: &str, ports: &[u16]) -> Self {
-        let dir = infergate_e2e::root().join("tests/workers");
-        let children = ports
-            .iter()
-            .map(|port| {
-                std::process::Command::new(infergate_e2e::python())
-                    .args(["-m", "infergate_worker", "serve", class, "--listen"])
-                    .arg(format!("127.0.0.1:{port}"))
-                    .env("PYTHONPATH", &dir)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        Self(children)
-    }
-}
-
-impl Drop for Faulty {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[test]
 fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in_time() {
-    let ports: Vec<u16> =
-        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
-    let _workers = Faulty::start("faulty:Unavailable", &ports);
-    let addresses: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let workers: Vec<RemoteWorker> = (0..2).map(|_| RemoteWorker::start("faulty:Unavailable").unwrap()).collect();
+    let addresses: Vec<String> = workers.iter().map(|w| format!("\"{}\"", w.addr())).collect();
     // The circuit is set out of the way so the retry budget alone bounds the attempts.
     let config = format!(
         "[[pools]]\nname = \"broken\"\naddresses = [{}]\nidempotent = true\n\

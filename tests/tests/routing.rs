@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use infergate_e2e::Gateway;
+use infergate_e2e::{Gateway, RemoteWorker};
 use serde_json::{Value, json};
 
 const SECRET: &str = "routing e2e shared secret, long enough for HS256";
@@ -96,22 +96,14 @@ fn canary_split_is_sticky_per_user_a_vip_goes_to_its_pool_and_pins_win() {
 
 #[test]
 fn when_the_primary_pool_loses_its_workers_the_fallback_answers_and_says_so() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut worker = KillOnDrop(
-        std::process::Command::new(infergate_e2e::python())
-            .args(["-m", "infergate_worker", "serve", ECHO, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = RemoteWorker::start(ECHO).unwrap();
     let config = format!(
-        "[[pools]]\nname = \"primary\"\naddresses = [\"127.0.0.1:{port}\"]\n\
+        "[[pools]]\nname = \"primary\"\naddresses = [\"{}\"]\n\
          [[pools]]\nname = \"backup\"\nclass = \"{ECHO}\"\n\
          [[aliases]]\nname = \"tensors\"\nfallbacks = [\"backup\"]\n\
          [[aliases.variants]]\nname = \"primary\"\npool = \"primary\"\nmodel = \"echo\"\n\
-         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n"
+         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n",
+        worker.addr()
     );
     {
         let gw = Gateway::start(&config).unwrap();
@@ -138,22 +130,6 @@ fn when_the_primary_pool_loses_its_workers_the_fallback_answers_and_says_so() {
             log.iter().any(|v| v["message"] == "falling back" && v["from"] == "primary" && v["to"] == "backup"),
             "the fallback is logged with both variants"
         );
-    }
-}
-
-/// A worker process the test runs itself; killed however the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl KillOnDrop {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
