@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// What the proxy does to traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// Forward as is.
     None,
-    /// Hold every chunk this long before forwarding it.
+    /// Forward every chunk this long after it arrived.
     Latency(Duration),
     /// Abort every connection with a TCP reset, and reset new ones at once.
     Reset,
@@ -89,46 +90,69 @@ async fn proxy(mut client: TcpStream, upstream: SocketAddr, mut fault: watch::Re
     };
     let _ = (client.set_nodelay(true), server.set_nodelay(true));
     let end = {
-        let (mut client_read, mut client_write) = client.split();
-        let (mut server_read, mut server_write) = server.split();
-        let mut up = vec![0u8; 16 * 1024];
-        let mut down = vec![0u8; 16 * 1024];
-        loop {
-            let (chunk, to) = tokio::select! {
-                read = client_read.read(&mut up) => match read {
-                    Ok(0) | Err(_) => break End::Closed,
-                    Ok(n) => (&up[..n], &mut server_write),
-                },
-                read = server_read.read(&mut down) => match read {
-                    Ok(0) | Err(_) => break End::Closed,
-                    Ok(n) => (&down[..n], &mut client_write),
-                },
-                changed = fault.changed() => {
-                    if changed.is_err() {
-                        break End::Closed;
-                    }
-                    if *fault.borrow() == Fault::Reset {
-                        break End::Reset;
-                    }
-                    continue;
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
+        let (up, down) = (fault.clone(), fault.clone());
+        let reset_ordered = async {
+            loop {
+                if fault.changed().await.is_err() {
+                    return End::Closed;
                 }
-            };
-            let current = *fault.borrow();
-            match current {
-                Fault::None => {}
-                Fault::Latency(d) => tokio::time::sleep(d).await,
-                Fault::Reset => break End::Reset,
-                Fault::Blackhole => continue,
+                if *fault.borrow() == Fault::Reset {
+                    return End::Reset;
+                }
             }
-            if to.write_all(chunk).await.is_err() {
-                break End::Closed;
-            }
+        };
+        tokio::select! {
+            end = pipe(client_read, server_write, up) => end,
+            end = pipe(server_read, client_write, down) => end,
+            end = reset_ordered => end,
         }
     };
     if end == End::Reset {
         reset(client);
         reset(server);
     }
+}
+
+/// Forward one direction as a delay line: every chunk leaves at its
+/// arrival time plus the latency in force when it arrived, so added latency
+/// delays traffic without throttling it. Ends when either side closes, after
+/// forwarding what was already read.
+async fn pipe(
+    mut from: impl AsyncReadExt + Unpin,
+    mut to: impl AsyncWriteExt + Unpin,
+    fault: watch::Receiver<Fault>,
+) -> End {
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return End::Closed,
+                Ok(n) => n,
+            };
+            let due = match *fault.borrow() {
+                Fault::None => Instant::now(),
+                Fault::Latency(d) => Instant::now() + d,
+                Fault::Reset => return End::Reset,
+                Fault::Blackhole => continue,
+            };
+            if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                return End::Closed;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    };
+    let (end, ()) = tokio::join!(read, write);
+    end
 }
 
 fn reset(stream: TcpStream) {
@@ -186,6 +210,17 @@ mod tests {
         let t = Instant::now();
         assert_eq!(round_trip(&mut conn).unwrap(), b"ping");
         assert!(t.elapsed() >= Duration::from_millis(200), "both directions delayed: {:?}", t.elapsed());
+        // Delayed, not throttled: five pings sent 20 ms apart all come back
+        // about 200 ms after each was sent, not one after another.
+        let t = Instant::now();
+        for _ in 0..5 {
+            conn.write_all(b"ping").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut five = [0u8; 20];
+        conn.read_exact(&mut five).unwrap();
+        assert_eq!(&five, b"pingpingpingpingping");
+        assert!(t.elapsed() < Duration::from_millis(450), "chunks were serialised: {:?}", t.elapsed());
 
         proxy.set(Fault::Blackhole);
         let err = round_trip(&mut conn).unwrap_err();

@@ -271,11 +271,17 @@ pub struct RemoteWorker {
 impl RemoteWorker {
     /// Serve `class` (`module:Class`).
     pub fn start(class: &str) -> anyhow::Result<Self> {
+        Self::start_with(class, &[])
+    }
+
+    /// Serve `class` with extra environment variables.
+    pub fn start_with(class: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new(python())
             .args(["-m", "infergate_worker", "serve", class, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .env("PYTHONPATH", root().join("tests/workers"))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

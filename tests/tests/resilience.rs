@@ -3,10 +3,66 @@
 
 use std::time::{Duration, Instant};
 
+use infergate_e2e::fault_proxy::{Fault, FaultProxy};
 use infergate_e2e::{Gateway, RemoteWorker};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::json;
+use serde_json::{Value, json};
+
+const ECHO: &str = "infergate_worker.examples.echo:Echo";
+
+/// A remote pool config over `addresses`, plus `extra` lines.
+fn remote_pool(name: &str, addresses: &[String], extra: &str) -> String {
+    let quoted: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[[pools]]\nname = \"{name}\"\naddresses = [{}]\n{extra}", quoted.join(", "))
+}
+
+/// Wait until every worker `<pool>-<i>`, i < n, has reported SERVING.
+fn wait_serving(gw: &Gateway, pool: &str, n: usize) {
+    for i in 0..n {
+        let id = format!("{pool}-{i}");
+        let seen = gw.wait_log(0, Duration::from_secs(30), |v| v["message"] == "worker is SERVING" && v["worker"] == id);
+        assert!(seen.is_some(), "{id} never SERVING");
+    }
+}
+
+/// Calls the gateway sent to each worker id since log line `mark`.
+fn calls_since(gw: &Gateway, mark: usize) -> Vec<String> {
+    gw.log()
+        .iter()
+        .skip(mark)
+        .filter(|v| v["message"] == "call sent")
+        .filter_map(|v| v["worker"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort_unstable();
+    latencies[(latencies.len() * 99).div_ceil(100) - 1]
+}
+
+/// `clients` threads each sending `body` to `path` back to back for `secs`;
+/// every answer must be 200. Returns each call's latency.
+fn closed_loop(gw: &Gateway, path: &str, body: &Value, clients: usize, secs: f64) -> Vec<Duration> {
+    let stop_at = Instant::now() + Duration::from_secs_f64(secs);
+    let latencies = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| {
+                let client = reqwest::blocking::Client::new();
+                let mut mine = Vec::new();
+                while Instant::now() < stop_at {
+                    let started = Instant::now();
+                    let resp = client.post(gw.url(path)).json(body).send().unwrap();
+                    assert_eq!(resp.status(), 200, "{}", resp.text().unwrap_or_default());
+                    mine.push(started.elapsed());
+                }
+                latencies.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    latencies.into_inner().unwrap()
+}
 
 #[test]
 fn sigkill_of_one_of_four_idempotent_workers_under_load_loses_no_request() {
@@ -182,4 +238,85 @@ fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in
     eprintln!("{requests} requests to a pool where every call fails: {attempts} attempts, {retries} retries");
     assert!(attempts as f64 <= f64::from(requests) * 1.2 + 10.0, "{attempts} attempts for {requests} requests");
     assert!(retries > 0, "retries happened at all");
+}
+
+#[test]
+fn a_worker_made_500_ms_slower_gets_under_10_percent_of_calls_and_p99_stays_under_twice_healthy() {
+    let workers: Vec<RemoteWorker> = (0..4).map(|_| RemoteWorker::start(ECHO).unwrap()).collect();
+    // echo-0 is reached through the fault proxy, the others directly.
+    let proxy = FaultProxy::start(workers[0].addr().parse().unwrap()).unwrap();
+    let mut addresses = vec![proxy.addr.to_string()];
+    addresses.extend(workers[1..].iter().map(RemoteWorker::addr));
+    let gw = Gateway::start_logging(&remote_pool("echo", &addresses, ""), "info,infergate::pool=debug").unwrap();
+    wait_serving(&gw, "echo", 4);
+    let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    let path = "/v2/models/echo/infer";
+    closed_loop(&gw, path, &body, 3, 1.0); // warm every connection
+
+    let mut healthy = closed_loop(&gw, path, &body, 3, 4.0);
+    let mark = gw.log().len();
+    proxy.set(Fault::Latency(Duration::from_millis(250))); // each way: +500 ms a call
+    let mut slow = closed_loop(&gw, path, &body, 3, 6.0);
+
+    let calls = calls_since(&gw, mark);
+    let to_slow = calls.iter().filter(|w| *w == "echo-0").count();
+    let (healthy_p99, slow_p99) = (p99(&mut healthy), p99(&mut slow));
+    let over_500ms = slow.iter().filter(|l| **l >= Duration::from_millis(500)).count();
+    eprintln!(
+        "healthy: {} calls, p99 {healthy_p99:?}; echo-0 500 ms slower: {} calls, {to_slow} to echo-0 \
+         ({over_500ms} answers >= 500 ms), p99 {slow_p99:?}",
+        healthy.len(),
+        slow.len()
+    );
+    assert!(to_slow * 10 < calls.len(), "the slow worker got {to_slow} of {} calls", calls.len());
+    assert!(slow_p99 < healthy_p99 * 2, "p99 {slow_p99:?} with a slow worker vs {healthy_p99:?} healthy");
+}
+
+#[test]
+fn a_worker_failing_fast_is_ejected_the_others_absorb_it_and_it_is_readmitted_after_recovery() {
+    let flag = std::env::temp_dir().join(format!("infergate-flaky-{}-{}", std::process::id(), line!()));
+    std::fs::write(&flag, b"failing").unwrap();
+    let flag_env = flag.to_str().unwrap();
+    let mut workers = vec![RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag_env)]).unwrap()];
+    workers.extend((0..2).map(|_| RemoteWorker::start("faulty:Flaky").unwrap()));
+    let addresses: Vec<String> = workers.iter().map(RemoteWorker::addr).collect();
+    let extra = "idempotent = true\noutlier = { consecutive = 3, base_ejection = \"1s\" }\n";
+    let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, extra), "info,infergate::pool=debug").unwrap();
+    wait_serving(&gw, "flaky", 3);
+    let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    let path = "/v2/models/flaky/infer";
+    let logged = |mark: usize, message: &str| {
+        gw.log().iter().skip(mark).any(|v| v["message"] == message && v["worker"] == "flaky-0" && v["pool"] == "flaky")
+    };
+
+    // Load until flaky-0 is ejected: its failures are retried on the others.
+    let mark = gw.log().len();
+    let started = Instant::now();
+    let mut answered = 0;
+    while !logged(mark, "worker ejected") {
+        assert!(started.elapsed() < Duration::from_secs(20), "flaky-0 not ejected within 20 s");
+        answered += closed_loop(&gw, path, &body, 2, 0.2).len();
+    }
+    let failed = gw.log().iter().skip(mark).filter(|v| v["message"] == "retrying" && v["worker"] == "flaky-0").count();
+    eprintln!("flaky-0 ejected after {:?}: {answered} calls answered, {failed} of its failures retried", started.elapsed());
+    assert!(failed >= 3, "ejected after the threshold of 3 consecutive failures, saw {failed}");
+
+    // The others absorb everything while it is out (probes it fails are retried too).
+    answered = closed_loop(&gw, path, &body, 2, 2.0).len();
+    eprintln!("{answered} calls answered by the other two while flaky-0 is ejected");
+
+    // It recovers: the next probe succeeds and it takes calls again.
+    std::fs::remove_file(&flag).unwrap();
+    let recovered = gw.log().len();
+    let started = Instant::now();
+    while !logged(recovered, "worker re-admitted after a successful probe") {
+        assert!(started.elapsed() < Duration::from_secs(20), "flaky-0 not re-admitted within 20 s of recovering");
+        closed_loop(&gw, path, &body, 2, 0.2);
+    }
+    let readmitted = gw.log().len();
+    closed_loop(&gw, path, &body, 2, 2.0);
+    let calls = calls_since(&gw, readmitted);
+    let to_it = calls.iter().filter(|w| *w == "flaky-0").count();
+    eprintln!("re-admitted {:?} after recovering; then {to_it} of {} calls", started.elapsed(), calls.len());
+    assert!(to_it * 10 > calls.len(), "flaky-0 got only {to_it} of {} calls after re-admission", calls.len());
 }

@@ -1,15 +1,35 @@
-//! Power-of-two-choices over ready workers, by outstanding requests.
+//! Power-of-two-choices over ready workers, by expected wait: outstanding
+//! calls times recent latency (the cost of Finagle's and Linkerd's
+//! peak-EWMA balancers). Load alone would keep sending a worker 500 ms
+//! slower than its peers one call in every pair it wins while idle; latency
+//! makes it lose those pairs until its estimate decays (see `latency`).
 
 /// What the balancer needs to know about a worker.
 pub trait Candidate {
     fn ready(&self) -> bool;
-    fn outstanding(&self) -> usize;
+    /// Calls outstanding, plus any penalty for recent failures.
+    fn load(&self) -> usize;
+    /// Recent answer time in seconds; `None` before its first answer.
+    fn latency(&self) -> Option<f64>;
+    /// Seconds its oldest outstanding call has run at least.
+    fn busy_for(&self) -> f64;
 }
 
-/// Pick two distinct ready workers at random and take the less loaded one
-/// (the first on a tie). `rand(n)` returns a uniform index below `n`.
-/// Runs on every request, so it picks by rank among the ready workers
-/// instead of collecting them.
+/// Keeps load deciding between workers with no latency figures at all.
+const MIN_LATENCY: f64 = 1e-6;
+
+/// Expected wait on `c`; a worker with no figures yet is assumed as fast as
+/// `peer`, and one whose outstanding call has already run longer than its
+/// estimate is at least that slow.
+fn cost<C: Candidate>(c: &C, peer: &C) -> f64 {
+    let latency = c.latency().or_else(|| peer.latency()).unwrap_or(0.0).max(c.busy_for());
+    (c.load() as f64 + 1.0) * (latency + MIN_LATENCY)
+}
+
+/// Pick two distinct ready workers at random and take the cheaper one (the
+/// first on a tie). `rand(n)` returns a uniform index below `n`. Runs on
+/// every request, so it picks by rank among the ready workers instead of
+/// collecting them.
 pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) -> Option<&C> {
     let ready = || workers.iter().filter(|w| w.ready());
     match ready().count() {
@@ -19,7 +39,7 @@ pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) ->
             let a = rand(n);
             let b = (a + 1 + rand(n - 1)) % n; // distinct from a
             match (ready().nth(a), ready().nth(b)) {
-                (Some(wa), Some(wb)) => Some(if wb.outstanding() < wa.outstanding() { wb } else { wa }),
+                (Some(wa), Some(wb)) => Some(if cost(wb, wa) < cost(wa, wb) { wb } else { wa }),
                 // Readiness changed between counting and picking.
                 (Some(w), None) | (None, Some(w)) => Some(w),
                 (None, None) => ready().next(),
@@ -32,39 +52,79 @@ pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) ->
 mod tests {
     use super::*;
 
-    struct W(bool, usize);
+    /// ready, load, latency, busy_for
+    #[derive(Clone, Copy)]
+    struct W(bool, usize, Option<f64>, f64);
     impl Candidate for W {
         fn ready(&self) -> bool {
             self.0
         }
-        fn outstanding(&self) -> usize {
+        fn load(&self) -> usize {
             self.1
         }
+        fn latency(&self) -> Option<f64> {
+            self.2
+        }
+        fn busy_for(&self) -> f64 {
+            self.3
+        }
+    }
+
+    fn idle(load: usize) -> W {
+        W(true, load, None, 0.0)
+    }
+
+    /// Which of `ws` the balancer picks over every pair order.
+    fn picks(ws: &[W]) -> Vec<usize> {
+        (0..2)
+            .map(|seed| {
+                let w = p2c(ws, |n| seed % n).unwrap();
+                ws.iter().position(|x| std::ptr::eq(x, w)).unwrap()
+            })
+            .collect()
     }
 
     #[test]
     fn none_when_no_worker_is_ready() {
-        assert!(p2c(&[W(false, 0), W(false, 0)], |_| 0).is_none());
+        assert!(p2c(&[W(false, 0, None, 0.0), W(false, 0, None, 0.0)], |_| 0).is_none());
         assert!(p2c::<W>(&[], |_| 0).is_none());
     }
 
     #[test]
     fn skips_workers_that_are_not_ready() {
-        let ws = [W(false, 0), W(true, 9), W(false, 0)];
+        let ws = [W(false, 0, None, 0.0), idle(9), W(false, 0, None, 0.0)];
         assert_eq!(p2c(&ws, |_| 0).map(|w| w.1), Some(9));
     }
 
     #[test]
-    fn prefers_the_less_loaded_of_two() {
-        let ws = [W(true, 5), W(true, 1)];
-        for seed in 0..2 {
-            assert_eq!(p2c(&ws, |n| seed % n).map(|w| w.1), Some(1));
-        }
+    fn without_latency_figures_the_less_loaded_of_two_wins() {
+        assert_eq!(picks(&[idle(5), idle(1)]), [1, 1]);
+    }
+
+    #[test]
+    fn a_slow_worker_loses_even_when_idle() {
+        let fast_busy = W(true, 3, Some(0.002), 0.001);
+        let slow_idle = W(true, 0, Some(0.5), 0.0);
+        assert_eq!(picks(&[slow_idle, fast_busy]), [1, 1]);
+    }
+
+    #[test]
+    fn a_new_worker_is_taken_as_fast_as_its_peer_and_load_decides() {
+        assert_eq!(picks(&[W(true, 2, Some(0.05), 0.0), idle(0)]), [1, 1]);
+        assert_eq!(picks(&[W(true, 0, Some(0.05), 0.0), idle(2)]), [0, 0]);
+    }
+
+    #[test]
+    fn a_call_outstanding_longer_than_the_estimate_counts_as_latency() {
+        // Same estimate and load, but one has a call running for 300 ms: hung.
+        let hung = W(true, 1, Some(0.002), 0.3);
+        let fine = W(true, 1, Some(0.002), 0.001);
+        assert_eq!(picks(&[hung, fine]), [1, 1]);
     }
 
     #[test]
     fn spreads_load_across_equal_workers() {
-        let ws = [W(true, 0), W(true, 0), W(true, 0)];
+        let ws = [idle(0), idle(0), idle(0)];
         let mut rng = fastrand::Rng::with_seed(7);
         let mut hits = [0usize; 3];
         for _ in 0..3000 {

@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod circuit;
+pub mod latency;
 pub mod outlier;
 pub mod retry;
 pub mod worker;
@@ -108,12 +109,14 @@ impl Drop for Queued<'_> {
 }
 
 impl Pool {
-    /// What a finished call says about the pool (circuit) and its worker
-    /// (outlier detection).
-    fn record(&self, worker: &Worker, outcome: Outcome) {
+    /// What a call that ended after `took` says about the pool (circuit)
+    /// and its worker (latency and outlier detection).
+    fn record(&self, worker: &Worker, outcome: Outcome, took: std::time::Duration) {
         self.circuit.record(outcome);
-        if outcome == Outcome::Neutral {
-            return;
+        match outcome {
+            Outcome::Success => worker.latency.observe(took),
+            Outcome::Failure => worker.latency.observe_failure(took),
+            Outcome::Neutral => return,
         }
         match worker.outlier.record(outcome == Outcome::Failure, &self.outlier) {
             outlier::Event::None => {}
@@ -156,7 +159,7 @@ impl Pool {
             let worker = lease.worker().clone();
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
             let result = once(worker.clone()).await;
-            self.record(&worker, Outcome::of(&result));
+            self.record(&worker, Outcome::of(&result), lease.in_flight.elapsed());
             drop(lease);
             let err = match result {
                 Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
@@ -550,7 +553,8 @@ impl Upstream for Pools {
         payload.model.clone_from(&call.model);
         let req = request(payload, &deadline, &call.request_id);
         let stream = bounded(&deadline, &worker, worker.client().generate(req)).await;
-        pool.record(&worker, Outcome::of(&stream));
+        // Time to the stream's headers: the worker took the call.
+        pool.record(&worker, Outcome::of(&stream), guard.in_flight.elapsed());
         let stream = stream?;
         // The guard lives as long as the stream: the worker stays busy until
         // the last chunk, and a dropped stream cancels the worker's call.
@@ -700,7 +704,7 @@ mod tests {
         pool.workers.push(second);
         let (w0, w1) = (pool.workers[0].clone(), pool.workers[1].clone());
         for _ in 0..5 {
-            pool.record(&w0, Outcome::Failure);
+            pool.record(&w0, Outcome::Failure, std::time::Duration::ZERO);
         }
         assert!(w0.outlier.is_ejected());
         for _ in 0..50 {
@@ -708,11 +712,11 @@ mod tests {
         }
         // Half of two workers may be out: the second stays in whatever it does.
         for _ in 0..10 {
-            pool.record(&w1, Outcome::Failure);
+            pool.record(&w1, Outcome::Failure, std::time::Duration::ZERO);
         }
         assert!(!w1.outlier.is_ejected(), "the pool must not be emptied");
         assert_eq!(pool.pick().unwrap().worker().id, "q-1");
         // Client errors and cancellations say nothing about a worker.
-        pool.record(&w1, Outcome::Neutral);
+        pool.record(&w1, Outcome::Neutral, std::time::Duration::ZERO);
     }
 }

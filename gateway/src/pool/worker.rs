@@ -1,10 +1,11 @@
 //! One worker endpoint: its pooled HTTP/2 channel, its load, and its health.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -25,9 +26,15 @@ pub struct Worker {
     pub addr: WorkerAddr,
     channel: Channel,
     outstanding: AtomicUsize,
+    /// Since when (µs after `epoch`) no call has finished while some were
+    /// outstanding: a lower bound on the age of the oldest outstanding call.
+    busy_since_us: AtomicU64,
+    epoch: Instant,
     serving: AtomicBool,
     /// Passive health: ejection after repeated failures.
     pub outlier: super::outlier::Outlier,
+    /// Recent answer times, for balancing.
+    pub latency: super::latency::Latency,
 }
 
 impl Worker {
@@ -54,8 +61,11 @@ impl Worker {
             addr,
             channel,
             outstanding: AtomicUsize::new(0),
+            busy_since_us: AtomicU64::new(0),
+            epoch: Instant::now(),
             serving: AtomicBool::new(false),
             outlier: super::outlier::Outlier::default(),
+            latency: super::latency::Latency::default(),
         }
     }
 
@@ -78,15 +88,33 @@ impl Worker {
 
     /// Count a call as outstanding until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        if self.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.mark_busy();
+        }
         self.outlier.on_pick();
-        InFlight(self.clone())
+        InFlight { worker: self.clone(), started: Instant::now() }
+    }
+
+    fn mark_busy(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_since_us.store(now, Ordering::Relaxed);
+    }
+
+    /// Seconds its oldest outstanding call has run at least (0 when idle):
+    /// a hung worker looks slow before any of its calls ends.
+    pub fn busy_for(&self) -> f64 {
+        if self.outstanding() == 0 {
+            return 0.0;
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        now.saturating_sub(self.busy_since_us.load(Ordering::Relaxed)) as f64 / 1e6
     }
 
     pub(super) fn set_serving(&self, serving: bool) {
         if self.serving.swap(serving, Ordering::AcqRel) != serving {
             if serving {
                 self.outlier.reset_failures();
+                self.latency.reset();
                 tracing::info!(worker = %self.id, "worker is SERVING");
             } else {
                 tracing::warn!(worker = %self.id, "worker is not serving; no traffic until it recovers");
@@ -173,17 +201,28 @@ fn endpoint(e: Endpoint) -> Endpoint {
 }
 
 /// Marks one call outstanding on a worker while alive.
-pub struct InFlight(Arc<Worker>);
+pub struct InFlight {
+    worker: Arc<Worker>,
+    started: Instant,
+}
 
 impl InFlight {
     pub fn worker(&self) -> &Arc<Worker> {
-        &self.0
+        &self.worker
+    }
+
+    /// Time since the call was given to the worker.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // Calls still outstanding started before now: restart the bound.
+        if self.worker.outstanding.fetch_sub(1, Ordering::Relaxed) > 1 {
+            self.worker.mark_busy();
+        }
     }
 }
 
@@ -193,7 +232,13 @@ impl super::balance::Candidate for Arc<Worker> {
         self.is_serving() && self.outlier.eligible()
     }
     /// Outstanding calls, plus a penalty for recent failures.
-    fn outstanding(&self) -> usize {
+    fn load(&self) -> usize {
         Worker::outstanding(self).saturating_add(self.outlier.penalty())
+    }
+    fn latency(&self) -> Option<f64> {
+        self.latency.get()
+    }
+    fn busy_for(&self) -> f64 {
+        Worker::busy_for(self)
     }
 }
