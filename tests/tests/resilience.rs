@@ -21,7 +21,8 @@ fn remote_pool(name: &str, addresses: &[String], extra: &str) -> String {
 fn wait_serving(gw: &Gateway, pool: &str, n: usize) {
     for i in 0..n {
         let id = format!("{pool}-{i}");
-        let seen = gw.wait_log(0, Duration::from_secs(30), |v| v["message"] == "worker is SERVING" && v["worker"] == id);
+        let seen =
+            gw.wait_log(0, Duration::from_secs(30), |v| v["message"] == "worker is SERVING" && v["worker"] == id);
         assert!(seen.is_some(), "{id} never SERVING");
     }
 }
@@ -298,7 +299,10 @@ fn a_worker_failing_fast_is_ejected_the_others_absorb_it_and_it_is_readmitted_af
         answered += closed_loop(&gw, path, &body, 2, 0.2).len();
     }
     let failed = gw.log().iter().skip(mark).filter(|v| v["message"] == "retrying" && v["worker"] == "flaky-0").count();
-    eprintln!("flaky-0 ejected after {:?}: {answered} calls answered, {failed} of its failures retried", started.elapsed());
+    eprintln!(
+        "flaky-0 ejected after {:?}: {answered} calls answered, {failed} of its failures retried",
+        started.elapsed()
+    );
     assert!(failed >= 3, "ejected after the threshold of 3 consecutive failures, saw {failed}");
 
     // The others absorb everything while it is out (probes it fails are retried too).
@@ -319,4 +323,118 @@ fn a_worker_failing_fast_is_ejected_the_others_absorb_it_and_it_is_readmitted_af
     let to_it = calls.iter().filter(|w| *w == "flaky-0").count();
     eprintln!("re-admitted {:?} after recovering; then {to_it} of {} calls", started.elapsed(), calls.len());
     assert!(to_it * 10 > calls.len(), "flaky-0 got only {to_it} of {} calls after re-admission", calls.len());
+}
+
+#[test]
+fn a_stream_refused_by_a_full_worker_is_retried_on_another_before_the_client_sees_a_byte() {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{ChatMessage, FinishReason, GenerateRequest};
+
+    let flag = std::env::temp_dir().join(format!("infergate-flaky-{}-{}", std::process::id(), line!()));
+    std::fs::write(&flag, b"full").unwrap();
+    let workers = [
+        RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag.to_str().unwrap())]).unwrap(),
+        RemoteWorker::start("faulty:Flaky").unwrap(),
+    ];
+    let addresses: Vec<String> = workers.iter().map(RemoteWorker::addr).collect();
+    // Not idempotent: only calls that provably never started may be retried.
+    let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, ""), "info,infergate::pool=debug").unwrap();
+    wait_serving(&gw, "flaky", 2);
+    let mark = gw.log().len();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let texts: Vec<String> = rt.block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let mut texts = Vec::new();
+        for i in 0..20 {
+            let req = GenerateRequest {
+                model: "flaky".into(),
+                messages: vec![ChatMessage { role: "user".into(), content: format!("stream number {i}") }],
+                ..Default::default()
+            };
+            let mut stream = client.generate(req).await.unwrap().into_inner();
+            let mut text = String::new();
+            let mut finished = false;
+            while let Some(chunk) = stream.message().await.unwrap() {
+                text.push_str(&chunk.text);
+                finished |= chunk.finish_reason == FinishReason::Stop as i32;
+            }
+            assert!(finished, "stream {i} ended without a finish reason");
+            texts.push(text);
+        }
+        texts
+    });
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(text, &format!("stream number {i}"));
+    }
+    std::fs::remove_file(&flag).unwrap();
+    let retried: Vec<_> =
+        gw.log().into_iter().skip(mark).filter(|v| v["message"] == "retrying" && v["worker"] == "flaky-0").collect();
+    eprintln!("20 streams answered in full; {} refused by flaky-0 and retried", retried.len());
+    assert!(!retried.is_empty(), "no stream was refused and retried");
+    assert!(retried.iter().all(|v| v["error"].as_str().is_some_and(|e| e.contains("admission full"))), "{retried:?}");
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_the_worker_call_over_http_and_grpc() {
+    use std::io::Write;
+
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{InferRequest, ParamValue, Tensor, param_value};
+
+    let gw = Gateway::start(&format!("[[pools]]\nname = \"echo\"\nclass = \"{ECHO}\"\n")).unwrap();
+    let says_stopped = |v: &Value, rid: &str| {
+        v["message"].as_str().is_some_and(|m| m.contains("echo stopped early (cancelled)") && m.contains(rid))
+    };
+    let stopped = |rid: &str| gw.wait_log(0, Duration::from_secs(5), |v| says_stopped(v, rid));
+    let stopped_now = |rid: &str| gw.log().into_iter().find(|v| says_stopped(v, rid));
+
+    // HTTP/1.1 by hand: send a 5 s call, then hang up.
+    let body = json!({"parameters": {"delay_ms": 5000},
+                      "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+    .to_string();
+    let authority = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut conn = std::net::TcpStream::connect(&authority).unwrap();
+    write!(
+        conn,
+        "POST /v2/models/echo/infer HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
+         x-request-id: gone-http\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let hung_up = Instant::now();
+    drop(conn);
+    assert!(stopped("gone-http").is_some(), "the worker did not see the HTTP client leave:\n{}", gw.log_text());
+    eprintln!("HTTP client gone: worker stopped {:?} later", hung_up.elapsed());
+
+    // gRPC: the client drops its call (RST_STREAM) after 300 ms.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dropped = rt.block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let mut req = tonic::Request::new(InferRequest {
+            model: "echo".into(),
+            inputs: vec![Tensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![1],
+                fp32_contents: vec![1.0],
+                ..Default::default()
+            }],
+            parameters: [("delay_ms".to_owned(), ParamValue { value: Some(param_value::Value::Int64Param(5000)) })]
+                .into(),
+            ..Default::default()
+        });
+        req.metadata_mut().insert("x-request-id", "gone-grpc".parse().unwrap());
+        let call = tokio::time::timeout(Duration::from_millis(300), client.infer(req)).await;
+        assert!(call.is_err(), "the 5 s call answered within 300 ms: {call:?}");
+        // Wait here, not after `block_on`: the client's connection task must
+        // keep running for its RST_STREAM to go out.
+        let dropped = Instant::now();
+        while stopped_now("gone-grpc").is_none() && dropped.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        dropped.elapsed()
+    });
+    assert!(stopped_now("gone-grpc").is_some(), "the worker did not see the gRPC call cancelled:\n{}", gw.log_text());
+    eprintln!("gRPC call cancelled: worker stopped {dropped:?} later");
 }

@@ -7,6 +7,7 @@ Served with ``python -m infergate_worker serve faulty:Unavailable`` and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import grpc
 from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
@@ -33,9 +34,11 @@ class Unavailable(worker_pb2_grpc.WorkerServicer):
 
 
 class Flaky(worker_pb2_grpc.WorkerServicer):
-    """Echoes its input tensors, except that while the file named by the
-    ``FAULTY_FLAG`` environment variable exists every call fails at once with
-    UNAVAILABLE: a worker that fails fast, then recovers when the test says."""
+    """Echoes its input tensors (Infer) or the last message's words (Generate),
+    except while the file named by the ``FAULTY_FLAG`` environment variable
+    exists: then Infer fails at once with UNAVAILABLE (a worker that fails
+    fast, then recovers when the test says) and Generate with
+    RESOURCE_EXHAUSTED before any chunk (admission full: it never started)."""
 
     def __init__(self) -> None:
         self._flag = os.environ.get("FAULTY_FLAG", "")
@@ -48,13 +51,17 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
             kind=types_pb2.MODEL_KIND_INFER,
             max_batch_size=64,
             version="1",
+            streaming=True,
         )
         return worker_pb2.DescribeResponse(models=[info])
+
+    def _flagged(self) -> bool:
+        return bool(self._flag) and os.path.exists(self._flag)
 
     def Infer(
         self, request: worker_pb2.InferBatchRequest, context: grpc.ServicerContext
     ) -> worker_pb2.InferBatchResponse:
-        if self._flag and os.path.exists(self._flag):
+        if self._flagged():
             context.abort(
                 grpc.StatusCode.UNAVAILABLE, "injected fault: unavailable while flagged"
             )
@@ -65,3 +72,18 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
             for item in request.items
         ]
         return worker_pb2.InferBatchResponse(results=results)
+
+    def Generate(
+        self, request: types_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[types_pb2.GenerateChunk]:
+        if self._flagged():
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "injected fault: admission full"
+            )
+        words = request.messages[-1].content.split() if request.messages else []
+        for n, word in enumerate(words):
+            yield types_pb2.GenerateChunk(text=(" " if n else "") + word)
+        usage = types_pb2.Usage(prompt_tokens=len(words), completion_tokens=len(words))
+        yield types_pb2.GenerateChunk(
+            finish_reason=types_pb2.FINISH_REASON_STOP, usage=usage
+        )

