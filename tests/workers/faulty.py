@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 
 import grpc
+
 from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 
@@ -62,13 +63,9 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.InferBatchRequest, context: grpc.ServicerContext
     ) -> worker_pb2.InferBatchResponse:
         if self._flagged():
-            context.abort(
-                grpc.StatusCode.UNAVAILABLE, "injected fault: unavailable while flagged"
-            )
+            context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault: unavailable while flagged")
         results = [
-            worker_pb2.InferResult(
-                outputs=worker_pb2.InferOutputs(tensors=list(item.inputs))
-            )
+            worker_pb2.InferResult(outputs=worker_pb2.InferOutputs(tensors=list(item.inputs)))
             for item in request.items
         ]
         return worker_pb2.InferBatchResponse(results=results)
@@ -77,13 +74,9 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
         self, request: types_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[types_pb2.GenerateChunk]:
         if self._flagged():
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "injected fault: admission full"
-            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "injected fault: admission full")
         words = request.messages[-1].content.split() if request.messages else []
         for n, word in enumerate(words):
             yield types_pb2.GenerateChunk(text=(" " if n else "") + word)
         usage = types_pb2.Usage(prompt_tokens=len(words), completion_tokens=len(words))
-        yield types_pb2.GenerateChunk(
-            finish_reason=types_pb2.FINISH_REASON_STOP, usage=usage
-        )
+        yield types_pb2.GenerateChunk(finish_reason=types_pb2.FINISH_REASON_STOP, usage=usage)
