@@ -24,10 +24,10 @@ impl Candidate for W {
     fn load(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
-    fn latency(&self) -> Option<f64> {
-        self.latency.get()
+    fn latency(&self, now: tokio::time::Instant) -> Option<f64> {
+        self.latency.get_at(now)
     }
-    fn busy_for(&self) -> f64 {
+    fn busy_for(&self, _: tokio::time::Instant) -> f64 {
         0.0
     }
 }

@@ -4,26 +4,33 @@
 //! slower than its peers one call in every pair it wins while idle; latency
 //! makes it lose those pairs until its estimate decays (see `latency`).
 
+use tokio::time::Instant;
+
 /// What the balancer needs to know about a worker.
 pub trait Candidate {
     fn ready(&self) -> bool;
     /// Calls outstanding, plus any penalty for recent failures.
     fn load(&self) -> usize;
-    /// Recent answer time in seconds; `None` before its first answer.
-    fn latency(&self) -> Option<f64>;
-    /// Seconds its oldest outstanding call has run at least.
-    fn busy_for(&self) -> f64;
+    /// Recent answer time in seconds at `now`; `None` before its first answer.
+    fn latency(&self, now: Instant) -> Option<f64>;
+    /// Seconds its oldest outstanding call has run at least, at `now`.
+    fn busy_for(&self, now: Instant) -> f64;
 }
 
 /// Keeps load deciding between workers with no latency figures at all.
 const MIN_LATENCY: f64 = 1e-6;
 
-/// Expected wait on `c`; a worker with no figures yet is assumed as fast as
-/// `peer`, and one whose outstanding call has already run longer than its
-/// estimate is at least that slow.
-fn cost<C: Candidate>(c: &C, peer: &C) -> f64 {
-    let latency = c.latency().or_else(|| peer.latency()).unwrap_or(0.0).max(c.busy_for());
-    (c.load() as f64 + 1.0) * (latency + MIN_LATENCY)
+/// Expected waits on `a` and `b`; a worker with no figures yet is assumed
+/// as fast as the other, and one whose outstanding call has already run
+/// longer than its estimate is at least that slow.
+fn costs<C: Candidate>(a: &C, b: &C) -> (f64, f64) {
+    let now = Instant::now();
+    let (la, lb) = (a.latency(now), b.latency(now));
+    let cost = |c: &C, own: Option<f64>, other: Option<f64>| {
+        let latency = own.or(other).unwrap_or(0.0).max(c.busy_for(now));
+        (c.load() as f64 + 1.0) * (latency + MIN_LATENCY)
+    };
+    (cost(a, la, lb), cost(b, lb, la))
 }
 
 /// Pick two distinct ready workers at random and take the cheaper one (the
@@ -39,7 +46,10 @@ pub fn p2c<C: Candidate>(workers: &[C], mut rand: impl FnMut(usize) -> usize) ->
             let a = rand(n);
             let b = (a + 1 + rand(n - 1)) % n; // distinct from a
             match (ready().nth(a), ready().nth(b)) {
-                (Some(wa), Some(wb)) => Some(if cost(wb, wa) < cost(wa, wb) { wb } else { wa }),
+                (Some(wa), Some(wb)) => {
+                    let (ca, cb) = costs(wa, wb);
+                    Some(if cb < ca { wb } else { wa })
+                }
                 // Readiness changed between counting and picking.
                 (Some(w), None) | (None, Some(w)) => Some(w),
                 (None, None) => ready().next(),
@@ -62,10 +72,10 @@ mod tests {
         fn load(&self) -> usize {
             self.1
         }
-        fn latency(&self) -> Option<f64> {
+        fn latency(&self, _: Instant) -> Option<f64> {
             self.2
         }
-        fn busy_for(&self) -> f64 {
+        fn busy_for(&self, _: Instant) -> f64 {
             self.3
         }
     }

@@ -60,11 +60,17 @@ impl Latency {
 
     /// The estimate now, in seconds; `None` before the first answer.
     pub fn get(&self) -> Option<f64> {
+        self.get_at(Instant::now())
+    }
+
+    /// The estimate at `now` (one clock read serves a whole pick).
+    pub fn get_at(&self, now: Instant) -> Option<f64> {
         let (estimate, stamp) = self.load();
         if estimate.is_nan() {
             return None;
         }
-        Some(estimate * Self::decay(self.now_us().saturating_sub(stamp)))
+        let now_us = u64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
+        Some(estimate * Self::decay(now_us.saturating_sub(stamp)))
     }
 
     /// The worker answered after `took`.

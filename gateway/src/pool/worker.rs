@@ -100,13 +100,13 @@ impl Worker {
         self.busy_since_us.store(now, Ordering::Relaxed);
     }
 
-    /// Seconds its oldest outstanding call has run at least (0 when idle):
-    /// a hung worker looks slow before any of its calls ends.
-    pub fn busy_for(&self) -> f64 {
+    /// Seconds its oldest outstanding call has run at least at `now` (0 when
+    /// idle): a hung worker looks slow before any of its calls ends.
+    pub fn busy_for(&self, now: Instant) -> f64 {
         if self.outstanding() == 0 {
             return 0.0;
         }
-        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
         now.saturating_sub(self.busy_since_us.load(Ordering::Relaxed)) as f64 / 1e6
     }
 
@@ -235,10 +235,10 @@ impl super::balance::Candidate for Arc<Worker> {
     fn load(&self) -> usize {
         Worker::outstanding(self).saturating_add(self.outlier.penalty())
     }
-    fn latency(&self) -> Option<f64> {
-        self.latency.get()
+    fn latency(&self, now: Instant) -> Option<f64> {
+        self.latency.get_at(now)
     }
-    fn busy_for(&self) -> f64 {
-        Worker::busy_for(self)
+    fn busy_for(&self, now: Instant) -> f64 {
+        Worker::busy_for(self, now)
     }
 }
