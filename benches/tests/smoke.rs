@@ -94,6 +94,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         max_message_bytes: 1 << 20,
         http_max_in_flight: 64,
         grpc_max_in_flight: 64,
+        sse_keep_alive: std::time::Duration::from_secs(15),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     let (_, health) = tonic_health_server();

@@ -166,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         max_message_bytes: config.max_message_bytes,
         http_max_in_flight: config.http_max_in_flight,
         grpc_max_in_flight: config.grpc_max_in_flight,
+        sse_keep_alive: config.sse_keep_alive,
         draining: draining.clone(),
     });
     let (health, health_service) = tonic_health::server::health_reporter();

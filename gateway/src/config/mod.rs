@@ -50,6 +50,8 @@ pub struct Config {
     pub http_max_in_flight: usize,
     pub grpc_max_in_flight: usize,
     pub http_connections: ConnLimits,
+    /// SSE keep-alive comment interval.
+    pub sse_keep_alive: Duration,
     pub grpc_connections: ConnLimits,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -284,6 +286,7 @@ impl Config {
             grpc_listen,
             max_message_bytes,
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
+            sse_keep_alive: duration("http.sse_keep_alive", &raw.http.sse_keep_alive)?,
             grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
             http_connections: ConnLimits::from_raw(
                 "http",

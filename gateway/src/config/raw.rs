@@ -41,6 +41,9 @@ pub struct RawHttp {
     /// not answered within `keepalive_timeout` (finds dead peers).
     pub keepalive_interval: String,
     pub keepalive_timeout: String,
+    /// A streaming answer (SSE) sends a comment this often while the model
+    /// is silent, so proxies and clients do not time the stream out.
+    pub sse_keep_alive: String,
 }
 
 impl Default for RawHttp {
@@ -54,6 +57,7 @@ impl Default for RawHttp {
             idle_timeout: "60s".into(),
             keepalive_interval: "30s".into(),
             keepalive_timeout: "10s".into(),
+            sse_keep_alive: "15s".into(),
         }
     }
 }

@@ -229,14 +229,9 @@ impl Inference for InferenceService {
         let m = meta(&self.state, &req)?;
         let r = req.into_inner();
         let result: Result<((ChunkStream, Target), Admission), GatewayError> = async {
-            require_model(&r.model)?;
-            if r.messages.is_empty() {
-                return Err(GatewayError::invalid("messages", "must not be empty"));
-            }
+            super::chat::validate(&r)?;
             let plan = m.plan(&self.state, &r.model)?;
-            let prompt: u64 = r.messages.iter().map(|msg| estimate_tokens(&msg.content)).sum();
-            let max_tokens = r.params.as_ref().map_or(0, |p| u64::from(p.max_tokens));
-            let admission = self.state.policy.admit(&m.caller, &r.model, prompt + max_tokens).await?;
+            let admission = self.state.policy.admit(&m.caller, &r.model, super::chat::estimate(&r)).await?;
             let call = Call {
                 model: r.model.clone(),
                 payload: r,
@@ -251,19 +246,8 @@ impl Inference for InferenceService {
         .await;
         let rid = m.request_id.clone();
         let ((stream, target), admission) = result.map_err(|e| fail(e, &m.request_id))?;
-        // The reservation is settled with the usage the worker reports last,
-        // when the stream ends; a stream dropped early gives it back.
-        let mut admission = Some(admission);
-        let stream = stream.map(move |c| {
-            if let Ok(chunk) = &c
-                && let Some(usage) = &chunk.usage
-                && chunk.finish_reason != 0
-                && let Some(a) = admission.take()
-            {
-                a.settle(Some(u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)));
-            }
-            c.map_err(|e| fail(e, &rid))
-        });
+        // An error after the first chunk ends the stream with its status.
+        let stream = super::chat::Metered::new(stream, admission).map(move |c| c.map_err(|e| fail(e, &rid)));
         Ok(respond(stream.boxed(), &m.request_id, &target))
     }
 }

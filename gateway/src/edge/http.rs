@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
@@ -15,6 +16,7 @@ use serde_json::json;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use super::EdgeState;
+use super::chat::{ChatRequest, Completion, Metered};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::GatewayError;
@@ -30,6 +32,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
     // Work that reaches workers is bounded; health and metadata stay
     // answerable under overload so probes do not flap.
     let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v2/models/{model}/infer", post(infer))
         .with_state(state.clone());
@@ -178,6 +181,53 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
+        route::tag(resp.headers_mut(), &target);
+        Ok(resp)
+    }
+    .await;
+    Reply(result, rid)
+}
+
+async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
+    let (parts, body) = req.into_parts();
+    let rid = request_id(&parts.headers);
+    let caller = super::caller_of(&parts.extensions);
+    let result = async {
+        let deadline = deadline(&state, &parts.headers)?;
+        let body: ChatRequest = read_json(&state, &parts.headers, body).await?;
+        let generate = body.to_generate()?;
+        let plan = state.routes.plan(&body.model, &caller, super::version_pin(&parts.headers)?)?;
+        let tokens = super::chat::estimate(&generate);
+        let admission = state.policy.admit(&caller, &body.model, tokens).await?;
+        let call = Call {
+            model: body.model.clone(),
+            payload: generate,
+            deadline,
+            request_id: rid.clone(),
+            caller,
+            pool: None,
+        };
+        // Fallbacks apply until the stream starts, never after.
+        let (stream, target) = route::run(&plan, call, |c| state.upstream.generate(c)).await?;
+        let mut chunks = Metered::new(stream, admission);
+        let completion = Completion::new(&rid, &body.model);
+        let mut resp = if body.stream {
+            // Wait briefly for the first chunk, so a failure before any
+            // output is still answered with its status; then commit to SSE.
+            let first = match tokio::time::timeout(state.sse_keep_alive, chunks.next()).await {
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(chunk))) => Some(chunk),
+                Ok(None) | Err(_) => None,
+            };
+            let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
+            let mut resp = completion.sse(first, chunks, include_usage, state.sse_keep_alive).into_response();
+            // Proxies must pass events on as they come.
+            resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+            resp.headers_mut().insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+            resp
+        } else {
+            axum::Json(completion.collect(chunks).await?).into_response()
+        };
         route::tag(resp.headers_mut(), &target);
         Ok(resp)
     }

@@ -1,5 +1,8 @@
 //! The edge: REST (axum) and gRPC (tonic, grpc-web) in front of [`Upstream`].
 
+pub mod chat;
+#[cfg(test)]
+mod chat_tests;
 pub mod conn;
 pub mod grpc;
 pub mod http;
@@ -30,6 +33,8 @@ pub struct EdgeState {
     pub max_message_bytes: usize,
     pub http_max_in_flight: usize,
     pub grpc_max_in_flight: usize,
+    /// SSE comment this often while a streaming model is silent.
+    pub sse_keep_alive: Duration,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,

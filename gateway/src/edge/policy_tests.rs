@@ -85,6 +85,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         max_message_bytes: 1024,
         http_max_in_flight: 64,
         grpc_max_in_flight: 64,
+        sse_keep_alive: std::time::Duration::from_secs(15),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (state, fake)

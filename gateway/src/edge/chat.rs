@@ -1,0 +1,397 @@
+//! Chat over the pools' streaming `Generate`: the checks every generation
+//! request passes (REST and gRPC alike), the OpenAI-compatible
+//! `chat.completion` answer, its `chat.completion.chunk` SSE stream, and the
+//! token metering of a stream.
+//!
+//! Failure semantics of a stream: before the first chunk the error is the
+//! response (an HTTP status, a gRPC status) and the route may retry or fall
+//! back; after it, the stream ends with an SSE `error` event (or a gRPC
+//! error status) and never with a finish reason it did not get.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::GatewayError;
+use crate::policy::Admission;
+use crate::pool::ChunkStream;
+use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Usage};
+
+/// Most messages one conversation may carry.
+pub const MAX_MESSAGES: usize = 1024;
+/// Most stop strings (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+/// Largest `max_tokens` accepted.
+pub const MAX_TOKENS: u32 = 1 << 20;
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Checks shared by `POST /v1/chat/completions` and gRPC `Generate`.
+pub fn validate(req: &GenerateRequest) -> Result<(), GatewayError> {
+    if req.model.is_empty() {
+        return Err(GatewayError::invalid("model", "is required"));
+    }
+    if req.messages.is_empty() {
+        return Err(GatewayError::invalid("messages", "must not be empty"));
+    }
+    if req.messages.len() > MAX_MESSAGES {
+        return Err(GatewayError::invalid("messages", format!("at most {MAX_MESSAGES} messages")));
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(GatewayError::invalid(
+                format!("messages[{i}].role"),
+                format!("must be one of {}, got {:?}", ROLES.join(", "), m.role),
+            ));
+        }
+    }
+    if let Some(p) = &req.params {
+        if p.has_temperature && !(0.0..=2.0).contains(&p.temperature) {
+            return Err(GatewayError::invalid("temperature", "must be between 0 and 2"));
+        }
+        if p.max_tokens > MAX_TOKENS {
+            return Err(GatewayError::invalid("max_tokens", format!("must be at most {MAX_TOKENS}")));
+        }
+        if p.stop.len() > MAX_STOP {
+            return Err(GatewayError::invalid("stop", format!("at most {MAX_STOP} stop strings")));
+        }
+        if p.stop.iter().any(String::is_empty) {
+            return Err(GatewayError::invalid("stop", "stop strings must not be empty"));
+        }
+    }
+    Ok(())
+}
+
+/// Tokens a generation may use at most, reserved at admission: the prompt
+/// estimate plus `max_tokens` (settled with the worker's usage at the end).
+pub fn estimate(req: &GenerateRequest) -> u64 {
+    let prompt: u64 = req.messages.iter().map(|m| crate::policy::estimate_tokens(&m.content)).sum();
+    prompt + req.params.as_ref().map_or(0, |p| u64::from(p.max_tokens))
+}
+
+/// `POST /v1/chat/completions` body (fields the gateway does not use are
+/// ignored, as OpenAI-compatible servers do).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<MessageJson>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// The newer name of `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// One message: `content` is a string, or a list of text parts.
+#[derive(Debug, Deserialize)]
+pub struct MessageJson {
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+impl ChatRequest {
+    /// The worker request, with every field checked.
+    pub fn to_generate(&self) -> Result<GenerateRequest, GatewayError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(GatewayError::invalid("n", "only one choice (n = 1) is supported"));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => 0,
+            Some(n) if n < 1 => return Err(GatewayError::invalid("max_tokens", "must be at least 1")),
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        };
+        let messages = self
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Ok(ChatMessage { role: m.role.clone(), content: content_text(&m.content, i)? }))
+            .collect::<Result<Vec<_>, GatewayError>>()?;
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        let req = GenerateRequest {
+            model: self.model.clone(),
+            messages,
+            params: Some(GenerationParams {
+                temperature: self.temperature.unwrap_or(0.0),
+                has_temperature: self.temperature.is_some(),
+                max_tokens,
+                stop,
+                seed: self.seed.unwrap_or(0),
+            }),
+            user: self.user.clone().unwrap_or_default(),
+        };
+        validate(&req)?;
+        Ok(req)
+    }
+}
+
+/// A message's text: a string, or the concatenated text of `{"type": "text"}` parts.
+fn content_text(content: &Value, i: usize) -> Result<String, GatewayError> {
+    let field = || format!("messages[{i}].content");
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t),
+                _ => Err(GatewayError::invalid(
+                    field(),
+                    "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.concat()),
+        _ => Err(GatewayError::invalid(field(), "must be a string or a list of text parts")),
+    }
+}
+
+fn finish_name(reason: i32) -> Option<&'static str> {
+    match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {
+        FinishReason::Unspecified => None,
+        FinishReason::Stop => Some("stop"),
+        FinishReason::Length => Some("length"),
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// Identity of one completion, shared by its chunks.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Completion {
+    pub fn new(request_id: &str, model: &str) -> Self {
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { id: format!("chatcmpl-{request_id}"), created, model: model.to_owned() }
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>, include_usage: bool) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if include_usage {
+            v["usage"] = usage.unwrap_or(Value::Null);
+        }
+        v
+    }
+
+    /// The whole answer of a non-streaming call.
+    pub async fn collect(&self, mut chunks: Metered) -> Result<Value, GatewayError> {
+        let mut text = String::new();
+        let mut finish = None;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            text.push_str(&chunk.text);
+            finish = finish_name(chunk.finish_reason);
+            if finish.is_some() {
+                break;
+            }
+        }
+        let finish = finish.ok_or_else(ended_early)?;
+        Ok(json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "logprobs": null,
+                "finish_reason": finish,
+            }],
+            "usage": usage_json(chunks.usage()),
+        }))
+    }
+
+    /// The SSE answer of a streaming call: `first` is a chunk already taken
+    /// from `chunks` (to answer an early failure with a status), then
+    /// keep-alive comments every `keep_alive` while the model is silent.
+    pub fn sse(
+        self,
+        first: Option<GenerateChunk>,
+        chunks: Metered,
+        include_usage: bool,
+        keep_alive: Duration,
+    ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+        let mut pending = VecDeque::new();
+        let role = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]);
+        pending.push_back(data(&self.chunk(role, None, include_usage)));
+        let mut state = SseState { completion: self, chunks, pending, include_usage, done: false };
+        if let Some(chunk) = first {
+            state.on_chunk(chunk);
+        }
+        let events = futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(event) = st.pending.pop_front() {
+                    return Some((Ok(event), st));
+                }
+                if st.done {
+                    return None;
+                }
+                match st.chunks.next().await {
+                    Some(Ok(chunk)) => st.on_chunk(chunk),
+                    Some(Err(e)) => st.on_error(&e),
+                    None => st.on_error(&ended_early()),
+                }
+            }
+        });
+        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+    }
+}
+
+fn data(v: &Value) -> Event {
+    Event::default().data(v.to_string())
+}
+
+fn ended_early() -> GatewayError {
+    GatewayError::WorkerFailed { worker: "-".into(), detail: "the generation ended without a finish reason".into() }
+}
+
+struct SseState {
+    completion: Completion,
+    chunks: Metered,
+    pending: VecDeque<Event>,
+    include_usage: bool,
+    done: bool,
+}
+
+impl SseState {
+    fn on_chunk(&mut self, chunk: GenerateChunk) {
+        let c = &self.completion;
+        if !chunk.text.is_empty() {
+            let delta = json!([{ "index": 0, "delta": { "content": chunk.text }, "finish_reason": null }]);
+            self.pending.push_back(data(&c.chunk(delta, None, self.include_usage)));
+        }
+        if let Some(finish) = finish_name(chunk.finish_reason) {
+            let last = json!([{ "index": 0, "delta": {}, "finish_reason": finish }]);
+            self.pending.push_back(data(&c.chunk(last, None, self.include_usage)));
+            if self.include_usage {
+                let usage = usage_json(self.chunks.usage());
+                self.pending.push_back(data(&c.chunk(json!([]), Some(usage), true)));
+            }
+            self.pending.push_back(Event::default().data("[DONE]"));
+            self.done = true;
+        }
+    }
+
+    /// After the first byte the status is sent: say what went wrong in an
+    /// `error` event and end the stream without `[DONE]`.
+    fn on_error(&mut self, e: &GatewayError) {
+        tracing::warn!(id = %self.completion.id, error = %e, "generation failed mid-stream");
+        let body = json!({ "error": {
+            "message": e.to_string(),
+            "type": e.problem_type(),
+            "code": e.http_status().as_u16(),
+        }});
+        self.pending.push_back(Event::default().event("error").data(body.to_string()));
+        self.done = true;
+    }
+}
+
+/// A generation stream holding its admission: the token reservation is
+/// settled with the worker's last reported usage when the stream finishes,
+/// fails or is dropped — a stream cut short pays for what it produced, and
+/// one that produced nothing gives the reservation back.
+pub struct Metered {
+    inner: ChunkStream,
+    admission: Option<Admission>,
+    usage: Option<Usage>,
+}
+
+impl Metered {
+    pub fn new(inner: ChunkStream, admission: Admission) -> Self {
+        Self { inner, admission: Some(admission), usage: None }
+    }
+
+    /// Tokens reported so far.
+    pub fn usage(&self) -> Usage {
+        self.usage.unwrap_or_default()
+    }
+
+    fn settle(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            match self.usage {
+                Some(u) => admission.settle(Some(u64::from(u.prompt_tokens) + u64::from(u.completion_tokens))),
+                None => drop(admission),
+            }
+        }
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<GenerateChunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = self.inner.poll_next_unpin(cx);
+        match &next {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(u) = chunk.usage {
+                    self.usage = Some(u);
+                }
+                if chunk.finish_reason != FinishReason::Unspecified as i32 {
+                    self.settle();
+                }
+            }
+            Poll::Ready(_) => self.settle(),
+            Poll::Pending => {}
+        }
+        next
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
