@@ -67,13 +67,13 @@ test-python: venv
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../tests/workers && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../tests/workers
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients
 
 test: lint test-python test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../tests/workers && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../tests/workers
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients
 
 clean:
 	cargo clean

@@ -251,6 +251,10 @@ async fn bad_input_is_a_precise_400_and_never_reaches_the_model() {
         assert_eq!(status, 400, "{body} -> {text}");
         let problem: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(problem["field"], field, "{body} -> {problem}");
+        // OpenAI's error object rides along for the openai SDKs.
+        assert_eq!(problem["error"]["param"], field);
+        assert_eq!(problem["error"]["message"], problem["detail"]);
+        assert_eq!(problem["error"]["type"], "invalid_request");
     }
     let (status, _, _) = chat(&app, json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]})).await;
     assert_eq!(status, 404);

@@ -55,6 +55,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Who is calling, before any body is read (public routes pass).
         .layer(axum::middleware::from_fn_with_state(state.policy.clone(), crate::policy::identify_http))
+        // Errors in the dialect of each surface's clients (auth refusals too).
+        .layer(axum::middleware::from_fn(super::dialect::error_dialect))
         // Echo the request id on every response, errors included.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Give every request an id before anything else sees it.

@@ -4,6 +4,7 @@ pub mod chat;
 #[cfg(test)]
 mod chat_tests;
 pub mod conn;
+pub mod dialect;
 pub mod grpc;
 pub mod http;
 pub mod json;

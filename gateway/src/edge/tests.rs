@@ -199,3 +199,22 @@ async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
     gate.add_permits(1);
     assert_eq!(held.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn v2_errors_carry_the_oip_error_string_beside_the_problem() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::http::router(state);
+    let req = Request::post("/v2/models/nope/infer")
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"inputs": []}).to_string()))
+        .unwrap();
+    let (status, headers, body) = send(&app, req).await;
+    assert_eq!(status, 404);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(body["error"], body["detail"], "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nope"));
+    // Routes outside /v1 and /v2 keep the plain problem.
+    let (status, _, body) = send(&app, Request::get("/nowhere").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, 404);
+    assert!(body.get("error").is_none(), "{body}");
+}

@@ -1,0 +1,92 @@
+//! Chat end to end: the real gateway, real Python workers, and the official
+//! `openai` package as the client.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use infergate_e2e::{Gateway, python, root};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+
+const ECHO_POOL: &str = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n";
+
+/// A streaming chat call whose answer is `words` words of echo (10 ms each).
+fn stream_words(gw: &Gateway, words: usize) -> reqwest::blocking::Response {
+    let text = (0..words).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let body = json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]});
+    let resp = reqwest::blocking::Client::new().post(gw.url("/v1/chat/completions")).json(&body).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    resp
+}
+
+/// Read until `pred` holds for what has arrived (or the stream ends).
+fn read_until(resp: &mut reqwest::blocking::Response, seen: &mut String, pred: impl Fn(&str) -> bool) {
+    let mut buf = [0u8; 4096];
+    while !pred(seen) {
+        let n = resp.read(&mut buf).unwrap();
+        if n == 0 {
+            return;
+        }
+        seen.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+}
+
+#[test]
+fn the_openai_package_drives_chat_plain_and_streaming_and_embeddings() {
+    let pools =
+        format!("{ECHO_POOL}[[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\n");
+    let gw = Gateway::start(&pools).unwrap();
+    let out =
+        Command::new(python()).arg(root().join("tests/clients/openai_sdk.py")).arg(gw.url("/v1")).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.trim() == "ok", "openai client failed:\n{stdout}\n{stderr}");
+}
+
+#[test]
+fn the_first_chunk_arrives_long_before_the_generation_ends() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let started = Instant::now();
+    let mut resp = stream_words(&gw, 40);
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, |s| s.contains("\"content\":\"w0\""));
+    let first = started.elapsed();
+    read_until(&mut resp, &mut seen, |_| false);
+    let last = started.elapsed();
+    eprintln!("first word after {first:?}, the 40th and [DONE] after {last:?}");
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+    assert!(seen.contains("\"content\":\" w39\""), "{seen}");
+    // Echo takes 10 ms a word: the first chunk is not held back for the rest.
+    assert!(first + Duration::from_millis(250) < last, "first {first:?}, last {last:?}");
+}
+
+#[test]
+fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_event_not_a_finish() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let victim = gw.worker_pid("echo-0").unwrap();
+    let mut resp = stream_words(&gw, 500);
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, |s| s.contains("\"content\":\" w3\""));
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    read_until(&mut resp, &mut seen, |_| false);
+    let tail: String = seen.chars().rev().take(400).collect::<String>().chars().rev().collect();
+    assert!(seen.contains("event: error\ndata: {\"error\""), "no error event; stream ended with:\n{tail}");
+    assert!(!seen.contains("[DONE]") && !seen.contains("\"finish_reason\":\"stop\""), "{tail}");
+    // The gateway restarts the worker and serves again.
+    gw.wait_ready(Duration::from_secs(30)).unwrap();
+    let body = json!({"model": "echo", "messages": [{"role": "user", "content": "back again"}]});
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = reqwest::blocking::Client::new().post(gw.url("/v1/chat/completions")).json(&body).send().unwrap();
+        if resp.status() == 200 {
+            let v: serde_json::Value = resp.json().unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], "back again");
+            break;
+        }
+        assert!(Instant::now() < end, "not serving again: {}", resp.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
