@@ -25,14 +25,14 @@ $(STAMPS)/venv: $(WORKER_SRC)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet "setuptools>=68" "grpcio-tools==1.85.1"
-	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev,baseline]"
+	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,rag,dev,baseline]"
 	@touch $@
 
 venv: $(STAMPS)/venv
 
 # Plotting for the benchmarks only; `make test` does not need it.
 $(STAMPS)/venv-bench: $(STAMPS)/venv
-	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,dev,baseline,bench]"
+	$(VPY) -m pip install --quiet --no-build-isolation -e "python-worker[minilm,rag,dev,baseline,bench]"
 	@touch $@
 
 build-release:

@@ -90,3 +90,32 @@ fn a_worker_killed_mid_stream_ends_the_stream_with_an_error_event_not_a_finish()
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn the_rag_model_answers_a_question_about_the_readme_with_a_source_pointing_into_it() {
+    let gw = Gateway::start("[[pools]]\nname = \"rag\"\nclass = \"infergate_worker.examples.rag:Rag\"\n").unwrap();
+    let client = reqwest::blocking::Client::new();
+    let ask = json!({"model": "rag", "messages": [{"role": "user", "content": "How do I run the tests?"}]});
+    let resp = client.post(gw.url("/v1/chat/completions")).json(&ask).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: serde_json::Value = resp.json().unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let sources = v["sources"].as_array().unwrap();
+    eprintln!("sources {:?}\n{answer}", sources.iter().map(|s| &s["source"]).collect::<Vec<_>>());
+    assert!(sources[0]["source"].as_str().unwrap().starts_with("README.md:"), "{sources:?}");
+    assert!(answer.starts_with("Extractive answer"), "labelled as extractive: {answer}");
+    assert!(answer.contains("`make test`") && answer.contains("[README.md:"), "{answer}");
+
+    // Streaming: the sources ride on the first content chunk, before the text.
+    let mut stream = ask.clone();
+    stream["stream"] = json!(true);
+    let body = client.post(gw.url("/v1/chat/completions")).json(&stream).send().unwrap().text().unwrap();
+    let chunks: Vec<serde_json::Value> = body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks[1]["sources"][0]["source"].as_str().unwrap().starts_with("README.md:"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"));
+}

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::error::GatewayError;
 use crate::policy::Admission;
 use crate::pool::ChunkStream;
-use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Usage};
+use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Source, Usage};
 
 /// Most messages one conversation may carry.
 pub const MAX_MESSAGES: usize = 1024;
@@ -230,16 +230,18 @@ impl Completion {
     pub async fn collect(&self, mut chunks: Metered) -> Result<Value, GatewayError> {
         let mut text = String::new();
         let mut finish = None;
+        let mut sources = Vec::new();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             text.push_str(&chunk.text);
+            sources.extend(chunk.sources.iter().map(source_json));
             finish = finish_name(chunk.finish_reason);
             if finish.is_some() {
                 break;
             }
         }
         let finish = finish.ok_or_else(ended_early)?;
-        Ok(json!({
+        let mut answer = json!({
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -251,7 +253,11 @@ impl Completion {
                 "finish_reason": finish,
             }],
             "usage": usage_json(chunks.usage()),
-        }))
+        });
+        if !sources.is_empty() {
+            answer["sources"] = Value::Array(sources);
+        }
+        Ok(answer)
     }
 
     /// The SSE answer of a streaming call: `first` is a chunk already taken
@@ -290,6 +296,10 @@ impl Completion {
     }
 }
 
+fn source_json(s: &Source) -> Value {
+    json!({ "source": s.source, "text": s.text, "score": s.score })
+}
+
 fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
@@ -309,9 +319,14 @@ struct SseState {
 impl SseState {
     fn on_chunk(&mut self, chunk: GenerateChunk) {
         let c = &self.completion;
-        if !chunk.text.is_empty() {
+        if !chunk.text.is_empty() || !chunk.sources.is_empty() {
             let delta = json!([{ "index": 0, "delta": { "content": chunk.text }, "finish_reason": null }]);
-            self.pending.push_back(data(&c.chunk(delta, None, self.include_usage)));
+            let mut event = c.chunk(delta, None, self.include_usage);
+            if !chunk.sources.is_empty() {
+                // An extension field: OpenAI clients ignore it, RAG UIs show it.
+                event["sources"] = chunk.sources.iter().map(source_json).collect();
+            }
+            self.pending.push_back(data(&event));
         }
         if let Some(finish) = finish_name(chunk.finish_reason) {
             let last = json!([{ "index": 0, "delta": {}, "finish_reason": finish }]);

@@ -12,6 +12,7 @@ from infergate_worker.model import (
     InferItem,
     InvalidInput,
     Model,
+    Source,
 )
 from infergate_worker.tensors import Tensor
 
@@ -26,6 +27,7 @@ __all__ = [
     "InferItem",
     "InvalidInput",
     "Model",
+    "Source",
     "Tensor",
     "__version__",
     "current_context",

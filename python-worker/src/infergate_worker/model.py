@@ -51,6 +51,18 @@ class GenerateInput:
 
 
 @dataclass
+class Source:
+    """A passage an answer draws on, returned to the client with the answer."""
+
+    #: Where it comes from: a path or a URL.
+    source: str
+    #: The passage itself.
+    text: str
+    #: How close it is to the question (higher is closer).
+    score: float = 0.0
+
+
+@dataclass
 class Chunk:
     """A generated piece of text, optionally with running token counts."""
 
@@ -59,6 +71,8 @@ class Chunk:
     completion_tokens: int | None = None
     #: "stop" or "length" on the final chunk; None otherwise.
     finish_reason: str | None = None
+    #: Passages the answer draws on; send them once, best before the text.
+    sources: list[Source] = field(default_factory=list)
 
 
 class Model:

@@ -238,12 +238,18 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
             usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
+            sources = [
+                types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
+            ]
             if chunk.finish_reason:
                 yield types_pb2.GenerateChunk(
-                    text=chunk.text, finish_reason=_finish(chunk.finish_reason), usage=usage
+                    text=chunk.text,
+                    finish_reason=_finish(chunk.finish_reason),
+                    usage=usage,
+                    sources=sources,
                 )
                 return
-            yield types_pb2.GenerateChunk(text=chunk.text, usage=usage)
+            yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
         yield types_pb2.GenerateChunk(
             finish_reason=types_pb2.FINISH_REASON_STOP,
             usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
