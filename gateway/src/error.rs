@@ -31,6 +31,9 @@ pub enum GatewayError {
     /// No pool serves the model.
     #[error("model {model:?} not found")]
     ModelNotFound { model: String },
+    /// The model exists but not in this version.
+    #[error("model {model:?} has no version {version:?}")]
+    VersionNotFound { model: String, version: String },
     /// The model exists but does not do this operation.
     #[error("model {model:?} does not support {operation}")]
     UnsupportedOperation { model: String, operation: &'static str },
@@ -131,6 +134,9 @@ impl GatewayError {
                 (StatusCode::METHOD_NOT_ALLOWED, C::Unimplemented, "method-not-allowed", "Method not allowed")
             }
             E::ModelNotFound { .. } => (StatusCode::NOT_FOUND, C::NotFound, "model-not-found", "Model not found"),
+            E::VersionNotFound { .. } => {
+                (StatusCode::NOT_FOUND, C::NotFound, "model-version-not-found", "Model version not found")
+            }
             E::UnsupportedOperation { .. } => (
                 StatusCode::BAD_REQUEST,
                 C::InvalidArgument,

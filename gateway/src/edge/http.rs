@@ -35,6 +35,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .with_state(state.clone());
     let api = super::with_in_flight_limit(api, state.http_max_in_flight, |limit| {
         GatewayError::Overloaded { limit }.into_http(None)
@@ -46,6 +47,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/health/ready", get(readyz))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}", get(version_metadata))
+        .route("/v2/models/{model}/versions/{version}/ready", get(version_ready))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
@@ -238,14 +241,31 @@ async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> 
 }
 
 async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
+    infer_at(state, model, None, req).await
+}
+
+async fn infer_version(
+    State(state): State<Arc<EdgeState>>,
+    Path((model, version)): Path<(String, String)>,
+    req: Request,
+) -> Reply {
+    infer_at(state, model, Some(version), req).await
+}
+
+/// OIP infer, at a version named in the path (a pin) or as routed.
+async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let caller = super::caller_of(&parts.extensions);
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
+        let pin = match &version {
+            Some(v) => state.routes.version_entry(&*state.upstream, &model, v)?.1,
+            None => super::version_pin(&parts.headers)?.map(str::to_owned),
+        };
         // The model is in the path: refuse over-limit callers before the
         // body is read or parsed (tensor calls carry no token estimate).
-        let plan = state.routes.plan(&model, &caller, super::version_pin(&parts.headers)?)?;
+        let plan = state.routes.plan(&model, &caller, pin.as_deref())?;
         route::target_entry(&*state.upstream, &plan.targets[0])?;
         let admission = state.policy.admit(&caller, &model, 0).await?;
         let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
@@ -293,27 +313,51 @@ async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
+/// OIP model metadata of an entry.
+fn metadata(entry: ModelEntry) -> Response {
+    let info = entry.info.unwrap_or_default();
+    let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
+    axum::Json(json!({
+        "name": info.name,
+        "versions": [info.version],
+        "platform": info.platform,
+        "inputs": info.inputs.iter().map(spec).collect::<Vec<_>>(),
+        "outputs": info.outputs.iter().map(spec).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+/// OIP readiness of an entry: 200 or 503, with the answer in the body too.
+fn readiness(model: &str, entry: &ModelEntry) -> Response {
+    let status = if entry.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({ "name": model, "ready": entry.ready }))).into_response()
+}
+
 async fn model_metadata(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    let result = state.routes.entry(&*state.upstream, &model).map(|entry| {
-        let info = entry.info.unwrap_or_default();
-        let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
-        axum::Json(json!({
-            "name": info.name,
-            "versions": [info.version],
-            "platform": info.platform,
-            "inputs": info.inputs.iter().map(spec).collect::<Vec<_>>(),
-            "outputs": info.outputs.iter().map(spec).collect::<Vec<_>>(),
-        }))
-        .into_response()
-    });
-    Reply(result, request_id(&headers))
+    Reply(state.routes.entry(&*state.upstream, &model).map(metadata), request_id(&headers))
 }
 
 async fn model_ready(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    let result = state.routes.entry(&*state.upstream, &model).map(|entry| {
-        let status = if entry.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        (status, axum::Json(json!({ "name": model, "ready": entry.ready }))).into_response()
-    });
+    let result = state.routes.entry(&*state.upstream, &model).map(|entry| readiness(&model, &entry));
+    Reply(result, request_id(&headers))
+}
+
+async fn version_metadata(
+    State(state): State<Arc<EdgeState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Reply {
+    let result = state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| metadata(entry));
+    Reply(result, request_id(&headers))
+}
+
+async fn version_ready(
+    State(state): State<Arc<EdgeState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Reply {
+    let result =
+        state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| readiness(&model, &entry));
     Reply(result, request_id(&headers))
 }
 

@@ -108,6 +108,30 @@ impl Routes {
         Ok(entry)
     }
 
+    /// The entry for version `version` of `name` (OIP `/versions/{v}`
+    /// routes), and the pin that selects it: an alias's versions are its
+    /// variants; a plain model has the one version its workers report.
+    pub fn version_entry(
+        &self,
+        upstream: &dyn Upstream,
+        name: &str,
+        version: &str,
+    ) -> Result<(ModelEntry, Option<String>), GatewayError> {
+        let missing = || GatewayError::VersionNotFound { model: name.to_owned(), version: version.to_owned() };
+        let Some(alias) = self.aliases.get(name) else {
+            let entry = upstream.model(name)?;
+            let matches = entry.info.as_ref().is_some_and(|i| i.version == version);
+            return if matches { Ok((entry, None)) } else { Err(missing()) };
+        };
+        let v = alias.variants.iter().find(|v| &*v.name == version).ok_or_else(missing)?;
+        let mut entry = upstream.model_in(&v.pool, &v.model)?;
+        if let Some(info) = entry.info.as_mut() {
+            info.name = name.to_owned();
+            info.version = version.to_owned();
+        }
+        Ok((entry, Some(version.to_owned())))
+    }
+
     /// Every model clients can name: the pools' models and the aliases whose
     /// stable variant is known.
     pub fn entries(&self, upstream: &dyn Upstream) -> Vec<ModelEntry> {

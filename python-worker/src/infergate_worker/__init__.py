@@ -13,6 +13,7 @@ from infergate_worker.model import (
     InvalidInput,
     Model,
     Source,
+    TensorSpec,
 )
 from infergate_worker.tensors import Tensor
 
@@ -29,6 +30,7 @@ __all__ = [
     "Model",
     "Source",
     "Tensor",
+    "TensorSpec",
     "__version__",
     "current_context",
 ]

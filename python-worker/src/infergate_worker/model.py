@@ -18,6 +18,18 @@ class InvalidInput(ValueError):
     """
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output a tensor model declares (shown in its metadata)."""
+
+    name: str
+    #: Open Inference Protocol data type: BOOL, INT8..INT64, UINT8..UINT64,
+    #: FP16, FP32, FP64 or BYTES.
+    datatype: str
+    #: Shape; -1 marks a variable dimension.
+    shape: tuple[int, ...]
+
+
 @dataclass
 class InferItem:
     """One item of an ``infer`` batch."""
@@ -96,6 +108,10 @@ class Model:
     embedding_dim: ClassVar[int] = 0
     #: Label shown in model metadata.
     platform: ClassVar[str] = "python"
+    #: For infer models: the tensors it takes and gives (model metadata;
+    #: the gateway sizes images for an image input from it).
+    inputs: ClassVar[Sequence[TensorSpec]] = ()
+    outputs: ClassVar[Sequence[TensorSpec]] = ()
 
     def load(self) -> None:
         """Load weights; called once per process before the model serves."""

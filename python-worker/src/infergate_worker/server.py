@@ -34,6 +34,7 @@ from infergate_worker.model import (
     InferItem,
     InvalidInput,
     Model,
+    TensorSpec,
 )
 from infergate_worker.tensors import Tensor, as_tensor
 
@@ -65,7 +66,13 @@ def describe(model: Model) -> types_pb2.ModelInfo:
         streaming=cls.streams(),
         embedding_dim=cls.embedding_dim,
         platform=cls.platform,
+        inputs=[_spec(t) for t in cls.inputs],
+        outputs=[_spec(t) for t in cls.outputs],
     )
+
+
+def _spec(t: TensorSpec) -> types_pb2.TensorSpec:
+    return types_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=list(t.shape))
 
 
 def item_error(exc: BaseException) -> types_pb2.ItemError:
@@ -317,12 +324,15 @@ def _infer_result(value: Any, item: InferItem) -> worker_pb2.InferResult:
     try:
         params = value.pop("parameters", None) if isinstance(value, dict) else None
         wanted = set(item.outputs)
+        unknown = sorted(wanted - set(value))
+        if unknown:
+            raise InvalidInput(f"no output named {', '.join(map(repr, unknown))}")
         tensors = [
             as_tensor(name, v).to_proto()
             for name, v in value.items()
             if not wanted or name in wanted
         ]
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:  # InvalidInput is a ValueError
         return worker_pb2.InferResult(error=item_error(exc))
     outputs = worker_pb2.InferOutputs(tensors=tensors)
     for k, v in (params or {}).items():

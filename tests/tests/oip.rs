@@ -1,0 +1,125 @@
+//! The Open Inference Protocol v2 surface end to end: every datatype round
+//! trips through a real worker, shapes are checked, requested outputs and
+//! request ids are honoured, versions resolve, errors carry `error`.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use infergate_e2e::Gateway;
+use serde_json::{Value, json};
+
+const POOLS: &str = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+                     [[pools]]\nname = \"sentiment\"\nclass = \"infergate_worker.examples.sentiment:Sentiment\"\n";
+
+fn post(gw: &Gateway, path: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::blocking::Client::new().post(gw.url(path)).json(body).send().unwrap();
+    (resp.status().as_u16(), resp.json().unwrap())
+}
+
+fn get(gw: &Gateway, path: &str) -> (u16, Value) {
+    let resp = reqwest::blocking::get(gw.url(path)).unwrap();
+    (resp.status().as_u16(), resp.json().unwrap())
+}
+
+#[test]
+fn oip_v2_round_trips_every_datatype_and_honours_shapes_outputs_ids_and_versions() {
+    let gw = Gateway::start(POOLS).unwrap();
+    let inputs = json!([
+        {"name": "bool", "datatype": "BOOL", "shape": [2], "data": [true, false]},
+        {"name": "int8", "datatype": "INT8", "shape": [2], "data": [-128, 127]},
+        {"name": "int16", "datatype": "INT16", "shape": [2], "data": [-32768, 32767]},
+        {"name": "int32", "datatype": "INT32", "shape": [2], "data": [-2147483648i64, 2147483647]},
+        {"name": "int64", "datatype": "INT64", "shape": [2], "data": [i64::MIN, i64::MAX]},
+        {"name": "uint8", "datatype": "UINT8", "shape": [2], "data": [0, 255]},
+        {"name": "uint16", "datatype": "UINT16", "shape": [2], "data": [0, 65535]},
+        {"name": "uint32", "datatype": "UINT32", "shape": [2], "data": [0, 4294967295u64]},
+        {"name": "uint64", "datatype": "UINT64", "shape": [2], "data": [0, u64::MAX]},
+        {"name": "fp16", "datatype": "FP16", "shape": [2], "data": [1.5, -2.25]},
+        {"name": "fp32", "datatype": "FP32", "shape": [2, 2], "data": [0.5, -3.5, 1e-3, 65504.0]},
+        {"name": "fp64", "datatype": "FP64", "shape": [2], "data": [0.1, 1e300]},
+        {"name": "bytes", "datatype": "BYTES", "shape": [2], "data": ["hi", "thére"]},
+    ]);
+    let (status, out) = post(&gw, "/v2/models/echo/infer", &json!({"id": "req-42", "inputs": inputs}));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["id"], "req-42");
+    assert_eq!(out["model_name"], "echo");
+    let outputs = out["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 13);
+    for input in inputs.as_array().unwrap() {
+        let output = outputs.iter().find(|o| o["name"] == input["name"]).unwrap();
+        assert_eq!(output["datatype"], input["datatype"]);
+        assert_eq!(output["shape"], input["shape"]);
+        if input["datatype"] == "FP32" || input["datatype"] == "FP16" {
+            let as_f32 =
+                |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+            assert_eq!(as_f32(&output["data"]), as_f32(&input["data"]), "{}", input["name"]);
+        } else {
+            assert_eq!(output["data"], input["data"], "{}", input["name"]);
+        }
+    }
+
+    // Only the outputs asked for; an output that does not exist is the caller's error.
+    let one = json!({"inputs": [inputs[0].clone(), inputs[1].clone()], "outputs": [{"name": "int8"}]});
+    let (status, out) = post(&gw, "/v2/models/echo/infer", &one);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outputs"].as_array().unwrap().len(), 1);
+    assert_eq!(out["outputs"][0]["name"], "int8");
+    let (status, out) =
+        post(&gw, "/v2/models/echo/infer", &json!({"inputs": [inputs[0].clone()], "outputs": [{"name": "nope"}]}));
+    assert_eq!(status, 400);
+    assert!(out["error"].as_str().unwrap().contains("nope"), "{out}");
+
+    // Bad tensors never reach the worker, and the error is OIP's string.
+    let bad = [
+        json!({"name": "x", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0]}),
+        json!({"name": "x", "datatype": "FP8", "shape": [1], "data": [1.0]}),
+        json!({"name": "x", "datatype": "UINT8", "shape": [1], "data": [256]}),
+        json!({"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}),
+    ];
+    for tensor in bad {
+        let (status, out) = post(&gw, "/v2/models/echo/infer", &json!({"inputs": [tensor]}));
+        assert_eq!(status, 400, "{tensor} -> {out}");
+        assert!(out["error"].is_string() && out["error"] == out["detail"], "{out}");
+    }
+
+    // Versions: the worker's own version resolves, any other is 404.
+    let (status, meta) = get(&gw, "/v2/models/echo/versions/1");
+    assert_eq!((status, meta["name"].clone(), meta["versions"].clone()), (200, json!("echo"), json!(["1"])));
+    assert_eq!(get(&gw, "/v2/models/echo/versions/1/ready").0, 200);
+    let (status, out) = get(&gw, "/v2/models/echo/versions/7");
+    assert_eq!(status, 404);
+    assert!(out["error"].as_str().unwrap().contains("no version \"7\""), "{out}");
+    let (status, out) = post(&gw, "/v2/models/echo/versions/1/infer", &json!({"inputs": [inputs[4].clone()]}));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outputs"][0]["data"], inputs[4]["data"]);
+    assert_eq!(post(&gw, "/v2/models/echo/versions/7/infer", &json!({"inputs": [inputs[4].clone()]})).0, 404);
+
+    // Server metadata and health.
+    let (status, server) = get(&gw, "/v2");
+    assert_eq!((status, server["name"].clone()), (200, json!("infergate")));
+    assert_eq!(get(&gw, "/v2/health/live").0, 200);
+    assert_eq!(get(&gw, "/v2/health/ready").0, 200);
+}
+
+#[test]
+fn the_sentiment_model_declares_its_tensors_and_classifies_over_oip() {
+    let gw = Gateway::start(POOLS).unwrap();
+    let (status, meta) = get(&gw, "/v2/models/sentiment");
+    assert_eq!(status, 200);
+    assert_eq!(meta["platform"], "pytorch");
+    assert_eq!(meta["inputs"], json!([{"name": "text", "datatype": "BYTES", "shape": [-1]}]));
+    assert_eq!(meta["outputs"][1], json!({"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}));
+    let texts = ["I love this, it works perfectly!", "This is broken and I am angry."];
+    let body = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": texts}]});
+    let (status, out) = post(&gw, "/v2/models/sentiment/infer", &body);
+    assert_eq!(status, 200, "{out}");
+    let label = out["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "label").unwrap();
+    assert_eq!(label["data"], json!(["positive", "negative"]));
+    let probs = out["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "probabilities").unwrap();
+    assert_eq!(probs["shape"], json!([2, 2]));
+    let p: Vec<f64> = probs["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!((p[0] + p[1] - 1.0).abs() < 1e-4 && p[1] > 0.5 && p[2] > 0.5, "{p:?}");
+    // The wrong input name fails with the model's message.
+    let wrong = json!({"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["x"]}]});
+    let (status, out) = post(&gw, "/v2/models/sentiment/infer", &wrong);
+    assert_eq!(status, 400);
+    assert!(out["error"].as_str().unwrap().contains("'text'"), "{out}");
+}
