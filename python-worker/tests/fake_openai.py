@@ -58,6 +58,10 @@ class FakeOpenAI:
                 for i, word in enumerate(words):
                     self._event(chunk(body, {"content": (" " if i else "") + word}, None))
                 self._event(chunk(body, {}, "stop"))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": 7, "completion_tokens": len(words)}
+                    usage["total_tokens"] = usage["prompt_tokens"] + len(words)
+                    self._event({**chunk(body, {}, None), "choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
                 self.close_connection = True

@@ -119,3 +119,66 @@ fn the_rag_model_answers_a_question_about_the_readme_with_a_source_pointing_into
     assert!(chunks[1]["sources"][0]["source"].as_str().unwrap().starts_with("README.md:"), "{body}");
     assert!(body.ends_with("data: [DONE]\n\n"));
 }
+
+/// The test's OpenAI-compatible server (python-worker/tests/fake_openai.py),
+/// killed on drop.
+struct FakeUpstream(std::process::Child, u16);
+
+impl FakeUpstream {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(python())
+            .arg(root().join("python-worker/tests/fake_openai.py"))
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains(&port.to_string()), "fake upstream did not start: {line:?}");
+        Self(child, port)
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_provider_that_fails_before_its_first_token_falls_back_to_another_provider_pool() {
+    let up = FakeUpstream::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let provider = |name: &str, port: u16| {
+        format!(
+            "[[pools]]\nname = \"{name}\"\nclass = \"infergate_worker.examples.provider:Provider\"\n\
+             env = {{ INFERGATE_PROVIDER = \"openai\", OPENAI_BASE_URL = \"http://127.0.0.1:{port}/v1\" }}\n"
+        )
+    };
+    let config = format!(
+        "{}{}[[aliases]]\nname = \"chat\"\nfallbacks = [\"second\"]\n\
+         [[aliases.variants]]\nname = \"first\"\npool = \"first\"\nmodel = \"provider\"\n\
+         [[aliases.variants]]\nname = \"second\"\npool = \"second\"\nmodel = \"provider\"\n",
+        provider("first", dead),
+        provider("second", up.1)
+    );
+    let gw = Gateway::start(&config).unwrap();
+    let client = reqwest::blocking::Client::new();
+    for stream in [false, true] {
+        let body = json!({"model": "chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
+        let resp = client.post(gw.url("/v1/chat/completions")).json(&body).send().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-infergate-variant"], "second", "answered by the fallback provider");
+        let text = resp.text().unwrap();
+        if stream {
+            assert!(text.contains("\"content\":\"Upstream\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+        } else {
+            assert!(text.contains("Upstream answer citing"), "{text}");
+        }
+    }
+    let fell_back = gw.log().iter().filter(|v| v["message"] == "falling back" && v["to"] == "second").count();
+    assert!(fell_back >= 2, "each call logged its fallback ({fell_back})");
+}

@@ -241,7 +241,7 @@ impl Inference for InferenceService {
                 pool: None,
             };
             // Fallbacks apply until the stream starts, never after.
-            Ok((route::run(&plan, call, |c| self.state.upstream.generate(c)).await?, admission))
+            Ok((route::run_stream(&plan, call, |c| self.state.upstream.generate(c)).await?, admission))
         }
         .await;
         let rid = m.request_id.clone();

@@ -213,7 +213,7 @@ async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> 
             pool: None,
         };
         // Fallbacks apply until the stream starts, never after.
-        let (stream, target) = route::run(&plan, call, |c| state.upstream.generate(c)).await?;
+        let (stream, target) = route::run_stream(&plan, call, |c| state.upstream.generate(c)).await?;
         let mut chunks = Metered::new(stream, admission);
         let completion = Completion::new(&rid, &body.model);
         let mut resp = if body.stream {

@@ -209,21 +209,57 @@ fn sticky_hash(alias: &str, caller: &Caller) -> u64 {
 }
 
 /// Whether the next target in a plan may take a call this error stopped:
-/// the target could not take it at all (nothing reached a model).
-fn falls_back(err: &GatewayError) -> bool {
+/// the target could not take it at all (nothing reached a model): no ready
+/// worker, starting, shed by the pool's queue or a worker's admission, or
+/// its circuit is open.
+fn could_not_take(err: &GatewayError) -> bool {
     matches!(
         err,
         GatewayError::NoReadyWorker { .. }
             | GatewayError::QueueFull { .. }
             | GatewayError::CircuitOpen { .. }
             | GatewayError::Starting { .. }
+            | GatewayError::WorkerRefused { .. }
     )
+}
+
+/// For a stream that has not started: also a worker that failed before the
+/// first chunk (the client has seen nothing, so another target may answer;
+/// this is what makes a second provider a fallback for the first).
+fn failed_before_first_chunk(err: &GatewayError) -> bool {
+    could_not_take(err) || matches!(err, GatewayError::WorkerUnavailable { .. } | GatewayError::WorkerFailed { .. })
 }
 
 /// Send `call` to the plan's targets in order until one takes it: the first
 /// whose failure is not a reason to fall back ends the walk. Returns the
 /// answer and the target that gave it.
 pub async fn run<P, T, F, Fut>(plan: &Plan, call: Call<P>, send: F) -> Result<(T, Target), GatewayError>
+where
+    P: Clone,
+    F: Fn(Call<P>) -> Fut,
+    Fut: Future<Output = Result<T, GatewayError>>,
+{
+    walk(plan, call, send, could_not_take).await
+}
+
+/// [`run`] for opening a stream: it also falls back when a target's worker
+/// failed before the first chunk. Once a stream is returned, nothing falls
+/// back any more.
+pub async fn run_stream<P, T, F, Fut>(plan: &Plan, call: Call<P>, send: F) -> Result<(T, Target), GatewayError>
+where
+    P: Clone,
+    F: Fn(Call<P>) -> Fut,
+    Fut: Future<Output = Result<T, GatewayError>>,
+{
+    walk(plan, call, send, failed_before_first_chunk).await
+}
+
+async fn walk<P, T, F, Fut>(
+    plan: &Plan,
+    call: Call<P>,
+    send: F,
+    falls_back: fn(&GatewayError) -> bool,
+) -> Result<(T, Target), GatewayError>
 where
     P: Clone,
     F: Fn(Call<P>) -> Fut,

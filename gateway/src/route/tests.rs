@@ -194,4 +194,44 @@ async fn run_falls_back_only_when_a_target_could_not_take_the_call() {
     .await
     .unwrap_err();
     assert!(matches!(err, GatewayError::QueueFull { ref pool, .. } if pool == "b"), "{err:?}");
+
+    // A worker's admission refused it (shed): the fallback takes it.
+    let (out, _) = run(&plan, call(), |c: Call<u32>| async move {
+        match c.pool.as_deref() {
+            Some("a") => Err(GatewayError::WorkerRefused { worker: "a-0".into(), detail: "full".into() }),
+            _ => Ok(c.model),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out, "m2");
+}
+
+#[tokio::test]
+async fn a_stream_falls_back_on_a_worker_failure_before_its_first_chunk() {
+    let plan = Plan {
+        targets: vec![
+            Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
+            Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
+        ],
+    };
+    for failure in [
+        GatewayError::WorkerUnavailable { worker: "a-0".into(), detail: "upstream 503".into() },
+        GatewayError::WorkerFailed { worker: "a-0".into(), detail: "boom".into() },
+    ] {
+        let (out, answered) = run_stream(&plan, call(), |c: Call<u32>| {
+            let failure = failure.clone();
+            async move { if c.pool.as_deref() == Some("a") { Err(failure) } else { Ok(c.model) } }
+        })
+        .await
+        .unwrap();
+        assert_eq!((out.as_str(), answered.variant.as_deref()), ("m2", Some("v2")));
+    }
+    // A client error is the answer for streams too.
+    let err = run_stream(&plan, call(), |_c: Call<u32>| async {
+        Err::<(), _>(GatewayError::ModelRejected { detail: "bad".into() })
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, GatewayError::ModelRejected { .. }));
 }

@@ -12,8 +12,10 @@ from infergate_worker.model import (
     InferItem,
     InvalidInput,
     Model,
+    Overloaded,
     Source,
     TensorSpec,
+    Unavailable,
 )
 from infergate_worker.tensors import Tensor
 
@@ -28,9 +30,11 @@ __all__ = [
     "InferItem",
     "InvalidInput",
     "Model",
+    "Overloaded",
     "Source",
     "Tensor",
     "TensorSpec",
+    "Unavailable",
     "__version__",
     "current_context",
 ]

@@ -18,6 +18,26 @@ class InvalidInput(ValueError):
     """
 
 
+class Overloaded(RuntimeError):
+    """The model cannot take the call now (its bulkhead or an upstream quota
+    is full), and did not start it.
+
+    Raise it from any model method: the call fails with RESOURCE_EXHAUSTED,
+    which the gateway treats as shed — retried on another worker within its
+    retry budget, or answered by the route's fallback.
+    """
+
+
+class Unavailable(RuntimeError):
+    """Something the model depends on is unavailable (an upstream provider
+    failed or timed out).
+
+    Raise it from any model method: the call fails with UNAVAILABLE, which
+    counts against the pool's circuit and, before a stream's first chunk,
+    sends the call to the route's fallback.
+    """
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """An input or output a tensor model declares (shown in its metadata)."""

@@ -34,7 +34,9 @@ from infergate_worker.model import (
     InferItem,
     InvalidInput,
     Model,
+    Overloaded,
     TensorSpec,
+    Unavailable,
 )
 from infergate_worker.tensors import Tensor, as_tensor
 
@@ -163,6 +165,14 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             )
             log.warning("model stopped: %s", exc, extra={"request_id": ctx.request_id})
             await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+        except Overloaded as exc:
+            log.warning("model refused the call: %s", exc, extra={"request_id": ctx.request_id})
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise  # unreachable: abort raises
+        except Unavailable as exc:
+            log.warning("model unavailable: %s", exc, extra={"request_id": ctx.request_id})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise  # unreachable: abort raises
 
     async def _run_batch(
