@@ -17,11 +17,15 @@ pub enum GatewayError {
     #[error("invalid request: {detail}")]
     InvalidRequest { field: Option<String>, detail: String },
     /// The request body is not JSON.
-    #[error("unsupported media type {got:?}: send application/json")]
-    UnsupportedMediaType { got: String },
+    #[error("unsupported media type {got:?}: send {accepted}")]
+    UnsupportedMediaType { got: String, accepted: &'static str },
     /// The request body exceeds the configured limit.
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// An image whose header declares more pixels than allowed (refused
+    /// before decoding: a decompression bomb costs nothing).
+    #[error("the image declares {width}x{height} pixels, more than the {max_pixels} allowed")]
+    ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
     /// No such route.
     #[error("no route for {path}")]
     RouteNotFound { path: String },
@@ -128,6 +132,9 @@ impl GatewayError {
             ),
             E::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "payload-too-large", "Payload too large")
+            }
+            E::ImageTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "image-too-large", "Image too large")
             }
             E::RouteNotFound { .. } => (StatusCode::NOT_FOUND, C::Unimplemented, "route-not-found", "Route not found"),
             E::MethodNotAllowed => {
@@ -345,7 +352,7 @@ mod tests {
     fn client_errors_are_never_5xx() {
         let client_errors = [
             GatewayError::invalid("input", "empty"),
-            GatewayError::UnsupportedMediaType { got: "text/plain".into() },
+            GatewayError::UnsupportedMediaType { got: "text/plain".into(), accepted: "application/json" },
             GatewayError::PayloadTooLarge { limit: 10 },
             GatewayError::ModelNotFound { model: "x".into() },
             GatewayError::RouteNotFound { path: "/x".into() },

@@ -123,3 +123,70 @@ fn the_sentiment_model_declares_its_tensors_and_classifies_over_oip() {
     assert_eq!(status, 400);
     assert!(out["error"].as_str().unwrap().contains("'text'"), "{out}");
 }
+
+fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+fn send(gw: &Gateway, path: &str, content_type: &str, body: Vec<u8>) -> reqwest::blocking::Response {
+    reqwest::blocking::Client::new().post(gw.url(path)).header("content-type", content_type).body(body).send().unwrap()
+}
+
+#[test]
+fn images_protobuf_and_raw_bodies_are_converted_at_the_edge() {
+    use prost::Message;
+
+    let pools = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+                 [[pools]]\nname = \"tiny_cnn\"\nclass = \"infergate_worker.examples.tiny_cnn:TinyCNN\"\n\
+                 [http]\nmax_image_pixels = 4000000\n";
+    let gw = Gateway::start(pools).unwrap();
+    let gradient = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+    for (format, content_type) in [(image::ImageFormat::Png, "image/png"), (image::ImageFormat::Jpeg, "image/jpeg")] {
+        let resp = send(&gw, "/v2/models/tiny_cnn/infer", content_type, encode(&gradient, format));
+        assert_eq!(resp.status(), 200, "{content_type}");
+        let out: Value = resp.json().unwrap();
+        let output =
+            |name: &str| out["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap().clone();
+        // The model saw the tensor its metadata declares, whatever the image's size.
+        assert_eq!(output("input_shape")["data"], json!([1, 3, 64, 64]), "{content_type}");
+        assert_eq!(output("probabilities")["shape"], json!([1, 10]));
+    }
+    // Corrupt, oversized (by header) and misdirected images never reach a worker.
+    let resp = send(&gw, "/v2/models/tiny_cnn/infer", "image/jpeg", b"not a jpeg".to_vec());
+    assert_eq!(resp.status(), 400);
+    let big = image::RgbImage::new(2001, 2000); // 4,002,000 pixels > 4,000,000
+    let resp = send(&gw, "/v2/models/tiny_cnn/infer", "image/png", encode(&big, image::ImageFormat::Png));
+    assert_eq!(resp.status(), 413);
+    let problem: Value = resp.json().unwrap();
+    assert_eq!(problem["type"], "urn:infergate:error:image-too-large");
+    let resp = send(&gw, "/v2/models/echo/infer", "image/png", encode(&gradient, image::ImageFormat::Png));
+    assert_eq!(resp.status(), 400, "echo declares no image input");
+    assert_eq!(send(&gw, "/v2/models/echo/infer", "text/plain", b"x".to_vec()).status(), 415);
+
+    // The public proto message as a body; the answer comes back in kind.
+    let req = infergate::proto::InferRequest {
+        id: "pb-1".into(),
+        inputs: vec![infergate::proto::Tensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![2],
+            fp32_contents: vec![1.5, 2.5],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let resp = send(&gw, "/v2/models/echo/infer", "application/x-protobuf", req.encode_to_vec());
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-protobuf");
+    let answer = infergate::proto::InferResponse::decode(resp.bytes().unwrap()).unwrap();
+    assert_eq!((answer.id.as_str(), answer.outputs[0].fp32_contents.as_slice()), ("pb-1", &[1.5, 2.5][..]));
+
+    // Raw bytes pass through as one BYTES element.
+    let resp = send(&gw, "/v2/models/echo/infer", "application/octet-stream", b"raw bytes here".to_vec());
+    assert_eq!(resp.status(), 200);
+    let out: Value = resp.json().unwrap();
+    assert_eq!(out["outputs"][0]["datatype"], "BYTES");
+    assert_eq!(out["outputs"][0]["data"], json!(["raw bytes here"]));
+}

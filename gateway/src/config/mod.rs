@@ -52,6 +52,7 @@ pub struct Config {
     pub http_connections: ConnLimits,
     /// SSE keep-alive comment interval.
     pub sse_keep_alive: Duration,
+    pub max_image_pixels: u64,
     pub grpc_connections: ConnLimits,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -287,6 +288,7 @@ impl Config {
             max_message_bytes,
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
             sse_keep_alive: duration("http.sse_keep_alive", &raw.http.sse_keep_alive)?,
+            max_image_pixels: positive_size("http.max_image_pixels", raw.http.max_image_pixels)? as u64,
             grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
             http_connections: ConnLimits::from_raw(
                 "http",

@@ -44,6 +44,8 @@ pub struct RawHttp {
     /// A streaming answer (SSE) sends a comment this often while the model
     /// is silent, so proxies and clients do not time the stream out.
     pub sse_keep_alive: String,
+    /// Largest image (width x height, from its header) an infer call may send.
+    pub max_image_pixels: u64,
 }
 
 impl Default for RawHttp {
@@ -58,6 +60,7 @@ impl Default for RawHttp {
             keepalive_interval: "30s".into(),
             keepalive_timeout: "10s".into(),
             sse_keep_alive: "15s".into(),
+            max_image_pixels: 40_000_000,
         }
     }
 }

@@ -101,6 +101,7 @@ fn app(script: Vec<Step>, keep_alive: Duration) -> (axum::Router, Arc<Scripted>)
         http_max_in_flight: 8,
         grpc_max_in_flight: 8,
         sse_keep_alive: keep_alive,
+        max_image_pixels: 1 << 24,
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (super::http::router(state), upstream)

@@ -159,6 +159,9 @@ impl Inference for InferenceService {
             if r.inputs.is_empty() {
                 return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
+            for (i, t) in r.inputs.iter().enumerate() {
+                super::convert::check_tensor(t, &format!("inputs[{i}]"))?;
+            }
             let plan = m.plan(&self.state, &r.model)?;
             let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
             let admission = self.state.policy.admit(&m.caller, &r.model, 0).await?;

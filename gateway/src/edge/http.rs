@@ -17,11 +17,12 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use super::EdgeState;
 use super::chat::{ChatRequest, Completion, Metered};
+use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::GatewayError;
 use crate::policy::estimate_tokens;
-use crate::proto::{ModelEntry, ModelKind};
+use crate::proto::{InferItem, ModelEntry, ModelKind};
 use crate::route;
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
@@ -105,9 +106,32 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
         let ct = ct.to_str().unwrap_or_default();
         let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         if mime != "application/json" && !mime.ends_with("+json") {
-            return Err(GatewayError::UnsupportedMediaType { got: ct.to_owned() });
+            return Err(GatewayError::UnsupportedMediaType { got: ct.to_owned(), accepted: "application/json" });
         }
     }
+    let bytes = read_body(state, headers, body).await?;
+    parse_json(&bytes)
+}
+
+/// Parse a JSON body; errors name the field that failed.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // Broken JSON is the body's fault; a well-formed value of the wrong
+        // shape is the fault of the field at the path.
+        let field = match e.inner().classify() {
+            serde_json::error::Category::Data => e.path().to_string(),
+            _ => "body".to_owned(),
+        };
+        let field = if field == "." { "body".to_owned() } else { field };
+        GatewayError::invalid(field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| GatewayError::invalid("body", e.to_string()))?;
+    Ok(value)
+}
+
+/// Read a body of any type, at most `http.max_body_bytes`.
+async fn read_body(state: &EdgeState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, GatewayError> {
     let limit = state.max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -125,20 +149,7 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
         }
         buf.extend_from_slice(&data);
     }
-    let bytes = buf.freeze();
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        // Broken JSON is the body's fault; a well-formed value of the wrong
-        // shape is the fault of the field at the path.
-        let field = match e.inner().classify() {
-            serde_json::error::Category::Data => e.path().to_string(),
-            _ => "body".to_owned(),
-        };
-        let field = if field == "." { "body".to_owned() } else { field };
-        GatewayError::invalid(field, e.into_inner().to_string())
-    })?;
-    de.end().map_err(|e| GatewayError::invalid("body", e.to_string()))?;
-    Ok(value)
+    Ok(buf.freeze())
 }
 
 /// Most of an oversized body read and dropped before answering 413, and
@@ -263,24 +274,64 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             Some(v) => state.routes.version_entry(&*state.upstream, &model, v)?.1,
             None => super::version_pin(&parts.headers)?.map(str::to_owned),
         };
+        let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
+        let kind = BodyKind::of(content_type).ok_or_else(|| GatewayError::UnsupportedMediaType {
+            got: content_type.unwrap_or_default().to_owned(),
+            accepted: "application/json, image/jpeg, image/png, application/x-protobuf or application/octet-stream",
+        })?;
         // The model is in the path: refuse over-limit callers before the
         // body is read or parsed (tensor calls carry no token estimate).
         let plan = state.routes.plan(&model, &caller, pin.as_deref())?;
-        route::target_entry(&*state.upstream, &plan.targets[0])?;
+        let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
         let admission = state.policy.admit(&caller, &model, 0).await?;
-        let body: InferRequestJson = read_json(&state, &parts.headers, body).await?;
-        let item = json::infer_item_from_json(&body)?;
+        let bytes = read_body(&state, &parts.headers, body).await?;
+        let item = match kind {
+            BodyKind::Json => json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)?,
+            BodyKind::Protobuf => convert::protobuf_item(&bytes, &model)?,
+            BodyKind::Raw => InferItem {
+                inputs: vec![convert::raw_tensor(bytes, &entry.info.unwrap_or_default())],
+                ..Default::default()
+            },
+            BodyKind::Image => {
+                let info = entry.info.unwrap_or_default();
+                let (name, h, w) = convert::image_input(&info)?;
+                let (name, max) = (name.to_owned(), state.max_image_pixels);
+                // Decoding is CPU work: off the request threads.
+                let tensor = tokio::task::spawn_blocking(move || convert::image_tensor(&bytes, &name, h, w, max))
+                    .await
+                    .map_err(|e| GatewayError::invalid("body", format!("image decoding failed: {e}")))??;
+                InferItem { inputs: vec![tensor], ..Default::default() }
+            }
+        };
         let id = item.id.clone();
         let call = Call { model: model.clone(), payload: item, deadline, request_id: rid.clone(), caller, pool: None };
         let ((mut info, out), target) = route::run(&plan, call, |c| state.upstream.infer(c)).await?;
         admission.settle(None);
         info.name = model;
-        let mut resp = axum::Json(json::infer_response_json(&info, id, out)).into_response();
+        let mut resp = if wants_protobuf(&parts.headers, kind) {
+            let msg = crate::proto::InferResponse {
+                model: info.name,
+                model_version: info.version,
+                id,
+                outputs: out.tensors,
+                parameters: out.parameters,
+            };
+            ([(header::CONTENT_TYPE, "application/x-protobuf")], prost::Message::encode_to_vec(&msg)).into_response()
+        } else {
+            axum::Json(json::infer_response_json(&info, id, out)).into_response()
+        };
         route::tag(resp.headers_mut(), &target);
         Ok(resp)
     }
     .await;
     Reply(result, rid)
+}
+
+/// Answer in protobuf when asked to (`Accept`), or when the request was
+/// protobuf and JSON was not asked for.
+fn wants_protobuf(headers: &HeaderMap, kind: BodyKind) -> bool {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    accept.contains("application/x-protobuf") || (kind == BodyKind::Protobuf && !accept.contains("json"))
 }
 
 fn kind_name(kind: i32) -> &'static str {

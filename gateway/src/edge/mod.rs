@@ -4,6 +4,7 @@ pub mod chat;
 #[cfg(test)]
 mod chat_tests;
 pub mod conn;
+pub mod convert;
 pub mod dialect;
 pub mod grpc;
 pub mod http;
@@ -36,6 +37,8 @@ pub struct EdgeState {
     pub grpc_max_in_flight: usize,
     /// SSE comment this often while a streaming model is silent.
     pub sse_keep_alive: Duration,
+    /// Largest image an infer call may send, in pixels (from its header).
+    pub max_image_pixels: u64,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,
