@@ -324,8 +324,9 @@ impl From<GatewayError> for tonic::Status {
     }
 }
 
-/// An RFC 9457 problem document.
-#[derive(Debug, Serialize)]
+/// An RFC 9457 problem document. Under `/v1` it also carries OpenAI's
+/// `error` object, under `/v2` the Open Inference Protocol's `error` string.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Stable machine-readable error type.
     #[serde(rename = "type")]

@@ -190,3 +190,27 @@ fn images_protobuf_and_raw_bodies_are_converted_at_the_edge() {
     assert_eq!(out["outputs"][0]["datatype"], "BYTES");
     assert_eq!(out["outputs"][0]["data"], json!(["raw bytes here"]));
 }
+
+#[test]
+fn openapi_json_is_a_valid_openapi_3_1_document_of_the_running_gateway() {
+    let gw = Gateway::start("[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n").unwrap();
+    let resp = reqwest::blocking::get(gw.url("/openapi.json")).unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let doc = resp.text().unwrap();
+    // Checked by openapi-spec-validator against the OpenAPI 3.1 schema.
+    let check = "import json, sys\nfrom openapi_spec_validator import validate\n\
+                 doc = json.load(sys.stdin)\nvalidate(doc)\nprint(doc['openapi'], len(doc['paths']))";
+    let mut child = std::process::Command::new(infergate_e2e::python())
+        .args(["-c", check])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "invalid OpenAPI document:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("3.1"), "{stdout}");
+}

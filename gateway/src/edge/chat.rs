@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::GatewayError;
@@ -77,7 +77,7 @@ pub fn estimate(req: &GenerateRequest) -> u64 {
 
 /// `POST /v1/chat/completions` body (fields the gateway does not use are
 /// ignored, as OpenAI-compatible servers do).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<MessageJson>,
@@ -103,21 +103,21 @@ pub struct ChatRequest {
 }
 
 /// One message: `content` is a string, or a list of text parts.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct MessageJson {
     pub role: String,
     #[serde(default)]
     pub content: Value,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
@@ -190,12 +190,105 @@ fn finish_name(reason: i32) -> Option<&'static str> {
     }
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    })
+/// `chat.completion`: the answer of a non-streaming call.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: ChatUsage,
+    /// Passages the answer draws on (retrieval models; an extension).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceJson>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// Always null: log probabilities are not produced.
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+/// Token counts as the worker reported them.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct ChatUsage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for ChatUsage {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// A passage an answer draws on.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SourceJson {
+    /// Where it comes from, e.g. `README.md:33`.
+    pub source: String,
+    pub text: String,
+    /// Similarity to the question (higher is closer).
+    pub score: f32,
+}
+
+impl From<&Source> for SourceJson {
+    fn from(s: &Source) -> Self {
+        Self { source: s.source.clone(), text: s.text.clone(), score: s.score }
+    }
+}
+
+/// `chat.completion.chunk`: one event of a streaming call (`data:` lines of
+/// `text/event-stream`, ending with `data: [DONE]`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    /// With `stream_options.include_usage`: null on every chunk but an extra
+    /// last one (with no choices) that carries the totals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<ChatUsage>>,
+    /// Passages the answer draws on, on the chunk where they arrive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceJson>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub finish_reason: Option<String>,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// Identity of one completion, shared by its chunks.
@@ -212,52 +305,47 @@ impl Completion {
         Self { id: format!("chatcmpl-{request_id}"), created, model: model.to_owned() }
     }
 
-    fn chunk(&self, choices: Value, usage: Option<Value>, include_usage: bool) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if include_usage {
-            v["usage"] = usage.unwrap_or(Value::Null);
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Option<ChatUsage>>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+            sources: Vec::new(),
         }
-        v
     }
 
     /// The whole answer of a non-streaming call.
-    pub async fn collect(&self, mut chunks: Metered) -> Result<Value, GatewayError> {
+    pub async fn collect(&self, mut chunks: Metered) -> Result<ChatCompletion, GatewayError> {
         let mut text = String::new();
         let mut finish = None;
         let mut sources = Vec::new();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             text.push_str(&chunk.text);
-            sources.extend(chunk.sources.iter().map(source_json));
+            sources.extend(chunk.sources.iter().map(SourceJson::from));
             finish = finish_name(chunk.finish_reason);
             if finish.is_some() {
                 break;
             }
         }
         let finish = finish.ok_or_else(ended_early)?;
-        let mut answer = json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": text },
-                "logprobs": null,
-                "finish_reason": finish,
+        Ok(ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant".into(), content: text },
+                logprobs: None,
+                finish_reason: finish.into(),
             }],
-            "usage": usage_json(chunks.usage()),
-        });
-        if !sources.is_empty() {
-            answer["sources"] = Value::Array(sources);
-        }
-        Ok(answer)
+            usage: chunks.usage().into(),
+            sources,
+        })
     }
 
     /// The SSE answer of a streaming call: `first` is a chunk already taken
@@ -271,8 +359,9 @@ impl Completion {
         keep_alive: Duration,
     ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
         let mut pending = VecDeque::new();
-        let role = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]);
-        pending.push_back(data(&self.chunk(role, None, include_usage)));
+        let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
+        let usage = include_usage.then_some(None);
+        pending.push_back(data(&self.chunk(vec![ChunkChoice { index: 0, delta, finish_reason: None }], usage)));
         let mut state = SseState { completion: self, chunks, pending, include_usage, done: false };
         if let Some(chunk) = first {
             state.on_chunk(chunk);
@@ -296,12 +385,8 @@ impl Completion {
     }
 }
 
-fn source_json(s: &Source) -> Value {
-    json!({ "source": s.source, "text": s.text, "score": s.score })
-}
-
-fn data(v: &Value) -> Event {
-    Event::default().data(v.to_string())
+fn data(chunk: &ChatCompletionChunk) -> Event {
+    Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
 }
 
 fn ended_early() -> GatewayError {
@@ -319,21 +404,18 @@ struct SseState {
 impl SseState {
     fn on_chunk(&mut self, chunk: GenerateChunk) {
         let c = &self.completion;
+        let usage = self.include_usage.then_some(None);
         if !chunk.text.is_empty() || !chunk.sources.is_empty() {
-            let delta = json!([{ "index": 0, "delta": { "content": chunk.text }, "finish_reason": null }]);
-            let mut event = c.chunk(delta, None, self.include_usage);
-            if !chunk.sources.is_empty() {
-                // An extension field: OpenAI clients ignore it, RAG UIs show it.
-                event["sources"] = chunk.sources.iter().map(source_json).collect();
-            }
+            let delta = Delta { role: None, content: Some(chunk.text) };
+            let mut event = c.chunk(vec![ChunkChoice { index: 0, delta, finish_reason: None }], usage);
+            event.sources = chunk.sources.iter().map(SourceJson::from).collect();
             self.pending.push_back(data(&event));
         }
         if let Some(finish) = finish_name(chunk.finish_reason) {
-            let last = json!([{ "index": 0, "delta": {}, "finish_reason": finish }]);
-            self.pending.push_back(data(&c.chunk(last, None, self.include_usage)));
+            let last = ChunkChoice { index: 0, delta: Delta::default(), finish_reason: Some(finish.into()) };
+            self.pending.push_back(data(&c.chunk(vec![last], usage)));
             if self.include_usage {
-                let usage = usage_json(self.chunks.usage());
-                self.pending.push_back(data(&c.chunk(json!([]), Some(usage), true)));
+                self.pending.push_back(data(&c.chunk(Vec::new(), Some(Some(self.chunks.usage().into())))));
             }
             self.pending.push_back(Event::default().data("[DONE]"));
             self.done = true;

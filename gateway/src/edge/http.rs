@@ -9,20 +9,20 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, header};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-use super::EdgeState;
 use super::chat::{ChatRequest, Completion, Metered};
 use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
+use super::{EdgeState, meta};
 use crate::call::{Call, Deadline, parse_request_timeout};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Problem};
 use crate::policy::estimate_tokens;
-use crate::proto::{InferItem, ModelEntry, ModelKind};
+use crate::proto::InferItem;
 use crate::route;
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
@@ -42,17 +42,18 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         GatewayError::Overloaded { limit }.into_http(None)
     });
     Router::new()
-        .route("/v1/models", get(list_models))
-        .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(healthz))
-        .route("/v2/health/ready", get(readyz))
-        .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}", get(version_metadata))
-        .route("/v2/models/{model}/versions/{version}/ready", get(version_ready))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/readyz", get(readyz))
+        .route("/v1/models", get(meta::list_models))
+        .route("/v2", get(meta::server_metadata))
+        .route("/v2/health/live", get(meta::live))
+        .route("/v2/health/ready", get(meta::ready))
+        .route("/v2/models/{model}", get(meta::model_metadata))
+        .route("/v2/models/{model}/ready", get(meta::model_ready))
+        .route("/v2/models/{model}/versions/{version}", get(meta::version_metadata))
+        .route("/v2/models/{model}/versions/{version}/ready", get(meta::version_ready))
+        .route("/healthz", get(meta::healthz))
+        .route("/metrics", get(meta::metrics))
+        .route("/readyz", get(meta::readyz))
+        .route("/openapi.json", get(super::openapi::document))
         .with_state(state.clone())
         .merge(api)
         .fallback(not_found)
@@ -67,12 +68,12 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
-fn request_id(headers: &HeaderMap) -> String {
+pub(super) fn request_id(headers: &HeaderMap) -> String {
     headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
 }
 
 /// A handler outcome: the answer, or an error rendered with the request id.
-struct Reply(Result<Response, GatewayError>, String);
+pub(super) struct Reply(pub(super) Result<Response, GatewayError>, pub(super) String);
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
@@ -171,7 +172,14 @@ async fn drain(mut body: Body) {
     .await;
 }
 
-async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
+/// Embeddings (OpenAI-compatible).
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai",
+    request_body = EmbeddingsRequest,
+    responses(
+        (status = 200, body = json::EmbeddingsResponse),
+        (status = "4XX", description = "The caller's error (problem+json)", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let caller = super::caller_of(&parts.extensions);
@@ -204,7 +212,18 @@ async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply 
     Reply(result, rid)
 }
 
-async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
+/// Chat completions (OpenAI-compatible); with `stream: true` the answer is
+/// `text/event-stream` of `chat.completion.chunk` events ending in
+/// `data: [DONE]`, or an `error` event if the model fails mid-stream.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, content(
+            (super::chat::ChatCompletion = "application/json"),
+            (super::chat::ChatCompletionChunk = "text/event-stream"))),
+        (status = "4XX", description = "The caller's error (problem+json)", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let caller = super::caller_of(&parts.extensions);
@@ -251,11 +270,43 @@ async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> 
     Reply(result, rid)
 }
 
-async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
+/// Open Inference Protocol v2 inference.
+#[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "oip",
+    params(("model" = String, Path, description = "Model or alias name")),
+    request_body(description = "OIP JSON tensors; or a JPEG/PNG image (decoded into the model's [1, 3, H, W] FP32 input); or an infergate.v1.InferRequest protobuf; or raw bytes (one BYTES element)",
+        content(
+            (InferRequestJson = "application/json"),
+            ("image/jpeg"), ("image/png"),
+            ("application/x-protobuf"),
+            ("application/octet-stream"))),
+    responses(
+        (status = 200, description = "Output tensors (protobuf infergate.v1.InferResponse when asked with Accept or sent protobuf)", content(
+            (json::InferResponseJson = "application/json"),
+            ("application/x-protobuf"))),
+        (status = "4XX", description = "The caller's error (problem+json)", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
     infer_at(state, model, None, req).await
 }
 
-async fn infer_version(
+/// Inference on one version: an alias's variant (a pin), or the version a
+/// plain model's workers report.
+#[utoipa::path(post, path = "/v2/models/{model}/versions/{version}/infer", tag = "oip",
+    params(("model" = String, Path, description = "Model or alias name"),
+           ("version" = String, Path, description = "Variant name, or the model's version")),
+    request_body(description = "OIP JSON tensors; or a JPEG/PNG image (decoded into the model's [1, 3, H, W] FP32 input); or an infergate.v1.InferRequest protobuf; or raw bytes (one BYTES element)",
+        content(
+            (InferRequestJson = "application/json"),
+            ("image/jpeg"), ("image/png"),
+            ("application/x-protobuf"),
+            ("application/octet-stream"))),
+    responses(
+        (status = 200, description = "Output tensors (protobuf infergate.v1.InferResponse when asked with Accept or sent protobuf)", content(
+            (json::InferResponseJson = "application/json"),
+            ("application/x-protobuf"))),
+        (status = "4XX", description = "The caller's error (problem+json)", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn infer_version(
     State(state): State<Arc<EdgeState>>,
     Path((model, version)): Path<(String, String)>,
     req: Request,
@@ -332,109 +383,6 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
 fn wants_protobuf(headers: &HeaderMap, kind: BodyKind) -> bool {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     accept.contains("application/x-protobuf") || (kind == BodyKind::Protobuf && !accept.contains("json"))
-}
-
-fn kind_name(kind: i32) -> &'static str {
-    match ModelKind::try_from(kind).unwrap_or(ModelKind::Unspecified) {
-        ModelKind::Embed => "embed",
-        ModelKind::Infer => "infer",
-        ModelKind::Generate => "generate",
-        ModelKind::Unspecified => "unspecified",
-    }
-}
-
-fn model_json(entry: &ModelEntry) -> serde_json::Value {
-    let info = entry.info.clone().unwrap_or_default();
-    json!({
-        "id": info.name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "infergate",
-        "version": info.version,
-        "kind": kind_name(info.kind),
-        "max_batch_size": info.max_batch_size,
-        "streaming": info.streaming,
-        "pool": entry.pool,
-        "ready": entry.ready,
-    })
-}
-
-async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
-    let data: Vec<_> = state.routes.entries(&*state.upstream).iter().map(model_json).collect();
-    axum::Json(json!({ "object": "list", "data": data })).into_response()
-}
-
-/// OIP model metadata of an entry.
-fn metadata(entry: ModelEntry) -> Response {
-    let info = entry.info.unwrap_or_default();
-    let spec = |s: &crate::proto::TensorSpec| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape });
-    axum::Json(json!({
-        "name": info.name,
-        "versions": [info.version],
-        "platform": info.platform,
-        "inputs": info.inputs.iter().map(spec).collect::<Vec<_>>(),
-        "outputs": info.outputs.iter().map(spec).collect::<Vec<_>>(),
-    }))
-    .into_response()
-}
-
-/// OIP readiness of an entry: 200 or 503, with the answer in the body too.
-fn readiness(model: &str, entry: &ModelEntry) -> Response {
-    let status = if entry.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(json!({ "name": model, "ready": entry.ready }))).into_response()
-}
-
-async fn model_metadata(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    Reply(state.routes.entry(&*state.upstream, &model).map(metadata), request_id(&headers))
-}
-
-async fn model_ready(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, headers: HeaderMap) -> Reply {
-    let result = state.routes.entry(&*state.upstream, &model).map(|entry| readiness(&model, &entry));
-    Reply(result, request_id(&headers))
-}
-
-async fn version_metadata(
-    State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Reply {
-    let result = state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| metadata(entry));
-    Reply(result, request_id(&headers))
-}
-
-async fn version_ready(
-    State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Reply {
-    let result =
-        state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| readiness(&model, &entry));
-    Reply(result, request_id(&headers))
-}
-
-async fn server_metadata() -> Response {
-    axum::Json(json!({ "name": "infergate", "version": env!("CARGO_PKG_VERSION"), "extensions": [] })).into_response()
-}
-
-/// Prometheus text exposition.
-async fn metrics() -> Response {
-    match crate::telemetry::metrics::render() {
-        Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
-    }
-}
-
-async fn healthz() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
-}
-
-/// 200 only when every pool has a SERVING worker and the gateway is not draining.
-async fn readyz(State(state): State<Arc<EdgeState>>) -> Response {
-    let pools = state.upstream.status();
-    let draining = state.draining.is_cancelled();
-    let ready = !draining && pools.iter().all(|p| p.ready_workers > 0);
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(json!({ "ready": ready, "draining": draining, "pools": pools }))).into_response()
 }
 
 async fn not_found(req: Request) -> Reply {

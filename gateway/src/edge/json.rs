@@ -15,7 +15,7 @@ use crate::proto::{InferItem, InferOutputs, ModelInfo, ParamValue, Tensor, param
 pub const MAX_EMBED_INPUTS: usize = 2048;
 
 /// `POST /v2/models/{model}/infer` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct InferRequestJson {
     #[serde(default)]
     pub id: Option<String>,
@@ -27,7 +27,7 @@ pub struct InferRequestJson {
 }
 
 /// One input tensor in OIP JSON form.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TensorJson {
     pub name: String,
     pub shape: Vec<i64>,
@@ -38,7 +38,7 @@ pub struct TensorJson {
 }
 
 /// An output the client asks for.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RequestedOutput {
     pub name: String,
     #[serde(default)]
@@ -46,7 +46,7 @@ pub struct RequestedOutput {
 }
 
 /// `POST /v2/models/{model}/infer` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InferResponseJson {
     pub model_name: String,
     pub model_version: String,
@@ -58,7 +58,7 @@ pub struct InferResponseJson {
 }
 
 /// One output tensor in OIP JSON form (data flattened, row-major).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TensorOut {
     pub name: String,
     pub datatype: String,
@@ -273,7 +273,7 @@ pub fn infer_response_json(info: &ModelInfo, id: String, out: InferOutputs) -> I
 }
 
 /// `POST /v1/embeddings` body (OpenAI shape).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
     pub model: String,
     pub input: Value,
@@ -337,7 +337,7 @@ impl EmbeddingsRequest {
 }
 
 /// `POST /v1/embeddings` answer (OpenAI shape).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingsResponse {
     pub object: &'static str,
     pub data: Vec<EmbeddingData>,
@@ -346,7 +346,7 @@ pub struct EmbeddingsResponse {
 }
 
 /// One vector of the answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingData {
     pub object: &'static str,
     pub index: usize,
@@ -354,7 +354,7 @@ pub struct EmbeddingData {
 }
 
 /// A vector as JSON numbers (shortest f32 form) or base64 of little-endian f32.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum EmbeddingValue {
     Float(Vec<f32>),
@@ -362,7 +362,7 @@ pub enum EmbeddingValue {
 }
 
 /// Token counts of an embeddings call.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingsUsage {
     pub prompt_tokens: u32,
     pub total_tokens: u32,

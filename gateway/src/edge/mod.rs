@@ -9,6 +9,8 @@ pub mod dialect;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod meta;
+pub mod openapi;
 #[cfg(test)]
 mod policy_tests;
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub struct EmbedOutput {
 }
 
 /// Readiness of one pool.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     pub pool: String,
     pub ready_workers: usize,
