@@ -182,3 +182,26 @@ fn a_provider_that_fails_before_its_first_token_falls_back_to_another_provider_p
     let fell_back = gw.log().iter().filter(|v| v["message"] == "falling back" && v["to"] == "second").count();
     assert!(fell_back >= 2, "each call logged its fallback ({fell_back})");
 }
+
+#[test]
+fn a_client_that_leaves_a_stream_cancels_the_generation() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let text = (0..500).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let body = json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": text}]});
+    let mut resp = reqwest::blocking::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "leaves-early")
+        .json(&body)
+        .send()
+        .unwrap();
+    let mut seen = String::new();
+    read_until(&mut resp, &mut seen, |s| s.contains("\"content\":\" w3\""));
+    drop(resp); // hang up 5 s before the generation would end
+    let left = Instant::now();
+    let cancelled = gw.wait_log(0, Duration::from_secs(3), |v| {
+        v["worker"] == "echo-0"
+            && v["message"].as_str().is_some_and(|m| m.contains("[request_id=leaves-early]") && m.contains("cancel"))
+    });
+    assert!(cancelled.is_some(), "the worker kept generating:\n{}", gw.log_text());
+    eprintln!("worker saw the cancellation {:?} after the client left", left.elapsed());
+}
