@@ -90,10 +90,18 @@ impl Upstream for Scripted {
 }
 
 fn app(script: Vec<Step>, keep_alive: Duration) -> (axum::Router, Arc<Scripted>) {
+    app_with(script, keep_alive, crate::policy::Policy::unrestricted())
+}
+
+fn app_with(
+    script: Vec<Step>,
+    keep_alive: Duration,
+    policy: Arc<crate::policy::Policy>,
+) -> (axum::Router, Arc<Scripted>) {
     let upstream = Arc::new(Scripted { script, calls: AtomicUsize::new(0) });
     let state = Arc::new(EdgeState {
         upstream: upstream.clone(),
-        policy: crate::policy::Policy::unrestricted(),
+        policy,
         routes: Default::default(),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,
@@ -263,4 +271,30 @@ async fn bad_input_is_a_precise_400_and_never_reaches_the_model() {
     // Text parts are joined.
     let parts = msg(json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}));
     assert_eq!(chat(&app, parts).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_stream_cut_short_is_charged_the_tokens_it_produced_and_no_more() {
+    // 40 tokens a minute for everyone (auth is off: keyed by client address).
+    let raw: crate::config::RawConfig =
+        toml::from_str("[limits]\nper_key = { tokens_per_minute = 40 }\n[[pools]]\nname = \"p\"\nclass = \"x:Y\"\n")
+            .unwrap();
+    let policy = crate::policy::Policy::new(&crate::config::Config::from_raw(raw).unwrap()).unwrap();
+    // Two chunks (3 prompt + 2 completion tokens reported), then the worker dies.
+    let (app, _) = app_with(vec![Step::Text("a"), Step::Text("b"), Step::Fail], Duration::from_secs(15), policy);
+    let prompt = crate::policy::estimate_tokens("say hello");
+    let ask = |max_tokens: u64| {
+        json!({"model": "g", "stream": true, "max_tokens": max_tokens,
+               "messages": [{"role": "user", "content": "say hello"}]})
+    };
+    // Reserves prompt + 30, is charged 5: 35 of 40 left.
+    let (status, _, text) = chat(&app, ask(30)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("event: error"), "{text}");
+    // Kept whole, the reservation would leave 40 - 30 - prompt; given back
+    // whole, 40. Charged 5, an estimate of 36 or more no longer fits ...
+    let (status, _, body) = chat(&app, ask(36 - prompt)).await;
+    assert_eq!(status, 429, "{body}");
+    // ... and one of 35 does.
+    assert_eq!(chat(&app, ask(35 - prompt)).await.0, 200);
 }
