@@ -4,6 +4,7 @@
 //! Data flows one way: [`edge`] -> [`pool`] (later: policy, route, cache,
 //! batch in between); [`supervisor`] runs local worker processes beside it.
 
+pub mod batch;
 pub mod call;
 pub mod config;
 pub mod edge;

@@ -16,6 +16,12 @@ pub const LIMIT_REJECTIONS: &str = "infergate_limit_rejections_total";
 pub const LIMITS_FALLBACK: &str = "infergate_limits_fallback_total";
 /// Calls refused because a pool's queue was full, by `pool`.
 pub const QUEUE_REJECTIONS: &str = "infergate_queue_rejections_total";
+/// Items per batch sent to a worker, by `pool` and `model`.
+pub const BATCH_SIZE: &str = "infergate_batch_size";
+/// Seconds an item waited in its batcher before its batch went, by `pool` and `model`.
+pub const BATCH_QUEUE_WAIT: &str = "infergate_batch_queue_wait_seconds";
+/// Batches sent and not yet answered, by `pool` and `model`.
+pub const BATCHES_IN_FLIGHT: &str = "infergate_batches_in_flight";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -24,13 +30,28 @@ pub fn install() {
     if HANDLE.get().is_some() {
         return;
     }
-    match PrometheusBuilder::new().install_recorder() {
+    let buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    let waits = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()), &buckets)
+        .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_QUEUE_WAIT.into()), &waits));
+    let builder = match builder {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot configure metric buckets; /metrics is off");
+            return;
+        }
+    };
+    match builder.install_recorder() {
         Ok(handle) => {
             let _ = HANDLE.set(handle);
             metrics::describe_counter!(AUTH_FAILURES, "Requests refused by authentication, by reason");
             metrics::describe_counter!(LIMIT_REJECTIONS, "Requests refused by a limit, by limit");
             metrics::describe_counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
             metrics::describe_counter!(QUEUE_REJECTIONS, "Calls refused because the pool queue was full");
+            metrics::describe_histogram!(BATCH_SIZE, "Items per batch sent to a worker");
+            metrics::describe_histogram!(BATCH_QUEUE_WAIT, metrics::Unit::Seconds, "Wait in the batcher before the batch went");
+            metrics::describe_gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics is off"),
     }

@@ -1,0 +1,311 @@
+//! Dynamic batching: many small calls to one model become one batch call to
+//! a worker. One batcher per (pool, model) — an actor that owns a plain
+//! [`BatchState`] (unit-tested without a runtime) and a budget of batches in
+//! flight (workers × `concurrency_per_worker`).
+//!
+//! A batch goes when it is full (`max_batch_size`) or when its oldest item
+//! has waited `max_delay` (0: send what is queued now) — and a dispatch slot
+//! is free. While every slot is busy items keep queueing, so batches grow
+//! with load: the batcher waits for workers, never for a timer, under load.
+//! Items of priority tiers are taken first; an item whose caller left or
+//! whose deadline passed is dropped while the batch forms; the queue is
+//! bounded and refuses at once when full.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::call::Deadline;
+use crate::error::GatewayError;
+
+/// Batching settings of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    pub enabled: bool,
+    /// Items per batch; `None`: what the worker's Describe reports.
+    pub max_batch_size: Option<usize>,
+    /// How long the oldest item may wait for the batch to fill.
+    pub max_delay: Duration,
+    /// Batches one worker is given at once.
+    pub concurrency_per_worker: usize,
+    /// Items waiting at most; past it, 503 at once.
+    pub max_queue: usize,
+    /// Callers of these tiers are taken first.
+    pub priority_tiers: Vec<String>,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch_size: None,
+            max_delay: Duration::from_millis(2),
+            concurrency_per_worker: 2,
+            max_queue: 1024,
+            priority_tiers: vec!["vip".into()],
+        }
+    }
+}
+
+/// One caller's item, waiting for its result.
+pub struct Pending<I, O> {
+    pub payload: I,
+    pub reply: oneshot::Sender<Result<O, GatewayError>>,
+    pub deadline: Deadline,
+    pub priority: bool,
+    pub arrived: Instant,
+}
+
+/// The queue and the rules for taking a batch from it; no I/O, no clock of
+/// its own (callers pass `now`).
+pub struct BatchState<I, O> {
+    /// `[priority, normal]`, each FIFO.
+    queues: [VecDeque<Pending<I, O>>; 2],
+    max_batch: usize,
+    max_delay: Duration,
+}
+
+impl<I, O> BatchState<I, O> {
+    pub fn new(max_batch: usize, max_delay: Duration) -> Self {
+        Self { queues: [VecDeque::new(), VecDeque::new()], max_batch: max_batch.max(1), max_delay }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queues[0].len() + self.queues[1].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, item: Pending<I, O>) {
+        let q = usize::from(!item.priority);
+        self.queues[q].push_back(item);
+    }
+
+    /// When the oldest item has waited long enough.
+    pub fn due(&self) -> Option<Instant> {
+        self.queues.iter().filter_map(|q| q.front()).map(|p| p.arrived).min().map(|t| t + self.max_delay)
+    }
+
+    /// A batch should go: full, or its oldest item has waited `max_delay`.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.len() >= self.max_batch || self.due().is_some_and(|due| now >= due)
+    }
+
+    /// Drop items whose caller left or whose deadline passed (telling the
+    /// latter why); returns how many left the queue.
+    pub fn prune(&mut self, now: Instant) -> usize {
+        let before = self.len();
+        for q in &mut self.queues {
+            q.retain_mut(|p| !p.reply.is_closed() && p.deadline.at > now);
+        }
+        before - self.len()
+    }
+
+    /// Up to `max_batch` live items, priority first, oldest first.
+    pub fn take(&mut self, now: Instant) -> (Vec<Pending<I, O>>, usize) {
+        let dropped = self.prune(now);
+        let mut batch = Vec::with_capacity(self.max_batch.min(self.len()));
+        for q in &mut self.queues {
+            while batch.len() < self.max_batch {
+                match q.pop_front() {
+                    Some(p) => batch.push(p),
+                    None => break,
+                }
+            }
+        }
+        (batch, dropped)
+    }
+}
+
+/// Sends one batch to a worker: per-item results in item order, or an
+/// error for the whole batch.
+pub trait Dispatch<I, O>: Send + Sync + 'static {
+    fn dispatch(&self, items: Vec<I>, deadline: Deadline) -> impl Future<Output = BatchResult<O>> + Send;
+}
+
+pub type BatchResult<O> = Result<Vec<Result<O, GatewayError>>, GatewayError>;
+
+/// A running batcher: submit items, await their results.
+pub struct Batcher<I, O> {
+    tx: mpsc::UnboundedSender<Pending<I, O>>,
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    priority_tiers: Vec<String>,
+    pool: String,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Start the actor. `slots` batches may be in flight at once.
+    pub fn start<D: Dispatch<I, O>>(
+        pool: &str,
+        model: &str,
+        config: &BatchConfig,
+        max_batch: usize,
+        slots: usize,
+        dispatch: D,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let actor = Actor {
+            state: BatchState::new(max_batch, config.max_delay),
+            rx,
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            dispatch: Arc::new(dispatch),
+            queued: queued.clone(),
+            labels: [("pool", pool.to_owned()), ("model", model.to_owned())],
+        };
+        tokio::spawn(actor.run());
+        Self {
+            tx,
+            queued,
+            max_queue: config.max_queue,
+            priority_tiers: config.priority_tiers.clone(),
+            pool: pool.to_owned(),
+        }
+    }
+
+    /// Queue one item; the result arrives on the returned receiver. A full
+    /// queue refuses at once.
+    pub fn submit(
+        &self,
+        payload: I,
+        deadline: Deadline,
+        tier: &str,
+    ) -> Result<oneshot::Receiver<Result<O, GatewayError>>, GatewayError> {
+        let full = || GatewayError::QueueFull { pool: self.pool.clone(), limit: self.max_queue };
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_queue).then_some(n + 1))
+            .map_err(|_| {
+                metrics::counter!(crate::telemetry::metrics::QUEUE_REJECTIONS, "pool" => self.pool.clone())
+                    .increment(1);
+                full()
+            })?;
+        let (reply, rx) = oneshot::channel();
+        let priority = self.priority_tiers.iter().any(|t| t == tier);
+        let item = Pending { payload, reply, deadline, priority, arrived: Instant::now() };
+        self.tx.send(item).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            GatewayError::ShuttingDown
+        })?;
+        Ok(rx)
+    }
+}
+
+/// Await one submitted item within its deadline.
+pub async fn wait<O>(
+    rx: oneshot::Receiver<Result<O, GatewayError>>,
+    deadline: &Deadline,
+) -> Result<O, GatewayError> {
+    match tokio::time::timeout_at(deadline.at, rx).await {
+        Ok(Ok(result)) => result,
+        // The batcher dropped it: its deadline passed while queued.
+        Ok(Err(_)) | Err(_) => Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
+    }
+}
+
+struct Actor<I, O, D> {
+    state: BatchState<I, O>,
+    rx: mpsc::UnboundedReceiver<Pending<I, O>>,
+    slots: Arc<Semaphore>,
+    dispatch: Arc<D>,
+    queued: Arc<AtomicUsize>,
+    labels: [(&'static str, String); 2],
+}
+
+impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
+    async fn run(mut self) {
+        loop {
+            // Wait for work.
+            if self.state.is_empty() {
+                match self.rx.recv().await {
+                    Some(item) => self.state.push(item),
+                    None => return,
+                }
+            }
+            while let Ok(item) = self.rx.try_recv() {
+                self.state.push(item);
+            }
+            // Wait until a batch should go, taking new items meanwhile.
+            while !self.state.ready(Instant::now()) {
+                let due = self.state.due().unwrap_or_else(Instant::now);
+                tokio::select! {
+                    item = self.rx.recv() => match item {
+                        Some(item) => self.state.push(item),
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(due) => {}
+                }
+            }
+            // Wait for a free slot; items keep queueing (batches grow with load).
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    permit = self.slots.clone().acquire_owned() => match permit {
+                        Ok(p) => break p,
+                        Err(_) => return,
+                    },
+                    item = self.rx.recv() => match item {
+                        Some(item) => self.state.push(item),
+                        None => {
+                            // Closed: finish what is queued, then stop.
+                            if let Ok(p) = self.slots.clone().acquire_owned().await { break p }
+                            return;
+                        }
+                    },
+                }
+            };
+            let now = Instant::now();
+            let (batch, dropped) = self.state.take(now);
+            self.queued.fetch_sub(batch.len() + dropped, Ordering::AcqRel);
+            if batch.is_empty() {
+                continue;
+            }
+            self.send(batch, permit, now);
+        }
+    }
+
+    fn send(&self, batch: Vec<Pending<I, O>>, permit: tokio::sync::OwnedSemaphorePermit, now: Instant) {
+        let labels = &self.labels;
+        metrics::histogram!(crate::telemetry::metrics::BATCH_SIZE, labels).record(batch.len() as f64);
+        for p in &batch {
+            metrics::histogram!(crate::telemetry::metrics::BATCH_QUEUE_WAIT, labels)
+                .record((now - p.arrived).as_secs_f64());
+        }
+        let in_flight = metrics::gauge!(crate::telemetry::metrics::BATCHES_IN_FLIGHT, labels);
+        in_flight.increment(1.0);
+        // The batch may run until its latest caller's deadline.
+        let latest = batch.iter().map(|p| p.deadline).max_by_key(|d| d.at).unwrap_or_else(|| Deadline::after(Duration::ZERO));
+        let (payloads, replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|p| (p.payload, p.reply)).unzip();
+        let dispatch = self.dispatch.clone();
+        tokio::spawn(async move {
+            let n = replies.len();
+            match dispatch.dispatch(payloads, latest).await {
+                Ok(results) if results.len() == n => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Ok(results) => {
+                    let e = GatewayError::WorkerFailed {
+                        worker: "-".into(),
+                        detail: format!("worker returned {} results for {n} items", results.len()),
+                    };
+                    replies.into_iter().for_each(|r| drop(r.send(Err(e.clone()))));
+                }
+                Err(e) => replies.into_iter().for_each(|r| drop(r.send(Err(e.clone())))),
+            }
+            in_flight.decrement(1.0);
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+use std::sync::Mutex;
+
+use super::*;
+
+fn pending(
+    payload: u32,
+    priority: bool,
+    deadline_in: Duration,
+) -> (Pending<u32, u32>, oneshot::Receiver<Result<u32, GatewayError>>) {
+    let (reply, rx) = oneshot::channel();
+    let p = Pending { payload, reply, deadline: Deadline::after(deadline_in), priority, arrived: Instant::now() };
+    (p, rx)
+}
+
+fn payloads(batch: &[Pending<u32, u32>]) -> Vec<u32> {
+    batch.iter().map(|p| p.payload).collect()
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test(start_paused = true)]
+async fn a_full_batch_is_ready_at_once() {
+    let mut s = BatchState::new(3, Duration::from_millis(5));
+    let mut keep = Vec::new();
+    for i in 0..2 {
+        let (p, rx) = pending(i, false, LONG);
+        s.push(p);
+        keep.push(rx);
+    }
+    assert!(!s.ready(Instant::now()));
+    let (p, _rx) = pending(2, false, LONG);
+    s.push(p);
+    assert!(s.ready(Instant::now()), "size trigger");
+    let (batch, dropped) = s.take(Instant::now());
+    assert_eq!((payloads(&batch), dropped), (vec![0, 1, 2], 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partial_batch_goes_when_its_oldest_item_has_waited_max_delay() {
+    let mut s = BatchState::new(8, Duration::from_millis(5));
+    let (p, _rx) = pending(1, false, LONG);
+    s.push(p);
+    assert_eq!(s.due(), Some(Instant::now() + Duration::from_millis(5)));
+    tokio::time::advance(Duration::from_millis(4)).await;
+    let (p, _rx2) = pending(2, false, LONG);
+    s.push(p);
+    assert!(!s.ready(Instant::now()));
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(s.ready(Instant::now()), "delay trigger counts from the oldest item");
+    // max_delay 0: whatever is queued goes now.
+    let mut now = BatchState::new(8, Duration::ZERO);
+    let (p, _rx3) = pending(3, false, LONG);
+    now.push(p);
+    assert!(now.ready(Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_and_abandoned_items_are_dropped_while_the_batch_forms() {
+    let mut s = BatchState::new(8, Duration::from_millis(5));
+    let (short, short_rx) = pending(1, false, Duration::from_millis(3));
+    let (gone, gone_rx) = pending(2, false, LONG);
+    let (live, _live_rx) = pending(3, false, LONG);
+    s.push(short);
+    s.push(gone);
+    s.push(live);
+    drop(gone_rx); // the caller left
+    tokio::time::advance(Duration::from_millis(5)).await;
+    let (batch, dropped) = s.take(Instant::now());
+    assert_eq!((payloads(&batch), dropped), (vec![3], 2));
+    // The expired caller learns why: its sender is gone without an answer.
+    assert!(short_rx.await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn priority_items_are_taken_first_then_oldest_first() {
+    let mut s = BatchState::new(3, Duration::ZERO);
+    let mut keep = Vec::new();
+    for (i, vip) in [(1, false), (2, false), (3, true), (4, false), (5, true)] {
+        let (p, rx) = pending(i, vip, LONG);
+        s.push(p);
+        keep.push(rx);
+    }
+    let (batch, _) = s.take(Instant::now());
+    assert_eq!(payloads(&batch), vec![3, 5, 1]);
+    let (batch, _) = s.take(Instant::now());
+    assert_eq!(payloads(&batch), vec![2, 4]);
+}
+
+/// Doubles each item; records batch sizes; optionally holds each batch
+/// until released.
+#[derive(Default, Clone)]
+struct Doubler {
+    sizes: Arc<Mutex<Vec<usize>>>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Dispatch<u32, u32> for Doubler {
+    fn dispatch(&self, items: Vec<u32>, _deadline: Deadline) -> impl Future<Output = BatchResult<u32>> + Send {
+        self.sizes.lock().unwrap().push(items.len());
+        let gate = self.gate.clone();
+        async move {
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            Ok(items
+                .into_iter()
+                .map(|i| if i == 999 { Err(GatewayError::ModelRejected { detail: "unlucky".into() }) } else { Ok(i * 2) })
+                .collect())
+        }
+    }
+}
+
+fn config(max_delay_ms: u64, max_queue: usize) -> BatchConfig {
+    BatchConfig { max_delay: Duration::from_millis(max_delay_ms), max_queue, ..BatchConfig::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
+    let d = Doubler::default();
+    let b = Batcher::start("p", "m", &config(2, 100), 8, 1, d.clone());
+    let deadline = Deadline::after(LONG);
+    let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard").unwrap()).collect();
+    let mut out = Vec::new();
+    for rx in rxs {
+        out.push(wait(rx, &deadline).await);
+    }
+    assert_eq!(out[0], Ok(2));
+    assert!(matches!(out[1], Err(GatewayError::ModelRejected { .. })));
+    assert_eq!(out[2], Ok(6));
+    assert_eq!(*d.sizes.lock().unwrap(), vec![3], "one batch for the three callers");
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_grow_while_every_slot_is_busy() {
+    let gate = Arc::new(Semaphore::new(0));
+    let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
+    let b = Batcher::start("p", "m", &config(0, 1000), 64, 1, d.clone());
+    let deadline = Deadline::after(LONG);
+    let first = b.submit(0, deadline, "standard").unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await; // the first goes alone, and holds the only slot
+    let rest: Vec<_> = (1..=40).map(|i| b.submit(i, deadline, "standard").unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    gate.add_permits(100);
+    assert_eq!(wait(first, &deadline).await, Ok(0));
+    for (i, rx) in rest.into_iter().enumerate() {
+        assert_eq!(wait(rx, &deadline).await, Ok(2 * (i as u32 + 1)));
+    }
+    assert_eq!(*d.sizes.lock().unwrap(), vec![1, 40], "the 40 that queued behind the busy slot went together");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_at_once_and_frees_as_batches_go() {
+    let gate = Arc::new(Semaphore::new(0));
+    let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
+    let b = Batcher::start("p", "m", &config(0, 3), 2, 1, d.clone());
+    let deadline = Deadline::after(LONG);
+    let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard").unwrap()).collect();
+    let refused = b.submit(9, deadline, "standard").unwrap_err();
+    assert!(matches!(refused, GatewayError::QueueFull { limit: 3, .. }), "{refused:?}");
+    tokio::time::sleep(Duration::from_millis(1)).await; // the first batch (2) leaves the queue
+    let more = b.submit(4, deadline, "standard").unwrap();
+    gate.add_permits(10);
+    for rx in held.into_iter().chain([more]) {
+        assert!(wait(rx, &deadline).await.is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_caller_is_not_sent_and_an_expired_one_gets_504() {
+    let gate = Arc::new(Semaphore::new(0));
+    let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
+    let b = Batcher::start("p", "m", &config(0, 100), 8, 1, d.clone());
+    let long = Deadline::after(LONG);
+    let busy = b.submit(0, long, "standard").unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await; // holds the only slot
+    let short = Deadline::after(Duration::from_millis(10));
+    let expiring = b.submit(1, short, "standard").unwrap();
+    drop(b.submit(2, long, "standard").unwrap()); // the caller left
+    let kept = b.submit(3, long, "standard").unwrap();
+    assert!(matches!(wait(expiring, &short).await, Err(GatewayError::DeadlineExceeded { .. })));
+    gate.add_permits(10);
+    assert_eq!(wait(busy, &long).await, Ok(0));
+    assert_eq!(wait(kept, &long).await, Ok(6));
+    assert_eq!(*d.sizes.lock().unwrap(), vec![1, 1], "neither the cancelled nor the expired item was sent");
+}
