@@ -55,6 +55,8 @@ impl Default for BatchConfig {
 /// One caller's item, waiting for its result.
 pub struct Pending<I, O> {
     pub payload: I,
+    /// The caller's request id, for the worker's logs.
+    pub request_id: String,
     pub reply: oneshot::Sender<Result<O, GatewayError>>,
     pub deadline: Deadline,
     pub priority: bool,
@@ -125,9 +127,35 @@ impl<I, O> BatchState<I, O> {
 }
 
 /// Sends one batch to a worker: per-item results in item order, or an
-/// error for the whole batch.
+/// error for the whole batch. `request_id` names the batch's callers.
 pub trait Dispatch<I, O>: Send + Sync + 'static {
-    fn dispatch(&self, items: Vec<I>, deadline: Deadline) -> impl Future<Output = BatchResult<O>> + Send;
+    fn dispatch(
+        &self,
+        items: Vec<I>,
+        deadline: Deadline,
+        request_id: String,
+    ) -> impl Future<Output = BatchResult<O>> + Send;
+}
+
+/// Longest request-id list sent with a batch (gRPC metadata stays small).
+const MAX_REQUEST_IDS: usize = 1024;
+
+/// The callers' request ids, comma-separated, cut short with `+N` past
+/// [`MAX_REQUEST_IDS`] characters.
+pub fn request_ids<'a>(ids: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let total = ids.len();
+    let mut out = String::new();
+    for (n, id) in ids.enumerate() {
+        if out.len() + id.len() + 1 > MAX_REQUEST_IDS {
+            out.push_str(&format!(",+{}", total - n));
+            break;
+        }
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(id);
+    }
+    out
 }
 
 pub type BatchResult<O> = Result<Vec<Result<O, GatewayError>>, GatewayError>;
@@ -178,6 +206,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         payload: I,
         deadline: Deadline,
         tier: &str,
+        request_id: &str,
     ) -> Result<oneshot::Receiver<Result<O, GatewayError>>, GatewayError> {
         let full = || GatewayError::QueueFull { pool: self.pool.clone(), limit: self.max_queue };
         self.queued
@@ -189,7 +218,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             })?;
         let (reply, rx) = oneshot::channel();
         let priority = self.priority_tiers.iter().any(|t| t == tier);
-        let item = Pending { payload, reply, deadline, priority, arrived: Instant::now() };
+        let item =
+            Pending { payload, request_id: request_id.to_owned(), reply, deadline, priority, arrived: Instant::now() };
         self.tx.send(item).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             GatewayError::ShuttingDown
@@ -199,10 +229,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 }
 
 /// Await one submitted item within its deadline.
-pub async fn wait<O>(
-    rx: oneshot::Receiver<Result<O, GatewayError>>,
-    deadline: &Deadline,
-) -> Result<O, GatewayError> {
+pub async fn wait<O>(rx: oneshot::Receiver<Result<O, GatewayError>>, deadline: &Deadline) -> Result<O, GatewayError> {
     match tokio::time::timeout_at(deadline.at, rx).await {
         Ok(Ok(result)) => result,
         // The batcher dropped it: its deadline passed while queued.
@@ -281,12 +308,28 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
         let in_flight = metrics::gauge!(crate::telemetry::metrics::BATCHES_IN_FLIGHT, labels);
         in_flight.increment(1.0);
         // The batch may run until its latest caller's deadline.
-        let latest = batch.iter().map(|p| p.deadline).max_by_key(|d| d.at).unwrap_or_else(|| Deadline::after(Duration::ZERO));
-        let (payloads, replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|p| (p.payload, p.reply)).unzip();
+        let latest =
+            batch.iter().map(|p| p.deadline).max_by_key(|d| d.at).unwrap_or_else(|| Deadline::after(Duration::ZERO));
+        let ids = request_ids(batch.iter().map(|p| p.request_id.as_str()));
+        let (payloads, mut replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|p| (p.payload, p.reply)).unzip();
         let dispatch = self.dispatch.clone();
         tokio::spawn(async move {
             let n = replies.len();
-            match dispatch.dispatch(payloads, latest).await {
+            let outcome = {
+                // Once every caller of the batch has left (hung up, timed
+                // out), dropping the call cancels it on the worker.
+                let all_gone = futures::future::join_all(replies.iter_mut().map(oneshot::Sender::closed));
+                tokio::select! {
+                    outcome = dispatch.dispatch(payloads, latest, ids) => Some(outcome),
+                    _ = all_gone => None,
+                }
+            };
+            let Some(outcome) = outcome else {
+                tracing::debug!("every caller of a batch left; the worker call is cancelled");
+                in_flight.decrement(1.0);
+                return;
+            };
+            match outcome {
                 Ok(results) if results.len() == n => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);

@@ -8,7 +8,14 @@ fn pending(
     deadline_in: Duration,
 ) -> (Pending<u32, u32>, oneshot::Receiver<Result<u32, GatewayError>>) {
     let (reply, rx) = oneshot::channel();
-    let p = Pending { payload, reply, deadline: Deadline::after(deadline_in), priority, arrived: Instant::now() };
+    let p = Pending {
+        payload,
+        request_id: format!("r{payload}"),
+        reply,
+        deadline: Deadline::after(deadline_in),
+        priority,
+        arrived: Instant::now(),
+    };
     (p, rx)
 }
 
@@ -91,12 +98,19 @@ async fn priority_items_are_taken_first_then_oldest_first() {
 #[derive(Default, Clone)]
 struct Doubler {
     sizes: Arc<Mutex<Vec<usize>>>,
+    ids: Arc<Mutex<Vec<String>>>,
     gate: Option<Arc<Semaphore>>,
 }
 
 impl Dispatch<u32, u32> for Doubler {
-    fn dispatch(&self, items: Vec<u32>, _deadline: Deadline) -> impl Future<Output = BatchResult<u32>> + Send {
+    fn dispatch(
+        &self,
+        items: Vec<u32>,
+        _deadline: Deadline,
+        request_id: String,
+    ) -> impl Future<Output = BatchResult<u32>> + Send {
         self.sizes.lock().unwrap().push(items.len());
+        self.ids.lock().unwrap().push(request_id);
         let gate = self.gate.clone();
         async move {
             if let Some(gate) = gate {
@@ -104,7 +118,11 @@ impl Dispatch<u32, u32> for Doubler {
             }
             Ok(items
                 .into_iter()
-                .map(|i| if i == 999 { Err(GatewayError::ModelRejected { detail: "unlucky".into() }) } else { Ok(i * 2) })
+                .map(
+                    |i| {
+                        if i == 999 { Err(GatewayError::ModelRejected { detail: "unlucky".into() }) } else { Ok(i * 2) }
+                    },
+                )
                 .collect())
         }
     }
@@ -119,7 +137,7 @@ async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
     let d = Doubler::default();
     let b = Batcher::start("p", "m", &config(2, 100), 8, 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard").unwrap()).collect();
+    let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard", "rid").unwrap()).collect();
     let mut out = Vec::new();
     for rx in rxs {
         out.push(wait(rx, &deadline).await);
@@ -128,6 +146,7 @@ async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
     assert!(matches!(out[1], Err(GatewayError::ModelRejected { .. })));
     assert_eq!(out[2], Ok(6));
     assert_eq!(*d.sizes.lock().unwrap(), vec![3], "one batch for the three callers");
+    assert_eq!(*d.ids.lock().unwrap(), vec!["rid,rid,rid"], "the worker learns every caller's request id");
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,9 +155,9 @@ async fn batches_grow_while_every_slot_is_busy() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 1000), 64, 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let first = b.submit(0, deadline, "standard").unwrap();
+    let first = b.submit(0, deadline, "standard", "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // the first goes alone, and holds the only slot
-    let rest: Vec<_> = (1..=40).map(|i| b.submit(i, deadline, "standard").unwrap()).collect();
+    let rest: Vec<_> = (1..=40).map(|i| b.submit(i, deadline, "standard", "rid").unwrap()).collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     gate.add_permits(100);
     assert_eq!(wait(first, &deadline).await, Ok(0));
@@ -154,11 +173,11 @@ async fn a_full_queue_refuses_at_once_and_frees_as_batches_go() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 3), 2, 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard").unwrap()).collect();
-    let refused = b.submit(9, deadline, "standard").unwrap_err();
+    let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard", "rid").unwrap()).collect();
+    let refused = b.submit(9, deadline, "standard", "rid").unwrap_err();
     assert!(matches!(refused, GatewayError::QueueFull { limit: 3, .. }), "{refused:?}");
     tokio::time::sleep(Duration::from_millis(1)).await; // the first batch (2) leaves the queue
-    let more = b.submit(4, deadline, "standard").unwrap();
+    let more = b.submit(4, deadline, "standard", "rid").unwrap();
     gate.add_permits(10);
     for rx in held.into_iter().chain([more]) {
         assert!(wait(rx, &deadline).await.is_ok());
@@ -171,15 +190,54 @@ async fn a_cancelled_caller_is_not_sent_and_an_expired_one_gets_504() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 100), 8, 1, d.clone());
     let long = Deadline::after(LONG);
-    let busy = b.submit(0, long, "standard").unwrap();
+    let busy = b.submit(0, long, "standard", "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // holds the only slot
     let short = Deadline::after(Duration::from_millis(10));
-    let expiring = b.submit(1, short, "standard").unwrap();
-    drop(b.submit(2, long, "standard").unwrap()); // the caller left
-    let kept = b.submit(3, long, "standard").unwrap();
+    let expiring = b.submit(1, short, "standard", "rid").unwrap();
+    drop(b.submit(2, long, "standard", "rid").unwrap()); // the caller left
+    let kept = b.submit(3, long, "standard", "rid").unwrap();
     assert!(matches!(wait(expiring, &short).await, Err(GatewayError::DeadlineExceeded { .. })));
     gate.add_permits(10);
     assert_eq!(wait(busy, &long).await, Ok(0));
     assert_eq!(wait(kept, &long).await, Ok(6));
     assert_eq!(*d.sizes.lock().unwrap(), vec![1, 1], "neither the cancelled nor the expired item was sent");
+}
+
+#[test]
+fn request_id_lists_stay_short() {
+    assert_eq!(request_ids(["a", "b"].into_iter()), "a,b");
+    let many: Vec<String> = (0..100).map(|i| format!("{i:036}")).collect();
+    let ids = request_ids(many.iter().map(String::as_str));
+    assert!(ids.len() <= MAX_REQUEST_IDS + 8, "{}", ids.len());
+    assert!(ids.ends_with(",+73"), "{ids}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_whose_callers_all_left_is_cancelled_on_the_worker() {
+    /// Holds every batch forever; counts batches dropped unfinished.
+    struct Hang(Arc<AtomicUsize>);
+    struct Dropped(Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    impl Dispatch<u32, u32> for Hang {
+        fn dispatch(&self, _: Vec<u32>, _: Deadline, _: String) -> impl Future<Output = BatchResult<u32>> + Send {
+            let guard = Dropped(self.0.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                Ok(Vec::new())
+            }
+        }
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let b = Batcher::start("p", "m", &config(0, 10), 4, 1, Hang(dropped.clone()));
+    let rx = b.submit(1, Deadline::after(LONG), "standard", "rid").unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(dropped.load(Ordering::Relaxed), 0, "in flight");
+    drop(rx);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(dropped.load(Ordering::Relaxed), 1, "the call was dropped, which cancels it");
 }

@@ -129,6 +129,7 @@ pub struct PoolConfig {
     pub circuit: crate::pool::circuit::CircuitConfig,
     pub outlier: crate::pool::outlier::OutlierConfig,
     pub retry: crate::pool::retry::RetryConfig,
+    pub batching: crate::batch::BatchConfig,
 }
 
 /// Default calls per worker (per model thread for local pools).
@@ -268,6 +269,23 @@ impl Config {
                 floor: r.floor,
                 idempotent: pool.idempotent,
             };
+            let b = pool.batching.clone().unwrap_or_default();
+            let batching = crate::batch::BatchConfig {
+                enabled: b.enabled,
+                max_batch_size: match b.max_batch_size {
+                    None => None,
+                    Some(n) => Some(positive_size(&key("batching.max_batch_size"), n.into())?),
+                },
+                max_delay: humantime::parse_duration(&b.max_delay).map_err(|e| {
+                    invalid(key("batching.max_delay"), format!("{:?} is not a duration like 2ms ({e})", b.max_delay))
+                })?,
+                concurrency_per_worker: positive_size(
+                    &key("batching.concurrency_per_worker"),
+                    b.concurrency_per_worker.into(),
+                )?,
+                max_queue: positive_size(&key("batching.max_queue"), b.max_queue.into())?,
+                priority_tiers: b.priority_tiers,
+            };
             pools.push(PoolConfig {
                 name: pool.name.clone(),
                 kind,
@@ -276,6 +294,7 @@ impl Config {
                 circuit,
                 outlier,
                 retry,
+                batching,
             });
         }
         if pools.is_empty() {

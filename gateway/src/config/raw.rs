@@ -204,9 +204,41 @@ pub struct RawPool {
     /// Retries of calls that failed on a worker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<RawRetries>,
+    /// Dynamic batching of the pool's embed and infer calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batching: Option<RawBatching>,
     /// The model may be run again after a call possibly started (pure
     /// functions such as embeddings): such calls are retried too.
     pub idempotent: bool,
+}
+
+/// `batching = { enabled = true, max_batch_size = 32, max_delay = "2ms", concurrency_per_worker = 2,
+/// max_queue = 1024, priority_tiers = ["vip"] }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBatching {
+    pub enabled: bool,
+    /// Items per batch; default: what the worker reports (Describe).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<u32>,
+    /// How long the oldest queued item waits for the batch to fill ("0s": never).
+    pub max_delay: String,
+    pub concurrency_per_worker: u32,
+    pub max_queue: u32,
+    pub priority_tiers: Vec<String>,
+}
+
+impl Default for RawBatching {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch_size: None,
+            max_delay: "2ms".into(),
+            concurrency_per_worker: 2,
+            max_queue: 1024,
+            priority_tiers: vec!["vip".into()],
+        }
+    }
 }
 
 /// `retries = { max = 2, ratio = 0.2, floor = 10 }`.

@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::{self, BatchConfig, BatchResult, Batcher, Dispatch};
 use crate::call::{Call, Deadline};
 use crate::config::{Config, PoolKind, WorkerAddr};
 use crate::error::GatewayError;
@@ -85,6 +86,7 @@ struct Pool {
     /// Calls waiting for a slot, at most `max_queue`.
     queued: AtomicUsize,
     max_queue: usize,
+    batching: BatchConfig,
 }
 
 /// A call's hold on a pool: its slot and the worker chosen for it.
@@ -239,7 +241,17 @@ pub struct Pools {
     pools: Vec<Pool>,
     routes: RwLock<Routes>,
     created: tokio::time::Instant,
+    /// For the batchers' dispatchers (they outlive a call, not the pools).
+    me: Weak<Pools>,
+    embed_batchers: Batchers<String, Embedded>,
+    infer_batchers: Batchers<InferItem, InferOutputs>,
 }
+
+/// The batchers of one kind, by (pool index, model), started on first use.
+type Batchers<I, O> = Mutex<HashMap<(usize, String), Arc<Batcher<I, O>>>>;
+
+/// One text's vector and token count.
+type Embedded = (Vec<f32>, u32);
 
 impl Pools {
     /// Build pools from config. Local pools' workers listen on
@@ -270,6 +282,7 @@ impl Pools {
                 slots,
                 queued: AtomicUsize::new(0),
                 max_queue: pool.max_queue,
+                batching: pool.batching.clone(),
             });
         }
         let routes = Routes {
@@ -277,7 +290,14 @@ impl Pools {
             by_pool: vec![HashMap::new(); pools.len()],
             described: vec![false; pools.len()],
         };
-        Arc::new(Self { pools, routes: RwLock::new(routes), created: tokio::time::Instant::now() })
+        Arc::new_cyclic(|me| Self {
+            pools,
+            routes: RwLock::new(routes),
+            created: tokio::time::Instant::now(),
+            me: me.clone(),
+            embed_batchers: Mutex::default(),
+            infer_batchers: Mutex::default(),
+        })
     }
 
     /// Start one health watcher per worker; they end with `stop`.
@@ -308,6 +328,42 @@ impl Pools {
             }
             routes.by_pool[pool].insert(info.name.clone(), info);
         }
+    }
+
+    /// The batch size for a model of `pool`, when calls to it are batched.
+    fn batch_size(pool: &Pool, info: &ModelInfo) -> Option<usize> {
+        let max = pool.batching.max_batch_size.unwrap_or(info.max_batch_size as usize);
+        (pool.batching.enabled && max > 1).then_some(max)
+    }
+
+    fn index_of(&self, pool: &Pool) -> usize {
+        self.pools.iter().position(|p| std::ptr::eq(p, pool)).unwrap_or_default()
+    }
+
+    /// The embed batcher of (pool, model), started on first use.
+    fn embed_batcher(&self, pool: &Pool, info: &ModelInfo) -> Option<Arc<Batcher<String, Embedded>>> {
+        let max = Self::batch_size(pool, info)?;
+        let key = (self.index_of(pool), info.name.clone());
+        let mut map = self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let batcher = map.entry(key.clone()).or_insert_with(|| {
+            let dispatch = EmbedDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
+            let slots = pool.workers.len() * pool.batching.concurrency_per_worker;
+            Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
+        });
+        Some(batcher.clone())
+    }
+
+    /// The infer batcher of (pool, model), started on first use.
+    fn infer_batcher(&self, pool: &Pool, info: &ModelInfo) -> Option<Arc<Batcher<InferItem, InferOutputs>>> {
+        let max = Self::batch_size(pool, info)?;
+        let key = (self.index_of(pool), info.name.clone());
+        let mut map = self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let batcher = map.entry(key.clone()).or_insert_with(|| {
+            let dispatch = InferDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
+            let slots = pool.workers.len() * pool.batching.concurrency_per_worker;
+            Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
+        });
+        Some(batcher.clone())
     }
 
     fn pool_index(&self, name: &str) -> Option<usize> {
@@ -493,6 +549,18 @@ impl Upstream for Pools {
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
+        if let Some(batcher) = self.embed_batcher(pool, &info) {
+            // Each text is an item of whatever batch it lands in.
+            let deadline = call.deadline;
+            let results = gather(&batcher, call.payload, &deadline, &call.caller.tier, &call.request_id).await?;
+            let mut vectors = Vec::with_capacity(results.len());
+            let mut prompt_tokens = 0u32;
+            for (vector, tokens) in results {
+                vectors.push(vector);
+                prompt_tokens = prompt_tokens.saturating_add(tokens);
+            }
+            return Ok(EmbedOutput { model: info, vectors, prompt_tokens });
+        }
         let count = call.payload.len();
         let deadline = call.deadline;
         let ((vectors, prompt_tokens), _lease) = pool
@@ -528,6 +596,12 @@ impl Upstream for Pools {
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
+        if let Some(batcher) = self.infer_batcher(pool, &info) {
+            let deadline = call.deadline;
+            let mut out = gather(&batcher, vec![call.payload], &deadline, &call.caller.tier, &call.request_id).await?;
+            let out = out.pop().ok_or_else(|| missing_result("-"))?;
+            return Ok((info, out));
+        }
         let deadline = call.deadline;
         let (out, _lease) = pool
             .with_retries(&deadline, &call.request_id, |worker| {
@@ -591,6 +665,115 @@ impl Upstream for Pools {
             }
         });
         Ok(chunks.boxed())
+    }
+}
+
+/// Submit `items` to `batcher` and wait for all of them; the first failed
+/// item fails the call (the others' answers are dropped).
+async fn gather<I: Send + 'static, O: Send + 'static>(
+    batcher: &Batcher<I, O>,
+    items: Vec<I>,
+    deadline: &Deadline,
+    tier: &str,
+    rid: &str,
+) -> Result<Vec<O>, GatewayError> {
+    let pending = items.into_iter().map(|i| batcher.submit(i, *deadline, tier, rid)).collect::<Result<Vec<_>, _>>()?;
+    futures::future::join_all(pending.into_iter().map(|rx| batch::wait(rx, deadline))).await.into_iter().collect()
+}
+
+/// Sends a batch of texts to a worker of one pool.
+struct EmbedDispatch {
+    pools: Weak<Pools>,
+    pool: usize,
+    model: String,
+}
+
+impl Dispatch<String, Embedded> for EmbedDispatch {
+    fn dispatch(
+        &self,
+        texts: Vec<String>,
+        deadline: Deadline,
+        batch_id: String,
+    ) -> impl Future<Output = BatchResult<Embedded>> + Send {
+        let (pools, pool, model) = (self.pools.clone(), self.pool, self.model.clone());
+        async move {
+            let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
+            let pool = &pools.pools[pool];
+            let count = texts.len();
+            let (results, _lease) = pool
+                .with_retries(&deadline, &batch_id, |worker| {
+                    let msg = EmbedBatchRequest { model: model.clone(), texts: texts.clone() };
+                    let (model, batch_id) = (&model, &batch_id);
+                    async move {
+                        let req = request(msg, &deadline, batch_id);
+                        let resp = bounded(&deadline, &worker, worker.client().embed(req)).await?;
+                        if resp.results.len() != count {
+                            return Err(missing_result(&worker.id));
+                        }
+                        Ok(resp
+                            .results
+                            .into_iter()
+                            .map(|r| match r.result {
+                                Some(embed_result::Result::Embedding(e)) => Ok((e.values, r.tokens)),
+                                Some(embed_result::Result::Error(err)) => {
+                                    Err(from_item_error(&worker.id, model, err, &deadline))
+                                }
+                                None => Err(missing_result(&worker.id)),
+                            })
+                            .collect())
+                    }
+                })
+                .await?;
+            Ok(results)
+        }
+    }
+}
+
+/// Sends a batch of tensor items to a worker of one pool.
+struct InferDispatch {
+    pools: Weak<Pools>,
+    pool: usize,
+    model: String,
+}
+
+impl Dispatch<InferItem, InferOutputs> for InferDispatch {
+    fn dispatch(
+        &self,
+        items: Vec<InferItem>,
+        deadline: Deadline,
+        batch_id: String,
+    ) -> impl Future<Output = BatchResult<InferOutputs>> + Send {
+        let (pools, pool, model) = (self.pools.clone(), self.pool, self.model.clone());
+        async move {
+            let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
+            let pool = &pools.pools[pool];
+            let count = items.len();
+            let (results, _lease) = pool
+                .with_retries(&deadline, &batch_id, |worker| {
+                    let msg = InferBatchRequest { model: model.clone(), items: items.clone() };
+                    let (model, batch_id) = (&model, &batch_id);
+                    async move {
+                        let req = request(msg, &deadline, batch_id);
+                        let resp = bounded(&deadline, &worker, worker.client().infer(req)).await?;
+                        if resp.results.len() != count {
+                            return Err(missing_result(&worker.id));
+                        }
+                        Ok(resp
+                            .results
+                            .into_iter()
+                            .map(|r| match r.result {
+                                Some(infer_result::Result::Outputs(out)) => Ok(out),
+                                Some(infer_result::Result::Error(err)) => {
+                                    Err(from_item_error(&worker.id, model, err, &deadline))
+                                }
+                                None => Err(missing_result(&worker.id)),
+                            })
+                            .collect())
+                    }
+                })
+                .await?;
+            Ok(results)
+        }
     }
 }
 
@@ -669,6 +852,7 @@ mod tests {
             slots: Arc::new(Semaphore::new(per_worker)),
             queued: AtomicUsize::new(0),
             max_queue,
+            batching: BatchConfig::default(),
         }
     }
 

@@ -179,6 +179,8 @@ fn log_worker_line(id: &str, bytes: &[u8]) {
         tracing::error!(target: "worker", worker = %id, "{line}");
     } else if line.starts_with("WARNING") {
         tracing::warn!(target: "worker", worker = %id, "{line}");
+    } else if line.starts_with("DEBUG") {
+        tracing::debug!(target: "worker", worker = %id, "{line}");
     } else {
         tracing::info!(target: "worker", worker = %id, "{line}");
     }

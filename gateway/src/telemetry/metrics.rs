@@ -34,7 +34,9 @@ pub fn install() {
     let waits = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()), &buckets)
-        .and_then(|b| b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_QUEUE_WAIT.into()), &waits));
+        .and_then(|b| {
+            b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_QUEUE_WAIT.into()), &waits)
+        });
     let builder = match builder {
         Ok(b) => b,
         Err(e) => {
@@ -50,7 +52,11 @@ pub fn install() {
             metrics::describe_counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
             metrics::describe_counter!(QUEUE_REJECTIONS, "Calls refused because the pool queue was full");
             metrics::describe_histogram!(BATCH_SIZE, "Items per batch sent to a worker");
-            metrics::describe_histogram!(BATCH_QUEUE_WAIT, metrics::Unit::Seconds, "Wait in the batcher before the batch went");
+            metrics::describe_histogram!(
+                BATCH_QUEUE_WAIT,
+                metrics::Unit::Seconds,
+                "Wait in the batcher before the batch went"
+            );
             metrics::describe_gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics is off"),

@@ -191,6 +191,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         texts = list(request.texts)
+        log.debug("embed batch of %d texts", len(texts), extra={"request_id": ctx.request_id})
         results: list[worker_pb2.EmbedResult] = []
         for part in _chunks(texts, self._infos[request.model].max_batch_size):
             out = await self._run_batch(ctx, context, model.embed, list(part))
@@ -203,6 +204,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
     async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
+        log.debug("infer batch of %d items", len(request.items), extra={"request_id": ctx.request_id})
         results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
         items: list[tuple[int, InferItem]] = []
         for n, msg in enumerate(request.items):
