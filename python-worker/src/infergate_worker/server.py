@@ -204,7 +204,9 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
     async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
-        log.debug("infer batch of %d items", len(request.items), extra={"request_id": ctx.request_id})
+        log.debug(
+            "infer batch of %d items", len(request.items), extra={"request_id": ctx.request_id}
+        )
         results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
         items: list[tuple[int, InferItem]] = []
         for n, msg in enumerate(request.items):
