@@ -89,6 +89,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         upstream: Arc::new(Fake),
         policy: infergate::policy::Policy::unrestricted(),
         routes: Default::default(),
+        cache: infergate::cache::ResponseCache::disabled(),
         default_deadline: Duration::from_secs(5),
         max_body_bytes: 1 << 20,
         max_message_bytes: 1 << 20,

@@ -24,6 +24,8 @@ pub enum ServeError {
     Workers(#[from] SupervisorError),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("cannot set up the response cache: {0}")]
+    Cache(String),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -161,6 +163,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         upstream: pools,
         policy,
         routes: Arc::new(crate::route::Routes::new(&config.aliases)),
+        cache: Arc::new(
+            crate::cache::ResponseCache::new(
+                config.cache.clone(),
+                config.redis.as_ref(),
+                config.nondeterministic_pools.clone(),
+            )
+            .map_err(ServeError::Cache)?,
+        ),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,

@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 
 const ECHO: &str = "infergate_worker.examples.echo:Echo";
 
+/// These scenarios send identical requests to watch workers: no response cache.
+const NO_CACHE: &str = "[cache]\nenabled = false\n";
+
 /// A remote pool config over `addresses`, plus `extra` lines.
 fn remote_pool(name: &str, addresses: &[String], extra: &str) -> String {
     let quoted: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
@@ -67,9 +70,8 @@ fn closed_loop(gw: &Gateway, path: &str, body: &Value, clients: usize, secs: f64
 
 #[test]
 fn sigkill_of_one_of_four_idempotent_workers_under_load_loses_no_request() {
-    let config = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\nworkers = 4\n\
-                  idempotent = true\n";
-    let gw = Gateway::start_logging(config, "info,infergate::pool=debug").unwrap();
+    let config = format!("[[pools]]\nname = \"echo\"\nclass = \"{ECHO}\"\nworkers = 4\nidempotent = true\n{NO_CACHE}");
+    let gw = Gateway::start_logging(&config, "info,infergate::pool=debug").unwrap();
     let victim = gw.worker_pid("echo-1").unwrap();
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
     let stop_at = Instant::now() + Duration::from_secs(6);
@@ -151,9 +153,11 @@ fn a_100_ms_deadline_on_a_1_s_model_is_504_within_150_ms_and_the_worker_stops() 
 
 #[test]
 fn a_hung_worker_times_out_at_the_deadline_is_ejected_and_comes_back_after_sigcont() {
-    let config = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\nworkers = 2\n\
-                  outlier = { consecutive = 2, base_ejection = \"1s\" }\n";
-    let gw = Gateway::start_logging(config, "info,infergate::pool=debug").unwrap();
+    let config = format!(
+        "[[pools]]\nname = \"echo\"\nclass = \"{ECHO}\"\nworkers = 2\n\
+         outlier = {{ consecutive = 2, base_ejection = \"1s\" }}\n{NO_CACHE}"
+    );
+    let gw = Gateway::start_logging(&config, "info,infergate::pool=debug").unwrap();
     let hung = gw.worker_pid("echo-1").unwrap();
     let client = reqwest::blocking::Client::new();
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
@@ -211,7 +215,7 @@ fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in
     // The circuit is set out of the way so the retry budget alone bounds the attempts.
     let config = format!(
         "[[pools]]\nname = \"broken\"\naddresses = [{}]\nidempotent = true\n\
-         retries = {{ max = 2, ratio = 0.2, floor = 10 }}\ncircuit = {{ failures = 100000 }}\n",
+         retries = {{ max = 2, ratio = 0.2, floor = 10 }}\ncircuit = {{ failures = 100000 }}\n{NO_CACHE}",
         addresses.join(", ")
     );
     let gw = Gateway::start_logging(&config, "info,infergate::pool=debug").unwrap();
@@ -248,7 +252,7 @@ fn a_worker_made_500_ms_slower_gets_under_10_percent_of_calls_and_p99_stays_unde
     let proxy = FaultProxy::start(workers[0].addr().parse().unwrap()).unwrap();
     let mut addresses = vec![proxy.addr.to_string()];
     addresses.extend(workers[1..].iter().map(RemoteWorker::addr));
-    let gw = Gateway::start_logging(&remote_pool("echo", &addresses, ""), "info,infergate::pool=debug").unwrap();
+    let gw = Gateway::start_logging(&remote_pool("echo", &addresses, NO_CACHE), "info,infergate::pool=debug").unwrap();
     wait_serving(&gw, "echo", 4);
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
     let path = "/v2/models/echo/infer";
@@ -281,8 +285,8 @@ fn a_worker_failing_fast_is_ejected_the_others_absorb_it_and_it_is_readmitted_af
     let mut workers = vec![RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag_env)]).unwrap()];
     workers.extend((0..2).map(|_| RemoteWorker::start("faulty:Flaky").unwrap()));
     let addresses: Vec<String> = workers.iter().map(RemoteWorker::addr).collect();
-    let extra = "idempotent = true\noutlier = { consecutive = 3, base_ejection = \"1s\" }\n";
-    let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, extra), "info,infergate::pool=debug").unwrap();
+    let extra = format!("idempotent = true\noutlier = {{ consecutive = 3, base_ejection = \"1s\" }}\n{NO_CACHE}");
+    let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, &extra), "info,infergate::pool=debug").unwrap();
     wait_serving(&gw, "flaky", 3);
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
     let path = "/v2/models/flaky/infer";

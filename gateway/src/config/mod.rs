@@ -65,6 +65,9 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub log: LogConfig,
     pub pools: Vec<PoolConfig>,
+    pub cache: crate::cache::CacheConfig,
+    /// Pools whose tensor calls are never cached (`deterministic = false`).
+    pub nondeterministic_pools: Vec<String>,
     /// Model names clients use, with their variants and fallbacks.
     pub aliases: Vec<routes::AliasConfig>,
     /// The raw form, for `check-config`.
@@ -327,6 +330,17 @@ impl Config {
             auth: AuthConfig::from_raw(&raw.auth)?,
             limits: LimitsConfig::from_raw(&raw.limits)?,
             redis: RedisConfig::from_raw(&raw.redis)?,
+            cache: crate::cache::CacheConfig {
+                enabled: raw.cache.enabled,
+                max_bytes: raw.cache.max_bytes,
+                ttl: duration("cache.ttl", &raw.cache.ttl)?,
+            },
+            nondeterministic_pools: raw
+                .pools
+                .iter()
+                .filter(|p| p.deterministic == Some(false))
+                .map(|p| p.name.clone())
+                .collect(),
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,

@@ -17,8 +17,26 @@ pub struct RawConfig {
     pub auth: RawAuth,
     pub limits: RawLimits,
     pub redis: RawRedis,
+    pub cache: RawCache,
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
+}
+
+/// `[cache]`: the exact response cache (memory; Redis too when `redis.url` is set).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: bool,
+    /// Memory for cached answers, in bytes.
+    pub max_bytes: u64,
+    /// How long an answer is kept (memory and Redis).
+    pub ttl: String,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self { enabled: true, max_bytes: 256 * 1024 * 1024, ttl: "10m".into() }
+    }
 }
 
 /// `[http]`: the REST edge.
@@ -210,6 +228,10 @@ pub struct RawPool {
     /// The model may be run again after a call possibly started (pure
     /// functions such as embeddings): such calls are retried too.
     pub idempotent: bool,
+    /// The same input always gives the same answer, so tensor calls may be
+    /// answered from the response cache (default true; embeddings always may).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deterministic: Option<bool>,
 }
 
 /// `batching = { enabled = true, max_batch_size = 32, max_delay = "2ms", concurrency_per_worker = 2,

@@ -103,6 +103,7 @@ fn app_with(
         upstream: upstream.clone(),
         policy,
         routes: Default::default(),
+        cache: crate::cache::ResponseCache::disabled(),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,
         max_message_bytes: 64 * 1024,

@@ -86,6 +86,8 @@ struct Meta {
     caller: Arc<crate::policy::Caller>,
     /// `x-model-version` metadata: the variant the caller pins.
     pin: Option<String>,
+    /// `cache-control` metadata.
+    cache: crate::cache::CacheMode,
 }
 
 fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
@@ -109,7 +111,8 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| Status::invalid_argument("malformed x-model-version metadata"))?.into()),
     };
-    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller, pin })
+    let cache = crate::cache::CacheMode::from_cache_control(md.get("cache-control").and_then(|v| v.to_str().ok()));
+    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller, pin, cache })
 }
 
 impl Meta {
@@ -126,6 +129,14 @@ fn respond<T>(msg: T, request_id: &str, target: &Target) -> Response<T> {
     }
     if let Some(v) = target.variant.as_deref().and_then(|v| v.parse().ok()) {
         resp.metadata_mut().insert(crate::route::VARIANT_HEADER, v);
+    }
+    resp
+}
+
+/// `x-cache` metadata when the answer went through the response cache.
+fn cache_tag<T>(mut resp: Response<T>, cached: Option<crate::cache::CacheStatus>) -> Response<T> {
+    if let Some(status) = cached {
+        resp.metadata_mut().insert("x-cache", tonic::metadata::MetadataValue::from_static(status.as_str()));
     }
     resp
 }
@@ -173,7 +184,8 @@ impl Inference for InferenceService {
                 caller: m.caller.clone(),
                 pool: None,
             };
-            let ((info, out), target) = route::run(&plan, call, |c| self.state.upstream.infer(c)).await?;
+            let (((info, out), cached), target) =
+                route::run(&plan, call, |c| self.state.cache.infer(&*self.state.upstream, c, m.cache)).await?;
             admission.settle(None);
             let msg = InferResponse {
                 model: r.model,
@@ -182,10 +194,12 @@ impl Inference for InferenceService {
                 outputs: out.tensors,
                 parameters: out.parameters,
             };
-            Ok((msg, target))
+            Ok((msg, target, cached))
         }
         .await;
-        result.map(|(msg, target)| respond(msg, &m.request_id, &target)).map_err(|e| fail(e, &m.request_id))
+        result
+            .map(|(msg, target, cached)| cache_tag(respond(msg, &m.request_id, &target), cached))
+            .map_err(|e| fail(e, &m.request_id))
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
@@ -213,17 +227,20 @@ impl Inference for InferenceService {
                 caller: m.caller.clone(),
                 pool: None,
             };
-            let (out, target) = route::run(&plan, call, |c| self.state.upstream.embed(c)).await?;
+            let ((out, cached), target) =
+                route::run(&plan, call, |c| self.state.cache.embed(&*self.state.upstream, c, m.cache)).await?;
             admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
             let msg = EmbedResponse {
                 model: r.model,
                 data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
                 usage: Some(Usage { prompt_tokens: out.prompt_tokens, completion_tokens: 0 }),
             };
-            Ok((msg, target))
+            Ok((msg, target, cached))
         }
         .await;
-        result.map(|(msg, target)| respond(msg, &m.request_id, &target)).map_err(|e| fail(e, &m.request_id))
+        result
+            .map(|(msg, target, cached)| cache_tag(respond(msg, &m.request_id, &target), cached))
+            .map_err(|e| fail(e, &m.request_id))
     }
 
     type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;

@@ -19,6 +19,7 @@ use super::chat::{ChatRequest, Completion, Metered};
 use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use super::{EdgeState, meta};
+use crate::cache::{CacheMode, CacheStatus};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
 use crate::policy::estimate_tokens;
@@ -201,11 +202,13 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
         let admission = state.policy.admit(&caller, &body.model, tokens).await?;
         let call =
             Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller, pool: None };
-        let (out, target) = route::run(&plan, call, |c| state.upstream.embed(c)).await?;
+        let mode = cache_mode(&parts.headers);
+        let ((out, cached), target) = route::run(&plan, call, |c| state.cache.embed(&*state.upstream, c, mode)).await?;
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
         route::tag(resp.headers_mut(), &target);
+        tag_cache(resp.headers_mut(), cached);
         Ok(resp)
     }
     .await;
@@ -356,7 +359,9 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         };
         let id = item.id.clone();
         let call = Call { model: model.clone(), payload: item, deadline, request_id: rid.clone(), caller, pool: None };
-        let ((mut info, out), target) = route::run(&plan, call, |c| state.upstream.infer(c)).await?;
+        let mode = cache_mode(&parts.headers);
+        let (((mut info, out), cached), target) =
+            route::run(&plan, call, |c| state.cache.infer(&*state.upstream, c, mode)).await?;
         admission.settle(None);
         info.name = model;
         let mut resp = if wants_protobuf(&parts.headers, kind) {
@@ -372,10 +377,23 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             axum::Json(json::infer_response_json(&info, id, out)).into_response()
         };
         route::tag(resp.headers_mut(), &target);
+        tag_cache(resp.headers_mut(), cached);
         Ok(resp)
     }
     .await;
     Reply(result, rid)
+}
+
+/// What `Cache-Control` lets the response cache do.
+fn cache_mode(headers: &HeaderMap) -> CacheMode {
+    CacheMode::from_cache_control(headers.get(header::CACHE_CONTROL).and_then(|v| v.to_str().ok()))
+}
+
+/// `X-Cache: hit|miss|partial` when the answer went through the cache.
+fn tag_cache(headers: &mut HeaderMap, cached: Option<CacheStatus>) {
+    if let Some(status) = cached {
+        headers.insert("x-cache", http::HeaderValue::from_static(status.as_str()));
+    }
 }
 
 /// Answer in protobuf when asked to (`Accept`), or when the request was

@@ -32,6 +32,8 @@ pub struct EdgeState {
     pub policy: Arc<Policy>,
     /// Aliases, variants and fallbacks.
     pub routes: Arc<crate::route::Routes>,
+    /// Exact response cache with singleflight.
+    pub cache: Arc<crate::cache::ResponseCache>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,

@@ -80,6 +80,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         upstream: fake.clone(),
         policy: Policy::new(config).unwrap(),
         routes: Arc::new(crate::route::Routes::new(&config.aliases)),
+        cache: crate::cache::ResponseCache::disabled(),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,
         max_message_bytes: 1024,

@@ -69,6 +69,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
         upstream: fake.clone(),
         policy: crate::policy::Policy::unrestricted(),
         routes: Default::default(),
+        cache: crate::cache::ResponseCache::disabled(),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,
         max_message_bytes: 1024,

@@ -22,6 +22,11 @@ pub const BATCH_SIZE: &str = "infergate_batch_size";
 pub const BATCH_QUEUE_WAIT: &str = "infergate_batch_queue_wait_seconds";
 /// Batches sent and not yet answered, by `pool` and `model`.
 pub const BATCHES_IN_FLIGHT: &str = "infergate_batches_in_flight";
+/// Cache lookups by `cache` (`exact`) and `result` (`hit`, `miss`); an
+/// embeddings request counts once per text.
+pub const CACHE_REQUESTS: &str = "infergate_cache_requests_total";
+/// Requests answered by an identical request already in flight (singleflight).
+pub const COALESCED: &str = "infergate_coalesced_requests_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -58,6 +63,8 @@ pub fn install() {
                 "Wait in the batcher before the batch went"
             );
             metrics::describe_gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
+            metrics::describe_counter!(CACHE_REQUESTS, "Cache lookups by cache and result");
+            metrics::describe_counter!(COALESCED, "Requests answered by an identical request in flight");
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics is off"),
     }

@@ -1,0 +1,427 @@
+//! The exact response cache, with singleflight, in front of the pools.
+//!
+//! Deterministic calls (embeddings; tensor calls to pools not marked
+//! `deterministic = false`) are answered from a cache keyed by tenant,
+//! pool, model, version and the canonical input. Each text of an embeddings
+//! request is its own entry: hits are answered at once and only the misses
+//! go to the model (where the batcher packs them together). Identical
+//! requests that arrive while the first is computing wait for its answer
+//! instead of calling the model again (moka's entry initialisation runs
+//! once per key).
+//!
+//! Memory (moka, bounded by bytes, TTL) always; Redis as a second level
+//! shared by every replica when `redis.url` is set (TTL, values compressed
+//! with LZ4). Redis trouble is a miss, never a failure.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::redis::AsyncCommands;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::call::Call;
+use crate::error::GatewayError;
+use crate::pool::{EmbedOutput, Upstream};
+use crate::proto::{InferItem, InferOutputs, ModelInfo};
+
+/// Cache settings (`[cache]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Memory for cached answers, in bytes.
+    pub max_bytes: u64,
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { enabled: true, max_bytes: 256 * 1024 * 1024, ttl: Duration::from_secs(600) }
+    }
+}
+
+/// What a request lets the cache do (`Cache-Control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheMode {
+    /// `no-cache` turns this off: always ask the model.
+    pub lookup: bool,
+    /// `no-store` turns this off: keep nothing from this request.
+    pub store: bool,
+}
+
+impl Default for CacheMode {
+    fn default() -> Self {
+        Self { lookup: true, store: true }
+    }
+}
+
+impl CacheMode {
+    /// From a `Cache-Control` header or metadata value.
+    pub fn from_cache_control(value: Option<&str>) -> Self {
+        let mut mode = Self::default();
+        for directive in value.unwrap_or_default().split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            match directive.as_str() {
+                "no-cache" => mode.lookup = false,
+                "no-store" => mode.store = false,
+                _ => {}
+            }
+        }
+        mode
+    }
+}
+
+/// How a request was answered, for `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Every part from the cache (or from an identical request in flight).
+    Hit,
+    /// Every part from the model.
+    Miss,
+    /// Some of each (embeddings with several inputs).
+    Partial,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Partial => "partial",
+        }
+    }
+
+    fn of(hits: usize, total: usize) -> Self {
+        match hits {
+            0 => Self::Miss,
+            h if h == total => Self::Hit,
+            _ => Self::Partial,
+        }
+    }
+}
+
+/// A cached answer.
+#[derive(Debug, Clone)]
+enum Value {
+    Embedding(Arc<(Vec<f32>, u32)>),
+    Outputs(Arc<InferOutputs>),
+}
+
+impl Value {
+    fn weight(&self) -> u32 {
+        let bytes = match self {
+            Self::Embedding(e) => e.0.len() * 4 + 64,
+            Self::Outputs(o) => o.encoded_len() + 64,
+        };
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
+    /// Tag byte, then LZ4 of the payload.
+    fn encode(&self) -> Vec<u8> {
+        let (tag, raw) = match self {
+            Self::Embedding(e) => {
+                let mut raw = Vec::with_capacity(4 + e.0.len() * 4);
+                raw.extend_from_slice(&e.1.to_le_bytes());
+                e.0.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes()));
+                (b'e', raw)
+            }
+            Self::Outputs(o) => (b'o', o.encode_to_vec()),
+        };
+        let mut out = vec![tag];
+        out.extend(lz4_flex::compress_prepend_size(&raw));
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (tag, rest) = bytes.split_first()?;
+        let raw = lz4_flex::decompress_size_prepended(rest).ok()?;
+        match tag {
+            b'e' => {
+                let (tokens, floats) = raw.split_first_chunk::<4>()?;
+                if floats.len() % 4 != 0 {
+                    return None;
+                }
+                let v = floats.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Some(Self::Embedding(Arc::new((v, u32::from_le_bytes(*tokens)))))
+            }
+            b'o' => InferOutputs::decode(raw.as_slice()).ok().map(|o| Self::Outputs(Arc::new(o))),
+            _ => None,
+        }
+    }
+}
+
+type Key = [u8; 32];
+
+/// The second level, shared through Redis.
+struct Shared {
+    pool: deadpool_redis::Pool,
+    prefix: String,
+    timeout: Duration,
+    warned: AtomicBool,
+}
+
+impl Shared {
+    fn key(&self, key: &Key) -> String {
+        format!("{}:cache:{}", self.prefix, hex::encode(key))
+    }
+
+    async fn get(&self, key: &Key) -> Option<Value> {
+        let k = self.key(key);
+        let got = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            conn.get::<_, Option<Vec<u8>>>(k).await.map_err(|e| e.to_string())
+        })
+        .await;
+        match got {
+            Ok(Ok(bytes)) => bytes.as_deref().and_then(Value::decode),
+            Ok(Err(e)) => self.trouble(&e),
+            Err(_) => self.trouble("timed out"),
+        }
+    }
+
+    async fn put(&self, key: &Key, value: &Value, ttl: Duration) {
+        let (k, bytes) = (self.key(key), value.encode());
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let put = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            conn.pset_ex::<_, _, ()>(k, bytes, ms).await.map_err(|e| e.to_string())
+        })
+        .await;
+        match put {
+            Ok(Ok(())) => self.warned.store(false, Ordering::Relaxed),
+            Ok(Err(e)) => {
+                self.trouble(&e);
+            }
+            Err(_) => {
+                self.trouble("timed out");
+            }
+        }
+    }
+
+    /// Log once per outage; the caller treats it as a miss.
+    fn trouble(&self, why: &str) -> Option<Value> {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = why, "response cache: redis unavailable; using memory only until it answers");
+        }
+        None
+    }
+}
+
+/// The exact response cache.
+pub struct ResponseCache {
+    config: CacheConfig,
+    memory: moka::future::Cache<Key, Value>,
+    shared: Option<Shared>,
+    /// Pools whose tensor calls must never be cached.
+    nondeterministic: Vec<String>,
+}
+
+impl ResponseCache {
+    pub fn new(
+        config: CacheConfig,
+        redis: Option<&crate::config::RedisConfig>,
+        nondeterministic: Vec<String>,
+    ) -> Result<Self, String> {
+        let memory = moka::future::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|_k: &Key, v: &Value| v.weight())
+            .time_to_live(config.ttl)
+            .build();
+        let shared = match redis {
+            Some(r) if config.enabled => {
+                let mut cfg = deadpool_redis::Config::from_url(r.url.clone());
+                let mut pool_cfg = deadpool_redis::PoolConfig::new(r.pool_size);
+                pool_cfg.timeouts.wait = Some(r.timeout);
+                pool_cfg.timeouts.create = Some(r.timeout.max(Duration::from_millis(200)));
+                pool_cfg.timeouts.recycle = Some(r.timeout);
+                cfg.pool = Some(pool_cfg);
+                let pool = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| e.to_string())?;
+                Some(Shared { pool, prefix: r.prefix.clone(), timeout: r.timeout, warned: AtomicBool::new(false) })
+            }
+            _ => None,
+        };
+        Ok(Self { config, memory, shared, nondeterministic })
+    }
+
+    /// A cache that never answers (tests, and `cache.enabled = false`).
+    pub fn disabled() -> Arc<Self> {
+        let config = CacheConfig { enabled: false, ..CacheConfig::default() };
+        Arc::new(Self::new(config, None, Vec::new()).unwrap_or_else(|_| unreachable!("no redis, no error")))
+    }
+
+    fn info<P>(up: &dyn Upstream, call: &Call<P>) -> Result<ModelInfo, GatewayError> {
+        let entry = match &call.pool {
+            Some(pool) => up.model_in(pool, &call.model)?,
+            None => up.model(&call.model)?,
+        };
+        Ok(entry.info.unwrap_or_default())
+    }
+
+    fn pool_of<P>(up: &dyn Upstream, call: &Call<P>) -> Option<String> {
+        match &call.pool {
+            Some(p) => Some(p.to_string()),
+            None => up.model(&call.model).ok().map(|e| e.pool),
+        }
+    }
+
+    /// Key of one input: everything that changes the answer, and the tenant
+    /// (answers are never shared across tenants).
+    fn key<P>(kind: &str, call: &Call<P>, pool: &str, info: &ModelInfo, input: &[u8]) -> Key {
+        let mut h = Sha256::new();
+        for part in [kind.as_bytes(), call.caller.tenant.as_bytes(), pool.as_bytes(), info.name.as_bytes()] {
+            h.update(part);
+            h.update([0]);
+        }
+        h.update(info.version.as_bytes());
+        h.update([0]);
+        h.update(input);
+        h.finalize().into()
+    }
+
+    /// One input through the cache: memory, then Redis, then `compute`
+    /// (once for all identical inputs in flight). Returns the value and
+    /// whether it came without computing.
+    async fn one<F>(&self, key: Key, mode: CacheMode, compute: F) -> Result<(Value, bool), GatewayError>
+    where
+        F: Future<Output = Result<Value, GatewayError>>,
+    {
+        if mode.lookup
+            && let Some(v) = self.memory.get(&key).await
+        {
+            return Ok((v, true));
+        }
+        let from_redis = AtomicBool::new(false);
+        let fetch = async {
+            if mode.lookup
+                && let Some(shared) = &self.shared
+                && let Some(v) = shared.get(&key).await
+            {
+                from_redis.store(true, Ordering::Relaxed);
+                return Ok(v);
+            }
+            let v = compute.await?;
+            if mode.store
+                && let Some(shared) = &self.shared
+            {
+                shared.put(&key, &v, self.config.ttl).await;
+            }
+            Ok(v)
+        };
+        if !(mode.lookup && mode.store) {
+            let v = fetch.await?;
+            if mode.store {
+                self.memory.insert(key, v.clone()).await;
+            }
+            return Ok((v, from_redis.into_inner()));
+        }
+        let entry =
+            self.memory.entry(key).or_try_insert_with(fetch).await.map_err(|e: Arc<GatewayError>| (*e).clone())?;
+        let fresh = entry.is_fresh();
+        if !fresh {
+            metrics::counter!(crate::telemetry::metrics::COALESCED).increment(1);
+        }
+        Ok((entry.into_value(), !fresh || from_redis.into_inner()))
+    }
+
+    fn count(result: &'static str, n: usize) {
+        metrics::counter!(crate::telemetry::metrics::CACHE_REQUESTS, "cache" => "exact", "result" => result)
+            .increment(n as u64);
+    }
+
+    /// Embeddings through the cache, one entry per text.
+    pub async fn embed(
+        &self,
+        up: &dyn Upstream,
+        call: Call<Vec<String>>,
+        mode: CacheMode,
+    ) -> Result<(EmbedOutput, Option<CacheStatus>), GatewayError> {
+        if !self.config.enabled || !(mode.lookup || mode.store) {
+            return up.embed(call).await.map(|out| (out, None));
+        }
+        let info = Self::info(up, &call)?;
+        let pool = Self::pool_of(up, &call).unwrap_or_default();
+        let texts = call.payload.clone();
+        let answers = futures::future::join_all(texts.iter().map(|text| {
+            let key = Self::key("embed", &call, &pool, &info, text.as_bytes());
+            let single = Call { payload: vec![text.clone()], ..call.clone() };
+            self.one(key, mode, async move {
+                let out = up.embed(single).await?;
+                let vector = out.vectors.into_iter().next().ok_or_else(|| GatewayError::WorkerFailed {
+                    worker: "-".into(),
+                    detail: "no vector for the text".into(),
+                })?;
+                Ok(Value::Embedding(Arc::new((vector, out.prompt_tokens))))
+            })
+        }))
+        .await;
+        let mut vectors = Vec::with_capacity(texts.len());
+        let (mut tokens, mut hits) = (0u32, 0usize);
+        for answer in answers {
+            let (value, hit) = answer?;
+            let Value::Embedding(e) = value else {
+                return Err(GatewayError::WorkerFailed { worker: "-".into(), detail: "cache kind mismatch".into() });
+            };
+            vectors.push(e.0.clone());
+            tokens = tokens.saturating_add(e.1);
+            hits += usize::from(hit);
+        }
+        Self::count("hit", hits);
+        Self::count("miss", texts.len() - hits);
+        let status = CacheStatus::of(hits, texts.len());
+        Ok((EmbedOutput { model: info, vectors, prompt_tokens: tokens }, Some(status)))
+    }
+
+    /// A tensor call through the cache, unless its pool is not deterministic.
+    pub async fn infer(
+        &self,
+        up: &dyn Upstream,
+        call: Call<InferItem>,
+        mode: CacheMode,
+    ) -> Result<((ModelInfo, InferOutputs), Option<CacheStatus>), GatewayError> {
+        let pool = Self::pool_of(up, &call).unwrap_or_default();
+        if !self.config.enabled || !(mode.lookup || mode.store) || self.nondeterministic.contains(&pool) {
+            return up.infer(call).await.map(|out| (out, None));
+        }
+        let info = Self::info(up, &call)?;
+        let key = Self::key("infer", &call, &pool, &info, &canonical(&call.payload));
+        let (value, hit) = self
+            .one(key, mode, async {
+                let (_, outputs) = up.infer(call.clone()).await?;
+                Ok(Value::Outputs(Arc::new(outputs)))
+            })
+            .await?;
+        Self::count(if hit { "hit" } else { "miss" }, 1);
+        let Value::Outputs(outputs) = value else {
+            return Err(GatewayError::WorkerFailed { worker: "-".into(), detail: "cache kind mismatch".into() });
+        };
+        let status = if hit { CacheStatus::Hit } else { CacheStatus::Miss };
+        Ok(((info, (*outputs).clone()), Some(status)))
+    }
+}
+
+/// The bytes that identify a tensor item's answer: inputs, requested
+/// outputs and parameters in a fixed order (the caller's `id` is not part
+/// of it).
+fn canonical(item: &InferItem) -> Vec<u8> {
+    let mut out = Vec::new();
+    for t in &item.inputs {
+        out.extend(t.encode_length_delimited_to_vec());
+    }
+    out.push(0xff);
+    for o in &item.outputs {
+        out.extend(o.as_bytes());
+        out.push(0);
+    }
+    out.push(0xff);
+    let mut params: Vec<_> = item.parameters.iter().collect();
+    params.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in params {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v.encode_length_delimited_to_vec());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,189 @@
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+
+use super::*;
+use crate::call::Deadline;
+use crate::policy::Caller;
+use crate::pool::{ChunkStream, PoolStatus};
+use crate::proto::{GenerateRequest, ModelEntry, ModelKind, Tensor};
+
+/// Embeds a text as `[len]` (slowly, so concurrent calls overlap); counts
+/// every text it is asked for.
+#[derive(Default)]
+struct Counting {
+    texts: Mutex<Vec<String>>,
+    infers: AtomicUsize,
+}
+
+fn info() -> ModelInfo {
+    ModelInfo { name: "m".into(), version: "1".into(), kind: ModelKind::Embed as i32, ..Default::default() }
+}
+
+#[async_trait::async_trait]
+impl Upstream for Counting {
+    fn models(&self) -> Vec<ModelEntry> {
+        vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true }]
+    }
+    fn model(&self, _name: &str) -> Result<ModelEntry, GatewayError> {
+        Ok(self.models().remove(0))
+    }
+    fn status(&self) -> Vec<PoolStatus> {
+        Vec::new()
+    }
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+        self.texts.lock().unwrap().extend(call.payload.iter().cloned());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let vectors = call.payload.iter().map(|t| vec![t.len() as f32]).collect();
+        Ok(EmbedOutput { model: info(), vectors, prompt_tokens: 3 })
+    }
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        self.infers.fetch_add(1, Ordering::Relaxed);
+        if call.payload.parameters.contains_key("fail") {
+            return Err(GatewayError::ModelRejected { detail: "no".into() });
+        }
+        Ok((info(), InferOutputs { tensors: call.payload.inputs, ..Default::default() }))
+    }
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "generation" })
+    }
+}
+
+fn call<P>(payload: P, tenant: &str) -> Call<P> {
+    let mut caller = Caller::anonymous([127, 0, 0, 1].into());
+    caller.tenant = tenant.into();
+    Call {
+        model: "m".into(),
+        payload,
+        deadline: Deadline::after(Duration::from_secs(5)),
+        request_id: "r".into(),
+        caller: Arc::new(caller),
+        pool: None,
+    }
+}
+
+fn texts(t: &[&str]) -> Vec<String> {
+    t.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn cache() -> ResponseCache {
+    ResponseCache::new(CacheConfig::default(), None, vec!["random".into()]).unwrap()
+}
+
+const ALL: CacheMode = CacheMode { lookup: true, store: true };
+
+#[tokio::test]
+async fn a_second_identical_request_is_a_hit_and_never_reaches_the_model() {
+    let (c, up) = (cache(), Counting::default());
+    let (out, status) = c.embed(&up, call(texts(&["hello"]), "t"), ALL).await.unwrap();
+    assert_eq!((out.vectors, status), (vec![vec![5.0]], Some(CacheStatus::Miss)));
+    let (out, status) = c.embed(&up, call(texts(&["hello"]), "t"), ALL).await.unwrap();
+    assert_eq!((out.vectors, out.prompt_tokens, status), (vec![vec![5.0]], 3, Some(CacheStatus::Hit)));
+    assert_eq!(*up.texts.lock().unwrap(), ["hello"]);
+}
+
+#[tokio::test]
+async fn only_the_misses_of_a_multi_input_request_reach_the_model_in_order() {
+    let (c, up) = (cache(), Counting::default());
+    c.embed(&up, call(texts(&["a", "bbb"]), "t"), ALL).await.unwrap();
+    let (out, status) = c.embed(&up, call(texts(&["cc", "a", "bbb", "dddd"]), "t"), ALL).await.unwrap();
+    assert_eq!(out.vectors, vec![vec![2.0], vec![1.0], vec![3.0], vec![4.0]]);
+    assert_eq!(status, Some(CacheStatus::Partial));
+    let mut asked = up.texts.lock().unwrap().clone();
+    asked.sort();
+    assert_eq!(asked, ["a", "bbb", "cc", "dddd"], "each text computed once");
+}
+
+#[tokio::test]
+async fn identical_requests_in_flight_wait_for_the_first_singleflight() {
+    let (c, up) = (cache(), Counting::default());
+    let calls = (0..50).map(|_| c.embed(&up, call(texts(&["same"]), "t"), ALL));
+    let answers = futures::future::join_all(calls).await;
+    assert!(answers.iter().all(|a| a.as_ref().unwrap().0.vectors == vec![vec![4.0]]));
+    assert_eq!(up.texts.lock().unwrap().len(), 1, "one model call for 50 identical requests");
+    let hits = answers.iter().filter(|a| a.as_ref().unwrap().1 == Some(CacheStatus::Hit)).count();
+    assert_eq!(hits, 49);
+}
+
+#[tokio::test]
+async fn answers_are_never_shared_across_tenants() {
+    let (c, up) = (cache(), Counting::default());
+    c.embed(&up, call(texts(&["x"]), "acme"), ALL).await.unwrap();
+    let (_, status) = c.embed(&up, call(texts(&["x"]), "globex"), ALL).await.unwrap();
+    assert_eq!(status, Some(CacheStatus::Miss));
+    assert_eq!(up.texts.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn no_cache_asks_the_model_and_no_store_keeps_nothing() {
+    let (c, up) = (cache(), Counting::default());
+    let no_cache = CacheMode::from_cache_control(Some("no-cache"));
+    let no_store = CacheMode::from_cache_control(Some("max-age=0, No-Store"));
+    assert_eq!(
+        (no_cache, no_store),
+        (CacheMode { lookup: false, store: true }, CacheMode { lookup: true, store: false })
+    );
+    c.embed(&up, call(texts(&["k"]), "t"), ALL).await.unwrap();
+    let (_, status) = c.embed(&up, call(texts(&["k"]), "t"), no_cache).await.unwrap();
+    assert_eq!(status, Some(CacheStatus::Miss), "no-cache bypasses the stored answer");
+    assert_eq!(up.texts.lock().unwrap().len(), 2);
+    c.embed(&up, call(texts(&["fresh"]), "t"), no_store).await.unwrap();
+    let (_, status) = c.embed(&up, call(texts(&["fresh"]), "t"), ALL).await.unwrap();
+    assert_eq!(status, Some(CacheStatus::Miss), "no-store kept nothing");
+}
+
+fn item(x: f32, params: &[(&str, i64)]) -> InferItem {
+    InferItem {
+        id: format!("id-{x}"),
+        inputs: vec![Tensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            fp32_contents: vec![x],
+            ..Default::default()
+        }],
+        outputs: Vec::new(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    crate::proto::ParamValue { value: Some(crate::proto::param_value::Value::Int64Param(*v)) },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test]
+async fn tensor_calls_are_cached_by_canonical_input_errors_are_not_and_nondeterministic_pools_never() {
+    let (c, up) = (cache(), Counting::default());
+    let a = item(1.0, &[("a", 1), ("b", 2), ("c", 3)]);
+    c.infer(&up, call(a.clone(), "t"), ALL).await.unwrap();
+    // The same input with another id and parameters in another order is the same call.
+    let mut again = item(1.0, &[("c", 3), ("b", 2), ("a", 1)]);
+    again.id = "other".into();
+    let ((_, out), status) = c.infer(&up, call(again, "t"), ALL).await.unwrap();
+    assert_eq!((status, out.tensors[0].fp32_contents.clone()), (Some(CacheStatus::Hit), vec![1.0]));
+    assert_eq!(up.infers.load(Ordering::Relaxed), 1);
+    // A failure is not kept.
+    let bad = item(2.0, &[("fail", 1)]);
+    assert!(c.infer(&up, call(bad.clone(), "t"), ALL).await.is_err());
+    assert!(c.infer(&up, call(bad, "t"), ALL).await.is_err());
+    assert_eq!(up.infers.load(Ordering::Relaxed), 3);
+    // A pool marked deterministic = false is never cached.
+    let mut random = call(item(1.0, &[]), "t");
+    random.pool = Some("random".into());
+    let (_, status) = c.infer(&up, random, ALL).await.unwrap();
+    assert_eq!(status, None);
+}
+
+#[test]
+fn values_survive_the_redis_encoding() {
+    let e = Value::Embedding(Arc::new((vec![0.25, -1.5, 3.0], 7)));
+    let Some(Value::Embedding(back)) = Value::decode(&e.encode()) else { panic!("not an embedding") };
+    assert_eq!(*back, (vec![0.25, -1.5, 3.0], 7));
+    let o = Value::Outputs(Arc::new(InferOutputs { tensors: item(4.0, &[]).inputs, ..Default::default() }));
+    let Some(Value::Outputs(back)) = Value::decode(&o.encode()) else { panic!("not outputs") };
+    assert_eq!(back.tensors[0].fp32_contents, vec![4.0]);
+    assert!(Value::decode(b"zgarbage").is_none());
+}
