@@ -79,6 +79,11 @@ impl Gateway {
         Self::launch(extra, "info", None)
     }
 
+    /// [`Gateway::start_beside`] with a log filter of the test's choosing.
+    pub fn start_beside_logging(_first: &Gateway, extra: &str, filter: &str) -> anyhow::Result<Self> {
+        Self::launch(extra, filter, None)
+    }
+
     fn launch(extra: &str, filter: &str, serial: Option<std::sync::MutexGuard<'static, ()>>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(dir.join("sockets"))?;

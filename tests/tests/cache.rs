@@ -1,0 +1,106 @@
+//! The response cache end to end: real gateways, real workers, a real Redis.
+//! Workers log each batch at debug, so the tests see what reached a model.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::time::Duration;
+
+use infergate_e2e::{Gateway, Redis};
+use serde_json::{Value, json};
+
+const MINILM: &str = "[[pools]]\nname = \"minilm\"\nclass = \"infergate_worker.examples.minilm:MiniLM\"\n\
+                      env = { INFERGATE_LOG_LEVEL = \"debug\" }\n";
+
+/// Texts the workers embedded so far (sum of the batches they logged).
+fn embedded(gw: &Gateway) -> usize {
+    gw.log()
+        .iter()
+        .filter_map(|v| v["message"].as_str())
+        .filter_map(|m| m.split("embed batch of ").nth(1)?.split(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
+fn embed(gw: &Gateway, input: Value, cache_control: Option<&str>) -> (String, Value) {
+    let mut req = reqwest::blocking::Client::new()
+        .post(gw.url("/v1/embeddings"))
+        .json(&json!({"model": "minilm", "input": input}));
+    if let Some(cc) = cache_control {
+        req = req.header("cache-control", cc);
+    }
+    let resp = req.send().unwrap();
+    assert_eq!(resp.status(), 200);
+    let cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+    (cache, resp.json().unwrap())
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(150)); // worker log lines arrive
+}
+
+#[test]
+fn repeats_are_hits_that_never_reach_the_worker_and_no_cache_bypasses() {
+    let gw = Gateway::start_logging(MINILM, "info,worker=debug").unwrap();
+    let (first, a) = embed(&gw, json!("the cache keeps this"), None);
+    settle();
+    let calls = embedded(&gw);
+    let (second, b) = embed(&gw, json!("the cache keeps this"), None);
+    settle();
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(a["data"], b["data"], "the same vector");
+    assert_eq!(embedded(&gw), calls, "the hit did not reach the worker");
+    // Several inputs: only the new one goes to the model.
+    let (status, body) = embed(&gw, json!(["the cache keeps this", "and this is new"]), None);
+    settle();
+    assert_eq!(status, "partial");
+    assert_eq!(body["data"][0]["embedding"], a["data"][0]["embedding"]);
+    assert_eq!(embedded(&gw), calls + 1);
+    // no-cache asks the model again.
+    let (status, _) = embed(&gw, json!("the cache keeps this"), Some("no-cache"));
+    settle();
+    assert_eq!(status, "miss");
+    assert_eq!(embedded(&gw), calls + 2);
+}
+
+#[test]
+fn fifty_identical_concurrent_requests_make_one_worker_call() {
+    let gw = Gateway::start_logging(MINILM, "info,worker=debug").unwrap();
+    embed(&gw, json!("warm the worker"), None);
+    settle();
+    let before = embedded(&gw);
+    let url = gw.url("/v1/embeddings");
+    let statuses: Vec<String> =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(async {
+            let client = reqwest::Client::new();
+            let calls = (0..50).map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    let body = json!({"model": "minilm", "input": "asked fifty times at once"});
+                    let resp = client.post(url).json(&body).send().await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.headers()["x-cache"].to_str().unwrap().to_owned()
+                }
+            });
+            futures::future::join_all(calls).await
+        });
+    settle();
+    assert_eq!(embedded(&gw) - before, 1, "one text reached the worker for 50 requests");
+    assert_eq!(statuses.iter().filter(|s| *s == "miss").count(), 1, "{statuses:?}");
+}
+
+#[test]
+fn two_gateways_share_answers_through_redis() {
+    let redis = Redis::start().unwrap();
+    let config = format!("{MINILM}[redis]\nurl = \"{}\"\n", redis.url());
+    let a = Gateway::start_logging(&config, "info,worker=debug").unwrap();
+    let b = Gateway::start_beside_logging(&a, &config, "info,worker=debug").unwrap();
+    let (status_a, from_a) = embed(&a, json!("shared between replicas"), None);
+    let (status_b, from_b) = embed(&b, json!("shared between replicas"), None);
+    settle();
+    assert_eq!((status_a.as_str(), status_b.as_str()), ("miss", "hit"));
+    assert_eq!(from_a["data"], from_b["data"]);
+    // Gateway b's worker never embedded it; a's did, once.
+    assert_eq!((embedded(&a), embedded(&b)), (1, 0));
+    // And b's worker does log its batches: a text only b was asked embeds there.
+    embed(&b, json!("only b saw this"), None);
+    settle();
+    assert_eq!(embedded(&b), 1);
+}
