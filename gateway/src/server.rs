@@ -164,12 +164,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         policy,
         routes: Arc::new(crate::route::Routes::new(&config.aliases)),
         cache: Arc::new(
-            crate::cache::ResponseCache::new(
-                config.cache.clone(),
-                config.redis.as_ref(),
-                config.nondeterministic_pools.clone(),
-            )
-            .map_err(ServeError::Cache)?,
+            crate::cache::ResponseCache::new(config.cache.clone(), config.redis.as_ref(), config.cache_pools.clone())
+                .map_err(ServeError::Cache)?,
         ),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,

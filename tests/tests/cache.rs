@@ -104,3 +104,48 @@ fn two_gateways_share_answers_through_redis() {
     settle();
     assert_eq!(embedded(&b), 1);
 }
+
+fn chat(gw: &Gateway, content: &str, temperature: f64, stream: bool) -> (Option<String>, Option<String>, String) {
+    let body = json!({"model": "echo", "stream": stream, "temperature": temperature,
+                      "messages": [{"role": "user", "content": content}]});
+    let resp = reqwest::blocking::Client::new().post(gw.url("/v1/chat/completions")).json(&body).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+    let (cache, similarity) = (header("x-cache"), header("x-cache-similarity"));
+    (cache, similarity, resp.text().unwrap())
+}
+
+#[test]
+fn chat_answers_come_back_exact_at_temperature_zero_and_by_meaning_when_asked() {
+    let config = format!(
+        "{MINILM}[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+         [cache.semantic]\nmodels = [\"echo\"]\nembedding_model = \"minilm\"\nthreshold = 0.95\n"
+    );
+    let gw = Gateway::start(&config).unwrap();
+    // Exact: temperature 0.
+    let (first, _, a) = chat(&gw, "repeat after me exactly", 0.0, false);
+    std::thread::sleep(Duration::from_millis(100)); // kept off the request path
+    let (second, _, b) = chat(&gw, "repeat after me exactly", 0.0, false);
+    assert_eq!((first.as_deref(), second.as_deref()), (None, Some("hit")));
+    let content = |s: &str| serde_json::from_str::<Value>(s).unwrap()["choices"][0]["message"]["content"].clone();
+    assert_eq!(content(&a), content(&b));
+    // By meaning: the same question in other case and punctuation, sampled.
+    let (miss, _, original) = chat(&gw, "What is the capital of France?", 0.9, false);
+    assert_eq!(miss, None);
+    std::thread::sleep(Duration::from_millis(100));
+    let (hit, similarity, answer) = chat(&gw, "what is the capital of france", 0.9, false);
+    assert_eq!(hit.as_deref(), Some("semantic-hit"));
+    let similarity: f64 = similarity.unwrap().parse().unwrap();
+    assert!(similarity >= 0.95, "{similarity}");
+    assert_eq!(content(&answer), content(&original), "the earlier answer, word for word");
+    // A streaming hit replays as a normal stream.
+    let (hit, _, sse) = chat(&gw, "What is the capital of France", 0.9, true);
+    assert_eq!(hit.as_deref(), Some("semantic-hit"));
+    assert!(
+        sse.contains("\"content\":\"What is the capital of France?\"") && sse.ends_with("data: [DONE]\n\n"),
+        "{sse}"
+    );
+    // A different question goes to the model.
+    let (other, _, _) = chat(&gw, "How many legs does a spider have?", 0.9, false);
+    assert_eq!(other, None);
+}

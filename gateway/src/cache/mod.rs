@@ -33,11 +33,18 @@ pub struct CacheConfig {
     /// Memory for cached answers, in bytes.
     pub max_bytes: u64,
     pub ttl: Duration,
+    /// Chat answers matched by meaning (off unless models are named).
+    pub semantic: chat::SemanticConfig,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { enabled: true, max_bytes: 256 * 1024 * 1024, ttl: Duration::from_secs(600) }
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(600),
+            semantic: chat::SemanticConfig::default(),
+        }
     }
 }
 
@@ -207,20 +214,31 @@ impl Shared {
     }
 }
 
-/// The exact response cache.
+/// Which pools' answers may be cached beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct PoolRules {
+    /// `deterministic = false`: tensor calls never cached.
+    pub nondeterministic: Vec<String>,
+    /// `deterministic = true`: chat answers cached whatever the temperature.
+    pub deterministic: Vec<String>,
+}
+
+/// The response cache: exact answers of embed, tensor and chat calls, and
+/// chat answers by meaning.
 pub struct ResponseCache {
     config: CacheConfig,
     memory: moka::future::Cache<Key, Value>,
     shared: Option<Shared>,
     /// Pools whose tensor calls must never be cached.
     nondeterministic: Vec<String>,
+    chat: chat::ChatCache,
 }
 
 impl ResponseCache {
     pub fn new(
         config: CacheConfig,
         redis: Option<&crate::config::RedisConfig>,
-        nondeterministic: Vec<String>,
+        pools: PoolRules,
     ) -> Result<Self, String> {
         let memory = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
@@ -240,13 +258,15 @@ impl ResponseCache {
             }
             _ => None,
         };
-        Ok(Self { config, memory, shared, nondeterministic })
+        let chat =
+            chat::ChatCache::new(config.max_bytes / 4, config.ttl, pools.deterministic, Some(config.semantic.clone()));
+        Ok(Self { config, memory, shared, nondeterministic: pools.nondeterministic, chat })
     }
 
     /// A cache that never answers (tests, and `cache.enabled = false`).
     pub fn disabled() -> Arc<Self> {
         let config = CacheConfig { enabled: false, ..CacheConfig::default() };
-        Arc::new(Self::new(config, None, Vec::new()).unwrap_or_else(|_| unreachable!("no redis, no error")))
+        Arc::new(Self::new(config, None, PoolRules::default()).unwrap_or_else(|_| unreachable!("no redis, no error")))
     }
 
     fn info<P>(up: &dyn Upstream, call: &Call<P>) -> Result<ModelInfo, GatewayError> {
@@ -423,5 +443,6 @@ fn canonical(item: &InferItem) -> Vec<u8> {
     out
 }
 
+pub mod chat;
 #[cfg(test)]
 mod tests;

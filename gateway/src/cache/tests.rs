@@ -66,7 +66,8 @@ fn texts(t: &[&str]) -> Vec<String> {
 }
 
 fn cache() -> ResponseCache {
-    ResponseCache::new(CacheConfig::default(), None, vec!["random".into()]).unwrap()
+    let rules = PoolRules { nondeterministic: vec!["random".into()], deterministic: Vec::new() };
+    ResponseCache::new(CacheConfig::default(), None, rules).unwrap()
 }
 
 const ALL: CacheMode = CacheMode { lookup: true, store: true };
@@ -186,4 +187,139 @@ fn values_survive_the_redis_encoding() {
     let Some(Value::Outputs(back)) = Value::decode(&o.encode()) else { panic!("not outputs") };
     assert_eq!(back.tensors[0].fp32_contents, vec![4.0]);
     assert!(Value::decode(b"zgarbage").is_none());
+}
+
+mod chat {
+    use super::*;
+    use crate::cache::chat::{ChatHit, SemanticConfig, replay};
+    use futures::StreamExt;
+
+    use crate::proto::{ChatMessage, GenerateChunk, GenerationParams};
+    use crate::route::Target;
+
+    /// Embeds a text as its letter counts (similar texts, similar vectors);
+    /// answers chat with "answer N", N counting the generations.
+    #[derive(Default)]
+    struct Letters {
+        generations: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Upstream for Letters {
+        fn models(&self) -> Vec<ModelEntry> {
+            vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true }]
+        }
+        fn model(&self, _name: &str) -> Result<ModelEntry, GatewayError> {
+            Ok(self.models().remove(0))
+        }
+        fn status(&self) -> Vec<PoolStatus> {
+            Vec::new()
+        }
+        async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+            let vectors = call
+                .payload
+                .iter()
+                .map(|t| {
+                    let mut v = vec![0f32; 26];
+                    t.bytes().filter(u8::is_ascii_lowercase).for_each(|b| v[usize::from(b - b'a')] += 1.0);
+                    v
+                })
+                .collect();
+            Ok(EmbedOutput { model: info(), vectors, prompt_tokens: 1 })
+        }
+        async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+            Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
+        }
+        async fn generate(&self, _call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+            let n = self.generations.fetch_add(1, Ordering::Relaxed);
+            let chunk = GenerateChunk { text: format!("answer {n}"), ..Default::default() };
+            let done = GenerateChunk {
+                finish_reason: crate::proto::FinishReason::Stop as i32,
+                usage: Some(crate::proto::Usage { prompt_tokens: 2, completion_tokens: 2 }),
+                ..Default::default()
+            };
+            Ok(futures::stream::iter([Ok(chunk), Ok(done)]).boxed())
+        }
+    }
+
+    fn chat_cache(semantic_models: &[&str]) -> Arc<ResponseCache> {
+        let semantic = SemanticConfig {
+            models: semantic_models.iter().map(|m| (*m).to_owned()).collect(),
+            embedding_model: "m".into(),
+            threshold: 0.95,
+            max_entries: 10,
+        };
+        let config = CacheConfig { semantic, ..CacheConfig::default() };
+        Arc::new(ResponseCache::new(config, None, PoolRules::default()).unwrap())
+    }
+
+    fn ask(text: &str, temperature: Option<f32>, tenant: &str) -> Call<GenerateRequest> {
+        let params = GenerationParams {
+            temperature: temperature.unwrap_or(0.0),
+            has_temperature: temperature.is_some(),
+            ..Default::default()
+        };
+        let req = GenerateRequest {
+            model: "chat".into(),
+            messages: vec![ChatMessage { role: "user".into(), content: text.into() }],
+            params: Some(params),
+            user: String::new(),
+        };
+        call(req, tenant)
+    }
+
+    fn target() -> Target {
+        Target { variant: None, pool: None, model: "chat".into() }
+    }
+
+    /// Ask through the cache the way the chat handler does; returns the
+    /// text and how it was answered.
+    async fn through(c: &Arc<ResponseCache>, up: &Letters, req: Call<GenerateRequest>) -> (String, Option<ChatHit>) {
+        let (stream, hit) = match c.chat_lookup(up, &req, "chat", &target(), ALL).await {
+            Ok((answer, hit)) => (replay(&answer), Some(hit)),
+            Err(keep) => (c.recording(up.generate(req).await.unwrap(), keep), None),
+        };
+        let chunks: Vec<_> = stream.collect().await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // the recorder keeps the answer off the path
+        (chunks.into_iter().map(|c| c.unwrap().text).collect(), hit)
+    }
+
+    #[tokio::test]
+    async fn temperature_zero_answers_are_exact_hits_others_are_not_cached() {
+        let (c, up) = (chat_cache(&[]), Letters::default());
+        assert_eq!(through(&c, &up, ask("hello there", Some(0.0), "t")).await, ("answer 0".into(), None));
+        assert_eq!(
+            through(&c, &up, ask("hello there", Some(0.0), "t")).await,
+            ("answer 0".into(), Some(ChatHit::Exact))
+        );
+        // Sampling answers differ each time: never cached.
+        assert_eq!(through(&c, &up, ask("hello there", Some(0.7), "t")).await.1, None);
+        assert_eq!(through(&c, &up, ask("hello there", Some(0.7), "t")).await.1, None);
+        assert_eq!(through(&c, &up, ask("hello there", None, "t")).await.1, None);
+        assert_eq!(up.generations.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_close_enough_prompt_of_the_same_tenant_is_a_semantic_hit_never_another_tenants() {
+        let (c, up) = (chat_cache(&["chat"]), Letters::default());
+        let first = through(&c, &up, ask("What is the capital of France?", Some(0.8), "acme")).await;
+        assert_eq!(first, ("answer 0".into(), None));
+        let (text, hit) = through(&c, &up, ask("what is the capital of   france", Some(0.8), "acme")).await;
+        assert_eq!(text, "answer 0");
+        assert!(matches!(hit, Some(ChatHit::Semantic(s)) if s >= 0.95), "{hit:?}");
+        // Another tenant asking the same never sees acme's answer.
+        let (text, hit) = through(&c, &up, ask("What is the capital of France?", Some(0.8), "globex")).await;
+        assert_eq!((text.as_str(), hit), ("answer 1", None));
+        // A different question is not close enough.
+        let (_, hit) = through(&c, &up, ask("Describe the boiling point of water", Some(0.8), "acme")).await;
+        assert_eq!(hit, None);
+        assert_eq!(up.generations.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn models_not_named_are_not_matched_by_meaning() {
+        let (c, up) = (chat_cache(&["other"]), Letters::default());
+        through(&c, &up, ask("same words", Some(0.8), "t")).await;
+        assert_eq!(through(&c, &up, ask("same words", Some(0.8), "t")).await.1, None);
+    }
 }

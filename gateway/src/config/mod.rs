@@ -66,8 +66,8 @@ pub struct Config {
     pub log: LogConfig,
     pub pools: Vec<PoolConfig>,
     pub cache: crate::cache::CacheConfig,
-    /// Pools whose tensor calls are never cached (`deterministic = false`).
-    pub nondeterministic_pools: Vec<String>,
+    /// Pools marked `deterministic = false` / `true`.
+    pub cache_pools: crate::cache::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
     pub aliases: Vec<routes::AliasConfig>,
     /// The raw form, for `check-config`.
@@ -334,13 +334,33 @@ impl Config {
                 enabled: raw.cache.enabled,
                 max_bytes: raw.cache.max_bytes,
                 ttl: duration("cache.ttl", &raw.cache.ttl)?,
+                semantic: {
+                    let s = &raw.cache.semantic;
+                    if !(0.0..=1.0).contains(&s.threshold) {
+                        return Err(invalid("cache.semantic.threshold", "must be a cosine similarity between 0 and 1"));
+                    }
+                    crate::cache::chat::SemanticConfig {
+                        models: s.models.clone(),
+                        embedding_model: s.embedding_model.clone(),
+                        threshold: s.threshold,
+                        max_entries: positive_size("cache.semantic.max_entries", s.max_entries.into())?,
+                    }
+                },
             },
-            nondeterministic_pools: raw
-                .pools
-                .iter()
-                .filter(|p| p.deterministic == Some(false))
-                .map(|p| p.name.clone())
-                .collect(),
+            cache_pools: crate::cache::PoolRules {
+                nondeterministic: raw
+                    .pools
+                    .iter()
+                    .filter(|p| p.deterministic == Some(false))
+                    .map(|p| p.name.clone())
+                    .collect(),
+                deterministic: raw
+                    .pools
+                    .iter()
+                    .filter(|p| p.deterministic == Some(true))
+                    .map(|p| p.name.clone())
+                    .collect(),
+            },
             default_deadline: duration("deadlines.default", &raw.deadlines.default)?,
             shutdown_grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             workers,

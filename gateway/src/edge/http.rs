@@ -19,9 +19,11 @@ use super::chat::{ChatRequest, Completion, Metered};
 use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use super::{EdgeState, meta};
-use crate::cache::{CacheMode, CacheStatus};
+use crate::cache::chat::ChatHit;
+use crate::cache::{self, CacheMode, CacheStatus};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
+use crate::policy::Admission;
 use crate::policy::estimate_tokens;
 use crate::proto::InferItem;
 use crate::route;
@@ -245,8 +247,26 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
             caller,
             pool: None,
         };
-        // Fallbacks apply until the stream starts, never after.
-        let (stream, target) = route::run_stream(&plan, call, |c| state.upstream.generate(c)).await?;
+        let mode = cache_mode(&parts.headers);
+        let first = &plan.targets[0];
+        let looked_up = {
+            let mut probe = call.clone();
+            probe.pool.clone_from(&first.pool);
+            probe.model = first.model.to_string();
+            state.cache.chat_lookup(&*state.upstream, &probe, &body.model, first, mode).await
+        };
+        let (stream, target, admission, cached) = match looked_up {
+            // A cached answer costs the caller no model tokens.
+            Ok((answer, hit)) => (cache::chat::replay(&answer), first.clone(), Admission::default(), Some(hit)),
+            Err(keep) => {
+                // Fallbacks apply until the stream starts, never after.
+                let (stream, target) = route::run_stream(&plan, call, |c| state.upstream.generate(c)).await?;
+                // Keep the answer only if the variant it was keyed for gave it.
+                let same = target.pool == first.pool && target.model == first.model;
+                let stream = if same { state.cache.recording(stream, keep) } else { stream };
+                (stream, target, admission, None)
+            }
+        };
         let mut chunks = Metered::new(stream, admission);
         let completion = Completion::new(&rid, &body.model);
         let mut resp = if body.stream {
@@ -267,6 +287,17 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
             axum::Json(completion.collect(chunks).await?).into_response()
         };
         route::tag(resp.headers_mut(), &target);
+        match cached {
+            Some(ChatHit::Exact) => tag_cache(resp.headers_mut(), Some(CacheStatus::Hit)),
+            Some(ChatHit::Semantic(score)) => {
+                let headers = resp.headers_mut();
+                headers.insert("x-cache", http::HeaderValue::from_static("semantic-hit"));
+                if let Ok(v) = http::HeaderValue::from_str(&format!("{score:.4}")) {
+                    headers.insert("x-cache-similarity", v);
+                }
+            }
+            None => {}
+        }
         Ok(resp)
     }
     .await;

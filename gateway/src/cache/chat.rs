@@ -1,0 +1,393 @@
+//! Chat answers from the cache.
+//!
+//! - Exact: a call with `temperature` 0, or to a pool marked
+//!   `deterministic = true`, is keyed by tenant, target pool and model,
+//!   version and the canonical request (messages and sampling settings).
+//! - Semantic (off by default, on per model): the normalised conversation is
+//!   embedded with the configured embedding model (through the exact cache,
+//!   so a repeated prompt is embedded once) and compared by cosine with the
+//!   previous prompts of the same model, target and tenant — never another
+//!   tenant's. A previous answer whose prompt is at least `threshold` similar
+//!   is returned. Entries are mirrored in Redis (when `redis.url` is set) so
+//!   replicas learn each other's answers.
+//!
+//! Only answers that finished normally are kept; an answer is replayed as a
+//! normal stream (or a whole completion).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use deadpool_redis::redis::AsyncCommands;
+use futures::{Stream, StreamExt};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::{CacheMode, Key, ResponseCache};
+use crate::call::Call;
+use crate::error::GatewayError;
+use crate::pool::{ChunkStream, Upstream};
+use crate::proto::{FinishReason, GenerateChunk, GenerateRequest};
+use crate::route::Target;
+
+/// Semantic cache settings (`[cache.semantic]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticConfig {
+    /// Models, as clients name them, whose answers are matched by meaning.
+    pub models: Vec<String>,
+    /// The model that embeds prompts (an embed model some pool serves).
+    pub embedding_model: String,
+    /// Cosine similarity from which a previous answer is returned.
+    pub threshold: f32,
+    /// Answers kept per (tenant, model, target).
+    pub max_entries: usize,
+}
+
+impl Default for SemanticConfig {
+    fn default() -> Self {
+        Self { models: Vec::new(), embedding_model: "minilm".into(), threshold: 0.95, max_entries: 1000 }
+    }
+}
+
+/// How a chat call was answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ChatHit {
+    Exact,
+    /// With the similarity of the matched prompt.
+    Semantic(f32),
+}
+
+/// Where a fresh answer is to be kept.
+#[derive(Debug, Default)]
+pub struct Keep {
+    exact: Option<Key>,
+    semantic: Option<(Key, Vec<f32>)>,
+}
+
+impl Keep {
+    fn is_empty(&self) -> bool {
+        self.exact.is_none() && self.semantic.is_none()
+    }
+}
+
+struct Entry {
+    vector: Vec<f32>,
+    answer: Arc<GenerateChunk>,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: VecDeque<Entry>,
+    /// Hashes of the entries held, so a sync from Redis adds only new ones.
+    seen: HashSet<Key>,
+    synced: Option<Instant>,
+}
+
+/// How often an index re-reads its Redis mirror.
+const SYNC_EVERY: Duration = Duration::from_secs(2);
+
+/// The chat part of the response cache.
+pub struct ChatCache {
+    exact: moka::future::Cache<Key, Arc<GenerateChunk>>,
+    /// Pools marked `deterministic = true`: every chat call is exact-cached.
+    deterministic: Vec<String>,
+    semantic: Option<SemanticConfig>,
+    index: RwLock<HashMap<Key, Index>>,
+    ttl: Duration,
+}
+
+impl ChatCache {
+    pub fn new(max_bytes: u64, ttl: Duration, deterministic: Vec<String>, semantic: Option<SemanticConfig>) -> Self {
+        let exact = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &Key, v: &Arc<GenerateChunk>| u32::try_from(v.encoded_len() + 64).unwrap_or(u32::MAX))
+            .time_to_live(ttl)
+            .build();
+        let semantic = semantic.filter(|s| !s.models.is_empty());
+        Self { exact, deterministic, semantic, index: RwLock::default(), ttl }
+    }
+}
+
+/// The whole answer as the two chunks a stream would have carried.
+pub fn replay(answer: &GenerateChunk) -> ChunkStream {
+    let body = GenerateChunk {
+        text: answer.text.clone(),
+        finish_reason: FinishReason::Unspecified as i32,
+        usage: answer.usage,
+        sources: answer.sources.clone(),
+    };
+    let last = GenerateChunk {
+        text: String::new(),
+        finish_reason: answer.finish_reason,
+        usage: answer.usage,
+        sources: Vec::new(),
+    };
+    futures::stream::iter([Ok(body), Ok(last)]).boxed()
+}
+
+/// The conversation as the semantic cache compares it: roles and contents,
+/// lower-cased, whitespace collapsed.
+fn normalise(req: &GenerateRequest) -> String {
+    req.messages
+        .iter()
+        .map(|m| format!("{}: {}", m.role, m.content.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+fn hash(parts: &[&[u8]]) -> Key {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0]);
+    }
+    h.finalize().into()
+}
+
+/// Entry bytes for Redis: LZ4 of (dimension, vector, answer).
+fn encode_entry(vector: &[f32], answer: &GenerateChunk) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(4 + vector.len() * 4 + answer.encoded_len());
+    raw.extend_from_slice(&u32::try_from(vector.len()).unwrap_or(0).to_le_bytes());
+    vector.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes()));
+    raw.extend(answer.encode_to_vec());
+    lz4_flex::compress_prepend_size(&raw)
+}
+
+fn decode_entry(bytes: &[u8]) -> Option<(Vec<f32>, GenerateChunk)> {
+    let raw = lz4_flex::decompress_size_prepended(bytes).ok()?;
+    let (dim, rest) = raw.split_first_chunk::<4>()?;
+    let dim = u32::from_le_bytes(*dim) as usize;
+    let floats = rest.get(..dim * 4)?;
+    let vector = floats.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let answer = GenerateChunk::decode(rest.get(dim * 4..)?).ok()?;
+    Some((vector, answer))
+}
+
+impl ResponseCache {
+    /// Look a chat call up. `model` is the name the client asked for;
+    /// `target` the variant the route chose. Returns a hit, or where to keep
+    /// the answer if one comes back.
+    pub async fn chat_lookup(
+        &self,
+        up: &dyn Upstream,
+        call: &Call<GenerateRequest>,
+        model: &str,
+        target: &Target,
+        mode: CacheMode,
+    ) -> Result<(Arc<GenerateChunk>, ChatHit), Keep> {
+        let mut keep = Keep::default();
+        if !self.config.enabled || !(mode.lookup || mode.store) {
+            return Err(keep);
+        }
+        let chat = &self.chat;
+        let entry = match &target.pool {
+            Some(pool) => up.model_in(pool, &target.model),
+            None => up.model(&target.model),
+        };
+        let Ok(entry) = entry else { return Err(keep) };
+        let version = entry.info.map(|i| i.version).unwrap_or_default();
+        let tenant = call.caller.tenant.as_bytes();
+        let target_id = [entry.pool.as_bytes(), target.model.as_bytes(), version.as_bytes()];
+        let params = call.payload.params.clone().unwrap_or_default();
+        let greedy = params.has_temperature && params.temperature == 0.0;
+        if greedy || chat.deterministic.contains(&entry.pool) {
+            let mut canonical = call.payload.clone();
+            canonical.user.clear();
+            canonical.model.clear();
+            let key = hash(&[b"chat", tenant, target_id[0], target_id[1], target_id[2], &canonical.encode_to_vec()]);
+            if mode.lookup
+                && let Some(answer) = chat.exact.get(&key).await
+            {
+                count("exact", "hit");
+                return Ok((answer, ChatHit::Exact));
+            }
+            count("exact", "miss");
+            if mode.store {
+                keep.exact = Some(key);
+            }
+        }
+        let Some(semantic) = chat.semantic.as_ref().filter(|s| s.models.iter().any(|m| m == model)) else {
+            return Err(keep);
+        };
+        let prompt = Call {
+            model: semantic.embedding_model.clone(),
+            payload: vec![normalise(&call.payload)],
+            deadline: call.deadline,
+            request_id: call.request_id.clone(),
+            caller: call.caller.clone(),
+            pool: None,
+        };
+        let vector = match self.embed(up, prompt, CacheMode::default()).await {
+            Ok((out, _)) => unit(out.vectors.into_iter().next().unwrap_or_default()),
+            Err(e) => {
+                tracing::debug!(error = %e, "semantic cache skipped: the prompt could not be embedded");
+                return Err(keep);
+            }
+        };
+        let index = hash(&[b"semantic", model.as_bytes(), tenant, target_id[0], target_id[1], target_id[2]]);
+        if mode.lookup {
+            self.sync(&index).await;
+            if let Some((answer, score)) = self.closest(&index, &vector)
+                && score >= semantic.threshold
+            {
+                count("semantic", "hit");
+                return Ok((answer, ChatHit::Semantic(score)));
+            }
+            count("semantic", "miss");
+        }
+        if mode.store {
+            keep.semantic = Some((index, vector));
+        }
+        Err(keep)
+    }
+
+    /// The closest live entry of an index and its cosine similarity.
+    fn closest(&self, index: &Key, vector: &[f32]) -> Option<(Arc<GenerateChunk>, f32)> {
+        let map = self.chat.index.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        map.get(index)?
+            .entries
+            .iter()
+            .filter(|e| now.duration_since(e.at) < self.chat.ttl && e.vector.len() == vector.len())
+            .map(|e| (e.answer.clone(), e.vector.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>()))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    fn add(&self, index: Key, vector: Vec<f32>, answer: Arc<GenerateChunk>, id: Key) {
+        let max = self.chat.semantic.as_ref().map_or(1000, |s| s.max_entries).max(1);
+        let mut map = self.chat.index.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let idx = map.entry(index).or_default();
+        if !idx.seen.insert(id) {
+            return;
+        }
+        idx.entries.push_back(Entry { vector, answer, at: Instant::now() });
+        while idx.entries.len() > max {
+            idx.entries.pop_front();
+        }
+    }
+
+    /// Learn the entries other replicas put in Redis (at most every 2 s).
+    async fn sync(&self, index: &Key) {
+        let Some(shared) = &self.shared else { return };
+        {
+            let mut map = self.chat.index.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let idx = map.entry(*index).or_default();
+            if idx.synced.is_some_and(|t| t.elapsed() < SYNC_EVERY) {
+                return;
+            }
+            idx.synced = Some(Instant::now());
+        }
+        let key = format!("{}:semantic:{}", shared.prefix, hex::encode(index));
+        let fetched = tokio::time::timeout(shared.timeout, async {
+            let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+            conn.lrange::<_, Vec<Vec<u8>>>(key, 0, -1).await.map_err(|e| e.to_string())
+        })
+        .await;
+        let entries = match fetched {
+            Ok(Ok(entries)) => entries,
+            Ok(Err(e)) => {
+                shared.trouble(&e);
+                return;
+            }
+            Err(_) => {
+                shared.trouble("timed out");
+                return;
+            }
+        };
+        for bytes in entries {
+            if let Some((vector, answer)) = decode_entry(&bytes) {
+                self.add(*index, vector, Arc::new(answer), hash(&[&bytes]));
+            }
+        }
+    }
+
+    /// Keep a fresh answer where `keep` says.
+    pub async fn chat_keep(&self, keep: Keep, answer: GenerateChunk) {
+        let answer = Arc::new(answer);
+        if let Some(key) = keep.exact {
+            self.chat.exact.insert(key, answer.clone()).await;
+        }
+        if let Some((index, vector)) = keep.semantic {
+            let bytes = encode_entry(&vector, &answer);
+            self.add(index, vector, answer, hash(&[&bytes]));
+            if let Some(shared) = &self.shared {
+                let key = format!("{}:semantic:{}", shared.prefix, hex::encode(index));
+                let max = self.chat.semantic.as_ref().map_or(1000, |s| s.max_entries).max(1);
+                let ttl_ms = i64::try_from(self.chat.ttl.as_millis()).unwrap_or(i64::MAX);
+                let put = tokio::time::timeout(shared.timeout, async {
+                    let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+                    deadpool_redis::redis::pipe()
+                        .rpush(&key, bytes)
+                        .ltrim(&key, -isize::try_from(max).unwrap_or(isize::MAX), -1)
+                        .pexpire(&key, ttl_ms)
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await;
+                match put {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => drop(shared.trouble(&e)),
+                    Err(_) => drop(shared.trouble("timed out")),
+                }
+            }
+        }
+    }
+
+    /// Wrap a fresh stream so that, if it finishes normally, its whole
+    /// answer is kept as `keep` says.
+    pub fn recording(self: &Arc<Self>, stream: ChunkStream, keep: Keep) -> ChunkStream {
+        if keep.is_empty() || !self.config.enabled {
+            return stream;
+        }
+        Box::pin(Recorder { inner: stream, cache: self.clone(), keep: Some(keep), answer: GenerateChunk::default() })
+    }
+}
+
+fn count(cache: &'static str, result: &'static str) {
+    metrics::counter!(crate::telemetry::metrics::CACHE_REQUESTS, "cache" => cache, "result" => result).increment(1);
+}
+
+/// Passes a stream through, collecting the answer; keeps it at the finish.
+struct Recorder {
+    inner: ChunkStream,
+    cache: Arc<ResponseCache>,
+    keep: Option<Keep>,
+    answer: GenerateChunk,
+}
+
+impl Stream for Recorder {
+    type Item = Result<GenerateChunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = self.inner.poll_next_unpin(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            let chunk = chunk.clone();
+            let answer = &mut self.answer;
+            answer.text.push_str(&chunk.text);
+            answer.sources.extend(chunk.sources);
+            answer.usage = chunk.usage.or(answer.usage);
+            if chunk.finish_reason != FinishReason::Unspecified as i32 {
+                answer.finish_reason = chunk.finish_reason;
+                let answer = std::mem::take(&mut self.answer);
+                if let Some(keep) = self.keep.take() {
+                    let cache = self.cache.clone();
+                    tokio::spawn(async move { cache.chat_keep(keep, answer).await });
+                }
+            }
+        }
+        next
+    }
+}
