@@ -149,3 +149,36 @@ fn chat_answers_come_back_exact_at_temperature_zero_and_by_meaning_when_asked() 
     let (other, _, _) = chat(&gw, "How many legs does a spider have?", 0.9, false);
     assert_eq!(other, None);
 }
+
+#[test]
+fn the_semantic_cache_never_answers_one_tenant_with_anothers_answer() {
+    use sha2::Digest;
+    let digest = |key: &str| hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    let config = format!(
+        "{MINILM}[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+         [cache.semantic]\nmodels = [\"echo\"]\n\
+         [auth]\nenabled = true\n\
+         [[auth.keys]]\nid = \"a\"\nsha256 = \"{}\"\ntenant = \"acme\"\n\
+         [[auth.keys]]\nid = \"g\"\nsha256 = \"{}\"\ntenant = \"globex\"\n",
+        digest("key-acme"),
+        digest("key-globex")
+    );
+    let gw = Gateway::start(&config).unwrap();
+    let ask = |key: &str, content: &str| {
+        let body = json!({"model": "echo", "temperature": 0.9, "messages": [{"role": "user", "content": content}]});
+        let resp = reqwest::blocking::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let cache = resp.headers().get("x-cache").map(|v| v.to_str().unwrap().to_owned());
+        std::thread::sleep(Duration::from_millis(100)); // answers are kept off the request path
+        cache
+    };
+    assert_eq!(ask("key-acme", "What is the capital of France?"), None);
+    assert_eq!(ask("key-acme", "what is the capital of france").as_deref(), Some("semantic-hit"));
+    assert_eq!(ask("key-globex", "What is the capital of France?"), None, "acme's answer reached globex");
+    assert_eq!(ask("key-globex", "what is the capital of France").as_deref(), Some("semantic-hit"));
+}
