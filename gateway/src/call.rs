@@ -21,6 +21,20 @@ pub struct Call<P> {
     pub pool: Option<Arc<str>>,
 }
 
+impl<P> Call<P> {
+    /// The same call (model, deadline, caller, pool) carrying another payload.
+    pub fn with_payload<Q>(&self, payload: Q) -> Call<Q> {
+        Call {
+            model: self.model.clone(),
+            payload,
+            deadline: self.deadline,
+            request_id: self.request_id.clone(),
+            caller: self.caller.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
 /// When a call must be answered by, and the budget it was given.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {

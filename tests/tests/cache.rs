@@ -182,3 +182,23 @@ fn the_semantic_cache_never_answers_one_tenant_with_anothers_answer() {
     assert_eq!(ask("key-globex", "What is the capital of France?"), None, "acme's answer reached globex");
     assert_eq!(ask("key-globex", "what is the capital of France").as_deref(), Some("semantic-hit"));
 }
+
+#[test]
+fn semantic_answers_reach_another_replica_through_redis() {
+    let redis = Redis::start().unwrap();
+    let config = format!(
+        "{MINILM}[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+         [cache.semantic]\nmodels = [\"echo\"]\n[redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let a = Gateway::start(&config).unwrap();
+    let b = Gateway::start_beside(&a, &config).unwrap();
+    let (miss, _, from_a) = chat(&a, "Which river runs through Paris?", 0.9, false);
+    assert_eq!(miss, None);
+    std::thread::sleep(Duration::from_millis(200)); // kept, and mirrored to Redis
+    let (hit, similarity, from_b) = chat(&b, "which river runs through paris", 0.9, false);
+    assert_eq!(hit.as_deref(), Some("semantic-hit"), "replica b did not learn a's answer");
+    assert!(similarity.unwrap().parse::<f64>().unwrap() >= 0.95);
+    let content = |s: &str| serde_json::from_str::<Value>(s).unwrap()["choices"][0]["message"]["content"].clone();
+    assert_eq!(content(&from_b), content(&from_a));
+}

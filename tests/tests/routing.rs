@@ -11,6 +11,9 @@ use serde_json::{Value, json};
 
 const SECRET: &str = "routing e2e shared secret, long enough for HS256";
 const ECHO: &str = "infergate_worker.examples.echo:Echo";
+/// The fallback scenarios repeat one request to watch where it goes: no
+/// response cache (it would answer them, with the variant that was cached).
+const NO_CACHE: &str = "[cache]\nenabled = false\n";
 
 fn echo_body() -> Value {
     json!({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.5, 2.5]}]})
@@ -102,7 +105,7 @@ fn when_the_primary_pool_loses_its_workers_the_fallback_answers_and_says_so() {
          [[pools]]\nname = \"backup\"\nclass = \"{ECHO}\"\n\
          [[aliases]]\nname = \"tensors\"\nfallbacks = [\"backup\"]\n\
          [[aliases.variants]]\nname = \"primary\"\npool = \"primary\"\nmodel = \"echo\"\n\
-         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n",
+         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n{NO_CACHE}",
         worker.addr()
     );
     {
@@ -140,7 +143,7 @@ fn a_failing_pool_opens_its_circuit_the_fallback_answers_and_probes_close_it() {
          [[pools]]\nname = \"backup\"\nclass = \"{ECHO}\"\n\
          [[aliases]]\nname = \"tensors\"\nfallbacks = [\"backup\"]\n\
          [[aliases.variants]]\nname = \"primary\"\npool = \"flaky\"\nmodel = \"echo\"\n\
-         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n"
+         [[aliases.variants]]\nname = \"backup\"\npool = \"backup\"\nmodel = \"echo\"\n{NO_CACHE}"
     );
     let gw = Gateway::start(&config).unwrap();
     let failing = json!({"parameters": {"fail": true},

@@ -221,14 +221,9 @@ impl ResponseCache {
         let Some(semantic) = chat.semantic.as_ref().filter(|s| s.models.iter().any(|m| m == model)) else {
             return Err(keep);
         };
-        let prompt = Call {
-            model: semantic.embedding_model.clone(),
-            payload: vec![normalise(&call.payload)],
-            deadline: call.deadline,
-            request_id: call.request_id.clone(),
-            caller: call.caller.clone(),
-            pool: None,
-        };
+        let mut prompt = call.with_payload(vec![normalise(&call.payload)]);
+        prompt.model.clone_from(&semantic.embedding_model);
+        prompt.pool = None;
         let vector = match self.embed(up, prompt, CacheMode::default()).await {
             Ok((out, _)) => unit(out.vectors.into_iter().next().unwrap_or_default()),
             Err(e) => {

@@ -363,7 +363,7 @@ impl ResponseCache {
         let texts = call.payload.clone();
         let answers = futures::future::join_all(texts.iter().map(|text| {
             let key = Self::key("embed", &call, &pool, &info, text.as_bytes());
-            let single = Call { payload: vec![text.clone()], ..call.clone() };
+            let single = call.with_payload(vec![text.clone()]);
             self.one(key, mode, async move {
                 let out = up.embed(single).await?;
                 let vector = out.vectors.into_iter().next().ok_or_else(|| GatewayError::WorkerFailed {
@@ -405,8 +405,8 @@ impl ResponseCache {
         let info = Self::info(up, &call)?;
         let key = Self::key("infer", &call, &pool, &info, &canonical(&call.payload));
         let (value, hit) = self
-            .one(key, mode, async {
-                let (_, outputs) = up.infer(call.clone()).await?;
+            .one(key, mode, async move {
+                let (_, outputs) = up.infer(call).await?;
                 Ok(Value::Outputs(Arc::new(outputs)))
             })
             .await?;

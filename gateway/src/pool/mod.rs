@@ -160,6 +160,23 @@ impl Pool {
         F: Fn(Arc<Worker>) -> Fut,
         Fut: Future<Output = Result<T, GatewayError>>,
     {
+        self.with_retries_judged(deadline, request_id, once, Outcome::of).await
+    }
+
+    /// [`Pool::with_retries`] where `judge` says what an attempt's result
+    /// means for the worker and the circuit (a batch whose every item the
+    /// model failed is a failure, though the call itself succeeded).
+    async fn with_retries_judged<T, F, Fut>(
+        &self,
+        deadline: &Deadline,
+        request_id: &str,
+        once: F,
+        judge: fn(&Result<T, GatewayError>) -> Outcome,
+    ) -> Result<(T, Lease), GatewayError>
+    where
+        F: Fn(Arc<Worker>) -> Fut,
+        Fut: Future<Output = Result<T, GatewayError>>,
+    {
         self.budget.count_request();
         let mut retries = 0;
         loop {
@@ -167,7 +184,7 @@ impl Pool {
             let worker = lease.worker().clone();
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
             let result = once(worker.clone()).await;
-            self.record(&worker, Outcome::of(&result), lease.in_flight.elapsed());
+            self.record(&worker, judge(&result), lease.in_flight.elapsed());
             let err = match result {
                 Ok(value) => return Ok((value, lease)),
                 Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
@@ -681,6 +698,18 @@ async fn gather<I: Send + 'static, O: Send + 'static>(
     futures::future::join_all(pending.into_iter().map(|rx| batch::wait(rx, deadline))).await.into_iter().collect()
 }
 
+/// What a batch call says about its worker: a failure when the model failed
+/// every item (it answered, but nothing it answered was usable), else what
+/// the call itself says.
+fn batch_outcome<O>(result: &Result<Vec<Result<O, GatewayError>>, GatewayError>) -> Outcome {
+    match result {
+        Ok(items) if !items.is_empty() && items.iter().all(|i| matches!(i, Err(GatewayError::WorkerFailed { .. }))) => {
+            Outcome::Failure
+        }
+        other => Outcome::of(other),
+    }
+}
+
 /// Sends a batch of texts to a worker of one pool.
 struct EmbedDispatch {
     pools: Weak<Pools>,
@@ -701,28 +730,33 @@ impl Dispatch<String, Embedded> for EmbedDispatch {
             let pool = &pools.pools[pool];
             let count = texts.len();
             let (results, _lease) = pool
-                .with_retries(&deadline, &batch_id, |worker| {
-                    let msg = EmbedBatchRequest { model: model.clone(), texts: texts.clone() };
-                    let (model, batch_id) = (&model, &batch_id);
-                    async move {
-                        let req = request(msg, &deadline, batch_id);
-                        let resp = bounded(&deadline, &worker, worker.client().embed(req)).await?;
-                        if resp.results.len() != count {
-                            return Err(missing_result(&worker.id));
+                .with_retries_judged(
+                    &deadline,
+                    &batch_id,
+                    |worker| {
+                        let msg = EmbedBatchRequest { model: model.clone(), texts: texts.clone() };
+                        let (model, batch_id) = (&model, &batch_id);
+                        async move {
+                            let req = request(msg, &deadline, batch_id);
+                            let resp = bounded(&deadline, &worker, worker.client().embed(req)).await?;
+                            if resp.results.len() != count {
+                                return Err(missing_result(&worker.id));
+                            }
+                            Ok(resp
+                                .results
+                                .into_iter()
+                                .map(|r| match r.result {
+                                    Some(embed_result::Result::Embedding(e)) => Ok((e.values, r.tokens)),
+                                    Some(embed_result::Result::Error(err)) => {
+                                        Err(from_item_error(&worker.id, model, err, &deadline))
+                                    }
+                                    None => Err(missing_result(&worker.id)),
+                                })
+                                .collect())
                         }
-                        Ok(resp
-                            .results
-                            .into_iter()
-                            .map(|r| match r.result {
-                                Some(embed_result::Result::Embedding(e)) => Ok((e.values, r.tokens)),
-                                Some(embed_result::Result::Error(err)) => {
-                                    Err(from_item_error(&worker.id, model, err, &deadline))
-                                }
-                                None => Err(missing_result(&worker.id)),
-                            })
-                            .collect())
-                    }
-                })
+                    },
+                    batch_outcome,
+                )
                 .await?;
             Ok(results)
         }
@@ -749,28 +783,33 @@ impl Dispatch<InferItem, InferOutputs> for InferDispatch {
             let pool = &pools.pools[pool];
             let count = items.len();
             let (results, _lease) = pool
-                .with_retries(&deadline, &batch_id, |worker| {
-                    let msg = InferBatchRequest { model: model.clone(), items: items.clone() };
-                    let (model, batch_id) = (&model, &batch_id);
-                    async move {
-                        let req = request(msg, &deadline, batch_id);
-                        let resp = bounded(&deadline, &worker, worker.client().infer(req)).await?;
-                        if resp.results.len() != count {
-                            return Err(missing_result(&worker.id));
+                .with_retries_judged(
+                    &deadline,
+                    &batch_id,
+                    |worker| {
+                        let msg = InferBatchRequest { model: model.clone(), items: items.clone() };
+                        let (model, batch_id) = (&model, &batch_id);
+                        async move {
+                            let req = request(msg, &deadline, batch_id);
+                            let resp = bounded(&deadline, &worker, worker.client().infer(req)).await?;
+                            if resp.results.len() != count {
+                                return Err(missing_result(&worker.id));
+                            }
+                            Ok(resp
+                                .results
+                                .into_iter()
+                                .map(|r| match r.result {
+                                    Some(infer_result::Result::Outputs(out)) => Ok(out),
+                                    Some(infer_result::Result::Error(err)) => {
+                                        Err(from_item_error(&worker.id, model, err, &deadline))
+                                    }
+                                    None => Err(missing_result(&worker.id)),
+                                })
+                                .collect())
                         }
-                        Ok(resp
-                            .results
-                            .into_iter()
-                            .map(|r| match r.result {
-                                Some(infer_result::Result::Outputs(out)) => Ok(out),
-                                Some(infer_result::Result::Error(err)) => {
-                                    Err(from_item_error(&worker.id, model, err, &deadline))
-                                }
-                                None => Err(missing_result(&worker.id)),
-                            })
-                            .collect())
-                    }
-                })
+                    },
+                    batch_outcome,
+                )
                 .await?;
             Ok(results)
         }
@@ -836,6 +875,19 @@ mod tests {
             pool: None,
         };
         assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
+    }
+
+    #[test]
+    fn a_batch_the_model_failed_entirely_counts_against_the_worker() {
+        let failed = || Err(GatewayError::WorkerFailed { worker: "w".into(), detail: "raised".into() });
+        let rejected = || Err(GatewayError::ModelRejected { detail: "bad input".into() });
+        assert_eq!(batch_outcome::<u8>(&Ok(vec![failed(), failed()])), Outcome::Failure);
+        assert_eq!(batch_outcome::<u8>(&Ok(vec![failed(), Ok(1)])), Outcome::Success, "one bad item is its caller's");
+        assert_eq!(batch_outcome::<u8>(&Ok(vec![rejected()])), Outcome::Success, "bad input is not the worker's fault");
+        assert_eq!(
+            batch_outcome::<u8>(&Err(GatewayError::WorkerUnavailable { worker: "w".into(), detail: String::new() })),
+            Outcome::Failure
+        );
     }
 
     fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
