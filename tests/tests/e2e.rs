@@ -411,3 +411,41 @@ fn the_openai_python_sdk_gets_embeddings() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, ["2 384 6", "404"]);
 }
+
+#[test]
+fn every_request_gets_one_access_line_and_is_counted_never_with_a_secret() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let resp = http()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("x-request-id", "access-1")
+        .header("authorization", "Bearer sk-must-not-appear")
+        .json(&echo_body(0))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(http().get(gw.url("/nowhere")).header("x-request-id", "access-2").send().unwrap().status(), 404);
+    let line = |rid: &str| {
+        gw.wait_log(0, Duration::from_secs(3), |v| v["target"] == "access" && v["request_id"] == rid)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no access line for {rid}:\n{}", gw.log_text()))
+    };
+    let ok = line("access-1");
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["route"], "/v2/models/{model}/infer");
+    assert_eq!(ok["model"], "echo");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["caller"], "anonymous");
+    assert!(ok["latency_ms"].as_f64().unwrap() > 0.0 && ok["bytes"].as_u64().unwrap() > 0, "{ok}");
+    let missing = line("access-2");
+    assert_eq!((missing["route"].as_str(), missing["status"].as_u64()), (Some("unmatched"), Some(404)));
+    assert!(!gw.log_text().contains("sk-must-not-appear"), "a credential reached the log");
+    let metrics = http().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    let counted = metrics.lines().any(|l| {
+        l.starts_with("infergate_requests_total{")
+            && l.contains("route=\"/v2/models/{model}/infer\"")
+            && l.contains("model=\"echo\"")
+            && l.contains("status=\"2xx\"")
+    });
+    assert!(counted, "no request counter for the call:\n{metrics}");
+    assert!(metrics.contains("infergate_request_duration_seconds_bucket"), "no duration histogram");
+}

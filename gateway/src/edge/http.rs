@@ -65,6 +65,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.policy.clone(), crate::policy::identify_http))
         // Errors in the dialect of each surface's clients (auth refusals too).
         .layer(axum::middleware::from_fn(super::dialect::error_dialect))
+        // One access-log line and the request metrics, refusals included.
+        .layer(axum::middleware::from_fn(super::access::access_log))
         // Echo the request id on every response, errors included.
         .layer(PropagateRequestIdLayer::x_request_id())
         // Give every request an id before anything else sees it.
@@ -209,7 +211,7 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
-        route::tag(resp.headers_mut(), &target);
+        served(&mut resp, &target);
         tag_cache(resp.headers_mut(), cached);
         Ok(resp)
     }
@@ -286,7 +288,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
         } else {
             axum::Json(completion.collect(chunks).await?).into_response()
         };
-        route::tag(resp.headers_mut(), &target);
+        served(&mut resp, &target);
         match cached {
             Some(ChatHit::Exact) => tag_cache(resp.headers_mut(), Some(CacheStatus::Hit)),
             Some(ChatHit::Semantic(score)) => {
@@ -407,12 +409,19 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         } else {
             axum::Json(json::infer_response_json(&info, id, out)).into_response()
         };
-        route::tag(resp.headers_mut(), &target);
+        served(&mut resp, &target);
         tag_cache(resp.headers_mut(), cached);
         Ok(resp)
     }
     .await;
     Reply(result, rid)
+}
+
+/// Name the answering variant (header) and what answered (for the access log).
+fn served(resp: &mut Response, target: &route::Target) {
+    route::tag(resp.headers_mut(), target);
+    let variant = target.variant.as_deref().map(str::to_owned);
+    resp.extensions_mut().insert(super::access::Served { model: target.model.to_string(), variant });
 }
 
 /// What `Cache-Control` lets the response cache do.

@@ -1,5 +1,6 @@
 //! The edge: REST (axum) and gRPC (tonic, grpc-web) in front of [`Upstream`].
 
+pub mod access;
 pub mod chat;
 #[cfg(test)]
 mod chat_tests;

@@ -384,8 +384,12 @@ async fn identify_with(
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     match policy.identify(req.uri().path(), req.headers(), peer) {
         Ok(caller) => {
-            req.extensions_mut().insert(Arc::new(caller));
-            next.run(req).await
+            let caller = Arc::new(caller);
+            req.extensions_mut().insert(caller.clone());
+            let mut resp = next.run(req).await;
+            // For the access log, which sees only the response.
+            resp.extensions_mut().insert(caller);
+            resp
         }
         Err(reason) => {
             metrics::counter!(crate::telemetry::metrics::AUTH_FAILURES, "reason" => reason).increment(1);

@@ -16,6 +16,11 @@ pub const LIMIT_REJECTIONS: &str = "infergate_limit_rejections_total";
 pub const LIMITS_FALLBACK: &str = "infergate_limits_fallback_total";
 /// Calls refused because a pool's queue was full, by `pool`.
 pub const QUEUE_REJECTIONS: &str = "infergate_queue_rejections_total";
+/// Requests answered, by `route` (the matched route pattern), `model`,
+/// `variant`, `status` class (`2xx`, `4xx`, `5xx`) and caller `tenant`.
+pub const REQUESTS: &str = "infergate_requests_total";
+/// Seconds from request to response headers, by `route` and `status` class.
+pub const REQUEST_DURATION: &str = "infergate_request_duration_seconds";
 /// Items per batch sent to a worker, by `pool` and `model`.
 pub const BATCH_SIZE: &str = "infergate_batch_size";
 /// Seconds an item waited in its batcher before its batch went, by `pool` and `model`.
@@ -37,10 +42,14 @@ pub fn install() {
     }
     let buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
     let waits = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+    let durations = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()), &buckets)
         .and_then(|b| {
             b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_QUEUE_WAIT.into()), &waits)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION.into()), &durations)
         });
     let builder = match builder {
         Ok(b) => b,
@@ -53,6 +62,11 @@ pub fn install() {
         Ok(handle) => {
             let _ = HANDLE.set(handle);
             metrics::describe_counter!(AUTH_FAILURES, "Requests refused by authentication, by reason");
+            metrics::describe_counter!(
+                REQUESTS,
+                "Requests answered, by route, model, variant, status class and tenant"
+            );
+            metrics::describe_histogram!(REQUEST_DURATION, metrics::Unit::Seconds, "Request to response headers");
             metrics::describe_counter!(LIMIT_REJECTIONS, "Requests refused by a limit, by limit");
             metrics::describe_counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
             metrics::describe_counter!(QUEUE_REJECTIONS, "Calls refused because the pool queue was full");
