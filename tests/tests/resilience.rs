@@ -117,6 +117,11 @@ fn sigkill_of_one_of_four_idempotent_workers_under_load_loses_no_request() {
         .filter(|v| v["message"] == "call sent" && v["worker"] == "echo-1")
         .count();
     assert!(after_restart > 10, "echo-1 got {after_restart} calls after its restart ({served_after} after the kill)");
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    assert!(
+        metrics.contains("infergate_worker_restarts_total{worker=\"echo-1\"} 1"),
+        "the restart is not counted:\n{metrics}"
+    );
 }
 
 #[test]
@@ -189,6 +194,11 @@ fn a_hung_worker_times_out_at_the_deadline_is_ejected_and_comes_back_after_sigco
         }
     }
     eprintln!("echo-1 hung: ejected after {timeouts} timed-out call(s)");
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("infergate_ejections_total{") && l.contains("worker=\"echo-1\"")),
+        "the ejection is not counted:\n{metrics}"
+    );
     // Traffic moves on: everything is answered by the other worker.
     for _ in 0..30 {
         assert_eq!(send().0, 200);
@@ -243,6 +253,11 @@ fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in
     eprintln!("{requests} requests to a pool where every call fails: {attempts} attempts, {retries} retries");
     assert!(attempts as f64 <= f64::from(requests) * 1.2 + 10.0, "{attempts} attempts for {requests} requests");
     assert!(retries > 0, "retries happened at all");
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    assert!(
+        metrics.contains(&format!("infergate_retries_total{{pool=\"broken\"}} {retries}")),
+        "retries not counted as logged ({retries}):\n{metrics}"
+    );
 }
 
 #[test]

@@ -156,6 +156,8 @@ fn a_failing_pool_opens_its_circuit_the_fallback_answers_and_probes_close_it() {
     let opened =
         gw.wait_log(0, Duration::from_secs(5), |v| v["message"] == "circuit opened: calls fail fast or fall back");
     assert_eq!(opened.expect("the opening is logged").1["pool"], "flaky");
+    let metrics = client().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains("infergate_circuit_state{pool=\"flaky\"} 2"), "circuit gauge not open:\n{metrics}");
     // Open: the call does not reach `flaky`; the fallback answers.
     assert_eq!(call(&gw, "tensors", None, None), (200, "backup".to_owned()));
     // After open_for, one probe goes to `flaky`; it succeeds and closes the circuit.

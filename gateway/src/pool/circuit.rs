@@ -92,6 +92,7 @@ impl Circuit {
             State::Open { until } if now < until => Err(self.open(until - now)),
             State::Open { .. } => {
                 tracing::info!(pool = %self.pool, probes = self.config.probes, "circuit half-open: probing");
+                self.report(1.0);
                 *state = State::HalfOpen { admitted: 1, succeeded: 0, since: now };
                 Ok(())
             }
@@ -119,11 +120,13 @@ impl Circuit {
                     pool = %self.pool, failures = failures + 1, open_for = ?self.config.open_for,
                     "circuit opened: calls fail fast or fall back"
                 );
+                self.report(2.0);
                 State::Open { until: Instant::now() + self.config.open_for }
             }
             (State::Closed { failures }, Outcome::Failure) => State::Closed { failures: failures + 1 },
             (State::HalfOpen { succeeded, .. }, Outcome::Success) if succeeded + 1 >= self.config.probes => {
                 tracing::info!(pool = %self.pool, "circuit closed: probes succeeded");
+                self.report(0.0);
                 State::Closed { failures: 0 }
             }
             (State::HalfOpen { admitted, succeeded, since }, Outcome::Success) => {
@@ -131,10 +134,16 @@ impl Circuit {
             }
             (State::HalfOpen { .. }, Outcome::Failure) => {
                 tracing::warn!(pool = %self.pool, open_for = ?self.config.open_for, "circuit re-opened: a probe failed");
+                self.report(2.0);
                 State::Open { until: Instant::now() + self.config.open_for }
             }
         };
         *state = next;
+    }
+
+    /// The state as a gauge: 0 closed, 1 half-open, 2 open.
+    fn report(&self, state: f64) {
+        metrics::gauge!(crate::telemetry::metrics::CIRCUIT_STATE, "pool" => self.pool.clone()).set(state);
     }
 
     fn open(&self, retry_in: Duration) -> GatewayError {

@@ -111,6 +111,11 @@ impl Drop for Queued<'_> {
 }
 
 impl Pool {
+    fn count_ejection(&self, worker: &Worker) {
+        metrics::counter!(crate::telemetry::metrics::EJECTIONS, "pool" => self.name.clone(), "worker" => worker.id.clone())
+            .increment(1);
+    }
+
     /// What a call that ended after `took` says about the pool (circuit)
     /// and its worker (latency and outlier detection).
     fn record(&self, worker: &Worker, outcome: Outcome, took: std::time::Duration) {
@@ -131,6 +136,7 @@ impl Pool {
                 if admitted {
                     let d = worker.outlier.eject(&self.outlier);
                     tracing::warn!(worker = %worker.id, pool = %self.name, ejected_for = ?d, "worker ejected");
+                    self.count_ejection(worker);
                 } else {
                     tracing::debug!(worker = %worker.id, pool = %self.name, cap, "worker not ejected: pool at its ejection cap");
                 }
@@ -141,6 +147,7 @@ impl Pool {
             }
             outlier::Event::EjectedAgain(d) => {
                 tracing::warn!(worker = %worker.id, pool = %self.name, ejected_for = ?d, "worker ejected again: probe failed");
+                self.count_ejection(worker);
             }
         }
     }
@@ -201,6 +208,7 @@ impl Pool {
                 return Err(err);
             }
             tracing::warn!(request_id, pool = %self.name, worker = %worker.id, retry = retries, error = %err, "retrying");
+            metrics::counter!(crate::telemetry::metrics::RETRIES, "pool" => self.name.clone()).increment(1);
             tokio::time::sleep(wait).await;
         }
     }

@@ -227,7 +227,8 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken
         };
         match exited {
             Ok(status) => {
-                tracing::warn!(worker = %spec.id, %status, "worker exited; restarting in {backoff:?}")
+                tracing::warn!(worker = %spec.id, %status, "worker exited; restarting in {backoff:?}");
+                metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(1);
             }
             Err(e) => {
                 tracing::error!(worker = %spec.id, error = %e, "cannot spawn worker; retrying in {backoff:?}")

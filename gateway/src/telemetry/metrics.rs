@@ -21,6 +21,14 @@ pub const QUEUE_REJECTIONS: &str = "infergate_queue_rejections_total";
 pub const REQUESTS: &str = "infergate_requests_total";
 /// Seconds from request to response headers, by `route` and `status` class.
 pub const REQUEST_DURATION: &str = "infergate_request_duration_seconds";
+/// Calls tried again on a worker, by `pool`.
+pub const RETRIES: &str = "infergate_retries_total";
+/// Workers taken out of balancing by outlier detection, by `pool` and `worker`.
+pub const EJECTIONS: &str = "infergate_ejections_total";
+/// A pool's circuit: 0 closed, 1 half-open, 2 open; by `pool`.
+pub const CIRCUIT_STATE: &str = "infergate_circuit_state";
+/// Local worker processes restarted after they exited, by `worker`.
+pub const WORKER_RESTARTS: &str = "infergate_worker_restarts_total";
 /// Items per batch sent to a worker, by `pool` and `model`.
 pub const BATCH_SIZE: &str = "infergate_batch_size";
 /// Seconds an item waited in its batcher before its batch went, by `pool` and `model`.
