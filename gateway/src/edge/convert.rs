@@ -147,14 +147,7 @@ pub fn check_tensor(t: &Tensor, field: &str) -> Result<(), GatewayError> {
         "BYTES" => "BYTES",
         other => return Err(GatewayError::invalid(format!("{field}.datatype"), format!("unknown datatype {other:?}"))),
     };
-    if let Some(i) = t.shape.iter().position(|d| *d < 0) {
-        return Err(GatewayError::invalid(format!("{field}.shape[{i}]"), "dimensions must be >= 0"));
-    }
-    let expected = t
-        .shape
-        .iter()
-        .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
-        .ok_or_else(|| GatewayError::invalid(format!("{field}.shape"), "shape has too many elements"))?;
+    let expected = super::json::element_count(&t.shape, field)?;
     let mut count = 0;
     for (kind, n) in filled {
         if kind == field_of {

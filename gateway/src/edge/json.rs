@@ -103,20 +103,25 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+/// The number of values a tensor `shape` holds: every dimension >= 0, at
+/// most 2^28 in all. Errors name `<field>.shape`.
+pub fn element_count(shape: &[i64], field: &str) -> Result<u64, GatewayError> {
+    if let Some(i) = shape.iter().position(|d| *d < 0) {
+        return Err(GatewayError::invalid(format!("{field}.shape[{i}]"), "dimensions must be >= 0"));
+    }
+    shape
+        .iter()
+        .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
+        .filter(|n| *n <= 1 << 28)
+        .ok_or_else(|| GatewayError::invalid(format!("{field}.shape"), "shape has too many elements"))
+}
+
 /// Decode one OIP JSON tensor; errors name the field, e.g. `inputs[0].data[3]`.
 pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayError> {
     let kind = elem(&t.datatype).ok_or_else(|| {
         GatewayError::invalid(format!("{field}.datatype"), format!("unknown datatype {:?}", t.datatype))
     })?;
-    if let Some(i) = t.shape.iter().position(|d| *d < 0) {
-        return Err(GatewayError::invalid(format!("{field}.shape[{i}]"), "dimensions must be >= 0"));
-    }
-    let expected = t
-        .shape
-        .iter()
-        .try_fold(1u64, |acc, d| acc.checked_mul(*d as u64))
-        .filter(|n| *n <= 1 << 28)
-        .ok_or_else(|| GatewayError::invalid(format!("{field}.shape"), "shape has too many elements"))?;
+    let expected = element_count(&t.shape, field)?;
     let mut flat = Vec::with_capacity(expected as usize);
     flatten(&t.data, &mut flat);
     if flat.len() as u64 != expected {
