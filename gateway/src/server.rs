@@ -174,6 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         grpc_max_in_flight: config.grpc_max_in_flight,
         sse_keep_alive: config.sse_keep_alive,
         max_image_pixels: config.max_image_pixels,
+        prices: Arc::new(config.prices.clone()),
         draining: draining.clone(),
     });
     let (health, health_service) = tonic_health::server::health_reporter();

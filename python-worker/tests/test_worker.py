@@ -217,3 +217,45 @@ def test_calls_beyond_the_bound_are_refused_not_queued(spawn, tmp_path: Path):
         w.stub.Embed(req, timeout=5)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     held.cancel()
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_calls_report_their_queue_and_model_time_in_trailers(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    items = [echo_item({"delay_ms": 50}, x=[1.0])]
+    _, call = w.stub.Infer.with_call(
+        worker_pb2.InferBatchRequest(model="echo", items=items), timeout=5
+    )
+    trailers = dict(call.trailing_metadata())
+    queue = float(trailers["x-infergate-queue-time"])
+    inference = float(trailers["x-infergate-inference-time"])
+    assert 0.05 <= inference < 1.0, trailers
+    assert 0.0 <= queue < 1.0, trailers
+    req = types_pb2.GenerateRequest(
+        model="echo", messages=[types_pb2.ChatMessage(role="user", content="a b")]
+    )
+    stream = w.stub.Generate(req, timeout=5)
+    assert "".join(c.text for c in stream) == "a b"
+    assert float(dict(stream.trailing_metadata())["x-infergate-inference-time"]) > 0
+
+
+def test_trace_context_is_exposed_and_logged(spawn):
+    assert CallContext(traceparent=TRACEPARENT).trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert CallContext(traceparent="garbage").trace_id == ""
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    items = [echo_item({"delay_ms": 2000}, x=[1.0])]
+    with pytest.raises(grpc.RpcError):
+        w.stub.Infer(
+            worker_pb2.InferBatchRequest(model="echo", items=items),
+            timeout=0.2,
+            metadata=[("x-request-id", "req-trace"), ("traceparent", TRACEPARENT)],
+        )
+    end = time.monotonic() + 5
+    want = "[request_id=req-trace trace_id=4bf92f3577b34da6a3ce929d0e0e4736] echo stopped early"
+    while want not in w.output() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert want in w.output(), w.output()

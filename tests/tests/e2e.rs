@@ -449,3 +449,112 @@ fn every_request_gets_one_access_line_and_is_counted_never_with_a_secret() {
     assert!(counted, "no request counter for the call:\n{metrics}");
     assert!(metrics.contains("infergate_request_duration_seconds_bucket"), "no duration histogram");
 }
+
+/// The value of the first sample of `metric` whose labels contain all of `labels`.
+fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn where_the_time_went_reaches_headers_metrics_and_the_worker_log_with_the_trace() {
+    let config = format!("[prices.echo]\ninput_per_million = 2.0\noutput_per_million = 10.0\n{ECHO_POOL}");
+    let gw = Gateway::start(&config).unwrap();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    // 60 ms of model work: the worker says so, and the gateway passes it on.
+    let resp =
+        http().post(gw.url("/v2/models/echo/infer")).header("traceparent", parent).json(&echo_body(60)).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    let ms = |name: &str| -> f64 { resp.headers()[name].to_str().unwrap().parse().unwrap() };
+    let (queue, inference) = (ms("x-infergate-queue-time"), ms("x-infergate-inference-time"));
+    eprintln!("queue {queue} ms, inference {inference} ms");
+    assert!((60.0..1000.0).contains(&inference), "inference {inference} ms for 60 ms of work");
+    assert!((0.0..1000.0).contains(&queue), "queue {queue} ms");
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+
+    // The worker's own log line about the call carries both ids.
+    let cut = http()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("traceparent", parent)
+        .header("x-request-id", "traced-1")
+        .header("x-request-timeout", "100ms")
+        .json(&echo_body(1000))
+        .send()
+        .unwrap();
+    assert_eq!(cut.status(), 504);
+    let worker_line = gw.wait_log(0, Duration::from_secs(3), |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("echo stopped early") && m.contains("request_id=traced-1"))
+    });
+    let (_, line) = worker_line.unwrap_or_else(|| panic!("no worker line for traced-1:\n{}", gw.log_text()));
+    assert!(
+        line["message"].as_str().unwrap().contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+        "the worker did not log the caller's trace: {line}"
+    );
+    let access = gw
+        .wait_log(0, Duration::from_secs(3), |v| v["target"] == "access" && v["request_id"] == rid.as_str())
+        .unwrap()
+        .1;
+    assert_eq!(access["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+
+    // A caller's id that cannot be logged or forwarded safely is replaced.
+    let odd = http().get(gw.url("/v2/health/live")).header("x-request-id", "a b,c").send().unwrap();
+    let given = odd.headers()["x-request-id"].to_str().unwrap();
+    assert!(given != "a b,c" && given.len() == 36, "{given}");
+
+    // gRPC calls get their access line too.
+    rt().block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let mut req = tonic::Request::new(InferRequest {
+            model: "echo".into(),
+            inputs: vec![fp32(&[1.0])],
+            ..Default::default()
+        });
+        req.metadata_mut().insert("x-request-id", "grpc-access-1".parse().unwrap());
+        client.infer(req).await.unwrap();
+    });
+    let grpc_line = gw
+        .wait_log(0, Duration::from_secs(3), |v| v["target"] == "access" && v["request_id"] == "grpc-access-1")
+        .unwrap_or_else(|| panic!("no gRPC access line:\n{}", gw.log_text()))
+        .1;
+    assert_eq!(grpc_line["route"], "/infergate.v1.Inference/Infer");
+    assert_eq!((grpc_line["grpc_status"].as_i64(), grpc_line["model"].as_str()), (Some(0), Some("echo")));
+
+    // Tokens and their cost, by model and tenant.
+    let chat = json!({"model": "echo", "messages": [{"role": "user", "content": "one two three"}]});
+    let answer: Value = post(&gw, "/v1/chat/completions", &chat).json().unwrap();
+    let (input, output) =
+        (answer["usage"]["prompt_tokens"].as_f64().unwrap(), answer["usage"]["completion_tokens"].as_f64().unwrap());
+    assert!(output > 0.0, "{answer}");
+
+    let metrics = http().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    let tokens = |kind: &str| {
+        sample(
+            &metrics,
+            "infergate_tokens_total",
+            &["model=\"echo\"", "tenant=\"anonymous\"", &format!("kind=\"{kind}\"")],
+        )
+    };
+    assert_eq!(tokens("output"), Some(output), "{metrics}");
+    assert_eq!(tokens("input").unwrap_or(0.0), input);
+    let cost = sample(&metrics, "infergate_estimated_cost_usd", &["model=\"echo\""]).unwrap();
+    assert!((cost - (input * 2.0 + output * 10.0) / 1e6).abs() < 1e-12, "cost {cost}");
+    // Where the time went, per pool and per route.
+    let inference_sum = sample(&metrics, "infergate_worker_inference_seconds_sum", &["pool=\"echo\""]).unwrap();
+    assert!(inference_sum >= 0.06, "{inference_sum}");
+    for (metric, labels) in [
+        ("infergate_gateway_overhead_seconds_count", &["route=\"/v2/models/{model}/infer\""][..]),
+        ("infergate_gateway_overhead_seconds_count", &["route=\"/infergate.v1.Inference/Infer\""][..]),
+        ("infergate_worker_call_duration_seconds_count", &["pool=\"echo\""][..]),
+        ("infergate_worker_queue_seconds_count", &["pool=\"echo\""][..]),
+        ("infergate_pool_in_flight", &["pool=\"echo\""][..]),
+        ("infergate_worker_in_flight", &["worker=\"echo-0\""][..]),
+        ("infergate_batch_queue_depth", &["model=\"echo\""][..]),
+    ] {
+        assert!(sample(&metrics, metric, labels).is_some(), "no {metric} {labels:?}:\n{metrics}");
+    }
+    assert_eq!(sample(&metrics, "infergate_pool_in_flight", &["pool=\"echo\""]), Some(0.0), "all calls answered");
+}

@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 use crate::call::Deadline;
 use crate::error::GatewayError;
+use crate::telemetry::timing::{self, Timings};
+use crate::telemetry::trace::{self, TraceContext};
 
 /// Batching settings of a pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +63,10 @@ pub struct Pending<I, O> {
     pub deadline: Deadline,
     pub priority: bool,
     pub arrived: Instant,
+    /// The caller's timings, which its share of the batch is added to.
+    pub timings: Option<Arc<Timings>>,
+    /// The caller's span; a batch's worker call is a child of its first caller's.
+    pub trace: Option<TraceContext>,
 }
 
 /// The queue and the rules for taking a batch from it; no I/O, no clock of
@@ -164,6 +170,8 @@ pub type BatchResult<O> = Result<Vec<Result<O, GatewayError>>, GatewayError>;
 pub struct Batcher<I, O> {
     tx: mpsc::UnboundedSender<Pending<I, O>>,
     queued: Arc<AtomicUsize>,
+    /// `queued` as a metric.
+    depth: metrics::Gauge,
     max_queue: usize,
     priority_tiers: Vec<String>,
     pool: String,
@@ -181,7 +189,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let depth = metrics::gauge!(crate::telemetry::metrics::BATCH_QUEUE_DEPTH,
+            "pool" => pool.to_owned(), "model" => model.to_owned());
         let actor = Actor {
+            depth: depth.clone(),
             state: BatchState::new(max_batch, config.max_delay),
             rx,
             slots: Arc::new(Semaphore::new(slots.max(1))),
@@ -193,6 +204,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Self {
             tx,
             queued,
+            depth,
             max_queue: config.max_queue,
             priority_tiers: config.priority_tiers.clone(),
             pool: pool.to_owned(),
@@ -218,12 +230,21 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             })?;
         let (reply, rx) = oneshot::channel();
         let priority = self.priority_tiers.iter().any(|t| t == tier);
-        let item =
-            Pending { payload, request_id: request_id.to_owned(), reply, deadline, priority, arrived: Instant::now() };
+        let item = Pending {
+            payload,
+            request_id: request_id.to_owned(),
+            reply,
+            deadline,
+            priority,
+            arrived: Instant::now(),
+            timings: timing::current(),
+            trace: trace::current(),
+        };
         self.tx.send(item).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             GatewayError::ShuttingDown
         })?;
+        self.depth.increment(1.0);
         Ok(rx)
     }
 }
@@ -243,6 +264,7 @@ struct Actor<I, O, D> {
     slots: Arc<Semaphore>,
     dispatch: Arc<D>,
     queued: Arc<AtomicUsize>,
+    depth: metrics::Gauge,
     labels: [(&'static str, String); 2],
 }
 
@@ -291,6 +313,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
             let now = Instant::now();
             let (batch, dropped) = self.state.take(now);
             self.queued.fetch_sub(batch.len() + dropped, Ordering::AcqRel);
+            self.depth.decrement((batch.len() + dropped) as f64);
             if batch.is_empty() {
                 continue;
             }
@@ -301,9 +324,13 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
     fn send(&self, batch: Vec<Pending<I, O>>, permit: tokio::sync::OwnedSemaphorePermit, now: Instant) {
         let labels = &self.labels;
         metrics::histogram!(crate::telemetry::metrics::BATCH_SIZE, labels).record(batch.len() as f64);
+        let waited = metrics::histogram!(crate::telemetry::metrics::BATCH_QUEUE_WAIT, labels);
         for p in &batch {
-            metrics::histogram!(crate::telemetry::metrics::BATCH_QUEUE_WAIT, labels)
-                .record((now - p.arrived).as_secs_f64());
+            let wait = now - p.arrived;
+            waited.record(wait.as_secs_f64());
+            if let Some(t) = &p.timings {
+                t.add_queue(wait);
+            }
         }
         let in_flight = metrics::gauge!(crate::telemetry::metrics::BATCHES_IN_FLIGHT, labels);
         in_flight.increment(1.0);
@@ -311,19 +338,37 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
         let latest =
             batch.iter().map(|p| p.deadline).max_by_key(|d| d.at).unwrap_or_else(|| Deadline::after(Duration::ZERO));
         let ids = request_ids(batch.iter().map(|p| p.request_id.as_str()));
-        let (payloads, mut replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|p| (p.payload, p.reply)).unzip();
+        let first_trace = batch.iter().find_map(|p| p.trace);
+        let mut callers = Vec::with_capacity(batch.len());
+        let (payloads, mut replies): (Vec<I>, Vec<_>) = batch
+            .into_iter()
+            .map(|p| {
+                callers.extend(p.timings);
+                (p.payload, p.reply)
+            })
+            .unzip();
         let dispatch = self.dispatch.clone();
         tokio::spawn(async move {
             let n = replies.len();
+            let spent = Arc::new(Timings::default());
             let outcome = {
                 // Once every caller of the batch has left (hung up, timed
                 // out), dropping the call cancels it on the worker.
                 let all_gone = futures::future::join_all(replies.iter_mut().map(oneshot::Sender::closed));
+                let call = timing::scope(spent.clone(), dispatch.dispatch(payloads, latest, ids));
+                let call = async move {
+                    match first_trace {
+                        Some(t) => trace::scope(t, call).await,
+                        None => call.await,
+                    }
+                };
                 tokio::select! {
-                    outcome = dispatch.dispatch(payloads, latest, ids) => Some(outcome),
+                    outcome = call => Some(outcome),
                     _ = all_gone => None,
                 }
             };
+            // Each caller waited for the whole batch.
+            callers.iter().for_each(|t| t.merge(&spent));
             let Some(outcome) = outcome else {
                 tracing::debug!("every caller of a batch left; the worker call is cancelled");
                 in_flight.decrement(1.0);

@@ -15,6 +15,8 @@ fn pending(
         deadline: Deadline::after(deadline_in),
         priority,
         arrived: Instant::now(),
+        timings: None,
+        trace: None,
     };
     (p, rx)
 }

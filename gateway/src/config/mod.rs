@@ -70,6 +70,8 @@ pub struct Config {
     pub cache_pools: crate::cache::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
     pub aliases: Vec<routes::AliasConfig>,
+    /// Per-token prices by model name, for the estimated-cost metric.
+    pub prices: crate::telemetry::usage::Prices,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
 }
@@ -366,6 +368,10 @@ impl Config {
             workers,
             log: LogConfig { json, filter: raw.log.level.clone() },
             aliases: routes::check(&raw.aliases, &pools)?,
+            prices: {
+                crate::telemetry::usage::check(&raw.prices).map_err(|(key, message)| invalid(key, message))?;
+                raw.prices.clone()
+            },
             pools,
             raw,
         })

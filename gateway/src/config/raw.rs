@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
+    /// Per-token prices by model, for the estimated-cost metric.
+    pub prices: crate::telemetry::usage::Prices,
 }
 
 /// `[cache]`: the exact response cache (memory; Redis too when `redis.url` is set).

@@ -23,6 +23,7 @@ use crate::error::GatewayError;
 use crate::policy::Admission;
 use crate::pool::ChunkStream;
 use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Source, Usage};
+use crate::telemetry::usage::Meter;
 
 /// Most messages one conversation may carry.
 pub const MAX_MESSAGES: usize = 1024;
@@ -444,11 +445,13 @@ pub struct Metered {
     inner: ChunkStream,
     admission: Option<Admission>,
     usage: Option<Usage>,
+    /// Counts the tokens once settled; `None` for answers no model gave (cache hits).
+    meter: Option<Meter>,
 }
 
 impl Metered {
-    pub fn new(inner: ChunkStream, admission: Admission) -> Self {
-        Self { inner, admission: Some(admission), usage: None }
+    pub fn new(inner: ChunkStream, admission: Admission, meter: Option<Meter>) -> Self {
+        Self { inner, admission: Some(admission), usage: None, meter }
     }
 
     /// Tokens reported so far.
@@ -457,6 +460,9 @@ impl Metered {
     }
 
     fn settle(&mut self) {
+        if let (Some(meter), Some(u)) = (self.meter.take(), self.usage) {
+            meter.record(u.prompt_tokens.into(), u.completion_tokens.into());
+        }
         if let Some(admission) = self.admission.take() {
             match self.usage {
                 Some(u) => admission.settle(Some(u64::from(u.prompt_tokens) + u64::from(u.completion_tokens))),

@@ -111,6 +111,7 @@ fn app_with(
         grpc_max_in_flight: 8,
         sse_keep_alive: keep_alive,
         max_image_pixels: 1 << 24,
+        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (super::http::router(state), upstream)

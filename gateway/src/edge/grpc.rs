@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use super::EdgeState;
+use crate::cache::CacheStatus;
 use crate::call::{Call, Deadline, parse_grpc_timeout};
 use crate::error::GatewayError;
 use crate::policy::{Admission, estimate_tokens};
@@ -22,6 +23,7 @@ use crate::proto::{
     ListModelsRequest, ListModelsResponse, Usage,
 };
 use crate::route::{self, Plan, Target};
+use crate::telemetry::usage::Meter;
 
 /// The public Inference service over the shared upstream.
 pub struct InferenceService {
@@ -59,6 +61,8 @@ pub fn router(
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
+        // Request id, trace context, access line and metrics.
+        .layer(axum::middleware::from_fn(super::access::grpc_access_log))
         // Browsers speak grpc-web over HTTP/1.1; translate before routing.
         .layer(tonic_web::GrpcWebLayer::new()))
 }
@@ -101,10 +105,11 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
                 .ok_or_else(|| Status::invalid_argument("malformed grpc-timeout metadata"))?,
         ),
     };
+    // Checked, or generated, by the access middleware.
     let request_id = md
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .filter(|v| crate::telemetry::trace::valid_request_id(v))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
     let caller = super::caller_of(req.extensions());
     let pin = match md.get(crate::route::VERSION_HEADER) {
@@ -121,9 +126,11 @@ impl Meta {
     }
 }
 
-/// The response with its request id and the variant that answered.
+/// The response with its request id and the variant that answered (for
+/// the caller, and for the access log).
 fn respond<T>(msg: T, request_id: &str, target: &Target) -> Response<T> {
     let mut resp = Response::new(msg);
+    resp.extensions_mut().insert(super::access::Served::of(target));
     if let Ok(v) = request_id.parse() {
         resp.metadata_mut().insert("x-request-id", v);
     }
@@ -230,6 +237,9 @@ impl Inference for InferenceService {
             let ((out, cached), target) =
                 route::run(&plan, call, |c| self.state.cache.embed(&*self.state.upstream, c, m.cache)).await?;
             admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
+            if cached != Some(CacheStatus::Hit) {
+                Meter::new(&self.state.prices, &r.model, m.caller.tenant.clone()).record(out.prompt_tokens.into(), 0);
+            }
             let msg = EmbedResponse {
                 model: r.model,
                 data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
@@ -248,6 +258,7 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let m = meta(&self.state, &req)?;
         let r = req.into_inner();
+        let model = r.model.clone();
         let result: Result<((ChunkStream, Target), Admission), GatewayError> = async {
             super::chat::validate(&r)?;
             let plan = m.plan(&self.state, &r.model)?;
@@ -267,7 +278,9 @@ impl Inference for InferenceService {
         let rid = m.request_id.clone();
         let ((stream, target), admission) = result.map_err(|e| fail(e, &m.request_id))?;
         // An error after the first chunk ends the stream with its status.
-        let stream = super::chat::Metered::new(stream, admission).map(move |c| c.map_err(|e| fail(e, &rid)));
+        let meter = Meter::new(&self.state.prices, &model, m.caller.tenant.clone());
+        let stream =
+            super::chat::Metered::new(stream, admission, Some(meter)).map(move |c| c.map_err(|e| fail(e, &rid)));
         Ok(respond(stream.boxed(), &m.request_id, &target))
     }
 }

@@ -27,6 +27,7 @@ use crate::policy::Admission;
 use crate::policy::estimate_tokens;
 use crate::proto::InferItem;
 use crate::route;
+use crate::telemetry::usage::Meter;
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
@@ -71,6 +72,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         // Give every request an id before anything else sees it.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // A caller's id is taken only when it is safe to log and forward.
+        .layer(axum::middleware::from_fn(super::access::sanitize_request_id))
 }
 
 pub(super) fn request_id(headers: &HeaderMap) -> String {
@@ -188,6 +191,7 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let caller = super::caller_of(&parts.extensions);
+    let tenant = caller.tenant.clone();
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
         let body: EmbeddingsRequest = read_json(&state, &parts.headers, body).await?;
@@ -209,6 +213,9 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
         let mode = cache_mode(&parts.headers);
         let ((out, cached), target) = route::run(&plan, call, |c| state.cache.embed(&*state.upstream, c, mode)).await?;
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
+        if cached != Some(CacheStatus::Hit) {
+            Meter::new(&state.prices, &body.model, tenant).record(out.prompt_tokens.into(), 0);
+        }
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
         served(&mut resp, &target);
@@ -234,6 +241,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
     let caller = super::caller_of(&parts.extensions);
+    let tenant = caller.tenant.clone();
     let result = async {
         let deadline = deadline(&state, &parts.headers)?;
         let body: ChatRequest = read_json(&state, &parts.headers, body).await?;
@@ -257,6 +265,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
             probe.model = first.model.to_string();
             state.cache.chat_lookup(&*state.upstream, &probe, &body.model, first, mode).await
         };
+        let meter = Meter::new(&state.prices, &body.model, tenant);
         let (stream, target, admission, cached) = match looked_up {
             // A cached answer costs the caller no model tokens.
             Ok((answer, hit)) => (cache::chat::replay(&answer), first.clone(), Admission::default(), Some(hit)),
@@ -269,7 +278,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
                 (stream, target, admission, None)
             }
         };
-        let mut chunks = Metered::new(stream, admission);
+        let mut chunks = Metered::new(stream, admission, cached.is_none().then_some(meter));
         let completion = Completion::new(&rid, &body.model);
         let mut resp = if body.stream {
             // Wait briefly for the first chunk, so a failure before any
@@ -420,8 +429,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
 /// Name the answering variant (header) and what answered (for the access log).
 fn served(resp: &mut Response, target: &route::Target) {
     route::tag(resp.headers_mut(), target);
-    let variant = target.variant.as_deref().map(str::to_owned);
-    resp.extensions_mut().insert(super::access::Served { model: target.model.to_string(), variant });
+    resp.extensions_mut().insert(super::access::Served::of(target));
 }
 
 /// What `Cache-Control` lets the response cache do.

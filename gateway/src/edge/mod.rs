@@ -44,6 +44,8 @@ pub struct EdgeState {
     pub sse_keep_alive: Duration,
     /// Largest image an infer call may send, in pixels (from its header).
     pub max_image_pixels: u64,
+    /// Per-token prices, for the token and cost metrics.
+    pub prices: Arc<crate::telemetry::usage::Prices>,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,

@@ -77,6 +77,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
         grpc_max_in_flight: max_in_flight,
         sse_keep_alive: std::time::Duration::from_secs(15),
         max_image_pixels: 1 << 24,
+        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (state, fake)

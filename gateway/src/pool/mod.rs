@@ -26,6 +26,7 @@ use crate::proto::{
     self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem, InferOutputs, ItemError,
     ModelEntry, ModelInfo, ModelKind, embed_result, infer_result, item_error,
 };
+use crate::telemetry::timing;
 use circuit::{Circuit, Outcome};
 use worker::{InFlight, Worker};
 
@@ -85,6 +86,8 @@ struct Pool {
     slots: Arc<Semaphore>,
     /// Calls waiting for a slot, at most `max_queue`.
     queued: AtomicUsize,
+    /// `queued` as a metric.
+    depth: metrics::Gauge,
     max_queue: usize,
     batching: BatchConfig,
 }
@@ -102,11 +105,19 @@ impl Lease {
 }
 
 /// Counts a waiter in the queue while it exists.
-struct Queued<'a>(&'a AtomicUsize);
+struct Queued<'a>(&'a AtomicUsize, &'a metrics::Gauge);
+
+impl<'a> Queued<'a> {
+    fn new(count: &'a AtomicUsize, depth: &'a metrics::Gauge) -> Self {
+        depth.increment(1.0);
+        Self(count, depth)
+    }
+}
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.decrement(1.0);
     }
 }
 
@@ -187,11 +198,16 @@ impl Pool {
         self.budget.count_request();
         let mut retries = 0;
         loop {
+            let queued = std::time::Instant::now();
             let lease = self.lease(deadline).await?;
+            timing::with_current(|t| t.add_queue(queued.elapsed()));
             let worker = lease.worker().clone();
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
             let result = once(worker.clone()).await;
-            self.record(&worker, judge(&result), lease.in_flight.elapsed());
+            let took = lease.in_flight.elapsed();
+            worker.metrics.call_duration.record(took.as_secs_f64());
+            timing::with_current(|t| t.add_worker(took));
+            self.record(&worker, judge(&result), took);
             let err = match result {
                 Ok(value) => return Ok((value, lease)),
                 Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
@@ -233,7 +249,7 @@ impl Pool {
                         .increment(1);
                     return Err(GatewayError::QueueFull { pool: self.name.clone(), limit: self.max_queue });
                 }
-                let _queued = Queued(&self.queued);
+                let _queued = Queued::new(&self.queued, &self.depth);
                 match tokio::time::timeout_at(deadline.at, self.slots.clone().acquire_owned()).await {
                     Ok(Ok(slot)) => slot,
                     Ok(Err(_closed)) => return Err(GatewayError::NoReadyWorker { pool: self.name.clone() }),
@@ -293,7 +309,7 @@ impl Pools {
             let workers: Vec<_> = addrs
                 .into_iter()
                 .enumerate()
-                .map(|(i, addr)| Arc::new(Worker::new(format!("{}-{i}", pool.name), addr)))
+                .map(|(i, addr)| Arc::new(Worker::new(&pool.name, format!("{}-{i}", pool.name), addr)))
                 .collect();
             let slots = Arc::new(Semaphore::new(workers.len().saturating_mul(pool.max_in_flight_per_worker)));
             pools.push(Pool {
@@ -306,6 +322,7 @@ impl Pools {
                 budget: retry::Budget::default(),
                 slots,
                 queued: AtomicUsize::new(0),
+                depth: metrics::gauge!(crate::telemetry::metrics::QUEUE_DEPTH, "pool" => pool.name.clone()),
                 max_queue: pool.max_queue,
                 batching: pool.batching.clone(),
             });
@@ -445,12 +462,15 @@ fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), Ga
     if ok { Ok(()) } else { Err(GatewayError::UnsupportedOperation { model: info.name.clone(), operation }) }
 }
 
-/// Attach the deadline and request id to a worker call.
+/// Attach the deadline, request id and trace context to a worker call.
 fn request<T>(msg: T, call_deadline: &Deadline, request_id: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(call_deadline.remaining());
     if let Ok(v) = request_id.parse() {
         req.metadata_mut().insert("x-request-id", v);
+    }
+    if let Some(Ok(v)) = crate::telemetry::trace::current().map(|t| t.to_string().parse()) {
+        req.metadata_mut().insert("traceparent", v);
     }
     req
 }
@@ -467,7 +487,10 @@ async fn bounded<T>(
         // any failure once the deadline has passed is the deadline's doing.
         Ok(Err(_)) if deadline.remaining().is_zero() => Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
         Ok(Err(status)) => Err(from_status(&worker.id, status, deadline)),
-        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Ok(resp)) => {
+            worker.metrics.reported(resp.metadata());
+            Ok(resp.into_inner())
+        }
     }
 }
 
@@ -682,7 +705,18 @@ impl Upstream for Pools {
                 match next {
                     Ok(Some(chunk)) => {
                         let done = chunk.finish_reason != proto::FinishReason::Unspecified as i32;
-                        Some((Ok(chunk), (!done).then_some((stream, guard))))
+                        if done {
+                            // The worker's timings come in its trailers, after the last chunk.
+                            tokio::spawn(async move {
+                                if let Ok(Ok(Some(md))) = tokio::time::timeout_at(deadline.at, stream.trailers()).await
+                                {
+                                    worker.metrics.reported(&md);
+                                }
+                                drop(guard);
+                            });
+                            return Some((Ok(chunk), None));
+                        }
+                        Some((Ok(chunk), Some((stream, guard))))
                     }
                     Ok(None) => None,
                     Err(e) => Some((Err(e), None)),
@@ -899,7 +933,7 @@ mod tests {
     }
 
     fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
-        let worker = Arc::new(Worker::new("q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into())));
+        let worker = Arc::new(Worker::new("q", "q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into())));
         worker.set_serving(true);
         Pool {
             name: "q".into(),
@@ -911,6 +945,7 @@ mod tests {
             budget: retry::Budget::default(),
             slots: Arc::new(Semaphore::new(per_worker)),
             queued: AtomicUsize::new(0),
+            depth: metrics::gauge!("test_queue_depth"),
             max_queue,
             batching: BatchConfig::default(),
         }
@@ -952,7 +987,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap() {
         let mut pool = one_worker_pool(8, 8);
-        let second = Arc::new(Worker::new("q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
+        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
         second.set_serving(true);
         pool.workers.push(second);
         let (w0, w1) = (pool.workers[0].clone(), pool.workers[1].clone());

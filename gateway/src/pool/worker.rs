@@ -35,12 +35,48 @@ pub struct Worker {
     pub outlier: super::outlier::Outlier,
     /// Recent answer times, for balancing.
     pub latency: super::latency::Latency,
+    pub metrics: WorkerMetrics,
+}
+
+/// Metric handles of a worker, resolved once rather than per call.
+pub struct WorkerMetrics {
+    in_flight: metrics::Gauge,
+    pool_in_flight: metrics::Gauge,
+    /// Worker call durations, and the worker's own figures, of its pool.
+    pub call_duration: metrics::Histogram,
+    pub queue_time: metrics::Histogram,
+    pub inference_time: metrics::Histogram,
+}
+
+impl WorkerMetrics {
+    fn new(pool: &str, worker: &str) -> Self {
+        use crate::telemetry::metrics as m;
+        let pool = pool.to_owned();
+        Self {
+            in_flight: metrics::gauge!(m::WORKER_IN_FLIGHT, "pool" => pool.clone(), "worker" => worker.to_owned()),
+            pool_in_flight: metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => pool.clone()),
+            call_duration: metrics::histogram!(m::WORKER_CALL_DURATION, "pool" => pool.clone()),
+            queue_time: metrics::histogram!(m::WORKER_QUEUE_TIME, "pool" => pool.clone()),
+            inference_time: metrics::histogram!(m::WORKER_INFERENCE_TIME, "pool" => pool),
+        }
+    }
+
+    /// Record what a worker reported about one of its calls, here and in
+    /// the current request's timings.
+    pub fn reported(&self, md: &tonic::metadata::MetadataMap) {
+        use crate::telemetry::timing;
+        if let Some(r) = timing::Reported::from_metadata(md) {
+            self.queue_time.record(r.queue.as_secs_f64());
+            self.inference_time.record(r.inference.as_secs_f64());
+            timing::with_current(|t| t.add_reported(r));
+        }
+    }
 }
 
 impl Worker {
     /// A worker reached over one lazily connected HTTP/2 channel that
     /// reconnects by itself after the process restarts.
-    pub fn new(id: String, addr: WorkerAddr) -> Self {
+    pub fn new(pool: &str, id: String, addr: WorkerAddr) -> Self {
         let channel = match &addr {
             WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
             WorkerAddr::Unix(path) => {
@@ -57,6 +93,7 @@ impl Worker {
             }
         };
         Self {
+            metrics: WorkerMetrics::new(pool, &id),
             id,
             addr,
             channel,
@@ -92,6 +129,8 @@ impl Worker {
             self.mark_busy();
         }
         self.outlier.on_pick();
+        self.metrics.in_flight.increment(1.0);
+        self.metrics.pool_in_flight.increment(1.0);
         InFlight { worker: self.clone(), started: Instant::now() }
     }
 
@@ -219,6 +258,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.worker.metrics.in_flight.decrement(1.0);
+        self.worker.metrics.pool_in_flight.decrement(1.0);
         // Calls still outstanding started before now: restart the bound.
         if self.worker.outstanding.fetch_sub(1, Ordering::Relaxed) > 1 {
             self.worker.mark_busy();

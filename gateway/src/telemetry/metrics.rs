@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests refused by authentication, by `reason` (`missing`, `unknown_key`, `invalid_token`, …).
 pub const AUTH_FAILURES: &str = "infergate_auth_failures_total";
@@ -40,56 +40,100 @@ pub const BATCHES_IN_FLIGHT: &str = "infergate_batches_in_flight";
 pub const CACHE_REQUESTS: &str = "infergate_cache_requests_total";
 /// Requests answered by an identical request already in flight (singleflight).
 pub const COALESCED: &str = "infergate_coalesced_requests_total";
+/// Seconds of a request spent in the gateway itself: its latency less the
+/// time queued and awaiting workers; by `route`.
+pub const GATEWAY_OVERHEAD: &str = "infergate_gateway_overhead_seconds";
+/// Seconds from sending a call (or a batch) to a worker to its answer, by `pool`.
+pub const WORKER_CALL_DURATION: &str = "infergate_worker_call_duration_seconds";
+/// Seconds a call waited in the worker for a model thread, as the worker reports it; by `pool`.
+pub const WORKER_QUEUE_TIME: &str = "infergate_worker_queue_seconds";
+/// Seconds the model ran for a call, as the worker reports it; by `pool`.
+pub const WORKER_INFERENCE_TIME: &str = "infergate_worker_inference_seconds";
+/// Calls given to a pool's workers and not yet answered, by `pool`.
+pub const POOL_IN_FLIGHT: &str = "infergate_pool_in_flight";
+/// Calls given to one worker and not yet answered, by `pool` and `worker`.
+pub const WORKER_IN_FLIGHT: &str = "infergate_worker_in_flight";
+/// Calls waiting for a free worker slot, by `pool`.
+pub const QUEUE_DEPTH: &str = "infergate_queue_depth";
+/// Items waiting in a batcher, by `pool` and `model`.
+pub const BATCH_QUEUE_DEPTH: &str = "infergate_batch_queue_depth";
+/// LLM and embedding tokens, by `model`, `tenant` and `kind` (`input`, `output`).
+pub const TOKENS: &str = "infergate_tokens_total";
+/// Estimated cost in US dollars from the configured per-token prices since
+/// start (a running total kept as a gauge), by `model` and `tenant`.
+pub const COST: &str = "infergate_estimated_cost_usd";
+/// Log lines dropped because the log writer fell behind.
+pub const LOG_LINES_DROPPED: &str = "infergate_log_lines_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Histogram buckets, in the unit of each metric.
+const BUCKETS: &[(&str, &[f64])] = &[
+    (BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+    (BATCH_QUEUE_WAIT, WAITS),
+    (WORKER_QUEUE_TIME, WAITS),
+    (REQUEST_DURATION, DURATIONS),
+    (WORKER_CALL_DURATION, DURATIONS),
+    (WORKER_INFERENCE_TIME, DURATIONS),
+    // The gateway's own share is tens of microseconds on a good day.
+    (GATEWAY_OVERHEAD, &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
+];
+const WAITS: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+const DURATIONS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Install the Prometheus recorder (once per process) and describe the metrics.
 pub fn install() {
     if HANDLE.get().is_some() {
         return;
     }
-    let buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
-    let waits = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
-    let durations = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()), &buckets)
-        .and_then(|b| {
-            b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_QUEUE_WAIT.into()), &waits)
-        })
-        .and_then(|b| {
-            b.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION.into()), &durations)
-        });
-    let builder = match builder {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot configure metric buckets; /metrics is off");
-            return;
-        }
-    };
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in BUCKETS {
+        builder = match builder.set_buckets_for_metric(Matcher::Full((*name).into()), buckets) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot configure metric buckets; /metrics is off");
+                return;
+            }
+        };
+    }
     match builder.install_recorder() {
         Ok(handle) => {
             let _ = HANDLE.set(handle);
-            metrics::describe_counter!(AUTH_FAILURES, "Requests refused by authentication, by reason");
-            metrics::describe_counter!(
-                REQUESTS,
-                "Requests answered, by route, model, variant, status class and tenant"
-            );
-            metrics::describe_histogram!(REQUEST_DURATION, metrics::Unit::Seconds, "Request to response headers");
-            metrics::describe_counter!(LIMIT_REJECTIONS, "Requests refused by a limit, by limit");
-            metrics::describe_counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
-            metrics::describe_counter!(QUEUE_REJECTIONS, "Calls refused because the pool queue was full");
-            metrics::describe_histogram!(BATCH_SIZE, "Items per batch sent to a worker");
-            metrics::describe_histogram!(
-                BATCH_QUEUE_WAIT,
-                metrics::Unit::Seconds,
-                "Wait in the batcher before the batch went"
-            );
-            metrics::describe_gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
-            metrics::describe_counter!(CACHE_REQUESTS, "Cache lookups by cache and result");
-            metrics::describe_counter!(COALESCED, "Requests answered by an identical request in flight");
+            describe();
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics is off"),
     }
+}
+
+fn describe() {
+    use metrics::Unit::Seconds;
+    use metrics::{describe_counter as counter, describe_gauge as gauge, describe_histogram as histogram};
+    counter!(AUTH_FAILURES, "Requests refused by authentication, by reason");
+    counter!(REQUESTS, "Requests answered, by route, model, variant, status class and tenant");
+    histogram!(REQUEST_DURATION, Seconds, "Request to response headers");
+    histogram!(GATEWAY_OVERHEAD, Seconds, "Request latency less queueing and worker calls");
+    counter!(LIMIT_REJECTIONS, "Requests refused by a limit, by limit");
+    counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
+    counter!(QUEUE_REJECTIONS, "Calls refused because the pool queue was full");
+    gauge!(QUEUE_DEPTH, "Calls waiting for a free worker slot");
+    gauge!(POOL_IN_FLIGHT, "Calls given to a pool's workers, not yet answered");
+    gauge!(WORKER_IN_FLIGHT, "Calls given to one worker, not yet answered");
+    histogram!(WORKER_CALL_DURATION, Seconds, "Worker call from send to answer");
+    histogram!(WORKER_QUEUE_TIME, Seconds, "Wait for a model thread in the worker (worker-reported)");
+    histogram!(WORKER_INFERENCE_TIME, Seconds, "Model execution per call (worker-reported)");
+    counter!(RETRIES, "Calls tried again on a worker");
+    counter!(EJECTIONS, "Workers ejected by outlier detection");
+    gauge!(CIRCUIT_STATE, "Circuit of a pool: 0 closed, 1 half-open, 2 open");
+    counter!(WORKER_RESTARTS, "Local worker processes restarted");
+    histogram!(BATCH_SIZE, "Items per batch sent to a worker");
+    histogram!(BATCH_QUEUE_WAIT, Seconds, "Wait in the batcher before the batch went");
+    gauge!(BATCH_QUEUE_DEPTH, "Items waiting in a batcher");
+    gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
+    counter!(CACHE_REQUESTS, "Cache lookups by cache and result");
+    counter!(COALESCED, "Requests answered by an identical request in flight");
+    counter!(TOKENS, "Tokens by model, tenant and kind (input, output)");
+    gauge!(COST, "Estimated cost in USD since start, from configured per-token prices");
+    counter!(LOG_LINES_DROPPED, "Log lines dropped because the writer fell behind");
 }
 
 /// The current metrics in Prometheus text format, if the recorder is installed.

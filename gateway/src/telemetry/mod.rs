@@ -1,6 +1,9 @@
 //! Logging setup (text for terminals, JSON lines for collectors) and metrics.
 
 pub mod metrics;
+pub mod timing;
+pub mod trace;
+pub mod usage;
 
 use std::io::Write;
 

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(
-        logging.Formatter("%(levelname)s %(name)s [request_id=%(request_id)s] %(message)s")
+        logging.Formatter(
+            "%(levelname)s %(name)s [request_id=%(request_id)s trace_id=%(trace_id)s] %(message)s"
+        )
     )
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.exit_with_parent:

@@ -1,4 +1,5 @@
-"""The per-call context model code sees: deadline, cancellation, request id."""
+"""The per-call context model code sees: deadline, cancellation, request id
+and W3C trace context."""
 
 from __future__ import annotations
 
@@ -31,10 +32,20 @@ class CallContext:
     """
 
     request_id: str = ""
+    #: The gateway's span as a W3C ``traceparent`` (``00-<trace>-<span>-<flags>``).
     traceparent: str = ""
     #: Absolute deadline on the ``time.monotonic()`` clock, or ``None``.
     deadline: float | None = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: Seconds the call waited for a model thread / ran model code, so far.
+    queue_time: float = field(default=0.0, repr=False)
+    inference_time: float = field(default=0.0, repr=False)
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id of :attr:`traceparent` (32 hex digits), or ``""``."""
+        parts = self.traceparent.split("-")
+        return parts[1] if len(parts) >= 4 and len(parts[1]) == 32 else ""
 
     @property
     def cancelled(self) -> bool:

@@ -114,6 +114,19 @@ def _call_context(context: grpc.aio.ServicerContext) -> CallContext:
     return ctx
 
 
+def _log_ids(ctx: CallContext) -> dict[str, str]:
+    """The ids a log record about ``ctx``'s call carries."""
+    return {"request_id": ctx.request_id or "-", "trace_id": ctx.trace_id or "-"}
+
+
+def _timings(ctx: CallContext) -> tuple[tuple[str, str], ...]:
+    """Where the call's time went, for the gateway (seconds, as text)."""
+    return (
+        ("x-infergate-queue-time", f"{ctx.queue_time:.6f}"),
+        ("x-infergate-inference-time", f"{ctx.inference_time:.6f}"),
+    )
+
+
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)] or [items]
 
@@ -146,16 +159,23 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
     ) -> T:
         """Run blocking model code on the pool with ``ctx`` as its current context."""
 
+        submitted = time.monotonic()
+
         def call() -> T:
-            with use_context(ctx):
-                ctx.check()  # the call may have ended while it queued
-                return fn(*args)
+            started = time.monotonic()
+            ctx.queue_time += started - submitted
+            try:
+                with use_context(ctx):
+                    ctx.check()  # the call may have ended while it queued
+                    return fn(*args)
+            finally:
+                ctx.inference_time += time.monotonic() - started
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except asyncio.CancelledError:
             ctx.cancel()
-            log.warning("call cancelled by the gateway", extra={"request_id": ctx.request_id})
+            log.warning("call cancelled by the gateway", extra=_log_ids(ctx))
             raise
         except Cancelled as exc:
             code = (
@@ -163,15 +183,15 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 if exc.reason == "deadline"
                 else grpc.StatusCode.CANCELLED
             )
-            log.warning("model stopped: %s", exc, extra={"request_id": ctx.request_id})
+            log.warning("model stopped: %s", exc, extra=_log_ids(ctx))
             await context.abort(code, str(exc))
             raise  # unreachable: abort raises
         except Overloaded as exc:
-            log.warning("model refused the call: %s", exc, extra={"request_id": ctx.request_id})
+            log.warning("model refused the call: %s", exc, extra=_log_ids(ctx))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             raise  # unreachable: abort raises
         except Unavailable as exc:
-            log.warning("model unavailable: %s", exc, extra={"request_id": ctx.request_id})
+            log.warning("model unavailable: %s", exc, extra=_log_ids(ctx))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise  # unreachable: abort raises
 
@@ -184,14 +204,15 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            log.exception("%s failed", getattr(fn, "__qualname__", "model call"))
+            name = getattr(fn, "__qualname__", "model call")
+            log.exception("%s failed", name, extra=_log_ids(ctx))
             return exc
 
     async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         texts = list(request.texts)
-        log.debug("embed batch of %d texts", len(texts), extra={"request_id": ctx.request_id})
+        log.debug("embed batch of %d texts", len(texts), extra=_log_ids(ctx))
         results: list[worker_pb2.EmbedResult] = []
         for part in _chunks(texts, self._infos[request.model].max_batch_size):
             out = await self._run_batch(ctx, context, model.embed, list(part))
@@ -199,14 +220,13 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 results.extend(worker_pb2.EmbedResult(error=item_error(out)) for _ in part)
             else:
                 results.extend(_embed_results(out, len(part), request.model))
+        context.set_trailing_metadata(_timings(ctx))
         return worker_pb2.EmbedBatchResponse(results=results)
 
     async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
-        log.debug(
-            "infer batch of %d items", len(request.items), extra={"request_id": ctx.request_id}
-        )
+        log.debug("infer batch of %d items", len(request.items), extra=_log_ids(ctx))
         results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
         items: list[tuple[int, InferItem]] = []
         for n, msg in enumerate(request.items):
@@ -224,6 +244,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 out = [out] * len(part)
             for (n, item), value in zip(part, out, strict=True):
                 results[n] = _infer_result(value, item)
+        context.set_trailing_metadata(_timings(ctx))
         return worker_pb2.InferBatchResponse(results=results)
 
     async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:
@@ -263,6 +284,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
             ]
             if chunk.finish_reason:
+                context.set_trailing_metadata(_timings(ctx))
                 yield types_pb2.GenerateChunk(
                     text=chunk.text,
                     finish_reason=_finish(chunk.finish_reason),
@@ -271,6 +293,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 )
                 return
             yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
+        context.set_trailing_metadata(_timings(ctx))
         yield types_pb2.GenerateChunk(
             finish_reason=types_pb2.FINISH_REASON_STOP,
             usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
@@ -355,11 +378,14 @@ def _infer_result(value: Any, item: InferItem) -> worker_pb2.InferResult:
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current call's request id on every log record."""
+    """Puts the current call's request id and trace id on every log record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current_context()
         if not getattr(record, "request_id", ""):
-            record.request_id = current_context().request_id or "-"
+            record.request_id = ctx.request_id or "-"
+        if not getattr(record, "trace_id", ""):
+            record.trace_id = ctx.trace_id or "-"
         return True
 
 

@@ -1,0 +1,184 @@
+//! Where one request's time went: waiting in a queue, on a worker, and in
+//! the model (as the worker reports it). The rest of its latency is the
+//! gateway's own overhead.
+//!
+//! The edge opens a [`scope`] per request; pool code adds to the current
+//! one wherever it runs inside that request's task. A batch runs in the
+//! batcher's task, so the batcher opens a scope per batch and merges it
+//! into each of its callers' timings.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tonic::metadata::MetadataMap;
+
+/// Metadata in which a worker reports seconds its call waited for a model thread.
+pub const WORKER_QUEUE_KEY: &str = "x-infergate-queue-time";
+/// Metadata in which a worker reports seconds its model ran for the call.
+pub const WORKER_INFERENCE_KEY: &str = "x-infergate-inference-time";
+
+/// Time one request (or one batch) spent, in nanoseconds.
+#[derive(Debug, Default)]
+pub struct Timings {
+    /// Waiting for a pool slot or in a batcher's queue.
+    queue: AtomicU64,
+    /// Awaiting worker calls, from send to answer.
+    worker: AtomicU64,
+    /// Of `worker`: waiting for a model thread, as the worker reports it.
+    worker_queue: AtomicU64,
+    /// Of `worker`: running the model, as the worker reports it.
+    inference: AtomicU64,
+}
+
+/// What a worker said about one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reported {
+    pub queue: Duration,
+    pub inference: Duration,
+}
+
+impl Reported {
+    /// The figures in a worker's response metadata (trailers included);
+    /// `None` when it sent none (an older or a third-party worker).
+    pub fn from_metadata(md: &MetadataMap) -> Option<Self> {
+        let secs = |key| {
+            md.get(key)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+        };
+        match (secs(WORKER_QUEUE_KEY), secs(WORKER_INFERENCE_KEY)) {
+            (None, None) => None,
+            (queue, inference) => {
+                Some(Self { queue: queue.unwrap_or_default(), inference: inference.unwrap_or_default() })
+            }
+        }
+    }
+}
+
+fn add(cell: &AtomicU64, d: Duration) {
+    cell.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+fn get(cell: &AtomicU64) -> Duration {
+    Duration::from_nanos(cell.load(Ordering::Relaxed))
+}
+
+impl Timings {
+    pub fn add_queue(&self, d: Duration) {
+        add(&self.queue, d);
+    }
+
+    pub fn add_worker(&self, d: Duration) {
+        add(&self.worker, d);
+    }
+
+    pub fn add_reported(&self, r: Reported) {
+        add(&self.worker_queue, r.queue);
+        add(&self.inference, r.inference);
+    }
+
+    /// Add everything `other` recorded (a batch's figures to each caller's).
+    pub fn merge(&self, other: &Self) {
+        add(&self.queue, get(&other.queue));
+        add(&self.worker, get(&other.worker));
+        add(&self.worker_queue, get(&other.worker_queue));
+        add(&self.inference, get(&other.inference));
+    }
+
+    /// Waited before a model ran: in the gateway's queues and the worker's.
+    pub fn queue(&self) -> Duration {
+        get(&self.queue) + get(&self.worker_queue)
+    }
+
+    /// Spent awaiting workers.
+    pub fn worker(&self) -> Duration {
+        get(&self.worker)
+    }
+
+    /// Spent in model code, as workers reported it.
+    pub fn inference(&self) -> Duration {
+        get(&self.inference)
+    }
+
+    /// The part of `total` the gateway itself spent: neither queued nor
+    /// awaiting a worker.
+    pub fn overhead(&self, total: Duration) -> Duration {
+        total.saturating_sub(get(&self.queue) + get(&self.worker))
+    }
+
+    /// True once any worker call was made for the request.
+    pub fn reached_worker(&self) -> bool {
+        self.worker.load(Ordering::Relaxed) > 0
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Arc<Timings>;
+}
+
+/// Run `fut` with `timings` as the current request's.
+pub async fn scope<F: Future>(timings: Arc<Timings>, fut: F) -> F::Output {
+    CURRENT.scope(timings, fut).await
+}
+
+/// The current request's timings, when inside a [`scope`].
+pub fn current() -> Option<Arc<Timings>> {
+    CURRENT.try_with(Arc::clone).ok()
+}
+
+/// Record into the current request's timings, if any.
+pub fn with_current(f: impl FnOnce(&Timings)) {
+    let _ = CURRENT.try_with(|t| f(t));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn worker_figures_come_from_metadata_in_seconds() {
+        let mut md = MetadataMap::new();
+        assert_eq!(Reported::from_metadata(&md), None);
+        md.insert(WORKER_QUEUE_KEY, "0.002".parse().unwrap());
+        md.insert(WORKER_INFERENCE_KEY, "0.0105".parse().unwrap());
+        let r = Reported::from_metadata(&md).unwrap();
+        assert_eq!((r.queue, r.inference), (ms(2), Duration::from_micros(10_500)));
+        md.insert(WORKER_QUEUE_KEY, "-1".parse().unwrap());
+        md.insert(WORKER_INFERENCE_KEY, "NaN".parse().unwrap());
+        assert_eq!(Reported::from_metadata(&md), None, "nonsense is ignored");
+    }
+
+    #[test]
+    fn overhead_is_what_neither_queues_nor_workers_took() {
+        let t = Timings::default();
+        assert!(!t.reached_worker());
+        t.add_queue(ms(3));
+        t.add_worker(ms(10));
+        t.add_reported(Reported { queue: ms(1), inference: ms(8) });
+        assert_eq!(t.overhead(ms(15)), ms(2));
+        assert_eq!(t.overhead(ms(5)), Duration::ZERO, "never negative");
+        assert_eq!(t.queue(), ms(4), "the gateway's queue and the worker's");
+        assert_eq!(t.inference(), ms(8));
+        let caller = Timings::default();
+        caller.add_queue(ms(1));
+        caller.merge(&t);
+        assert_eq!((caller.queue(), caller.worker(), caller.inference()), (ms(5), ms(10), ms(8)));
+        assert!(caller.reached_worker());
+    }
+
+    #[tokio::test]
+    async fn pool_code_records_into_the_request_it_runs_for() {
+        with_current(|t| t.add_worker(ms(1))); // outside a scope: nothing to record into
+        assert!(current().is_none());
+        let t = Arc::new(Timings::default());
+        scope(t.clone(), async { with_current(|t| t.add_worker(ms(7))) }).await;
+        assert_eq!(t.worker(), ms(7));
+    }
+}
