@@ -91,7 +91,7 @@ fn main() -> ExitCode {
                 Ok(cfg) => cfg,
                 Err(code) => return code,
             };
-            infergate::telemetry::init(&cfg.log);
+            let _log_writer = infergate::telemetry::init(&cfg.log);
             infergate::telemetry::metrics::install();
             if config.is_none() {
                 tracing::info!("no --config given: running the embedded default (local workers, in-memory state)");

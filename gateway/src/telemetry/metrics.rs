@@ -138,5 +138,7 @@ fn describe() {
 
 /// The current metrics in Prometheus text format, if the recorder is installed.
 pub fn render() -> Option<String> {
-    HANDLE.get().map(PrometheusHandle::render)
+    let handle = HANDLE.get()?;
+    metrics::counter!(LOG_LINES_DROPPED).absolute(super::dropped_log_lines() as u64);
+    Some(handle.render())
 }
