@@ -26,6 +26,8 @@ pub enum ServeError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot set up the response cache: {0}")]
     Cache(String),
+    #[error("cannot set up worker discovery: {0}")]
+    Discovery(String),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -153,7 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let supervisor = Supervisor::start(&config, &sockets.path).await?;
     let pools = Pools::new(&config, &sockets.path);
     let watchers = CancellationToken::new();
-    pools.watch(config.workers.connect_timeout, &watchers);
+    pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers).map_err(ServeError::Discovery)?;
 
     announce_ready(pools.clone(), watchers.clone());
 

@@ -270,6 +270,7 @@ fn rand_u64() -> u64 {
 /// is on its `PYTHONPATH`, for the misbehaving workers there.
 pub struct RemoteWorker {
     child: Child,
+    pub host: String,
     pub port: u16,
 }
 
@@ -282,9 +283,19 @@ impl RemoteWorker {
     /// Serve `class` with extra environment variables.
     pub fn start_with(class: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::spawn(class, "127.0.0.1", port, env)
+    }
+
+    /// Serve `class` on `host:port` (any 127.0.0.0/8 address is loopback:
+    /// several workers may share a port on different addresses, as pods do).
+    pub fn start_on(class: &str, host: &str, port: u16) -> anyhow::Result<Self> {
+        Self::spawn(class, host, port, &[])
+    }
+
+    fn spawn(class: &str, host: &str, port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let child = Command::new(python())
             .args(["-m", "infergate_worker", "serve", class, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{host}:{port}"))
             .env("PYTHONPATH", root().join("tests/workers"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -292,12 +303,12 @@ impl RemoteWorker {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start a worker for {class}"))?;
-        Ok(Self { child, port })
+        Ok(Self { child, host: host.to_owned(), port })
     }
 
     /// `host:port`, as a remote pool's `addresses` entry.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// SIGKILL it, as a crash would.
@@ -310,6 +321,66 @@ impl RemoteWorker {
 impl Drop for RemoteWorker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A DNS server the test controls (tests/workers/dns_server.py): names map
+/// to the addresses last given to [`Dns::set`]; others are NXDOMAIN.
+pub struct Dns {
+    child: Child,
+    zone: PathBuf,
+    _dir: TempDir,
+    pub port: u16,
+}
+
+impl Dns {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("infergate-dns-{}-{:x}", std::process::id(), rand_u64()));
+        std::fs::create_dir_all(&dir)?;
+        let dir = TempDir(dir);
+        let zone = dir.0.join("zone.json");
+        std::fs::write(&zone, "{}")?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut child = Command::new(python())
+            .arg(root().join("tests/workers/dns_server.py"))
+            .arg(&zone)
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start the test DNS server")?;
+        let mut first = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("no stdout")?),
+            &mut first,
+        )?;
+        anyhow::ensure!(first.starts_with("dns on"), "the DNS server did not start: {first:?}");
+        Ok(Self { child, zone, _dir: dir, port })
+    }
+
+    /// `ip:port` for `[discovery] nameservers`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Make `name` resolve to `addrs` (replacing the file whole, so a
+    /// query never reads half of it).
+    pub fn set(&self, name: &str, addrs: &[&str]) -> anyhow::Result<()> {
+        let mut zone: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&self.zone)?)?;
+        zone.insert(format!("{}.", name.trim_end_matches('.')), serde_json::json!(addrs));
+        let tmp = self.zone.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&zone)?)?;
+        std::fs::rename(&tmp, &self.zone)?;
+        Ok(())
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::call::Deadline;
 use crate::error::GatewayError;
+use crate::pool::slots::Slots;
 use crate::telemetry::timing::{self, Timings};
 use crate::telemetry::trace::{self, TraceContext};
 
@@ -172,6 +173,8 @@ pub struct Batcher<I, O> {
     queued: Arc<AtomicUsize>,
     /// `queued` as a metric.
     depth: metrics::Gauge,
+    /// Batches in flight at once.
+    slots: Arc<Slots>,
     max_queue: usize,
     priority_tiers: Vec<String>,
     pool: String,
@@ -191,11 +194,12 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let queued = Arc::new(AtomicUsize::new(0));
         let depth = metrics::gauge!(crate::telemetry::metrics::BATCH_QUEUE_DEPTH,
             "pool" => pool.to_owned(), "model" => model.to_owned());
+        let slots = Arc::new(Slots::new(slots.max(1)));
         let actor = Actor {
             depth: depth.clone(),
             state: BatchState::new(max_batch, config.max_delay),
             rx,
-            slots: Arc::new(Semaphore::new(slots.max(1))),
+            slots: slots.clone(),
             dispatch: Arc::new(dispatch),
             queued: queued.clone(),
             labels: [("pool", pool.to_owned()), ("model", model.to_owned())],
@@ -205,10 +209,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             tx,
             queued,
             depth,
+            slots,
             max_queue: config.max_queue,
             priority_tiers: config.priority_tiers.clone(),
             pool: pool.to_owned(),
         }
+    }
+
+    /// Allow `slots` batches in flight at once (the pool's membership changed).
+    pub fn resize(&self, slots: usize) {
+        self.slots.resize(slots.max(1));
     }
 
     /// Queue one item; the result arrives on the returned receiver. A full
@@ -261,7 +271,7 @@ pub async fn wait<O>(rx: oneshot::Receiver<Result<O, GatewayError>>, deadline: &
 struct Actor<I, O, D> {
     state: BatchState<I, O>,
     rx: mpsc::UnboundedReceiver<Pending<I, O>>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     dispatch: Arc<D>,
     queued: Arc<AtomicUsize>,
     depth: metrics::Gauge,
@@ -296,7 +306,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
             let permit = loop {
                 tokio::select! {
                     biased;
-                    permit = self.slots.clone().acquire_owned() => match permit {
+                    permit = self.slots.acquire() => match permit {
                         Ok(p) => break p,
                         Err(_) => return,
                     },
@@ -304,7 +314,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
                         Some(item) => self.state.push(item),
                         None => {
                             // Closed: finish what is queued, then stop.
-                            if let Ok(p) = self.slots.clone().acquire_owned().await { break p }
+                            if let Ok(p) = self.slots.acquire().await { break p }
                             return;
                         }
                     },

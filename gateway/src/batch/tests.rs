@@ -1,6 +1,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use tokio::sync::Semaphore;
 
 fn pending(
     payload: u32,

@@ -72,6 +72,8 @@ pub struct Config {
     pub aliases: Vec<routes::AliasConfig>,
     /// Per-token prices by model name, for the estimated-cost metric.
     pub prices: crate::telemetry::usage::Prices,
+    /// DNS servers for discovered pools; empty: the system's resolver.
+    pub nameservers: Vec<std::net::SocketAddr>,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
 }
@@ -149,6 +151,9 @@ pub enum PoolKind {
     Local { class: String, workers: NonZeroU32, threads: NonZeroU32, env: BTreeMap<String, String> },
     /// Run elsewhere; reached at fixed addresses.
     Remote { addresses: Vec<WorkerAddr> },
+    /// Run elsewhere; every address `host` resolves to is a worker on `port`,
+    /// re-resolved `every` so workers come and go without a restart.
+    Discovered { host: String, port: u16, every: Duration },
 }
 
 /// How to reach one worker.
@@ -233,7 +238,7 @@ impl Config {
             let kind = pool_kind(pool, key)?;
             let threads = match &kind {
                 PoolKind::Local { threads, .. } => threads.get(),
-                PoolKind::Remote { .. } => 1,
+                PoolKind::Remote { .. } | PoolKind::Discovered { .. } => 1,
             };
             let per_worker =
                 pool.max_in_flight_per_worker.unwrap_or(DEFAULT_IN_FLIGHT_PER_WORKER.saturating_mul(threads));
@@ -368,6 +373,17 @@ impl Config {
             workers,
             log: LogConfig { json, filter: raw.log.level.clone() },
             aliases: routes::check(&raw.aliases, &pools)?,
+            nameservers: raw
+                .discovery
+                .nameservers
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| {
+                    ns.parse().map_err(|_| {
+                        invalid(format!("discovery.nameservers[{i}]"), format!("expected ip:port, got {ns:?}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             prices: {
                 crate::telemetry::usage::check(&raw.prices).map_err(|(key, message)| invalid(key, message))?;
                 raw.prices.clone()
@@ -386,8 +402,14 @@ impl Config {
 }
 
 fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKind, ConfigError> {
-    match (pool.class.is_empty(), pool.addresses.is_empty()) {
-        (false, true) => {
+    let remote_only = |field: &str| {
+        if pool.workers.is_some() || pool.threads.is_some() || !pool.env.is_empty() {
+            return Err(invalid(key(field), "remote pools take no workers/threads/env"));
+        }
+        Ok(())
+    };
+    match (pool.class.is_empty(), pool.addresses.is_empty(), &pool.discover) {
+        (false, true, None) => {
             let (module, class) = pool.class.split_once(':').unwrap_or_default();
             if module.is_empty() || class.is_empty() {
                 return Err(invalid(key("class"), format!("expected `module:Class`, got {:?}", pool.class)));
@@ -402,10 +424,8 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
                 env: pool.env.clone(),
             })
         }
-        (true, false) => {
-            if pool.workers.is_some() || pool.threads.is_some() || !pool.env.is_empty() {
-                return Err(invalid(key("addresses"), "remote pools take no workers/threads/env"));
-            }
+        (true, false, None) => {
+            remote_only("addresses")?;
             let addresses = pool
                 .addresses
                 .iter()
@@ -414,8 +434,20 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
                 .collect::<Result<_, _>>()?;
             Ok(PoolKind::Remote { addresses })
         }
-        (false, false) => Err(invalid(key("class"), "give either `class` (local) or `addresses` (remote), not both")),
-        (true, true) => Err(invalid(key("class"), "give `class` (local workers) or `addresses` (remote workers)")),
+        (true, true, Some(d)) => {
+            remote_only("discover")?;
+            let bad = || invalid(key("discover.dns"), format!("expected host:port, got {:?}", d.dns));
+            let (host, port) = d.dns.rsplit_once(':').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| bad())?;
+            if host.is_empty() || port == 0 {
+                return Err(bad());
+            }
+            Ok(PoolKind::Discovered { host: host.to_owned(), port, every: duration(&key("discover.every"), &d.every)? })
+        }
+        (true, true, None) => {
+            Err(invalid(key("class"), "give `class` (local workers), `addresses` or `discover` (remote workers)"))
+        }
+        _ => Err(invalid(key("class"), "give one of `class` (local), `addresses` or `discover` (remote)")),
     }
 }
 

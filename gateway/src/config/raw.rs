@@ -22,6 +22,31 @@ pub struct RawConfig {
     pub aliases: Vec<RawAlias>,
     /// Per-token prices by model, for the estimated-cost metric.
     pub prices: crate::telemetry::usage::Prices,
+    pub discovery: RawDiscovery,
+}
+
+/// `discover = { dns = "workers.default.svc.cluster.local:50051", every = "5s" }`:
+/// resolved at start and every `every`; workers come and go with the records.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscover {
+    /// `host:port`; each address the host resolves to is a worker on `port`.
+    pub dns: String,
+    #[serde(default = "default_discover_every")]
+    pub every: String,
+}
+
+fn default_discover_every() -> String {
+    "5s".into()
+}
+
+/// `[discovery]`: how worker names are resolved.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDiscovery {
+    /// DNS servers (`ip:port`) to ask instead of the system's (`/etc/resolv.conf`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
 }
 
 /// `[cache]`: the exact response cache (memory; Redis too when `redis.url` is set).
@@ -229,6 +254,9 @@ pub struct RawPool {
     /// Remote pool: worker addresses, `http://host:port` or `unix:/path`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    /// Remote pool found by DNS: every A/AAAA record of a name is a worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discover: Option<RawDiscover>,
     /// Calls one worker is given at once (default 8 × threads); more wait in
     /// the pool's queue.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -130,3 +130,43 @@ fn policy_settings_are_checked_with_their_key() {
         assert_eq!(err_key(load(&format!("{toml}{POOL}"), &[])), key, "{toml}");
     }
 }
+
+#[test]
+fn discovered_pools_name_a_host_and_port_and_a_period() {
+    let cfg = load(
+        "[discovery]\nnameservers = [\"10.0.0.10:53\"]\n\
+         [[pools]]\nname = \"w\"\ndiscover = { dns = \"workers.ns.svc.cluster.local:50051\", every = \"10s\" }\n",
+        &[],
+    )
+    .unwrap();
+    match &cfg.pools[0].kind {
+        PoolKind::Discovered { host, port, every } => {
+            assert_eq!(
+                (host.as_str(), *port, *every),
+                ("workers.ns.svc.cluster.local", 50051, Duration::from_secs(10))
+            );
+        }
+        other => panic!("expected a discovered pool, got {other:?}"),
+    }
+    assert_eq!(cfg.nameservers, ["10.0.0.10:53".parse::<std::net::SocketAddr>().unwrap()]);
+    let default_every = load("[[pools]]\nname = \"w\"\ndiscover = { dns = \"w:1\" }\n", &[]).unwrap();
+    assert!(
+        matches!(default_every.pools[0].kind, PoolKind::Discovered { every, .. } if every == Duration::from_secs(5))
+    );
+    let bad = |pool: &str| err_key(load(&format!("[[pools]]\nname = \"w\"\n{pool}\n"), &[]));
+    assert_eq!(bad("discover = { dns = \"no-port\" }"), "pools[0].discover.dns");
+    assert_eq!(bad("discover = { dns = \"w:0\" }"), "pools[0].discover.dns");
+    assert_eq!(bad("discover = { dns = \"w:1\", every = \"0s\" }"), "pools[0].discover.every");
+    assert_eq!(bad("discover = { dns = \"w:1\" }\naddresses = [\"127.0.0.1:1\"]"), "pools[0].class");
+    assert_eq!(bad("discover = { dns = \"w:1\" }\nworkers = 2"), "pools[0].discover");
+    let ns = err_key(load(&format!("[discovery]\nnameservers = [\"dns.local\"]\n{POOL}"), &[]));
+    assert_eq!(ns, "discovery.nameservers[0]");
+}
+
+#[test]
+fn prices_must_be_real_amounts() {
+    let cfg = load(&format!("[prices.chat]\ninput_per_million = 0.5\noutput_per_million = 1.5\n{POOL}"), &[]).unwrap();
+    assert_eq!(cfg.prices["chat"].output_per_million, 1.5);
+    let key = err_key(load(&format!("[prices.chat]\ninput_per_million = -1.0\n{POOL}"), &[]));
+    assert_eq!(key, "prices.\"chat\".input_per_million");
+}

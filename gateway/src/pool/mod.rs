@@ -3,9 +3,11 @@
 
 pub mod balance;
 pub mod circuit;
+pub mod discovery;
 pub mod latency;
 pub mod outlier;
 pub mod retry;
+pub mod slots;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, BatchConfig, BatchResult, Batcher, Dispatch};
@@ -75,15 +77,20 @@ pub trait Upstream: Send + Sync + 'static {
 
 struct Pool {
     name: String,
-    workers: Vec<Arc<Worker>>,
+    /// The current members; replaced whole when discovery changes them.
+    workers: RwLock<Arc<Vec<Arc<Worker>>>>,
+    /// Calls one worker is given at once.
+    per_worker: usize,
     circuit: Circuit,
     outlier: outlier::OutlierConfig,
+    /// Found by DNS: (host, port, re-resolve period).
+    discover: Option<(String, u16, std::time::Duration)>,
     /// Workers ejected now, at most `outlier.cap(workers)`.
     ejected: AtomicUsize,
     retry: retry::RetryConfig,
     budget: retry::Budget,
     /// Calls handed to workers at once: workers × per-worker bound.
-    slots: Arc<Semaphore>,
+    slots: slots::Slots,
     /// Calls waiting for a slot, at most `max_queue`.
     queued: AtomicUsize,
     /// `queued` as a metric.
@@ -122,6 +129,11 @@ impl Drop for Queued<'_> {
 }
 
 impl Pool {
+    /// The members now (a snapshot).
+    fn workers(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.workers.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     fn count_ejection(&self, worker: &Worker) {
         metrics::counter!(crate::telemetry::metrics::EJECTIONS, "pool" => self.name.clone(), "worker" => worker.id.clone())
             .increment(1);
@@ -139,7 +151,7 @@ impl Pool {
         match worker.outlier.record(outcome == Outcome::Failure, &self.outlier) {
             outlier::Event::None => {}
             outlier::Event::ShouldEject => {
-                let cap = self.outlier.cap(self.workers.len());
+                let cap = self.outlier.cap(self.workers().len());
                 let admitted = self
                     .ejected
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
@@ -230,7 +242,7 @@ impl Pool {
     }
 
     fn pick(&self) -> Result<InFlight, GatewayError> {
-        balance::p2c(&self.workers, |n| fastrand::usize(..n))
+        balance::p2c(&self.workers(), |n| fastrand::usize(..n))
             .map(Worker::begin)
             .ok_or_else(|| GatewayError::NoReadyWorker { pool: self.name.clone() })
     }
@@ -240,7 +252,7 @@ impl Pool {
     /// call whose deadline passes while queued never reaches a worker.
     async fn lease(&self, deadline: &Deadline) -> Result<Lease, GatewayError> {
         self.circuit.admit()?;
-        let slot = match self.slots.clone().try_acquire_owned() {
+        let slot = match self.slots.try_acquire() {
             Ok(slot) => slot,
             Err(_) => {
                 if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_queue {
@@ -250,7 +262,7 @@ impl Pool {
                     return Err(GatewayError::QueueFull { pool: self.name.clone(), limit: self.max_queue });
                 }
                 let _queued = Queued::new(&self.queued, &self.depth);
-                match tokio::time::timeout_at(deadline.at, self.slots.clone().acquire_owned()).await {
+                match tokio::time::timeout_at(deadline.at, self.slots.acquire()).await {
                     Ok(Ok(slot)) => slot,
                     Ok(Err(_closed)) => return Err(GatewayError::NoReadyWorker { pool: self.name.clone() }),
                     Err(_) => return Err(GatewayError::DeadlineExceeded { after: deadline.budget }),
@@ -305,16 +317,23 @@ impl Pools {
                     (0..workers.get()).map(|i| WorkerAddr::Unix(local_socket(socket_dir, &pool.name, i))).collect()
                 }
                 PoolKind::Remote { addresses } => addresses.clone(),
+                // Found by `discover`, which fills the pool as records arrive.
+                PoolKind::Discovered { .. } => Vec::new(),
             };
             let workers: Vec<_> = addrs
                 .into_iter()
                 .enumerate()
                 .map(|(i, addr)| Arc::new(Worker::new(&pool.name, format!("{}-{i}", pool.name), addr)))
                 .collect();
-            let slots = Arc::new(Semaphore::new(workers.len().saturating_mul(pool.max_in_flight_per_worker)));
+            let slots = slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
             pools.push(Pool {
                 name: pool.name.clone(),
-                workers,
+                workers: RwLock::new(Arc::new(workers)),
+                per_worker: pool.max_in_flight_per_worker,
+                discover: match &pool.kind {
+                    PoolKind::Discovered { host, port, every } => Some((host.clone(), *port, *every)),
+                    _ => None,
+                },
                 circuit: Circuit::new(&pool.name, pool.circuit),
                 outlier: pool.outlier,
                 ejected: AtomicUsize::new(0),
@@ -342,15 +361,38 @@ impl Pools {
         })
     }
 
-    /// Start one health watcher per worker; they end with `stop`.
-    pub fn watch(self: &Arc<Self>, connect_timeout: std::time::Duration, stop: &CancellationToken) {
+    /// Start one health watcher per worker, and the DNS discovery of
+    /// discovered pools (asking `nameservers`, or the system's resolver);
+    /// they end with `stop`.
+    pub fn watch(
+        self: &Arc<Self>,
+        connect_timeout: std::time::Duration,
+        nameservers: &[std::net::SocketAddr],
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
         for (p, pool) in self.pools.iter().enumerate() {
-            for worker in &pool.workers {
-                let me = self.clone();
-                let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
-                tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop.child_token()));
+            for worker in pool.workers().iter() {
+                self.watch_worker(p, worker, connect_timeout, stop.child_token());
+            }
+            if let Some(spec) = pool.discover.clone() {
+                let resolver = discovery::resolver(nameservers)?;
+                tokio::spawn(self.clone().discover(p, spec, resolver, connect_timeout, stop.child_token()));
             }
         }
+        Ok(())
+    }
+
+    /// Follow `worker`'s health (and what it serves) until `stop`.
+    fn watch_worker(
+        self: &Arc<Self>,
+        p: usize,
+        worker: &Arc<Worker>,
+        connect_timeout: std::time::Duration,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
+        tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop));
     }
 
     fn register(&self, pool: usize, worker: &Worker, models: Vec<ModelInfo>) {
@@ -389,7 +431,7 @@ impl Pools {
         let mut map = self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner);
         let batcher = map.entry(key.clone()).or_insert_with(|| {
             let dispatch = EmbedDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
-            let slots = pool.workers.len() * pool.batching.concurrency_per_worker;
+            let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
             Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
         });
         Some(batcher.clone())
@@ -402,7 +444,7 @@ impl Pools {
         let mut map = self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner);
         let batcher = map.entry(key.clone()).or_insert_with(|| {
             let dispatch = InferDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
-            let slots = pool.workers.len() * pool.batching.concurrency_per_worker;
+            let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
             Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
         });
         Some(batcher.clone())
@@ -448,7 +490,7 @@ impl Pools {
     }
 
     fn entry(&self, pool: &Pool, info: ModelInfo) -> ModelEntry {
-        let ready = pool.workers.iter().any(|w| w.is_serving());
+        let ready = pool.workers().iter().any(|w| w.is_serving());
         ModelEntry { info: Some(info), pool: pool.name.clone(), ready }
     }
 }
@@ -586,10 +628,13 @@ impl Upstream for Pools {
     fn status(&self) -> Vec<PoolStatus> {
         self.pools
             .iter()
-            .map(|p| PoolStatus {
-                pool: p.name.clone(),
-                ready_workers: p.workers.iter().filter(|w| w.is_serving()).count(),
-                workers: p.workers.len(),
+            .map(|p| {
+                let workers = p.workers();
+                PoolStatus {
+                    pool: p.name.clone(),
+                    ready_workers: workers.iter().filter(|w| w.is_serving()).count(),
+                    workers: workers.len(),
+                }
             })
             .collect()
     }
@@ -890,7 +935,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn unknown_models_are_starting_until_every_pool_described_or_the_window_passed() {
         let p = pools();
-        let w = p.pools[0].workers[0].clone();
+        let w = p.pools[0].workers()[0].clone();
         p.register(0, &w, vec![info("m")]);
         assert!(p.model("m").is_ok());
         assert!(matches!(p.route("typo"), Err(GatewayError::Starting { .. })));
@@ -901,7 +946,7 @@ mod tests {
     #[tokio::test]
     async fn a_model_stays_with_the_pool_that_claimed_it_first() {
         let p = pools();
-        let (wa, wb) = (p.pools[0].workers[0].clone(), p.pools[1].workers[0].clone());
+        let (wa, wb) = (p.pools[0].workers()[0].clone(), p.pools[1].workers()[0].clone());
         p.register(0, &wa, vec![info("m")]);
         p.register(1, &wb, vec![info("m"), info("n")]);
         assert_eq!(p.model("m").unwrap().pool, "a");
@@ -937,13 +982,15 @@ mod tests {
         worker.set_serving(true);
         Pool {
             name: "q".into(),
-            workers: vec![worker],
+            workers: RwLock::new(Arc::new(vec![worker])),
+            per_worker,
+            discover: None,
             circuit: Circuit::new("q", circuit::CircuitConfig::default()),
             outlier: outlier::OutlierConfig::default(),
             ejected: AtomicUsize::new(0),
             retry: retry::RetryConfig::default(),
             budget: retry::Budget::default(),
-            slots: Arc::new(Semaphore::new(per_worker)),
+            slots: slots::Slots::new(per_worker),
             queued: AtomicUsize::new(0),
             depth: metrics::gauge!("test_queue_depth"),
             max_queue,
@@ -956,7 +1003,7 @@ mod tests {
         let pool = one_worker_pool(1, 1);
         let long = Deadline::after(std::time::Duration::from_secs(10));
         let held = pool.lease(&long).await.unwrap();
-        assert_eq!(pool.workers[0].outstanding(), 1);
+        assert_eq!(pool.workers()[0].outstanding(), 1);
 
         // The second call waits in the queue ...
         let mut queued = Box::pin(pool.lease(&long));
@@ -978,19 +1025,19 @@ mod tests {
         let expired = pool.lease(&short).await.err().unwrap();
         assert!(matches!(expired, GatewayError::DeadlineExceeded { .. }), "{expired:?}");
         assert!(started.elapsed() >= std::time::Duration::from_millis(50));
-        assert_eq!(pool.workers[0].outstanding(), 1, "only the leased call is on the worker");
+        assert_eq!(pool.workers()[0].outstanding(), 1, "only the leased call is on the worker");
         assert_eq!(pool.queued.load(Ordering::Relaxed), 0, "the expired waiter left the queue");
         drop(next);
-        assert_eq!(pool.workers[0].outstanding(), 0);
+        assert_eq!(pool.workers()[0].outstanding(), 0);
     }
 
     #[tokio::test]
     async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap() {
-        let mut pool = one_worker_pool(8, 8);
+        let pool = one_worker_pool(8, 8);
         let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
         second.set_serving(true);
-        pool.workers.push(second);
-        let (w0, w1) = (pool.workers[0].clone(), pool.workers[1].clone());
+        let (w0, w1) = (pool.workers()[0].clone(), second.clone());
+        *pool.workers.write().unwrap() = Arc::new(vec![w0.clone(), second]);
         for _ in 0..5 {
             pool.record(&w0, Outcome::Failure, std::time::Duration::ZERO);
         }

@@ -1,0 +1,143 @@
+//! Workers found by DNS: every A/AAAA record of a name is a worker (a
+//! Kubernetes headless Service, or a Compose service scaled to N), resolved
+//! at start and again every `every`, so workers join and leave without a
+//! restart.
+//!
+//! A name that resolves to nothing empties the pool; a lookup that fails
+//! (timeout, server down) keeps the workers it has, so a DNS hiccup never
+//! takes a healthy pool away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
+use tokio_util::sync::CancellationToken;
+
+use super::Pools;
+use super::worker::Worker;
+use crate::config::WorkerAddr;
+
+/// A resolver asking `nameservers`, or the system's (`/etc/resolv.conf`,
+/// `/etc/hosts`) when none are given. It caches nothing: each round asks.
+pub fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
+    let mut builder = if nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| format!("cannot read the system's DNS config: {e}"))?
+    } else {
+        let mut config = ResolverConfig::new();
+        for ns in nameservers {
+            config.add_name_server(NameServerConfig::new(*ns, Protocol::Udp));
+            config.add_name_server(NameServerConfig::new(*ns, Protocol::Tcp));
+        }
+        TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+    };
+    let opts = builder.options_mut();
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    opts.cache_size = 0;
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 2;
+    Ok(builder.build())
+}
+
+/// What one lookup found.
+enum Found {
+    Addrs(BTreeSet<SocketAddr>),
+    /// The lookup failed; nothing is known.
+    Failed(String),
+}
+
+async fn lookup(resolver: &TokioResolver, host: &str, port: u16) -> Found {
+    match resolver.lookup_ip(host).await {
+        Ok(ips) => Found::Addrs(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect()),
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Found::Addrs(BTreeSet::new()),
+        Err(e) => Found::Failed(e.to_string()),
+    }
+}
+
+impl Pools {
+    /// Keep pool `p`'s members equal to what `host` resolves to, until `stop`.
+    pub(super) async fn discover(
+        self: Arc<Self>,
+        p: usize,
+        (host, port, every): (String, u16, Duration),
+        resolver: TokioResolver,
+        connect_timeout: Duration,
+        stop: CancellationToken,
+    ) {
+        let pool_name = self.pools[p].name.clone();
+        let mut members: BTreeMap<SocketAddr, (Arc<Worker>, CancellationToken)> = BTreeMap::new();
+        loop {
+            match lookup(&resolver, &host, port).await {
+                Found::Failed(why) => {
+                    tracing::warn!(pool = %pool_name, %host, %why, workers = members.len(), "DNS lookup failed; keeping the workers known");
+                }
+                Found::Addrs(found) => {
+                    let known: BTreeSet<SocketAddr> = members.keys().copied().collect();
+                    if found != known {
+                        for gone in known.difference(&found) {
+                            if let Some((worker, watch)) = members.remove(gone) {
+                                watch.cancel();
+                                tracing::info!(pool = %pool_name, worker = %worker.id, "worker left DNS; no new calls");
+                            }
+                        }
+                        for addr in found.difference(&known) {
+                            let Ok(uri) = format!("http://{addr}").parse::<http::Uri>() else {
+                                tracing::warn!(pool = %pool_name, %addr, "cannot make a URI of a resolved address");
+                                continue;
+                            };
+                            let worker =
+                                Arc::new(Worker::new(&pool_name, format!("{pool_name}-{addr}"), WorkerAddr::Tcp(uri)));
+                            let watch = stop.child_token();
+                            self.watch_worker(p, &worker, connect_timeout, watch.clone());
+                            tracing::info!(pool = %pool_name, worker = %worker.id, "worker found in DNS");
+                            members.insert(*addr, (worker, watch));
+                        }
+                        self.set_members(p, members.values().map(|(w, _)| w.clone()).collect());
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Replace pool `p`'s workers, resizing its bounds to match.
+    fn set_members(&self, p: usize, workers: Vec<Arc<Worker>>) {
+        let pool = &self.pools[p];
+        let n = workers.len();
+        let old =
+            std::mem::replace(&mut *pool.workers.write().unwrap_or_else(PoisonError::into_inner), Arc::new(workers));
+        // An ejected worker that left no longer counts against the cap.
+        let left_ejected = old.iter().filter(|w| w.outlier.is_ejected() && !self.is_member(p, w)).count();
+        if left_ejected > 0 {
+            let _ = pool.ejected.fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |e| Some(e.saturating_sub(left_ejected)),
+            );
+        }
+        pool.slots.resize(n.saturating_mul(pool.per_worker));
+        let batch_slots = n * pool.batching.concurrency_per_worker;
+        for ((i, _), b) in self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            if *i == p {
+                b.resize(batch_slots);
+            }
+        }
+        for ((i, _), b) in self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            if *i == p {
+                b.resize(batch_slots);
+            }
+        }
+        tracing::info!(pool = %pool.name, workers = n, "pool members changed");
+    }
+
+    fn is_member(&self, p: usize, worker: &Arc<Worker>) -> bool {
+        self.pools[p].workers().iter().any(|w| Arc::ptr_eq(w, worker))
+    }
+}
