@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 STAMPS := .stamps
 WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
 
-.PHONY: run test bench venv build build-release test-rust test-python lint fmt clean help redis-server
+.PHONY: run test bench venv build build-release test-rust test-python test-deploy lint fmt clean help redis-server prometheus
 
 help:
 	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
@@ -56,9 +56,22 @@ redis-server:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-test-rust: venv build redis-server
+# The observability tests run Debian's Prometheus against a live gateway;
+# promtool checks the committed scrape config.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		echo "installing prometheus (Debian package) for the observability tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test-rust: venv build redis-server prometheus
 	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) \
 		cargo test --locked --workspace --all-targets
+
+# Compose file, Kubernetes manifests, Prometheus and Grafana files, checked
+# against their schemas and tools (no Docker or cluster here).
+test-deploy: venv build prometheus
+	INFERGATE_BIN=$(CURDIR)/target/debug/infergate $(VPY) -m pytest -q -p no:cacheprovider tests/deploy
 
 test-python: venv
 	cd python-worker && ../$(VPY) -m pytest -q
@@ -67,13 +80,13 @@ test-python: venv
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy
 
-test: lint test-python test-rust
+test: lint test-python test-deploy test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy
 
 clean:
 	cargo clean

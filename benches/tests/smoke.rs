@@ -97,6 +97,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         grpc_max_in_flight: 64,
         sse_keep_alive: std::time::Duration::from_secs(15),
         max_image_pixels: 1 << 24,
+        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     let (_, health) = tonic_health_server();

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from infergate.v1 import types_pb2, worker_pb2
+from infergate_worker import cli
 from infergate_worker.context import CallContext, Cancelled
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -259,3 +260,12 @@ def test_trace_context_is_exposed_and_logged(spawn):
     while want not in w.output() and time.monotonic() < end:
         time.sleep(0.02)
     assert want in w.output(), w.output()
+
+
+def test_health_command_exits_zero_only_when_serving(spawn, tmp_path: Path):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    assert cli.main(["health", w.target]) == 0
+    assert cli.main(["health", w.target, "--service", "nope"]) == 1
+    dead = f"unix:{tmp_path / 'nobody.sock'}"
+    assert cli.main(["health", dead, "--timeout", "0.5"]) == 1

@@ -260,7 +260,8 @@ fn merge_sections(text: &str) -> String {
     out
 }
 
-fn rand_u64() -> u64 {
+/// A random number, for unique scratch names.
+pub fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
 }

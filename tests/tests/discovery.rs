@@ -1,6 +1,7 @@
 //! Workers found by DNS: several worker processes on loopback addresses
 //! behind a name served by a DNS server the test controls; records added and
 //! removed while the gateway runs.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -79,7 +79,9 @@ pub struct Circuit {
 
 impl Circuit {
     pub fn new(pool: &str, config: CircuitConfig) -> Self {
-        Self { pool: pool.to_owned(), config, state: Mutex::new(State::Closed { failures: 0 }) }
+        let circuit = Self { pool: pool.to_owned(), config, state: Mutex::new(State::Closed { failures: 0 }) };
+        circuit.report(0.0);
+        circuit
     }
 
     /// May a call go to the pool now? Refused while open, and past the probe

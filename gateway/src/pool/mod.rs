@@ -326,6 +326,10 @@ impl Pools {
                 .map(|(i, addr)| Arc::new(Worker::new(&pool.name, format!("{}-{i}", pool.name), addr)))
                 .collect();
             let slots = slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
+            // Counted from 0, so the series exist before the first event.
+            for name in [crate::telemetry::metrics::RETRIES, crate::telemetry::metrics::QUEUE_REJECTIONS] {
+                metrics::counter!(name, "pool" => pool.name.clone()).increment(0);
+            }
             pools.push(Pool {
                 name: pool.name.clone(),
                 workers: RwLock::new(Arc::new(workers)),

@@ -208,6 +208,8 @@ fn forward(id: &str, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
 async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken) {
     let mut backoff = cfg.restart_backoff_min;
     let mut restarts = 0u64;
+    // At 0 from the start: a dashboard shows "no restarts", not "no data".
+    metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(0);
     loop {
         let started = tokio::time::Instant::now();
         let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg.python) {

@@ -100,6 +100,7 @@ pub fn install() {
         Ok(handle) => {
             let _ = HANDLE.set(handle);
             describe();
+            metrics::counter!(COALESCED).increment(0);
         }
         Err(e) => tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics is off"),
     }

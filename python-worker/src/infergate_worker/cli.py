@@ -1,4 +1,5 @@
-"""``infergate-worker serve module:Class [...] --listen unix:/path|host:port``."""
+"""``infergate-worker serve module:Class [...] --listen unix:/path|host:port``;
+``infergate-worker health host:port`` for container health checks."""
 
 from __future__ import annotations
 
@@ -54,6 +55,24 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
+def health(target: str, service: str, timeout: float) -> int:
+    """Ask ``target`` for its health; print it; 0 only for SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infergate-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="exit when the spawning process dies (used by the gateway)",
     )
+    check = sub.add_parser("health", help="exit 0 if a worker reports SERVING (grpc.health.v1)")
+    check.add_argument("target", help="host:port or unix:/path of the worker")
+    check.add_argument("--service", default="", help="model name; default: the whole worker")
+    check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
     args = parser.parse_args(argv)
+    if args.command == "health":
+        return health(args.target, args.service, args.timeout)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
