@@ -153,6 +153,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     // Key files and Redis settings fail here, before any worker is spawned.
     let policy = crate::policy::Policy::new(&config)?;
     let supervisor = Supervisor::start(&config, &sockets.path).await?;
+    if let Some(otlp) = &config.otlp {
+        crate::telemetry::otlp::start(otlp);
+    }
     let pools = Pools::new(&config, &sockets.path);
     let watchers = CancellationToken::new();
     pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers).map_err(ServeError::Discovery)?;

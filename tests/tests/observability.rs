@@ -160,3 +160,74 @@ fn a_real_prometheus_ingests_request_counters_and_the_overhead_histogram() {
     eprintln!("Prometheus ingested {seen_requests:?} requests; gateway overhead p99 {:.3} ms", p99 * 1000.0);
     assert!(p99 > 0.0 && p99 < 0.1, "overhead p99 {p99} s");
 }
+
+/// An OpenTelemetry collector as far as OTLP/gRPC goes: it keeps the spans
+/// it is sent.
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<Span>>>);
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+#[async_trait::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut kept = self.0.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                kept.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn request_spans_reach_an_otlp_collector_in_the_callers_trace() {
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(spans.clone())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let config = format!("[tracing]\notlp_endpoint = \"http://{collector_addr}\"\n{ECHO_POOL}");
+    let gw = Gateway::start(&config).unwrap();
+    let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    let resp = client()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header("x-request-id", "otlp-1")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let end = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let hit =
+            spans.lock().unwrap().iter().find(|s| hex_of(&s.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736").cloned();
+        match hit {
+            Some(span) => break span,
+            None if Instant::now() < end => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no span of the caller's trace reached the collector:\n{}", gw.log_text()),
+        }
+    };
+    assert_eq!(hex_of(&found.parent_span_id), "00f067aa0ba902b7", "the caller's span is the parent");
+    assert_eq!(found.name, "POST /v2/models/{model}/infer");
+    let attr = |key: &str| found.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone());
+    assert!(format!("{:?}", attr("infergate.request_id")).contains("otlp-1"), "{found:?}");
+    assert!(format!("{:?}", attr("http.response.status_code")).contains("200"), "{found:?}");
+    assert!(found.end_time_unix_nano > found.start_time_unix_nano);
+    // The same span id went to the worker as its parent: the log line's
+    // trace id matches, and the gateway logged nothing about failed exports.
+    assert!(!gw.log_text().contains("OTLP export failed"));
+}

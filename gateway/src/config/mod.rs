@@ -74,6 +74,8 @@ pub struct Config {
     pub prices: crate::telemetry::usage::Prices,
     /// DNS servers for discovered pools; empty: the system's resolver.
     pub nameservers: Vec<std::net::SocketAddr>,
+    /// Where request spans are exported; `None`: nowhere.
+    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
 }
@@ -384,6 +386,7 @@ impl Config {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            otlp: otlp_config(&raw.tracing)?,
             prices: {
                 crate::telemetry::usage::check(&raw.prices).map_err(|(key, message)| invalid(key, message))?;
                 raw.prices.clone()
@@ -449,6 +452,24 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
         }
         _ => Err(invalid(key("class"), "give one of `class` (local), `addresses` or `discover` (remote)")),
     }
+}
+
+fn otlp_config(raw: &raw::RawTracing) -> Result<Option<crate::telemetry::otlp::OtlpConfig>, ConfigError> {
+    if raw.otlp_endpoint.is_empty() {
+        return Ok(None);
+    }
+    let endpoint: http::Uri = raw
+        .otlp_endpoint
+        .parse()
+        .ok()
+        .filter(|u: &http::Uri| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
+        .ok_or_else(|| {
+            invalid("tracing.otlp_endpoint", format!("expected http://host:port, got {:?}", raw.otlp_endpoint))
+        })?;
+    if raw.service_name.is_empty() {
+        return Err(invalid("tracing.service_name", "must not be empty"));
+    }
+    Ok(Some(crate::telemetry::otlp::OtlpConfig { endpoint, service_name: raw.service_name.clone() }))
 }
 
 /// Parse `unix:/path`, `http://host:port` or bare `host:port`.

@@ -23,6 +23,24 @@ pub struct RawConfig {
     /// Per-token prices by model, for the estimated-cost metric.
     pub prices: crate::telemetry::usage::Prices,
     pub discovery: RawDiscovery,
+    pub tracing: RawTracing,
+}
+
+/// `[tracing]`: export of request spans to an OpenTelemetry collector.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTracing {
+    /// The collector's OTLP/gRPC address (`http://host:4317`); empty: no export.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub otlp_endpoint: String,
+    /// `service.name` of the spans.
+    pub service_name: String,
+}
+
+impl Default for RawTracing {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: "infergate".into() }
+    }
 }
 
 /// `discover = { dns = "workers.default.svc.cluster.local:50051", every = "5s" }`:

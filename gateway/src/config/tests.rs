@@ -170,3 +170,16 @@ fn prices_must_be_real_amounts() {
     let key = err_key(load(&format!("[prices.chat]\ninput_per_million = -1.0\n{POOL}"), &[]));
     assert_eq!(key, "prices.\"chat\".input_per_million");
 }
+
+#[test]
+fn otlp_export_is_off_unless_an_endpoint_is_given() {
+    assert!(load(POOL, &[]).unwrap().otlp.is_none());
+    let cfg = load(&format!("[tracing]\notlp_endpoint = \"http://collector:4317\"\n{POOL}"), &[]).unwrap();
+    let otlp = cfg.otlp.unwrap();
+    assert_eq!(
+        (otlp.endpoint.to_string().as_str(), otlp.service_name.as_str()),
+        ("http://collector:4317/", "infergate")
+    );
+    let key = err_key(load(&format!("[tracing]\notlp_endpoint = \"collector:4317\"\n{POOL}"), &[]));
+    assert_eq!(key, "tracing.otlp_endpoint");
+}

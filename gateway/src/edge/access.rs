@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::policy::Caller;
+use crate::telemetry::otlp;
 use crate::telemetry::timing::{self, Timings};
 use crate::telemetry::trace::{self, TraceContext};
 
@@ -115,6 +116,7 @@ fn grpc_class(code: i32) -> &'static str {
 /// timing scope; every log line inside it carries the request and trace id.
 async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let wall = std::time::SystemTime::now();
     let method = req.method().clone();
     let route = match (surface, req.extensions().get::<MatchedPath>()) {
         (Surface::Grpc, Some(_)) => req.uri().path().to_owned(),
@@ -171,6 +173,29 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         trace_id = %trace_id,
         "request"
     );
+    if otlp::enabled() && trace.sampled {
+        let name = match surface {
+            Surface::Http => format!("{method} {route}"),
+            Surface::Grpc => route.trim_start_matches('/').to_owned(),
+        };
+        let mut attributes: Vec<(&'static str, otlp::Attr)> = vec![
+            ("http.request.method", method.as_str().into()),
+            ("http.route", route.as_str().into()),
+            ("http.response.status_code", i64::from(status.as_u16()).into()),
+            ("infergate.model", model.into()),
+            ("infergate.variant", variant.into()),
+            ("infergate.tenant", tenant.into()),
+            ("infergate.request_id", request_id.as_str().into()),
+        ];
+        if let Some(code) = grpc_status {
+            attributes.push(("rpc.grpc.status_code", i64::from(code).into()));
+        }
+        if timings.reached_worker() {
+            attributes.push(("infergate.queue_ms", (timings.queue().as_secs_f64() * 1000.0).into()));
+            attributes.push(("infergate.inference_ms", (timings.inference().as_secs_f64() * 1000.0).into()));
+        }
+        otlp::record(otlp::server_span(&trace, name, wall, latency, class == "5xx", attributes));
+    }
     metrics::counter!(
         crate::telemetry::metrics::REQUESTS,
         "route" => route.clone(),

@@ -64,6 +64,8 @@ pub const TOKENS: &str = "infergate_tokens_total";
 pub const COST: &str = "infergate_estimated_cost_usd";
 /// Log lines dropped because the log writer fell behind.
 pub const LOG_LINES_DROPPED: &str = "infergate_log_lines_dropped_total";
+/// Request spans not exported over OTLP (queue full, collector unreachable).
+pub const SPANS_DROPPED: &str = "infergate_spans_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -135,6 +137,7 @@ fn describe() {
     counter!(TOKENS, "Tokens by model, tenant and kind (input, output)");
     gauge!(COST, "Estimated cost in USD since start, from configured per-token prices");
     counter!(LOG_LINES_DROPPED, "Log lines dropped because the writer fell behind");
+    counter!(SPANS_DROPPED, "Request spans not exported over OTLP");
 }
 
 /// The current metrics in Prometheus text format, if the recorder is installed.

@@ -1,6 +1,7 @@
 //! Logging setup (text for terminals, JSON lines for collectors) and metrics.
 
 pub mod metrics;
+pub mod otlp;
 pub mod timing;
 pub mod trace;
 pub mod usage;

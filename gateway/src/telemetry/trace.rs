@@ -22,6 +22,8 @@ pub fn valid_request_id(id: &str) -> bool {
 pub struct TraceContext {
     pub trace_id: u128,
     pub span_id: u64,
+    /// The caller's span, when this one continues the caller's trace.
+    pub parent_span_id: Option<u64>,
     pub sampled: bool,
 }
 
@@ -31,8 +33,8 @@ impl TraceContext {
     pub fn child_of(parent: Option<&str>) -> Self {
         let span_id = nonzero_u64();
         match parent.and_then(parse) {
-            Some(p) => Self { trace_id: p.trace_id, span_id, sampled: p.sampled },
-            None => Self { trace_id: nonzero_u128(), span_id, sampled: true },
+            Some(p) => Self { trace_id: p.trace_id, span_id, parent_span_id: Some(p.span_id), sampled: p.sampled },
+            None => Self { trace_id: nonzero_u128(), span_id, parent_span_id: None, sampled: true },
         }
     }
 
@@ -65,7 +67,7 @@ fn parse(value: &str) -> Option<TraceContext> {
     let trace_id = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
     let span_id = u64::from_str_radix(parent, 16).ok().filter(|s| *s != 0)?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    Some(TraceContext { trace_id, span_id, sampled: flags & 1 == 1 })
+    Some(TraceContext { trace_id, span_id, parent_span_id: None, sampled: flags & 1 == 1 })
 }
 
 fn nonzero_u64() -> u64 {
