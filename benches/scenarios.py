@@ -239,10 +239,44 @@ def row(r: dict[str, Any]) -> str:
     )
 
 
+def histogram(url: str, metric: str, labels: str) -> dict[float, float]:
+    """Cumulative bucket counts (`le` -> count) of one histogram series in a
+    Prometheus scrape, picked by a label substring."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "_bucket{") and labels in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """`histogram_quantile` as Prometheus computes it (linear within a bucket)."""
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0
+    if not total:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in edges:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 0)
+        lower, below = le, buckets[le]
+    return lower
+
+
 def scenario_overhead(tmp: Path) -> None:
-    """Gateway in front of an echo worker vs gRPC straight to the same worker."""
+    """Gateway in front of an echo worker vs gRPC straight to the same worker;
+    and the overhead the gateway measures itself (its latency less the wait
+    for the worker), from its `infergate_gateway_overhead_seconds`."""
     rates = [500, 1000, 1500, 2000, 5000]
     body = ["--body-file", str(ECHO_BODY), "--model", "echo"]
+    series = ("infergate_gateway_overhead_seconds", 'route="/infergate.v1.Inference/Infer"')
+    own: list[dict[str, Any]] = []
     with worker("infergate_worker.examples.echo:Echo", tmp) as direct_url:
         pool = f'[[pools]]\nname = "echo"\naddresses = ["{direct_url}"]\n'
         with gateway(pool, tmp) as gw:
@@ -254,9 +288,19 @@ def scenario_overhead(tmp: Path) -> None:
                     f"direct@{rate}",
                     tmp,
                 )["reports"]
+                before = histogram(gw["http"], *series)
                 via += load(
                     ["--protocol", "grpc", "--url", gw["grpc"], *body, *r], f"infergate@{rate}", tmp
                 )["reports"]
+                after = histogram(gw["http"], *series)
+                step = {le: n - before.get(le, 0) for le, n in after.items()}
+                own.append(
+                    {
+                        "rate": rate,
+                        "p50_ms": (quantile(0.5, step) or 0) * 1000,
+                        "p99_ms": (quantile(0.99, step) or 0) * 1000,
+                    }
+                )
     lines = [
         "| rate | direct p50 | via gateway p50 | added p50 "
         "| direct p99 | via gateway p99 | added p99 | errors (direct / gateway) |",
@@ -293,10 +337,20 @@ def scenario_overhead(tmp: Path) -> None:
         "(Worker/Infer) or through infergate (Inference/Infer). "
         "Target: added p99 <= 0.5 ms at 5,000 rps.\n\n"
     )
+    own_lines = [
+        "",
+        "The gateway's own overhead at each rate (`infergate_gateway_overhead_seconds`: its "
+        "latency less queueing and the worker call; bucket-interpolated like "
+        "`histogram_quantile`):",
+        "",
+        "| rate | own overhead p50 | own overhead p99 |",
+        "|---:|---:|---:|",
+        *(f"| {o['rate']} | {o['p50_ms']:.3f} | {o['p99_ms']:.3f} |" for o in own),
+    ]
     write(
         "overhead",
-        {"machine": machine(), "direct": direct, "infergate": via, "added": added},
-        md + "\n".join(lines) + "\n",
+        {"machine": machine(), "direct": direct, "infergate": via, "added": added, "own": own},
+        md + "\n".join(lines + own_lines) + "\n",
     )
 
 
