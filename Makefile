@@ -5,6 +5,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
 PYTHON ?= python3
+# The interpreter the `embedded` pool kind links (pyo3): the one the venv is made from.
+export PYO3_PYTHON ?= $(shell command -v $(PYTHON))
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMPS := .stamps
@@ -80,6 +82,8 @@ test-python: venv
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
+	# The gateway without Python (no `embedded` pool kind) builds too.
+	cargo clippy --locked -p infergate --no-default-features -- -D warnings
 	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../tests/workers ../tests/clients ../tests/deploy
 
 test: lint test-python test-deploy test-rust

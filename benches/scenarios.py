@@ -107,7 +107,9 @@ def process(
 
 
 @contextlib.contextmanager
-def gateway(pools: str, tmp: Path, cache: bool = False) -> Iterator[dict[str, str]]:
+def gateway(
+    pools: str, tmp: Path, cache: bool = False, env: dict[str, str] | None = None
+) -> Iterator[dict[str, str]]:
     """The gateway with `pools`. The response cache is off unless asked for:
     load steps repeat their bodies and texts, and most scenarios measure the
     path to the model, not the cache."""
@@ -119,7 +121,7 @@ def gateway(pools: str, tmp: Path, cache: bool = False) -> Iterator[dict[str, st
         f"[cache]\nenabled = {'true' if cache else 'false'}\n{pools}"
     )
     cmd = pinned([str(GATEWAY), "serve", "--config", str(config)], SERVER_CPUS)
-    with process(cmd, tmp / "gateway.log") as proc:
+    with process(cmd, tmp / "gateway.log", env) as proc:
         urls = {
             "http": f"http://127.0.0.1:{http_port}",
             "grpc": f"http://127.0.0.1:{grpc_port}",
@@ -755,6 +757,42 @@ def scenario_batching(tmp: Path) -> None:
     write("batching", doc, summary + steps_table(runs))
 
 
+def scenario_embedded(tmp: Path) -> None:
+    """MiniLM embeddings, unique texts: the model inside the gateway (embedded
+    pool) vs worker processes vs FastAPI, on the same server cores."""
+    rates = [20, 40, 60, 80, 100, 120, 140, 160, 180]
+    slo = 500.0
+    cores = len(SERVER_CPUS.split(","))
+    args = ["--texts", "unique", "--inputs", "1", "--model", "minilm"]
+    args += ["--step-rates", ",".join(map(str, rates)), "--slo-p99", f"{slo:g}ms"]
+    embedded = (
+        '[[pools]]\nname = "minilm"\nclass = "infergate_worker.examples.minilm:MiniLM"\n'
+        f'kind = "embedded"\nthreads = {cores}\n'
+    )
+    runs = {}
+    # torch in the gateway process reads its thread count from the gateway's environment.
+    with gateway(embedded, tmp, env={"INFERGATE_TORCH_THREADS": "1"}) as gw:
+        url = gw["http"] + "/v1/embeddings"
+        runs["embedded"] = load(["--url", url, *args], "embedded", tmp)["reports"]
+    with gateway(minilm_pool(cores), tmp) as gw:
+        url = gw["http"] + "/v1/embeddings"
+        runs["processes"] = load(["--url", url, *args], "processes", tmp)["reports"]
+    with fastapi("infergate_worker.examples.minilm:MiniLM", tmp) as url:
+        runs["fastapi"] = load(["--url", url + "/v1/embeddings", *args], "fastapi", tmp)["reports"]
+    knees = {name: (k["offered_rps"] if (k := knee(rs, slo)) else 0.0) for name, rs in runs.items()}
+    plot(RESULTS / "embedded.png", "embedded vs worker processes vs FastAPI: minilm", runs, slo)
+    summary = (
+        f"MiniLM embeddings, one unique text per request, servers on {cores} core(s), torch "
+        f"with 1 thread. embedded: the model in the gateway process ({cores} Python call(s) "
+        f"at once); processes: {cores} worker process(es); both with dynamic batching "
+        f"(defaults). FastAPI: {cores} uvicorn worker(s). Highest rate with p99 < {slo:g} ms: "
+        + ", ".join(f"{name} {k:.0f} rps" for name, k in knees.items())
+        + ".\n\n"
+    )
+    doc = {"machine": machine(), "slo_p99_ms": slo, "runs": runs, "knee_rps": knees}
+    write("embedded", doc, summary + steps_table(runs))
+
+
 def scenario_minilm_zipf(tmp: Path) -> None:
     """Embeddings of Zipf-repeated texts, response cache on, vs FastAPI."""
     rates = [50, 100, 200, 400, 800, 1600, 3200, 6400]
@@ -788,6 +826,7 @@ SCENARIOS = {
     "reject": scenario_reject,
     "batching": scenario_batching,
     "minilm-zipf": scenario_minilm_zipf,
+    "embedded": scenario_embedded,
 }
 
 

@@ -8,6 +8,10 @@ use prost::Message;
 const PROTOS: &[&str] = &["infergate/v1/types.proto", "infergate/v1/worker.proto", "infergate/v1/inference.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The embedded pool kind links libpython: record its directory as the
+    // binary's rpath, or the loader may pick another Python's library.
+    #[cfg(feature = "embedded")]
+    pyo3_build_config::add_libpython_rpath_link_args();
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={}", root.join(proto).display());

@@ -13,7 +13,8 @@ COPY tests tests
 COPY benches benches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p infergate \
+    # No Python in this image: built without the embedded pool kind.
+    cargo build --release --locked -p infergate --no-default-features \
     && install -D target/release/infergate /out/infergate
 
 FROM debian:bookworm-slim

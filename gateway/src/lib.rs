@@ -9,6 +9,7 @@ pub mod cache;
 pub mod call;
 pub mod config;
 pub mod edge;
+pub mod embedded;
 pub mod error;
 pub mod policy;
 pub mod pool;

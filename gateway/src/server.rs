@@ -28,6 +28,8 @@ pub enum ServeError {
     Cache(String),
     #[error("cannot set up worker discovery: {0}")]
     Discovery(String),
+    #[error(transparent)]
+    Embedded(#[from] crate::embedded::EmbedError),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server failed: {0}")]
@@ -153,6 +155,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     // Key files and Redis settings fail here, before any worker is spawned.
     let policy = crate::policy::Policy::new(&config)?;
     let supervisor = Supervisor::start(&config, &sockets.path).await?;
+    // Embedded pools' classes are imported now: one that cannot be refuses the start.
+    let embedded = CancellationToken::new();
+    crate::embedded::start(&config, &embedded).await?;
     if let Some(otlp) = &config.otlp {
         crate::telemetry::otlp::start(otlp);
     }
@@ -211,6 +216,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         tracing::warn!("in-flight requests did not finish within the grace period; stopping anyway");
     }
     watchers.cancel();
+    embedded.cancel();
     supervisor.shutdown().await;
     tracing::info!("infergate stopped");
     Ok(())

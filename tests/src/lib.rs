@@ -27,7 +27,8 @@ pub fn python() -> PathBuf {
     std::env::var_os("INFERGATE_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
-fn binary() -> PathBuf {
+/// The gateway binary under test.
+pub fn gateway_bin() -> PathBuf {
     std::env::var_os("INFERGATE_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/debug/infergate"))
 }
 
@@ -97,7 +98,7 @@ impl Gateway {
         let config = merge_sections(&config);
         let path = dir.0.join("infergate.toml");
         std::fs::write(&path, config)?;
-        let mut child = Command::new(binary())
+        let mut child = Command::new(gateway_bin())
             .args(["serve", "--config"])
             .arg(&path)
             .env("RUST_LOG", filter)
@@ -105,7 +106,7 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot run {} (build it first: make build)", binary().display()))?;
+            .with_context(|| format!("cannot run {} (build it first: make build)", gateway_bin().display()))?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().context("no stderr")?;
         let sink = log.clone();

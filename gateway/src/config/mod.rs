@@ -151,6 +151,9 @@ pub const DEFAULT_MAX_QUEUE: u32 = 256;
 pub enum PoolKind {
     /// Spawned and supervised by this gateway.
     Local { class: String, workers: NonZeroU32, threads: NonZeroU32, env: BTreeMap<String, String> },
+    /// Run inside the gateway process (pyo3): one in-process worker making
+    /// `threads` calls into Python at once.
+    Embedded { class: String, threads: NonZeroU32 },
     /// Run elsewhere; reached at fixed addresses.
     Remote { addresses: Vec<WorkerAddr> },
     /// Run elsewhere; every address `host` resolves to is a worker on `port`,
@@ -163,6 +166,8 @@ pub enum PoolKind {
 pub enum WorkerAddr {
     Unix(PathBuf),
     Tcp(http::Uri),
+    /// A worker inside this process (an embedded pool), by endpoint name.
+    InProcess(String),
 }
 
 impl std::fmt::Display for WorkerAddr {
@@ -170,6 +175,7 @@ impl std::fmt::Display for WorkerAddr {
         match self {
             Self::Unix(path) => write!(f, "unix:{}", path.display()),
             Self::Tcp(uri) => write!(f, "{uri}"),
+            Self::InProcess(name) => write!(f, "in-process:{name}"),
         }
     }
 }
@@ -239,7 +245,7 @@ impl Config {
             }
             let kind = pool_kind(pool, key)?;
             let threads = match &kind {
-                PoolKind::Local { threads, .. } => threads.get(),
+                PoolKind::Local { threads, .. } | PoolKind::Embedded { threads, .. } => threads.get(),
                 PoolKind::Remote { .. } | PoolKind::Discovered { .. } => 1,
             };
             let per_worker =
@@ -406,6 +412,9 @@ impl Config {
 
 fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKind, ConfigError> {
     let remote_only = |field: &str| {
+        if pool.kind.is_some() {
+            return Err(invalid(key("kind"), "`kind` goes with `class`; remote pools have none"));
+        }
         if pool.workers.is_some() || pool.threads.is_some() || !pool.env.is_empty() {
             return Err(invalid(key(field), "remote pools take no workers/threads/env"));
         }
@@ -420,12 +429,24 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
             let nonzero = |field: &str, v: Option<u32>| {
                 NonZeroU32::new(v.unwrap_or(1)).ok_or_else(|| invalid(key(field), "must be at least 1"))
             };
-            Ok(PoolKind::Local {
-                class: pool.class.clone(),
-                workers: nonzero("workers", pool.workers)?,
-                threads: nonzero("threads", pool.threads)?,
-                env: pool.env.clone(),
-            })
+            match pool.kind.as_deref() {
+                None | Some("local") => Ok(PoolKind::Local {
+                    class: pool.class.clone(),
+                    workers: nonzero("workers", pool.workers)?,
+                    threads: nonzero("threads", pool.threads)?,
+                    env: pool.env.clone(),
+                }),
+                Some("embedded") => {
+                    if pool.workers.is_some() || !pool.env.is_empty() {
+                        return Err(invalid(
+                            key("kind"),
+                            "an embedded pool runs in the gateway's process: no `workers` or `env` (use `threads`)",
+                        ));
+                    }
+                    Ok(PoolKind::Embedded { class: pool.class.clone(), threads: nonzero("threads", pool.threads)? })
+                }
+                Some(other) => Err(invalid(key("kind"), format!("expected \"local\" or \"embedded\", got {other:?}"))),
+            }
         }
         (true, false, None) => {
             remote_only("addresses")?;

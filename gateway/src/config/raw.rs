@@ -257,9 +257,14 @@ impl Default for RawShutdown {
 #[serde(deny_unknown_fields, default)]
 pub struct RawPool {
     pub name: String,
-    /// Local pool: the `module:Class` the gateway spawns workers for.
+    /// Local pool: the `module:Class` the gateway spawns workers for (or,
+    /// with `kind = "embedded"`, runs inside its own process).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub class: String,
+    /// `local` (worker processes, the default with `class`) or `embedded`
+    /// (the class runs in the gateway process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     /// Local pool: how many worker processes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<u32>,

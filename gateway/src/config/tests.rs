@@ -183,3 +183,16 @@ fn otlp_export_is_off_unless_an_endpoint_is_given() {
     let key = err_key(load(&format!("[tracing]\notlp_endpoint = \"collector:4317\"\n{POOL}"), &[]));
     assert_eq!(key, "tracing.otlp_endpoint");
 }
+
+#[test]
+fn embedded_pools_take_a_class_and_threads_only() {
+    let cfg = load("[[pools]]\nname = \"e\"\nclass = \"m:Echo\"\nkind = \"embedded\"\nthreads = 3\n", &[]).unwrap();
+    match &cfg.pools[0].kind {
+        PoolKind::Embedded { class, threads } => assert_eq!((class.as_str(), threads.get()), ("m:Echo", 3)),
+        other => panic!("expected an embedded pool, got {other:?}"),
+    }
+    let bad = |pool: &str| err_key(load(&format!("[[pools]]\nname = \"e\"\n{pool}\n"), &[]));
+    assert_eq!(bad("class = \"m:Echo\"\nkind = \"embedded\"\nworkers = 2"), "pools[0].kind");
+    assert_eq!(bad("class = \"m:Echo\"\nkind = \"elsewhere\""), "pools[0].kind");
+    assert_eq!(bad("addresses = [\"127.0.0.1:1\"]\nkind = \"embedded\""), "pools[0].kind");
+}

@@ -99,6 +99,36 @@ struct Pool {
     batching: BatchConfig,
 }
 
+/// A worker call that may be dropped before it ends (its callers all left:
+/// a batch whose callers' deadlines passed is cancelled rather than
+/// awaited). Dropped at or past the deadline, the worker did not answer in
+/// time: that counts against it as a timeout would, or a hung worker that
+/// only ever sees such calls would never be ejected. Dropped earlier, the
+/// callers hung up: nothing to say about the worker.
+struct Abandoned<'a> {
+    pool: &'a Pool,
+    worker: &'a Worker,
+    deadline: &'a Deadline,
+    started: std::time::Instant,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.deadline.remaining().is_zero() {
+            let took = self.started.elapsed();
+            self.worker.metrics.call_duration.record(took.as_secs_f64());
+            self.pool.record(self.worker, Outcome::Failure, took);
+        }
+    }
+}
+
 /// A call's hold on a pool: its slot and the worker chosen for it.
 struct Lease {
     in_flight: InFlight,
@@ -215,7 +245,10 @@ impl Pool {
             timing::with_current(|t| t.add_queue(queued.elapsed()));
             let worker = lease.worker().clone();
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
+            let abandoned =
+                Abandoned { pool: self, worker: &worker, deadline, started: std::time::Instant::now(), armed: true };
             let result = once(worker.clone()).await;
+            abandoned.disarm();
             let took = lease.in_flight.elapsed();
             worker.metrics.call_duration.record(took.as_secs_f64());
             timing::with_current(|t| t.add_worker(took));
@@ -319,6 +352,7 @@ impl Pools {
                 PoolKind::Remote { addresses } => addresses.clone(),
                 // Found by `discover`, which fills the pool as records arrive.
                 PoolKind::Discovered { .. } => Vec::new(),
+                PoolKind::Embedded { .. } => vec![WorkerAddr::InProcess(crate::embedded::endpoint(&pool.name))],
             };
             let workers: Vec<_> = addrs
                 .into_iter()
@@ -1033,6 +1067,26 @@ mod tests {
         assert_eq!(pool.queued.load(Ordering::Relaxed), 0, "the expired waiter left the queue");
         drop(next);
         assert_eq!(pool.workers()[0].outstanding(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_abandoned_at_its_deadline_counts_against_its_worker_one_abandoned_earlier_does_not() {
+        let mut pool = one_worker_pool(8, 8);
+        pool.outlier.consecutive = 1;
+        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
+        second.set_serving(true);
+        let w0 = pool.workers()[0].clone();
+        *pool.workers.write().unwrap() = Arc::new(vec![w0, second]);
+        let hang = |_| futures::future::pending::<Result<(), GatewayError>>();
+        let ms = std::time::Duration::from_millis;
+        // The caller hangs up before the deadline: the worker is not blamed.
+        let d = Deadline::after(ms(100));
+        let _ = tokio::time::timeout(ms(50), pool.with_retries(&d, "r1", hang)).await;
+        assert!(pool.workers().iter().all(|w| !w.outlier.is_ejected()));
+        // The caller leaves at its deadline with the worker silent: a timeout.
+        let d = Deadline::after(ms(100));
+        let _ = tokio::time::timeout(ms(100), pool.with_retries(&d, "r2", hang)).await;
+        assert_eq!(pool.workers().iter().filter(|w| w.outlier.is_ejected()).count(), 1);
     }
 
     #[tokio::test]

@@ -81,6 +81,15 @@ impl Worker {
     pub fn new(pool: &str, id: String, addr: WorkerAddr) -> Self {
         let channel = match &addr {
             WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
+            WorkerAddr::InProcess(name) => {
+                let name = name.clone();
+                endpoint(Endpoint::from_static("http://in-process.local")).connect_with_connector_lazy(
+                    tower::service_fn(move |_: http::Uri| {
+                        let name = name.clone();
+                        async move { crate::embedded::transport::connect(&name).map(TokioIo::new) }
+                    }),
+                )
+            }
             WorkerAddr::Unix(path) => {
                 let path = path.clone();
                 // The URI is ignored by the connector; tonic needs a valid one.

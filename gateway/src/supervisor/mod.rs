@@ -60,7 +60,7 @@ impl Supervisor {
                         env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     })
                     .collect::<Vec<_>>(),
-                PoolKind::Remote { .. } | PoolKind::Discovered { .. } => Vec::new(),
+                PoolKind::Remote { .. } | PoolKind::Discovered { .. } | PoolKind::Embedded { .. } => Vec::new(),
             })
             .collect();
         if !specs.is_empty() {
