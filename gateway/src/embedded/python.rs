@@ -54,7 +54,7 @@ pub fn start(python: &Path) -> Result<(), EmbedError> {
                 site.call_method1("addsitedir", (dir.display().to_string(),)).map_err(|e| e.to_string())?;
                 let embedded = py.import("infergate_worker.embedded").map_err(|e| describe(py, &e))?;
                 let sink = wrap_pyfunction!(emit, py).map_err(|e| e.to_string())?;
-                embedded.call_method1("install_logging", (sink,)).map_err(|e| describe(py, &e))?;
+                embedded.call_method1("install", (sink,)).map_err(|e| describe(py, &e))?;
                 tracing::info!(python = %Python::version_str().lines().next().unwrap_or_default(), site_packages = %dir.display(), "embedded Python started");
                 Ok(())
             })

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import faulthandler
 import logging
 import threading
 import time
@@ -157,9 +158,13 @@ class Host:
             call.finish()
 
 
-def install_logging(emit: Callable[[int, str, str], None], level: str = "INFO") -> None:
-    """Send Python log records to the gateway's log through ``emit(levelno,
-    logger, message)``, with the request and trace ids of the call."""
+def install(emit: Callable[[int, str, str], None], level: str = "INFO") -> None:
+    """Prepare the interpreter inside the gateway: Python log records go to
+    the gateway's log through ``emit(levelno, logger, message)``, with the
+    request and trace ids of the call; a fatal error in native code (a
+    segfault in an extension) prints every thread's Python stack to stderr
+    before the process dies, so the crash is attributable."""
+    faulthandler.enable(all_threads=True)
 
     class ToGateway(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
