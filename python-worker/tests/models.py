@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
-from infergate_worker import Cancelled, InvalidInput, Model, current_context
+from infergate_worker import Cancelled, Embeddings, InvalidInput, Model, current_context
 
 
 class SlowLoad(Model):
@@ -35,6 +35,23 @@ class SlowLoad(Model):
             else:
                 out.append([float(len(t)), 1.0])
         return out
+
+
+class Vectors(Model):
+    """numpy vectors with token counts, two texts a batch; "fail" fails its batch."""
+
+    name = "vectors"
+    kind = "embed"
+    max_batch_size = 2
+    embedding_dim = 2
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        import numpy as np
+
+        if "fail" in texts:
+            raise ValueError("asked to fail")
+        rows = np.array([[float(len(t)), 0.0] for t in texts], dtype=np.float64)
+        return Embeddings(rows, tokens=[len(t) for t in texts])
 
 
 class Patient(Model):

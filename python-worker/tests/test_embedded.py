@@ -88,3 +88,19 @@ def test_generation_streams_chunk_by_chunk(host: Host):
 def test_only_model_classes_can_be_embedded():
     with pytest.raises(TypeError):
         Host("models:RawWorker")
+
+
+def test_embeddings_come_back_as_float32_buffers_with_their_errors():
+    h = Host("models:Vectors")
+    h.load()
+    rows = h.embed("vectors", ["a", "bb", "fail", "dddd"], Call("e", "", None))
+    assert [t for _, t in rows] == [1, 2, 0, 0]
+    first = rows[0][0]
+    assert first.dtype.name == "float32" and first.flags["C_CONTIGUOUS"]
+    assert list(first) == [1.0, 0.0]
+    # The failing text fails its whole chunk of max_batch_size, as in a worker process.
+    assert rows[2][0] == (types_pb2.ItemError.CODE_MODEL_ERROR, "ValueError: asked to fail")
+    assert rows[3][0] == (types_pb2.ItemError.CODE_MODEL_ERROR, "ValueError: asked to fail")
+    with pytest.raises(Aborted) as err:
+        h.embed("nope", ["x"], Call("e", "", None))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND.value[0]

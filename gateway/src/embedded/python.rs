@@ -8,9 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList};
+
+use crate::proto::{EmbedResult, Embedding, ItemError, embed_result};
 
 use super::EmbedError;
 
@@ -106,6 +109,9 @@ impl Failure {
 /// A serialized reply and the trailing metadata the servicer set.
 pub type Reply = (Vec<u8>, Vec<(String, String)>);
 
+/// Embedding results and the trailing metadata the servicer set.
+pub type Embedded = (Vec<EmbedResult>, Vec<(String, String)>);
+
 /// One embedded model (`infergate_worker.embedded.Host`).
 pub struct Host {
     obj: Py<PyAny>,
@@ -166,6 +172,30 @@ impl Host {
                 .map_err(|e| Failure::of(py, &e))?;
             let reply = reply.extract::<Vec<u8>>().map_err(|e| Failure::of(py, &e))?;
             Ok((reply, ctx.trailers(py)))
+        })
+    }
+
+    /// Embed `texts` with `model` without serializing: the texts go in as a
+    /// Python list, each vector comes back through the buffer protocol (one
+    /// copy, into the result) — plus the trailers the servicer set (blocking).
+    pub fn embed(&self, model: &str, texts: &[String], ctx: &CallCtx) -> Result<Embedded, Failure> {
+        Python::attach(|py| {
+            let fail = |e: PyErr| Failure::of(py, &e);
+            let texts = PyList::new(py, texts).map_err(fail)?;
+            let rows = self.obj.bind(py).call_method1("embed", (model, texts, ctx.obj.bind(py))).map_err(fail)?;
+            let mut results = Vec::new();
+            for row in rows.try_iter().map_err(fail)? {
+                let (item, tokens): (Bound<'_, PyAny>, u32) = row.and_then(|r| r.extract()).map_err(fail)?;
+                let result = if let Ok((code, message)) = item.extract::<(i32, String)>() {
+                    embed_result::Result::Error(ItemError { code, message })
+                } else if let Ok(buffer) = PyBuffer::<f32>::get(&item) {
+                    embed_result::Result::Embedding(Embedding { values: buffer.to_vec(py).map_err(fail)? })
+                } else {
+                    embed_result::Result::Embedding(Embedding { values: item.extract::<Vec<f32>>().map_err(fail)? })
+                };
+                results.push(EmbedResult { tokens, result: Some(result) });
+            }
+            Ok((results, ctx.trailers(py)))
         })
     }
 

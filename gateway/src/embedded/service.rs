@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -66,6 +66,43 @@ impl Drop for CancelOnDrop {
 
 impl EmbeddedWorker {
     /// Run `method` (`Embed` or `Infer`) on `request`, as a worker would.
+    /// A thread slot and a Python call context for one call.
+    async fn begin(
+        &self,
+        request_id: &str,
+        traceparent: &str,
+        timeout: Option<f64>,
+    ) -> Result<(Arc<CallCtx>, OwnedSemaphorePermit), Status> {
+        let permit =
+            self.threads.clone().acquire_owned().await.map_err(|_| Status::unavailable("embedded worker stopped"))?;
+        let host = self.host.clone();
+        let (request_id, traceparent) = (request_id.to_owned(), traceparent.to_owned());
+        let made = tokio::task::spawn_blocking(move || host.context(&request_id, &traceparent, timeout)).await;
+        let ctx = made.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))?;
+        Ok((Arc::new(ctx), permit))
+    }
+
+    /// Run `work` on a blocking thread holding the call's slot; a caller that
+    /// leaves first cancels the Python call.
+    async fn run<T: Send + 'static>(
+        &self,
+        ctx: Arc<CallCtx>,
+        permit: OwnedSemaphorePermit,
+        work: impl FnOnce(&Host, &CallCtx) -> Result<T, Failure> + Send + 'static,
+    ) -> Result<T, Status> {
+        let done = Arc::new(AtomicBool::new(false));
+        let _cancel = CancelOnDrop { ctx: ctx.clone(), done: done.clone() };
+        let host = self.host.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let out = work(&host, &ctx);
+            done.store(true, Ordering::Release);
+            out
+        });
+        run.await.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))
+    }
+
+    /// Run `method` (`Infer`) on serialized `request`, as a worker would.
     async fn unary<Req: Message, Resp: Message + Default>(
         &self,
         method: &'static str,
@@ -73,34 +110,21 @@ impl EmbeddedWorker {
     ) -> Result<Response<Resp>, Status> {
         let (request_id, traceparent, timeout) = call_meta(request.metadata());
         let bytes = request.into_inner().encode_to_vec();
-        let permit =
-            self.threads.clone().acquire_owned().await.map_err(|_| Status::unavailable("embedded worker stopped"))?;
-        let host = self.host.clone();
-        let ctx = {
-            let host = host.clone();
-            let made = tokio::task::spawn_blocking(move || host.context(&request_id, &traceparent, timeout)).await;
-            Arc::new(made.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))?)
-        };
-        let done = Arc::new(AtomicBool::new(false));
-        let _cancel = CancelOnDrop { ctx: ctx.clone(), done: done.clone() };
-        let finished = done.clone();
-        let run = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let out = host.call(method, &bytes, &ctx);
-            finished.store(true, Ordering::Release);
-            out
-        });
-        let (reply, trailers) =
-            run.await.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))?;
+        let (ctx, permit) = self.begin(&request_id, &traceparent, timeout).await?;
+        let (reply, trailers) = self.run(ctx, permit, move |host, ctx| host.call(method, &bytes, ctx)).await?;
         let reply = Resp::decode(reply.as_slice()).map_err(|e| Status::internal(format!("embedded reply: {e}")))?;
-        let mut response = Response::new(reply);
-        for (k, v) in trailers {
-            if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
-                response.metadata_mut().insert(k, v);
-            }
-        }
-        Ok(response)
+        Ok(with_trailers(Response::new(reply), trailers))
     }
+}
+
+/// The servicer's trailing metadata (its timings) on the response.
+fn with_trailers<T>(mut response: Response<T>, trailers: Vec<(String, String)>) -> Response<T> {
+    for (k, v) in trailers {
+        if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
+            response.metadata_mut().insert(k, v);
+        }
+    }
+    response
 }
 
 #[tonic::async_trait]
@@ -120,8 +144,13 @@ impl Worker for EmbeddedWorker {
         self.unary("Infer", request).await
     }
 
+    /// Texts in and vectors out cross without protobuf: the hot path.
     async fn embed(&self, request: Request<EmbedBatchRequest>) -> Result<Response<EmbedBatchResponse>, Status> {
-        self.unary("Embed", request).await
+        let (request_id, traceparent, timeout) = call_meta(request.metadata());
+        let EmbedBatchRequest { model, texts } = request.into_inner();
+        let (ctx, permit) = self.begin(&request_id, &traceparent, timeout).await?;
+        let (results, trailers) = self.run(ctx, permit, move |host, ctx| host.embed(&model, &texts, ctx)).await?;
+        Ok(with_trailers(Response::new(EmbedBatchResponse { results }), trailers))
     }
 
     type GenerateStream = ReceiverStream<Result<GenerateChunk, Status>>;
@@ -129,15 +158,9 @@ impl Worker for EmbeddedWorker {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let (request_id, traceparent, timeout) = call_meta(request.metadata());
         let bytes = request.into_inner().encode_to_vec();
-        let permit =
-            self.threads.clone().acquire_owned().await.map_err(|_| Status::unavailable("embedded worker stopped"))?;
+        let (ctx, permit) = self.begin(&request_id, &traceparent, timeout).await?;
         let (tx, rx) = mpsc::channel(16);
         let (host, id) = (self.host.clone(), self.id.clone());
-        let ctx = {
-            let host = host.clone();
-            let made = tokio::task::spawn_blocking(move || host.context(&request_id, &traceparent, timeout)).await;
-            Arc::new(made.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))?)
-        };
         // A caller that leaves cancels the generation, even between chunks.
         let watcher = (tx.clone(), ctx.clone());
         tokio::spawn(async move {

@@ -26,7 +26,7 @@ import grpc
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker.cli import load_target
 from infergate_worker.model import Model
-from infergate_worker.server import ModelServicer, RequestIdFilter
+from infergate_worker.server import ModelServicer, RequestIdFilter, item_error
 
 log = logging.getLogger("infergate_worker")
 
@@ -140,6 +140,16 @@ class Host:
             call.finish()
         return reply.SerializeToString()
 
+    def embed(self, model: str, texts: list[str], call: Call) -> list[tuple[Any, int]]:
+        """Embed without serializing: per text, its vector as a contiguous
+        float32 array (or a float sequence when the model gave plain lists)
+        or ``(code, message)`` of its error, and its token count."""
+        try:
+            rows = _loop().run_until_complete(self.servicer.embed_rows(model, texts, call))
+        finally:
+            call.finish()
+        return [(_item(row), tokens) for row, tokens in rows]
+
     def generate(self, request: bytes, call: Call) -> Iterator[bytes]:
         """Run ``Generate``; each chunk serialized, as the model yields it."""
         message = types_pb2.GenerateRequest.FromString(request)
@@ -156,6 +166,17 @@ class Host:
             loop.run_until_complete(chunks.aclose())
             loop.close()
             call.finish()
+
+
+def _item(row: Any) -> Any:
+    if isinstance(row, BaseException):
+        err = item_error(row)
+        return (err.code, err.message)
+    if hasattr(row, "astype"):  # a numpy row: hand over its buffer
+        import numpy as np
+
+        return np.ascontiguousarray(row, dtype=np.float32)
+    return row
 
 
 def install(emit: Callable[[int, str, str], None], level: str = "INFO") -> None:

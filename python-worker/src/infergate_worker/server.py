@@ -208,20 +208,26 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             log.exception("%s failed", name, extra=_log_ids(ctx))
             return exc
 
-    async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:
-        model = await self._model(request.model, context)
+    async def embed_rows(self, name: str, texts: list[str], context: Any) -> list[EmbedRow]:
+        """Embed ``texts`` with model ``name``, a batch of at most its
+        ``max_batch_size`` at a time: per text, its vector (a sequence or an
+        array row) or the exception that failed it, and its token count."""
+        model = await self._model(name, context)
         ctx = _call_context(context)
-        texts = list(request.texts)
         log.debug("embed batch of %d texts", len(texts), extra=_log_ids(ctx))
-        results: list[worker_pb2.EmbedResult] = []
-        for part in _chunks(texts, self._infos[request.model].max_batch_size):
+        rows: list[EmbedRow] = []
+        for part in _chunks(texts, self._infos[name].max_batch_size):
             out = await self._run_batch(ctx, context, model.embed, list(part))
             if isinstance(out, Exception):
-                results.extend(worker_pb2.EmbedResult(error=item_error(out)) for _ in part)
+                rows.extend((out, 0) for _ in part)
             else:
-                results.extend(_embed_results(out, len(part), request.model))
+                rows.extend(_embed_rows(out, len(part), name))
         context.set_trailing_metadata(_timings(ctx))
-        return worker_pb2.EmbedBatchResponse(results=results)
+        return rows
+
+    async def Embed(self, request: worker_pb2.EmbedBatchRequest, context: Any) -> Any:
+        rows = await self.embed_rows(request.model, list(request.texts), context)
+        return worker_pb2.EmbedBatchResponse(results=[_embed_result(*row) for row in rows])
 
     async def Infer(self, request: worker_pb2.InferBatchRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
@@ -304,27 +310,29 @@ def _finish(reason: str) -> int:
     return types_pb2.FINISH_REASON_LENGTH if reason == "length" else types_pb2.FINISH_REASON_STOP
 
 
-def _embed_results(out: Any, count: int, model: str) -> list[worker_pb2.EmbedResult]:
+#: One text's vector (a sequence, or a row of an array) or its failure, and its tokens.
+EmbedRow = tuple[Any, int]
+
+
+def _embed_rows(out: Any, count: int, model: str) -> list[EmbedRow]:
+    """Split what ``Model.embed`` returned for ``count`` texts into rows."""
     tokens: Sequence[int] | None = None
     if isinstance(out, Embeddings):
         out, tokens = out.vectors, out.tokens
     if hasattr(out, "detach"):  # torch.Tensor
         out = out.detach().cpu().numpy()
-    rows = out.tolist() if hasattr(out, "tolist") else list(out)
+    rows = list(out)
     if len(rows) != count:
-        err = item_error(RuntimeError(f"{model}.embed returned {len(rows)} vectors for {count}"))
-        return [worker_pb2.EmbedResult(error=err) for _ in range(count)]
-    results = []
-    for n, row in enumerate(rows):
-        t = int(tokens[n]) if tokens is not None else 0
-        if isinstance(row, BaseException):
-            results.append(worker_pb2.EmbedResult(error=item_error(row), tokens=t))
-        else:
-            values = row.tolist() if hasattr(row, "tolist") else row
-            results.append(
-                worker_pb2.EmbedResult(embedding=types_pb2.Embedding(values=values), tokens=t)
-            )
-    return results
+        err = RuntimeError(f"{model}.embed returned {len(rows)} vectors for {count}")
+        return [(err, 0)] * count
+    return [(row, int(tokens[n]) if tokens is not None else 0) for n, row in enumerate(rows)]
+
+
+def _embed_result(row: Any, tokens: int) -> worker_pb2.EmbedResult:
+    if isinstance(row, BaseException):
+        return worker_pb2.EmbedResult(error=item_error(row), tokens=tokens)
+    values = row.tolist() if hasattr(row, "tolist") else row
+    return worker_pb2.EmbedResult(embedding=types_pb2.Embedding(values=values), tokens=tokens)
 
 
 def _param(value: types_pb2.ParamValue) -> Any:
