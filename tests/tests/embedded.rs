@@ -96,9 +96,20 @@ fn embedded_models_answer_as_worker_processes_do_and_fail_only_their_items() {
     });
     assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 7, "{statuses:?}");
-    // The traceback is in the gateway's log, not in the answer.
-    let failed: Value = infer("echo-embedded", &echo(0, true)).json().unwrap();
+    // A model that raises: its items fail, the traceback is in the gateway's
+    // log, not in the answer.
+    let mut raising = echo(0, false);
+    raising["parameters"]["raise"] = json!(true);
+    let failed = infer("echo-embedded", &raising);
+    assert_eq!(failed.status(), 502);
+    let failed: Value = failed.json().unwrap();
     assert!(!failed.to_string().contains("Traceback"), "{failed}");
+    assert!(failed["detail"].as_str().unwrap().contains("echo was asked to raise"), "{failed}");
+    let traceback = gw.wait_log(0, Duration::from_secs(3), |v| {
+        v["target"] == "worker"
+            && v["message"].as_str().is_some_and(|m| m.contains("Traceback") && m.contains("echo was asked to raise"))
+    });
+    assert!(traceback.is_some(), "no traceback in the gateway log:\n{}", gw.log_text());
 
     // Streaming generation through the same channel.
     let chat =

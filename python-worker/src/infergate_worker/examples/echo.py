@@ -2,7 +2,8 @@
 
 Request parameters it understands (per item):
 - ``delay_ms``: work that long first, stopping early on cancellation;
-- ``fail``: true fails this item with a model error.
+- ``fail``: true fails this item with a model error;
+- ``raise``: true makes the whole call raise (every item of its batch fails).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Echo(Model):
                     "echo stopped early (%s) during %d ms of asked-for work", exc.reason, delay_ms
                 )
                 raise
+        if any(i.parameters.get("raise") for i in items):
+            raise RuntimeError("echo was asked to raise")
         results: list[dict[str, Any] | BaseException] = []
         for item in items:
             if item.parameters.get("fail"):
