@@ -39,7 +39,7 @@ def host() -> Host:
 
 def infer(host: Host, items: list, call: Call | None = None) -> worker_pb2.InferBatchResponse:
     req = worker_pb2.InferBatchRequest(model="echo", items=items).SerializeToString()
-    out = host.call("Infer", req, call or Call("r", "", None))
+    out = host.infer(req, call or Call("r", "", None))
     return worker_pb2.InferBatchResponse.FromString(out)
 
 

@@ -160,15 +160,15 @@ impl Host {
         })
     }
 
-    /// Run `Embed` or `Infer` on a serialized request; the serialized reply
-    /// and the trailers the servicer set (blocking).
-    pub fn call(&self, method: &str, request: &[u8], ctx: &CallCtx) -> Result<Reply, Failure> {
+    /// Run `Infer` on a serialized request; the serialized reply and the
+    /// trailers the servicer set (blocking).
+    pub fn infer(&self, request: &[u8], ctx: &CallCtx) -> Result<Reply, Failure> {
         Python::attach(|py| {
             let request = PyBytes::new(py, request);
             let reply = self
                 .obj
                 .bind(py)
-                .call_method1("call", (method, request, ctx.obj.bind(py)))
+                .call_method1("infer", (request, ctx.obj.bind(py)))
                 .map_err(|e| Failure::of(py, &e))?;
             let reply = reply.extract::<Vec<u8>>().map_err(|e| Failure::of(py, &e))?;
             Ok((reply, ctx.trailers(py)))

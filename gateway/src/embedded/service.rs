@@ -101,20 +101,6 @@ impl EmbeddedWorker {
         });
         run.await.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))
     }
-
-    /// Run `method` (`Infer`) on serialized `request`, as a worker would.
-    async fn unary<Req: Message, Resp: Message + Default>(
-        &self,
-        method: &'static str,
-        request: Request<Req>,
-    ) -> Result<Response<Resp>, Status> {
-        let (request_id, traceparent, timeout) = call_meta(request.metadata());
-        let bytes = request.into_inner().encode_to_vec();
-        let (ctx, permit) = self.begin(&request_id, &traceparent, timeout).await?;
-        let (reply, trailers) = self.run(ctx, permit, move |host, ctx| host.call(method, &bytes, ctx)).await?;
-        let reply = Resp::decode(reply.as_slice()).map_err(|e| Status::internal(format!("embedded reply: {e}")))?;
-        Ok(with_trailers(Response::new(reply), trailers))
-    }
 }
 
 /// The servicer's trailing metadata (its timings) on the response.
@@ -140,8 +126,15 @@ impl Worker for EmbeddedWorker {
             .map_err(|e| Status::internal(format!("embedded describe: {e}")))
     }
 
+    /// Tensor items cross as serialized protobuf.
     async fn infer(&self, request: Request<InferBatchRequest>) -> Result<Response<InferBatchResponse>, Status> {
-        self.unary("Infer", request).await
+        let (request_id, traceparent, timeout) = call_meta(request.metadata());
+        let bytes = request.into_inner().encode_to_vec();
+        let (ctx, permit) = self.begin(&request_id, &traceparent, timeout).await?;
+        let (reply, trailers) = self.run(ctx, permit, move |host, ctx| host.infer(&bytes, ctx)).await?;
+        let reply = InferBatchResponse::decode(reply.as_slice())
+            .map_err(|e| Status::internal(format!("embedded reply: {e}")))?;
+        Ok(with_trailers(Response::new(reply), trailers))
     }
 
     /// Texts in and vectors out cross without protobuf: the hot path.

@@ -130,12 +130,12 @@ class Host:
         )
         return reply.SerializeToString()
 
-    def call(self, method: str, request: bytes, call: Call) -> bytes:
-        """Run ``Embed`` or ``Infer`` on serialized request bytes."""
-        parse = {"Embed": worker_pb2.EmbedBatchRequest, "Infer": worker_pb2.InferBatchRequest}
-        message = parse[method].FromString(request)
+    def infer(self, request: bytes, call: Call) -> bytes:
+        """Run ``Infer`` on a serialized request (tensor items stay protobuf:
+        the SDK's Tensor holds plain lists either way)."""
+        message = worker_pb2.InferBatchRequest.FromString(request)
         try:
-            reply = _loop().run_until_complete(getattr(self.servicer, method)(message, call))
+            reply = _loop().run_until_complete(self.servicer.Infer(message, call))
         finally:
             call.finish()
         return reply.SerializeToString()
