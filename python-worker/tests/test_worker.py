@@ -269,3 +269,16 @@ def test_health_command_exits_zero_only_when_serving(spawn, tmp_path: Path):
     assert cli.main(["health", w.target, "--service", "nope"]) == 1
     dead = f"unix:{tmp_path / 'nobody.sock'}"
     assert cli.main(["health", dead, "--timeout", "0.5"]) == 1
+
+
+def test_a_cancellation_at_the_deadline_is_reported_as_the_deadline():
+    ctx = CallContext(deadline=time.monotonic() + 0.005)
+    ctx.cancel()  # the gateway's cancellation, landing just before this clock's deadline
+    with pytest.raises(Cancelled) as exc:
+        ctx.check()
+    assert exc.value.reason == "deadline"
+    early = CallContext(deadline=time.monotonic() + 10)
+    early.cancel()
+    with pytest.raises(Cancelled) as exc:
+        early.wait(1)
+    assert exc.value.reason == "cancelled"

@@ -73,11 +73,17 @@ impl EmbeddedWorker {
         traceparent: &str,
         timeout: Option<f64>,
     ) -> Result<(Arc<CallCtx>, OwnedSemaphorePermit), Status> {
+        // The deadline is fixed on arrival: waiting for a thread spends it.
+        let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
         let permit =
             self.threads.clone().acquire_owned().await.map_err(|_| Status::unavailable("embedded worker stopped"))?;
         let host = self.host.clone();
         let (request_id, traceparent) = (request_id.to_owned(), traceparent.to_owned());
-        let made = tokio::task::spawn_blocking(move || host.context(&request_id, &traceparent, timeout)).await;
+        let made = tokio::task::spawn_blocking(move || {
+            let remaining = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()).as_secs_f64());
+            host.context(&request_id, &traceparent, remaining)
+        })
+        .await;
         let ctx = made.map_err(|e| Status::internal(e.to_string()))?.map_err(|f| status(&self.id, f))?;
         Ok((Arc::new(ctx), permit))
     }

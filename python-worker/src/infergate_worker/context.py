@@ -10,6 +10,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+#: A cancellation this close to the deadline is the deadline's (seconds).
+_DEADLINE_SLACK = 0.02
+
 
 class Cancelled(Exception):
     """Raised by :meth:`CallContext.check` when the call is over for the caller.
@@ -60,9 +63,12 @@ class CallContext:
 
     def check(self) -> None:
         """Raise :class:`Cancelled` when the call was cancelled or timed out."""
-        if self._cancel.is_set():
-            raise Cancelled("cancelled")
         remaining = self.time_remaining()
+        if self._cancel.is_set():
+            # The gateway cancels a call when its deadline passes; that
+            # cancellation may land a hair before this clock's deadline.
+            near = remaining is not None and remaining <= _DEADLINE_SLACK
+            raise Cancelled("deadline" if near else "cancelled")
         if remaining is not None and remaining <= 0:
             raise Cancelled("deadline")
 
@@ -71,8 +77,7 @@ class CallContext:
         remaining = self.time_remaining()
         if remaining is not None:
             seconds = min(seconds, max(remaining, 0.0))
-        if self._cancel.wait(seconds):
-            raise Cancelled("cancelled")
+        self._cancel.wait(seconds)
         self.check()
 
     def cancel(self) -> None:
