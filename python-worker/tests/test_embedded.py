@@ -8,26 +8,12 @@ import time
 
 import grpc
 import pytest
+from messages import echo_item
 
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker.embedded import Aborted, Call, Host
 
 ECHO = "infergate_worker.examples.echo:Echo"
-
-
-def echo_item(params: dict | None = None, **tensors: list[float]) -> worker_pb2.InferItem:
-    item = worker_pb2.InferItem(
-        inputs=[
-            types_pb2.Tensor(name=k, datatype="FP32", shape=[len(v)], fp32_contents=v)
-            for k, v in tensors.items()
-        ]
-    )
-    for k, v in (params or {}).items():
-        if isinstance(v, bool):
-            item.parameters[k].bool_param = v
-        else:
-            item.parameters[k].int64_param = v
-    return item
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from messages import echo_item
 
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker import cli
@@ -18,20 +19,6 @@ from infergate_worker.context import CallContext, Cancelled
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Code = types_pb2.ItemError.Code
-
-
-def tensor(name: str, values: list[float]) -> types_pb2.Tensor:
-    return types_pb2.Tensor(name=name, datatype="FP32", shape=[len(values)], fp32_contents=values)
-
-
-def echo_item(params: dict | None = None, **tensors: list[float]) -> worker_pb2.InferItem:
-    item = worker_pb2.InferItem(id="i", inputs=[tensor(k, v) for k, v in tensors.items()])
-    for k, v in (params or {}).items():
-        if isinstance(v, bool):
-            item.parameters[k].bool_param = v
-        else:
-            item.parameters[k].int64_param = v
-    return item
 
 
 def test_not_serving_until_loaded_and_describe_answers_meanwhile(spawn, tmp_path: Path):
