@@ -11,6 +11,7 @@ pub mod slots;
 pub mod worker;
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,14 +20,16 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use futures::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use crate::batch::{self, BatchConfig, BatchResult, Batcher, Dispatch};
 use crate::call::{Call, Deadline};
 use crate::config::{Config, PoolKind, WorkerAddr};
 use crate::error::GatewayError;
+use crate::proto::worker_client::WorkerClient;
 use crate::proto::{
-    self, EmbedBatchRequest, GenerateChunk, GenerateRequest, InferBatchRequest, InferItem, InferOutputs, ItemError,
-    ModelEntry, ModelInfo, ModelKind, embed_result, infer_result, item_error,
+    self, EmbedBatchRequest, EmbedBatchResponse, GenerateChunk, GenerateRequest, InferBatchRequest, InferBatchResponse,
+    InferItem, InferOutputs, ItemError, ModelEntry, ModelInfo, ModelKind, embed_result, infer_result, item_error,
 };
 use crate::telemetry::timing;
 use circuit::{Circuit, Outcome};
@@ -462,26 +465,14 @@ impl Pools {
         self.pools.iter().position(|p| std::ptr::eq(p, pool)).unwrap_or_default()
     }
 
-    /// The embed batcher of (pool, model), started on first use.
-    fn embed_batcher(&self, pool: &Pool, info: &ModelInfo) -> Option<Arc<Batcher<String, Embedded>>> {
+    /// The batcher of (pool, model) for the batched call `R`, started on
+    /// first use.
+    fn batcher<R: BatchRpc>(&self, pool: &Pool, info: &ModelInfo) -> Option<Arc<Batcher<R::Item, R::Output>>> {
         let max = Self::batch_size(pool, info)?;
         let key = (self.index_of(pool), info.name.clone());
-        let mut map = self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = R::batchers(self).lock().unwrap_or_else(PoisonError::into_inner);
         let batcher = map.entry(key.clone()).or_insert_with(|| {
-            let dispatch = EmbedDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
-            let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
-            Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
-        });
-        Some(batcher.clone())
-    }
-
-    /// The infer batcher of (pool, model), started on first use.
-    fn infer_batcher(&self, pool: &Pool, info: &ModelInfo) -> Option<Arc<Batcher<InferItem, InferOutputs>>> {
-        let max = Self::batch_size(pool, info)?;
-        let key = (self.index_of(pool), info.name.clone());
-        let mut map = self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner);
-        let batcher = map.entry(key.clone()).or_insert_with(|| {
-            let dispatch = InferDispatch { pools: self.me.clone(), pool: key.0, model: key.1 };
+            let dispatch = Dispatcher::<R> { pools: self.me.clone(), pool: key.0, model: key.1, rpc: PhantomData };
             let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
             Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
         });
@@ -680,7 +671,7 @@ impl Upstream for Pools {
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
-        if let Some(batcher) = self.embed_batcher(pool, &info) {
+        if let Some(batcher) = self.batcher::<EmbedRpc>(pool, &info) {
             // Each text is an item of whatever batch it lands in.
             let deadline = call.deadline;
             let results = gather(&batcher, call.payload, &deadline, &call.caller.tier, &call.request_id).await?;
@@ -692,65 +683,41 @@ impl Upstream for Pools {
             }
             return Ok(EmbedOutput { model: info, vectors, prompt_tokens });
         }
-        let count = call.payload.len();
         let deadline = call.deadline;
-        let ((vectors, prompt_tokens), _lease) = pool
+        let (results, _lease) = pool
             .with_retries(&deadline, &call.request_id, |worker| {
-                let msg = EmbedBatchRequest { model: call.model.clone(), texts: call.payload.clone() };
-                let (info, request_id) = (&info, &call.request_id);
-                async move {
-                    let resp =
-                        bounded(&deadline, &worker, worker.client().embed(request(msg, &deadline, request_id))).await?;
-                    let mut vectors = Vec::with_capacity(count);
-                    let mut prompt_tokens = 0u32;
-                    for result in resp.results.into_iter().take(count) {
-                        prompt_tokens = prompt_tokens.saturating_add(result.tokens);
-                        match result.result {
-                            Some(embed_result::Result::Embedding(e)) => vectors.push(e.values),
-                            // Model errors count against the worker as much as transport errors.
-                            Some(embed_result::Result::Error(err)) => {
-                                return Err(from_item_error(&worker.id, &info.name, err, &deadline));
-                            }
-                            None => return Err(missing_result(&worker.id)),
-                        }
-                    }
-                    if vectors.len() != count {
-                        return Err(missing_result(&worker.id));
-                    }
-                    Ok((vectors, prompt_tokens))
-                }
+                // A model error fails the call and counts against the worker.
+                let sent = send_batch::<EmbedRpc>(worker, &info.name, call.payload.clone(), deadline, &call.request_id);
+                async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
             })
             .await?;
+        let mut vectors = Vec::with_capacity(results.len());
+        let mut prompt_tokens = 0u32;
+        for (vector, tokens) in results {
+            vectors.push(vector);
+            prompt_tokens = prompt_tokens.saturating_add(tokens);
+        }
         Ok(EmbedOutput { model: info, vectors, prompt_tokens })
     }
 
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
-        if let Some(batcher) = self.infer_batcher(pool, &info) {
+        if let Some(batcher) = self.batcher::<InferRpc>(pool, &info) {
             let deadline = call.deadline;
             let mut out = gather(&batcher, vec![call.payload], &deadline, &call.caller.tier, &call.request_id).await?;
             let out = out.pop().ok_or_else(|| missing_result("-"))?;
             return Ok((info, out));
         }
         let deadline = call.deadline;
-        let (out, _lease) = pool
+        let (mut out, _lease) = pool
             .with_retries(&deadline, &call.request_id, |worker| {
-                let msg = InferBatchRequest { model: call.model.clone(), items: vec![call.payload.clone()] };
-                let (info, request_id) = (&info, &call.request_id);
-                async move {
-                    let resp =
-                        bounded(&deadline, &worker, worker.client().infer(request(msg, &deadline, request_id))).await?;
-                    match resp.results.into_iter().next().and_then(|r| r.result) {
-                        Some(infer_result::Result::Outputs(out)) => Ok(out),
-                        Some(infer_result::Result::Error(err)) => {
-                            Err(from_item_error(&worker.id, &info.name, err, &deadline))
-                        }
-                        None => Err(missing_result(&worker.id)),
-                    }
-                }
+                let sent =
+                    send_batch::<InferRpc>(worker, &info.name, vec![call.payload.clone()], deadline, &call.request_id);
+                async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
             })
             .await?;
+        let out = out.pop().ok_or_else(|| missing_result("-"))?;
         Ok((info, out))
     }
 
@@ -835,107 +802,145 @@ fn batch_outcome<O>(result: &Result<Vec<Result<O, GatewayError>>, GatewayError>)
     }
 }
 
-/// Sends a batch of texts to a worker of one pool.
-struct EmbedDispatch {
-    pools: Weak<Pools>,
-    pool: usize,
-    model: String,
+/// A batched worker call: how a batch of items becomes one request and the
+/// worker's answer becomes one result per item. Batchers, their dispatch and
+/// the unbatched path share everything else.
+trait BatchRpc: Send + Sync + 'static {
+    type Item: Clone + Send + Sync + 'static;
+    type Output: Send + 'static;
+    type Request: Send + 'static;
+    type Response: Send;
+
+    /// The batchers of this call in `pools`.
+    fn batchers(pools: &Pools) -> &Batchers<Self::Item, Self::Output>;
+
+    fn request(model: String, items: Vec<Self::Item>) -> Self::Request;
+
+    fn call(
+        client: WorkerClient<Channel>,
+        req: tonic::Request<Self::Request>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send;
+
+    /// The answer per item, in order: its output, the model's error for it,
+    /// or `None` where the worker left the result out.
+    fn results(resp: Self::Response) -> Vec<Option<Result<Self::Output, ItemError>>>;
 }
 
-impl Dispatch<String, Embedded> for EmbedDispatch {
-    fn dispatch(
-        &self,
-        texts: Vec<String>,
-        deadline: Deadline,
-        batch_id: String,
-    ) -> impl Future<Output = BatchResult<Embedded>> + Send {
-        let (pools, pool, model) = (self.pools.clone(), self.pool, self.model.clone());
-        async move {
-            let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
-            let pool = &pools.pools[pool];
-            let count = texts.len();
-            let (results, _lease) = pool
-                .with_retries_judged(
-                    &deadline,
-                    &batch_id,
-                    |worker| {
-                        let msg = EmbedBatchRequest { model: model.clone(), texts: texts.clone() };
-                        let (model, batch_id) = (&model, &batch_id);
-                        async move {
-                            let req = request(msg, &deadline, batch_id);
-                            let resp = bounded(&deadline, &worker, worker.client().embed(req)).await?;
-                            if resp.results.len() != count {
-                                return Err(missing_result(&worker.id));
-                            }
-                            Ok(resp
-                                .results
-                                .into_iter()
-                                .map(|r| match r.result {
-                                    Some(embed_result::Result::Embedding(e)) => Ok((e.values, r.tokens)),
-                                    Some(embed_result::Result::Error(err)) => {
-                                        Err(from_item_error(&worker.id, model, err, &deadline))
-                                    }
-                                    None => Err(missing_result(&worker.id)),
-                                })
-                                .collect())
-                        }
-                    },
-                    batch_outcome,
-                )
-                .await?;
-            Ok(results)
-        }
+/// `Worker.Embed`: texts in, one vector and token count per text.
+struct EmbedRpc;
+
+impl BatchRpc for EmbedRpc {
+    type Item = String;
+    type Output = Embedded;
+    type Request = EmbedBatchRequest;
+    type Response = EmbedBatchResponse;
+
+    fn batchers(pools: &Pools) -> &Batchers<String, Embedded> {
+        &pools.embed_batchers
+    }
+
+    fn request(model: String, texts: Vec<String>) -> EmbedBatchRequest {
+        EmbedBatchRequest { model, texts }
+    }
+
+    async fn call(
+        mut client: WorkerClient<Channel>,
+        req: tonic::Request<EmbedBatchRequest>,
+    ) -> Result<tonic::Response<EmbedBatchResponse>, tonic::Status> {
+        client.embed(req).await
+    }
+
+    fn results(resp: EmbedBatchResponse) -> Vec<Option<Result<Embedded, ItemError>>> {
+        let result = |r: proto::EmbedResult| match r.result? {
+            embed_result::Result::Embedding(e) => Some(Ok((e.values, r.tokens))),
+            embed_result::Result::Error(err) => Some(Err(err)),
+        };
+        resp.results.into_iter().map(result).collect()
     }
 }
 
-/// Sends a batch of tensor items to a worker of one pool.
-struct InferDispatch {
+/// `Worker.Infer`: named tensors in, named tensors out, per item.
+struct InferRpc;
+
+impl BatchRpc for InferRpc {
+    type Item = InferItem;
+    type Output = InferOutputs;
+    type Request = InferBatchRequest;
+    type Response = InferBatchResponse;
+
+    fn batchers(pools: &Pools) -> &Batchers<InferItem, InferOutputs> {
+        &pools.infer_batchers
+    }
+
+    fn request(model: String, items: Vec<InferItem>) -> InferBatchRequest {
+        InferBatchRequest { model, items }
+    }
+
+    async fn call(
+        mut client: WorkerClient<Channel>,
+        req: tonic::Request<InferBatchRequest>,
+    ) -> Result<tonic::Response<InferBatchResponse>, tonic::Status> {
+        client.infer(req).await
+    }
+
+    fn results(resp: InferBatchResponse) -> Vec<Option<Result<InferOutputs, ItemError>>> {
+        let result = |r: proto::InferResult| match r.result? {
+            infer_result::Result::Outputs(out) => Some(Ok(out)),
+            infer_result::Result::Error(err) => Some(Err(err)),
+        };
+        resp.results.into_iter().map(result).collect()
+    }
+}
+
+/// One attempt of the batched call `R` on `worker`: the call fails as a
+/// whole (transport, status, a result missing) or answers per item.
+fn send_batch<R: BatchRpc>(
+    worker: Arc<Worker>,
+    model: &str,
+    items: Vec<R::Item>,
+    deadline: Deadline,
+    request_id: &str,
+) -> impl Future<Output = BatchResult<R::Output>> + Send + use<R> {
+    let count = items.len();
+    let model = model.to_owned();
+    let req = request(R::request(model.clone(), items), &deadline, request_id);
+    async move {
+        let results = R::results(bounded(&deadline, &worker, R::call(worker.client(), req)).await?);
+        if results.len() != count {
+            return Err(missing_result(&worker.id));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Some(Ok(out)) => Ok(out),
+                Some(Err(err)) => Err(from_item_error(&worker.id, &model, err, &deadline)),
+                None => Err(missing_result(&worker.id)),
+            })
+            .collect())
+    }
+}
+
+/// Sends the batches of one (pool, model) batcher, with the pool's retries.
+struct Dispatcher<R> {
     pools: Weak<Pools>,
     pool: usize,
     model: String,
+    rpc: PhantomData<fn() -> R>,
 }
 
-impl Dispatch<InferItem, InferOutputs> for InferDispatch {
+impl<R: BatchRpc> Dispatch<R::Item, R::Output> for Dispatcher<R> {
     fn dispatch(
         &self,
-        items: Vec<InferItem>,
+        items: Vec<R::Item>,
         deadline: Deadline,
         batch_id: String,
-    ) -> impl Future<Output = BatchResult<InferOutputs>> + Send {
+    ) -> impl Future<Output = BatchResult<R::Output>> + Send {
         let (pools, pool, model) = (self.pools.clone(), self.pool, self.model.clone());
         async move {
             let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
-            let pool = &pools.pools[pool];
-            let count = items.len();
-            let (results, _lease) = pool
-                .with_retries_judged(
-                    &deadline,
-                    &batch_id,
-                    |worker| {
-                        let msg = InferBatchRequest { model: model.clone(), items: items.clone() };
-                        let (model, batch_id) = (&model, &batch_id);
-                        async move {
-                            let req = request(msg, &deadline, batch_id);
-                            let resp = bounded(&deadline, &worker, worker.client().infer(req)).await?;
-                            if resp.results.len() != count {
-                                return Err(missing_result(&worker.id));
-                            }
-                            Ok(resp
-                                .results
-                                .into_iter()
-                                .map(|r| match r.result {
-                                    Some(infer_result::Result::Outputs(out)) => Ok(out),
-                                    Some(infer_result::Result::Error(err)) => {
-                                        Err(from_item_error(&worker.id, model, err, &deadline))
-                                    }
-                                    None => Err(missing_result(&worker.id)),
-                                })
-                                .collect())
-                        }
-                    },
-                    batch_outcome,
-                )
-                .await?;
+            let send = |worker| send_batch::<R>(worker, &model, items.clone(), deadline, &batch_id);
+            let (results, _lease) =
+                pools.pools[pool].with_retries_judged(&deadline, &batch_id, send, batch_outcome).await?;
             Ok(results)
         }
     }
