@@ -11,8 +11,8 @@ use axum::routing::post;
 use infergate::call::Call;
 use infergate::edge::EdgeState;
 use infergate::error::GatewayError;
-use infergate::pool::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
-use infergate::proto::{GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo};
+use infergate::pool::{EmbedOutput, PoolStatus, Upstream};
+use infergate::proto::{ModelEntry, ModelInfo};
 use infergate_benches::load::{self, Mode, Payload, Protocol, RunConfig, Target, Texts};
 
 struct Fake;
@@ -22,21 +22,12 @@ impl Upstream for Fake {
     fn models(&self) -> Vec<ModelEntry> {
         Vec::new()
     }
-    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
-        Err(GatewayError::ModelNotFound { model: name.into() })
-    }
     fn status(&self) -> Vec<PoolStatus> {
         Vec::new()
     }
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         let model = ModelInfo { name: call.model, ..Default::default() };
         Ok(EmbedOutput { model, vectors: call.payload.iter().map(|_| vec![0.5; 8]).collect(), prompt_tokens: 1 })
-    }
-    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-        Err(GatewayError::ModelNotFound { model: call.model })
-    }
-    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
-        Err(GatewayError::ModelNotFound { model: call.model })
     }
 }
 

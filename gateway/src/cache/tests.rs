@@ -43,9 +43,6 @@ impl Upstream for Counting {
         }
         Ok((info(), InferOutputs { tensors: call.payload.inputs, ..Default::default() }))
     }
-    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
-        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "generation" })
-    }
 }
 
 fn call<P>(payload: P, tenant: &str) -> Call<P> {
@@ -226,9 +223,6 @@ mod chat {
                 })
                 .collect();
             Ok(EmbedOutput { model: info(), vectors, prompt_tokens: 1 })
-        }
-        async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-            Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
         }
         async fn generate(&self, _call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
             let n = self.generations.fetch_add(1, Ordering::Relaxed);

@@ -16,10 +16,8 @@ use tower::ServiceExt;
 use super::EdgeState;
 use crate::call::Call;
 use crate::error::GatewayError;
-use crate::pool::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
-use crate::proto::{
-    FinishReason, GenerateChunk, GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo, ModelKind, Usage,
-};
+use crate::pool::{ChunkStream, PoolStatus, Upstream};
+use crate::proto::{FinishReason, GenerateChunk, GenerateRequest, ModelEntry, ModelInfo, ModelKind, Usage};
 
 #[derive(Clone)]
 enum Step {
@@ -45,17 +43,8 @@ impl Upstream for Scripted {
     fn models(&self) -> Vec<ModelEntry> {
         vec![ModelEntry { info: Some(gen_model()), pool: "p".into(), ready: true }]
     }
-    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
-        if name == "g" { Ok(self.models().remove(0)) } else { Err(GatewayError::ModelNotFound { model: name.into() }) }
-    }
     fn status(&self) -> Vec<PoolStatus> {
         vec![PoolStatus { pool: "p".into(), ready_workers: 1, workers: 1 }]
-    }
-    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
-        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "embeddings" })
-    }
-    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
     }
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
         self.model(&call.model)?;

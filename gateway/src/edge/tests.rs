@@ -14,8 +14,8 @@ use tower::ServiceExt;
 use super::EdgeState;
 use crate::call::Call;
 use crate::error::GatewayError;
-use crate::pool::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
-use crate::proto::{GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo, ModelKind};
+use crate::pool::{EmbedOutput, PoolStatus, Upstream};
+use crate::proto::{ModelEntry, ModelInfo, ModelKind};
 
 /// Answers embeddings with `[len(text)]`, remembers each call's deadline
 /// budget, and can be made to hold calls until released.
@@ -54,12 +54,6 @@ impl Upstream for Fake {
         }
         let vectors = call.payload.iter().map(|t| vec![t.len() as f32]).collect();
         Ok(EmbedOutput { model: embed_model(), vectors, prompt_tokens: 7 })
-    }
-    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
-    }
-    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
-        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "generation" })
     }
 }
 

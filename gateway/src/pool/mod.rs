@@ -62,7 +62,10 @@ pub trait Upstream: Send + Sync + 'static {
     /// Every model known, sorted by name.
     fn models(&self) -> Vec<ModelEntry>;
     /// Look up one model; `Starting` while pools have not described themselves.
-    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError>;
+    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
+        let named = |e: &ModelEntry| e.info.as_ref().is_some_and(|i| i.name == name);
+        self.models().into_iter().find(named).ok_or_else(|| GatewayError::ModelNotFound { model: name.to_owned() })
+    }
     /// Look up a model as served by one pool (a route variant's target).
     fn model_in(&self, pool: &str, name: &str) -> Result<ModelEntry, GatewayError> {
         let entry = self.model(name)?;
@@ -70,12 +73,19 @@ pub trait Upstream: Send + Sync + 'static {
     }
     /// Readiness of every pool.
     fn status(&self) -> Vec<PoolStatus>;
+    // An upstream without a kind of call answers it as unsupported.
     /// Embed texts with an EMBED model.
-    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError>;
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "embeddings" })
+    }
     /// Run one tensor item through an INFER model.
-    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError>;
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "tensor inference" })
+    }
     /// Stream a generation from a streaming model.
-    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError>;
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        Err(GatewayError::UnsupportedOperation { model: call.model, operation: "generation" })
+    }
 }
 
 struct Pool {
