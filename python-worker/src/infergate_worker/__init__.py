@@ -16,6 +16,7 @@ from infergate_worker.model import (
     Source,
     TensorSpec,
     Unavailable,
+    run_together,
 )
 from infergate_worker.tensors import Tensor
 
@@ -37,4 +38,5 @@ __all__ = [
     "Unavailable",
     "__version__",
     "current_context",
+    "run_together",
 ]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from infergate_worker.tensors import Tensor
 
@@ -48,6 +48,39 @@ class TensorSpec:
     datatype: str
     #: Shape; -1 marks a variable dimension.
     shape: tuple[int, ...]
+
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def run_together(
+    parsed: Sequence[P | BaseException],
+    forward: Callable[[list[P]], Any],
+    rows: Callable[[P], int],
+    answer: Callable[[P, Any], R],
+) -> list[R | BaseException]:
+    """One forward pass over a batch's usable items, its rows split back per item.
+
+    ``parsed`` holds, per item, its parsed input or the error that makes it
+    unusable (an :class:`InvalidInput`, say). ``forward`` runs once over the
+    usable inputs, in order, and returns something sliceable with one row per
+    input row; it is not called when no item is usable. ``rows(p)`` is how many
+    rows input ``p`` contributes, and ``answer(p, its_rows)`` makes that item's
+    result. An unusable item's result is its error, so it fails alone.
+    """
+    usable = [p for p in parsed if not isinstance(p, BaseException)]
+    out = forward(usable) if usable else None
+    results: list[R | BaseException] = []
+    at = 0
+    for p in parsed:
+        if isinstance(p, BaseException):
+            results.append(p)
+            continue
+        n = rows(p)
+        results.append(answer(p, out[at : at + n]))
+        at += n
+    return results
 
 
 @dataclass

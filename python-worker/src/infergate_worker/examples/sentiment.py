@@ -19,7 +19,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from infergate_worker import InferItem, InvalidInput, Model, TensorSpec, current_context
+from infergate_worker import (
+    InferItem,
+    InvalidInput,
+    Model,
+    TensorSpec,
+    current_context,
+    run_together,
+)
 from infergate_worker.examples.minilm import MiniLM
 
 log = logging.getLogger(__name__)
@@ -71,26 +78,20 @@ class Sentiment(Model):
 
     def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
         torch = self._torch
-        # All items' texts go through the encoder together; results split back.
-        texts: list[list[str] | BaseException] = [_texts(item) for item in items]
-        flat = [t for ts in texts if isinstance(ts, list) for t in ts]
+        texts = [_texts(item) for item in items]
         current_context().check()
-        probs = torch.zeros((0, len(self.labels)))
-        if flat:
-            vectors = torch.as_tensor(self._encoder.embed(flat).vectors)
+
+        def forward(usable: list[list[str]]) -> Any:
+            # All items' texts go through the encoder together.
+            vectors = torch.as_tensor(self._encoder.embed([t for ts in usable for t in ts]).vectors)
             with torch.inference_mode():
-                probs = torch.softmax(self._head(vectors), dim=1)
-        results: list[dict[str, Any] | BaseException] = []
-        at = 0
-        for ts in texts:
-            if isinstance(ts, BaseException):
-                results.append(ts)
-                continue
-            mine = probs[at : at + len(ts)]
-            at += len(ts)
-            labels = [self.labels[i] for i in mine.argmax(dim=1).tolist()]
-            results.append({"label": labels, "probabilities": mine.numpy()})
-        return results
+                return torch.softmax(self._head(vectors), dim=1)
+
+        def answer(_texts: list[str], probs: Any) -> dict[str, Any]:
+            labels = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
+            return {"label": labels, "probabilities": probs.numpy()}
+
+        return run_together(texts, forward, len, answer)
 
 
 def _texts(item: InferItem) -> list[str] | BaseException:

@@ -16,7 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from infergate_worker import InferItem, InvalidInput, Model, TensorSpec, current_context
+from infergate_worker import (
+    InferItem,
+    InvalidInput,
+    Model,
+    TensorSpec,
+    current_context,
+    run_together,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +63,26 @@ class TinyCNN(Model):
 
     def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
         torch = self._torch
-        batches: list[Any] = []
-        for item in items:
-            tensor = item.inputs.get("image")
-            shape = tuple(tensor.shape) if tensor is not None else ()
-            if tensor is None or tensor.datatype != "FP32" or shape[1:] != (3, SIZE, SIZE):
-                batches.append(InvalidInput(f"expected input 'image' FP32 [n, 3, {SIZE}, {SIZE}]"))
-            else:
-                batches.append(torch.from_numpy(tensor.numpy()))
+        images = [self._image(item) for item in items]
         current_context().check()
-        good = [b for b in batches if not isinstance(b, BaseException)]
-        probs = torch.zeros((0, 10))
-        if good:
+
+        def forward(usable: list[Any]) -> Any:
             with torch.inference_mode():
-                probs = torch.softmax(self._net(torch.cat(good)), dim=1)
-        results: list[dict[str, Any] | BaseException] = []
-        at = 0
-        for b in batches:
-            if isinstance(b, BaseException):
-                results.append(b)
-                continue
-            mine = probs[at : at + b.shape[0]]
-            at += b.shape[0]
-            results.append(
-                {
-                    "probabilities": mine.numpy(),
-                    "class": mine.argmax(dim=1).numpy(),
-                    "input_shape": torch.tensor(list(b.shape)).numpy(),
-                }
-            )
-        return results
+                return torch.softmax(self._net(torch.cat(usable)), dim=1)
+
+        def answer(image: Any, probs: Any) -> dict[str, Any]:
+            return {
+                "probabilities": probs.numpy(),
+                "class": probs.argmax(dim=1).numpy(),
+                "input_shape": torch.tensor(list(image.shape)).numpy(),
+            }
+
+        return run_together(images, forward, lambda image: image.shape[0], answer)
+
+    def _image(self, item: InferItem) -> Any:
+        """The item's ``image`` input as a torch tensor, or why it is unusable."""
+        tensor = item.inputs.get("image")
+        shape = tuple(tensor.shape) if tensor is not None else ()
+        if tensor is None or tensor.datatype != "FP32" or shape[1:] != (3, SIZE, SIZE):
+            return InvalidInput(f"expected input 'image' FP32 [n, 3, {SIZE}, {SIZE}]")
+        return self._torch.from_numpy(tensor.numpy())
