@@ -51,6 +51,7 @@ fn the_first_chunk_arrives_long_before_the_generation_ends() {
     let gw = Gateway::start(ECHO_POOL).unwrap();
     let started = Instant::now();
     let mut resp = stream_words(&gw, 40);
+    let rid = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     let mut seen = String::new();
     read_until(&mut resp, &mut seen, |s| s.contains("\"content\":\"w0\""));
     let first = started.elapsed();
@@ -61,6 +62,59 @@ fn the_first_chunk_arrives_long_before_the_generation_ends() {
     assert!(seen.contains("\"content\":\" w39\""), "{seen}");
     // Echo takes 10 ms a word: the first chunk is not held back for the rest.
     assert!(first + Duration::from_millis(250) < last, "first {first:?}, last {last:?}");
+
+    // The access line is written when the stream ends: its whole time and size.
+    let line = access_line(&gw, &rid);
+    let latency = Duration::from_secs_f64(line["latency_ms"].as_f64().unwrap() / 1000.0);
+    assert!(latency + Duration::from_millis(250) > last - first, "logged {latency:?} for a {last:?} stream: {line}");
+    assert_eq!((line["bytes"].as_u64(), line["ended"].as_str()), (Some(seen.len() as u64), Some("complete")));
+}
+
+/// The access line of request `rid`.
+fn access_line(gw: &Gateway, rid: &str) -> serde_json::Value {
+    gw.wait_log(0, Duration::from_secs(3), |v| v["target"] == "access" && v["request_id"] == rid)
+        .unwrap_or_else(|| panic!("no access line for {rid}:\n{}", gw.log_text()))
+        .1
+}
+
+#[test]
+fn a_grpc_stream_that_fails_midway_ends_with_an_error_status_and_is_logged_with_it() {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{ChatMessage, GenerateRequest};
+
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let victim = gw.worker_pid("echo-0").unwrap();
+    let text = (0..500).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (chunks, status) = rt.block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let mut req = tonic::Request::new(GenerateRequest {
+            model: "echo".into(),
+            messages: vec![ChatMessage { role: "user".into(), content: text }],
+            ..Default::default()
+        });
+        req.metadata_mut().insert("x-request-id", "grpc-midway".parse().unwrap());
+        let mut stream = client.generate(req).await.unwrap().into_inner();
+        let mut chunks = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) if chunks == 3 => {
+                    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+                    chunks += 1;
+                }
+                Ok(Some(_)) => chunks += 1,
+                Ok(None) => return (chunks, None),
+                Err(status) => return (chunks, Some(status)),
+            }
+        }
+    });
+    let status = status.unwrap_or_else(|| panic!("the stream ended cleanly after {chunks} chunks"));
+    eprintln!("{chunks} chunks, then {:?}: {}", status.code(), status.message());
+    // The worker went away: UNAVAILABLE, as before the stream's first byte.
+    assert!(chunks < 500 && status.code() == tonic::Code::Unavailable);
+    let line = access_line(&gw, "grpc-midway");
+    assert_eq!(line["grpc_status"].as_i64(), Some(status.code() as i64), "{line}");
+    assert!(line["bytes"].as_u64().unwrap() > 0, "{line}");
 }
 
 #[test]
@@ -204,4 +258,5 @@ fn a_client_that_leaves_a_stream_cancels_the_generation() {
     });
     assert!(cancelled.is_some(), "the worker kept generating:\n{}", gw.log_text());
     eprintln!("worker saw the cancellation {:?} after the client left", left.elapsed());
+    assert_eq!(access_line(&gw, "leaves-early")["ended"], "client-closed");
 }

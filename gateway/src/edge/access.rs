@@ -1,18 +1,26 @@
 //! One access-log line and the request metrics for every REST request, the
 //! request's trace context, and where its time went.
 //!
+//! A whole body is logged at once; a stream (SSE, every gRPC response) when
+//! it ends, with its full latency, its bytes and how it ended.
+//!
 //! Handlers that know which model and variant answered put a [`Served`] in
 //! the response's extensions; the auth middleware puts the caller there.
 //! The line never carries a credential: the caller appears as its key id,
 //! `user:<sub>` or `anonymous`.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http_body::Frame;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -110,10 +118,13 @@ fn grpc_class(code: i32) -> &'static str {
     }
 }
 
-/// Log and count each request once its response head is ready (a stream's
-/// latency is its time to first byte; a gRPC status sent in trailers after
-/// a normal head reads as OK). The request runs in its trace span and
-/// timing scope; every log line inside it carries the request and trace id.
+/// Run the request in its trace span and timing scope (every log line
+/// inside carries the request and trace id), then log and count it once its
+/// response has ended: a whole body at once, a stream (SSE, every gRPC
+/// response) when its last frame is sent or the client leaves, so the line
+/// has the stream's full latency, its bytes, and a gRPC status sent in
+/// trailers. Overhead is measured at the head: after it, a stream's time is
+/// the model's.
 async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let wall = std::time::SystemTime::now();
@@ -125,89 +136,233 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     };
     let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let trace = trace_of(req.headers());
-    let trace_id = trace.trace_id_hex();
     let timings = Arc::new(Timings::default());
-    let span = tracing::info_span!("request", request_id = %request_id, trace_id = %trace_id);
+    let span = tracing::info_span!("request", request_id = %request_id, trace_id = %trace.trace_id_hex());
     let run = timing::scope(timings.clone(), trace::scope(trace, next.run(req)));
     let mut resp = run.instrument(span).await;
-    let latency = started.elapsed();
+    let head = started.elapsed();
     if timings.reached_worker() {
         resp.headers_mut().insert(QUEUE_TIME, millis(timings.queue()));
         resp.headers_mut().insert(INFERENCE_TIME, millis(timings.inference()));
     }
     let status = resp.status();
-    let (class, grpc_status, route) = match surface {
-        Surface::Http => (status_class(status), None, route),
-        Surface::Grpc => {
-            let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok());
-            let code = if status.is_success() { code.unwrap_or(0) } else { tonic::Code::Unavailable as i32 };
-            // A method no service has: its name is the caller's, not a route.
-            let route = if code == tonic::Code::Unimplemented as i32 { "unmatched".to_owned() } else { route };
-            (grpc_class(code), Some(code), route)
-        }
+    let grpc_status = match surface {
+        Surface::Http => None,
+        // A trailers-only answer (an error before any message) has its status in the headers.
+        Surface::Grpc if status.is_success() => Some(grpc_status_of(resp.headers())),
+        Surface::Grpc => Some(Some(tonic::Code::Unavailable as i32)),
     };
+    // A method no service has: its name is the caller's, not a route.
+    let route =
+        if grpc_status == Some(Some(tonic::Code::Unimplemented as i32)) { "unmatched".to_owned() } else { route };
+    metrics::histogram!(crate::telemetry::metrics::GATEWAY_OVERHEAD, "route" => route.clone())
+        .record(timings.overhead(head).as_secs_f64());
     let served = resp.extensions().get::<Served>();
     let caller = resp.extensions().get::<Arc<Caller>>();
-    let model = served.map_or("-", |s| s.model.as_str());
-    let variant = served.and_then(|s| s.variant.as_deref()).unwrap_or("-");
-    let tenant = caller.map_or("-", |c| &*c.tenant);
-    // Known for whole bodies; a stream's size is not known at its head.
-    let bytes = resp
+    let record = Record {
+        surface,
+        method,
+        route,
+        model: served.map_or("-", |s| &s.model).to_owned(),
+        variant: served.and_then(|s| s.variant.as_deref()).unwrap_or("-").to_owned(),
+        tenant: caller.map_or("-", |c| &c.tenant).to_owned(),
+        caller: caller.map_or_else(|| "-".to_owned(), |c| c.id()),
+        status,
+        grpc_status: grpc_status.flatten(),
+        request_id,
+        trace,
+        wall,
+        started,
+        timings,
+    };
+    // Known for whole bodies: logged now. Otherwise the body logs as it ends.
+    let whole = resp
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .or_else(|| axum::body::HttpBody::size_hint(resp.body()).exact());
-    tracing::info!(
-        target: "access",
-        method = %method,
-        route = %route,
-        model,
-        variant,
-        status = status.as_u16(),
-        grpc_status,
-        latency_ms = latency.as_secs_f64() * 1000.0,
-        bytes,
-        caller = caller.map_or_else(|| "-".to_owned(), |c| c.id()),
-        tenant,
-        request_id = %request_id,
-        trace_id = %trace_id,
-        "request"
-    );
-    if otlp::enabled() && trace.sampled {
-        let name = match surface {
-            Surface::Http => format!("{method} {route}"),
-            Surface::Grpc => route.trim_start_matches('/').to_owned(),
-        };
-        let mut attributes: Vec<(&'static str, otlp::Attr)> = vec![
-            ("http.request.method", method.as_str().into()),
-            ("http.route", route.as_str().into()),
-            ("http.response.status_code", i64::from(status.as_u16()).into()),
-            ("infergate.model", model.into()),
-            ("infergate.variant", variant.into()),
-            ("infergate.tenant", tenant.into()),
-            ("infergate.request_id", request_id.as_str().into()),
-        ];
-        if let Some(code) = grpc_status {
-            attributes.push(("rpc.grpc.status_code", i64::from(code).into()));
+        .or_else(|| HttpBody::size_hint(resp.body()).exact());
+    match whole {
+        Some(bytes) if surface == Surface::Http => {
+            record.finish(bytes, Ended::Complete);
+            resp
         }
-        if timings.reached_worker() {
-            attributes.push(("infergate.queue_ms", (timings.queue().as_secs_f64() * 1000.0).into()));
-            attributes.push(("infergate.inference_ms", (timings.inference().as_secs_f64() * 1000.0).into()));
-        }
-        otlp::record(otlp::server_span(&trace, name, wall, latency, class == "5xx", attributes));
+        _ => resp.map(|inner| Body::new(Observed { inner, bytes: 0, record: Some(record) })),
     }
-    metrics::counter!(
-        crate::telemetry::metrics::REQUESTS,
-        "route" => route.clone(),
-        "model" => model.to_owned(),
-        "variant" => variant.to_owned(),
-        "status" => class,
-        "tenant" => tenant.to_owned()
-    )
-    .increment(1);
-    metrics::histogram!(crate::telemetry::metrics::REQUEST_DURATION, "route" => route.clone(), "status" => class)
-        .record(latency.as_secs_f64());
-    metrics::histogram!(crate::telemetry::metrics::GATEWAY_OVERHEAD, "route" => route)
-        .record(timings.overhead(latency).as_secs_f64());
-    resp
+}
+
+/// A gRPC status in `headers` (trailers, or a trailers-only response's head).
+fn grpc_status_of(headers: &HeaderMap) -> Option<i32> {
+    headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+}
+
+/// How a response's body ended.
+#[derive(Clone, Copy, Debug)]
+enum Ended {
+    /// Its last frame was sent.
+    Complete,
+    /// The client left (or the connection broke) before the end.
+    ClientClosed,
+    /// The body failed while being sent.
+    Failed,
+}
+
+impl Ended {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ended::Complete => "complete",
+            Ended::ClientClosed => "client-closed",
+            Ended::Failed => "error",
+        }
+    }
+}
+
+/// What the access line, the span and the request metrics say about one
+/// request, known at its response head; written when the body ends.
+struct Record {
+    surface: Surface,
+    method: http::Method,
+    route: String,
+    model: String,
+    variant: String,
+    tenant: String,
+    caller: String,
+    status: http::StatusCode,
+    grpc_status: Option<i32>,
+    request_id: String,
+    trace: TraceContext,
+    wall: std::time::SystemTime,
+    started: Instant,
+    timings: Arc<Timings>,
+}
+
+impl Record {
+    fn finish(self, bytes: u64, ended: Ended) {
+        let latency = self.started.elapsed();
+        let (route, model, variant, tenant) = (&self.route, &*self.model, &*self.variant, &*self.tenant);
+        let (class, grpc_status) = match self.surface {
+            Surface::Http => (status_class(self.status), None),
+            Surface::Grpc => {
+                // No status at all: the stream never finished (CANCELLED by the client, or broken).
+                let code = self.grpc_status.unwrap_or(match ended {
+                    Ended::ClientClosed => tonic::Code::Cancelled as i32,
+                    Ended::Complete | Ended::Failed => tonic::Code::Unknown as i32,
+                });
+                (grpc_class(code), Some(code))
+            }
+        };
+        let trace_id = self.trace.trace_id_hex();
+        tracing::info!(
+            target: "access",
+            method = %self.method,
+            route = %route,
+            model,
+            variant,
+            status = self.status.as_u16(),
+            grpc_status,
+            latency_ms = latency.as_secs_f64() * 1000.0,
+            bytes,
+            ended = ended.as_str(),
+            caller = %self.caller,
+            tenant,
+            request_id = %self.request_id,
+            trace_id = %trace_id,
+            "request"
+        );
+        if otlp::enabled() && self.trace.sampled {
+            let name = match self.surface {
+                Surface::Http => format!("{} {route}", self.method),
+                Surface::Grpc => route.trim_start_matches('/').to_owned(),
+            };
+            let mut attributes: Vec<(&'static str, otlp::Attr)> = vec![
+                ("http.request.method", self.method.as_str().into()),
+                ("http.route", route.as_str().into()),
+                ("http.response.status_code", i64::from(self.status.as_u16()).into()),
+                ("infergate.model", model.into()),
+                ("infergate.variant", variant.into()),
+                ("infergate.tenant", tenant.into()),
+                ("infergate.request_id", self.request_id.as_str().into()),
+            ];
+            if let Some(code) = grpc_status {
+                attributes.push(("rpc.grpc.status_code", i64::from(code).into()));
+            }
+            if self.timings.reached_worker() {
+                attributes.push(("infergate.queue_ms", (self.timings.queue().as_secs_f64() * 1000.0).into()));
+                attributes.push(("infergate.inference_ms", (self.timings.inference().as_secs_f64() * 1000.0).into()));
+            }
+            otlp::record(otlp::server_span(&self.trace, name, self.wall, latency, class == "5xx", attributes));
+        }
+        metrics::counter!(
+            crate::telemetry::metrics::REQUESTS,
+            "route" => route.clone(),
+            "model" => model.to_owned(),
+            "variant" => variant.to_owned(),
+            "status" => class,
+            "tenant" => tenant.to_owned()
+        )
+        .increment(1);
+        metrics::histogram!(crate::telemetry::metrics::REQUEST_DURATION, "route" => route.clone(), "status" => class)
+            .record(latency.as_secs_f64());
+    }
+}
+
+/// A response body that counts what it sends, reads a gRPC status from its
+/// trailers, and writes the request's [`Record`] when it ends or is dropped.
+struct Observed {
+    inner: Body,
+    bytes: u64,
+    record: Option<Record>,
+}
+
+impl Observed {
+    fn finish(&mut self, ended: Ended) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes, ended);
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if let (Some(trailers), Some(record)) = (frame.trailers_ref(), this.record.as_mut()) {
+                    record.grpc_status = grpc_status_of(trailers).or(record.grpc_status);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(Ended::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(Ended::Failed),
+            Poll::Ready(None) => this.finish(Ended::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // Dropped unfinished: the connection went before the body's end.
+        let ended = if self.inner.is_end_stream() { Ended::Complete } else { Ended::ClientClosed };
+        self.finish(ended);
+    }
 }

@@ -580,13 +580,14 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
     use tonic::Code as C;
     let detail = status.message().to_owned();
     let worker = worker.to_owned();
-    // A broken connection (the process died mid-call) surfaces as a transport
-    // error with code UNKNOWN: the worker is unavailable, not misbehaving.
+
     if never_started(&status) {
         return GatewayError::WorkerRefused { worker, detail };
     }
-    let transport = std::error::Error::source(&status).is_some_and(|e| e.is::<tonic::transport::Error>());
-    if transport {
+    // A status the worker sent has no source; one with a source was made
+    // here from a failed connection or stream (a worker killed mid-stream
+    // reads as an h2 error with code INTERNAL): the worker went away.
+    if std::error::Error::source(&status).is_some() {
         return GatewayError::WorkerUnavailable { worker, detail };
     }
     match status.code() {
@@ -983,6 +984,10 @@ mod tests {
         assert_eq!(map(tonic::Code::InvalidArgument), 400);
         assert_eq!(map(tonic::Code::Internal), 502);
         assert_eq!(map(tonic::Code::Unknown), 502);
+        // The same code made here from a broken connection: the worker went away.
+        let broken = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed because of a broken pipe");
+        let status = tonic::Status::from_error(Box::new(broken));
+        assert!(matches!(from_status("w", status, &d), GatewayError::WorkerUnavailable { .. }));
     }
 
     #[tokio::test(start_paused = true)]
