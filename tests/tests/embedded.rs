@@ -111,7 +111,17 @@ fn embedded_models_answer_as_worker_processes_do_and_fail_only_their_items() {
     });
     assert!(traceback.is_some(), "no traceback in the gateway log:\n{}", gw.log_text());
 
-    // Streaming generation through the same channel.
+    // Streaming generation through the same channel; the model's timings
+    // come back at its end, as from a worker process.
+    let inference_calls = || {
+        let metrics = c.get(gw.url("/metrics")).send().unwrap().text().unwrap();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("infergate_worker_inference_seconds_count{") && l.contains("pool=\"echo-emb\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = inference_calls();
     let chat =
         json!({"model": "echo-embedded", "stream": true, "messages": [{"role": "user", "content": "one two three"}]});
     let sse = c.post(gw.url("/v1/chat/completions")).json(&chat).send().unwrap().text().unwrap();
@@ -123,6 +133,11 @@ fn embedded_models_answer_as_worker_processes_do_and_fail_only_their_items() {
         .collect();
     assert_eq!(words.trim(), "one two three", "{sse}");
     assert!(sse.trim_end().ends_with("data: [DONE]"));
+    let reported = Instant::now();
+    while inference_calls() == before {
+        assert!(reported.elapsed() < Duration::from_secs(3), "the embedded stream reported no timings");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

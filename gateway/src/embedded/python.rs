@@ -171,7 +171,7 @@ impl Host {
                 .call_method1("infer", (request, ctx.obj.bind(py)))
                 .map_err(|e| Failure::of(py, &e))?;
             let reply = reply.extract::<Vec<u8>>().map_err(|e| Failure::of(py, &e))?;
-            Ok((reply, ctx.trailers(py)))
+            Ok((reply, ctx.trailers_in(py)))
         })
     }
 
@@ -195,7 +195,7 @@ impl Host {
                 };
                 results.push(EmbedResult { tokens, result: Some(result) });
             }
-            Ok((results, ctx.trailers(py)))
+            Ok((results, ctx.trailers_in(py)))
         })
     }
 
@@ -221,7 +221,12 @@ impl CallCtx {
         });
     }
 
-    fn trailers(&self, py: Python<'_>) -> Vec<(String, String)> {
+    /// The trailing metadata the servicer set (blocking).
+    pub fn trailers(&self) -> Vec<(String, String)> {
+        Python::attach(|py| self.trailers_in(py))
+    }
+
+    fn trailers_in(&self, py: Python<'_>) -> Vec<(String, String)> {
         self.obj.bind(py).getattr("trailers").and_then(|t| t.extract()).unwrap_or_default()
     }
 }

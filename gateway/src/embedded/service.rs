@@ -111,12 +111,18 @@ impl EmbeddedWorker {
 
 /// The servicer's trailing metadata (its timings) on the response.
 fn with_trailers<T>(mut response: Response<T>, trailers: Vec<(String, String)>) -> Response<T> {
-    for (k, v) in trailers {
+    *response.metadata_mut() = metadata(trailers);
+    response
+}
+
+fn metadata(pairs: Vec<(String, String)>) -> MetadataMap {
+    let mut map = MetadataMap::new();
+    for (k, v) in pairs {
         if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
-            response.metadata_mut().insert(k, v);
+            map.insert(k, v);
         }
     }
-    response
+    map
 }
 
 #[tonic::async_trait]
@@ -180,7 +186,14 @@ impl Worker for EmbeddedWorker {
                 let next = match chunks.next() {
                     Ok(Some(bytes)) => GenerateChunk::decode(bytes.as_slice())
                         .map_err(|e| Status::internal(format!("embedded chunk: {e}"))),
-                    Ok(None) => return,
+                    Ok(None) => {
+                        // The servicer's timings end the stream as a worker
+                        // process sends them, in the trailers: tonic writes a
+                        // stream's final status, with its metadata, as those.
+                        let trailers = metadata(ctx.trailers());
+                        let _ = tx.blocking_send(Err(Status::with_metadata(tonic::Code::Ok, "", trailers)));
+                        return;
+                    }
                     Err(f) => Err(status(&id, f)),
                 };
                 let failed = next.is_err();
