@@ -68,6 +68,15 @@ fn the_first_chunk_arrives_long_before_the_generation_ends() {
     let latency = Duration::from_secs_f64(line["latency_ms"].as_f64().unwrap() / 1000.0);
     assert!(latency + Duration::from_millis(250) > last - first, "logged {latency:?} for a {last:?} stream: {line}");
     assert_eq!((line["bytes"].as_u64(), line["ended"].as_str()), (Some(seen.len() as u64), Some("complete")));
+    // So is the duration metric; the time to first byte is the first token's.
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    let sum = |metric: &str| -> f64 {
+        let route = "route=\"/v1/chat/completions\"";
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{metric}_sum{{")) && l.contains(route));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {metric}:\n{metrics}"))
+    };
+    let (whole, head) = (sum("infergate_request_duration_seconds"), sum("infergate_time_to_first_byte_seconds"));
+    assert!(head + 0.25 < whole, "first byte {head} s, whole stream {whole} s");
 }
 
 /// The access line of request `rid`.

@@ -155,6 +155,8 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     // A method no service has: its name is the caller's, not a route.
     let route =
         if grpc_status == Some(Some(tonic::Code::Unimplemented as i32)) { "unmatched".to_owned() } else { route };
+    metrics::histogram!(crate::telemetry::metrics::TIME_TO_FIRST_BYTE, "route" => route.clone())
+        .record(head.as_secs_f64());
     metrics::histogram!(crate::telemetry::metrics::GATEWAY_OVERHEAD, "route" => route.clone())
         .record(timings.overhead(head).as_secs_f64());
     let served = resp.extensions().get::<Served>();

@@ -19,8 +19,12 @@ pub const QUEUE_REJECTIONS: &str = "infergate_queue_rejections_total";
 /// Requests answered, by `route` (the matched route pattern), `model`,
 /// `variant`, `status` class (`2xx`, `4xx`, `5xx`) and caller `tenant`.
 pub const REQUESTS: &str = "infergate_requests_total";
-/// Seconds from request to response headers, by `route` and `status` class.
+/// Seconds from request to the end of the response (a stream until its last
+/// frame), by `route` and `status` class.
 pub const REQUEST_DURATION: &str = "infergate_request_duration_seconds";
+/// Seconds from request to response headers, by `route`: for a chat stream,
+/// its first token (the head waits for it, so a failure before it can fall back).
+pub const TIME_TO_FIRST_BYTE: &str = "infergate_time_to_first_byte_seconds";
 /// Calls tried again on a worker, by `pool`.
 pub const RETRIES: &str = "infergate_retries_total";
 /// Workers taken out of balancing by outlier detection, by `pool` and `worker`.
@@ -75,6 +79,7 @@ const BUCKETS: &[(&str, &[f64])] = &[
     (BATCH_QUEUE_WAIT, WAITS),
     (WORKER_QUEUE_TIME, WAITS),
     (REQUEST_DURATION, DURATIONS),
+    (TIME_TO_FIRST_BYTE, DURATIONS),
     (WORKER_CALL_DURATION, DURATIONS),
     (WORKER_INFERENCE_TIME, DURATIONS),
     // The gateway's own share is tens of microseconds on a good day.
@@ -113,7 +118,8 @@ fn describe() {
     use metrics::{describe_counter as counter, describe_gauge as gauge, describe_histogram as histogram};
     counter!(AUTH_FAILURES, "Requests refused by authentication, by reason");
     counter!(REQUESTS, "Requests answered, by route, model, variant, status class and tenant");
-    histogram!(REQUEST_DURATION, Seconds, "Request to response headers");
+    histogram!(REQUEST_DURATION, Seconds, "Request to the end of the response");
+    histogram!(TIME_TO_FIRST_BYTE, Seconds, "Request to response headers (a chat stream's first token)");
     histogram!(GATEWAY_OVERHEAD, Seconds, "Request latency less queueing and worker calls");
     counter!(LIMIT_REJECTIONS, "Requests refused by a limit, by limit");
     counter!(LIMITS_FALLBACK, "Limit decisions taken without Redis, by fallback");
