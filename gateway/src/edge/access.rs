@@ -146,15 +146,15 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         resp.headers_mut().insert(INFERENCE_TIME, millis(timings.inference()));
     }
     let status = resp.status();
+    // Usually sent in the trailers; a trailers-only answer (an error before
+    // any message) has it in the headers.
     let grpc_status = match surface {
         Surface::Http => None,
-        // A trailers-only answer (an error before any message) has its status in the headers.
-        Surface::Grpc if status.is_success() => Some(grpc_status_of(resp.headers())),
-        Surface::Grpc => Some(Some(tonic::Code::Unavailable as i32)),
+        Surface::Grpc if status.is_success() => grpc_status_of(resp.headers()),
+        Surface::Grpc => Some(tonic::Code::Unavailable as i32),
     };
     // A method no service has: its name is the caller's, not a route.
-    let route =
-        if grpc_status == Some(Some(tonic::Code::Unimplemented as i32)) { "unmatched".to_owned() } else { route };
+    let route = if grpc_status == Some(tonic::Code::Unimplemented as i32) { "unmatched".to_owned() } else { route };
     metrics::histogram!(crate::telemetry::metrics::TIME_TO_FIRST_BYTE, "route" => route.clone())
         .record(head.as_secs_f64());
     metrics::histogram!(crate::telemetry::metrics::GATEWAY_OVERHEAD, "route" => route.clone())
@@ -170,7 +170,7 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         tenant: caller.map_or("-", |c| &c.tenant).to_owned(),
         caller: caller.map_or_else(|| "-".to_owned(), |c| c.id()),
         status,
-        grpc_status: grpc_status.flatten(),
+        grpc_status,
         request_id,
         trace,
         wall,
