@@ -85,22 +85,56 @@ impl Gateway {
         Self::launch(extra, filter, None)
     }
 
+    /// Start `infergate serve` as `make run` does, with its embedded default
+    /// config (from the workspace root), on ephemeral ports; wait until
+    /// every pool is ready, at most `ready_within`.
+    pub fn start_default(ready_within: Duration) -> anyhow::Result<Self> {
+        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::launch_with(None, "info", ready_within, Some(serial))
+    }
+
     fn launch(extra: &str, filter: &str, serial: Option<std::sync::MutexGuard<'static, ()>>) -> anyhow::Result<Self> {
+        Self::launch_with(Some(extra), filter, Duration::from_secs(60), serial)
+    }
+
+    /// `extra` config on top of the test settings, or none: the embedded
+    /// default with the test settings as `INFERGATE__…` overrides.
+    fn launch_with(
+        extra: Option<&str>,
+        filter: &str,
+        ready_within: Duration,
+        serial: Option<std::sync::MutexGuard<'static, ()>>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(dir.join("sockets"))?;
         let dir = TempDir(dir);
-        let config = format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
-             [workers]\npython = \"{}\"\nsocket_dir = \"{}\"\n{extra}",
-            python().display(),
-            dir.0.join("sockets").display()
-        );
-        let config = merge_sections(&config);
-        let path = dir.0.join("infergate.toml");
-        std::fs::write(&path, config)?;
-        let mut child = Command::new(gateway_bin())
-            .args(["serve", "--config"])
-            .arg(&path)
+        let settings = [
+            ("http", "listen", "127.0.0.1:0".to_owned()),
+            ("grpc", "listen", "127.0.0.1:0".to_owned()),
+            ("log", "format", "json".to_owned()),
+            ("workers", "python", python().display().to_string()),
+            ("workers", "socket_dir", dir.0.join("sockets").display().to_string()),
+        ];
+        let mut command = Command::new(gateway_bin());
+        command.arg("serve");
+        match extra {
+            Some(extra) => {
+                let mut config = String::new();
+                for (section, key, value) in &settings {
+                    config += &format!("[{section}]\n{key} = \"{value}\"\n");
+                }
+                let path = dir.0.join("infergate.toml");
+                std::fs::write(&path, merge_sections(&(config + extra)))?;
+                command.arg("--config").arg(&path);
+            }
+            None => {
+                command.current_dir(root());
+                for (section, key, value) in &settings {
+                    command.env(format!("INFERGATE__{}__{}", section.to_uppercase(), key.to_uppercase()), value);
+                }
+            }
+        }
+        let mut child = command
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -120,7 +154,7 @@ impl Gateway {
             .context("gateway never logged its addresses")?;
         let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
         let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir, _serial: serial };
-        gw.wait_ready(Duration::from_secs(60))?;
+        gw.wait_ready(ready_within)?;
         Ok(gw)
     }
 

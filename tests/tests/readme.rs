@@ -1,0 +1,88 @@
+//! The README's "Try it" examples, run as written against `infergate serve`
+//! with its embedded default config (what `make run` starts). Only the
+//! addresses change: the test's gateway listens on ephemeral ports.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::process::Command;
+use std::time::Duration;
+
+use infergate_e2e::{Gateway, root};
+
+/// One example: its command (the indented block) and what the README says
+/// it prints (the first `code` after "prints", if the next paragraph has one).
+struct Example {
+    command: String,
+    prints: Option<String>,
+}
+
+/// The indented blocks of the README section headed `heading`.
+fn examples(heading: &str) -> Vec<Example> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let (_, section) = readme.split_once(&format!("\n## {heading}\n")).unwrap_or_else(|| panic!("no {heading}"));
+    let section = section.split_once("\n## ").map_or(section, |(it, _)| it);
+    let mut out: Vec<Example> = Vec::new();
+    let mut block: Vec<&str> = Vec::new();
+    for line in section.lines() {
+        if let Some(code) = line.strip_prefix("    ") {
+            block.push(code);
+        } else if !line.trim().is_empty() && !block.is_empty() {
+            // The line right after a block says what it prints.
+            let prints = line.strip_prefix("prints `").and_then(|rest| rest.split('`').next()).map(str::to_owned);
+            out.push(Example { command: block.join("\n"), prints });
+            block.clear();
+        }
+    }
+    assert!(block.is_empty(), "the section ends in a block without a word on what it prints");
+    out
+}
+
+/// Run `command` with bash from the workspace root, aimed at `gw`.
+fn run(gw: &Gateway, command: &str) -> String {
+    let command =
+        command.replace("127.0.0.1:8080", &gw.http.to_string()).replace("127.0.0.1:50051", &gw.grpc.to_string());
+    let out = Command::new("bash").args(["-euo", "pipefail", "-c", &command]).current_dir(root()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{command}\nfailed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[test]
+fn the_try_it_examples_work_as_written_against_the_default_config() {
+    let examples = examples("Try it");
+    let gw = Gateway::start_default(Duration::from_secs(180)).unwrap();
+    let find = |needle: &str| {
+        examples.iter().find(|e| e.command.contains(needle)).unwrap_or_else(|| panic!("no example with {needle}"))
+    };
+
+    // Those whose exact output the README gives.
+    let exact = ["/v1/embeddings", "\"shape\": [2, 2]", "/v2/models/sentiment/infer", "pb.EmbedRequest"];
+    for needle in exact {
+        let example = find(needle);
+        let said = example.prints.as_deref().unwrap_or_else(|| panic!("no `prints` after {}", example.command));
+        assert_eq!(run(&gw, &example.command).trim(), said, "{}", example.command);
+    }
+
+    let headers = run(&gw, &find("grep -i '^x-'").command);
+    for name in ["x-cache: miss", "x-infergate-queue-time: ", "x-infergate-inference-time: ", "x-request-id: "] {
+        assert!(headers.contains(name), "no {name} in:\n{headers}");
+    }
+
+    let chat = run(&gw, &find("/v1/chat/completions").command);
+    assert!(chat.contains("\"delta\":{\"content\":\" flow\"}"), "{chat}");
+    assert!(chat.contains("\"finish_reason\":\"stop\""), "{chat}");
+    assert!(chat.trim_end().ends_with("data: [DONE]"), "{chat}");
+
+    let rag = run(&gw, &find("model=\"rag\"").command);
+    assert!(rag.starts_with("Extractive answer (no language model is configured)"), "{rag}");
+    assert!(rag.contains("[docs/") || rag.contains("[README.md"), "no source in:\n{rag}");
+
+    let deadline = run(&gw, &find("x-request-timeout: 300ms").command);
+    assert!(deadline.starts_with("HTTP/1.1 504"), "{deadline}");
+
+    // Every example of the section is one of the above.
+    assert_eq!(examples.len(), exact.len() + 4, "an example without a check: {:#?}", commands(&examples));
+}
+
+fn commands(examples: &[Example]) -> Vec<&str> {
+    examples.iter().map(|e| e.command.as_str()).collect()
+}
