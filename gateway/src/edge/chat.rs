@@ -80,22 +80,32 @@ pub fn estimate(req: &GenerateRequest) -> u64 {
 /// ignored, as OpenAI-compatible servers do).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ChatRequest {
+    #[schema(min_length = 1)]
     pub model: String,
+    /// At most 1,024 (`MAX_MESSAGES`).
+    #[schema(min_items = 1, max_items = 1024)]
     pub messages: Vec<MessageJson>,
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    /// At most 2^20 (`MAX_TOKENS`).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub max_tokens: Option<i64>,
     /// The newer name of `max_tokens`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
+    #[schema(schema_with = stop_schema)]
     pub stop: Option<Stop>,
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Only one choice is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
@@ -106,16 +116,45 @@ pub struct ChatRequest {
 /// One message: `content` is a string, or a list of text parts.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct MessageJson {
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     pub role: String,
     #[serde(default)]
+    #[schema(value_type = Content, required = true)]
     pub content: Value,
 }
 
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// A message's content: a string, or a list of text parts.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code, reason = "a schema only: content is read from JSON as it comes")]
+enum Content {
+    Text(String),
+    Parts(Vec<TextPart>),
+}
+
+/// A text part of a message's content.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "a schema only")]
+struct TextPart {
+    #[schema(pattern = "^text$")]
+    r#type: String,
+    text: String,
+}
+
+/// One stop string or up to [`MAX_STOP`] of them.
+#[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+/// The schema of `stop`: a non-empty string, or up to [`MAX_STOP`] of them.
+fn stop_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+    let many = ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(MAX_STOP));
+    OneOfBuilder::new().item(ObjectBuilder::new().schema_type(Type::Null)).item(text()).item(many).into()
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]

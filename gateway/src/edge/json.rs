@@ -281,13 +281,35 @@ pub fn infer_response_json(info: &ModelInfo, id: String, out: InferOutputs) -> I
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
     pub model: String,
+    #[schema(schema_with = input_schema)]
     pub input: Value,
     #[serde(default)]
+    #[schema(value_type = Option<EncodingFormatName>)]
     pub encoding_format: Option<String>,
+    /// Must be the model's own (no truncation).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub dimensions: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
+}
+
+/// The schema of `input`: a text, or up to [`MAX_EMBED_INPUTS`] of them
+/// (token arrays are not supported).
+fn input_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    let many = ArrayBuilder::new().items(text()).min_items(Some(1)).max_items(Some(MAX_EMBED_INPUTS));
+    OneOfBuilder::new().item(text()).item(many).into()
+}
+
+/// How vectors are written: `float` (default) or `base64` (little-endian f32).
+#[derive(utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code, reason = "a schema only")]
+enum EncodingFormatName {
+    Float,
+    Base64,
 }
 
 /// How vectors are written in the answer.
