@@ -36,6 +36,12 @@ pub fn gateway_bin() -> PathBuf {
 /// within 5 s) are about the gateway, not about 2 cores shared by several.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Hold while running a gateway the harness does not start (a script's):
+/// the same one-at-a-time rule.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A running gateway; killed (with its workers) on drop.
 pub struct Gateway {
     child: Child,
@@ -64,13 +70,13 @@ impl Gateway {
     /// ephemeral ports, and wait until every pool is ready.
     pub fn start(extra: &str) -> anyhow::Result<Self> {
         // A test that failed while holding the lock poisons it; the lock is still good.
-        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let serial = one_at_a_time();
         Self::launch(extra, "info", Some(serial))
     }
 
     /// Like [`Gateway::start`] with a log filter of the test's choosing.
     pub fn start_logging(extra: &str, filter: &str) -> anyhow::Result<Self> {
-        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let serial = one_at_a_time();
         Self::launch(extra, filter, Some(serial))
     }
 
@@ -89,7 +95,7 @@ impl Gateway {
     /// config (from the workspace root), on ephemeral ports; wait until
     /// every pool is ready, at most `ready_within`.
     pub fn start_default(ready_within: Duration) -> anyhow::Result<Self> {
-        let serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let serial = one_at_a_time();
         Self::launch_with(None, "info", ready_within, Some(serial))
     }
 

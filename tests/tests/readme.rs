@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use infergate_e2e::{Gateway, root};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 /// One example: its command (the indented block) and what the README says
 /// it prints (the first `code` after "prints", if the next paragraph has one).
@@ -85,4 +87,59 @@ fn the_try_it_examples_work_as_written_against_the_default_config() {
 
 fn commands(examples: &[Example]) -> Vec<&str> {
     examples.iter().map(|e| e.command.as_str()).collect()
+}
+
+/// The fenced `sh` block of the README that contains `needle`.
+fn sh_block(needle: &str) -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("\n```").map(|(block, _)| block))
+        .find(|block| block.contains(needle))
+        .unwrap_or_else(|| panic!("no sh block with {needle}"))
+        .to_owned()
+}
+
+#[test]
+fn the_auth_worked_example_answers_401_then_200s_then_429_with_ratelimit_headers() {
+    let _serial = infergate_e2e::one_at_a_time();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("infergate-auth-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As written, but with the binary under test, a free port, and run in a
+    // scratch folder (it writes its key and config files where it runs).
+    let script = sh_block("infergate keys new")
+        .replace("./target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
+        .replace("localhost:8080", &format!("127.0.0.1:{port}"));
+    // Its own process group (`timeout` makes one), so that whatever it
+    // leaves running — its gateway, had a step failed before `kill %1` —
+    // is stopped with it.
+    let mut child = Command::new("timeout")
+        .args(["120", "bash", "-c", &format!("set -euo pipefail\n{script}")])
+        .env("INFERGATE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("INFERGATE__GRPC__LISTEN", "127.0.0.1:0")
+        .env("INFERGATE__WORKERS__PYTHON", infergate_e2e::python())
+        .current_dir(&dir)
+        // Files, not pipes: the gateway it starts in the background holds them.
+        .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let group = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let status = child.wait().unwrap();
+    let _ = killpg(group, Signal::SIGTERM);
+    let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap();
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
+    // `kill %1` asked it to stop: it must let go of the port.
+    let gone = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(gone.elapsed() < Duration::from_secs(30), "the demo gateway did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{script}\nfailed: {stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.get(..5), Some(&["401", "200", "200", "200", "429"][..]), "{stdout}");
+    assert!(lines.len() > 5 && lines[5..].iter().all(|l| l.to_lowercase().starts_with("ratelimit")), "{stdout}");
 }
