@@ -382,11 +382,10 @@ impl Dns {
         let dir = TempDir(dir);
         let zone = dir.0.join("zone.json");
         std::fs::write(&zone, "{}")?;
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        // It picks its own port: one free for both UDP and TCP.
         let mut child = Command::new(python())
             .arg(root().join("tests/workers/dns_server.py"))
             .arg(&zone)
-            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -397,7 +396,11 @@ impl Dns {
             &mut std::io::BufReader::new(child.stdout.take().context("no stdout")?),
             &mut first,
         )?;
-        anyhow::ensure!(first.starts_with("dns on"), "the DNS server did not start: {first:?}");
+        let port = first
+            .trim()
+            .strip_prefix("dns on 127.0.0.1:")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("the DNS server did not start: {first:?}"))?;
         Ok(Self { child, zone, _dir: dir, port })
     }
 

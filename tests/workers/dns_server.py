@@ -1,13 +1,15 @@
 """A DNS server whose records the test controls: answers A and AAAA queries
 from a JSON file (``{"name.": ["127.0.0.2", "::1"]}``), read again on every
 query, so a test adds and removes workers by rewriting the file. Unknown
-names get NXDOMAIN. UDP and TCP on one port.
+names get NXDOMAIN. UDP and TCP on one port, which it picks and prints
+(``dns on 127.0.0.1:PORT``).
 
-    python dns_server.py ZONE.json PORT
+    python dns_server.py ZONE.json
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import sys
@@ -42,17 +44,32 @@ class ZoneFile(BaseResolver):
 
 
 def main() -> None:
-    zone, port = Path(sys.argv[1]), int(sys.argv[2])
-    resolver = ZoneFile(zone)
-    servers = [
-        DNSServer(resolver, address="127.0.0.1", port=port, tcp=tcp, logger=_Quiet())
-        for tcp in (False, True)
-    ]
+    zone = Path(sys.argv[1])
+    servers = serve(ZoneFile(zone))
     for s in servers:
         s.start_thread()
+    port = servers[0].server.server_address[1]
     print(f"dns on 127.0.0.1:{port}", flush=True)
     while all(s.isAlive() for s in servers):
         time.sleep(0.5)
+
+
+def serve(resolver: BaseResolver) -> list[DNSServer]:
+    """UDP and TCP servers on one free port: the system picks a free UDP
+    port, which may be taken for TCP (by any connection's local end); then
+    try another."""
+    for _ in range(100):
+        udp = DNSServer(resolver, address="127.0.0.1", port=0, logger=_Quiet())
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(resolver, address="127.0.0.1", port=port, tcp=True, logger=_Quiet())
+        except OSError as exc:
+            udp.server.server_close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return [udp, tcp]
+    raise SystemExit("no port free for both UDP and TCP")
 
 
 class _Quiet:
