@@ -26,6 +26,14 @@ pub enum GatewayError {
     /// before decoding: a decompression bomb costs nothing).
     #[error("the image declares {width}x{height} pixels, more than the {max_pixels} allowed")]
     ImageTooLarge { width: u32, height: u32, max_pixels: u64 },
+    /// The request body did not arrive in time (`body_timeout`), or came
+    /// slower than `min_body_rate`.
+    #[error("request body too slow: {received} bytes in {}", humantime::format_duration(*.after))]
+    BodyTimeout { received: u64, after: Duration },
+    /// With auth off, only local `Host` names (or `http.allowed_hosts`) are
+    /// served, so a web page cannot drive the gateway through a rebound name.
+    #[error("host {host:?} is not served here (see http.allowed_hosts)")]
+    HostNotAllowed { host: String },
     /// No such route.
     #[error("no route for {path}")]
     RouteNotFound { path: String },
@@ -135,6 +143,12 @@ impl GatewayError {
             }
             E::ImageTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "image-too-large", "Image too large")
+            }
+            E::BodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, C::DeadlineExceeded, "request-body-timeout", "Request body too slow")
+            }
+            E::HostNotAllowed { .. } => {
+                (StatusCode::MISDIRECTED_REQUEST, C::PermissionDenied, "host-not-allowed", "Host not allowed")
             }
             E::RouteNotFound { .. } => (StatusCode::NOT_FOUND, C::Unimplemented, "route-not-found", "Route not found"),
             E::MethodNotAllowed => {
@@ -357,6 +371,8 @@ mod tests {
             GatewayError::PayloadTooLarge { limit: 10 },
             GatewayError::ModelNotFound { model: "x".into() },
             GatewayError::RouteNotFound { path: "/x".into() },
+            GatewayError::BodyTimeout { received: 1, after: Duration::from_secs(30) },
+            GatewayError::HostNotAllowed { host: "evil.example".into() },
             GatewayError::ModelRejected { detail: "bad shape".into() },
         ];
         for err in client_errors {

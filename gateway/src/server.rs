@@ -198,10 +198,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         pools = config.pools.len(),
         "infergate listening"
     );
-    let http =
-        tokio::spawn(edge::conn::serve("http", http_listener, http_app, config.http_connections, draining.clone()));
-    let grpc =
-        tokio::spawn(edge::conn::serve("grpc", grpc_listener, grpc_app, config.grpc_connections, draining.clone()));
+    let http = tokio::spawn(edge::conn::serve(
+        "http",
+        http_listener,
+        http_app,
+        config.http_connections.clone(),
+        draining.clone(),
+    ));
+    let grpc = tokio::spawn(edge::conn::serve(
+        "grpc",
+        grpc_listener,
+        grpc_app,
+        config.grpc_connections.clone(),
+        draining.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?config.shutdown_grace, "draining: no new connections, finishing in-flight requests");

@@ -80,29 +80,48 @@ pub struct Config {
     pub raw: RawConfig,
 }
 
-/// Bounds on one listener's client connections.
-#[derive(Debug, Clone, Copy)]
+/// Bounds on one listener's client connections (see `conn_view` in raw.rs
+/// for what each means).
+#[derive(Debug, Clone)]
 pub struct ConnLimits {
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Peers that speak for many clients: not held to the per-client cap.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Bytes a second; 0: no floor.
+    pub min_body_rate: u64,
+    pub max_concurrent_streams: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
 }
 
 impl ConnLimits {
-    fn from_raw(
-        section: &str,
-        max_connections: u32,
-        idle_timeout: &str,
-        keepalive_interval: &str,
-        keepalive_timeout: &str,
-    ) -> Result<Self, ConfigError> {
+    fn from_raw(section: &str, raw: &raw::RawConn<'_>, trusted_proxies: &[ipnet::IpNet]) -> Result<Self, ConfigError> {
         let key = |k: &str| format!("{section}.{k}");
+        let max_connections = positive_size(&key("max_connections"), raw.max_connections.into())?;
         Ok(Self {
-            max_connections: positive_size(&key("max_connections"), max_connections.into())?,
-            idle_timeout: duration(&key("idle_timeout"), idle_timeout)?,
-            keepalive_interval: duration(&key("keepalive_interval"), keepalive_interval)?,
-            keepalive_timeout: duration(&key("keepalive_timeout"), keepalive_timeout)?,
+            max_connections,
+            max_connections_per_client: positive_size(
+                &key("max_connections_per_client"),
+                raw.max_connections_per_client.into(),
+            )?,
+            trusted_proxies: trusted_proxies.to_vec(),
+            handshake_timeout: duration(&key("handshake_timeout"), raw.handshake_timeout)?,
+            header_timeout: duration(&key("header_timeout"), raw.header_timeout)?,
+            idle_timeout: duration(&key("idle_timeout"), raw.idle_timeout)?,
+            body_timeout: duration(&key("body_timeout"), raw.body_timeout)?,
+            min_body_rate: raw.min_body_rate,
+            max_concurrent_streams: u32::try_from(positive_size(
+                &key("max_concurrent_streams"),
+                raw.max_concurrent_streams.into(),
+            )?)
+            .unwrap_or(u32::MAX),
+            keepalive_interval: duration(&key("keepalive_interval"), raw.keepalive_interval)?,
+            keepalive_timeout: duration(&key("keepalive_timeout"), raw.keepalive_timeout)?,
         })
     }
 }
@@ -213,6 +232,7 @@ impl Config {
             return Err(invalid("grpc.listen", "must differ from http.listen"));
         }
         let max_body_bytes = positive_size("http.max_body_bytes", raw.http.max_body_bytes)?;
+        let trusted_proxies = policy::trusted_proxies(&raw.http.trusted_proxies)?;
         let max_message_bytes = positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
         let w = &raw.workers;
         let workers = WorkersConfig {
@@ -327,21 +347,9 @@ impl Config {
             sse_keep_alive: duration("http.sse_keep_alive", &raw.http.sse_keep_alive)?,
             max_image_pixels: positive_size("http.max_image_pixels", raw.http.max_image_pixels)? as u64,
             grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
-            http_connections: ConnLimits::from_raw(
-                "http",
-                raw.http.max_connections,
-                &raw.http.idle_timeout,
-                &raw.http.keepalive_interval,
-                &raw.http.keepalive_timeout,
-            )?,
-            grpc_connections: ConnLimits::from_raw(
-                "grpc",
-                raw.grpc.max_connections,
-                &raw.grpc.idle_timeout,
-                &raw.grpc.keepalive_interval,
-                &raw.grpc.keepalive_timeout,
-            )?,
-            trusted_proxies: policy::trusted_proxies(&raw.http.trusted_proxies)?,
+            http_connections: ConnLimits::from_raw("http", &raw.http.conn(), &trusted_proxies)?,
+            grpc_connections: ConnLimits::from_raw("grpc", &raw.grpc.conn(), &trusted_proxies)?,
+            trusted_proxies,
             auth: AuthConfig::from_raw(&raw.auth)?,
             limits: LimitsConfig::from_raw(&raw.limits)?,
             redis: RedisConfig::from_raw(&raw.redis)?,

@@ -118,9 +118,24 @@ pub struct RawHttp {
     pub trusted_proxies: Vec<String>,
     /// Client connections open at once; one more is accepted and closed.
     pub max_connections: u32,
-    /// An HTTP/1.1 connection waiting this long for a request head is closed
-    /// (idle keep-alive and slow headers alike).
+    /// Connections one client address may hold at once (the TCP peer; a
+    /// trusted proxy is not limited, since it speaks for many clients).
+    pub max_connections_per_client: u32,
+    /// A new connection must send its first request head (HTTP/1.1) or the
+    /// HTTP/2 preface and SETTINGS within this, or it is closed.
+    pub handshake_timeout: String,
+    /// An HTTP/1.1 request head must be complete this long after its first byte.
+    pub header_timeout: String,
+    /// A connection with no request in flight (HTTP/1.1 keep-alive, or
+    /// HTTP/2 with no open stream, pings or not) is closed after this.
     pub idle_timeout: String,
+    /// A request body must have arrived this long after its head ...
+    pub body_timeout: String,
+    /// ... and, after its first 5 s, at no less than this many bytes a
+    /// second (0: no rate floor).
+    pub min_body_rate: u64,
+    /// HTTP/2: streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// HTTP/2: ping a connection this often, and close it when the ping is
     /// not answered within `keepalive_timeout` (finds dead peers).
     pub keepalive_interval: String,
@@ -140,7 +155,13 @@ impl Default for RawHttp {
             max_in_flight: 1024,
             trusted_proxies: Vec::new(),
             max_connections: 16_384,
+            max_connections_per_client: 1024,
+            handshake_timeout: "10s".into(),
+            header_timeout: "10s".into(),
             idle_timeout: "60s".into(),
+            body_timeout: "30s".into(),
+            min_body_rate: 1024,
+            max_concurrent_streams: 256,
             keepalive_interval: "30s".into(),
             keepalive_timeout: "10s".into(),
             sse_keep_alive: "15s".into(),
@@ -148,6 +169,44 @@ impl Default for RawHttp {
         }
     }
 }
+
+/// The connection settings `[http]` and `[grpc]` share, borrowed from either.
+pub struct RawConn<'a> {
+    pub max_connections: u32,
+    pub max_connections_per_client: u32,
+    pub handshake_timeout: &'a str,
+    pub header_timeout: &'a str,
+    pub idle_timeout: &'a str,
+    pub body_timeout: &'a str,
+    pub min_body_rate: u64,
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: &'a str,
+    pub keepalive_timeout: &'a str,
+}
+
+macro_rules! conn_view {
+    ($t:ty) => {
+        impl $t {
+            /// This listener's connection settings.
+            pub fn conn(&self) -> RawConn<'_> {
+                RawConn {
+                    max_connections: self.max_connections,
+                    max_connections_per_client: self.max_connections_per_client,
+                    handshake_timeout: &self.handshake_timeout,
+                    header_timeout: &self.header_timeout,
+                    idle_timeout: &self.idle_timeout,
+                    body_timeout: &self.body_timeout,
+                    min_body_rate: self.min_body_rate,
+                    max_concurrent_streams: self.max_concurrent_streams,
+                    keepalive_interval: &self.keepalive_interval,
+                    keepalive_timeout: &self.keepalive_timeout,
+                }
+            }
+        }
+    };
+}
+conn_view!(RawHttp);
+conn_view!(RawGrpc);
 
 /// `[grpc]`: the gRPC (and grpc-web) edge.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -159,7 +218,13 @@ pub struct RawGrpc {
     pub max_in_flight: u32,
     /// Same meaning as under `[http]`.
     pub max_connections: u32,
+    pub max_connections_per_client: u32,
+    pub handshake_timeout: String,
+    pub header_timeout: String,
     pub idle_timeout: String,
+    pub body_timeout: String,
+    pub min_body_rate: u64,
+    pub max_concurrent_streams: u32,
     pub keepalive_interval: String,
     pub keepalive_timeout: String,
 }
@@ -171,7 +236,13 @@ impl Default for RawGrpc {
             max_message_bytes: 10 * 1024 * 1024,
             max_in_flight: 1024,
             max_connections: 4096,
+            max_connections_per_client: 1024,
+            handshake_timeout: "10s".into(),
+            header_timeout: "10s".into(),
             idle_timeout: "60s".into(),
+            body_timeout: "30s".into(),
+            min_body_rate: 1024,
+            max_concurrent_streams: 256,
             keepalive_interval: "30s".into(),
             keepalive_timeout: "10s".into(),
         }

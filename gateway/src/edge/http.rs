@@ -150,7 +150,13 @@ async fn read_body(state: &EdgeState, headers: &HeaderMap, body: Body) -> Result
     let mut buf = bytes::BytesMut::new();
     let mut body = body;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| GatewayError::invalid("body", format!("cannot read body: {e}")))?;
+        let frame = frame.map_err(|e| {
+            let e = e.into_inner();
+            match super::conn::body::timed_out(e.as_ref()) {
+                Some(t) => GatewayError::BodyTimeout { received: t.received, after: t.after },
+                None => GatewayError::invalid("body", format!("cannot read body: {e}")),
+            }
+        })?;
         let Ok(data) = frame.into_data() else { continue };
         if buf.len() + data.len() > limit {
             drain(body).await;

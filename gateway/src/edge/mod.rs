@@ -51,24 +51,35 @@ pub struct EdgeState {
     pub draining: CancellationToken,
 }
 
-/// Admit at most `limit` requests at once into `router`; shed the rest
-/// immediately with `shed(limit)` rather than queueing them without bound.
-pub fn with_in_flight_limit<F>(router: axum::Router, limit: usize, shed: F) -> axum::Router
-where
-    F: Fn(usize) -> axum::response::Response + Clone + Send + Sync + 'static,
-{
-    router.layer(
-        tower::ServiceBuilder::new()
-            // Turn the load-shed error into the caller's protocol.
-            .layer(axum::error_handling::HandleErrorLayer::new(move |_: tower::BoxError| {
-                let shed = shed.clone();
-                async move { shed(limit) }
-            }))
-            // Refuse at once when no permit is free ...
-            .layer(tower::load_shed::LoadShedLayer::new())
-            // ... of this many.
-            .layer(tower::limit::ConcurrencyLimitLayer::new(limit)),
-    )
+/// Admit at most `limit` requests at once into `router`, across all its
+/// routes; shed the rest immediately with `shed(limit)` rather than queueing
+/// them without bound. A request holds its permit until its response head.
+pub fn with_in_flight_limit(
+    router: axum::Router,
+    limit: usize,
+    shed: fn(usize) -> axum::response::Response,
+) -> axum::Router {
+    // `Router::layer` wraps each route on its own: the one semaphore is
+    // shared through the middleware's state, so the bound is the listener's.
+    let gate = Arc::new(InFlightGate { permits: tokio::sync::Semaphore::new(limit), limit, shed });
+    router.layer(axum::middleware::from_fn_with_state(gate, admit))
+}
+
+struct InFlightGate {
+    permits: tokio::sync::Semaphore,
+    limit: usize,
+    shed: fn(usize) -> axum::response::Response,
+}
+
+async fn admit(
+    axum::extract::State(gate): axum::extract::State<Arc<InFlightGate>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Ok(_permit) = gate.permits.try_acquire() else {
+        return (gate.shed)(gate.limit);
+    };
+    next.run(req).await
 }
 
 /// The caller the policy middleware attached to a request (anonymous from

@@ -197,6 +197,32 @@ async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
     assert_eq!(held.await.unwrap(), 200);
 }
 
+/// `http.max_in_flight` is one bound for the listener: a call held on one
+/// route leaves no permit for another route.
+#[tokio::test]
+async fn the_in_flight_limit_is_shared_by_every_route() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (state, fake) = state(Fake { ready: true, gate: Some(gate.clone()), ..Default::default() }, 1);
+    let app = super::http::router(state);
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, embed_req(json!({"model": "m", "input": "x"}))).await.0 }
+    });
+    // The held call has reached the upstream (it records its budget first).
+    while fake.budgets.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let infer = Request::post("/v2/models/m/infer")
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"inputs": []}).to_string()))
+        .unwrap();
+    let (status, _, body) = send(&app, infer).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:infergate:error:overloaded");
+    gate.add_permits(1);
+    assert_eq!(held.await.unwrap(), 200);
+}
+
 #[tokio::test]
 async fn v2_errors_carry_the_oip_error_string_beside_the_problem() {
     let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
