@@ -20,6 +20,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot create the worker socket directory {path}: {source}")]
     SocketDir { path: PathBuf, source: std::io::Error },
+    #[error("workers.socket_dir {path} is not safe: {why}")]
+    SocketDirUnsafe { path: PathBuf, why: String },
     #[error(transparent)]
     Workers(#[from] SupervisorError),
     #[error(transparent)]
@@ -59,14 +61,43 @@ struct SocketDir {
 }
 
 impl SocketDir {
+    /// The configured directory, or a fresh one in the temp dir. A new one
+    /// is made 0700; an existing one must be this user's and writable by no
+    /// one else, since whoever can write it can put a socket where a worker
+    /// is expected and read every request.
     fn create(configured: Option<&PathBuf>) -> Result<Self, ServeError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
         let (path, owned) = match configured {
             Some(p) => (p.clone(), false),
             None => {
                 (std::env::temp_dir().join(format!("infergate-{}-{:08x}", std::process::id(), fastrand::u32(..))), true)
             }
         };
-        std::fs::create_dir_all(&path).map_err(|source| ServeError::SocketDir { path: path.clone(), source })?;
+        let io = |source| ServeError::SocketDir { path: path.clone(), source };
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                let me = nix::unistd::geteuid().as_raw();
+                let unsafe_because = if !meta.is_dir() {
+                    Some("it is not a directory".to_owned())
+                } else if meta.uid() != me {
+                    Some(format!("it belongs to uid {}, not to the gateway's uid {me}", meta.uid()))
+                } else if meta.mode() & 0o022 != 0 {
+                    Some(format!("its mode {:o} lets others write to it (chmod 700)", meta.mode() & 0o777))
+                } else {
+                    None
+                };
+                if let Some(why) = unsafe_because {
+                    return Err(ServeError::SocketDirUnsafe { path, why });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(io)?;
+                }
+                std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
         Ok(Self { path, owned })
     }
 }
@@ -230,4 +261,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     supervisor.shutdown().await;
     tracing::info!("infergate stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("infergate-sockdir-{:x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_new_socket_dir_is_private_and_an_unsafe_existing_one_stops_the_start() {
+        let root = scratch();
+        let fresh = root.join("new/sockets");
+        let made = SocketDir::create(Some(&fresh)).unwrap();
+        assert_eq!(std::fs::metadata(&made.path).unwrap().mode() & 0o777, 0o700);
+
+        let open = root.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = SocketDir::create(Some(&open)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("lets others write"), "{err}");
+
+        // Someone else's directory (needs root to make one; CI runs as root).
+        if nix::unistd::geteuid().is_root() {
+            let theirs = root.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = SocketDir::create(Some(&theirs)).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
 }

@@ -136,6 +136,8 @@ pub struct WorkersConfig {
     pub restart_backoff_max: Duration,
     pub stop_grace: Duration,
     pub connect_timeout: Duration,
+    /// Extra variables passed to workers (see `supervisor::passed_to_workers`).
+    pub inherit_env: Vec<String>,
 }
 
 /// Log output settings.
@@ -242,6 +244,7 @@ impl Config {
             restart_backoff_max: duration("workers.restart_backoff_max", &w.restart_backoff_max)?,
             stop_grace: duration("workers.stop_grace", &w.stop_grace)?,
             connect_timeout: duration("workers.connect_timeout", &w.connect_timeout)?,
+            inherit_env: w.inherit_env.clone(),
         };
         if workers.restart_backoff_max < workers.restart_backoff_min {
             return Err(invalid("workers.restart_backoff_max", "must be at least restart_backoff_min"));

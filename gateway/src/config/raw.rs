@@ -279,6 +279,10 @@ pub struct RawWorkers {
     /// Time a worker may take to answer Describe; later answers are waited for
     /// in the background, but are logged as slow.
     pub connect_timeout: String,
+    /// Variables of the gateway's environment its workers also get, beside
+    /// the ones Python needs (PATH, HOME, LANG, LC_*, PYTHON*, thread pools,
+    /// …); an entry ending in `*` is a prefix. Nothing else is passed on.
+    pub inherit_env: Vec<String>,
 }
 
 impl Default for RawWorkers {
@@ -290,6 +294,7 @@ impl Default for RawWorkers {
             restart_backoff_max: "10s".into(),
             stop_grace: "10s".into(),
             connect_timeout: "2s".into(),
+            inherit_env: Vec::new(),
         }
     }
 }

@@ -304,6 +304,23 @@ fn load_key_table(config: &AuthConfig) -> Result<KeyTable, KeyLoadError> {
     Ok(KeyTable::new(keys))
 }
 
+/// Shortest HS256 secret accepted: as long as the hash (RFC 7518 §3.2).
+pub const MIN_HS256_SECRET: usize = 32;
+
+/// `secret` if it is long enough to be an HS256 key.
+fn long_enough(secret: &[u8], what: impl Fn() -> String) -> Result<&[u8], KeyLoadError> {
+    if secret.len() < MIN_HS256_SECRET {
+        return Err(KeyLoadError::Invalid {
+            what: what(),
+            message: format!(
+                "an HS256 secret must be at least {MIN_HS256_SECRET} bytes, this one is {} (e.g. `openssl rand -hex 32`)",
+                secret.len()
+            ),
+        });
+    }
+    Ok(secret)
+}
+
 fn load_jwt_keys(jwt: &JwtConfig) -> Result<JwtKeys, KeyLoadError> {
     let mut keys = JwtKeys::new();
     for (i, k) in jwt.keys.iter().enumerate() {
@@ -312,11 +329,13 @@ fn load_jwt_keys(jwt: &JwtConfig) -> Result<JwtKeys, KeyLoadError> {
         let key = match (&k.material, k.alg) {
             (KeyMaterial::SecretEnv(var), _) => {
                 let secret = std::env::var(var).map_err(|_| KeyLoadError::MissingEnv(var.clone()))?;
-                DecodingKey::from_secret(secret.trim_end().as_bytes())
+                DecodingKey::from_secret(long_enough(secret.trim_end().as_bytes(), || {
+                    format!("{}.secret_env", what())
+                })?)
             }
             (KeyMaterial::SecretFile(path), _) => {
                 let secret = read(path)?;
-                DecodingKey::from_secret(secret.trim_ascii_end())
+                DecodingKey::from_secret(long_enough(secret.trim_ascii_end(), || format!("{}.secret_file", what()))?)
             }
             (KeyMaterial::PublicKeyFile(path), Algorithm::RS256) => {
                 DecodingKey::from_rsa_pem(&read(path)?).map_err(bad)?
@@ -339,6 +358,13 @@ fn load_jwt_keys(jwt: &JwtConfig) -> Result<JwtKeys, KeyLoadError> {
             let kid = jwk.common.key_id.clone();
             if kid.as_deref().is_some_and(|k| !valid_kid(k)) {
                 return Err(bad("kid has characters other than letters, digits, '-', '_' and '.'".into()));
+            }
+            if let jsonwebtoken::jwk::AlgorithmParameters::OctetKey(oct) = &jwk.algorithm {
+                use base64::Engine;
+                let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(oct.value.trim_end_matches('='))
+                    .map_err(|e| bad(format!("\"k\" is not base64url: {e}")))?;
+                long_enough(&secret, || format!("{what}: keys[{i}].k"))?;
             }
             let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
             keys.insert(kid, Arc::new(JwtKey { alg, key }));
@@ -420,6 +446,42 @@ mod tests {
         touch(3);
         auth.reload_changed();
         assert!(auth.authenticate(&headers("ig_second"), LOCAL).is_ok(), "a broken file keeps the previous keys");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn short_hs256_secrets_stop_the_start_with_the_key_named() {
+        use crate::config::policy::{JwtKeyConfig, KeyMaterial};
+        use base64::Engine;
+        let dir = std::env::temp_dir().join(format!("infergate-hs-short-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jwt = |keys: Vec<JwtKeyConfig>, jwks_file: Option<PathBuf>| JwtConfig {
+            issuer: "i".into(),
+            audience: "a".into(),
+            leeway: std::time::Duration::from_secs(30),
+            keys,
+            jwks_file,
+            tenant_claim: "tenant".into(),
+            tier_claim: "tier".into(),
+            user_claim: "sub".into(),
+            default_tier: "standard".into(),
+        };
+        let start = |jwt: JwtConfig| {
+            Authenticator::new(AuthConfig { enabled: true, jwt: Some(jwt), ..AuthConfig::default() }).err()
+        };
+        for secret in ["", "\n", "31 bytes: not quite long enough"] {
+            let path = dir.join("secret");
+            std::fs::write(&path, secret).unwrap();
+            let key = JwtKeyConfig { kid: None, alg: Algorithm::HS256, material: KeyMaterial::SecretFile(path) };
+            let err = start(jwt(vec![key], None)).map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("auth.jwt.keys[0].secret_file") && err.contains("at least 32"), "{secret:?}: {err}");
+        }
+        let jwks = dir.join("jwks.json");
+        let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"short");
+        std::fs::write(&jwks, serde_json::json!({"keys": [{"kty": "oct", "alg": "HS256", "k": k}]}).to_string())
+            .unwrap();
+        let err = start(jwt(Vec::new(), Some(jwks))).map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("keys[0].k") && err.contains("at least 32"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -64,7 +64,7 @@ impl Supervisor {
             })
             .collect();
         if !specs.is_empty() {
-            check_imports(&config.workers.python, &specs).await?;
+            check_imports(&config.workers.python, &config.workers.inherit_env, &specs).await?;
         }
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -82,40 +82,92 @@ impl Supervisor {
 }
 
 /// Fail fast, with Python's own message, when the environment is wrong.
-async fn check_imports(python: &Path, specs: &[WorkerSpec]) -> Result<(), SupervisorError> {
-    let classes: std::collections::BTreeSet<&str> = specs.iter().map(|s| s.class.as_str()).collect();
-    let script = "import importlib, sys\nimport infergate_worker\nfor spec in sys.argv[1:]:\n    m, c = spec.split(':')\n    getattr(importlib.import_module(m), c)\n";
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .args(&classes)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| SupervisorError::Python { python: python.to_owned(), source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(SupervisorError::Import {
-            python: python.to_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+/// Each class is imported in the environment its workers will have.
+async fn check_imports(python: &Path, inherit: &[String], specs: &[WorkerSpec]) -> Result<(), SupervisorError> {
+    let mut by_env: std::collections::BTreeMap<&[(String, String)], std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for spec in specs {
+        by_env.entry(&spec.env).or_default().insert(&spec.class);
     }
+    let script = "import importlib, sys\nimport infergate_worker\nfor spec in sys.argv[1:]:\n    m, c = spec.split(':')\n    getattr(importlib.import_module(m), c)\n";
+    for (env, classes) in by_env {
+        let out = python_command(python, inherit, env)
+            .arg("-c")
+            .arg(script)
+            .args(&classes)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| SupervisorError::Python { python: python.to_owned(), source })?;
+        if !out.status.success() {
+            return Err(SupervisorError::Import {
+                python: python.to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
-fn spawn(spec: &WorkerSpec, python: &Path) -> std::io::Result<Child> {
+/// Variables a Python process needs, passed to workers by name ...
+const PASSED: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    "NVIDIA_VISIBLE_DEVICES",
+];
+/// ... and by prefix (locale, interpreter, thread pools, accelerators, model
+/// hubs, the worker SDK's own settings).
+const PASSED_PREFIXES: &[&str] =
+    &["LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "CUDA_", "HF_", "INFERGATE_"];
+
+/// Whether a variable of the gateway's environment reaches its workers:
+/// the ones Python needs and those `workers.inherit_env` names (an entry
+/// ending in `*` is a prefix). The gateway's own config overrides
+/// (`INFERGATE__…`, which may hold a Redis password) never do, nor does
+/// anything else it read (a JWT secret, cloud credentials).
+pub fn passed_to_workers(name: &str, inherit: &[String]) -> bool {
+    if name.starts_with(crate::config::ENV_PREFIX) {
+        return inherit.iter().any(|i| i == name);
+    }
+    PASSED.contains(&name)
+        || PASSED_PREFIXES.iter().any(|p| name.starts_with(p))
+        || inherit.iter().any(|i| match i.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => i == name,
+        })
+}
+
+/// A worker's Python command with a clean environment: what
+/// [`passed_to_workers`] lets through, then `env` (the pool's own).
+fn python_command(python: &Path, inherit: &[String], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(python);
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| passed_to_workers(k, inherit))))
+        .env("HF_HUB_OFFLINE", "1")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+fn spawn(spec: &WorkerSpec, python: &Path, inherit: &[String]) -> std::io::Result<Child> {
+    let mut cmd = python_command(python, inherit, &spec.env);
     cmd.args(["-m", "infergate_worker", "serve", &spec.class])
         .arg("--listen")
         .arg(format!("unix:{}", spec.socket.display()))
         .arg("--threads")
         .arg(spec.threads.to_string())
         .arg("--exit-with-parent")
-        .env("HF_HUB_OFFLINE", "1")
         .env("PYTHONUNBUFFERED", "1")
         .env("INFERGATE_WORKER_ID", &spec.id)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -212,7 +264,7 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken
     metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(0);
     loop {
         let started = tokio::time::Instant::now();
-        let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg.python) {
+        let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg.python, &cfg.inherit_env) {
             Ok(mut child) => {
                 tracing::info!(worker = %spec.id, pid = child.id(), class = %spec.class, restarts, "worker started");
                 forward(&spec.id, child.stdout.take());
@@ -268,7 +320,21 @@ async fn terminate(id: &str, child: &mut Child, grace: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::LineSplitter;
+    use super::{LineSplitter, passed_to_workers};
+
+    #[test]
+    fn workers_get_what_python_needs_and_what_is_named_never_the_rest() {
+        let inherit = ["OPENAI_BASE_URL".to_owned(), "MYAPP_*".to_owned()];
+        for passed in ["PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "OMP_NUM_THREADS", "INFERGATE_WORKER_ID"] {
+            assert!(passed_to_workers(passed, &[]), "{passed}");
+        }
+        for named in ["OPENAI_BASE_URL", "MYAPP_MODEL_DIR"] {
+            assert!(passed_to_workers(named, &inherit) && !passed_to_workers(named, &[]), "{named}");
+        }
+        for secret in ["JWT_SECRET", "AWS_SECRET_ACCESS_KEY", "INFERGATE__REDIS__URL", "OPENAI_API_KEY"] {
+            assert!(!passed_to_workers(secret, &inherit), "{secret}");
+        }
+    }
 
     fn text(lines: Vec<Vec<u8>>) -> Vec<String> {
         lines.into_iter().map(|l| String::from_utf8(l).unwrap()).collect()
