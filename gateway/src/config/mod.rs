@@ -56,6 +56,8 @@ pub struct Config {
     pub grpc_connections: ConnLimits,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// With auth off, `Host` names served besides loopback ones.
+    pub allowed_hosts: Vec<String>,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     /// `None`: limits live in memory only.
@@ -353,6 +355,7 @@ impl Config {
             http_connections: ConnLimits::from_raw("http", &raw.http.conn(), &trusted_proxies)?,
             grpc_connections: ConnLimits::from_raw("grpc", &raw.grpc.conn(), &trusted_proxies)?,
             trusted_proxies,
+            allowed_hosts: raw.http.allowed_hosts.clone(),
             auth: AuthConfig::from_raw(&raw.auth)?,
             limits: LimitsConfig::from_raw(&raw.limits)?,
             redis: RedisConfig::from_raw(&raw.redis)?,

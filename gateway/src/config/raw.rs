@@ -113,6 +113,10 @@ pub struct RawHttp {
     pub max_body_bytes: u64,
     /// Requests handled at once; more are shed with 503 (health routes exempt).
     pub max_in_flight: u32,
+    /// With auth off, the `Host` names served besides loopback ones
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`); `["*"]` serves any. Others get
+    /// 421, so a web page cannot reach the gateway by rebinding its name.
+    pub allowed_hosts: Vec<String>,
     /// Peers (addresses or CIDR ranges) whose `X-Forwarded-For` is believed;
     /// for anyone else the client address is the TCP peer.
     pub trusted_proxies: Vec<String>,
@@ -153,6 +157,7 @@ impl Default for RawHttp {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 10 * 1024 * 1024,
             max_in_flight: 1024,
+            allowed_hosts: Vec::new(),
             trusted_proxies: Vec::new(),
             max_connections: 16_384,
             max_connections_per_client: 1024,

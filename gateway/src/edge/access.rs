@@ -77,6 +77,34 @@ fn millis(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)).unwrap_or(HeaderValue::from_static("0"))
 }
 
+/// Every gRPC method the edge's services define, as `/package.Service/Method`
+/// (from their descriptors): a call's route label is one of these or
+/// `unmatched`, so made-up method names, refused or not, add no series.
+fn grpc_methods() -> &'static std::collections::HashSet<String> {
+    static METHODS: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    METHODS.get_or_init(|| {
+        use prost::Message;
+        let sets = [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut methods = std::collections::HashSet::new();
+        for set in sets {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else { continue };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
 /// Which edge a request came through: how its route and status read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Surface {
@@ -130,7 +158,9 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     let wall = std::time::SystemTime::now();
     let method = req.method().clone();
     let route = match (surface, req.extensions().get::<MatchedPath>()) {
-        (Surface::Grpc, Some(_)) => req.uri().path().to_owned(),
+        // A service's routes match any method name; only real ones are labels.
+        (Surface::Grpc, Some(_)) if grpc_methods().contains(req.uri().path()) => req.uri().path().to_owned(),
+        (Surface::Grpc, Some(_)) => "unmatched".to_owned(),
         (Surface::Http, Some(p)) => p.as_str().to_owned(),
         (_, None) => "unmatched".to_owned(),
     };
@@ -366,5 +396,23 @@ impl Drop for Observed {
         // Dropped unfinished: the connection went before the body's end.
         let ended = if self.inner.is_end_stream() { Ended::Complete } else { Ended::ClientClosed };
         self.finish(ended);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_route_labels_are_the_methods_the_services_define() {
+        let methods = super::grpc_methods();
+        for served in [
+            "/infergate.v1.Inference/Embed",
+            "/infergate.v1.Inference/Generate",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(methods.contains(served), "{served}");
+        }
+        assert!(!methods.contains("/infergate.v1.Inference/MadeUp"));
     }
 }

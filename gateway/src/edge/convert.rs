@@ -32,9 +32,10 @@ pub enum BodyKind {
 }
 
 impl BodyKind {
-    /// From a `Content-Type` (absent means JSON); `None` for anything else.
+    /// From a `Content-Type`; `None` for anything else, and for none at all
+    /// (a browser sends a body without one cross-origin, unasked).
     pub fn of(content_type: Option<&str>) -> Option<Self> {
-        let Some(ct) = content_type else { return Some(Self::Json) };
+        let ct = content_type?;
         let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         Some(match mime.as_str() {
             "image/jpeg" | "image/png" => Self::Image,
@@ -190,7 +191,7 @@ mod tests {
 
     #[test]
     fn content_types_pick_the_body_kind() {
-        assert_eq!(BodyKind::of(None), Some(BodyKind::Json));
+        assert_eq!(BodyKind::of(None), None);
         assert_eq!(BodyKind::of(Some("application/json; charset=utf-8")), Some(BodyKind::Json));
         assert_eq!(BodyKind::of(Some("IMAGE/PNG")), Some(BodyKind::Image));
         assert_eq!(BodyKind::of(Some("image/jpeg")), Some(BodyKind::Image));

@@ -403,3 +403,48 @@ async fn grpc_refusals_are_unauthenticated_and_resource_exhausted_with_metadata(
     assert_eq!(md.get("retry-after").unwrap(), "1");
     assert_eq!(calls(&fake), 1);
 }
+
+/// A web page can make a browser send a body without asking first when it
+/// has no type (or a form's), and can reach a localhost gateway by
+/// rebinding its own name: with auth off both are refused.
+#[tokio::test]
+async fn with_auth_off_foreign_hosts_and_untyped_bodies_are_refused() {
+    let text = "[auth]\nenabled = false\n[http]\nallowed_hosts = [\"gw.internal\"]\n[[pools]]\nname = \"p\"\nclass = \"x:Y\"\n";
+    let config = Config::from_raw(toml::from_str(text).unwrap()).unwrap();
+    let (app, fake) = app(&config, ready());
+    let with_host = |host: &str| {
+        let mut req = embed(None);
+        req.headers_mut().insert("host", host.parse().unwrap());
+        req
+    };
+    let (status, headers, body) = send(&app, with_host("rebound.evil.example:8080")).await;
+    assert_eq!(status, 421);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(String::from_utf8_lossy(&body).contains("host-not-allowed"));
+    // Even the metrics are not shown to a rebound page.
+    let mut metrics = Request::get("/metrics").body(Body::empty()).unwrap();
+    metrics.headers_mut().insert("host", "rebound.evil.example".parse().unwrap());
+    assert_eq!(send(&app, metrics).await.0, 421);
+    assert_eq!(send(&app, with_host("127.0.0.1:8080")).await.0, 200);
+    assert_eq!(send(&app, with_host("localhost")).await.0, 200);
+    assert_eq!(send(&app, with_host("gw.internal:8080")).await.0, 200);
+    for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+        let mut req = embed(None);
+        req.headers_mut().remove("content-type");
+        if let Some(ct) = content_type {
+            req.headers_mut().insert("content-type", ct.parse().unwrap());
+        }
+        assert_eq!(send(&app, req).await.0, 415, "{content_type:?}");
+    }
+    assert_eq!(calls(&fake), 3);
+
+    // With auth on, credentials are the gate: any Host is served.
+    let (app, _) = app_with_auth();
+    let mut req = embed(Some(("x-api-key", KEY)));
+    req.headers_mut().insert("host", "gateway.example.com".parse().unwrap());
+    assert_eq!(send(&app, req).await.0, 200);
+}
+
+fn app_with_auth() -> (axum::Router, Arc<Fake>) {
+    app(&config(""), ready())
+}

@@ -111,6 +111,8 @@ pub struct Policy {
     local: LocalLimits,
     redis: Option<RedisLimits>,
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// With auth off: the `Host` names served (`None`: any, auth is on).
+    hosts: Option<AllowedHosts>,
 }
 
 impl Policy {
@@ -126,6 +128,7 @@ impl Policy {
             local: LocalLimits::default(),
             redis,
             trusted_proxies: config.trusted_proxies.clone(),
+            hosts: (!config.auth.enabled).then(|| AllowedHosts::new(&config.allowed_hosts)),
         }))
     }
 
@@ -137,6 +140,7 @@ impl Policy {
             local: LocalLimits::default(),
             redis: None,
             trusted_proxies: Vec::new(),
+            hosts: None,
         })
     }
 
@@ -373,6 +377,48 @@ pub fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4).max(1)
 }
 
+/// The names a gateway with auth off answers to: loopback ones (a web page
+/// that rebinds its own name to 127.0.0.1 still sends its own name), and
+/// `http.allowed_hosts` (`"*"`: any).
+#[derive(Debug)]
+struct AllowedHosts {
+    any: bool,
+    names: Vec<String>,
+}
+
+impl AllowedHosts {
+    fn new(allowed: &[String]) -> Self {
+        Self { any: allowed.iter().any(|h| h == "*"), names: allowed.iter().map(|h| h.to_ascii_lowercase()).collect() }
+    }
+
+    /// `host` is a `Host` header or `:authority`, with or without a port.
+    fn allows(&self, host: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            },
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            || self.names.contains(&name)
+    }
+}
+
+/// The name a request is addressed to: HTTP/2's `:authority`, else `Host`.
+fn host_of(req: &Request) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => req.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()),
+    }
+}
+
 /// Middleware: resolve the caller before the body is read; refuse with
 /// `reject` (same body for every auth failure).
 async fn identify_with(
@@ -381,6 +427,13 @@ async fn identify_with(
     next: Next,
     reject: fn(GatewayError) -> Response,
 ) -> Response {
+    if let Some(hosts) = &policy.hosts
+        && let Some(host) = host_of(&req)
+        && !hosts.allows(host)
+    {
+        tracing::info!(host, path = %req.uri().path(), "request for a host not served with auth off");
+        return reject(GatewayError::HostNotAllowed { host: host.to_owned() });
+    }
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     match policy.identify(req.uri().path(), req.headers(), peer) {
         Ok(caller) => {
@@ -407,4 +460,38 @@ pub async fn identify_http(State(policy): State<Arc<Policy>>, req: Request, next
 /// gRPC: identify the caller or answer UNAUTHENTICATED.
 pub async fn identify_grpc(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
     identify_with(&policy, req, next, crate::error::grpc_response).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowedHosts;
+
+    #[test]
+    fn with_auth_off_only_loopback_names_and_allowed_hosts_are_served() {
+        let hosts = AllowedHosts::new(&["gateway.internal".to_owned()]);
+        let served = [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:50051",
+            "api.localhost",
+            "Gateway.Internal:80",
+        ];
+        for ok in served {
+            assert!(hosts.allows(ok), "{ok}");
+        }
+        let refused = [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.5:8080",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+        ];
+        for bad in refused {
+            assert!(!hosts.allows(bad), "{bad}");
+        }
+        assert!(AllowedHosts::new(&["*".to_owned()]).allows("anything.example"));
+    }
 }
