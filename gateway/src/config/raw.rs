@@ -380,9 +380,11 @@ pub struct RawPool {
     /// Dynamic batching of the pool's embed and infer calls.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batching: Option<RawBatching>,
-    /// The model may be run again after a call possibly started (pure
-    /// functions such as embeddings): such calls are retried too.
-    pub idempotent: bool,
+    /// Whether a call that possibly started on a worker that then died may
+    /// be run again on another: by default yes for embeddings and tensor
+    /// inference (pure functions of their input), no for generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotent: Option<bool>,
     /// The same input always gives the same answer, so tensor calls may be
     /// answered from the response cache (default true; embeddings always may).
     #[serde(skip_serializing_if = "Option::is_none")]

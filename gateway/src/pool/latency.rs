@@ -24,6 +24,13 @@ use tokio::time::Instant;
 /// Time constant of the decay, in seconds.
 pub const DECAY: f64 = 1.0;
 
+/// Weight of a new answer in the typical latency (no decay with time).
+const TYPICAL_WEIGHT: f64 = 0.2;
+
+/// How many times its typical latency a worker must have had before a
+/// missed deadline says it was slow rather than the caller impatient.
+pub const BLAME_MARGIN: f64 = 2.0;
+
 /// The estimate of one worker.
 pub struct Latency {
     epoch: Instant,
@@ -31,11 +38,19 @@ pub struct Latency {
     estimate: AtomicU64,
     /// When the estimate last changed, µs since `epoch`.
     stamp_us: AtomicU64,
+    /// Seconds as `f64` bits, NaN while unknown: a moving average of
+    /// answers that does not decay while idle, to judge missed deadlines by.
+    typical: AtomicU64,
 }
 
 impl Default for Latency {
     fn default() -> Self {
-        Self { epoch: Instant::now(), estimate: AtomicU64::new(f64::NAN.to_bits()), stamp_us: AtomicU64::new(0) }
+        Self {
+            epoch: Instant::now(),
+            estimate: AtomicU64::new(f64::NAN.to_bits()),
+            stamp_us: AtomicU64::new(0),
+            typical: AtomicU64::new(f64::NAN.to_bits()),
+        }
     }
 }
 
@@ -85,6 +100,19 @@ impl Latency {
             estimate * w + sample * (1.0 - w)
         };
         self.store(next, now);
+        let typical = f64::from_bits(self.typical.load(Ordering::Relaxed));
+        let typical =
+            if typical.is_nan() { sample } else { typical * (1.0 - TYPICAL_WEIGHT) + sample * TYPICAL_WEIGHT };
+        self.typical.store(typical.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether a call that missed its caller's deadline after `took` shows
+    /// the worker slow: it had more than [`BLAME_MARGIN`] times its typical
+    /// latency. A deadline shorter than that was the caller's choice, and a
+    /// worker with no answers yet has no typical latency to fall short of.
+    pub fn abnormally_slow(&self, took: Duration) -> bool {
+        let typical = f64::from_bits(self.typical.load(Ordering::Relaxed));
+        !typical.is_nan() && took.as_secs_f64() > BLAME_MARGIN * typical
     }
 
     /// A call to the worker failed after `took`.
@@ -99,12 +127,27 @@ impl Latency {
     /// A new process answers for the worker: forget the old one's figures.
     pub fn reset(&self) {
         self.store(f64::NAN, self.now_us());
+        self.typical.store(f64::NAN.to_bits(), Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missed_deadline_blames_only_a_worker_that_had_twice_its_typical_time() {
+        let l = Latency::default();
+        assert!(!l.abnormally_slow(ms(10_000)), "no answers yet: nothing to compare with");
+        for _ in 0..20 {
+            l.observe(ms(2000));
+        }
+        assert!(!l.abnormally_slow(ms(300)), "a 300 ms deadline on a 2 s model is the caller's");
+        assert!(!l.abnormally_slow(ms(3900)));
+        assert!(l.abnormally_slow(ms(4100)), "twice its usual time and still nothing");
+        l.reset();
+        assert!(!l.abnormally_slow(ms(4100)), "a new process has no history");
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

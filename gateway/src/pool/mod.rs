@@ -122,7 +122,7 @@ struct Abandoned<'a> {
     pool: &'a Pool,
     worker: &'a Worker,
     deadline: &'a Deadline,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     armed: bool,
 }
 
@@ -137,9 +137,18 @@ impl Drop for Abandoned<'_> {
         if self.armed && self.deadline.remaining().is_zero() {
             let took = self.started.elapsed();
             self.worker.metrics.call_duration.record(took.as_secs_f64());
-            self.pool.record(self.worker, Outcome::Failure, took);
+            self.pool.record(self.worker, missed_deadline(self.worker, took), took);
         }
     }
+}
+
+/// What a call that missed its caller's deadline after `took` on `worker`
+/// says about the worker: a failure only if the worker was abnormally slow
+/// (see [`latency::Latency::abnormally_slow`]); otherwise the deadline was
+/// too short for the model, and a caller's impatience must not eject a
+/// worker or open the pool's circuit for everyone else.
+fn missed_deadline(worker: &Worker, took: std::time::Duration) -> Outcome {
+    if worker.latency.abnormally_slow(took) { Outcome::Failure } else { Outcome::Neutral }
 }
 
 /// A call's hold on a pool: its slot and the worker chosen for it.
@@ -227,13 +236,14 @@ impl Pool {
         &self,
         deadline: &Deadline,
         request_id: &str,
+        rerun: retry::Rerun,
         once: F,
     ) -> Result<(T, Lease), GatewayError>
     where
         F: Fn(Arc<Worker>) -> Fut,
         Fut: Future<Output = Result<T, GatewayError>>,
     {
-        self.with_retries_judged(deadline, request_id, once, Outcome::of).await
+        self.with_retries_judged(deadline, request_id, rerun, once, Outcome::of).await
     }
 
     /// [`Pool::with_retries`] where `judge` says what an attempt's result
@@ -243,6 +253,7 @@ impl Pool {
         &self,
         deadline: &Deadline,
         request_id: &str,
+        rerun: retry::Rerun,
         once: F,
         judge: fn(&Result<T, GatewayError>) -> Outcome,
     ) -> Result<(T, Lease), GatewayError>
@@ -259,16 +270,20 @@ impl Pool {
             let worker = lease.worker().clone();
             tracing::debug!(request_id, pool = %self.name, worker = %worker.id, "call sent");
             let abandoned =
-                Abandoned { pool: self, worker: &worker, deadline, started: std::time::Instant::now(), armed: true };
+                Abandoned { pool: self, worker: &worker, deadline, started: tokio::time::Instant::now(), armed: true };
             let result = once(worker.clone()).await;
             abandoned.disarm();
             let took = lease.in_flight.elapsed();
             worker.metrics.call_duration.record(took.as_secs_f64());
             timing::with_current(|t| t.add_worker(took));
-            self.record(&worker, judge(&result), took);
+            let outcome = match (&result, judge(&result)) {
+                (Err(GatewayError::DeadlineExceeded { .. }), Outcome::Failure) => missed_deadline(&worker, took),
+                (_, outcome) => outcome,
+            };
+            self.record(&worker, outcome, took);
             let err = match result {
                 Ok(value) => return Ok((value, lease)),
-                Err(e) if retries < self.retry.max && self.retry.retryable(&e) => e,
+                Err(e) if retries < self.retry.max && self.retry.retryable(&e, rerun) => e,
                 Err(e) => return Err(e),
             };
             drop(lease);
@@ -696,7 +711,7 @@ impl Upstream for Pools {
         }
         let deadline = call.deadline;
         let (results, _lease) = pool
-            .with_retries(&deadline, &call.request_id, |worker| {
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Pure, |worker| {
                 // A model error fails the call and counts against the worker.
                 let sent = send_batch::<EmbedRpc>(worker, &info.name, call.payload.clone(), deadline, &call.request_id);
                 async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
@@ -722,7 +737,7 @@ impl Upstream for Pools {
         }
         let deadline = call.deadline;
         let (mut out, _lease) = pool
-            .with_retries(&deadline, &call.request_id, |worker| {
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Pure, |worker| {
                 let sent =
                     send_batch::<InferRpc>(worker, &info.name, vec![call.payload.clone()], deadline, &call.request_id);
                 async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
@@ -742,7 +757,7 @@ impl Upstream for Pools {
         // Only opening the stream is retried: nothing has reached the client
         // yet. Its outcome (time to headers) is what the worker is judged by.
         let (stream, guard) = pool
-            .with_retries(&deadline, &call.request_id, |worker| {
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Generation, |worker| {
                 let req = request(payload.clone(), &deadline, &call.request_id);
                 async move { bounded(&deadline, &worker, worker.client().generate(req)).await }
             })
@@ -950,8 +965,9 @@ impl<R: BatchRpc> Dispatch<R::Item, R::Output> for Dispatcher<R> {
         async move {
             let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
             let send = |worker| send_batch::<R>(worker, &model, items.clone(), deadline, &batch_id);
-            let (results, _lease) =
-                pools.pools[pool].with_retries_judged(&deadline, &batch_id, send, batch_outcome).await?;
+            let (results, _lease) = pools.pools[pool]
+                .with_retries_judged(&deadline, &batch_id, retry::Rerun::Pure, send, batch_outcome)
+                .await?;
             Ok(results)
         }
     }
@@ -1099,14 +1115,44 @@ mod tests {
         *pool.workers.write().unwrap() = Arc::new(vec![w0, second]);
         let hang = |_| futures::future::pending::<Result<(), GatewayError>>();
         let ms = std::time::Duration::from_millis;
+        // Both usually answer in 20 ms.
+        for w in pool.workers().iter() {
+            w.latency.observe(ms(20));
+        }
         // The caller hangs up before the deadline: the worker is not blamed.
         let d = Deadline::after(ms(100));
-        let _ = tokio::time::timeout(ms(50), pool.with_retries(&d, "r1", hang)).await;
+        let _ = tokio::time::timeout(ms(50), pool.with_retries(&d, "r1", retry::Rerun::Pure, hang)).await;
         assert!(pool.workers().iter().all(|w| !w.outlier.is_ejected()));
         // The caller leaves at its deadline with the worker silent: a timeout.
         let d = Deadline::after(ms(100));
-        let _ = tokio::time::timeout(ms(100), pool.with_retries(&d, "r2", hang)).await;
+        let _ = tokio::time::timeout(ms(100), pool.with_retries(&d, "r2", retry::Rerun::Pure, hang)).await;
         assert_eq!(pool.workers().iter().filter(|w| w.outlier.is_ejected()).count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_shorter_than_the_models_usual_time_blames_no_one() {
+        let mut pool = one_worker_pool(8, 8);
+        pool.outlier.consecutive = 1;
+        pool.circuit = Circuit::new("q", circuit::CircuitConfig { failures: 1, ..Default::default() });
+        let ms = std::time::Duration::from_millis;
+        let worker = pool.workers()[0].clone();
+        for _ in 0..5 {
+            worker.latency.observe(ms(2000));
+        }
+        for i in 0..20 {
+            let d = Deadline::after(ms(300));
+            // A 2 s model, bounded by the caller's deadline as a worker call is.
+            let slow = |_| async move {
+                match tokio::time::timeout_at(d.at, tokio::time::sleep(ms(2000))).await {
+                    Err(_) => Err(GatewayError::DeadlineExceeded { after: d.budget }),
+                    Ok(()) => Ok(()),
+                }
+            };
+            let sent = pool.with_retries(&d, &format!("r{i}"), retry::Rerun::Pure, slow).await;
+            assert!(matches!(sent.err(), Some(GatewayError::DeadlineExceeded { .. })));
+        }
+        assert!(!worker.outlier.is_ejected(), "impatient callers ejected a healthy worker");
+        pool.circuit.admit().expect("impatient callers opened the circuit");
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
 //! Retries of worker calls: which failures may be retried, how long to wait,
 //! and a budget per pool so a failing pool cannot multiply its own load.
 //!
-//! A call is retried only when it provably never started on the worker
+//! A call is retried when it provably never started on the worker
 //! (connection refused, stream refused, the worker's admission full), or
-//! when the pool's model is marked idempotent and the worker was
-//! unavailable; at most `max` extra attempts, with jittered backoff, never
+//! when the worker became unavailable mid-call and running it again is
+//! harmless: embeddings and tensor inference are pure functions of their
+//! input and are retried unless the pool says `idempotent = false`; a
+//! generation only when the pool says `idempotent = true`; at most `max` extra attempts, with jittered backoff, never
 //! past the deadline, and only while retries stay within `ratio` of the
 //! pool's recent requests plus `floor`.
 
@@ -24,14 +26,24 @@ pub struct RetryConfig {
     pub ratio: f64,
     /// ... plus this many.
     pub floor: u32,
-    /// The model may be re-run safely after it possibly started.
-    pub idempotent: bool,
+    /// Whether a call may be re-run after it possibly started: `None`
+    /// decides by the kind of call ([`Rerun`]).
+    pub idempotent: Option<bool>,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self { max: 2, ratio: 0.2, floor: 10, idempotent: false }
+        Self { max: 2, ratio: 0.2, floor: 10, idempotent: None }
     }
+}
+
+/// What running a call twice would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rerun {
+    /// Nothing: the answer is a function of the input (embed, infer).
+    Pure,
+    /// A second, different answer, possibly billed (generate).
+    Generation,
 }
 
 /// How far back the budget looks.
@@ -41,10 +53,10 @@ const BACKOFF: Duration = Duration::from_millis(20);
 
 impl RetryConfig {
     /// May this failure be retried at all?
-    pub fn retryable(&self, err: &GatewayError) -> bool {
+    pub fn retryable(&self, err: &GatewayError, rerun: Rerun) -> bool {
         match err {
             GatewayError::WorkerRefused { .. } => true,
-            GatewayError::WorkerUnavailable { .. } => self.idempotent,
+            GatewayError::WorkerUnavailable { .. } => self.idempotent.unwrap_or(rerun == Rerun::Pure),
             _ => false,
         }
     }
@@ -117,16 +129,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_calls_that_never_started_or_idempotent_ones_are_retried() {
+    fn calls_that_never_started_are_retried_and_started_ones_when_rerunning_is_harmless() {
+        use Rerun::{Generation, Pure};
         let refused = GatewayError::WorkerRefused { worker: "w".into(), detail: "connection refused".into() };
         let unavailable = GatewayError::WorkerUnavailable { worker: "w".into(), detail: "reset".into() };
         let failed = GatewayError::WorkerFailed { worker: "w".into(), detail: "raised".into() };
-        let plain = RetryConfig::default();
-        let idempotent = RetryConfig { idempotent: true, ..plain };
-        assert!(plain.retryable(&refused) && idempotent.retryable(&refused));
-        assert!(!plain.retryable(&unavailable) && idempotent.retryable(&unavailable));
-        assert!(!idempotent.retryable(&failed), "a model error would only fail again");
-        assert!(!idempotent.retryable(&GatewayError::DeadlineExceeded { after: Duration::from_secs(1) }));
+        let default = RetryConfig::default();
+        let on = RetryConfig { idempotent: Some(true), ..default };
+        let off = RetryConfig { idempotent: Some(false), ..default };
+        for config in [default, on, off] {
+            assert!(config.retryable(&refused, Pure) && config.retryable(&refused, Generation));
+            assert!(!config.retryable(&failed, Pure), "a model error would only fail again");
+            assert!(!config.retryable(&GatewayError::DeadlineExceeded { after: Duration::from_secs(1) }, Pure));
+        }
+        // A worker that died mid-call: embeddings and tensors go again by
+        // default, generations only when the pool says so.
+        assert!(default.retryable(&unavailable, Pure) && !default.retryable(&unavailable, Generation));
+        assert!(on.retryable(&unavailable, Generation));
+        assert!(!off.retryable(&unavailable, Pure));
     }
 
     #[test]
