@@ -77,6 +77,10 @@ pub enum GatewayError {
     /// More requests in flight than the edge admits; shed at once.
     #[error("gateway overloaded: more than {limit} requests in flight")]
     Overloaded { limit: usize },
+    /// Taking this request's body would put the gateway past
+    /// `http.max_buffered_bytes`; refused at once rather than risk the heap.
+    #[error("gateway memory for request bodies is full ({limit} bytes buffered)")]
+    MemoryFull { limit: usize },
     /// The gateway is draining and takes no new work.
     #[error("gateway is shutting down")]
     ShuttingDown,
@@ -183,6 +187,9 @@ impl GatewayError {
             E::Overloaded { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "overloaded", "Gateway overloaded")
             }
+            E::MemoryFull { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::ResourceExhausted, "memory-full", "Gateway memory full")
+            }
             E::ShuttingDown => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "shutting-down", "Gateway is shutting down")
             }
@@ -230,6 +237,7 @@ impl GatewayError {
             | Self::WorkerUnavailable { .. }
             | Self::WorkerRefused { .. }
             | Self::Overloaded { .. }
+            | Self::MemoryFull { .. }
             | Self::LimitsUnavailable
             | Self::QueueFull { .. } => Some(1),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),

@@ -213,6 +213,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         max_message_bytes: config.max_message_bytes,
         http_max_in_flight: config.http_max_in_flight,
         grpc_max_in_flight: config.grpc_max_in_flight,
+        buffered: edge::gate::Buffered::new(config.max_buffered_bytes),
         sse_keep_alive: config.sse_keep_alive,
         max_image_pixels: config.max_image_pixels,
         prices: Arc::new(config.prices.clone()),

@@ -45,6 +45,8 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     pub http_listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Request bodies buffered at once, both listeners together.
+    pub max_buffered_bytes: usize,
     pub grpc_listen: SocketAddr,
     pub max_message_bytes: usize,
     pub http_max_in_flight: usize,
@@ -346,6 +348,7 @@ impl Config {
         Ok(Self {
             http_listen,
             max_body_bytes,
+            max_buffered_bytes: positive_size("http.max_buffered_bytes", raw.http.max_buffered_bytes)?,
             grpc_listen,
             max_message_bytes,
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,

@@ -111,6 +111,9 @@ impl Default for RawSemantic {
 pub struct RawHttp {
     pub listen: String,
     pub max_body_bytes: u64,
+    /// Request bodies held at once by both listeners together, in bytes; a
+    /// request that would go past it is refused at once (503 memory-full).
+    pub max_buffered_bytes: u64,
     /// Requests handled at once; more are shed with 503 (health routes exempt).
     pub max_in_flight: u32,
     /// With auth off, the `Host` names served besides loopback ones
@@ -156,6 +159,7 @@ impl Default for RawHttp {
         Self {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 10 * 1024 * 1024,
+            max_buffered_bytes: 256 * 1024 * 1024,
             max_in_flight: 1024,
             allowed_hosts: Vec::new(),
             trusted_proxies: Vec::new(),

@@ -98,6 +98,7 @@ fn app_with(
         max_message_bytes: 64 * 1024,
         http_max_in_flight: 8,
         grpc_max_in_flight: 8,
+        buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: keep_alive,
         max_image_pixels: 1 << 24,
         prices: Arc::default(),

@@ -37,6 +37,7 @@ pub fn router(
 ) -> Result<axum::Router, tonic_reflection::server::Error> {
     let max = state.max_message_bytes;
     let max_in_flight = state.grpc_max_in_flight;
+    let buffered = state.buffered.clone();
     let policy = state.policy.clone();
     let inference =
         InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
@@ -53,11 +54,13 @@ pub fn router(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .into_axum_router();
-    let routes = super::with_in_flight_limit(routes, max_in_flight, |limit| {
-        Status::from(GatewayError::Overloaded { limit }).into_http::<axum::body::Body>()
-    })
-    // Who is calling, before a message is decoded (health passes).
-    .layer(axum::middleware::from_fn_with_state(policy, crate::policy::identify_grpc));
+    // A request's frames are read whole before it takes an in-flight
+    // permit; tonic then checks the message size exactly (grpc-web text
+    // is base64, a third longer, hence the slack here).
+    let routes = super::gate::Gate::new(max_in_flight, max / 3 * 4 + 1024, buffered, crate::error::grpc_response)
+        .guard(routes)
+        // Who is calling, before a message is decoded (health passes).
+        .layer(axum::middleware::from_fn_with_state(policy, crate::policy::identify_grpc));
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))

@@ -10,7 +10,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use http::{HeaderMap, header};
-use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -42,9 +41,11 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .with_state(state.clone());
-    let api = super::with_in_flight_limit(api, state.http_max_in_flight, |limit| {
-        GatewayError::Overloaded { limit }.into_http(None)
-    });
+    // Bodies are read whole before a request takes an in-flight permit.
+    let api = super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e| {
+        e.into_http(None)
+    })
+    .guard(api);
     Router::new()
         .route("/v1/models", get(meta::list_models))
         .route("/v2", get(meta::server_metadata))
@@ -140,51 +141,10 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
     Ok(value)
 }
 
-/// Read a body of any type, at most `http.max_body_bytes`.
+/// Read a body of any type, at most `http.max_body_bytes` (already read
+/// whole by the gate in front of the routes).
 async fn read_body(state: &EdgeState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, GatewayError> {
-    let limit = state.max_body_bytes;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        drain(body).await;
-        return Err(GatewayError::PayloadTooLarge { limit });
-    }
-    let mut buf = bytes::BytesMut::new();
-    let mut body = body;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let e = e.into_inner();
-            match super::conn::body::timed_out(e.as_ref()) {
-                Some(t) => GatewayError::BodyTimeout { received: t.received, after: t.after },
-                None => GatewayError::invalid("body", format!("cannot read body: {e}")),
-            }
-        })?;
-        let Ok(data) = frame.into_data() else { continue };
-        if buf.len() + data.len() > limit {
-            drain(body).await;
-            return Err(GatewayError::PayloadTooLarge { limit });
-        }
-        buf.extend_from_slice(&data);
-    }
-    Ok(buf.freeze())
-}
-
-/// Most of an oversized body read and dropped before answering 413, and
-/// how long that may take. Answering while the client still writes makes
-/// it see a broken pipe instead of the 413 (no lingering close in hyper).
-const DRAIN_MAX_BYTES: usize = 1 << 20;
-const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(1);
-
-async fn drain(mut body: Body) {
-    let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
-        let mut seen = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, bytes::Bytes::len);
-            if seen > DRAIN_MAX_BYTES {
-                break;
-            }
-        }
-    })
-    .await;
+    super::gate::read_limited(headers, body, state.max_body_bytes, |_| Ok(())).await
 }
 
 /// Embeddings (OpenAI-compatible).

@@ -7,6 +7,7 @@ mod chat_tests;
 pub mod conn;
 pub mod convert;
 pub mod dialect;
+pub mod gate;
 pub mod grpc;
 pub mod http;
 pub mod json;
@@ -40,6 +41,8 @@ pub struct EdgeState {
     pub max_message_bytes: usize,
     pub http_max_in_flight: usize,
     pub grpc_max_in_flight: usize,
+    /// Request bytes buffered at once, across both listeners.
+    pub buffered: Arc<gate::Buffered>,
     /// SSE comment this often while a streaming model is silent.
     pub sse_keep_alive: Duration,
     /// Largest image an infer call may send, in pixels (from its header).
@@ -49,37 +52,6 @@ pub struct EdgeState {
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,
-}
-
-/// Admit at most `limit` requests at once into `router`, across all its
-/// routes; shed the rest immediately with `shed(limit)` rather than queueing
-/// them without bound. A request holds its permit until its response head.
-pub fn with_in_flight_limit(
-    router: axum::Router,
-    limit: usize,
-    shed: fn(usize) -> axum::response::Response,
-) -> axum::Router {
-    // `Router::layer` wraps each route on its own: the one semaphore is
-    // shared through the middleware's state, so the bound is the listener's.
-    let gate = Arc::new(InFlightGate { permits: tokio::sync::Semaphore::new(limit), limit, shed });
-    router.layer(axum::middleware::from_fn_with_state(gate, admit))
-}
-
-struct InFlightGate {
-    permits: tokio::sync::Semaphore,
-    limit: usize,
-    shed: fn(usize) -> axum::response::Response,
-}
-
-async fn admit(
-    axum::extract::State(gate): axum::extract::State<Arc<InFlightGate>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let Ok(_permit) = gate.permits.try_acquire() else {
-        return (gate.shed)(gate.limit);
-    };
-    next.run(req).await
 }
 
 /// The caller the policy middleware attached to a request (anonymous from

@@ -86,6 +86,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         max_message_bytes: 1024,
         http_max_in_flight: 64,
         grpc_max_in_flight: 64,
+        buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
         max_image_pixels: 1 << 24,
         prices: Arc::default(),

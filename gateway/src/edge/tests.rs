@@ -69,6 +69,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
         max_message_bytes: 1024,
         http_max_in_flight: max_in_flight,
         grpc_max_in_flight: max_in_flight,
+        buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
         max_image_pixels: 1 << 24,
         prices: Arc::default(),
