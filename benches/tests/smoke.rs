@@ -86,6 +86,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         max_message_bytes: 1 << 20,
         http_max_in_flight: 64,
         grpc_max_in_flight: 64,
+        buffered: infergate::edge::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
         max_image_pixels: 1 << 24,
         prices: Arc::default(),
