@@ -34,7 +34,8 @@ fn oip_response(c: &mut Criterion) {
     let mut group = c.benchmark_group("oip_response_proto_to_json");
     let info = ModelInfo { name: "m".into(), version: "1".into(), ..Default::default() };
     for n in [16usize, 384, 4096] {
-        let req: InferRequestJson = serde_json::from_value(oip_fp32_request(n)).unwrap();
+        let text = oip_fp32_request(n).to_string();
+        let req: InferRequestJson<'_> = serde_json::from_str(&text).unwrap();
         let item = infer_item_from_json(&req).unwrap();
         let wire = InferOutputs { tensors: item.inputs, parameters: Default::default() }.encode_to_vec();
         group.bench_with_input(BenchmarkId::from_parameter(n), &wire, |b, wire| {

@@ -42,10 +42,11 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .with_state(state.clone());
     // Bodies are read whole before a request takes an in-flight permit.
-    let api = super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e| {
-        e.into_http(None)
-    })
-    .guard(api);
+    let api =
+        super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e, rid| {
+            e.into_http(rid)
+        })
+        .guard(api);
     Router::new()
         .route("/v1/models", get(meta::list_models))
         .route("/v2", get(meta::server_metadata))
@@ -125,7 +126,7 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
 }
 
 /// Parse a JSON body; errors name the field that failed.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, GatewayError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         // Broken JSON is the body's fault; a well-formed value of the wrong

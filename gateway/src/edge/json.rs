@@ -1,11 +1,19 @@
 //! JSON <-> proto transcoding for the REST edge: Open Inference Protocol v2
 //! tensors and the OpenAI embeddings shapes. Pure functions, no I/O: this is
 //! the hot path the criterion bench measures.
+//!
+//! Tensor data never becomes a JSON tree: a request's `data` is kept as the
+//! raw text it was sent as and parsed, once its datatype is known, straight
+//! into the proto's typed vector (never more reserved than the text could
+//! hold, whatever the shape says); an answer's data is written straight
+//! from the typed vectors.
 
 use std::collections::HashMap;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
@@ -14,27 +22,32 @@ use crate::proto::{InferItem, InferOutputs, ModelInfo, ParamValue, Tensor, param
 /// Most inputs one embeddings request may carry (OpenAI's limit).
 pub const MAX_EMBED_INPUTS: usize = 2048;
 
-/// `POST /v2/models/{model}/infer` body.
+/// `POST /v2/models/{model}/infer` body, borrowing each tensor's data from
+/// the request's bytes.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct InferRequestJson {
+pub struct InferRequestJson<'a> {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
-    pub inputs: Vec<TensorJson>,
+    #[serde(borrow)]
+    pub inputs: Vec<TensorJson<'a>>,
     #[serde(default)]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
 /// One input tensor in OIP JSON form.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct TensorJson {
+pub struct TensorJson<'a> {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
-    pub data: Value,
+    /// Values, flat or nested row-major; parsed by [`tensor_from_json`].
+    #[serde(borrow)]
+    #[schema(value_type = Value)]
+    pub data: &'a RawValue,
 }
 
 /// An output the client asks for.
@@ -63,7 +76,33 @@ pub struct TensorOut {
     pub name: String,
     pub datatype: String,
     pub shape: Vec<i64>,
-    pub data: Vec<Value>,
+    #[schema(value_type = Vec<Value>)]
+    pub data: OutData,
+}
+
+/// An output tensor's values, written to JSON as they are held.
+#[derive(Debug)]
+pub enum OutData {
+    Bool(Vec<bool>),
+    Int(Vec<i64>),
+    Uint(Vec<u64>),
+    Float(Vec<f32>),
+    Double(Vec<f64>),
+    Bytes(Vec<Vec<u8>>),
+}
+
+impl Serialize for OutData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Bool(v) => s.collect_seq(v),
+            Self::Int(v) => s.collect_seq(v),
+            Self::Uint(v) => s.collect_seq(v),
+            // As f64, the way the values were always written.
+            Self::Float(v) => s.collect_seq(v.iter().map(|f| f64::from(*f))),
+            Self::Double(v) => s.collect_seq(v),
+            Self::Bytes(v) => s.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b))),
+        }
+    }
 }
 
 /// The element kind a datatype is carried as.
@@ -95,14 +134,6 @@ fn elem(datatype: &str) -> Option<Elem> {
     })
 }
 
-/// Flatten nested JSON arrays into `out`, row-major.
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
-    }
-}
-
 /// The number of values a tensor `shape` holds: every dimension >= 0, at
 /// most 2^28 in all. Errors name `<field>.shape`.
 pub fn element_count(shape: &[i64], field: &str) -> Result<u64, GatewayError> {
@@ -116,69 +147,174 @@ pub fn element_count(shape: &[i64], field: &str) -> Result<u64, GatewayError> {
         .ok_or_else(|| GatewayError::invalid(format!("{field}.shape"), "shape has too many elements"))
 }
 
+/// One JSON scalar as the parser met it (non-negative integers come as `U64`).
+#[derive(Clone, Copy)]
+enum Scalar<'s> {
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Str(&'s str),
+}
+
+/// Why reading a tensor's values stopped.
+const TOO_MANY: &str = "more values than the shape holds";
+const WRONG_TYPE: &str = "a value of the wrong type";
+
+/// Reads a scalar or a (nested) array of them into `out`, row-major,
+/// converting each with `accept`, and stopping at `max` values.
+struct Flat<'o, T> {
+    out: &'o mut Vec<T>,
+    max: usize,
+    accept: &'o dyn Fn(Scalar<'_>) -> Option<T>,
+}
+
+impl<T> Flat<'_, T> {
+    fn push<E: serde::de::Error>(self, s: Scalar<'_>) -> Result<(), E> {
+        if self.out.len() >= self.max {
+            return Err(E::custom(TOO_MANY));
+        }
+        let value = (self.accept)(s).ok_or_else(|| E::custom(WRONG_TYPE))?;
+        self.out.push(value);
+        Ok(())
+    }
+}
+
+impl<'de, T> DeserializeSeed<'de> for Flat<'_, T> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T> Visitor<'de> for Flat<'_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(WRONG_TYPE)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Self { out, max, accept } = self;
+        while seq.next_element_seed(Flat { out: &mut *out, max, accept })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Scalar::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Scalar::I64(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Scalar::U64(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Scalar::F64(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(Scalar::Str(v))
+    }
+}
+
+/// Parse `raw` into exactly `expected` values of `datatype`; errors name
+/// `<field>.data` (count) or `<field>.data[i]` (the value at fault).
+fn read_values<T>(
+    raw: &RawValue,
+    expected: u64,
+    shape: &[i64],
+    datatype: &str,
+    field: &str,
+    what: &str,
+    accept: &dyn Fn(Scalar<'_>) -> Option<T>,
+) -> Result<Vec<T>, GatewayError> {
+    let expected = usize::try_from(expected).unwrap_or(usize::MAX);
+    // Each value takes at least two bytes of text (`1,`): the shape cannot
+    // make the gateway reserve more than the body could fill.
+    let mut out = Vec::with_capacity(expected.min(raw.get().len() / 2 + 1));
+    let count_error = |got: &str| {
+        GatewayError::invalid(format!("{field}.data"), format!("shape {shape:?} needs {expected} values, got {got}"))
+    };
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    if let Err(e) = (Flat { out: &mut out, max: expected, accept }).deserialize(&mut de) {
+        return Err(if e.to_string().starts_with(TOO_MANY) {
+            count_error("more")
+        } else {
+            GatewayError::invalid(format!("{field}.data[{}]", out.len()), format!("expected {what} for {datatype}"))
+        });
+    }
+    if out.len() != expected {
+        return Err(count_error(&out.len().to_string()));
+    }
+    Ok(out)
+}
+
 /// Decode one OIP JSON tensor; errors name the field, e.g. `inputs[0].data[3]`.
-pub fn tensor_from_json(t: &TensorJson, field: &str) -> Result<Tensor, GatewayError> {
+pub fn tensor_from_json(t: &TensorJson<'_>, field: &str) -> Result<Tensor, GatewayError> {
     let kind = elem(&t.datatype).ok_or_else(|| {
         GatewayError::invalid(format!("{field}.datatype"), format!("unknown datatype {:?}", t.datatype))
     })?;
     let expected = element_count(&t.shape, field)?;
-    let mut flat = Vec::with_capacity(expected as usize);
-    flatten(&t.data, &mut flat);
-    if flat.len() as u64 != expected {
-        return Err(GatewayError::invalid(
-            format!("{field}.data"),
-            format!("shape {:?} needs {expected} values, got {}", t.shape, flat.len()),
-        ));
-    }
     let mut out =
         Tensor { name: t.name.clone(), datatype: t.datatype.clone(), shape: t.shape.clone(), ..Default::default() };
-    let bad = |i: usize, what: &str| {
-        GatewayError::invalid(format!("{field}.data[{i}]"), format!("expected {what} for {}", t.datatype))
-    };
+    macro_rules! read {
+        ($what:expr, $accept:expr) => {
+            read_values(t.data, expected, &t.shape, &t.datatype, field, $what, $accept)
+        };
+    }
     match kind {
         Elem::Bool => {
-            out.bool_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, "a boolean")))
-                .collect::<Result<_, _>>()?;
+            out.bool_contents = read!("a boolean", &|s| match s {
+                Scalar::Bool(b) => Some(b),
+                _ => None,
+            })?;
         }
         Elem::Int { min, max } => {
-            out.int64_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_i64().filter(|n| (min..=max).contains(n)).ok_or_else(|| bad(i, "an integer in range"))
-                })
-                .collect::<Result<_, _>>()?;
+            out.int64_contents = read!("an integer in range", &|s| {
+                match s {
+                    Scalar::I64(n) => Some(n),
+                    Scalar::U64(n) => i64::try_from(n).ok(),
+                    _ => None,
+                }
+                .filter(|n| (min..=max).contains(n))
+            })?;
         }
         Elem::Uint { max } => {
-            out.uint64_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_u64().filter(|n| *n <= max).ok_or_else(|| bad(i, "an unsigned integer in range")))
-                .collect::<Result<_, _>>()?;
+            out.uint64_contents = read!("an unsigned integer in range", &|s| {
+                match s {
+                    Scalar::U64(n) => Some(n),
+                    Scalar::I64(n) => u64::try_from(n).ok(),
+                    _ => None,
+                }
+                .filter(|n| *n <= max)
+            })?;
         }
         Elem::Float => {
-            out.fp32_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().map(|f| f as f32).ok_or_else(|| bad(i, "a number")))
-                .collect::<Result<_, _>>()?;
+            out.fp32_contents = read!("a number", &|s| match s {
+                Scalar::F64(f) => Some(f as f32),
+                Scalar::I64(n) => Some(n as f32),
+                Scalar::U64(n) => Some(n as f32),
+                _ => None,
+            })?;
         }
         Elem::Double => {
-            out.fp64_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, "a number")))
-                .collect::<Result<_, _>>()?;
+            out.fp64_contents = read!("a number", &|s| match s {
+                Scalar::F64(f) => Some(f),
+                Scalar::I64(n) => Some(n as f64),
+                Scalar::U64(n) => Some(n as f64),
+                _ => None,
+            })?;
         }
         Elem::Bytes => {
-            out.bytes_contents = flat
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_str().map(|s| s.as_bytes().to_vec()).ok_or_else(|| bad(i, "a string")))
-                .collect::<Result<_, _>>()?;
+            out.bytes_contents = read!("a string", &|s| match s {
+                Scalar::Str(s) => Some(s.as_bytes().to_vec()),
+                _ => None,
+            })?;
         }
     }
     Ok(out)
@@ -230,7 +366,7 @@ pub fn params_to_json(params: &HashMap<String, ParamValue>) -> Map<String, Value
 }
 
 /// Transcode an OIP JSON request into the worker's item.
-pub fn infer_item_from_json(req: &InferRequestJson) -> Result<InferItem, GatewayError> {
+pub fn infer_item_from_json(req: &InferRequestJson<'_>) -> Result<InferItem, GatewayError> {
     if req.inputs.is_empty() {
         return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
     }
@@ -250,18 +386,16 @@ pub fn infer_item_from_json(req: &InferRequestJson) -> Result<InferItem, Gateway
     })
 }
 
-/// Encode one output tensor as OIP JSON.
+/// Encode one output tensor as OIP JSON (its vector moves into the answer).
 pub fn tensor_to_json(t: Tensor) -> TensorOut {
-    let data: Vec<Value> = match elem(&t.datatype) {
-        Some(Elem::Bool) => t.bool_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Int { .. }) => t.int64_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Uint { .. }) => t.uint64_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Float) => t.fp32_contents.into_iter().map(|f| Value::from(f64::from(f))).collect(),
-        Some(Elem::Double) => t.fp64_contents.into_iter().map(Value::from).collect(),
-        Some(Elem::Bytes) => {
-            t.bytes_contents.into_iter().map(|b| Value::from(String::from_utf8_lossy(&b).into_owned())).collect()
-        }
-        None => Vec::new(),
+    let data = match elem(&t.datatype) {
+        Some(Elem::Bool) => OutData::Bool(t.bool_contents),
+        Some(Elem::Int { .. }) => OutData::Int(t.int64_contents),
+        Some(Elem::Uint { .. }) => OutData::Uint(t.uint64_contents),
+        Some(Elem::Float) => OutData::Float(t.fp32_contents),
+        Some(Elem::Double) => OutData::Double(t.fp64_contents),
+        Some(Elem::Bytes) => OutData::Bytes(t.bytes_contents),
+        None => OutData::Bool(Vec::new()),
     };
     TensorOut { name: t.name, datatype: t.datatype, shape: t.shape, data }
 }
@@ -428,53 +562,70 @@ pub fn embeddings_response(
 mod tests {
     use super::*;
 
-    fn req(v: Value) -> InferRequestJson {
-        serde_json::from_value(v).unwrap()
+    /// Transcode a request given as a JSON value (its data borrowed from text).
+    fn item(v: Value) -> Result<InferItem, GatewayError> {
+        let text = v.to_string();
+        infer_item_from_json(&serde_json::from_str::<InferRequestJson<'_>>(&text).unwrap())
     }
 
     #[test]
     fn nested_data_flattens_row_major() {
-        let r = req(
+        let item = item(
             serde_json::json!({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]}),
-        );
-        let item = infer_item_from_json(&r).unwrap();
+        )
+        .unwrap();
         assert_eq!(item.inputs[0].int64_contents, vec![1, 2, 3, 4]);
     }
 
     #[test]
     fn element_count_must_match_shape() {
-        let r =
-            req(serde_json::json!({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0]}]}));
-        let err = infer_item_from_json(&r).unwrap_err();
-        assert_eq!(err.problem(None).field.as_deref(), Some("inputs[0].data"));
+        let field = |v: Value| item(v).unwrap_err().problem(None).field;
+        let short =
+            serde_json::json!({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0]}]});
+        assert_eq!(field(short).as_deref(), Some("inputs[0].data"));
+        let long = serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0, 2.0]}]});
+        assert_eq!(field(long).as_deref(), Some("inputs[0].data"));
     }
 
     #[test]
     fn values_must_fit_the_datatype() {
-        let r =
-            req(serde_json::json!({"inputs": [{"name": "x", "shape": [2], "datatype": "UINT8", "data": [1, 300]}]}));
-        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].data[1]"));
-        let r = req(serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [5]}]}));
-        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].data[0]"));
-        let r = req(serde_json::json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP8", "data": [5]}]}));
-        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].datatype"));
+        let field = |v: Value| item(v).unwrap_err().problem(None).field;
+        let t = |datatype: &str, data: Value| serde_json::json!({"inputs": [{"name": "x", "shape": [2], "datatype": datatype, "data": data}]});
+        assert_eq!(field(t("UINT8", serde_json::json!([1, 300]))).as_deref(), Some("inputs[0].data[1]"));
+        assert_eq!(field(t("BYTES", serde_json::json!(["a", 5]))).as_deref(), Some("inputs[0].data[1]"));
+        assert_eq!(field(t("INT8", serde_json::json!([[1], {"x": 1}]))).as_deref(), Some("inputs[0].data[1]"));
+        assert_eq!(field(t("INT64", serde_json::json!([1, 1.5]))).as_deref(), Some("inputs[0].data[1]"));
+        assert_eq!(field(t("BOOL", serde_json::json!([true, null]))).as_deref(), Some("inputs[0].data[1]"));
+        assert_eq!(field(t("FP8", serde_json::json!([5, 6]))).as_deref(), Some("inputs[0].datatype"));
+        // Integers are numbers too, at full precision where the type has it.
+        let ok = item(t("FP64", serde_json::json!([1, -2]))).unwrap();
+        assert_eq!(ok.inputs[0].fp64_contents, vec![1.0, -2.0]);
+        let ok = item(t("UINT64", serde_json::json!([u64::MAX, 0]))).unwrap();
+        assert_eq!(ok.inputs[0].uint64_contents, vec![u64::MAX, 0]);
+        let ok = item(t("INT64", serde_json::json!([i64::MIN, i64::MAX]))).unwrap();
+        assert_eq!(ok.inputs[0].int64_contents, vec![i64::MIN, i64::MAX]);
     }
 
     #[test]
     fn huge_shapes_are_rejected_before_allocating() {
-        let r = req(
-            serde_json::json!({"inputs": [{"name": "x", "shape": [1_000_000, 1_000_000], "datatype": "FP32", "data": []}]}),
-        );
-        assert_eq!(infer_item_from_json(&r).unwrap_err().problem(None).field.as_deref(), Some("inputs[0].shape"));
+        let field = |v: Value| item(v).unwrap_err().problem(None).field;
+        let huge = serde_json::json!({"inputs": [{"name": "x", "shape": [1_000_000, 1_000_000], "datatype": "FP32", "data": []}]});
+        assert_eq!(field(huge).as_deref(), Some("inputs[0].shape"));
+        // Within the element cap but far beyond the data: refused by count,
+        // with nothing reserved for the declared size.
+        let text = r#"{"inputs": [{"name": "x", "shape": [268435456], "datatype": "FP64", "data": [1]}]}"#;
+        let req: InferRequestJson<'_> = serde_json::from_str(text).unwrap();
+        let err = tensor_from_json(&req.inputs[0], "inputs[0]").unwrap_err();
+        assert_eq!(err.problem(None).field.as_deref(), Some("inputs[0].data"));
     }
 
     #[test]
     fn tensors_round_trip() {
-        let r = req(serde_json::json!({
+        let item = item(serde_json::json!({
             "id": "a", "parameters": {"delay_ms": 5, "fail": false},
             "inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["hi", "there"]},
-                       {"name": "f", "shape": [1, 2], "datatype": "FP64", "data": [[0.5, 1.5]]}]}));
-        let item = infer_item_from_json(&r).unwrap();
+                       {"name": "f", "shape": [1, 2], "datatype": "FP64", "data": [[0.5, 1.5]]}]}))
+        .unwrap();
         assert_eq!(item.parameters.len(), 2);
         let out = InferOutputs { tensors: item.inputs, parameters: HashMap::new() };
         let info = ModelInfo { name: "echo".into(), version: "1".into(), ..Default::default() };
