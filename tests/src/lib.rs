@@ -74,6 +74,12 @@ impl Gateway {
         Self::launch(extra, "info", Some(serial))
     }
 
+    /// Like [`Gateway::start`] with variables added to the gateway's environment.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let serial = one_at_a_time();
+        Self::launch_with(Some(extra), "info", Duration::from_secs(60), env, Some(serial))
+    }
+
     /// Like [`Gateway::start`] with a log filter of the test's choosing.
     pub fn start_logging(extra: &str, filter: &str) -> anyhow::Result<Self> {
         let serial = one_at_a_time();
@@ -96,11 +102,11 @@ impl Gateway {
     /// every pool is ready, at most `ready_within`.
     pub fn start_default(ready_within: Duration) -> anyhow::Result<Self> {
         let serial = one_at_a_time();
-        Self::launch_with(None, "info", ready_within, Some(serial))
+        Self::launch_with(None, "info", ready_within, &[], Some(serial))
     }
 
     fn launch(extra: &str, filter: &str, serial: Option<std::sync::MutexGuard<'static, ()>>) -> anyhow::Result<Self> {
-        Self::launch_with(Some(extra), filter, Duration::from_secs(60), serial)
+        Self::launch_with(Some(extra), filter, Duration::from_secs(60), &[], serial)
     }
 
     /// `extra` config on top of the test settings, or none: the embedded
@@ -109,6 +115,7 @@ impl Gateway {
         extra: Option<&str>,
         filter: &str,
         ready_within: Duration,
+        env: &[(&str, &str)],
         serial: Option<std::sync::MutexGuard<'static, ()>>,
     ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
@@ -141,6 +148,7 @@ impl Gateway {
             }
         }
         let mut child = command
+            .envs(env.iter().copied())
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -81,12 +81,17 @@ pub struct Gate {
     limit: usize,
     max_body: usize,
     buffered: Arc<Buffered>,
-    /// Renders a refusal in the listener's protocol.
-    reject: fn(GatewayError) -> Response,
+    /// Renders a refusal in the listener's protocol, with the request id.
+    reject: fn(GatewayError, Option<&str>) -> Response,
 }
 
 impl Gate {
-    pub fn new(limit: usize, max_body: usize, buffered: Arc<Buffered>, reject: fn(GatewayError) -> Response) -> Self {
+    pub fn new(
+        limit: usize,
+        max_body: usize,
+        buffered: Arc<Buffered>,
+        reject: fn(GatewayError, Option<&str>) -> Response,
+    ) -> Self {
         Self { permits: Semaphore::new(limit), limit, max_body, buffered, reject }
     }
 
@@ -102,13 +107,17 @@ impl Gate {
 /// hold both the permit and the body's bytes until the response head.
 async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
+    let reject = |e| {
+        let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok());
+        (gate.reject)(e, request_id)
+    };
     let mut reservation = Reservation::new(&gate.buffered);
     let bytes = match read_limited(&parts.headers, body, gate.max_body, |n| reservation.grow_to(n)).await {
         Ok(bytes) => bytes,
-        Err(e) => return (gate.reject)(e),
+        Err(e) => return reject(e),
     };
     let Ok(_permit) = gate.permits.try_acquire() else {
-        return (gate.reject)(GatewayError::Overloaded { limit: gate.limit });
+        return reject(GatewayError::Overloaded { limit: gate.limit });
     };
     let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     drop(reservation);

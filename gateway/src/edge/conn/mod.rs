@@ -40,6 +40,10 @@ const REFUSED_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Pause after an accept error that is not the peer's fault (EMFILE, ENFILE,
 /// ENOMEM) so the loop does not spin while the process is out of descriptors.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long an idle connection told goodbye may take to close: HTTP/2's
+/// GOAWAY waits for the client's ping acknowledgement, which a hostile
+/// client never sends.
+const IDLE_GOODBYE: Duration = Duration::from_secs(1);
 /// HTTP/2 streams a client may reset before the server has accepted them
 /// (h2's rapid-reset bound; past it the connection gets GOAWAY).
 const MAX_PENDING_RESETS: usize = 20;
@@ -169,8 +173,10 @@ impl Connection {
                     if closing_by.is_none() {
                         tracing::debug!(listener = name, peer = %self.peer, why, "ending connection");
                         conn.as_mut().graceful_shutdown();
-                        // Whatever is in flight gets a body's time to finish.
-                        closing_by = Some(Instant::now() + self.limits.body_timeout);
+                        // Requests in flight get a body's time to finish; an
+                        // idle connection only the GOAWAY exchange.
+                        let grace = if why == "idle timeout" { IDLE_GOODBYE } else { self.limits.body_timeout };
+                        closing_by = Some(Instant::now() + grace);
                     }
                     closing_by
                 }
@@ -227,15 +233,44 @@ impl tower::Service<http::Request<Incoming>> for Tracked {
     }
 
     fn call(&mut self, req: http::Request<Incoming>) -> Self::Future {
-        let mut in_flight = self.state.start();
+        let in_flight = self.state.start();
+        if let Some(why) = ambiguous_framing(&req) {
+            // The connection cannot be trusted to be where the client thinks:
+            // answer once and close it, reading nothing more from it.
+            self.state.doom();
+            let mut resp = crate::error::GatewayError::invalid("headers", why).into_http(None);
+            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            return Box::pin(std::future::ready(Ok(resp.map(|body| Answer { body, _in_flight: in_flight }))));
+        }
         let mut req = req.map(|b| TimedBody::new(b, self.body, self.state.clone()));
         req.extensions_mut().insert(PeerAddr(self.peer));
         let answer = tower::Service::call(&mut self.app, req);
         Box::pin(async move {
             let resp = answer.await?;
-            in_flight.answered();
             Ok(resp.map(|body| Answer { body, _in_flight: in_flight }))
         })
+    }
+}
+
+/// Why an HTTP/1.1 request's body framing could be read two ways (by a
+/// proxy in front and by the gateway: request smuggling), if it could.
+///
+/// hyper already answers 400 to a `Transfer-Encoding` whose last coding is
+/// not `chunked` and to differing `Content-Length`s, and reads a request
+/// with both headers by its `Transfer-Encoding` alone, closing the
+/// connection after the answer (RFC 9112 §6.3; it drops the
+/// `Content-Length` before the service sees it). What it lets through is a
+/// chain of codings (`identity, chunked`, or `chunked` on two lines), which
+/// a proxy may read otherwise: refused here.
+fn ambiguous_framing<B>(req: &http::Request<B>) -> Option<&'static str> {
+    if req.version() >= http::Version::HTTP_2 {
+        return None;
+    }
+    let mut te = req.headers().get_all(http::header::TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (Some(only), None) if only.as_bytes().eq_ignore_ascii_case(b"chunked") => None,
+        (None, _) => None,
+        _ => Some("Transfer-Encoding other than a single `chunked`"),
     }
 }
 

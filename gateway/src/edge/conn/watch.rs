@@ -22,9 +22,10 @@ use crate::config::ConnLimits;
 /// `head_started` when no head is being read.
 const NONE: u64 = u64::MAX;
 
-/// Resets a client may send per second on one connection (requests it
-/// abandons before their answer) before the connection is closed: the
-/// per-second bound behind h2's pending-reset cap (rapid reset).
+/// HTTP/2 stream resets (RST_STREAM frames) a client may send per second on
+/// one connection before it gets GOAWAY. h2 itself only bounds resets of
+/// streams not yet accepted *at once*, which a fast server never reaches
+/// while a rapid-reset client makes it parse and drop streams without end.
 pub const MAX_RESETS_PER_SECOND: u32 = 200;
 
 /// Shared by a connection's socket, its requests and its task.
@@ -110,13 +111,10 @@ impl ConnState {
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::AcqRel);
-        InFlight { state: self.clone(), answered: false }
+        InFlight { state: self.clone() }
     }
 
-    fn finish(&self, answered: bool) {
-        if !answered {
-            self.note_reset();
-        }
+    fn finish(&self) {
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.head_started.store(NONE, Ordering::Relaxed);
             self.idle_since.store(self.now_ms(), Ordering::Release);
@@ -124,8 +122,8 @@ impl ConnState {
         }
     }
 
-    /// A request abandoned by its client before its answer: counted per
-    /// second; past [`MAX_RESETS_PER_SECOND`] the connection is doomed.
+    /// The client reset a stream: counted per second; past
+    /// [`MAX_RESETS_PER_SECOND`] the connection is doomed.
     fn note_reset(&self) {
         let now = self.now_ms();
         let window = self.reset_window.load(Ordering::Relaxed);
@@ -177,68 +175,97 @@ impl ConnState {
 /// client left before it).
 pub struct InFlight {
     state: Arc<ConnState>,
-    answered: bool,
-}
-
-impl InFlight {
-    /// The answer's head is ready: what follows is the answer's body.
-    pub fn answered(&mut self) {
-        self.answered = true;
-    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.state.finish(self.answered);
+        self.state.finish();
     }
 }
 
 /// The client connection preface of HTTP/2.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Preface plus a frame header.
-const SNIFF_LEN: usize = 24 + 9;
-/// Frame type of SETTINGS.
+/// Length of an HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
+/// Frame types the watch cares about.
 const SETTINGS: u8 = 0x4;
+const RST_STREAM: u8 = 0x3;
 
-/// Reads the first bytes to learn when an HTTP/2 client has sent its
-/// preface and first SETTINGS frame.
+/// Follows the frames a client sends, without keeping them: when an HTTP/2
+/// client has sent its preface and first SETTINGS frame, and each stream
+/// reset it sends. Anything that is not HTTP/2 is left alone at once.
 enum Sniff {
-    Head { buf: [u8; SNIFF_LEN], len: usize },
-    Settings { remaining: usize },
+    /// Matching the preface; `seen` bytes so far.
+    Preface { seen: usize },
+    /// Between frames: `have` bytes of the next header, or `skip` bytes of
+    /// the current payload left. `first`: the SETTINGS that must open.
+    Frames { header: [u8; FRAME_HEADER], have: usize, skip: usize, first: bool },
+    /// Not HTTP/2, or a first frame that is not SETTINGS (hyper answers it).
     Done,
 }
 
+/// What the frames said.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// The preface and the first SETTINGS frame are in.
+    Ready,
+    Reset,
+}
+
 impl Sniff {
-    /// Feed the next bytes read; true once the preface and SETTINGS are in.
-    fn feed(&mut self, mut data: &[u8]) -> bool {
-        if let Self::Head { buf, len } = self {
-            let take = (SNIFF_LEN - *len).min(data.len());
-            buf[*len..*len + take].copy_from_slice(&data[..take]);
-            *len += take;
-            data = &data[take..];
-            let seen = (*len).min(H2_PREFACE.len());
-            if buf[..seen] != H2_PREFACE[..seen] {
-                *self = Self::Done;
-                return false;
+    fn new() -> Self {
+        Self::Preface { seen: 0 }
+    }
+
+    /// Follow the next bytes read, telling `on` what they hold.
+    fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) {
+        while !data.is_empty() {
+            match self {
+                Self::Done => return,
+                Self::Preface { seen } => {
+                    let take = (H2_PREFACE.len() - *seen).min(data.len());
+                    if data[..take] != H2_PREFACE[*seen..*seen + take] {
+                        *self = Self::Done;
+                        return;
+                    }
+                    *seen += take;
+                    data = &data[take..];
+                    if *seen == H2_PREFACE.len() {
+                        *self = Self::Frames { header: [0; FRAME_HEADER], have: 0, skip: 0, first: true };
+                    }
+                }
+                Self::Frames { skip, first, .. } if *skip > 0 => {
+                    let take = (*skip).min(data.len());
+                    *skip -= take;
+                    data = &data[take..];
+                    if *skip == 0 && std::mem::take(first) {
+                        on(Seen::Ready);
+                    }
+                }
+                Self::Frames { header, have, skip, first } => {
+                    let take = (FRAME_HEADER - *have).min(data.len());
+                    header[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
+                    data = &data[take..];
+                    if *have < FRAME_HEADER {
+                        return;
+                    }
+                    *have = 0;
+                    let kind = header[3];
+                    *skip = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+                    if *first && kind != SETTINGS {
+                        *self = Self::Done;
+                        return;
+                    }
+                    if kind == RST_STREAM {
+                        on(Seen::Reset);
+                    }
+                    if *skip == 0 && std::mem::take(first) {
+                        on(Seen::Ready);
+                    }
+                }
             }
-            if *len < SNIFF_LEN {
-                return false;
-            }
-            if buf[24 + 3] != SETTINGS {
-                *self = Self::Done;
-                return false;
-            }
-            let length = usize::from(buf[24]) << 16 | usize::from(buf[25]) << 8 | usize::from(buf[26]);
-            *self = Self::Settings { remaining: length };
         }
-        if let Self::Settings { remaining } = self {
-            *remaining = remaining.saturating_sub(data.len());
-            if *remaining == 0 {
-                *self = Self::Done;
-                return true;
-            }
-        }
-        false
     }
 }
 
@@ -251,7 +278,7 @@ pub struct Watched<T> {
 
 impl<T> Watched<T> {
     pub fn new(io: T, state: Arc<ConnState>) -> Self {
-        Self { io, state, sniff: Sniff::Head { buf: [0; SNIFF_LEN], len: 0 } }
+        Self { io, state, sniff: Sniff::new() }
     }
 }
 
@@ -263,10 +290,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             && buf.filled().len() > before
         {
             let this = &mut *self;
-            if !matches!(this.sniff, Sniff::Done) && this.sniff.feed(&buf.filled()[before..]) {
-                this.state.h2_ready.store(true, Ordering::Release);
-            }
-            this.state.on_read();
+            let state = &this.state;
+            this.sniff.feed(&buf.filled()[before..], &mut |seen| match seen {
+                Seen::Ready => state.h2_ready.store(true, Ordering::Release),
+                Seen::Reset => state.note_reset(),
+            });
+            state.on_read();
         }
         polled
     }
@@ -302,31 +331,51 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sniff_sees_the_preface_and_the_whole_settings_frame_in_pieces() {
-        let mut bytes = H2_PREFACE.to_vec();
-        bytes.extend_from_slice(&[0, 0, 12, SETTINGS, 0, 0, 0, 0, 0]);
-        bytes.extend_from_slice(&[0; 12]);
-        for split in [1, 5, 24, 30, 33, 40] {
-            let mut sniff = Sniff::Head { buf: [0; SNIFF_LEN], len: 0 };
-            let ready: Vec<bool> = bytes.chunks(split).map(|c| sniff.feed(c)).collect();
-            assert_eq!(ready.iter().filter(|r| **r).count(), 1, "split {split}");
-            assert_eq!(ready.last(), Some(&true), "split {split}");
+    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![(payload >> 16) as u8, (payload >> 8) as u8, payload as u8, kind, 0, 0, 0, 0, 1];
+        f.resize(FRAME_HEADER + payload, 0);
+        f
+    }
+
+    fn seen(bytes: &[u8], split: usize) -> Vec<Seen> {
+        let mut sniff = Sniff::new();
+        let mut seen = Vec::new();
+        for chunk in bytes.chunks(split) {
+            sniff.feed(chunk, &mut |s| seen.push(s));
         }
-        // One byte short of the frame: not ready.
-        let mut sniff = Sniff::Head { buf: [0; SNIFF_LEN], len: 0 };
-        assert!(!sniff.feed(&bytes[..bytes.len() - 1]));
+        seen
     }
 
     #[test]
-    fn sniff_gives_up_on_http1_and_on_a_preface_without_settings() {
-        let mut sniff = Sniff::Head { buf: [0; SNIFF_LEN], len: 0 };
-        assert!(!sniff.feed(b"GET / HTTP/1.1\r\n"));
-        assert!(matches!(sniff, Sniff::Done));
+    fn sniff_sees_the_preface_settings_and_every_reset_in_any_pieces() {
         let mut bytes = H2_PREFACE.to_vec();
-        bytes.extend_from_slice(&[0, 0, 0, 0x6, 0, 0, 0, 0, 0]);
-        let mut sniff = Sniff::Head { buf: [0; SNIFF_LEN], len: 0 };
-        assert!(!sniff.feed(&bytes));
-        assert!(matches!(sniff, Sniff::Done));
+        bytes.extend(frame(SETTINGS, 12));
+        bytes.extend(frame(0x1, 40)); // HEADERS
+        bytes.extend(frame(RST_STREAM, 4));
+        bytes.extend(frame(0x0, 1000)); // DATA
+        bytes.extend(frame(RST_STREAM, 4));
+        for split in [1, 5, 24, 30, 33, 40, 4096] {
+            assert_eq!(seen(&bytes, split), vec![Seen::Ready, Seen::Reset, Seen::Reset], "split {split}");
+        }
+        // One byte short of the SETTINGS frame: not ready.
+        let mut short = H2_PREFACE.to_vec();
+        short.extend(frame(SETTINGS, 6));
+        short.pop();
+        assert!(seen(&short, 7).is_empty());
+        // An empty SETTINGS frame is ready at its header.
+        let mut empty = H2_PREFACE.to_vec();
+        empty.extend(frame(SETTINGS, 0));
+        assert_eq!(seen(&empty, 3), vec![Seen::Ready]);
+    }
+
+    #[test]
+    fn sniff_leaves_http1_and_a_preface_without_settings_alone() {
+        let mut reset_looking = b"GET / HTTP/1.1\r\n".to_vec();
+        reset_looking.extend(frame(RST_STREAM, 4));
+        assert!(seen(&reset_looking, 3).is_empty());
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend(frame(0x6, 8)); // PING first
+        bytes.extend(frame(RST_STREAM, 4));
+        assert!(seen(&bytes, 5).is_empty());
     }
 }
