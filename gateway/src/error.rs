@@ -22,6 +22,9 @@ pub enum GatewayError {
     /// The request body exceeds the configured limit.
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The call does not fit in one worker message (`workers.max_message_bytes`).
+    #[error("too large for a worker: {detail}")]
+    MessageTooLarge { detail: String },
     /// An image whose header declares more pixels than allowed (refused
     /// before decoding: a decompression bomb costs nothing).
     #[error("the image declares {width}x{height} pixels, more than the {max_pixels} allowed")]
@@ -145,6 +148,12 @@ impl GatewayError {
             E::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "payload-too-large", "Payload too large")
             }
+            E::MessageTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                C::ResourceExhausted,
+                "message-too-large",
+                "Too large for a worker message",
+            ),
             E::ImageTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "image-too-large", "Image too large")
             }

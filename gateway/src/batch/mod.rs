@@ -3,9 +3,10 @@
 //! [`BatchState`] (unit-tested without a runtime) and a budget of batches in
 //! flight (workers × `concurrency_per_worker`).
 //!
-//! A batch goes when it is full (`max_batch_size`) or when its oldest item
-//! has waited `max_delay` (0: send what is queued now) — and a dispatch slot
-//! is free. While every slot is busy items keep queueing, so batches grow
+//! A batch goes when it is full (`max_batch_size` items, or as many bytes
+//! as a worker message may hold) or when its oldest item has waited
+//! `max_delay` (0: send what is queued now) — and a dispatch slot is free.
+//! An item too big for a worker message on its own is refused at once. While every slot is busy items keep queueing, so batches grow
 //! with load: the batcher waits for workers, never for a timer, under load.
 //! Items of priority tiers are taken first; an item whose caller left or
 //! whose deadline passed is dropped while the batch forms; the queue is
@@ -55,9 +56,20 @@ impl Default for BatchConfig {
     }
 }
 
+/// How big a batch may grow: items, and bytes of encoded items (what fits
+/// in one worker message), with how an item is weighed.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound<I> {
+    pub items: usize,
+    pub bytes: usize,
+    pub weigh: fn(&I) -> usize,
+}
+
 /// One caller's item, waiting for its result.
 pub struct Pending<I, O> {
     pub payload: I,
+    /// The item's weight in a worker message.
+    pub bytes: usize,
     /// The caller's request id, for the worker's logs.
     pub request_id: String,
     pub reply: oneshot::Sender<Result<O, GatewayError>>,
@@ -76,12 +88,15 @@ pub struct BatchState<I, O> {
     /// `[priority, normal]`, each FIFO.
     queues: [VecDeque<Pending<I, O>>; 2],
     max_batch: usize,
+    max_bytes: usize,
+    /// Bytes of the items queued.
+    bytes: usize,
     max_delay: Duration,
 }
 
 impl<I, O> BatchState<I, O> {
-    pub fn new(max_batch: usize, max_delay: Duration) -> Self {
-        Self { queues: [VecDeque::new(), VecDeque::new()], max_batch: max_batch.max(1), max_delay }
+    pub fn new(max_batch: usize, max_bytes: usize, max_delay: Duration) -> Self {
+        Self { queues: [VecDeque::new(), VecDeque::new()], max_batch: max_batch.max(1), max_bytes, bytes: 0, max_delay }
     }
 
     pub fn len(&self) -> usize {
@@ -93,6 +108,7 @@ impl<I, O> BatchState<I, O> {
     }
 
     pub fn push(&mut self, item: Pending<I, O>) {
+        self.bytes += item.bytes;
         let q = usize::from(!item.priority);
         self.queues[q].push_back(item);
     }
@@ -102,33 +118,49 @@ impl<I, O> BatchState<I, O> {
         self.queues.iter().filter_map(|q| q.front()).map(|p| p.arrived).min().map(|t| t + self.max_delay)
     }
 
-    /// A batch should go: full, or its oldest item has waited `max_delay`.
+    /// A batch should go: full (items or bytes), or its oldest item has
+    /// waited `max_delay`.
     pub fn ready(&self, now: Instant) -> bool {
-        self.len() >= self.max_batch || self.due().is_some_and(|due| now >= due)
+        self.len() >= self.max_batch || self.bytes >= self.max_bytes || self.due().is_some_and(|due| now >= due)
     }
 
     /// Drop items whose caller left or whose deadline passed (telling the
     /// latter why); returns how many left the queue.
     pub fn prune(&mut self, now: Instant) -> usize {
         let before = self.len();
+        let bytes = &mut self.bytes;
         for q in &mut self.queues {
-            q.retain_mut(|p| !p.reply.is_closed() && p.deadline.at > now);
+            q.retain_mut(|p| {
+                let keep = !p.reply.is_closed() && p.deadline.at > now;
+                if !keep {
+                    *bytes -= p.bytes;
+                }
+                keep
+            });
         }
         before - self.len()
     }
 
-    /// Up to `max_batch` live items, priority first, oldest first.
+    /// Up to `max_batch` live items and `max_bytes` of them, priority
+    /// first, oldest first (always at least one: no item is over the bytes
+    /// alone, [`Batcher::submit`] refuses those).
     pub fn take(&mut self, now: Instant) -> (Vec<Pending<I, O>>, usize) {
         let dropped = self.prune(now);
         let mut batch = Vec::with_capacity(self.max_batch.min(self.len()));
-        for q in &mut self.queues {
+        let mut bytes = 0;
+        'fill: for q in &mut self.queues {
             while batch.len() < self.max_batch {
-                match q.pop_front() {
-                    Some(p) => batch.push(p),
+                match q.front() {
+                    Some(p) if batch.is_empty() || bytes + p.bytes <= self.max_bytes => {
+                        bytes += p.bytes;
+                        batch.extend(q.pop_front());
+                    }
+                    Some(_) => break 'fill,
                     None => break,
                 }
             }
         }
+        self.bytes -= bytes;
         (batch, dropped)
     }
 }
@@ -178,6 +210,9 @@ pub struct Batcher<I, O> {
     max_queue: usize,
     priority_tiers: Vec<String>,
     pool: String,
+    /// The most bytes one item may weigh, and how to weigh it.
+    max_bytes: usize,
+    weigh: fn(&I) -> usize,
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
@@ -186,7 +221,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         pool: &str,
         model: &str,
         config: &BatchConfig,
-        max_batch: usize,
+        bound: Bound<I>,
         slots: usize,
         dispatch: D,
     ) -> Self {
@@ -197,7 +232,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let slots = Arc::new(Slots::new(slots.max(1)));
         let actor = Actor {
             depth: depth.clone(),
-            state: BatchState::new(max_batch, config.max_delay),
+            state: BatchState::new(bound.items, bound.bytes, config.max_delay),
             rx,
             slots: slots.clone(),
             dispatch: Arc::new(dispatch),
@@ -213,6 +248,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             max_queue: config.max_queue,
             priority_tiers: config.priority_tiers.clone(),
             pool: pool.to_owned(),
+            max_bytes: bound.bytes,
+            weigh: bound.weigh,
         }
     }
 
@@ -230,6 +267,12 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         tier: &str,
         request_id: &str,
     ) -> Result<oneshot::Receiver<Result<O, GatewayError>>, GatewayError> {
+        let bytes = (self.weigh)(&payload);
+        if bytes > self.max_bytes {
+            return Err(GatewayError::MessageTooLarge {
+                detail: format!("the item is {bytes} bytes; a worker message holds {}", self.max_bytes),
+            });
+        }
         let full = || GatewayError::QueueFull { pool: self.pool.clone(), limit: self.max_queue };
         self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_queue).then_some(n + 1))
@@ -242,6 +285,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let priority = self.priority_tiers.iter().any(|t| t == tier);
         let item = Pending {
             payload,
+            bytes,
             request_id: request_id.to_owned(),
             reply,
             deadline,

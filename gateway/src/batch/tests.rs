@@ -11,6 +11,7 @@ fn pending(
     let (reply, rx) = oneshot::channel();
     let p = Pending {
         payload,
+        bytes: 1,
         request_id: format!("r{payload}"),
         reply,
         deadline: Deadline::after(deadline_in),
@@ -30,7 +31,7 @@ const LONG: Duration = Duration::from_secs(60);
 
 #[tokio::test(start_paused = true)]
 async fn a_full_batch_is_ready_at_once() {
-    let mut s = BatchState::new(3, Duration::from_millis(5));
+    let mut s = BatchState::new(3, usize::MAX, Duration::from_millis(5));
     let mut keep = Vec::new();
     for i in 0..2 {
         let (p, rx) = pending(i, false, LONG);
@@ -47,7 +48,7 @@ async fn a_full_batch_is_ready_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_partial_batch_goes_when_its_oldest_item_has_waited_max_delay() {
-    let mut s = BatchState::new(8, Duration::from_millis(5));
+    let mut s = BatchState::new(8, usize::MAX, Duration::from_millis(5));
     let (p, _rx) = pending(1, false, LONG);
     s.push(p);
     assert_eq!(s.due(), Some(Instant::now() + Duration::from_millis(5)));
@@ -58,7 +59,7 @@ async fn a_partial_batch_goes_when_its_oldest_item_has_waited_max_delay() {
     tokio::time::advance(Duration::from_millis(1)).await;
     assert!(s.ready(Instant::now()), "delay trigger counts from the oldest item");
     // max_delay 0: whatever is queued goes now.
-    let mut now = BatchState::new(8, Duration::ZERO);
+    let mut now = BatchState::new(8, usize::MAX, Duration::ZERO);
     let (p, _rx3) = pending(3, false, LONG);
     now.push(p);
     assert!(now.ready(Instant::now()));
@@ -66,7 +67,7 @@ async fn a_partial_batch_goes_when_its_oldest_item_has_waited_max_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn expired_and_abandoned_items_are_dropped_while_the_batch_forms() {
-    let mut s = BatchState::new(8, Duration::from_millis(5));
+    let mut s = BatchState::new(8, usize::MAX, Duration::from_millis(5));
     let (short, short_rx) = pending(1, false, Duration::from_millis(3));
     let (gone, gone_rx) = pending(2, false, LONG);
     let (live, _live_rx) = pending(3, false, LONG);
@@ -83,7 +84,7 @@ async fn expired_and_abandoned_items_are_dropped_while_the_batch_forms() {
 
 #[tokio::test(start_paused = true)]
 async fn priority_items_are_taken_first_then_oldest_first() {
-    let mut s = BatchState::new(3, Duration::ZERO);
+    let mut s = BatchState::new(3, usize::MAX, Duration::ZERO);
     let mut keep = Vec::new();
     for (i, vip) in [(1, false), (2, false), (3, true), (4, false), (5, true)] {
         let (p, rx) = pending(i, vip, LONG);
@@ -131,6 +132,11 @@ impl Dispatch<u32, u32> for Doubler {
     }
 }
 
+/// `items` per batch, bytes unbounded; an item weighs its value.
+fn bound(items: usize) -> Bound<u32> {
+    Bound { items, bytes: usize::MAX, weigh: |i| *i as usize }
+}
+
 fn config(max_delay_ms: u64, max_queue: usize) -> BatchConfig {
     BatchConfig { max_delay: Duration::from_millis(max_delay_ms), max_queue, ..BatchConfig::default() }
 }
@@ -138,7 +144,7 @@ fn config(max_delay_ms: u64, max_queue: usize) -> BatchConfig {
 #[tokio::test(start_paused = true)]
 async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
     let d = Doubler::default();
-    let b = Batcher::start("p", "m", &config(2, 100), 8, 1, d.clone());
+    let b = Batcher::start("p", "m", &config(2, 100), bound(8), 1, d.clone());
     let deadline = Deadline::after(LONG);
     let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard", "rid").unwrap()).collect();
     let mut out = Vec::new();
@@ -156,7 +162,7 @@ async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
 async fn batches_grow_while_every_slot_is_busy() {
     let gate = Arc::new(Semaphore::new(0));
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
-    let b = Batcher::start("p", "m", &config(0, 1000), 64, 1, d.clone());
+    let b = Batcher::start("p", "m", &config(0, 1000), bound(64), 1, d.clone());
     let deadline = Deadline::after(LONG);
     let first = b.submit(0, deadline, "standard", "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // the first goes alone, and holds the only slot
@@ -174,7 +180,7 @@ async fn batches_grow_while_every_slot_is_busy() {
 async fn a_full_queue_refuses_at_once_and_frees_as_batches_go() {
     let gate = Arc::new(Semaphore::new(0));
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
-    let b = Batcher::start("p", "m", &config(0, 3), 2, 1, d.clone());
+    let b = Batcher::start("p", "m", &config(0, 3), bound(2), 1, d.clone());
     let deadline = Deadline::after(LONG);
     let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard", "rid").unwrap()).collect();
     let refused = b.submit(9, deadline, "standard", "rid").unwrap_err();
@@ -191,7 +197,7 @@ async fn a_full_queue_refuses_at_once_and_frees_as_batches_go() {
 async fn a_cancelled_caller_is_not_sent_and_an_expired_one_gets_504() {
     let gate = Arc::new(Semaphore::new(0));
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
-    let b = Batcher::start("p", "m", &config(0, 100), 8, 1, d.clone());
+    let b = Batcher::start("p", "m", &config(0, 100), bound(8), 1, d.clone());
     let long = Deadline::after(LONG);
     let busy = b.submit(0, long, "standard", "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // holds the only slot
@@ -236,11 +242,42 @@ async fn a_batch_whose_callers_all_left_is_cancelled_on_the_worker() {
         }
     }
     let dropped = Arc::new(AtomicUsize::new(0));
-    let b = Batcher::start("p", "m", &config(0, 10), 4, 1, Hang(dropped.clone()));
+    let b = Batcher::start("p", "m", &config(0, 10), bound(4), 1, Hang(dropped.clone()));
     let rx = b.submit(1, Deadline::after(LONG), "standard", "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(dropped.load(Ordering::Relaxed), 0, "in flight");
     drop(rx);
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(dropped.load(Ordering::Relaxed), 1, "the call was dropped, which cancels it");
+}
+
+#[test]
+fn a_batch_never_weighs_more_than_a_worker_message() {
+    let mut s = BatchState::new(100, 10, Duration::ZERO);
+    let mut rxs = Vec::new();
+    for weight in [4, 4, 4, 9, 1] {
+        let (mut p, rx) = pending(weight, false, LONG);
+        p.bytes = weight as usize;
+        s.push(p);
+        rxs.push(rx);
+    }
+    assert!(s.ready(Instant::now()), "over the bytes: ready without waiting");
+    let now = Instant::now();
+    let sizes: Vec<Vec<u32>> = std::iter::from_fn(|| Some(s.take(now).0).filter(|b| !b.is_empty()))
+        .map(|b| b.into_iter().map(|p| p.payload).collect())
+        .collect();
+    // In order, cut before the item that would go over 10 bytes.
+    assert_eq!(sizes, vec![vec![4, 4], vec![4], vec![9, 1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_heavier_than_a_worker_message_is_refused_before_queueing() {
+    let d = Doubler::default();
+    let b =
+        Batcher::start("p", "m", &config(0, 100), Bound { items: 8, bytes: 100, weigh: |i| *i as usize }, 1, d.clone());
+    let err = b.submit(101, Deadline::after(LONG), "standard", "rid").err().unwrap();
+    assert!(matches!(err, GatewayError::MessageTooLarge { .. }), "{err:?}");
+    assert_eq!(err.http_status(), 413);
+    let ok = b.submit(100, Deadline::after(LONG), "standard", "rid").unwrap();
+    assert_eq!(wait(ok, &Deadline::after(LONG)).await, Ok(200));
 }

@@ -142,6 +142,8 @@ pub struct WorkersConfig {
     pub connect_timeout: Duration,
     /// Extra variables passed to workers (see `supervisor::passed_to_workers`).
     pub inherit_env: Vec<String>,
+    /// Largest message to or from a worker.
+    pub max_message_bytes: usize,
 }
 
 /// Log output settings.
@@ -249,7 +251,11 @@ impl Config {
             stop_grace: duration("workers.stop_grace", &w.stop_grace)?,
             connect_timeout: duration("workers.connect_timeout", &w.connect_timeout)?,
             inherit_env: w.inherit_env.clone(),
+            max_message_bytes: positive_size("workers.max_message_bytes", w.max_message_bytes)?,
         };
+        if workers.max_message_bytes < 64 * 1024 {
+            return Err(invalid("workers.max_message_bytes", "must be at least 65536"));
+        }
         if workers.restart_backoff_max < workers.restart_backoff_min {
             return Err(invalid("workers.restart_backoff_max", "must be at least restart_backoff_min"));
         }

@@ -292,6 +292,10 @@ pub struct RawWorkers {
     /// the ones Python needs (PATH, HOME, LANG, LC_*, PYTHON*, thread pools,
     /// …); an entry ending in `*` is a prefix. Nothing else is passed on.
     pub inherit_env: Vec<String>,
+    /// Largest gRPC message to or from a worker; local workers are started
+    /// with the same limit (`--max-message-bytes`), remote ones must be.
+    /// Batches are cut to fit; one item over it is refused with 413.
+    pub max_message_bytes: u64,
 }
 
 impl Default for RawWorkers {
@@ -304,6 +308,7 @@ impl Default for RawWorkers {
             stop_grace: "10s".into(),
             connect_timeout: "2s".into(),
             inherit_env: Vec::new(),
+            max_message_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -89,8 +89,9 @@ impl Pools {
                                 tracing::warn!(pool = %pool_name, %addr, "cannot make a URI of a resolved address");
                                 continue;
                             };
-                            let worker =
-                                Arc::new(Worker::new(&pool_name, format!("{pool_name}-{addr}"), WorkerAddr::Tcp(uri)));
+                            let id = format!("{pool_name}-{addr}");
+                            let max_message = self.pools[p].max_message;
+                            let worker = Arc::new(Worker::new(&pool_name, id, WorkerAddr::Tcp(uri), max_message));
                             let watch = stop.child_token();
                             self.watch_worker(p, &worker, connect_timeout, watch.clone());
                             tracing::info!(pool = %pool_name, worker = %worker.id, "worker found in DNS");

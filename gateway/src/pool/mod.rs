@@ -110,6 +110,8 @@ struct Pool {
     depth: metrics::Gauge,
     max_queue: usize,
     batching: BatchConfig,
+    /// Largest message to or from a worker (`workers.max_message_bytes`).
+    max_message: usize,
 }
 
 /// A worker call that may be dropped before it ends (its callers all left:
@@ -385,7 +387,14 @@ impl Pools {
             let workers: Vec<_> = addrs
                 .into_iter()
                 .enumerate()
-                .map(|(i, addr)| Arc::new(Worker::new(&pool.name, format!("{}-{i}", pool.name), addr)))
+                .map(|(i, addr)| {
+                    Arc::new(Worker::new(
+                        &pool.name,
+                        format!("{}-{i}", pool.name),
+                        addr,
+                        config.workers.max_message_bytes,
+                    ))
+                })
                 .collect();
             let slots = slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
             // Counted from 0, so the series exist before the first event.
@@ -394,6 +403,7 @@ impl Pools {
             }
             pools.push(Pool {
                 name: pool.name.clone(),
+                max_message: config.workers.max_message_bytes,
                 workers: RwLock::new(Arc::new(workers)),
                 per_worker: pool.max_in_flight_per_worker,
                 discover: match &pool.kind {
@@ -499,7 +509,8 @@ impl Pools {
         let batcher = map.entry(key.clone()).or_insert_with(|| {
             let dispatch = Dispatcher::<R> { pools: self.me.clone(), pool: key.0, model: key.1, rpc: PhantomData };
             let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
-            Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, max, slots, dispatch))
+            let bound = batch::Bound { items: max, bytes: batch_bytes(pool.max_message), weigh: R::weigh };
+            Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, bound, slots, dispatch))
         });
         Some(batcher.clone())
     }
@@ -596,6 +607,11 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
     let detail = status.message().to_owned();
     let worker = worker.to_owned();
 
+    // Over the message limit, on either side: the call's size is at fault,
+    // not the worker (never counted against it, never retried).
+    if is_message_size(&detail) {
+        return GatewayError::MessageTooLarge { detail };
+    }
     if never_started(&status) {
         return GatewayError::WorkerRefused { worker, detail };
     }
@@ -616,6 +632,13 @@ pub fn from_status(worker: &str, status: tonic::Status, deadline: &Deadline) -> 
         }
         _ => GatewayError::WorkerFailed { worker, detail },
     }
+}
+
+/// The words tonic (`encoded`/`decoded message length too large`) and gRPC
+/// core (`Received`/`Sent message larger than max`) use for a message over
+/// the limit.
+fn is_message_size(detail: &str) -> bool {
+    detail.contains("message length too large") || detail.contains("message larger than max")
 }
 
 /// True when the call provably never started on the worker: the connection
@@ -803,6 +826,16 @@ impl Upstream for Pools {
     }
 }
 
+/// A field tag and length prefix per item in a batch message, rounded up.
+const ITEM_OVERHEAD: usize = 16;
+
+/// The bytes of items a batch may carry in a worker message of `max_message`
+/// bytes: the rest is for the envelope, and for an answer a little larger
+/// than its request (an echo of the inputs with their output names).
+fn batch_bytes(max_message: usize) -> usize {
+    max_message - max_message / 64
+}
+
 /// Submit `items` to `batcher` and wait for all of them; the first failed
 /// item fails the call (the others' answers are dropped).
 async fn gather<I: Send + 'static, O: Send + 'static>(
@@ -840,6 +873,9 @@ trait BatchRpc: Send + Sync + 'static {
     /// The batchers of this call in `pools`.
     fn batchers(pools: &Pools) -> &Batchers<Self::Item, Self::Output>;
 
+    /// The bytes an item takes in the batch's request message.
+    fn weigh(item: &Self::Item) -> usize;
+
     fn request(model: String, items: Vec<Self::Item>) -> Self::Request;
 
     fn call(
@@ -863,6 +899,10 @@ impl BatchRpc for EmbedRpc {
 
     fn batchers(pools: &Pools) -> &Batchers<String, Embedded> {
         &pools.embed_batchers
+    }
+
+    fn weigh(text: &String) -> usize {
+        text.len() + ITEM_OVERHEAD
     }
 
     fn request(model: String, texts: Vec<String>) -> EmbedBatchRequest {
@@ -896,6 +936,10 @@ impl BatchRpc for InferRpc {
 
     fn batchers(pools: &Pools) -> &Batchers<InferItem, InferOutputs> {
         &pools.infer_batchers
+    }
+
+    fn weigh(item: &InferItem) -> usize {
+        prost::Message::encoded_len(item) + ITEM_OVERHEAD
     }
 
     fn request(model: String, items: Vec<InferItem>) -> InferBatchRequest {
@@ -1052,7 +1096,7 @@ mod tests {
     }
 
     fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
-        let worker = Arc::new(Worker::new("q", "q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into())));
+        let worker = Arc::new(Worker::new("q", "q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into()), 1 << 26));
         worker.set_serving(true);
         Pool {
             name: "q".into(),
@@ -1069,6 +1113,7 @@ mod tests {
             depth: metrics::gauge!("test_queue_depth"),
             max_queue,
             batching: BatchConfig::default(),
+            max_message: 1 << 26,
         }
     }
 
@@ -1109,7 +1154,7 @@ mod tests {
     async fn a_call_abandoned_at_its_deadline_counts_against_its_worker_one_abandoned_earlier_does_not() {
         let mut pool = one_worker_pool(8, 8);
         pool.outlier.consecutive = 1;
-        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
+        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into()), 1 << 26));
         second.set_serving(true);
         let w0 = pool.workers()[0].clone();
         *pool.workers.write().unwrap() = Arc::new(vec![w0, second]);
@@ -1158,7 +1203,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap() {
         let pool = one_worker_pool(8, 8);
-        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into())));
+        let second = Arc::new(Worker::new("q", "q-1".into(), WorkerAddr::Unix("/nonexistent-1.sock".into()), 1 << 26));
         second.set_serving(true);
         let (w0, w1) = (pool.workers()[0].clone(), second.clone());
         *pool.workers.write().unwrap() = Arc::new(vec![w0.clone(), second]);

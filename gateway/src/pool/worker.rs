@@ -16,9 +16,6 @@ use crate::config::WorkerAddr;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::{DescribeRequest, ModelInfo};
 
-/// Largest message the gateway accepts from or sends to a worker.
-const MAX_WORKER_MESSAGE: usize = 64 * 1024 * 1024;
-
 /// A worker the pool may send calls to.
 pub struct Worker {
     /// Stable id for logs, e.g. `minilm-1`.
@@ -36,6 +33,8 @@ pub struct Worker {
     /// Recent answer times, for balancing.
     pub latency: super::latency::Latency,
     pub metrics: WorkerMetrics,
+    /// Largest message sent to or taken from the worker.
+    max_message: usize,
 }
 
 /// Metric handles of a worker, resolved once rather than per call.
@@ -78,7 +77,8 @@ impl WorkerMetrics {
 impl Worker {
     /// A worker reached over one lazily connected HTTP/2 channel that
     /// reconnects by itself after the process restarts.
-    pub fn new(pool: &str, id: String, addr: WorkerAddr) -> Self {
+    /// `max_message`: the largest message sent to or taken from it.
+    pub fn new(pool: &str, id: String, addr: WorkerAddr, max_message: usize) -> Self {
         let channel = match &addr {
             WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
             WorkerAddr::InProcess(name) => {
@@ -114,14 +114,15 @@ impl Worker {
             serving: AtomicBool::new(false),
             outlier: super::outlier::Outlier::default(),
             latency: super::latency::Latency::default(),
+            max_message,
         }
     }
 
     /// A client for the Worker service on the shared channel.
     pub fn client(&self) -> WorkerClient<Channel> {
         WorkerClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_WORKER_MESSAGE)
-            .max_encoding_message_size(MAX_WORKER_MESSAGE)
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message)
     }
 
     /// True while the worker reports SERVING for its model.

@@ -158,13 +158,15 @@ fn python_command(python: &Path, inherit: &[String], env: &[(String, String)]) -
     cmd
 }
 
-fn spawn(spec: &WorkerSpec, python: &Path, inherit: &[String]) -> std::io::Result<Child> {
-    let mut cmd = python_command(python, inherit, &spec.env);
+fn spawn(spec: &WorkerSpec, workers: &WorkersConfig) -> std::io::Result<Child> {
+    let mut cmd = python_command(&workers.python, &workers.inherit_env, &spec.env);
     cmd.args(["-m", "infergate_worker", "serve", &spec.class])
         .arg("--listen")
         .arg(format!("unix:{}", spec.socket.display()))
         .arg("--threads")
         .arg(spec.threads.to_string())
+        .arg("--max-message-bytes")
+        .arg(workers.max_message_bytes.to_string())
         .arg("--exit-with-parent")
         .env("PYTHONUNBUFFERED", "1")
         .env("INFERGATE_WORKER_ID", &spec.id)
@@ -264,7 +266,7 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken
     metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(0);
     loop {
         let started = tokio::time::Instant::now();
-        let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg.python, &cfg.inherit_env) {
+        let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg) {
             Ok(mut child) => {
                 tracing::info!(worker = %spec.id, pid = child.id(), class = %spec.class, restarts, "worker started");
                 forward(&spec.id, child.stdout.take());

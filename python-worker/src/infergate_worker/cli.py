@@ -15,7 +15,7 @@ from typing import Any
 
 from infergate.v1 import worker_pb2_grpc
 from infergate_worker.model import Model
-from infergate_worker.server import RequestIdFilter, serve
+from infergate_worker.server import DEFAULT_MAX_MESSAGE_BYTES, RequestIdFilter, serve
 
 
 def load_target(spec: str) -> Model | worker_pb2_grpc.WorkerServicer:
@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         default=256,
         help="calls admitted at once; more are refused (RESOURCE_EXHAUSTED)",
     )
+    run.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(os.environ.get("INFERGATE_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+        help="largest gRPC message taken or sent; keep it equal to the gateway's "
+        "workers.max_message_bytes (default 64 MiB)",
+    )
     run.add_argument("--log-level", default=os.environ.get("INFERGATE_LOG_LEVEL", "INFO"))
     run.add_argument(
         "--exit-with-parent",
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=max(args.threads, 1),
         grace=args.grace,
         max_concurrent_rpcs=max(args.max_concurrent_rpcs, 1),
+        max_message_bytes=max(args.max_message_bytes, 1024),
     )
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -49,7 +49,10 @@ _KINDS = {
     "infer": types_pb2.MODEL_KIND_INFER,
     "generate": types_pb2.MODEL_KIND_GENERATE,
 }
-_MAX_MESSAGE = 64 * 1024 * 1024
+# The largest gRPC message a worker takes or sends; the gateway's
+# `workers.max_message_bytes` (same default) is passed as --max-message-bytes
+# to the workers it spawns, and batches are cut to fit it.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _ItemCode = types_pb2.ItemError.Code
 
 
@@ -411,6 +414,7 @@ async def serve(
     threads: int = 1,
     grace: float = 30.0,
     max_concurrent_rpcs: int = 256,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -432,8 +436,8 @@ async def serve(
         migration_thread_pool=executor,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             # The gateway pings every 10 s to find dead connections, also
             # while only an idle health Watch is open. gRPC core's default
