@@ -717,3 +717,138 @@ fn in_the_default_config_sigkill_of_a_minilm_worker_under_8_clients_costs_no_req
     assert!(answers > 50, "only {answers} answers");
     assert!(failures.is_empty(), "requests lost to the SIGKILL: {failures:?}");
 }
+
+/// A /proc/<pid>/status field in kB (VmRSS, VmHWM).
+fn status_kb(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix(" kB")?.parse().ok())
+        .unwrap()
+}
+
+/// Reset the process's peak RSS (VmHWM) to its current RSS.
+fn reset_peak(pid: i32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// An OIP JSON request of `n` FP32 values, about 8 bytes of JSON each.
+fn fp32_body(n: usize, seed: u64) -> String {
+    let mut data = String::with_capacity(n * 9);
+    for i in 0..n {
+        if i > 0 {
+            data.push(',');
+        }
+        data.push_str(&format!("{:.4}", ((i as u64 * 7919 + seed) % 10_000) as f64 / 10_000.0));
+    }
+    format!(r#"{{"inputs": [{{"name": "x", "shape": [{n}], "datatype": "FP32", "data": [{data}]}}]}}"#)
+}
+
+#[test]
+fn concurrent_large_tensors_stay_within_3x_their_bodies_and_are_all_answered() {
+    // Room for about four of the eight bodies at once: the rest are refused
+    // with memory-full rather than buffered.
+    let config = config("").replacen(
+        "max_in_flight = 16",
+        "max_in_flight = 16\nmax_body_bytes = 16777216\nmax_buffered_bytes = 33554432",
+        1,
+    );
+    let gw = Gateway::start(&config).unwrap();
+    let url = gw.url("/v2/models/echo/infer");
+    let client = reqwest::blocking::Client::new();
+    // Warm: the first call sets up the worker connection and batcher.
+    assert_eq!(
+        client.post(&url).header("content-type", "application/json").body(fp32_body(10, 0)).send().unwrap().status(),
+        200
+    );
+    let bodies: Vec<String> = (0..8).map(|i| fp32_body(1_000_000, i)).collect();
+    let before = status_kb(gw.pid(), "VmRSS");
+    reset_peak(gw.pid());
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let calls: Vec<_> = bodies
+            .iter()
+            .map(|body| {
+                let (client, url) = (&client, &url);
+                s.spawn(move || {
+                    let resp =
+                        client.post(url).header("content-type", "application/json").body(body.clone()).send().unwrap();
+                    let status = resp.status().as_u16();
+                    let text = resp.text().unwrap();
+                    (status, if status == 200 { String::new() } else { text })
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let peak = status_kb(gw.pid(), "VmHWM");
+    let extra = (peak.saturating_sub(before)) * 1024;
+    // Measured against the bodies the gateway took in.
+    let total: usize = bodies.iter().zip(&answers).filter(|(_, (s, _))| *s == 200).map(|(b, _)| b.len()).sum();
+    eprintln!(
+        "8 tensors of {} MB: {:?}; peak extra RSS {} MB for {} MB of bodies taken ({:.2}x)",
+        bodies[0].len() / 1_000_000,
+        answers.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        extra / 1_000_000,
+        total / 1_000_000,
+        extra as f64 / total as f64
+    );
+    for (status, text) in &answers {
+        assert!(*status == 200 || (*status == 503 && text.contains("memory-full")), "{status}: {text}");
+    }
+    assert!(answers.iter().any(|(s, _)| *s == 200), "none answered");
+    assert!(extra <= 3 * total as u64, "peak extra RSS {extra} > 3 x {total}");
+
+    // A shape far beyond its data is refused at once, with nothing reserved for it.
+    reset_peak(gw.pid());
+    let before = status_kb(gw.pid(), "VmRSS");
+    let huge = r#"{"inputs": [{"name": "x", "shape": [268435456], "datatype": "FP64", "data": []}]}"#;
+    let started = std::time::Instant::now();
+    let resp = client.post(&url).header("content-type", "application/json").body(huge).send().unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().unwrap().contains("inputs[0].data"));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let grew = status_kb(gw.pid(), "VmHWM").saturating_sub(before);
+    assert!(grew < 16 * 1024, "a 2 GiB shape with no data grew the peak RSS by {grew} kB");
+}
+
+#[test]
+fn a_batch_over_the_worker_message_limit_is_split_and_an_item_over_it_is_413() {
+    // 1 MiB messages; each request ~400 kB of FP32 once encoded.
+    let config = config("batching = { max_delay = \"50ms\" }\n[workers]\nmax_message_bytes = 1048576\n");
+    let gw = Gateway::start(&config).unwrap();
+    let url = gw.url("/v2/models/echo/infer");
+    let client = reqwest::blocking::Client::new();
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let (client, url) = (&client, &url);
+                s.spawn(move || {
+                    let body = fp32_body(100_000, i);
+                    client
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert_eq!(answers, vec![200; 8], "{}", gw.log_text());
+    // Batched together (50 ms window), yet split to fit 1 MiB.
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    assert!(metrics.contains("infergate_batch_size_count"), "no batches recorded");
+    // One item larger than a whole message: 413 before a worker sees it.
+    let resp = client.post(&url).header("content-type", "application/json").body(fp32_body(400_000, 1)).send().unwrap();
+    assert_eq!(resp.status(), 413);
+    assert!(resp.text().unwrap().contains("message-too-large"));
+    assert!(!gw.log_text().contains("worker ejected"));
+    // And the worker still serves.
+    assert_eq!(
+        client.post(&url).header("content-type", "application/json").body(fp32_body(10, 3)).send().unwrap().status(),
+        200
+    );
+}

@@ -286,7 +286,8 @@ impl ResponseCache {
 
     /// Key of one input: everything that changes the answer, and the tenant
     /// (answers are never shared across tenants).
-    fn key<P>(kind: &str, call: &Call<P>, pool: &str, info: &ModelInfo, input: &[u8]) -> Key {
+    /// `input` feeds the input itself to the hash.
+    fn key<P>(kind: &str, call: &Call<P>, pool: &str, info: &ModelInfo, input: impl FnOnce(&mut Sha256)) -> Key {
         let mut h = Sha256::new();
         for part in [kind.as_bytes(), call.caller.tenant.as_bytes(), pool.as_bytes(), info.name.as_bytes()] {
             h.update(part);
@@ -294,7 +295,7 @@ impl ResponseCache {
         }
         h.update(info.version.as_bytes());
         h.update([0]);
-        h.update(input);
+        input(&mut h);
         h.finalize().into()
     }
 
@@ -362,7 +363,7 @@ impl ResponseCache {
         let pool = Self::pool_of(up, &call).unwrap_or_default();
         let texts = call.payload.clone();
         let answers = futures::future::join_all(texts.iter().map(|text| {
-            let key = Self::key("embed", &call, &pool, &info, text.as_bytes());
+            let key = Self::key("embed", &call, &pool, &info, |h| h.update(text.as_bytes()));
             let single = call.with_payload(vec![text.clone()]);
             self.one(key, mode, async move {
                 let out = up.embed(single).await?;
@@ -403,7 +404,7 @@ impl ResponseCache {
             return up.infer(call).await.map(|out| (out, None));
         }
         let info = Self::info(up, &call)?;
-        let key = Self::key("infer", &call, &pool, &info, &canonical(&call.payload));
+        let key = Self::key("infer", &call, &pool, &info, |h| canonical(&call.payload, h));
         let (value, hit) = self
             .one(key, mode, async move {
                 let (_, outputs) = up.infer(call).await?;
@@ -419,28 +420,58 @@ impl ResponseCache {
     }
 }
 
-/// The bytes that identify a tensor item's answer: inputs, requested
+/// Feed `h` what identifies a tensor item's answer: inputs, requested
 /// outputs and parameters in a fixed order (the caller's `id` is not part
-/// of it).
-fn canonical(item: &InferItem) -> Vec<u8> {
-    let mut out = Vec::new();
+/// of it). Tensor values are hashed as they lie, a slice at a time, never
+/// copied into one buffer (a tensor may be most of a 10 MB body).
+fn canonical(item: &InferItem, h: &mut Sha256) {
     for t in &item.inputs {
-        out.extend(t.encode_length_delimited_to_vec());
+        tensor_digest(t, h);
     }
-    out.push(0xff);
+    h.update([0xff]);
     for o in &item.outputs {
-        out.extend(o.as_bytes());
-        out.push(0);
+        h.update(o.as_bytes());
+        h.update([0]);
     }
-    out.push(0xff);
+    h.update([0xff]);
     let mut params: Vec<_> = item.parameters.iter().collect();
     params.sort_by(|a, b| a.0.cmp(b.0));
     for (k, v) in params {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(v.encode_length_delimited_to_vec());
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.encode_length_delimited_to_vec());
     }
-    out
+}
+
+/// One tensor into `h`: every field length-prefixed, numbers little-endian.
+fn tensor_digest(t: &crate::proto::Tensor, h: &mut Sha256) {
+    fn with_len(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    /// Numbers through a stack buffer, 4 KiB at a time.
+    fn numbers<T: Copy, const N: usize>(h: &mut Sha256, values: &[T], le: fn(T) -> [u8; N]) {
+        h.update((values.len() as u64).to_le_bytes());
+        let mut buf = [0u8; 4096];
+        for chunk in values.chunks(4096 / N) {
+            for (i, v) in chunk.iter().enumerate() {
+                buf[i * N..(i + 1) * N].copy_from_slice(&le(*v));
+            }
+            h.update(&buf[..chunk.len() * N]);
+        }
+    }
+    with_len(h, t.name.as_bytes());
+    with_len(h, t.datatype.as_bytes());
+    numbers(h, &t.shape, i64::to_le_bytes);
+    numbers(h, &t.bool_contents, |b| [u8::from(b)]);
+    numbers(h, &t.int64_contents, i64::to_le_bytes);
+    numbers(h, &t.uint64_contents, u64::to_le_bytes);
+    numbers(h, &t.fp32_contents, f32::to_le_bytes);
+    numbers(h, &t.fp64_contents, f64::to_le_bytes);
+    h.update((t.bytes_contents.len() as u64).to_le_bytes());
+    for b in &t.bytes_contents {
+        with_len(h, b);
+    }
 }
 
 pub mod chat;

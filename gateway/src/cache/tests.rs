@@ -317,3 +317,39 @@ mod chat {
         assert_eq!(through(&c, &up, ask("same words", Some(0.8), "t")).await.1, None);
     }
 }
+
+#[test]
+fn tensor_keys_differ_with_any_part_of_the_tensor() {
+    use sha2::{Digest, Sha256};
+    let digest = |t: crate::proto::Tensor| {
+        let mut h = Sha256::new();
+        super::tensor_digest(&t, &mut h);
+        h.finalize().to_vec()
+    };
+    let base = crate::proto::Tensor {
+        name: "x".into(),
+        datatype: "FP32".into(),
+        shape: vec![2],
+        fp32_contents: vec![1.0, 2.0],
+        ..Default::default()
+    };
+    let same = digest(base.clone());
+    assert_eq!(same, digest(base.clone()));
+    let variants = [
+        crate::proto::Tensor { name: "y".into(), ..base.clone() },
+        crate::proto::Tensor { datatype: "FP16".into(), ..base.clone() },
+        crate::proto::Tensor { shape: vec![1, 2], ..base.clone() },
+        crate::proto::Tensor { fp32_contents: vec![1.0, 2.5], ..base.clone() },
+        // The same bytes in another field are another tensor.
+        crate::proto::Tensor { fp32_contents: vec![], int64_contents: vec![0x4000_0000_3f80_0000], ..base.clone() },
+        crate::proto::Tensor { bytes_contents: vec![b"a".to_vec()], ..base.clone() },
+    ];
+    for v in variants {
+        assert_ne!(digest(v.clone()), same, "{v:?}");
+    }
+    // Long tensors cross the hash's buffer in pieces: still one answer.
+    let long = crate::proto::Tensor { fp64_contents: (0..10_000).map(f64::from).collect(), ..base.clone() };
+    let mut longer = long.clone();
+    longer.fp64_contents[9_999] = 0.5;
+    assert_ne!(digest(long), digest(longer));
+}

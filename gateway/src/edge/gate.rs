@@ -139,11 +139,18 @@ pub async fn read_limited(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     if declared.is_some_and(|n| n > limit) {
-        drain(body).await;
+        drain(body, DRAIN_MAX_BYTES).await;
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    reserve(declared.unwrap_or(0))?;
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    if let Err(e) = reserve(declared.unwrap_or(0)) {
+        // Read and dropped (never held), so the client sees the answer.
+        drain(body, limit).await;
+        return Err(e);
+    }
+    // A body that comes as one frame (a body already read whole) is kept
+    // as it is; only one in pieces is copied together.
+    let mut first: Option<Bytes> = None;
+    let mut buf = bytes::BytesMut::new();
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -154,28 +161,44 @@ pub async fn read_limited(
             }
         })?;
         let Ok(data) = frame.into_data() else { continue };
-        if buf.len() + data.len() > limit {
-            drain(body).await;
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if held + data.len() > limit {
+            drain(body, DRAIN_MAX_BYTES).await;
             return Err(GatewayError::PayloadTooLarge { limit });
         }
-        reserve(buf.len() + data.len())?;
-        buf.extend_from_slice(&data);
+        if let Err(e) = reserve(held + data.len()) {
+            drain(body, limit - held).await;
+            return Err(e);
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    buf.reserve(declared.unwrap_or(0).max(earlier.len() + data.len()));
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// Most of an oversized body read and dropped before answering 413, and
-/// how long that may take. Answering while the client still writes makes
-/// it see a broken pipe instead of the 413 (no lingering close in hyper).
+/// how long any drain may take. Answering while the client still writes
+/// makes it see a broken pipe instead of the answer (no lingering close in
+/// hyper). A body refused for memory is drained whole (it is within
+/// `max_body_bytes`): read and dropped, it costs time, not memory.
 const DRAIN_MAX_BYTES: usize = 1 << 20;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(1);
 
-async fn drain(mut body: Body) {
+/// Read and drop at most `max` bytes of `body`.
+async fn drain(mut body: Body, max: usize) {
     let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = body.frame().await {
             seen += frame.data_ref().map_or(0, Bytes::len);
-            if seen > DRAIN_MAX_BYTES {
+            if seen > max {
                 break;
             }
         }

@@ -349,9 +349,18 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
         let admission = state.policy.admit(&caller, &model, 0).await?;
         let bytes = read_body(&state, &parts.headers, body).await?;
+        // The body is dropped once transcoded: the worker call holds only the item.
         let item = match kind {
-            BodyKind::Json => json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)?,
-            BodyKind::Protobuf => convert::protobuf_item(&bytes, &model)?,
+            BodyKind::Json => {
+                let item = json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)?;
+                drop(bytes);
+                item
+            }
+            BodyKind::Protobuf => {
+                let item = convert::protobuf_item(&bytes, &model)?;
+                drop(bytes);
+                item
+            }
             BodyKind::Raw => InferItem {
                 inputs: vec![convert::raw_tensor(bytes, &entry.info.unwrap_or_default())],
                 ..Default::default()

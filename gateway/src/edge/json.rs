@@ -97,8 +97,9 @@ impl Serialize for OutData {
             Self::Bool(v) => s.collect_seq(v),
             Self::Int(v) => s.collect_seq(v),
             Self::Uint(v) => s.collect_seq(v),
-            // As f64, the way the values were always written.
-            Self::Float(v) => s.collect_seq(v.iter().map(|f| f64::from(*f))),
+            // The shortest text that reads back as the same f32 (`0.1`, not
+            // the `0.10000000149011612` of its f64 widening).
+            Self::Float(v) => s.collect_seq(v),
             Self::Double(v) => s.collect_seq(v),
             Self::Bytes(v) => s.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b))),
         }
