@@ -88,7 +88,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         grpc_max_in_flight: 64,
         buffered: infergate::edge::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
-        max_image_pixels: 1 << 24,
+        image: infergate::edge::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
         prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });

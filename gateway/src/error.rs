@@ -37,6 +37,10 @@ pub enum GatewayError {
     /// served, so a web page cannot drive the gateway through a rebound name.
     #[error("host {host:?} is not served here (see http.allowed_hosts)")]
     HostNotAllowed { host: String },
+    /// An image whose decoding would take more memory than allowed
+    /// (`http.max_image_bytes`); refused by the decoder's own limits.
+    #[error("decoding the {width}x{height} image takes more than the {max_bytes} bytes allowed")]
+    ImageTooHeavy { width: u32, height: u32, max_bytes: u64 },
     /// No such route.
     #[error("no route for {path}")]
     RouteNotFound { path: String },
@@ -154,7 +158,7 @@ impl GatewayError {
                 "message-too-large",
                 "Too large for a worker message",
             ),
-            E::ImageTooLarge { .. } => {
+            E::ImageTooLarge { .. } | E::ImageTooHeavy { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, C::ResourceExhausted, "image-too-large", "Image too large")
             }
             E::BodyTimeout { .. } => {

@@ -215,7 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         grpc_max_in_flight: config.grpc_max_in_flight,
         buffered: edge::gate::Buffered::new(config.max_buffered_bytes),
         sse_keep_alive: config.sse_keep_alive,
-        max_image_pixels: config.max_image_pixels,
+        image: edge::convert::ImageBounds { pixels: config.max_image_pixels, bytes: config.max_image_bytes },
         prices: Arc::new(config.prices.clone()),
         draining: draining.clone(),
     });

@@ -437,6 +437,34 @@ impl Drop for Dns {
     }
 }
 
+/// True when `reply` holds a whole RESP reply of the kinds the tests use.
+fn resp_complete(reply: &[u8]) -> bool {
+    fn one(r: &[u8]) -> Option<usize> {
+        let end = r.windows(2).position(|w| w == b"\r\n")?;
+        let head = std::str::from_utf8(&r[1..end]).ok()?;
+        match r.first()? {
+            b'+' | b'-' | b':' => Some(end + 2),
+            b'$' => {
+                let len: i64 = head.parse().ok()?;
+                if len < 0 {
+                    return Some(end + 2);
+                }
+                let total = end + 2 + usize::try_from(len).ok()? + 2;
+                (r.len() >= total).then_some(total)
+            }
+            b'*' => {
+                let mut at = end + 2;
+                for _ in 0..head.parse::<i64>().ok()?.max(0) {
+                    at += one(&r[at..])?;
+                }
+                Some(at)
+            }
+            _ => None,
+        }
+    }
+    one(reply).is_some()
+}
+
 /// A private `redis-server` on a free loopback port, no persistence; killed on drop.
 pub struct Redis {
     child: Child,
@@ -468,6 +496,36 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Send one command (RESP) and return the raw reply, read until it is
+    /// complete (a bulk string or an array of them, as KEYS and SET answer).
+    pub fn command(&self, args: &[&[u8]]) -> anyhow::Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        conn.write_all(&req)?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !resp_complete(&reply) {
+            let n = conn.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "redis closed the connection");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Ok(reply)
+    }
+
+    /// Keys matching `pattern` (KEYS).
+    pub fn keys(&self, pattern: &str) -> anyhow::Result<Vec<String>> {
+        let reply = String::from_utf8(self.command(&[b"KEYS", pattern.as_bytes()])?)?;
+        // *N, then $len / key pairs.
+        Ok(reply.split("\r\n").skip(1).filter(|l| !l.is_empty() && !l.starts_with('$')).map(str::to_owned).collect())
     }
 
     /// True when the server answers `PING` with `+PONG`.

@@ -852,3 +852,80 @@ fn a_batch_over_the_worker_message_limit_is_split_and_an_item_over_it_is_413() {
         200
     );
 }
+
+#[test]
+fn a_poisoned_redis_cache_value_is_a_logged_miss_not_an_allocation() {
+    let redis = infergate_e2e::Redis::start().unwrap();
+    let config = config(&format!("[redis]\nurl = \"{}\"\n", redis.url()));
+    let a = Gateway::start(&config).unwrap();
+    let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [42.0]}]});
+    let call = |gw: &Gateway| {
+        let resp = reqwest::blocking::Client::new().post(gw.url("/v2/models/echo/infer")).json(&body).send().unwrap();
+        let cache = resp.headers().get("x-cache").map(|v| v.to_str().unwrap().to_owned());
+        (resp.status().as_u16(), cache)
+    };
+    assert_eq!(call(&a), (200, Some("miss".into())));
+    // Mirrored to Redis; then someone with access to Redis rewrites it: a
+    // size prefix of 4 GiB in front of junk.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let keys = loop {
+        let keys = redis.keys("infergate:cache:*").unwrap();
+        if !keys.is_empty() || std::time::Instant::now() > until {
+            break keys;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let mut poison = b"o".to_vec();
+    poison.extend_from_slice(&u32::MAX.to_le_bytes());
+    poison.extend_from_slice(b"junk that inflates to nothing");
+    redis.command(&[b"SET", keys[0].as_bytes(), &poison]).unwrap();
+    // A replica with nothing in memory reads it from Redis: a miss, logged,
+    // answered by its worker; its peak RSS does not move by gigabytes.
+    let b = Gateway::start_beside(&a, &config).unwrap();
+    reset_peak(b.pid());
+    let before = status_kb(b.pid(), "VmRSS");
+    assert_eq!(call(&b), (200, Some("miss".into())));
+    assert!(status_kb(b.pid(), "VmHWM").saturating_sub(before) < 64 * 1024, "the poisoned value was inflated");
+    let logged = b.wait_log(0, Duration::from_secs(5), |v| {
+        v["message"].as_str().is_some_and(|m| m.contains("a value in redis cannot be read"))
+    });
+    assert!(logged.is_some(), "{}", b.log_text());
+}
+
+#[test]
+fn an_image_bomb_is_refused_by_its_decoded_size_and_the_model_keeps_serving() {
+    let tiny_cnn = "[[pools]]\nname = \"tiny_cnn\"\nclass = \"infergate_worker.examples.tiny_cnn:TinyCNN\"\n";
+    let config = config("").replacen("[http]\n", "[http]\nmax_image_bytes = 8388608\n", 1) + tiny_cnn;
+    let gw = Gateway::start(&config).unwrap();
+    let png = |img: image::DynamicImage| {
+        let mut body = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut body), image::ImageFormat::Png).unwrap();
+        body
+    };
+    // 1,200 x 1,200 16-bit RGBA: 1.4 MP, well under the pixel cap, but
+    // 11.5 MB once decoded; a few kB compressed.
+    let bomb =
+        png(image::DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(1200, 1200, image::Rgba([7, 7, 7, 7]))));
+    assert!(bomb.len() < 200_000, "{} bytes", bomb.len());
+    let client = reqwest::blocking::Client::new();
+    let send = |body: Vec<u8>| {
+        let resp = client
+            .post(gw.url("/v2/models/tiny_cnn/infer"))
+            .header("content-type", "image/png")
+            .body(body)
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    reset_peak(gw.pid());
+    let before = status_kb(gw.pid(), "VmRSS");
+    let (status, text) = send(bomb);
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("image-too-large") && text.contains("8388608"), "{text}");
+    assert!(status_kb(gw.pid(), "VmHWM").saturating_sub(before) < 16 * 1024, "the bomb was decoded");
+    // An ordinary photo-sized image is still served.
+    let ok = png(image::DynamicImage::ImageRgb8(image::ImageBuffer::from_pixel(320, 240, image::Rgb([10, 200, 30]))));
+    let (status, text) = send(ok);
+    assert_eq!(status, 200, "{text}");
+}

@@ -165,8 +165,8 @@ fn encode_entry(vector: &[f32], answer: &GenerateChunk) -> Vec<u8> {
     lz4_flex::compress_prepend_size(&raw)
 }
 
-fn decode_entry(bytes: &[u8]) -> Option<(Vec<f32>, GenerateChunk)> {
-    let raw = lz4_flex::decompress_size_prepended(bytes).ok()?;
+fn decode_entry(bytes: &[u8], max: usize) -> Option<(Vec<f32>, GenerateChunk)> {
+    let raw = super::decompress(bytes, max)?;
     let (dim, rest) = raw.split_first_chunk::<4>()?;
     let dim = u32::from_le_bytes(*dim) as usize;
     let floats = rest.get(..dim * 4)?;
@@ -302,8 +302,9 @@ impl ResponseCache {
             }
         };
         for bytes in entries {
-            if let Some((vector, answer)) = decode_entry(&bytes) {
-                self.add(*index, vector, Arc::new(answer), hash(&[&bytes]));
+            match decode_entry(&bytes, shared.max_value) {
+                Some((vector, answer)) => self.add(*index, vector, Arc::new(answer), hash(&[&bytes])),
+                None => shared.unreadable(bytes.len()),
             }
         }
     }

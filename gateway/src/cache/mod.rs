@@ -33,6 +33,9 @@ pub struct CacheConfig {
     /// Memory for cached answers, in bytes.
     pub max_bytes: u64,
     pub ttl: Duration,
+    /// Largest value read from or written to Redis, inflated: a value's
+    /// size prefix is checked against it before anything is allocated.
+    pub max_value_bytes: usize,
     /// Chat answers matched by meaning (off unless models are named).
     pub semantic: chat::SemanticConfig,
 }
@@ -43,6 +46,7 @@ impl Default for CacheConfig {
             enabled: true,
             max_bytes: 256 * 1024 * 1024,
             ttl: Duration::from_secs(600),
+            max_value_bytes: 64 * 1024 * 1024,
             semantic: chat::SemanticConfig::default(),
         }
     }
@@ -139,9 +143,9 @@ impl Value {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    fn decode(bytes: &[u8], max: usize) -> Option<Self> {
         let (tag, rest) = bytes.split_first()?;
-        let raw = lz4_flex::decompress_size_prepended(rest).ok()?;
+        let raw = decompress(rest, max)?;
         match tag {
             b'e' => {
                 let (tokens, floats) = raw.split_first_chunk::<4>()?;
@@ -159,12 +163,27 @@ impl Value {
 
 type Key = [u8; 32];
 
+/// LZ4 after its 4-byte little-endian size, inflated only when that size
+/// is at most `max`: the bytes come from Redis, which another process (or
+/// whoever can write to it) may have filled, and a trusted prefix is an
+/// allocation of up to 4 GiB.
+fn decompress(bytes: &[u8], max: usize) -> Option<Vec<u8>> {
+    let (size, body) = bytes.split_first_chunk::<4>()?;
+    let size = usize::try_from(u32::from_le_bytes(*size)).ok()?;
+    if size > max {
+        return None;
+    }
+    lz4_flex::decompress(body, size).ok()
+}
+
 /// The second level, shared through Redis.
 struct Shared {
     pool: deadpool_redis::Pool,
     prefix: String,
     timeout: Duration,
     warned: AtomicBool,
+    /// Largest value inflated or stored.
+    max_value: usize,
 }
 
 impl Shared {
@@ -180,13 +199,23 @@ impl Shared {
         })
         .await;
         match got {
-            Ok(Ok(bytes)) => bytes.as_deref().and_then(Value::decode),
+            Ok(Ok(None)) => None,
+            Ok(Ok(Some(bytes))) => {
+                let value = Value::decode(&bytes, self.max_value);
+                if value.is_none() {
+                    self.unreadable(bytes.len());
+                }
+                value
+            }
             Ok(Err(e)) => self.trouble(&e),
             Err(_) => self.trouble("timed out"),
         }
     }
 
     async fn put(&self, key: &Key, value: &Value, ttl: Duration) {
+        if usize::try_from(value.weight()).unwrap_or(usize::MAX) > self.max_value {
+            return;
+        }
         let (k, bytes) = (self.key(key), value.encode());
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let put = tokio::time::timeout(self.timeout, async {
@@ -203,6 +232,16 @@ impl Shared {
                 self.trouble("timed out");
             }
         }
+    }
+
+    /// A value that cannot be read (corrupt, foreign, or inflating past
+    /// `cache.max_value_bytes`): a miss, said in the log.
+    fn unreadable(&self, bytes: usize) {
+        tracing::warn!(
+            bytes,
+            max_value_bytes = self.max_value,
+            "response cache: a value in redis cannot be read; a miss"
+        );
     }
 
     /// Log once per outage; the caller treats it as a miss.
@@ -254,7 +293,13 @@ impl ResponseCache {
                 pool_cfg.timeouts.recycle = Some(r.timeout);
                 cfg.pool = Some(pool_cfg);
                 let pool = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| e.to_string())?;
-                Some(Shared { pool, prefix: r.prefix.clone(), timeout: r.timeout, warned: AtomicBool::new(false) })
+                Some(Shared {
+                    pool,
+                    prefix: r.prefix.clone(),
+                    timeout: r.timeout,
+                    warned: AtomicBool::new(false),
+                    max_value: config.max_value_bytes,
+                })
             }
             _ => None,
         };

@@ -178,12 +178,18 @@ async fn tensor_calls_are_cached_by_canonical_input_errors_are_not_and_nondeterm
 #[test]
 fn values_survive_the_redis_encoding() {
     let e = Value::Embedding(Arc::new((vec![0.25, -1.5, 3.0], 7)));
-    let Some(Value::Embedding(back)) = Value::decode(&e.encode()) else { panic!("not an embedding") };
+    let Some(Value::Embedding(back)) = Value::decode(&e.encode(), 1 << 20) else { panic!("not an embedding") };
     assert_eq!(*back, (vec![0.25, -1.5, 3.0], 7));
     let o = Value::Outputs(Arc::new(InferOutputs { tensors: item(4.0, &[]).inputs, ..Default::default() }));
-    let Some(Value::Outputs(back)) = Value::decode(&o.encode()) else { panic!("not outputs") };
+    let Some(Value::Outputs(back)) = Value::decode(&o.encode(), 1 << 20) else { panic!("not outputs") };
     assert_eq!(back.tensors[0].fp32_contents, vec![4.0]);
-    assert!(Value::decode(b"zgarbage").is_none());
+    assert!(Value::decode(b"zgarbage", 1 << 20).is_none());
+    // A size prefix claiming 4 GiB is refused before anything is allocated.
+    let mut poisoned = o.encode();
+    poisoned[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(Value::decode(&poisoned, 1 << 20).is_none());
+    // An honest value larger than the bound is refused too.
+    assert!(Value::decode(&o.encode(), 8).is_none());
 }
 
 mod chat {

@@ -55,6 +55,7 @@ pub struct Config {
     /// SSE keep-alive comment interval.
     pub sse_keep_alive: Duration,
     pub max_image_pixels: u64,
+    pub max_image_bytes: u64,
     pub grpc_connections: ConnLimits,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -360,6 +361,7 @@ impl Config {
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
             sse_keep_alive: duration("http.sse_keep_alive", &raw.http.sse_keep_alive)?,
             max_image_pixels: positive_size("http.max_image_pixels", raw.http.max_image_pixels)? as u64,
+            max_image_bytes: positive_size("http.max_image_bytes", raw.http.max_image_bytes)? as u64,
             grpc_max_in_flight: positive_size("grpc.max_in_flight", raw.grpc.max_in_flight.into())?,
             http_connections: ConnLimits::from_raw("http", &raw.http.conn(), &trusted_proxies)?,
             grpc_connections: ConnLimits::from_raw("grpc", &raw.grpc.conn(), &trusted_proxies)?,
@@ -372,6 +374,7 @@ impl Config {
                 enabled: raw.cache.enabled,
                 max_bytes: raw.cache.max_bytes,
                 ttl: duration("cache.ttl", &raw.cache.ttl)?,
+                max_value_bytes: positive_size("cache.max_value_bytes", raw.cache.max_value_bytes)?,
                 semantic: {
                     let s = &raw.cache.semantic;
                     if !(0.0..=1.0).contains(&s.threshold) {

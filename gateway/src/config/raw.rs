@@ -76,12 +76,21 @@ pub struct RawCache {
     pub max_bytes: u64,
     /// How long an answer is kept (memory and Redis).
     pub ttl: String,
+    /// Largest answer stored in or read from Redis, in bytes (a value whose
+    /// size says more is a miss, never an allocation).
+    pub max_value_bytes: u64,
     pub semantic: RawSemantic,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
-        Self { enabled: true, max_bytes: 256 * 1024 * 1024, ttl: "10m".into(), semantic: RawSemantic::default() }
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl: "10m".into(),
+            max_value_bytes: 64 * 1024 * 1024,
+            semantic: RawSemantic::default(),
+        }
     }
 }
 
@@ -152,6 +161,8 @@ pub struct RawHttp {
     pub sse_keep_alive: String,
     /// Largest image (width x height, from its header) an infer call may send.
     pub max_image_pixels: u64,
+    /// Most bytes decoding one image may take (16-bit RGBA is 8 a pixel).
+    pub max_image_bytes: u64,
 }
 
 impl Default for RawHttp {
@@ -175,6 +186,7 @@ impl Default for RawHttp {
             keepalive_timeout: "10s".into(),
             sse_keep_alive: "15s".into(),
             max_image_pixels: 40_000_000,
+            max_image_bytes: 128 * 1024 * 1024,
         }
     }
 }

@@ -100,7 +100,7 @@ fn app_with(
         grpc_max_in_flight: 8,
         buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: keep_alive,
-        max_image_pixels: 1 << 24,
+        image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
         prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });

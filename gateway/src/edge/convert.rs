@@ -65,7 +65,7 @@ pub fn image_input(info: &ModelInfo) -> Result<(&str, u32, u32), GatewayError> {
 
 /// Decode a JPEG or PNG into the `[1, 3, h, w]` tensor `name`. An image
 /// that declares more than `max_pixels` pixels is refused from its header.
-pub fn image_tensor(bytes: &[u8], name: &str, h: u32, w: u32, max_pixels: u64) -> Result<Tensor, GatewayError> {
+pub fn image_tensor(bytes: &[u8], name: &str, h: u32, w: u32, max: ImageBounds) -> Result<Tensor, GatewayError> {
     let bad = |e: &dyn std::fmt::Display| GatewayError::invalid("body", format!("cannot decode the image: {e}"));
     let reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| bad(&e))?;
     let declared = image::ImageReader::new(Cursor::new(bytes))
@@ -74,16 +74,24 @@ pub fn image_tensor(bytes: &[u8], name: &str, h: u32, w: u32, max_pixels: u64) -
         .into_dimensions()
         .map_err(|e| bad(&e))?;
     let pixels = u64::from(declared.0) * u64::from(declared.1);
-    if pixels > max_pixels {
-        return Err(GatewayError::ImageTooLarge { width: declared.0, height: declared.1, max_pixels });
+    if pixels > max.pixels {
+        return Err(GatewayError::ImageTooLarge { width: declared.0, height: declared.1, max_pixels: max.pixels });
     }
     let mut reader = reader;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(declared.0);
     limits.max_image_height = Some(declared.1);
+    // Pixels alone do not bound memory: 16-bit RGBA takes 8 bytes a pixel.
+    limits.max_alloc = Some(max.bytes);
     reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| bad(&e))?;
-    let rgb = image::imageops::resize(&decoded.to_rgb8(), w, h, image::imageops::FilterType::Triangle);
+    let decoded = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => {
+            GatewayError::ImageTooHeavy { width: declared.0, height: declared.1, max_bytes: max.bytes }
+        }
+        e => bad(&e),
+    })?;
+    // In place when it is already 8-bit RGB.
+    let rgb = image::imageops::resize(&decoded.into_rgb8(), w, h, image::imageops::FilterType::Triangle);
     let plane = (h as usize) * (w as usize);
     let mut data = vec![0f32; 3 * plane];
     for (i, px) in rgb.pixels().enumerate() {
@@ -98,6 +106,14 @@ pub fn image_tensor(bytes: &[u8], name: &str, h: u32, w: u32, max_pixels: u64) -
         fp32_contents: data,
         ..Default::default()
     })
+}
+
+/// How big an image may be: declared pixels (checked from the header,
+/// before decoding) and bytes the decoder may allocate.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageBounds {
+    pub pixels: u64,
+    pub bytes: u64,
 }
 
 /// The body as one BYTES element of the model's first input (or `input`).
@@ -211,7 +227,7 @@ mod tests {
 
     #[test]
     fn an_image_becomes_a_normalised_chw_tensor_of_the_declared_size() {
-        let t = image_tensor(&png(100, 50, [255, 0, 128]), "pixels", 16, 24, 1 << 20).unwrap();
+        let t = image_tensor(&png(100, 50, [255, 0, 128]), "pixels", 16, 24, bounds(1 << 20)).unwrap();
         assert_eq!(t.shape, [1, 3, 16, 24]);
         assert_eq!(t.fp32_contents.len(), 3 * 16 * 24);
         let plane = 16 * 24;
@@ -241,15 +257,32 @@ mod tests {
         bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let crc = crc32(&bomb[12..29]); // over the chunk type and data, so the header is valid
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        let err = image_tensor(&bomb, "x", 8, 8, 1 << 24).unwrap_err();
+        let err = image_tensor(&bomb, "x", 8, 8, bounds(1 << 24)).unwrap_err();
         assert!(matches!(err, GatewayError::ImageTooLarge { width: 100_000, height: 100_000, .. }), "{err:?}");
         assert_eq!(err.http_status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    fn bounds(pixels: u64) -> ImageBounds {
+        ImageBounds { pixels, bytes: 1 << 28 }
+    }
+
+    #[test]
+    fn an_image_whose_decoding_needs_more_bytes_than_allowed_is_413() {
+        // 16-bit RGBA, 600 x 600: few pixels, but 2.9 MB to decode.
+        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(600, 600, image::Rgba([1, 2, 3, 4]));
+        let mut body = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut body), image::ImageFormat::Png).unwrap();
+        let tight = ImageBounds { pixels: 1 << 24, bytes: 1 << 20 };
+        let err = image_tensor(&body, "x", 8, 8, tight).unwrap_err();
+        assert!(matches!(err, GatewayError::ImageTooHeavy { width: 600, height: 600, .. }), "{err:?}");
+        assert_eq!(err.http_status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(image_tensor(&body, "x", 8, 8, bounds(1 << 24)).is_ok(), "within bounds it decodes");
     }
 
     #[test]
     fn corrupt_images_are_the_callers_error() {
         for body in [b"not an image".to_vec(), png(4, 4, [1, 2, 3])[..40].to_vec()] {
-            let err = image_tensor(&body, "x", 8, 8, 1 << 24).unwrap_err();
+            let err = image_tensor(&body, "x", 8, 8, bounds(1 << 24)).unwrap_err();
             assert_eq!(err.http_status(), http::StatusCode::BAD_REQUEST, "{err:?}");
         }
     }

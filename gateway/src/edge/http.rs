@@ -368,7 +368,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             BodyKind::Image => {
                 let info = entry.info.unwrap_or_default();
                 let (name, h, w) = convert::image_input(&info)?;
-                let (name, max) = (name.to_owned(), state.max_image_pixels);
+                let (name, max) = (name.to_owned(), state.image);
                 // Decoding is CPU work: off the request threads.
                 let tensor = tokio::task::spawn_blocking(move || convert::image_tensor(&bytes, &name, h, w, max))
                     .await

@@ -45,8 +45,9 @@ pub struct EdgeState {
     pub buffered: Arc<gate::Buffered>,
     /// SSE comment this often while a streaming model is silent.
     pub sse_keep_alive: Duration,
-    /// Largest image an infer call may send, in pixels (from its header).
-    pub max_image_pixels: u64,
+    /// Largest image an infer call may send: pixels (from its header) and
+    /// bytes its decoding may take.
+    pub image: convert::ImageBounds,
     /// Per-token prices, for the token and cost metrics.
     pub prices: Arc<crate::telemetry::usage::Prices>,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop

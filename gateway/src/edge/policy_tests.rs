@@ -88,7 +88,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         grpc_max_in_flight: 64,
         buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
-        max_image_pixels: 1 << 24,
+        image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
         prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });

@@ -71,7 +71,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
         grpc_max_in_flight: max_in_flight,
         buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
-        max_image_pixels: 1 << 24,
+        image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
         prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
