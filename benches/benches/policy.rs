@@ -66,10 +66,10 @@ fn admit(c: &mut Criterion) {
     let mut group = c.benchmark_group("admit");
     // The local path never waits, so polling it once completes it.
     group.bench_function("no_limits", |b| {
-        b.iter(|| futures::executor::block_on(none.admit(black_box(&caller), "m", 0)).is_ok())
+        b.iter(|| futures::executor::block_on(none.admit(black_box(&caller), "m", infergate::policy::Tokens::NONE)).is_ok())
     });
     group.bench_function("three_scopes_rate_tokens_in_flight", |b| {
-        b.iter(|| futures::executor::block_on(p.admit(black_box(&caller), "m", 10)).map(|a| a.settle(Some(7))))
+        b.iter(|| futures::executor::block_on(p.admit(black_box(&caller), "m", infergate::policy::Tokens::input(10))).map(|a| a.settle(Some(7))))
     });
     let spent = policy("[limits]\nper_key = { rate = 0.0001, burst = 1 }\n");
     let caller = spent.identify("/v1/embeddings", &headers(KEY), None).expect("caller");

@@ -284,6 +284,8 @@ pub struct LimitsConfig {
     pub tenants: BTreeMap<String, LimitSpec>,
     pub per_key: LimitSpec,
     pub models: BTreeMap<String, LimitSpec>,
+    /// Output tokens reserved for a generation without `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 impl LimitsConfig {
@@ -309,6 +311,7 @@ impl LimitsConfig {
             tenants,
             per_key: LimitSpec::from_raw("limits.per_key", &raw.per_key)?,
             models: map("models", &raw.models)?,
+            default_max_tokens: raw.default_max_tokens,
         })
     }
 }

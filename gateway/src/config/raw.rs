@@ -619,7 +619,7 @@ pub struct RawLimit {
 }
 
 /// `[limits]`: every applicable scope must admit a request.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     /// All traffic together.
@@ -630,9 +630,25 @@ pub struct RawLimits {
     pub tenants: BTreeMap<String, RawLimit>,
     /// Each key (or each client address when auth is off), unless the key has its own.
     pub per_key: RawLimit,
-    /// Each model.
+    /// Each model. A limit on an alias also counts calls that name one of
+    /// its variants' models or pools directly.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, RawLimit>,
+    /// Output tokens reserved for a generation that sets no `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            global: RawLimit::default(),
+            per_tenant: RawLimit::default(),
+            tenants: BTreeMap::new(),
+            per_key: RawLimit::default(),
+            models: BTreeMap::new(),
+            default_max_tokens: 1024,
+        }
+    }
 }
 
 /// `[redis]`: share request and token limits across gateway replicas.
@@ -682,6 +698,10 @@ pub struct RawAlias {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<String>,
     pub variants: Vec<RawVariant>,
+    /// Whether callers may also name the variants' models and pools
+    /// directly; `false` serves them only through the alias (its limits,
+    /// tier rules and prices then cannot be stepped around).
+    pub direct: bool,
 }
 
 impl Default for RawAlias {
@@ -693,6 +713,7 @@ impl Default for RawAlias {
             tiers: BTreeMap::new(),
             fallbacks: Vec::new(),
             variants: Vec::new(),
+            direct: true,
         }
     }
 }

@@ -19,6 +19,16 @@ pub struct AliasConfig {
     /// Tier -> index into `variants`.
     pub tiers: HashMap<String, usize>,
     pub fallbacks: Vec<Fallback>,
+    /// Callers may name the variants' models directly too.
+    pub direct: bool,
+}
+
+impl AliasConfig {
+    /// The names a caller could use to reach this alias's variants without
+    /// the alias: their models and their pools.
+    pub fn direct_names(&self) -> impl Iterator<Item = &str> {
+        self.variants.iter().flat_map(|v| [&*v.model, &*v.pool]).filter(|n| *n != &*self.name)
+    }
 }
 
 /// A variant: `model` as served by `pool`.
@@ -101,7 +111,15 @@ pub fn check(raw: &[RawAlias], pools: &[PoolConfig]) -> Result<Vec<AliasConfig>,
         }
         let pin_tiers =
             if a.pin_tiers.iter().any(|t| t == "*") { None } else { Some(a.pin_tiers.iter().cloned().collect()) };
-        out.push(AliasConfig { name: a.name.as_str().into(), variants, stable, pin_tiers, tiers, fallbacks });
+        out.push(AliasConfig {
+            name: a.name.as_str().into(),
+            variants,
+            stable,
+            pin_tiers,
+            tiers,
+            fallbacks,
+            direct: a.direct,
+        });
     }
     check_cycles(&out)?;
     Ok(out)

@@ -70,10 +70,12 @@ pub fn validate(req: &GenerateRequest) -> Result<(), GatewayError> {
 }
 
 /// Tokens a generation may use at most, reserved at admission: the prompt
-/// estimate plus `max_tokens` (settled with the worker's usage at the end).
-pub fn estimate(req: &GenerateRequest) -> u64 {
+/// estimate plus `max_tokens`, or the configured default when it sets none
+/// (settled with the worker's usage at the end).
+pub fn estimate(req: &GenerateRequest) -> crate::policy::Tokens {
     let prompt: u64 = req.messages.iter().map(|m| crate::policy::estimate_tokens(&m.content)).sum();
-    prompt + req.params.as_ref().map_or(0, |p| u64::from(p.max_tokens))
+    let output = req.params.as_ref().map(|p| u64::from(p.max_tokens)).filter(|n| *n > 0);
+    crate::policy::Tokens { prompt, output }
 }
 
 /// `POST /v1/chat/completions` body (fields the gateway does not use are

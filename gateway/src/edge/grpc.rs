@@ -15,7 +15,7 @@ use super::EdgeState;
 use crate::cache::CacheStatus;
 use crate::call::{Call, Deadline, parse_grpc_timeout};
 use crate::error::GatewayError;
-use crate::policy::{Admission, estimate_tokens};
+use crate::policy::{Admission, Tokens, estimate_tokens};
 use crate::pool::ChunkStream;
 use crate::proto::inference_server::{Inference, InferenceServer};
 use crate::proto::{
@@ -186,7 +186,7 @@ impl Inference for InferenceService {
             }
             let plan = m.plan(&self.state, &r.model)?;
             let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
-            let admission = self.state.policy.admit(&m.caller, &r.model, 0).await?;
+            let admission = self.state.policy.admit(&m.caller, &r.model, Tokens::NONE).await?;
             let call = Call {
                 model: r.model.clone(),
                 payload: item,
@@ -228,7 +228,7 @@ impl Inference for InferenceService {
                 ));
             }
             let plan = m.plan(&self.state, &r.model)?;
-            let tokens = r.inputs.iter().map(|t| estimate_tokens(t)).sum();
+            let tokens = Tokens::input(r.inputs.iter().map(|t| estimate_tokens(t)).sum());
             let admission = self.state.policy.admit(&m.caller, &r.model, tokens).await?;
             let call = Call {
                 model: r.model.clone(),

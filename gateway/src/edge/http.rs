@@ -23,7 +23,7 @@ use crate::cache::{self, CacheMode, CacheStatus};
 use crate::call::{Call, Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
 use crate::policy::Admission;
-use crate::policy::estimate_tokens;
+use crate::policy::{Tokens, estimate_tokens};
 use crate::proto::InferItem;
 use crate::route;
 use crate::telemetry::usage::Meter;
@@ -174,7 +174,7 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
                 format!("model {:?} returns {dim} dimensions, not {d}", body.model),
             ));
         }
-        let tokens = texts.iter().map(|t| estimate_tokens(t)).sum();
+        let tokens = Tokens::input(texts.iter().map(|t| estimate_tokens(t)).sum());
         let admission = state.policy.admit(&caller, &body.model, tokens).await?;
         let call =
             Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller, pool: None };
@@ -347,7 +347,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         // body is read or parsed (tensor calls carry no token estimate).
         let plan = state.routes.plan(&model, &caller, pin.as_deref())?;
         let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
-        let admission = state.policy.admit(&caller, &model, 0).await?;
+        let admission = state.policy.admit(&caller, &model, Tokens::NONE).await?;
         let bytes = read_body(&state, &parts.headers, body).await?;
         // The body is dropped once transcoded: the worker call holds only the item.
         let item = match kind {

@@ -190,8 +190,8 @@ async fn a_key_may_only_use_its_models() {
     let caller = policy.identify("/v1/embeddings", bearer(KEY).headers(), None).unwrap();
     assert_eq!(&*caller.tenant, "acme");
     assert_eq!(&*caller.tier, "vip");
-    assert!(policy.admit(&caller, "m", 0).await.is_ok());
-    let refusal = policy.admit(&caller, "other", 0).await.err().unwrap();
+    assert!(policy.admit(&caller, "m", crate::policy::Tokens::NONE).await.is_ok());
+    let refusal = policy.admit(&caller, "other", crate::policy::Tokens::NONE).await.err().unwrap();
     assert_eq!(refusal.http_status(), 403);
     assert_eq!(refusal.grpc_code(), tonic::Code::PermissionDenied);
 }
@@ -448,4 +448,59 @@ async fn with_auth_off_foreign_hosts_and_untyped_bodies_are_refused() {
 
 fn app_with_auth() -> (axum::Router, Arc<Fake>) {
     app(&config(""), ready())
+}
+
+/// A generation that sets no `max_tokens` reserves the configured default
+/// output with its prompt, so concurrent ones cannot overshoot the limit.
+#[tokio::test]
+async fn generations_without_max_tokens_reserve_the_default_output_cap() {
+    use crate::policy::Tokens;
+    let text = "[auth]\nenabled = false\n[limits]\nper_key = { tokens_per_minute = 1500 }\ndefault_max_tokens = 1000\n\
+                [[pools]]\nname = \"p\"\nclass = \"x:Y\"\n";
+    let policy = Policy::new(&Config::from_raw(toml::from_str(text).unwrap()).unwrap()).unwrap();
+    let caller = crate::policy::Caller::anonymous("192.0.2.1".parse().unwrap());
+    let chat = Tokens { prompt: 10, output: None };
+    let first = policy.admit(&caller, "m", chat).await.unwrap();
+    // 1,010 held: a second uncapped generation does not fit in 1,500 ...
+    let refused = policy.admit(&caller, "m", chat).await.err().unwrap();
+    assert!(
+        matches!(&refused, crate::error::GatewayError::RateLimited { limit, .. } if limit == "key.tokens_per_minute"),
+        "{refused:?}"
+    );
+    // ... one capped at 100 does, and an embedding counts its input only.
+    let capped = policy.admit(&caller, "m", Tokens { prompt: 10, output: Some(100) }).await.unwrap();
+    drop(capped);
+    // Settled with what it used, the first gives the rest back.
+    first.settle(Some(20));
+    assert!(policy.admit(&caller, "m", chat).await.is_ok());
+}
+
+/// A limit on an alias counts calls that name its variant's model
+/// directly; with `direct = false` that name is not served at all.
+#[tokio::test]
+async fn alias_limits_count_calls_that_name_its_model_directly() {
+    let text = |direct: bool| {
+        format!(
+            "[auth]\nenabled = false\n[limits.models.chat]\nrate = 0.001\nburst = 1\n\
+             [[pools]]\nname = \"p\"\nclass = \"x:Y\"\n\
+             [[aliases]]\nname = \"chat\"\ndirect = {direct}\nvariants = [{{ name = \"v1\", pool = \"p\", model = \"m\" }}]\n"
+        )
+    };
+    let config = Config::from_raw(toml::from_str(&text(true)).unwrap()).unwrap();
+    let policy = Policy::new(&config).unwrap();
+    let caller = crate::policy::Caller::anonymous("192.0.2.1".parse().unwrap());
+    assert!(policy.admit(&caller, "chat", crate::policy::Tokens::NONE).await.is_ok());
+    let refused = policy.admit(&caller, "m", crate::policy::Tokens::NONE).await.err().unwrap();
+    assert!(
+        matches!(&refused, crate::error::GatewayError::RateLimited { limit, .. } if limit == "model.rate"),
+        "{refused:?}"
+    );
+
+    let config = Config::from_raw(toml::from_str(&text(false)).unwrap()).unwrap();
+    let routes = crate::route::Routes::new(&config.aliases);
+    assert!(routes.plan("chat", &caller, None).is_ok());
+    let closed = routes.plan("m", &caller, None).err().unwrap();
+    assert!(matches!(closed, crate::error::GatewayError::ModelForbidden { .. }), "{closed:?}");
+    // The pool's name is no way around it either.
+    assert!(routes.plan("p", &caller, None).is_err());
 }

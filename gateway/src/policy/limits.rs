@@ -49,7 +49,10 @@ pub struct Scope {
 }
 
 /// The scopes that apply to `caller` calling `model`.
-pub fn scopes(config: &LimitsConfig, caller: &Caller, model: &str) -> Vec<Scope> {
+/// The scopes that must admit `caller`'s call to `model`. `aliases` are the
+/// aliases whose variants `model` names directly: their model limits count
+/// the call as if it had named them.
+pub fn scopes(config: &LimitsConfig, caller: &Caller, model: &str, aliases: &[Arc<str>]) -> Vec<Scope> {
     let mut out = Vec::new();
     // Keys are only formatted for scopes that limit something.
     let mut push = |kind, spec: LimitSpec, key: &dyn Fn() -> String| {
@@ -60,8 +63,10 @@ pub fn scopes(config: &LimitsConfig, caller: &Caller, model: &str) -> Vec<Scope>
     push("key", caller.limits.unwrap_or(config.per_key), &|| caller.limit_key());
     let tenant = config.tenants.get(&*caller.tenant).copied().unwrap_or(config.per_tenant);
     push("tenant", tenant, &|| format!("tenant:{}", caller.tenant));
-    if let Some(spec) = config.models.get(model) {
-        push("model", *spec, &|| format!("model:{model}"));
+    for name in std::iter::once(model).chain(aliases.iter().map(|a| &**a)) {
+        if let Some(spec) = config.models.get(name) {
+            push("model", *spec, &|| format!("model:{name}"));
+        }
     }
     push("global", config.global, &|| "global".to_owned());
     out

@@ -10,7 +10,7 @@ pub mod auth;
 pub mod limits;
 pub mod redis;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,6 +113,30 @@ pub struct Policy {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// With auth off: the `Host` names served (`None`: any, auth is on).
     hosts: Option<AllowedHosts>,
+    /// Model names that reach an alias's variants directly, with the
+    /// aliases whose model limits therefore count them too.
+    covering: HashMap<String, Vec<Arc<str>>>,
+}
+
+/// Model tokens a call may use, reserved against token limits at admission
+/// and settled with the usage reported after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    /// Estimated from the input.
+    pub prompt: u64,
+    /// The most the call may produce; `None` for a generation that sets no
+    /// `max_tokens`, which reserves `limits.default_max_tokens`.
+    pub output: Option<u64>,
+}
+
+impl Tokens {
+    /// A call that counts no tokens (tensor inference).
+    pub const NONE: Self = Self { prompt: 0, output: Some(0) };
+
+    /// A call that produces no tokens (embeddings): its input only.
+    pub fn input(prompt: u64) -> Self {
+        Self { prompt, output: Some(0) }
+    }
 }
 
 impl Policy {
@@ -129,6 +153,7 @@ impl Policy {
             redis,
             trusted_proxies: config.trusted_proxies.clone(),
             hosts: (!config.auth.enabled).then(|| AllowedHosts::new(&config.allowed_hosts)),
+            covering: covering(config),
         }))
     }
 
@@ -141,7 +166,21 @@ impl Policy {
             redis: None,
             trusted_proxies: Vec::new(),
             hosts: None,
+            covering: HashMap::new(),
         })
+    }
+
+    /// The tokens to reserve for `demand` in `scopes`: the prompt and the
+    /// output cap, so concurrent calls cannot overshoot a token limit by
+    /// what they have yet to produce. A cap larger than a scope's whole
+    /// minute is held to that minute (the call can still run; the usage
+    /// settles it), but a prompt larger than it is refused.
+    fn reserve(&self, scopes: &[limits::Scope], demand: Tokens) -> u64 {
+        let want = demand.prompt.saturating_add(demand.output.unwrap_or(self.limits.default_max_tokens));
+        match scopes.iter().filter_map(|s| s.spec.tokens_per_minute).min() {
+            Some(minute) => want.min(minute.max(demand.prompt)),
+            None => want,
+        }
     }
 
     /// Reload changed key files and drop idle limiter state until `stop`.
@@ -211,14 +250,21 @@ impl Policy {
     /// model allowlist, then in-flight, request-rate and token limits in every
     /// scope. Refusals are 403, 429 (with back-off facts) or, when Redis is
     /// down and the fallback is `deny`, 503.
-    pub async fn admit(self: &Arc<Self>, caller: &Caller, model: &str, tokens: u64) -> Result<Admission, GatewayError> {
+    pub async fn admit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &str,
+        demand: Tokens,
+    ) -> Result<Admission, GatewayError> {
         if caller.models.as_ref().is_some_and(|m| !m.contains(model)) {
             return Err(GatewayError::ModelForbidden { model: model.to_owned() });
         }
-        let scopes = limits::scopes(&self.limits, caller, model);
+        let aliases = self.covering.get(model).map_or(&[][..], Vec::as_slice);
+        let scopes = limits::scopes(&self.limits, caller, model, aliases);
         if scopes.is_empty() {
             return Ok(Admission::default());
         }
+        let tokens = self.reserve(&scopes, demand);
         let permits = self.local.acquire_in_flight(&scopes).map_err(refused)?;
         let shared = match &self.redis {
             Some(redis) if redis.available() => {
@@ -375,6 +421,21 @@ impl Reservation {
 /// Estimated model tokens of some text: about four characters a token.
 pub fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// For each model name that reaches an alias's variants directly (their
+/// models and pools), the aliases with a `limits.models` entry covering it.
+fn covering(config: &Config) -> HashMap<String, Vec<Arc<str>>> {
+    let mut out: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+    for alias in config.aliases.iter().filter(|a| config.limits.models.contains_key(&*a.name)) {
+        for name in alias.direct_names() {
+            let aliases = out.entry(name.to_owned()).or_default();
+            if !aliases.contains(&alias.name) {
+                aliases.push(alias.name.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The names a gateway with auth off answers to: loopback ones (a web page

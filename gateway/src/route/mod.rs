@@ -41,16 +41,29 @@ pub struct Plan {
 #[derive(Debug, Default)]
 pub struct Routes {
     aliases: HashMap<Arc<str>, AliasConfig>,
+    /// Models and pools of aliases with `direct = false`, by the alias that
+    /// closes them: callers reach them only through it.
+    closed: HashMap<Arc<str>, Arc<str>>,
 }
 
 impl Routes {
     pub fn new(aliases: &[AliasConfig]) -> Self {
-        Self { aliases: aliases.iter().map(|a| (a.name.clone(), a.clone())).collect() }
+        let closed = aliases
+            .iter()
+            .filter(|a| !a.direct)
+            .flat_map(|a| a.direct_names().map(|n| (Arc::from(n), a.name.clone())))
+            .filter(|(n, _)| !aliases.iter().any(|a| &a.name == n))
+            .collect();
+        Self { aliases: aliases.iter().map(|a| (a.name.clone(), a.clone())).collect(), closed }
     }
 
     /// The plan for a call to `name` by `caller`, pinned to `pin` if given.
     pub fn plan(&self, name: &str, caller: &Caller, pin: Option<&str>) -> Result<Plan, GatewayError> {
         let Some(alias) = self.aliases.get(name) else {
+            if let Some(alias) = self.closed.get(name) {
+                tracing::debug!(model = name, alias = %alias, "direct name of an alias with direct = false");
+                return Err(GatewayError::ModelForbidden { model: name.to_owned() });
+            }
             if pin.is_some() {
                 return Err(GatewayError::invalid("X-Model-Version", format!("model {name:?} has no versions")));
             }
