@@ -66,17 +66,24 @@ fn admit(c: &mut Criterion) {
     let mut group = c.benchmark_group("admit");
     // The local path never waits, so polling it once completes it.
     group.bench_function("no_limits", |b| {
-        b.iter(|| futures::executor::block_on(none.admit(black_box(&caller), "m", infergate::policy::Tokens::NONE)).is_ok())
+        b.iter(|| {
+            futures::executor::block_on(none.admit(black_box(&caller), "m", infergate::policy::Tokens::NONE)).is_ok()
+        })
     });
     group.bench_function("three_scopes_rate_tokens_in_flight", |b| {
-        b.iter(|| futures::executor::block_on(p.admit(black_box(&caller), "m", infergate::policy::Tokens::input(10))).map(|a| a.settle(Some(7))))
+        b.iter(|| {
+            futures::executor::block_on(p.admit(black_box(&caller), "m", infergate::policy::Tokens::input(10)))
+                .map(|a| a.settle(Some(7)))
+        })
     });
     let spent = policy("[limits]\nper_key = { rate = 0.0001, burst = 1 }\n");
     let caller = spent.identify("/v1/embeddings", &headers(KEY), None).expect("caller");
-    let _ = futures::executor::block_on(spent.admit(&caller, "m", 0));
+    let _ = futures::executor::block_on(spent.admit(&caller, "m", infergate::policy::Tokens::NONE));
     group.bench_function("refused_429_with_problem_body", |b| {
         b.iter(|| {
-            let err = futures::executor::block_on(spent.admit(black_box(&caller), "m", 0)).err();
+            let err =
+                futures::executor::block_on(spent.admit(black_box(&caller), "m", infergate::policy::Tokens::NONE))
+                    .err();
             err.map(|e| e.into_http(Some("req-1")))
         })
     });
