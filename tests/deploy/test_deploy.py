@@ -17,6 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import tomllib
+
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -92,8 +94,33 @@ def test_compose_stack_has_its_services_and_workers_scale():
 def test_compose_gateway_config_is_valid_and_finds_workers_by_service_name(tmp_path: Path):
     text = (DEPLOY / "compose/gateway.toml").read_text()
     assert 'dns = "worker:50051"' in text
-    assert 'url = "redis://redis:6379/0"' in text
     check_config(text, tmp_path)
+
+
+def test_compose_runs_with_auth_on_a_redis_password_and_secrets_from_the_operator():
+    doc = compose()
+    services = doc["services"]
+    gateway_toml = tomllib.loads((DEPLOY / "compose/gateway.toml").read_text())
+    assert gateway_toml["auth"]["enabled"] is True
+    # The keys file is a Compose secret from a file the operator names.
+    mounted = {s["target"]: s["source"] for s in services["gateway"]["secrets"]}
+    assert mounted[gateway_toml["auth"]["keys_file"]] == "infergate_keys"
+    assert doc["secrets"]["infergate_keys"]["file"].startswith("${INFERGATE_KEYS_FILE:?")
+    # Redis asks for a password that comes from the environment, and the
+    # gateway's URL carries the same variable; no password is written here.
+    assert "--requirepass" in " ".join(services["redis"]["command"])
+    assert services["redis"]["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert "-a" in services["redis"]["healthcheck"]["test"][1]
+    url = services["gateway"]["environment"]["INFERGATE__REDIS__URL"]
+    assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("@redis:6379/0")
+    assert "url" not in gateway_toml.get("redis", {})
+    # Workers and Redis share an internal network with the gateway only.
+    assert doc["networks"]["backend"]["internal"] is True
+    for name, service in services.items():
+        on_backend = "backend" in service.get("networks", [])
+        assert on_backend == (name in {"gateway", "worker", "redis"}), name
+        if name in {"worker", "redis"}:
+            assert service["networks"] == ["backend"] and "ports" not in service, name
 
 
 def test_prometheus_scrapes_the_gateway():
@@ -156,6 +183,9 @@ def test_kubernetes_manifests_follow_the_kubernetes_schemas():
         ("ConfigMap", "infergate-gateway"),
         ("Deployment", "infergate-redis"),
         ("Service", "infergate-redis"),
+        ("NetworkPolicy", "infergate-worker"),
+        ("NetworkPolicy", "infergate-redis"),
+        ("NetworkPolicy", "infergate-gateway"),
     ]:
         assert want in kinds, f"missing {want}"
     listed = yaml.safe_load((DEPLOY / "k8s/kustomization.yaml").read_text())["resources"]
@@ -200,3 +230,35 @@ def test_gateway_rollouts_keep_serving():
     assert hpa["spec"]["minReplicas"] >= 2
     pdb = by_kind_name("PodDisruptionBudget", "infergate-gateway")
     assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+
+
+def test_kubernetes_runs_with_auth_on_a_redis_password_and_only_the_gateway_reaching_workers(
+    tmp_path: Path,
+):
+    # Secrets are the operator's: no Secret is committed, every value is a reference.
+    assert not [d for _, d in k8s_docs() if d["kind"] == "Secret"]
+    config = by_kind_name("ConfigMap", "infergate-gateway")["data"]["gateway.toml"]
+    parsed = tomllib.loads(config)
+    assert parsed["auth"]["enabled"] is True and "url" not in parsed["redis"]
+    check_config(config, tmp_path)
+    gateway = by_kind_name("Deployment", "infergate-gateway")["spec"]["template"]["spec"]
+    container = gateway["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["INFERGATE__REDIS__URL"] == {"name": "infergate-secrets", "key": "redis-url"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secret_volume = next(v for v in gateway["volumes"] if v["name"] == "secrets")
+    assert secret_volume["secret"]["secretName"] == "infergate-secrets"
+    assert f"{mounts['secrets']}/keys.toml" == parsed["auth"]["keys_file"]
+    redis = by_kind_name("Deployment", "infergate-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert redis["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+    # Workers and Redis admit the gateway's pods only, on their own port.
+    gateway_labels = by_kind_name("Deployment", "infergate-gateway")["spec"]["selector"]["matchLabels"]
+    for component, port in [("worker", 50051), ("redis", 6379)]:
+        policy = by_kind_name("NetworkPolicy", f"infergate-{component}")["spec"]
+        target = by_kind_name("Deployment", f"infergate-{component}")["spec"]["selector"]["matchLabels"]
+        assert policy["podSelector"]["matchLabels"] == target
+        assert policy["policyTypes"] == ["Ingress"]
+        [rule] = policy["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": gateway_labels}}]
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}]
