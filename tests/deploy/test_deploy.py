@@ -17,11 +17,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import tomllib
-
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,14 +248,16 @@ def test_kubernetes_runs_with_auth_on_a_redis_password_and_only_the_gateway_reac
     secret_volume = next(v for v in gateway["volumes"] if v["name"] == "secrets")
     assert secret_volume["secret"]["secretName"] == "infergate-secrets"
     assert f"{mounts['secrets']}/keys.toml" == parsed["auth"]["keys_file"]
-    redis = by_kind_name("Deployment", "infergate-redis")["spec"]["template"]["spec"]["containers"][0]
+    redis_pod = by_kind_name("Deployment", "infergate-redis")["spec"]["template"]["spec"]
+    redis = redis_pod["containers"][0]
     assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
     assert redis["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
     # Workers and Redis admit the gateway's pods only, on their own port.
-    gateway_labels = by_kind_name("Deployment", "infergate-gateway")["spec"]["selector"]["matchLabels"]
+    labels = lambda kind, name: by_kind_name(kind, name)["spec"]["selector"]["matchLabels"]  # noqa: E731
+    gateway_labels = labels("Deployment", "infergate-gateway")
     for component, port in [("worker", 50051), ("redis", 6379)]:
         policy = by_kind_name("NetworkPolicy", f"infergate-{component}")["spec"]
-        target = by_kind_name("Deployment", f"infergate-{component}")["spec"]["selector"]["matchLabels"]
+        target = labels("Deployment", f"infergate-{component}")
         assert policy["podSelector"]["matchLabels"] == target
         assert policy["policyTypes"] == ["Ingress"]
         [rule] = policy["ingress"]
