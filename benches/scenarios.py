@@ -126,6 +126,7 @@ def gateway(
             "http": f"http://127.0.0.1:{http_port}",
             "grpc": f"http://127.0.0.1:{grpc_port}",
             "http_port": str(http_port),
+            "grpc_port": str(grpc_port),
             # taskset execs the gateway, so this is the gateway's own pid.
             "pid": str(proc.pid),
         }
@@ -644,12 +645,21 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def connect_from(source: str, port: int, timeout: float = 10) -> socket.socket:
+    """A TCP connection to the gateway on 127.0.0.1 from the loopback address `source`."""
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    )
+
+
 def open_idle_connections(port: int, count: int) -> list[socket.socket]:
-    """Open `count` HTTP/1.1 keep-alive connections, one answered request each."""
+    """Open `count` HTTP/1.1 keep-alive connections, one answered request each,
+    from 20 loopback addresses (the gateway holds one address to
+    `max_connections_per_client`, 1,024 by default)."""
     conns = []
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    for _ in range(count):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for i in range(count):
+        s = connect_from(f"127.0.1.{1 + i % 20}", port)
         s.sendall(request)
         conns.append(s)
     for s in conns:
@@ -818,7 +828,289 @@ def scenario_minilm_zipf(tmp: Path) -> None:
     write("minilm-zipf", doc, summary + steps_table(runs))
 
 
+# --- hostile: an ordinary client beside one attacker at a time -------------
+
+ATTACKER = "127.0.0.2"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def h2_call_headers(authority: str) -> bytes:
+    """HPACK (no Huffman, no indexing) for a gRPC call's request headers."""
+
+    def literal(prefix: int, value: str) -> bytes:
+        return bytes([prefix, len(value)]) + value.encode()
+
+    block = bytes([0x83, 0x86]) + literal(0x04, "/infergate.v1.Inference/Infer")
+    block += literal(0x01, authority)
+    for name, value in [("content-type", "application/grpc"), ("te", "trailers")]:
+        block += bytes([0x00, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    return block
+
+
+class Attack:
+    """One attacker from ATTACKER, run on threads until `stop`."""
+
+    def __init__(self, name: str, what: str, gw: dict[str, str]) -> None:
+        self.name, self.what, self.gw = name, what, gw
+        self.stop = __import__("threading").Event()
+        self.threads: list[Any] = []
+        self.count = 0  # connections opened, requests sent or streams reset
+
+    def spawn(self, target: Any, n: int = 1) -> None:
+        import threading
+
+        for _ in range(n):
+            t = threading.Thread(target=self.guard, args=(target,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def guard(self, target: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                target()
+            except OSError:
+                time.sleep(0.05)
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def silent_sockets(a: Attack) -> None:
+    """Connections on both ports that never send a byte (up to the per-client cap)."""
+    held: list[socket.socket] = []
+    for port in (int(a.gw["http_port"]), int(a.gw["grpc_port"])):
+        for _ in range(1000):
+            held.append(connect_from(ATTACKER, port))
+            a.count += 1
+    a.stop.wait()
+    for s in held:
+        s.close()
+
+
+def slowloris(a: Attack) -> None:
+    """500 request heads, one byte a second."""
+    port = int(a.gw["http_port"])
+    head = b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 4096
+    conns = {}
+    while not a.stop.is_set():
+        while len(conns) < 500:
+            conns[connect_from(ATTACKER, port)] = 0
+            a.count += 1
+        for s, at in list(conns.items()):
+            try:
+                s.send(head[at : at + 1])
+                conns[s] = at + 1
+            except OSError:
+                s.close()
+                del conns[s]
+        a.stop.wait(1)
+    for s in conns:
+        s.close()
+
+
+def stalled_bodies(a: Attack) -> None:
+    """500 POSTs that send their head and one byte of the body, then nothing."""
+    import select
+
+    port = int(a.gw["http_port"])
+    head = (
+        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
+    conns: list[socket.socket] = []
+    while not a.stop.is_set():
+        while len(conns) < 500:
+            s = connect_from(ATTACKER, port)
+            s.sendall(head)
+            conns.append(s)
+            a.count += 1
+        # Answered (408) or closed: open another.
+        readable, _, _ = select.select(conns, [], [], 0.2)
+        for s in readable:
+            s.close()
+            conns.remove(s)
+    for s in conns:
+        s.close()
+
+
+def rapid_reset(a: Attack) -> None:
+    """HTTP/2 streams opened and reset at once, as fast as the socket takes them."""
+    port = int(a.gw["grpc_port"])
+    s = connect_from(ATTACKER, port)
+    s.sendall(H2_PREFACE + h2_frame(0x4, 0, 0, b""))
+    stream = 1
+    headers = h2_call_headers(f"127.0.0.1:{port}")
+    try:
+        while not a.stop.is_set() and stream < 2**31 - 200:
+            batch = b""
+            for _ in range(100):
+                batch += h2_frame(0x1, 0x4, stream, headers) + h2_frame(
+                    0x3, 0, stream, (8).to_bytes(4, "big")
+                )
+                stream += 2
+            s.sendall(batch)
+            a.count += 100
+    finally:
+        s.close()
+
+
+def random_paths(a: Attack) -> None:
+    """Made-up paths over keep-alive, 1,000 a second."""
+    import http.client
+    import random
+
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", int(a.gw["http_port"]), source_address=(ATTACKER, 0)
+    )
+    next_at = time.monotonic()
+    while not a.stop.is_set():
+        conn.request("GET", f"/{random.getrandbits(64):016x}/{random.getrandbits(32)}")
+        conn.getresponse().read()
+        a.count += 1
+        next_at += 0.001
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    conn.close()
+
+
+def large_tensors(a: Attack) -> None:
+    """8 MB OIP JSON tensors, two at a time, back to back."""
+    import http.client
+
+    values = ",".join(f"{(i * 7919 % 10000) / 10000:.4f}" for i in range(1_000_000))
+    tensor = f'{{"name": "x", "shape": [1000000], "datatype": "FP32", "data": [{values}]}}'
+    body = f'{{"inputs": [{tensor}]}}'
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", int(a.gw["http_port"]), source_address=(ATTACKER, 0)
+    )
+    while not a.stop.is_set():
+        conn.request("POST", "/v2/models/echo/infer", body, {"content-type": "application/json"})
+        conn.getresponse().read()
+        a.count += 1
+    conn.close()
+
+
+def short_deadlines(a: Attack) -> None:
+    """Calls for 2 s of work with a 300 ms deadline, 10 at a time."""
+    import http.client
+
+    body = json.dumps(
+        {
+            "parameters": {"delay_ms": 2000},
+            "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+        }
+    )
+    headers = {"content-type": "application/json", "x-request-timeout": "300ms"}
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", int(a.gw["http_port"]), source_address=(ATTACKER, 0)
+    )
+    while not a.stop.is_set():
+        conn.request("POST", "/v2/models/slow/infer", body, headers)
+        conn.getresponse().read()
+        a.count += 1
+    conn.close()
+
+
+ATTACKS: list[tuple[str, str, Any, int]] = [
+    ("silent sockets", "1,000 silent connections on each port", silent_sockets, 1),
+    ("slowloris", "500 heads at one byte a second", slowloris, 1),
+    ("stalled bodies", "500 bodies stalled after one byte", stalled_bodies, 1),
+    ("rapid reset", "HTTP/2 streams opened and reset, flat out", rapid_reset, 1),
+    ("random paths", "1,000 made-up paths a second", random_paths, 1),
+    ("large tensors", "8 MB JSON tensors, 2 at a time", large_tensors, 2),
+    ("short deadlines", "300 ms deadlines on a 2 s model, 10 at a time", short_deadlines, 10),
+]
+
+
+def scenario_hostile(tmp: Path) -> None:
+    """An ordinary client's echo load at a fixed rate, without and with each
+    attack (from another address) side by side."""
+    rate = 200
+    pools = (
+        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\nthreads = 2\n'
+        '[[pools]]\nname = "slow"\nclass = "slow:Slow"\nthreads = 4\n'
+        f'env = {{ PYTHONPATH = "{ROOT / "benches/models"}" }}\n'
+    )
+    rows = []
+    with gateway(pools, tmp) as gw:
+        url = gw["http"] + "/v2/models/echo/infer"
+        args = ["--url", url, "--body-file", str(ECHO_BODY), "--rate", str(rate)]
+        for name, what, attack, threads in ATTACKS:
+            calm = load(args, f"{name} (none)", tmp)["reports"][0]
+            a = Attack(name, what, gw)
+            a.spawn(lambda a=a, attack=attack: attack(a), threads)
+            time.sleep(1)
+            hit = load(args, f"{name} (attacked)", tmp)["reports"][0]
+            a.end()
+            time.sleep(1)
+            rows.append(
+                {"attack": name, "what": what, "sent": a.count, "calm": calm, "attacked": hit}
+            )
+            p99s = f"{calm['latency_ms']['p99']:.2f} -> {hit['latency_ms']['p99']:.2f} ms"
+            print(f"  {name}: p99 {p99s}", file=sys.stderr)
+    lines = [
+        "| attack | attacker | p50 calm | p50 attacked | p99 calm | p99 attacked "
+        "| p99 ratio | errors attacked |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        c, h = r["calm"]["latency_ms"], r["attacked"]["latency_ms"]
+        errors = {k: v for k, v in r["attacked"]["outcomes"].items() if k != "ok"}
+        if r["attacked"]["dropped"]:
+            errors["dropped"] = r["attacked"]["dropped"]
+        r["p99_ratio"] = h["p99"] / c["p99"] if c["p99"] else None
+        lines.append(
+            f"| {r['attack']} | {r['what']} ({r['sent']:,}) | {c['p50']:.2f} | {h['p50']:.2f} | "
+            f"{c['p99']:.2f} | {h['p99']:.2f} | {r['p99_ratio']:.2f}x | {errors or 0} |"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    xs = range(len(rows))
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [r["calm"]["latency_ms"]["p99"] for r in rows],
+        0.4,
+        label="p99 without",
+    )
+    ax.bar(
+        [x + 0.2 for x in xs],
+        [r["attacked"]["latency_ms"]["p99"] for r in rows],
+        0.4,
+        label="p99 attacked",
+    )
+    ax.set_xticks(list(xs), [r["attack"] for r in rows], rotation=20)
+    ax.set_ylabel("ordinary client p99 (ms)")
+    ax.set_title(f"hostile: echo at {rate} rps beside one attacker at a time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "hostile.png", dpi=110)
+    plt.close(fig)
+    md = (
+        f"The ordinary client: OIP echo calls at {rate} rps (open loop, REST, keep-alive) from "
+        f"127.0.0.1; each attack from {ATTACKER}, default limits. Each row runs the same load "
+        "without, then with the attack, back to back. Latency in ms. Target: p99 attacked "
+        "within 2x of p99 calm, no errors.\n\n"
+    )
+    write(
+        "hostile",
+        {"machine": machine(), "rate": rate, "attacks": rows},
+        md + "\n".join(lines) + "\n",
+    )
+
+
 SCENARIOS = {
+    "hostile": scenario_hostile,
     "overhead": scenario_overhead,
     "tiny": scenario_tiny,
     "minilm": scenario_minilm,
