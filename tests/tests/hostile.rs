@@ -63,6 +63,8 @@ struct Ordinary {
     client: reqwest::Client,
     url: String,
     sent: std::sync::atomic::AtomicU64,
+    /// Its API key, when auth is on.
+    key: Option<String>,
 }
 
 /// What the ordinary client saw over a run.
@@ -82,14 +84,27 @@ impl Seen {
 
 impl Ordinary {
     fn new(gw: &Gateway) -> Self {
-        Self { client: reqwest::Client::new(), url: gw.url("/v2/models/echo/infer"), sent: Default::default() }
+        Self {
+            client: reqwest::Client::new(),
+            url: gw.url("/v2/models/echo/infer"),
+            sent: Default::default(),
+            key: None,
+        }
+    }
+
+    fn with_key(gw: &Gateway, key: &str) -> Self {
+        Self { key: Some(key.to_owned()), ..Self::new(gw) }
     }
 
     async fn call(&self) -> Result<Duration, String> {
         let i = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [i as f64]}]});
         let started = Instant::now();
-        let resp = self.client.post(&self.url).json(&body).send().await.map_err(|e| e.to_string())?;
+        let mut req = self.client.post(&self.url).json(&body);
+        if let Some(key) = &self.key {
+            req = req.header("x-api-key", key);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         if status != 200 {
@@ -463,9 +478,15 @@ fn ten_thousand_random_paths_add_no_metric_series_with_or_without_auth() {
             }
             route_series(&gw).await;
             let before = route_series(&gw).await;
-            for key in &keys {
-                random_paths(&gw, 10_000 / keys.len(), *key).await;
-            }
+            let ordinary = Ordinary::with_key(&gw, key);
+            let calm = ordinary.run(100, Duration::from_millis(20)).await;
+            let flood = async {
+                for key in &keys {
+                    random_paths(&gw, 10_000 / keys.len(), *key).await;
+                }
+            };
+            let ((), during) = tokio::join!(flood, ordinary.run(100, Duration::from_millis(20)));
+            assert_unharmed("random paths", &calm, &during);
             let after = route_series(&gw).await;
             let new: Vec<_> = after.difference(&before).collect();
             assert!(new.is_empty(), "new series after 10,000 random paths: {new:?}");

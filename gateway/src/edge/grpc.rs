@@ -242,7 +242,8 @@ impl Inference for InferenceService {
                 route::run(&plan, call, |c| self.state.cache.embed(&*self.state.upstream, c, m.cache)).await?;
             admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
             if cached != Some(CacheStatus::Hit) {
-                Meter::new(&self.state.prices, &r.model, m.caller.tenant.clone()).record(out.prompt_tokens.into(), 0);
+                Meter::new(&self.state.prices, &r.model, &target.model, m.caller.tenant.clone())
+                    .record(out.prompt_tokens.into(), 0);
             }
             let msg = EmbedResponse {
                 model: r.model,
@@ -282,7 +283,7 @@ impl Inference for InferenceService {
         let rid = m.request_id.clone();
         let ((stream, target), admission) = result.map_err(|e| fail(e, &m.request_id))?;
         // An error after the first chunk ends the stream with its status.
-        let meter = Meter::new(&self.state.prices, &model, m.caller.tenant.clone());
+        let meter = Meter::new(&self.state.prices, &model, &target.model, m.caller.tenant.clone());
         let stream =
             super::chat::Metered::new(stream, admission, Some(meter)).map(move |c| c.map_err(|e| fail(e, &rid)));
         Ok(respond(stream.boxed(), &m.request_id, &target))

@@ -182,7 +182,7 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
         let ((out, cached), target) = route::run(&plan, call, |c| state.cache.embed(&*state.upstream, c, mode)).await?;
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         if cached != Some(CacheStatus::Hit) {
-            Meter::new(&state.prices, &body.model, tenant).record(out.prompt_tokens.into(), 0);
+            Meter::new(&state.prices, &body.model, &target.model, tenant).record(out.prompt_tokens.into(), 0);
         }
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
@@ -233,7 +233,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
             probe.model = first.model.to_string();
             state.cache.chat_lookup(&*state.upstream, &probe, &body.model, first, mode).await
         };
-        let meter = Meter::new(&state.prices, &body.model, tenant);
+        let meter = Meter::new(&state.prices, &body.model, &first.model, tenant);
         let (stream, target, admission, cached) = match looked_up {
             // A cached answer costs the caller no model tokens.
             Ok((answer, hit)) => (cache::chat::replay(&answer), first.clone(), Admission::default(), Some(hit)),

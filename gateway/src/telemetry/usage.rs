@@ -48,8 +48,13 @@ pub struct Meter {
 }
 
 impl Meter {
-    pub fn new(prices: &Prices, model: &str, tenant: Arc<str>) -> Self {
-        Self { model: model.to_owned(), tenant, price: prices.get(model).copied() }
+    /// A call to `model` (the name sent) that `resolved` answered (an
+    /// alias's variant model, or the same name): priced by the name sent,
+    /// else by the model that answered, so calling a priced model through
+    /// an alias, or an alias's model directly, is never free.
+    pub fn new(prices: &Prices, model: &str, resolved: &str, tenant: Arc<str>) -> Self {
+        let price = prices.get(model).or_else(|| prices.get(resolved)).copied();
+        Self { model: model.to_owned(), tenant, price }
     }
 
     /// Count tokens a model read (`input`) and wrote (`output`).
@@ -78,6 +83,16 @@ mod tests {
         assert!((p.cost(1_000_000, 0) - 0.15).abs() < 1e-12);
         assert!((p.cost(2_000, 500) - (0.0003 + 0.0003)).abs() < 1e-12);
         assert_eq!(Price::default().cost(10, 10), 0.0);
+    }
+
+    #[test]
+    fn a_call_is_priced_by_the_name_sent_else_by_the_model_that_answered() {
+        let p = |input: f64| Price { input_per_million: input, output_per_million: 0.0 };
+        let prices: Prices = [("chat".to_owned(), p(1.0)), ("echo".to_owned(), p(2.0))].into_iter().collect();
+        let price = |sent: &str, resolved: &str| Meter::new(&prices, sent, resolved, Arc::from("t")).price;
+        assert_eq!(price("chat", "echo"), Some(p(1.0)), "the alias's own price first");
+        assert_eq!(price("alias", "echo"), Some(p(2.0)), "an unpriced alias of a priced model");
+        assert_eq!(price("nothing", "none"), None);
     }
 
     #[test]
