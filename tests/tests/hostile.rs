@@ -472,14 +472,15 @@ fn ten_thousand_random_paths_add_no_metric_series_with_or_without_auth() {
         let gw = Gateway::start(&config(extra)).unwrap();
         rt().block_on(async {
             // Each kind of refusal once, so its `unmatched` series exists,
-            // and one scrape, so the scrape's own series exist.
+            // and one scrape, so the scrape's own series exist (below).
             for key in &keys {
                 random_paths(&gw, 8, *key).await;
             }
-            route_series(&gw).await;
-            let before = route_series(&gw).await;
+            // The ordinary client's own series exist before the snapshot too.
             let ordinary = Ordinary::with_key(&gw, key);
             let calm = ordinary.run(100, Duration::from_millis(20)).await;
+            route_series(&gw).await;
+            let before = route_series(&gw).await;
             let flood = async {
                 for key in &keys {
                     random_paths(&gw, 10_000 / keys.len(), *key).await;
