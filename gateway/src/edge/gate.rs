@@ -139,12 +139,13 @@ pub async fn read_limited(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     if declared.is_some_and(|n| n > limit) {
-        drain(body, DRAIN_MAX_BYTES).await;
+        drain(body, DRAIN_MAX_BYTES, Some(DRAIN_MAX_TIME)).await;
         return Err(GatewayError::PayloadTooLarge { limit });
     }
     if let Err(e) = reserve(declared.unwrap_or(0)) {
-        // Read and dropped (never held), so the client sees the answer.
-        drain(body, limit).await;
+        // Read and dropped (never held), so the client sees the answer; the
+        // body's own deadlines (`conn::body`) bound how long that takes.
+        drain(body, limit, None).await;
         return Err(e);
     }
     // A body that comes as one frame (a body already read whole) is kept
@@ -163,11 +164,11 @@ pub async fn read_limited(
         let Ok(data) = frame.into_data() else { continue };
         let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
         if held + data.len() > limit {
-            drain(body, DRAIN_MAX_BYTES).await;
+            drain(body, DRAIN_MAX_BYTES, Some(DRAIN_MAX_TIME)).await;
             return Err(GatewayError::PayloadTooLarge { limit });
         }
         if let Err(e) = reserve(held + data.len()) {
-            drain(body, limit - held).await;
+            drain(body, limit - held, None).await;
             return Err(e);
         }
         match first.take() {
@@ -185,16 +186,18 @@ pub async fn read_limited(
 }
 
 /// Most of an oversized body read and dropped before answering 413, and
-/// how long any drain may take. Answering while the client still writes
-/// makes it see a broken pipe instead of the answer (no lingering close in
-/// hyper). A body refused for memory is drained whole (it is within
-/// `max_body_bytes`): read and dropped, it costs time, not memory.
+/// how long that may take. Answering while the client still writes makes it
+/// see a broken pipe instead of the answer (no lingering close in hyper). A
+/// body refused for memory is drained whole (it is within `max_body_bytes`),
+/// for as long as its own deadlines allow: read and dropped, it costs time,
+/// not memory.
 const DRAIN_MAX_BYTES: usize = 1 << 20;
 const DRAIN_MAX_TIME: Duration = Duration::from_secs(1);
 
-/// Read and drop at most `max` bytes of `body`.
-async fn drain(mut body: Body, max: usize) {
-    let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+/// Read and drop at most `max` bytes of `body`, for at most `max_time`
+/// (`None`: the body's own deadlines).
+async fn drain(mut body: Body, max: usize, max_time: Option<Duration>) {
+    let read = async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = body.frame().await {
             seen += frame.data_ref().map_or(0, Bytes::len);
@@ -202,8 +205,13 @@ async fn drain(mut body: Body, max: usize) {
                 break;
             }
         }
-    })
-    .await;
+    };
+    match max_time {
+        Some(t) => {
+            let _ = tokio::time::timeout(t, read).await;
+        }
+        None => read.await,
+    }
 }
 
 #[cfg(test)]
