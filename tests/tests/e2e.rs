@@ -205,14 +205,28 @@ fn sigkill_of_one_worker_under_load_keeps_serving_and_restarts_it() {
         kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
         let t0 = Instant::now();
         killed_at = Some(t0);
-        // Restarted and SERVING again within 5 s.
-        let restarted = gw.wait_log(log_mark, Duration::from_secs(5), |v| {
+        // The gateway's part is timed, not the model's: a new process within
+        // 2 s of the kill (death noticed, 250 ms backoff, spawn), and SERVING
+        // within 2 s of the model saying it has loaded (however long loading
+        // MiniLM takes on a machine this busy).
+        let started = gw.wait_log(log_mark, Duration::from_secs(2), |v| {
+            v["message"] == "worker started" && v["worker"] == "minilm-0"
+        });
+        assert!(started.is_some(), "minilm-0 not restarted within 2 s:\n{}", gw.log_text());
+        let loaded = gw.wait_log(log_mark, Duration::from_secs(60), |v| {
+            v["worker"] == "minilm-0" && v["message"].as_str().is_some_and(|m| m.contains("minilm loaded in"))
+        });
+        assert!(loaded.is_some(), "the restarted minilm-0 never loaded:\n{}", gw.log_text());
+        let loaded_at = Instant::now();
+        let restarted = gw.wait_log(log_mark, Duration::from_secs(2), |v| {
             v["message"] == "worker is SERVING" && v["worker"] == "minilm-0"
         });
-        assert!(restarted.is_some(), "minilm-0 not serving again within 5 s:\n{}", gw.log_text());
-        let took = t0.elapsed();
-        assert!(took < Duration::from_secs(5));
-        eprintln!("minilm-0 SIGKILLed under load: serving again after {took:?}");
+        assert!(restarted.is_some(), "minilm-0 loaded but not SERVING within 2 s:\n{}", gw.log_text());
+        eprintln!(
+            "minilm-0 SIGKILLed under load: serving again after {:?} ({:?} after its model loaded)",
+            t0.elapsed(),
+            loaded_at.elapsed()
+        );
         assert_ne!(gw.worker_pid("minilm-0"), Some(victim), "a new process serves minilm-0");
     });
     let killed_at = killed_at.unwrap();

@@ -770,11 +770,15 @@ fn fp32_body(n: usize, seed: u64) -> String {
 fn concurrent_large_tensors_stay_within_3x_their_bodies_and_are_all_answered() {
     // Room for about four of the eight bodies at once: the rest are refused
     // with memory-full rather than buffered.
-    let config = config("").replacen(
-        "max_in_flight = 16",
-        "max_in_flight = 16\nmax_body_bytes = 16777216\nmax_buffered_bytes = 33554432",
-        1,
-    );
+    // A 7 MB body may take seconds to send on a loaded machine: the default
+    // body time here, not the stall tests' 2 s.
+    let config = config("")
+        .replacen(
+            "max_in_flight = 16",
+            "max_in_flight = 16\nmax_body_bytes = 16777216\nmax_buffered_bytes = 33554432",
+            1,
+        )
+        .replacen("body_timeout = \"2s\"", "body_timeout = \"30s\"", 1);
     let gw = Gateway::start(&config).unwrap();
     let url = gw.url("/v2/models/echo/infer");
     let client = reqwest::blocking::Client::new();

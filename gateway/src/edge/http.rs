@@ -393,7 +393,8 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             };
             ([(header::CONTENT_TYPE, "application/x-protobuf")], prost::Message::encode_to_vec(&msg)).into_response()
         } else {
-            axum::Json(json::infer_response_json(&info, id, out)).into_response()
+            let answer = json::infer_response_json(&info, id, out);
+            oip_json_response(answer)?
         };
         served(&mut resp, &target);
         tag_cache(resp.headers_mut(), cached);
@@ -401,6 +402,16 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
     }
     .await;
     Reply(result, rid)
+}
+
+/// An OIP answer as a JSON response (see `InferResponseJson::to_bytes`).
+fn oip_json_response(answer: json::InferResponseJson) -> Result<Response, GatewayError> {
+    let bytes = answer.to_bytes().map_err(|e| GatewayError::WorkerFailed {
+        worker: "-".into(),
+        detail: format!("cannot write the answer: {e}"),
+    })?;
+    drop(answer);
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
 /// Name the answering variant (header) and what answered (for the access log).

@@ -412,6 +412,40 @@ pub fn infer_response_json(info: &ModelInfo, id: String, out: InferOutputs) -> I
     }
 }
 
+impl InferResponseJson {
+    /// The answer as JSON bytes, written into a buffer sized for its values
+    /// up front: growing by doubling would copy a large tensor's text
+    /// several times and hold two copies at once. Pages a generous estimate
+    /// reserves but does not write take no memory.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let values: usize = self.outputs.iter().map(|t| t.data.len()).sum();
+        let mut buf = Vec::with_capacity(512 + values.saturating_mul(MAX_VALUE_TEXT));
+        serde_json::to_writer(&mut buf, self)?;
+        Ok(buf)
+    }
+}
+
+/// The longest text one tensor value takes (an f64 with its comma).
+const MAX_VALUE_TEXT: usize = 25;
+
+impl OutData {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Bool(v) => v.len(),
+            Self::Int(v) => v.len(),
+            Self::Uint(v) => v.len(),
+            Self::Float(v) => v.len(),
+            Self::Double(v) => v.len(),
+            Self::Bytes(v) => v.iter().map(|b| b.len() / MAX_VALUE_TEXT + 1).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// `POST /v1/embeddings` body (OpenAI shape).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingsRequest {
