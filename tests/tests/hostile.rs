@@ -770,15 +770,18 @@ fn fp32_body(n: usize, seed: u64) -> String {
 fn concurrent_large_tensors_stay_within_3x_their_bodies_and_are_all_answered() {
     // Room for about four of the eight bodies at once: the rest are refused
     // with memory-full rather than buffered.
-    // A 7 MB body may take seconds to send on a loaded machine: the default
-    // body time here, not the stall tests' 2 s.
+    // A 7 MB body may take seconds to send on a loaded machine, and its
+    // head a while to be served: the default deadlines here, not the ones
+    // the slow-client tests attack.
     let config = config("")
         .replacen(
             "max_in_flight = 16",
             "max_in_flight = 16\nmax_body_bytes = 16777216\nmax_buffered_bytes = 33554432",
             1,
         )
-        .replacen("body_timeout = \"2s\"", "body_timeout = \"30s\"", 1);
+        .replace("body_timeout = \"2s\"", "body_timeout = \"30s\"")
+        .replace("header_timeout = \"1s\"", "header_timeout = \"10s\"")
+        .replace("handshake_timeout = \"1s\"", "handshake_timeout = \"10s\"");
     let gw = Gateway::start(&config).unwrap();
     let url = gw.url("/v2/models/echo/infer");
     let client = reqwest::blocking::Client::new();
@@ -796,8 +799,8 @@ fn concurrent_large_tensors_stay_within_3x_their_bodies_and_are_all_answered() {
             .map(|body| {
                 let (client, url) = (&client, &url);
                 s.spawn(move || {
-                    let resp =
-                        client.post(url).header("content-type", "application/json").body(body.clone()).send().unwrap();
+                    let sent = client.post(url).header("content-type", "application/json").body(body.clone()).send();
+                    let resp = sent.unwrap_or_else(|e| panic!("a large tensor got no answer: {e:?}"));
                     let status = resp.status().as_u16();
                     let text = resp.text().unwrap();
                     (status, if status == 200 { String::new() } else { text })
