@@ -169,13 +169,13 @@ impl Connection {
                     tracing::debug!(listener = name, peer = %self.peer, why, "closing connection");
                     return;
                 }
-                Next::Goodbye(why) => {
+                Next::Goodbye { why, idle } => {
                     if closing_by.is_none() {
                         tracing::debug!(listener = name, peer = %self.peer, why, "ending connection");
                         conn.as_mut().graceful_shutdown();
                         // Requests in flight get a body's time to finish; an
                         // idle connection only the GOAWAY exchange.
-                        let grace = if why == "idle timeout" { IDLE_GOODBYE } else { self.limits.body_timeout };
+                        let grace = if idle { IDLE_GOODBYE } else { self.limits.body_timeout };
                         closing_by = Some(Instant::now() + grace);
                     }
                     closing_by

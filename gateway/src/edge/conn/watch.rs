@@ -58,8 +58,9 @@ pub enum Next {
     Wait(Option<Instant>),
     /// Close at once: the peer is too slow or silent.
     Close(&'static str),
-    /// Say goodbye (GOAWAY / no keep-alive) and let open requests finish.
-    Goodbye(&'static str),
+    /// Say goodbye (GOAWAY / no keep-alive) and let open requests finish
+    /// (`idle`: there are none, only the goodbye itself to wait for).
+    Goodbye { why: &'static str, idle: bool },
 }
 
 impl ConnState {
@@ -143,7 +144,7 @@ impl ConnState {
     /// The next thing due on this connection under `limits`, at `now`.
     pub fn next(&self, limits: &ConnLimits, now: Instant) -> Next {
         if self.doomed.load(Ordering::Acquire) {
-            return Next::Goodbye("doomed");
+            return Next::Goodbye { why: "doomed", idle: false };
         }
         let due = |at: Instant, verdict: Next| if now >= at { verdict } else { Next::Wait(Some(at)) };
         let h2 = self.h2_ready.load(Ordering::Acquire);
@@ -167,7 +168,10 @@ impl ConnState {
         if let Some(at) = head.filter(|_| !h2) {
             return due(at, Next::Close("header timeout"));
         }
-        due(self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout, Next::Goodbye("idle timeout"))
+        due(
+            self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout,
+            Next::Goodbye { why: "idle timeout", idle: true },
+        )
     }
 }
 
