@@ -673,26 +673,24 @@ fn with_auth_off_a_foreign_host_is_refused_and_smuggled_framing_closes_the_conne
         // behind the body is ever read as a request.
         let smuggled = "GET /v2/models/echo HTTP/1.1\r\nHost: localhost\r\n\r\n";
         let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n{smuggled}", body.len());
-        for (case, request, refused) in [
-            // Read by its Transfer-Encoding alone (RFC 9112 §6.3), then closed.
-            ("CL+TE", post("Host: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n", &chunked), false),
-            ("TE+CL", post("Host: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n", &chunked), false),
+        for (case, request) in [
+            // hyper reads these by their Transfer-Encoding alone (RFC 9112
+            // §6.3); the socket's watch sees both lengths in the head.
+            ("CL+TE", post("Host: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n", &chunked)),
+            ("TE+CL", post("Host: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n", &chunked)),
             (
                 "differing CLs",
                 post("Host: localhost\r\nContent-Length: 4\r\nContent-Length: 40\r\n", &format!("{body}{smuggled}")),
-                true,
             ),
-            ("obfuscated TE", post("Host: localhost\r\nTransfer-Encoding: xchunked\r\n", &chunked), true),
-            ("TE chain", post("Host: localhost\r\nTransfer-Encoding: identity, chunked\r\n", &chunked), true),
+            ("obfuscated TE", post("Host: localhost\r\nTransfer-Encoding: xchunked\r\n", &chunked)),
+            ("TE chain", post("Host: localhost\r\nTransfer-Encoding: identity, chunked\r\n", &chunked)),
             (
                 "TE twice",
                 post("Host: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", &chunked),
-                true,
             ),
         ] {
             let (answer, closed) = ask(request).await;
-            let expected = if refused { "HTTP/1.1 400" } else { "HTTP/1.1 200" };
-            assert!(answer.starts_with(expected), "{case}: {answer}");
+            assert!(answer.starts_with("HTTP/1.1 400"), "{case}: {answer}");
             assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{case}: more than one response: {answer}");
             assert!(closed, "{case}: the connection stayed open");
         }

@@ -234,7 +234,11 @@ impl tower::Service<http::Request<Incoming>> for Tracked {
 
     fn call(&mut self, req: http::Request<Incoming>) -> Self::Future {
         let in_flight = self.state.start();
-        if let Some(why) = ambiguous_framing(&req) {
+        let why = match self.state.latest_head_ambiguous() {
+            true => Some("both Content-Length and Transfer-Encoding"),
+            false => ambiguous_framing(&req),
+        };
+        if let Some(why) = why {
             // The connection cannot be trusted to be where the client thinks:
             // answer once and close it, reading nothing more from it.
             self.state.doom();
@@ -256,10 +260,10 @@ impl tower::Service<http::Request<Incoming>> for Tracked {
 /// proxy in front and by the gateway: request smuggling), if it could.
 ///
 /// hyper already answers 400 to a `Transfer-Encoding` whose last coding is
-/// not `chunked` and to differing `Content-Length`s, and reads a request
-/// with both headers by its `Transfer-Encoding` alone, closing the
-/// connection after the answer (RFC 9112 §6.3; it drops the
-/// `Content-Length` before the service sees it). What it lets through is a
+/// not `chunked` and to differing `Content-Length`s. It reads a request
+/// with both headers by its `Transfer-Encoding` alone, dropping the
+/// `Content-Length` before the service sees it: the socket's watch
+/// ([`ConnState::latest_head_ambiguous`]) sees those. What is left is a
 /// chain of codings (`identity, chunked`, or `chunked` on two lines), which
 /// a proxy may read otherwise: refused here.
 fn ambiguous_framing<B>(req: &http::Request<B>) -> Option<&'static str> {

@@ -47,6 +47,9 @@ pub struct ConnState {
     /// Resets in the current one-second window, and the window's start (ms).
     resets: AtomicU32,
     reset_window: AtomicU64,
+    /// The first HTTP/1.1 request (counted from 0) whose head had both
+    /// `Content-Length` and `Transfer-Encoding`, if any.
+    ambiguous_head: AtomicU64,
     /// Woken when the connection turns idle, starts reading a head, or is doomed.
     changed: Notify,
 }
@@ -75,6 +78,7 @@ impl ConnState {
             doomed: AtomicBool::new(false),
             resets: AtomicU32::new(0),
             reset_window: AtomicU64::new(0),
+            ambiguous_head: AtomicU64::new(NONE),
             changed: Notify::new(),
         })
     }
@@ -113,6 +117,12 @@ impl ConnState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::AcqRel);
         InFlight { state: self.clone() }
+    }
+
+    /// The request started last had both `Content-Length` and
+    /// `Transfer-Encoding` in its head (HTTP/1.1: requests start in order).
+    pub fn latest_head_ambiguous(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > self.ambiguous_head.load(Ordering::Acquire)
     }
 
     fn finish(&self) {
@@ -204,7 +214,10 @@ enum Sniff {
     /// Between frames: `have` bytes of the next header, or `skip` bytes of
     /// the current payload left. `first`: the SETTINGS that must open.
     Frames { header: [u8; FRAME_HEADER], have: usize, skip: usize, first: bool },
-    /// Not HTTP/2, or a first frame that is not SETTINGS (hyper answers it).
+    /// HTTP/1.1: following each request's framing to find its head.
+    Http1(Http1),
+    /// A first frame that is not SETTINGS (hyper answers it), or framing
+    /// the follower lost (hyper refuses it and closes).
     Done,
 }
 
@@ -214,6 +227,9 @@ enum Seen {
     /// The preface and the first SETTINGS frame are in.
     Ready,
     Reset,
+    /// An HTTP/1.1 request head carried both `Content-Length` and
+    /// `Transfer-Encoding`; it was the connection's `n`th head (from 0).
+    Ambiguous(u64),
 }
 
 impl Sniff {
@@ -226,10 +242,22 @@ impl Sniff {
         while !data.is_empty() {
             match self {
                 Self::Done => return,
+                Self::Http1(h1) => {
+                    if !h1.feed(data, on) {
+                        *self = Self::Done;
+                    }
+                    return;
+                }
                 Self::Preface { seen } => {
                     let take = (H2_PREFACE.len() - *seen).min(data.len());
                     if data[..take] != H2_PREFACE[*seen..*seen + take] {
-                        *self = Self::Done;
+                        // Not HTTP/2: what matched so far was the start of a request line.
+                        let mut h1 = Http1::new();
+                        if h1.feed(&H2_PREFACE[..*seen], on) && h1.feed(data, on) {
+                            *self = Self::Http1(h1);
+                        } else {
+                            *self = Self::Done;
+                        }
                         return;
                     }
                     *seen += take;
@@ -273,6 +301,156 @@ impl Sniff {
     }
 }
 
+/// Follows HTTP/1.1 request framing (heads, then `Content-Length` or
+/// chunked bodies) without keeping the bytes, to see what hyper hides: a
+/// head with both `Content-Length` and `Transfer-Encoding`, which hyper
+/// reads by the latter alone after dropping the former, so the service
+/// never learns that a proxy in front may have read the body otherwise.
+/// Bodies are skipped in one step per read; only heads and chunk-size lines
+/// are looked at byte by byte.
+struct Http1 {
+    /// Heads completed so far.
+    heads: u64,
+    at: At,
+}
+
+/// Header names the follower needs, lowercased, and the longest of them.
+const CONTENT_LENGTH: &[u8] = b"content-length";
+const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
+const NAME: usize = TRANSFER_ENCODING.len();
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// Not known yet (no colon), or none the follower needs.
+    Unknown,
+    Other,
+    ContentLength,
+    TransferEncoding,
+}
+
+enum At {
+    /// In a head. `name`: the current line's first bytes, lowercased, `len`
+    /// its length (without CR); `lines`: lines so far, the request line
+    /// included; `length`: the last `Content-Length` value.
+    Head { name: [u8; NAME], len: usize, field: Field, value: u64, lines: u32, length: Option<u64>, chunked: bool },
+    /// `left` bytes of a `Content-Length` body.
+    Body { left: u64 },
+    /// A chunk-size line; `ext` once past the digits (extensions).
+    ChunkSize { size: u64, digits: bool, ext: bool },
+    /// A chunk's data and the CRLF after it.
+    ChunkData { left: u64 },
+    /// Trailer lines after the last chunk, until an empty one.
+    Trailers { len: usize },
+}
+
+impl At {
+    fn head() -> Self {
+        Self::Head { name: [0; NAME], len: 0, field: Field::Unknown, value: 0, lines: 0, length: None, chunked: false }
+    }
+}
+
+impl Http1 {
+    fn new() -> Self {
+        Self { heads: 0, at: At::head() }
+    }
+
+    /// Follow the next bytes; `false` once the framing is lost (hyper refuses
+    /// such bytes and closes the connection itself).
+    fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) -> bool {
+        while let Some((&byte, rest)) = data.split_first() {
+            match &mut self.at {
+                At::Body { left } | At::ChunkData { left } => {
+                    let take = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+                    *left -= take as u64;
+                    data = &data[take..];
+                    if *left == 0 {
+                        self.at = match self.at {
+                            At::Body { .. } => At::head(),
+                            _ => At::ChunkSize { size: 0, digits: false, ext: false },
+                        };
+                    }
+                    continue;
+                }
+                At::Head { name, len, field, value, lines, length, chunked } => match byte {
+                    b'\r' => {}
+                    b'\n' if *len == 0 && *lines == 0 => {} // blank lines before a request line
+                    b'\n' if *len == 0 => {
+                        let head = self.heads;
+                        self.heads += 1;
+                        if *chunked && length.is_some() {
+                            on(Seen::Ambiguous(head));
+                            return false;
+                        }
+                        self.at = match (*chunked, *length) {
+                            (true, _) => At::ChunkSize { size: 0, digits: false, ext: false },
+                            (false, Some(left)) if left > 0 => At::Body { left },
+                            _ => At::head(),
+                        };
+                    }
+                    b'\n' => {
+                        match field {
+                            Field::ContentLength => *length = Some(*value),
+                            Field::TransferEncoding => *chunked = true,
+                            Field::Unknown | Field::Other => {}
+                        }
+                        *lines += 1;
+                        (*len, *field, *value) = (0, Field::Unknown, 0);
+                    }
+                    b':' if *field == Field::Unknown && *lines > 0 => {
+                        *field = match &name[..(*len).min(NAME)] {
+                            n if *len == CONTENT_LENGTH.len() && n == CONTENT_LENGTH => Field::ContentLength,
+                            n if *len == NAME && n == TRANSFER_ENCODING => Field::TransferEncoding,
+                            _ => Field::Other,
+                        };
+                        *len += 1;
+                    }
+                    _ => {
+                        if *field == Field::Unknown && *len < NAME {
+                            name[*len] = byte.to_ascii_lowercase();
+                        }
+                        if *field == Field::ContentLength && !matches!(byte, b' ' | b'\t') {
+                            let Some(v) = byte
+                                .is_ascii_digit()
+                                .then(|| value.checked_mul(10)?.checked_add(u64::from(byte - b'0')))
+                                .flatten()
+                            else {
+                                return false;
+                            };
+                            *value = v;
+                        }
+                        *len += 1;
+                    }
+                },
+                At::ChunkSize { size, digits, ext } => match byte {
+                    b'\r' => {}
+                    b'\n' if !*digits => return false,
+                    b'\n' if *size == 0 => self.at = At::Trailers { len: 0 },
+                    b'\n' => self.at = At::ChunkData { left: *size + 2 },
+                    _ if *ext => {}
+                    _ => match (byte as char).to_digit(16) {
+                        Some(d) => {
+                            let Some(v) = size.checked_mul(16).and_then(|v| v.checked_add(u64::from(d))) else {
+                                return false;
+                            };
+                            (*size, *digits) = (v, true);
+                        }
+                        None if *digits && matches!(byte, b';' | b' ' | b'\t') => *ext = true,
+                        None => return false,
+                    },
+                },
+                At::Trailers { len } => match byte {
+                    b'\r' => {}
+                    b'\n' if *len == 0 => self.at = At::head(),
+                    b'\n' => *len = 0,
+                    _ => *len += 1,
+                },
+            }
+            data = rest;
+        }
+        true
+    }
+}
+
 /// A client socket that reports reads to its [`ConnState`].
 pub struct Watched<T> {
     io: T,
@@ -298,6 +476,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             this.sniff.feed(&buf.filled()[before..], &mut |seen| match seen {
                 Seen::Ready => state.h2_ready.store(true, Ordering::Release),
                 Seen::Reset => state.note_reset(),
+                Seen::Ambiguous(head) => state.ambiguous_head.store(head, Ordering::Release),
             });
             state.on_read();
         }
@@ -370,6 +549,32 @@ mod tests {
         let mut empty = H2_PREFACE.to_vec();
         empty.extend(frame(SETTINGS, 0));
         assert_eq!(seen(&empty, 3), vec![Seen::Ready]);
+    }
+
+    #[test]
+    fn http1_heads_with_both_lengths_are_found_past_any_body_in_any_pieces() {
+        let fixed = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab\r\n\r";
+        let chunked = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let get = b"\r\nGET /c HTTP/1.1\r\nhost: x\r\n\r\n";
+        // Body bytes that look like a head must not count.
+        let smuggled = b"POST /d HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\ncontent-length:  12\r\n\r\n0\r\n\r\n";
+        let mut bytes = Vec::new();
+        for part in [&fixed[..], chunked, get, smuggled] {
+            bytes.extend_from_slice(part);
+        }
+        for split in [1, 2, 3, 7, 24, 100, 4096] {
+            assert_eq!(seen(&bytes, split), vec![Seen::Ambiguous(3)], "split {split}");
+        }
+        // Content-Length first, then Transfer-Encoding: the same.
+        let cl_first = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(seen(cl_first, 5), vec![Seen::Ambiguous(0)]);
+        // A body that spells out such a head is skipped as a body.
+        let mut inside = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", cl_first.len()).into_bytes();
+        inside.extend_from_slice(cl_first);
+        inside.extend_from_slice(get);
+        assert!(seen(&inside, 9).is_empty());
+        // Framing hyper refuses too is given up on, not guessed at.
+        assert!(seen(b"POST / HTTP/1.1\r\nContent-Length: 1x\r\nTransfer-Encoding: chunked\r\n\r\n", 4).is_empty());
     }
 
     #[test]
