@@ -17,6 +17,7 @@ pub mod route;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tensor;
 
 /// Generated from `proto/infergate/v1/*.proto`.
 pub mod proto {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from infergate.v1 import types_pb2, worker_pb2
+from infergate_worker.tensors import Tensor
 
 
 def tensor(name: str, values: list[float]) -> types_pb2.Tensor:
@@ -18,3 +19,8 @@ def echo_item(params: dict | None = None, **tensors: list[float]) -> worker_pb2.
         else:
             item.parameters[k].int64_param = v
     return item
+
+
+def values(t: types_pb2.Tensor) -> list:
+    """A tensor message's values, whichever form (typed or raw) it came in."""
+    return list(Tensor.from_proto(t).data)

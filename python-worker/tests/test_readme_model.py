@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
-from messages import tensor
+from messages import tensor, values
 
 from infergate.v1 import types_pb2, worker_pb2
 
@@ -29,7 +29,7 @@ def test_the_readme_model_serves_a_batch_with_a_bad_item(spawn, tmp_path: Path):
     resp = w.stub.Infer(worker_pb2.InferBatchRequest(model="doubler", items=items), timeout=10)
 
     first, bad, last = resp.results
-    assert [(t.name, list(t.fp32_contents)) for t in first.outputs.tensors] == [("y", [2.0, 4.0])]
-    assert [(t.name, list(t.fp32_contents)) for t in last.outputs.tensors] == [("y", [6.0])]
+    assert [(t.name, values(t)) for t in first.outputs.tensors] == [("y", [2.0, 4.0])]
+    assert [(t.name, values(t)) for t in last.outputs.tensors] == [("y", [6.0])]
     assert bad.error.code == types_pb2.ItemError.Code.CODE_INVALID_INPUT
     assert "input 'x' is required" in bad.error.message

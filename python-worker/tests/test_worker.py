@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from messages import echo_item
@@ -269,3 +270,22 @@ def test_a_cancellation_at_the_deadline_is_reported_as_the_deadline():
     with pytest.raises(Cancelled) as exc:
         early.wait(1)
     assert exc.value.reason == "cancelled"
+
+
+def test_a_large_raw_tensor_round_trips_through_a_worker_as_raw(spawn):
+    w = spawn("infergate_worker.examples.echo:Echo")
+    w.wait_status("echo", SERVING)
+    assert w.stub.Describe(worker_pb2.DescribeRequest(), timeout=5).raw_contents
+    raw = np.arange(1_000_000, dtype="<f4").tobytes()
+    x = types_pb2.Tensor(name="x", datatype="FP32", shape=[1000, 1000], raw_contents=raw)
+    items = [worker_pb2.InferItem(id="a", inputs=[x])]
+    resp = w.stub.Infer(worker_pb2.InferBatchRequest(model="echo", items=items), timeout=10)
+    out = resp.results[0].outputs.tensors[0]
+    assert (list(out.shape), out.raw_contents, len(out.fp32_contents)) == ([1000, 1000], raw, 0)
+    # A malformed raw tensor is that item's invalid input, not the batch's failure.
+    bad = types_pb2.Tensor(name="x", datatype="FP32", shape=[2], raw_contents=b"\0" * 7)
+    items = [worker_pb2.InferItem(id="b", inputs=[bad]), echo_item(x=[1.0])]
+    resp = w.stub.Infer(worker_pb2.InferBatchRequest(model="echo", items=items), timeout=10)
+    assert resp.results[0].error.code == Code.CODE_INVALID_INPUT
+    assert "not a whole number of 4-byte FP32 values" in resp.results[0].error.message
+    assert list(resp.results[1].outputs.tensors[0].fp32_contents) == [1.0]

@@ -182,6 +182,27 @@ fn images_protobuf_and_raw_bodies_are_converted_at_the_edge() {
     assert_eq!(resp.headers()["content-type"], "application/x-protobuf");
     let answer = infergate::proto::InferResponse::decode(resp.bytes().unwrap()).unwrap();
     assert_eq!((answer.id.as_str(), answer.outputs[0].fp32_contents.as_slice()), ("pb-1", &[1.5, 2.5][..]));
+    // Raw contents (little-endian values) are read like typed ones; the answer is typed.
+    let mut raw = req.clone();
+    raw.inputs[0] = infergate::proto::Tensor {
+        name: "x".into(),
+        datatype: "INT16".into(),
+        shape: vec![3],
+        raw_contents: [1i16, -2, 300].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    };
+    let resp = send(&gw, "/v2/models/echo/infer", "application/x-protobuf", raw.encode_to_vec());
+    assert_eq!(resp.status(), 200);
+    let answer = infergate::proto::InferResponse::decode(resp.bytes().unwrap()).unwrap();
+    assert_eq!(
+        (answer.outputs[0].int64_contents.as_slice(), answer.outputs[0].raw_contents.len()),
+        (&[1, -2, 300][..], 0)
+    );
+    raw.inputs[0].raw_contents.pop();
+    let resp = send(&gw, "/v2/models/echo/infer", "application/x-protobuf", raw.encode_to_vec());
+    assert_eq!(resp.status(), 400);
+    let problem: Value = resp.json().unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("not a whole number of 2-byte INT16 values"), "{problem}");
 
     // Raw bytes pass through as one BYTES element.
     let resp = send(&gw, "/v2/models/echo/infer", "application/octet-stream", b"raw bytes here".to_vec());

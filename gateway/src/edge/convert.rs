@@ -130,7 +130,7 @@ pub fn raw_tensor(body: Bytes, info: &ModelInfo) -> Tensor {
 
 /// An `infergate.v1.InferRequest` message, its tensors checked.
 pub fn protobuf_item(body: &[u8], model: &str) -> Result<InferItem, GatewayError> {
-    let r = InferRequest::decode(body)
+    let mut r = InferRequest::decode(body)
         .map_err(|e| GatewayError::invalid("body", format!("not an infergate.v1.InferRequest: {e}")))?;
     if !r.model.is_empty() && r.model != model {
         return Err(GatewayError::invalid("model", format!("the message names {:?}, the path {model:?}", r.model)));
@@ -138,15 +138,17 @@ pub fn protobuf_item(body: &[u8], model: &str) -> Result<InferItem, GatewayError
     if r.inputs.is_empty() {
         return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
     }
-    for (i, t) in r.inputs.iter().enumerate() {
+    for (i, t) in r.inputs.iter_mut().enumerate() {
         check_tensor(t, &format!("inputs[{i}]"))?;
     }
     Ok(InferItem { id: r.id, inputs: r.inputs, outputs: r.outputs, parameters: r.parameters })
 }
 
 /// A proto tensor is well formed: a known datatype, its values in the
-/// field that datatype uses (and no other), as many as its shape says.
-pub fn check_tensor(t: &Tensor, field: &str) -> Result<(), GatewayError> {
+/// field that datatype uses (and no other) or in `raw_contents` (read into
+/// that field here), as many as its shape says.
+pub fn check_tensor(t: &mut Tensor, field: &str) -> Result<(), GatewayError> {
+    crate::tensor::from_raw(t).map_err(|why| GatewayError::invalid(format!("{field}.raw_contents"), why))?;
     let filled = [
         ("BOOL", t.bool_contents.len()),
         ("INT", t.int64_contents.len()),
@@ -309,5 +311,29 @@ mod tests {
             InferRequest { model: "n".into(), inputs: vec![t("FP32", vec![1], vec![1.0])], ..Default::default() };
         assert!(wrong(other).to_string().contains("the path"));
         assert!(protobuf_item(b"\xff\xff\xff", "m").is_err());
+    }
+
+    #[test]
+    fn raw_tensors_from_clients_are_read_into_typed_ones_and_checked() {
+        let raw = |datatype: &str, shape: Vec<i64>, raw: Vec<u8>| InferRequest {
+            inputs: vec![Tensor {
+                name: "x".into(),
+                datatype: datatype.into(),
+                shape,
+                raw_contents: raw,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let bytes = [1.5f32.to_le_bytes(), (-2f32).to_le_bytes()].concat();
+        let item = protobuf_item(&raw("FP32", vec![2], bytes.clone()).encode_to_vec(), "m").unwrap();
+        assert_eq!((item.inputs[0].fp32_contents.as_slice(), item.inputs[0].raw_contents.len()), (&[1.5, -2.0][..], 0));
+        let wrong = |r: InferRequest| protobuf_item(&r.encode_to_vec(), "m").unwrap_err();
+        let short = wrong(raw("FP32", vec![3], bytes));
+        assert!(short.to_string().contains("needs 3 values, got 2"), "{short}");
+        let ragged = wrong(raw("INT16", vec![1], vec![1, 2, 3]));
+        assert!(format!("{ragged:?}").contains("inputs[0].raw_contents"), "{ragged:?}");
+        assert!(ragged.to_string().contains("not a whole number of 2-byte INT16 values"), "{ragged}");
+        assert_eq!(ragged.http_status(), http::StatusCode::BAD_REQUEST);
     }
 }

@@ -175,13 +175,13 @@ impl Inference for InferenceService {
 
     async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let m = meta(&self.state, &req)?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let result = async {
             require_model(&r.model)?;
             if r.inputs.is_empty() {
                 return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
-            for (i, t) in r.inputs.iter().enumerate() {
+            for (i, t) in r.inputs.iter_mut().enumerate() {
                 super::convert::check_tensor(t, &format!("inputs[{i}]"))?;
             }
             let plan = m.plan(&self.state, &r.model)?;

@@ -876,7 +876,8 @@ trait BatchRpc: Send + Sync + 'static {
     /// The bytes an item takes in the batch's request message.
     fn weigh(item: &Self::Item) -> usize;
 
-    fn request(model: String, items: Vec<Self::Item>) -> Self::Request;
+    /// The request for `items`, in the form `worker` reads.
+    fn request(model: String, items: Vec<Self::Item>, worker: &Worker) -> Self::Request;
 
     fn call(
         client: WorkerClient<Channel>,
@@ -905,7 +906,7 @@ impl BatchRpc for EmbedRpc {
         text.len() + ITEM_OVERHEAD
     }
 
-    fn request(model: String, texts: Vec<String>) -> EmbedBatchRequest {
+    fn request(model: String, texts: Vec<String>, _: &Worker) -> EmbedBatchRequest {
         EmbedBatchRequest { model, texts }
     }
 
@@ -942,7 +943,12 @@ impl BatchRpc for InferRpc {
         prost::Message::encoded_len(item) + ITEM_OVERHEAD
     }
 
-    fn request(model: String, items: Vec<InferItem>) -> InferBatchRequest {
+    /// Numeric tensors go raw to a worker that reads raw: one copy on each
+    /// side instead of a Python object per value in the worker.
+    fn request(model: String, mut items: Vec<InferItem>, worker: &Worker) -> InferBatchRequest {
+        if worker.reads_raw() {
+            items.iter_mut().flat_map(|i| &mut i.inputs).for_each(crate::tensor::into_raw);
+        }
         InferBatchRequest { model, items }
     }
 
@@ -955,11 +961,23 @@ impl BatchRpc for InferRpc {
 
     fn results(resp: InferBatchResponse) -> Vec<Option<Result<InferOutputs, ItemError>>> {
         let result = |r: proto::InferResult| match r.result? {
-            infer_result::Result::Outputs(out) => Some(Ok(out)),
+            infer_result::Result::Outputs(mut out) => Some(typed(&mut out).map(|()| out)),
             infer_result::Result::Error(err) => Some(Err(err)),
         };
         resp.results.into_iter().map(result).collect()
     }
+}
+
+/// Read a worker's raw output tensors into typed ones; a malformed one fails
+/// its item as the model's error.
+fn typed(out: &mut InferOutputs) -> Result<(), ItemError> {
+    for t in &mut out.tensors {
+        crate::tensor::from_raw(t).map_err(|why| ItemError {
+            code: item_error::Code::ModelError.into(),
+            message: format!("output {:?}: {why}", t.name),
+        })?;
+    }
+    Ok(())
 }
 
 /// One attempt of the batched call `R` on `worker`: the call fails as a
@@ -973,7 +991,7 @@ fn send_batch<R: BatchRpc>(
 ) -> impl Future<Output = BatchResult<R::Output>> + Send + use<R> {
     let count = items.len();
     let model = model.to_owned();
-    let req = request(R::request(model.clone(), items), &deadline, request_id);
+    let req = request(R::request(model.clone(), items, &worker), &deadline, request_id);
     async move {
         let results = R::results(bounded(&deadline, &worker, R::call(worker.client(), req)).await?);
         if results.len() != count {

@@ -28,6 +28,8 @@ pub struct Worker {
     busy_since_us: AtomicU64,
     epoch: Instant,
     serving: AtomicBool,
+    /// Its Describe said it reads `Tensor.raw_contents`.
+    raw: AtomicBool,
     /// Passive health: ejection after repeated failures.
     pub outlier: super::outlier::Outlier,
     /// Recent answer times, for balancing.
@@ -112,6 +114,7 @@ impl Worker {
             busy_since_us: AtomicU64::new(0),
             epoch: Instant::now(),
             serving: AtomicBool::new(false),
+            raw: AtomicBool::new(false),
             outlier: super::outlier::Outlier::default(),
             latency: super::latency::Latency::default(),
             max_message,
@@ -128,6 +131,11 @@ impl Worker {
     /// True while the worker reports SERVING for its model.
     pub fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// The worker reads numeric tensors in raw form (as its last Describe said).
+    pub fn reads_raw(&self) -> bool {
+        self.raw.load(Ordering::Relaxed)
     }
 
     /// Calls sent and not yet answered.
@@ -193,6 +201,7 @@ impl Worker {
                     .into_inner();
                 let service = described.models.first().map(|m| m.name.clone()).unwrap_or_default();
                 service_hint.clone_from(&service);
+                self.raw.store(described.raw_contents, Ordering::Relaxed);
                 on_describe(&self, described.models);
                 let mut stream = HealthClient::new(self.channel.clone())
                     .watch(HealthCheckRequest { service })

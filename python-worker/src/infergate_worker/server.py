@@ -38,7 +38,7 @@ from infergate_worker.model import (
     TensorSpec,
     Unavailable,
 )
-from infergate_worker.tensors import Tensor, as_tensor
+from infergate_worker.tensors import READS_RAW, Tensor, as_tensor
 
 log = logging.getLogger("infergate_worker")
 
@@ -148,7 +148,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Describe(self, request: worker_pb2.DescribeRequest, context: Any) -> Any:
         return worker_pb2.DescribeResponse(
-            models=list(self._infos.values()), worker_version=__version__
+            models=list(self._infos.values()), worker_version=__version__, raw_contents=READS_RAW
         )
 
     async def _model(self, name: str, context: grpc.aio.ServicerContext) -> Model:
@@ -236,13 +236,17 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
         model = await self._model(request.model, context)
         ctx = _call_context(context)
         log.debug("infer batch of %d items", len(request.items), extra=_log_ids(ctx))
-        results: list[worker_pb2.InferResult] = [None] * len(request.items)  # type: ignore[list-item]
+        # Results are filled where they stand in the response: copying a
+        # large tensor from one message into another costs more than its
+        # encoding.
+        response = worker_pb2.InferBatchResponse()
+        results = [response.results.add() for _ in request.items]
         items: list[tuple[int, InferItem]] = []
         for n, msg in enumerate(request.items):
             try:
                 items.append((n, _infer_item(msg)))
             except ValueError as exc:
-                results[n] = worker_pb2.InferResult(error=item_error(InvalidInput(str(exc))))
+                results[n].error.CopyFrom(item_error(InvalidInput(str(exc))))
         for part in _chunks(items, self._infos[request.model].max_batch_size):
             if not part:
                 continue
@@ -252,9 +256,9 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             if isinstance(out, Exception):
                 out = [out] * len(part)
             for (n, item), value in zip(part, out, strict=True):
-                results[n] = _infer_result(value, item)
+                _fill_result(results[n], value, item)
         context.set_trailing_metadata(_timings(ctx))
-        return worker_pb2.InferBatchResponse(results=results)
+        return response
 
     async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
@@ -366,26 +370,27 @@ def _infer_item(msg: worker_pb2.InferItem) -> InferItem:
     )
 
 
-def _infer_result(value: Any, item: InferItem) -> worker_pb2.InferResult:
+def _fill_result(result: worker_pb2.InferResult, value: Any, item: InferItem) -> None:
+    """Encode what the model returned for ``item`` into ``result``."""
     if isinstance(value, BaseException):
-        return worker_pb2.InferResult(error=item_error(value))
+        result.error.CopyFrom(item_error(value))
+        return
+    outputs = result.outputs
+    outputs.SetInParent()
     try:
         params = value.pop("parameters", None) if isinstance(value, dict) else None
         wanted = set(item.outputs)
         unknown = sorted(wanted - set(value))
         if unknown:
             raise InvalidInput(f"no output named {', '.join(map(repr, unknown))}")
-        tensors = [
-            as_tensor(name, v).to_proto()
-            for name, v in value.items()
-            if not wanted or name in wanted
-        ]
+        for name, v in value.items():
+            if not wanted or name in wanted:
+                as_tensor(name, v).fill(outputs.tensors.add())
     except (TypeError, ValueError, AttributeError) as exc:  # InvalidInput is a ValueError
-        return worker_pb2.InferResult(error=item_error(exc))
-    outputs = worker_pb2.InferOutputs(tensors=tensors)
+        result.error.CopyFrom(item_error(exc))  # replaces the partial outputs
+        return
     for k, v in (params or {}).items():
         outputs.parameters[k].CopyFrom(_to_param(v))
-    return worker_pb2.InferResult(outputs=outputs)
 
 
 class RequestIdFilter(logging.Filter):

@@ -2,11 +2,19 @@
 
 The SDK does not need numpy; :meth:`Tensor.numpy` imports it on demand, and
 numpy arrays or torch tensors returned by models are converted by duck typing.
+
+Numeric tensors travel raw where they can (``Tensor.raw_contents``: the
+values' little-endian bytes): their ``data`` is then a typed ``memoryview``
+over those bytes, read without a Python object per value, and an array a
+model returns goes back the same way. A million FP32 values cost ~230 ms of
+the event loop as Python floats, well under 1 ms raw.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +52,24 @@ _NUMPY_DTYPE = {
 }
 _DATATYPE_BY_NUMPY = {v: k for k, v in _NUMPY_DTYPE.items()}
 
+#: ``memoryview`` formats of the datatypes that travel raw; FP16 and BYTES do not.
+_RAW_FORMAT = {
+    "BOOL": "?",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "FP32": "f",
+    "FP64": "d",
+}
+
+#: Raw contents are little endian; this host reads them in place.
+READS_RAW = sys.byteorder == "little"
+
 
 def contents_field(datatype: str) -> str:
     """The ``Tensor`` field that holds values of ``datatype``."""
@@ -55,17 +81,29 @@ def contents_field(datatype: str) -> str:
 
 @dataclass
 class Tensor:
-    """A named tensor: flat row-major ``data`` with a ``shape``."""
+    """A named tensor: flat row-major ``data`` with a ``shape``.
+
+    ``data`` is a list, or for a tensor that came raw a read-only typed
+    ``memoryview`` (indexable, iterable, ``tolist()``); :meth:`numpy` reads
+    either without a Python object per value.
+    """
 
     name: str
     datatype: str
     shape: list[int]
-    data: list[Any]
+    data: Sequence[Any]
 
     @classmethod
     def from_proto(cls, msg: types_pb2.Tensor) -> Tensor:
         """Decode a message, checking that the element count fits the shape."""
-        data = list(getattr(msg, contents_field(msg.datatype)))
+        field = contents_field(msg.datatype)
+        raw = msg.raw_contents
+        if raw:
+            data: Sequence[Any] = _raw_view(msg.name, msg.datatype, raw)
+            if len(getattr(msg, field)):
+                raise ValueError(f"tensor {msg.name!r}: raw_contents and {field} are both filled")
+        else:
+            data = list(getattr(msg, field))
         expected = math.prod(msg.shape)
         if expected != len(data):
             raise ValueError(
@@ -75,18 +113,34 @@ class Tensor:
         return cls(msg.name, msg.datatype, list(msg.shape), data)
 
     def to_proto(self) -> types_pb2.Tensor:
-        """Encode as a message."""
-        msg = types_pb2.Tensor(name=self.name, datatype=self.datatype, shape=self.shape)
-        getattr(msg, contents_field(self.datatype)).extend(self.data)
+        """Encode as a message: raw when ``data`` is a memoryview of the
+        datatype's own format, else value by value."""
+        return self.fill(types_pb2.Tensor())
+
+    def fill(self, msg: types_pb2.Tensor) -> types_pb2.Tensor:
+        """Encode into ``msg`` (e.g. one just added to a response: copying a
+        large message into another costs more than encoding it)."""
+        msg.name, msg.datatype = self.name, self.datatype
+        msg.shape.extend(self.shape)
+        data = self.data
+        if isinstance(data, memoryview):
+            if READS_RAW and data.format == _RAW_FORMAT.get(self.datatype):
+                msg.raw_contents = data.tobytes()
+                return msg
+            data = data.tolist()
+        getattr(msg, contents_field(self.datatype)).extend(data)
         return msg
 
     def numpy(self) -> Any:
-        """The values as a numpy array of the right dtype and shape."""
+        """The values as a (writable) numpy array of the right dtype and shape."""
         import numpy as np
 
         if self.datatype == "BYTES":
             return np.array(self.data, dtype=object).reshape(self.shape)
-        return np.asarray(self.data, dtype=_NUMPY_DTYPE[self.datatype]).reshape(self.shape)
+        dtype = _NUMPY_DTYPE[self.datatype]
+        if isinstance(self.data, memoryview):
+            return np.frombuffer(self.data, dtype=dtype).reshape(self.shape).copy()
+        return np.asarray(self.data, dtype=dtype).reshape(self.shape)
 
     @classmethod
     def from_array(cls, name: str, array: Any) -> Tensor:
@@ -101,7 +155,29 @@ class Tensor:
             datatype = _DATATYPE_BY_NUMPY[dtype]
         except KeyError:
             raise ValueError(f"output {name!r}: unsupported dtype {dtype}") from None
-        return cls(name, datatype, list(array.shape), array.reshape(-1).tolist())
+        fmt = _RAW_FORMAT.get(datatype)
+        if fmt is None or not READS_RAW:
+            return cls(name, datatype, list(array.shape), array.reshape(-1).tolist())
+        # A flat, contiguous copy viewed in the datatype's own format (numpy
+        # names int64 "l" where the raw form says "q").
+        flat = array.reshape(-1).copy()
+        return cls(name, datatype, list(array.shape), memoryview(flat).cast("B").cast(fmt))
+
+
+def _raw_view(name: str, datatype: str, raw: bytes) -> memoryview:
+    """``raw`` as a typed view of ``datatype`` values."""
+    fmt = _RAW_FORMAT.get(datatype)
+    if fmt is None:
+        raise ValueError(f"tensor {name!r}: {datatype} values cannot come in raw_contents")
+    if not READS_RAW:
+        raise ValueError(f"tensor {name!r}: raw_contents need a little-endian host")
+    width = memoryview(b"").cast("B").cast(fmt).itemsize
+    if len(raw) % width:
+        raise ValueError(
+            f"tensor {name!r}: raw_contents holds {len(raw)} bytes, not a whole number "
+            f"of {width}-byte {datatype} values"
+        )
+    return memoryview(raw).cast(fmt)
 
 
 def as_tensor(name: str, value: Any) -> Tensor:
