@@ -1031,8 +1031,13 @@ ATTACKS: list[tuple[str, str, Any, int]] = [
 
 def scenario_hostile(tmp: Path) -> None:
     """An ordinary client's echo load at a fixed rate, without and with each
-    attack (from another address) side by side."""
+    attack (from another address) side by side. `ATTACK=<name>` runs that
+    attack alone and prints its row without writing the results."""
     rate = 200
+    only = os.environ.get("ATTACK")
+    attacks = [a for a in ATTACKS if only in (None, a[0])]
+    if not attacks:
+        raise SystemExit(f"no attack {only!r}; have {[a[0] for a in ATTACKS]}")
     pools = (
         '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\nthreads = 2\n'
         '[[pools]]\nname = "slow"\nclass = "slow:Slow"\nthreads = 4\n'
@@ -1042,7 +1047,7 @@ def scenario_hostile(tmp: Path) -> None:
     with gateway(pools, tmp) as gw:
         url = gw["http"] + "/v2/models/echo/infer"
         args = ["--url", url, "--body-file", str(ECHO_BODY), "--rate", str(rate)]
-        for name, what, attack, threads in ATTACKS:
+        for name, what, attack, threads in attacks:
             calm = load(args, f"{name} (none)", tmp)["reports"][0]
             a = Attack(name, what, gw)
             a.spawn(lambda a=a, attack=attack: attack(a), threads)
@@ -1070,6 +1075,9 @@ def scenario_hostile(tmp: Path) -> None:
             f"| {r['attack']} | {r['what']} ({r['sent']:,}) | {c['p50']:.2f} | {h['p50']:.2f} | "
             f"{c['p99']:.2f} | {h['p99']:.2f} | {r['p99_ratio']:.2f}x | {errors or 0} |"
         )
+    if only:
+        print("\n".join(lines))
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,6 +5,7 @@
 //! batch in between); [`supervisor`] runs local worker processes beside it.
 
 pub mod batch;
+pub mod bulk;
 pub mod cache;
 pub mod call;
 pub mod config;

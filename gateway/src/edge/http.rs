@@ -351,13 +351,13 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         let bytes = read_body(&state, &parts.headers, body).await?;
         // The body is dropped once transcoded: the worker call holds only the item.
         let item = match kind {
-            // A large tensor's text takes milliseconds to parse: off the
-            // request threads, so small calls are not held behind it.
-            BodyKind::Json if bytes.len() > OFFLOAD_BYTES => tokio::task::spawn_blocking(move || {
-                json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)
-            })
-            .await
-            .map_err(|e| GatewayError::invalid("body", format!("cannot transcode the body: {e}")))??,
+            // A large tensor's text takes milliseconds to parse: on a bulk
+            // thread, so small calls are not held behind it.
+            BodyKind::Json if bytes.len() > OFFLOAD_BYTES => {
+                crate::bulk::run(move || json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?))
+                    .await
+                    .map_err(|e| GatewayError::invalid("body", format!("cannot transcode the body: {e}")))??
+            }
             BodyKind::Json => {
                 let item = json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)?;
                 drop(bytes);
@@ -376,8 +376,8 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
                 let info = entry.info.unwrap_or_default();
                 let (name, h, w) = convert::image_input(&info)?;
                 let (name, max) = (name.to_owned(), state.image);
-                // Decoding is CPU work: off the request threads.
-                let tensor = tokio::task::spawn_blocking(move || convert::image_tensor(&bytes, &name, h, w, max))
+                // Decoding is CPU work: on a bulk thread.
+                let tensor = crate::bulk::run(move || convert::image_tensor(&bytes, &name, h, w, max))
                     .await
                     .map_err(|e| GatewayError::invalid("body", format!("image decoding failed: {e}")))??;
                 InferItem { inputs: vec![tensor], ..Default::default() }
@@ -402,7 +402,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         } else {
             let answer = json::infer_response_json(&info, id, out);
             if answer.outputs.iter().map(|t| t.data.len()).sum::<usize>() > OFFLOAD_BYTES / 8 {
-                tokio::task::spawn_blocking(move || oip_json_response(answer)).await.map_err(|e| {
+                crate::bulk::run(move || oip_json_response(answer)).await.map_err(|e| {
                     GatewayError::WorkerFailed { worker: "-".into(), detail: format!("cannot write the answer: {e}") }
                 })??
             } else {
@@ -417,7 +417,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
     Reply(result, rid)
 }
 
-/// Bodies larger than this are transcoded on a blocking thread (answers of
+/// Bodies larger than this are transcoded on a bulk thread (answers of
 /// an eighth as many values): milliseconds of CPU that would otherwise hold
 /// every small call on the same request thread.
 const OFFLOAD_BYTES: usize = 1 << 20;

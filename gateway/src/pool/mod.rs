@@ -868,7 +868,7 @@ trait BatchRpc: Send + Sync + 'static {
     type Item: Clone + Send + Sync + 'static;
     type Output: Send + 'static;
     type Request: Send + 'static;
-    type Response: Send;
+    type Response: Send + 'static;
 
     /// The batchers of this call in `pools`.
     fn batchers(pools: &Pools) -> &Batchers<Self::Item, Self::Output>;
@@ -991,9 +991,27 @@ fn send_batch<R: BatchRpc>(
 ) -> impl Future<Output = BatchResult<R::Output>> + Send + use<R> {
     let count = items.len();
     let model = model.to_owned();
-    let req = request(R::request(model.clone(), items, &worker), &deadline, request_id);
+    let request_id = request_id.to_owned();
+    let bytes: usize = items.iter().map(R::weigh).sum();
+    // Building and reading a large batch's messages (tensors to and from
+    // raw form) is bulk work, off the request threads.
+    let bulk = bytes > crate::bulk::BYTES;
+    let id = worker.id.clone();
+    let failed = move |e: tokio::task::JoinError| GatewayError::WorkerFailed {
+        worker: id.clone(),
+        detail: format!("cannot convert the batch: {e}"),
+    };
     async move {
-        let results = R::results(bounded(&deadline, &worker, R::call(worker.client(), req)).await?);
+        let msg = if bulk {
+            let (m, w) = (model.clone(), worker.clone());
+            crate::bulk::run(move || R::request(m, items, &w)).await.map_err(&failed)?
+        } else {
+            R::request(model.clone(), items, &worker)
+        };
+        let req = request(msg, &deadline, &request_id);
+        let resp = bounded(&deadline, &worker, R::call(worker.client_for(bytes), req)).await?;
+        let results =
+            if bulk { crate::bulk::run(move || R::results(resp)).await.map_err(&failed)? } else { R::results(resp) };
         if results.len() != count {
             return Err(missing_result(&worker.id));
         }

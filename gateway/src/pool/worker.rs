@@ -22,6 +22,8 @@ pub struct Worker {
     pub id: String,
     pub addr: WorkerAddr,
     channel: Channel,
+    /// For large requests only (see [`Worker::client_for`]).
+    bulk: Channel,
     outstanding: AtomicUsize,
     /// Since when (µs after `epoch`) no call has finished while some were
     /// outstanding: a lower bound on the age of the oldest outstanding call.
@@ -77,39 +79,16 @@ impl WorkerMetrics {
 }
 
 impl Worker {
-    /// A worker reached over one lazily connected HTTP/2 channel that
-    /// reconnects by itself after the process restarts.
+    /// A worker reached over lazily connected HTTP/2 channels (one for
+    /// large requests, one for the rest).
     /// `max_message`: the largest message sent to or taken from it.
     pub fn new(pool: &str, id: String, addr: WorkerAddr, max_message: usize) -> Self {
-        let channel = match &addr {
-            WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
-            WorkerAddr::InProcess(name) => {
-                let name = name.clone();
-                endpoint(Endpoint::from_static("http://in-process.local")).connect_with_connector_lazy(
-                    tower::service_fn(move |_: http::Uri| {
-                        let name = name.clone();
-                        async move { crate::embedded::transport::connect(&name).map(TokioIo::new) }
-                    }),
-                )
-            }
-            WorkerAddr::Unix(path) => {
-                let path = path.clone();
-                // The URI is ignored by the connector; tonic needs a valid one.
-                endpoint(Endpoint::from_static("http://worker.local")).connect_with_connector_lazy(
-                        tower::service_fn(move |_: http::Uri| {
-                            let path = path.clone();
-                            async move {
-                                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-                            }
-                        }),
-                    )
-            }
-        };
         Self {
             metrics: WorkerMetrics::new(pool, &id),
             id,
+            channel: channel(&addr),
+            bulk: channel(&addr),
             addr,
-            channel,
             outstanding: AtomicUsize::new(0),
             busy_since_us: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -123,7 +102,21 @@ impl Worker {
 
     /// A client for the Worker service on the shared channel.
     pub fn client(&self) -> WorkerClient<Channel> {
-        WorkerClient::new(self.channel.clone())
+        self.client_on(&self.channel)
+    }
+
+    /// A client for a call whose request takes `bytes`: large ones go on a
+    /// connection of their own. On one HTTP/2 connection a small call waits
+    /// for flow-control window behind every large message queued before it
+    /// (h2 grants a connection's window to streams in order), and its bytes
+    /// queue behind theirs in the socket: two clients sending 4 MB tensors
+    /// held every small call of the worker ~50 ms.
+    pub fn client_for(&self, bytes: usize) -> WorkerClient<Channel> {
+        self.client_on(if bytes > BULK_MESSAGE_BYTES { &self.bulk } else { &self.channel })
+    }
+
+    fn client_on(&self, channel: &Channel) -> WorkerClient<Channel> {
+        WorkerClient::new(channel.clone())
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message)
     }
@@ -249,6 +242,36 @@ impl Worker {
             tokio::time::timeout(timeout, check).await,
             Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
         )
+    }
+}
+
+/// Requests larger than this go on a worker's bulk connection.
+const BULK_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// A lazily connected HTTP/2 channel to `addr` that reconnects by itself
+/// after the process restarts.
+fn channel(addr: &WorkerAddr) -> Channel {
+    match addr {
+        WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
+        WorkerAddr::InProcess(name) => {
+            let name = name.clone();
+            endpoint(Endpoint::from_static("http://in-process.local")).connect_with_connector_lazy(tower::service_fn(
+                move |_: http::Uri| {
+                    let name = name.clone();
+                    async move { crate::embedded::transport::connect(&name).map(TokioIo::new) }
+                },
+            ))
+        }
+        WorkerAddr::Unix(path) => {
+            let path = path.clone();
+            // The URI is ignored by the connector; tonic needs a valid one.
+            endpoint(Endpoint::from_static("http://worker.local")).connect_with_connector_lazy(tower::service_fn(
+                move |_: http::Uri| {
+                    let path = path.clone();
+                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                },
+            ))
+        }
     }
 }
 
