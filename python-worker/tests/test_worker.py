@@ -289,3 +289,14 @@ def test_a_large_raw_tensor_round_trips_through_a_worker_as_raw(spawn):
     assert resp.results[0].error.code == Code.CODE_INVALID_INPUT
     assert "not a whole number of 4-byte FP32 values" in resp.results[0].error.message
     assert list(resp.results[1].outputs.tensors[0].fp32_contents) == [1.0]
+
+
+def test_large_buffers_are_kept_unless_the_operator_tuned_malloc(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("INFERGATE_MALLOC", raising=False)
+    assert cli._keep_large_buffers(64 * 1024 * 1024)  # Linux with glibc, as CI
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")
+    assert not cli._keep_large_buffers(64 * 1024 * 1024)
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("INFERGATE_MALLOC", "default")
+    assert not cli._keep_large_buffers(64 * 1024 * 1024)

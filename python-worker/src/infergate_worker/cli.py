@@ -45,6 +45,32 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _keep_large_buffers(max_message_bytes: int) -> bool:
+    """Have glibc serve buffers up to a whole message from its heap and keep
+    freed ones, instead of mapping fresh zeroed pages for every large
+    message and unmapping them after: with 4 MB tensors that cost a worker
+    ~2,400 page faults and about half its CPU per call (page faults 119,000
+    -> 2,300 in 6 s; a small call's p99 beside the flood 50 -> 16 ms).
+    Skipped where the operator set glibc's malloc tunables or INFERGATE_MALLOC=default.
+    Retained memory is bounded by the largest messages in flight at once."""
+    if (
+        not sys.platform.startswith("linux")
+        or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+        or os.environ.get("INFERGATE_MALLOC") == "default"
+    ):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        # glibc caps the mmap threshold at 32 MiB (64-bit).
+        mmap = min(max_message_bytes, 32 * 1024 * 1024)
+        return bool(
+            libc.mallopt(m_mmap_threshold, mmap) and libc.mallopt(m_trim_threshold, 4 * mmap)
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def _loop_factory() -> Any:
     if os.environ.get("INFERGATE_WORKER_UVLOOP", "1") == "0":
         return None
@@ -125,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.exit_with_parent:
         _exit_with_parent()
+    _keep_large_buffers(max(args.max_message_bytes, 1024))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     targets = [load_target(spec) for spec in args.targets]
     coro = serve(
