@@ -144,6 +144,42 @@ fn assert_unharmed(attack: &str, before: &Seen, during: &Seen) {
     assert!(during.p99() <= bound, "{attack}: p99 {:?} > {bound:?}", during.p99());
 }
 
+/// The ordinary client's calls before `attack`, then while `attackers`
+/// threads run it over and over (it stops when the ordinary run ends);
+/// asserts the client was unharmed. Returns how many attacks ran.
+fn beside(gw: &Gateway, what: &str, attackers: usize, attack: impl Fn() + Sync) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let rt = rt();
+    let ordinary = Ordinary::new(gw);
+    let before = rt.block_on(ordinary.run(100, Duration::from_millis(20)));
+    let stop = AtomicBool::new(false);
+    let (during, rounds) = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..attackers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut rounds = 0;
+                    while !stop.load(Relaxed) {
+                        attack();
+                        rounds += 1;
+                    }
+                    rounds
+                })
+            })
+            .collect();
+        let during = rt.block_on(ordinary.run(100, Duration::from_millis(20)));
+        stop.store(true, Relaxed);
+        (during, threads.into_iter().map(|t| t.join().unwrap()).sum::<usize>())
+    });
+    assert!(rounds > 0, "{what}: no attack ran");
+    assert_unharmed(what, &before, &during);
+    rounds
+}
+
+/// A blocking HTTP client on the attacker's address.
+fn attacker() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().local_address(ATTACKER.parse::<std::net::IpAddr>().unwrap()).build().unwrap()
+}
+
 #[test]
 fn silent_sockets_over_the_cap_on_both_ports_are_closed_within_the_handshake_timeout() {
     // A flood from many addresses that fills the whole cap of each listener.
@@ -695,6 +731,32 @@ fn with_auth_off_a_foreign_host_is_refused_and_smuggled_framing_closes_the_conne
             assert!(closed, "{case}: the connection stayed open");
         }
     });
+    // Both, over and over from the attacker's address, beside the ordinary client.
+    let body = r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}"#;
+    let smuggle = format!(
+        "POST /v2/models/echo/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n\
+         GET /v2/models/echo HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        body.len()
+    );
+    let rebind = format!(
+        "POST /v2/models/echo/infer HTTP/1.1\r\nHost: rebound.evil.example\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let net = rt();
+    beside(&gw, "foreign hosts and smuggled framing", 2, || {
+        for (request, status) in [(&smuggle, "HTTP/1.1 400"), (&rebind, "HTTP/1.1 421")] {
+            let answer = net.block_on(async {
+                let mut conn = connect_from(ATTACKER, gw.http).await.unwrap();
+                conn.write_all(request.as_bytes()).await.unwrap();
+                let mut answer = Vec::new();
+                conn.read_to_end(&mut answer).await.unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            });
+            assert!(answer.starts_with(status), "{answer}");
+        }
+    });
 }
 
 #[test]
@@ -947,10 +1009,21 @@ fn an_image_bomb_is_refused_by_its_decoded_size_and_the_model_keeps_serving() {
     };
     reset_peak(gw.pid());
     let before = status_kb(gw.pid(), "VmRSS");
-    let (status, text) = send(bomb);
+    let (status, text) = send(bomb.clone());
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("image-too-large") && text.contains("8388608"), "{text}");
     assert!(status_kb(gw.pid(), "VmHWM").saturating_sub(before) < 16 * 1024, "the bomb was decoded");
+    // Bombs over and over, while the ordinary client calls echo.
+    let bomber = attacker();
+    beside(&gw, "image bombs", 2, || {
+        let resp = bomber
+            .post(gw.url("/v2/models/tiny_cnn/infer"))
+            .header("content-type", "image/png")
+            .body(bomb.clone())
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+    });
     // An ordinary photo-sized image is still served.
     let ok = png(image::DynamicImage::ImageRgb8(image::ImageBuffer::from_pixel(320, 240, image::Rgb([10, 200, 30]))));
     let (status, text) = send(ok);
