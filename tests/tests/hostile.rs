@@ -145,8 +145,11 @@ fn assert_unharmed(attack: &str, before: &Seen, during: &Seen) {
 }
 
 /// The ordinary client's calls before `attack`, then while `attackers`
-/// threads run it over and over (it stops when the ordinary run ends);
-/// asserts the client was unharmed. Returns how many attacks ran.
+/// threads run it over and over, each once per [`ATTACK_PACE`] (it stops
+/// when the ordinary run ends); asserts the client was unharmed. Returns how
+/// many attacks ran. The pace keeps the attacking threads, which share this
+/// machine's cores with the gateway and the ordinary client, from being the
+/// load that slows the client instead of the gateway's answers to them.
 fn beside(gw: &Gateway, what: &str, attackers: usize, attack: impl Fn() + Sync) -> usize {
     use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     let rt = rt();
@@ -159,8 +162,10 @@ fn beside(gw: &Gateway, what: &str, attackers: usize, attack: impl Fn() + Sync) 
                 s.spawn(|| {
                     let mut rounds = 0;
                     while !stop.load(Relaxed) {
+                        let next = std::time::Instant::now() + ATTACK_PACE;
                         attack();
                         rounds += 1;
+                        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
                     }
                     rounds
                 })
@@ -174,6 +179,9 @@ fn beside(gw: &Gateway, what: &str, attackers: usize, attack: impl Fn() + Sync) 
     assert_unharmed(what, &before, &during);
     rounds
 }
+
+/// How often one attacking thread of [`beside`] repeats its attack.
+const ATTACK_PACE: Duration = Duration::from_millis(25);
 
 /// A blocking HTTP client on the attacker's address.
 fn attacker() -> reqwest::blocking::Client {
