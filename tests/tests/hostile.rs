@@ -935,6 +935,16 @@ fn a_batch_over_the_worker_message_limit_is_split_and_an_item_over_it_is_413() {
         calls.into_iter().map(|c| c.join().unwrap()).collect()
     });
     assert_eq!(answers, vec![200; 8], "{}", gw.log_text());
+    // Such items over and over from another address, while the ordinary
+    // client calls the same model: callers take turns in a batch, so its
+    // one small item never waits behind the attacker's queue of large ones.
+    let (bodies, big) = ((0..8).map(|i| fp32_body(100_000, i)).collect::<Vec<_>>(), attacker());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    beside(&gw, "items near the message limit", 8, || {
+        let body = bodies[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % bodies.len()].clone();
+        let resp = big.post(&url).header("content-type", "application/json").body(body).send().unwrap();
+        assert_eq!(resp.status(), 200);
+    });
     // Batched together (50 ms window), yet split to fit 1 MiB.
     let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
     assert!(metrics.contains("infergate_batch_size_count"), "no batches recorded");

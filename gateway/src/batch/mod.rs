@@ -12,7 +12,7 @@
 //! whose deadline passed is dropped while the batch forms; the queue is
 //! bounded and refuses at once when full.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,6 +75,8 @@ pub struct Pending<I, O> {
     pub reply: oneshot::Sender<Result<O, GatewayError>>,
     pub deadline: Deadline,
     pub priority: bool,
+    /// Who sent it (see [`caller_key`]): callers take turns in a batch.
+    pub caller: u64,
     pub arrived: Instant,
     /// The caller's timings, which its share of the batch is added to.
     pub timings: Option<Arc<Timings>>,
@@ -84,9 +86,16 @@ pub struct Pending<I, O> {
 
 /// The queue and the rules for taking a batch from it; no I/O, no clock of
 /// its own (callers pass `now`).
+///
+/// Priority items go first, oldest first. The rest are taken a caller at a
+/// time, round robin, each caller's own items oldest first: a caller who
+/// queues many (or many large) items delays its own, not everyone's.
 pub struct BatchState<I, O> {
-    /// `[priority, normal]`, each FIFO.
-    queues: [VecDeque<Pending<I, O>>; 2],
+    priority: VecDeque<Pending<I, O>>,
+    /// Normal items by caller, and the callers with items in turn order.
+    callers: HashMap<u64, VecDeque<Pending<I, O>>>,
+    turns: VecDeque<u64>,
+    len: usize,
     max_batch: usize,
     max_bytes: usize,
     /// Bytes of the items queued.
@@ -96,73 +105,131 @@ pub struct BatchState<I, O> {
 
 impl<I, O> BatchState<I, O> {
     pub fn new(max_batch: usize, max_bytes: usize, max_delay: Duration) -> Self {
-        Self { queues: [VecDeque::new(), VecDeque::new()], max_batch: max_batch.max(1), max_bytes, bytes: 0, max_delay }
+        Self {
+            priority: VecDeque::new(),
+            callers: HashMap::new(),
+            turns: VecDeque::new(),
+            len: 0,
+            max_batch: max_batch.max(1),
+            max_bytes,
+            bytes: 0,
+            max_delay,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.queues[0].len() + self.queues[1].len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     pub fn push(&mut self, item: Pending<I, O>) {
         self.bytes += item.bytes;
-        let q = usize::from(!item.priority);
-        self.queues[q].push_back(item);
+        self.len += 1;
+        if item.priority {
+            self.priority.push_back(item);
+            return;
+        }
+        let queue = self.callers.entry(item.caller).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(item.caller);
+        }
+        queue.push_back(item);
     }
 
     /// When the oldest item has waited long enough.
     pub fn due(&self) -> Option<Instant> {
-        self.queues.iter().filter_map(|q| q.front()).map(|p| p.arrived).min().map(|t| t + self.max_delay)
+        self.priority
+            .front()
+            .into_iter()
+            .chain(self.callers.values().filter_map(VecDeque::front))
+            .map(|p| p.arrived)
+            .min()
+            .map(|t| t + self.max_delay)
     }
 
     /// A batch should go: full (items or bytes), or its oldest item has
     /// waited `max_delay`.
     pub fn ready(&self, now: Instant) -> bool {
-        self.len() >= self.max_batch || self.bytes >= self.max_bytes || self.due().is_some_and(|due| now >= due)
+        self.len >= self.max_batch || self.bytes >= self.max_bytes || self.due().is_some_and(|due| now >= due)
     }
 
     /// Drop items whose caller left or whose deadline passed (telling the
     /// latter why); returns how many left the queue.
     pub fn prune(&mut self, now: Instant) -> usize {
-        let before = self.len();
-        let bytes = &mut self.bytes;
-        for q in &mut self.queues {
-            q.retain_mut(|p| {
-                let keep = !p.reply.is_closed() && p.deadline.at > now;
-                if !keep {
-                    *bytes -= p.bytes;
-                }
-                keep
-            });
+        let before = self.len;
+        let (bytes, len) = (&mut self.bytes, &mut self.len);
+        let mut keep = |p: &mut Pending<I, O>| {
+            let keep = !p.reply.is_closed() && p.deadline.at > now;
+            if !keep {
+                *bytes -= p.bytes;
+                *len -= 1;
+            }
+            keep
+        };
+        self.priority.retain_mut(&mut keep);
+        for queue in self.callers.values_mut() {
+            queue.retain_mut(&mut keep);
         }
-        before - self.len()
+        self.callers.retain(|_, q| !q.is_empty());
+        let callers = &self.callers;
+        self.turns.retain(|c| callers.contains_key(c));
+        before - self.len
     }
 
-    /// Up to `max_batch` live items and `max_bytes` of them, priority
-    /// first, oldest first (always at least one: no item is over the bytes
-    /// alone, [`Batcher::submit`] refuses those).
+    /// Up to `max_batch` live items and `max_bytes` of them: priority first,
+    /// oldest first, then the callers in turn (always at least one item: no
+    /// item is over the bytes alone, [`Batcher::submit`] refuses those).
     pub fn take(&mut self, now: Instant) -> (Vec<Pending<I, O>>, usize) {
         let dropped = self.prune(now);
-        let mut batch = Vec::with_capacity(self.max_batch.min(self.len()));
+        let mut batch = Vec::with_capacity(self.max_batch.min(self.len));
         let mut bytes = 0;
-        'fill: for q in &mut self.queues {
-            while batch.len() < self.max_batch {
-                match q.front() {
-                    Some(p) if batch.is_empty() || bytes + p.bytes <= self.max_bytes => {
-                        bytes += p.bytes;
-                        batch.extend(q.pop_front());
+        let fits = |batch: &Vec<Pending<I, O>>, bytes: usize, p: &Pending<I, O>| {
+            batch.len() < self.max_batch && (batch.is_empty() || bytes + p.bytes <= self.max_bytes)
+        };
+        while let Some(p) = self.priority.front() {
+            if !fits(&batch, bytes, p) {
+                break;
+            }
+            bytes += p.bytes;
+            batch.extend(self.priority.pop_front());
+        }
+        while let Some(&caller) = self.turns.front() {
+            let Some(queue) = self.callers.get_mut(&caller) else {
+                self.turns.pop_front();
+                continue;
+            };
+            match queue.front() {
+                Some(p) if fits(&batch, bytes, p) => {
+                    bytes += p.bytes;
+                    batch.extend(queue.pop_front());
+                    self.turns.pop_front();
+                    if queue.is_empty() {
+                        self.callers.remove(&caller);
+                    } else {
+                        self.turns.push_back(caller);
                     }
-                    Some(_) => break 'fill,
-                    None => break,
+                }
+                // Full: this caller keeps its turn for the next batch.
+                Some(_) => break,
+                None => {
+                    self.callers.remove(&caller);
+                    self.turns.pop_front();
                 }
             }
         }
         self.bytes -= bytes;
+        self.len -= batch.len();
         (batch, dropped)
     }
+}
+
+/// A caller's key for taking turns in a batch: its tenant and address.
+pub fn caller_key(tenant: &str, client: std::net::IpAddr) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one((tenant, client))
 }
 
 /// Sends one batch to a worker: per-item results in item order, or an
@@ -265,6 +332,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         payload: I,
         deadline: Deadline,
         tier: &str,
+        caller: u64,
         request_id: &str,
     ) -> Result<oneshot::Receiver<Result<O, GatewayError>>, GatewayError> {
         let bytes = (self.weigh)(&payload);
@@ -290,6 +358,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             reply,
             deadline,
             priority,
+            caller,
             arrived: Instant::now(),
             timings: timing::current(),
             trace: trace::current(),

@@ -16,6 +16,7 @@ fn pending(
         reply,
         deadline: Deadline::after(deadline_in),
         priority,
+        caller: 0,
         arrived: Instant::now(),
         timings: None,
         trace: None,
@@ -97,6 +98,43 @@ async fn priority_items_are_taken_first_then_oldest_first() {
     assert_eq!(payloads(&batch), vec![2, 4]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn callers_take_turns_so_one_callers_many_items_do_not_hold_anothers() {
+    let mut s = BatchState::new(2, usize::MAX, Duration::ZERO);
+    let mut keep = Vec::new();
+    // Caller 7 queues six items, then caller 9 one, then caller 7 again.
+    for (i, caller) in [(1, 7), (2, 7), (3, 7), (4, 7), (5, 7), (6, 7), (90, 9), (7, 7)] {
+        let (mut p, rx) = pending(i, false, LONG);
+        p.caller = caller;
+        s.push(p);
+        keep.push(rx);
+    }
+    let now = Instant::now();
+    let batches: Vec<Vec<u32>> = std::iter::from_fn(|| Some(s.take(now).0).filter(|b| !b.is_empty()))
+        .map(|b| b.into_iter().map(|p| p.payload).collect())
+        .collect();
+    // Caller 9's one item goes in the first batch, not after caller 7's six;
+    // each caller's own items keep their order.
+    assert_eq!(batches, vec![vec![1, 90], vec![2, 3], vec![4, 5], vec![6, 7]]);
+    assert!(s.is_empty() && s.due().is_none());
+}
+
+#[test]
+fn a_caller_whose_item_does_not_fit_keeps_its_turn() {
+    let mut s = BatchState::new(10, 10, Duration::ZERO);
+    let mut keep = Vec::new();
+    for (weight, caller) in [(6, 1), (6, 2), (3, 3)] {
+        let (mut p, rx) = pending(weight, false, LONG);
+        (p.bytes, p.caller) = (weight as usize, caller);
+        s.push(p);
+        keep.push(rx);
+    }
+    let now = Instant::now();
+    assert_eq!(payloads(&s.take(now).0), vec![6]);
+    // Caller 2's 6 did not fit beside caller 1's: it goes first now.
+    assert_eq!(payloads(&s.take(now).0), vec![6, 3]);
+}
+
 /// Doubles each item; records batch sizes; optionally holds each batch
 /// until released.
 #[derive(Default, Clone)]
@@ -146,7 +184,7 @@ async fn callers_get_their_own_results_and_a_bad_item_fails_alone() {
     let d = Doubler::default();
     let b = Batcher::start("p", "m", &config(2, 100), bound(8), 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard", "rid").unwrap()).collect();
+    let rxs: Vec<_> = [1, 999, 3].iter().map(|i| b.submit(*i, deadline, "standard", 0, "rid").unwrap()).collect();
     let mut out = Vec::new();
     for rx in rxs {
         out.push(wait(rx, &deadline).await);
@@ -164,9 +202,9 @@ async fn batches_grow_while_every_slot_is_busy() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 1000), bound(64), 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let first = b.submit(0, deadline, "standard", "rid").unwrap();
+    let first = b.submit(0, deadline, "standard", 0, "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // the first goes alone, and holds the only slot
-    let rest: Vec<_> = (1..=40).map(|i| b.submit(i, deadline, "standard", "rid").unwrap()).collect();
+    let rest: Vec<_> = (1..=40).map(|i| b.submit(i, deadline, "standard", 0, "rid").unwrap()).collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     gate.add_permits(100);
     assert_eq!(wait(first, &deadline).await, Ok(0));
@@ -182,11 +220,11 @@ async fn a_full_queue_refuses_at_once_and_frees_as_batches_go() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 3), bound(2), 1, d.clone());
     let deadline = Deadline::after(LONG);
-    let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard", "rid").unwrap()).collect();
-    let refused = b.submit(9, deadline, "standard", "rid").unwrap_err();
+    let held: Vec<_> = (0..3).map(|i| b.submit(i, deadline, "standard", 0, "rid").unwrap()).collect();
+    let refused = b.submit(9, deadline, "standard", 0, "rid").unwrap_err();
     assert!(matches!(refused, GatewayError::QueueFull { limit: 3, .. }), "{refused:?}");
     tokio::time::sleep(Duration::from_millis(1)).await; // the first batch (2) leaves the queue
-    let more = b.submit(4, deadline, "standard", "rid").unwrap();
+    let more = b.submit(4, deadline, "standard", 0, "rid").unwrap();
     gate.add_permits(10);
     for rx in held.into_iter().chain([more]) {
         assert!(wait(rx, &deadline).await.is_ok());
@@ -199,12 +237,12 @@ async fn a_cancelled_caller_is_not_sent_and_an_expired_one_gets_504() {
     let d = Doubler { gate: Some(gate.clone()), ..Default::default() };
     let b = Batcher::start("p", "m", &config(0, 100), bound(8), 1, d.clone());
     let long = Deadline::after(LONG);
-    let busy = b.submit(0, long, "standard", "rid").unwrap();
+    let busy = b.submit(0, long, "standard", 0, "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await; // holds the only slot
     let short = Deadline::after(Duration::from_millis(10));
-    let expiring = b.submit(1, short, "standard", "rid").unwrap();
-    drop(b.submit(2, long, "standard", "rid").unwrap()); // the caller left
-    let kept = b.submit(3, long, "standard", "rid").unwrap();
+    let expiring = b.submit(1, short, "standard", 0, "rid").unwrap();
+    drop(b.submit(2, long, "standard", 0, "rid").unwrap()); // the caller left
+    let kept = b.submit(3, long, "standard", 0, "rid").unwrap();
     assert!(matches!(wait(expiring, &short).await, Err(GatewayError::DeadlineExceeded { .. })));
     gate.add_permits(10);
     assert_eq!(wait(busy, &long).await, Ok(0));
@@ -243,7 +281,7 @@ async fn a_batch_whose_callers_all_left_is_cancelled_on_the_worker() {
     }
     let dropped = Arc::new(AtomicUsize::new(0));
     let b = Batcher::start("p", "m", &config(0, 10), bound(4), 1, Hang(dropped.clone()));
-    let rx = b.submit(1, Deadline::after(LONG), "standard", "rid").unwrap();
+    let rx = b.submit(1, Deadline::after(LONG), "standard", 0, "rid").unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(dropped.load(Ordering::Relaxed), 0, "in flight");
     drop(rx);
@@ -275,9 +313,9 @@ async fn an_item_heavier_than_a_worker_message_is_refused_before_queueing() {
     let d = Doubler::default();
     let b =
         Batcher::start("p", "m", &config(0, 100), Bound { items: 8, bytes: 100, weigh: |i| *i as usize }, 1, d.clone());
-    let err = b.submit(101, Deadline::after(LONG), "standard", "rid").err().unwrap();
+    let err = b.submit(101, Deadline::after(LONG), "standard", 0, "rid").err().unwrap();
     assert!(matches!(err, GatewayError::MessageTooLarge { .. }), "{err:?}");
     assert_eq!(err.http_status(), 413);
-    let ok = b.submit(100, Deadline::after(LONG), "standard", "rid").unwrap();
+    let ok = b.submit(100, Deadline::after(LONG), "standard", 0, "rid").unwrap();
     assert_eq!(wait(ok, &Deadline::after(LONG)).await, Ok(200));
 }

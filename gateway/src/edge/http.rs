@@ -417,10 +417,12 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
     Reply(result, rid)
 }
 
-/// Bodies larger than this are transcoded on a bulk thread (answers of
-/// an eighth as many values): milliseconds of CPU that would otherwise hold
-/// every small call on the same request thread.
-const OFFLOAD_BYTES: usize = 1 << 20;
+/// JSON bodies larger than this are transcoded on a bulk thread (answers of
+/// an eighth as many values): from about a millisecond of CPU (a 64 KiB
+/// tensor), work that would otherwise hold every small call on the same
+/// request thread. Eight clients sending 700 kB tensors held an ordinary
+/// client's calls for seconds when they were parsed on the request threads.
+const OFFLOAD_BYTES: usize = 64 * 1024;
 
 /// An OIP answer as a JSON response (see `InferResponseJson::to_bytes`).
 fn oip_json_response(answer: json::InferResponseJson) -> Result<Response, GatewayError> {

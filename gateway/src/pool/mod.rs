@@ -723,7 +723,7 @@ impl Upstream for Pools {
         if let Some(batcher) = self.batcher::<EmbedRpc>(pool, &info) {
             // Each text is an item of whatever batch it lands in.
             let deadline = call.deadline;
-            let results = gather(&batcher, call.payload, &deadline, &call.caller.tier, &call.request_id).await?;
+            let results = gather(&batcher, call.payload, &deadline, &call.caller, &call.request_id).await?;
             let mut vectors = Vec::with_capacity(results.len());
             let mut prompt_tokens = 0u32;
             for (vector, tokens) in results {
@@ -754,7 +754,7 @@ impl Upstream for Pools {
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
         if let Some(batcher) = self.batcher::<InferRpc>(pool, &info) {
             let deadline = call.deadline;
-            let mut out = gather(&batcher, vec![call.payload], &deadline, &call.caller.tier, &call.request_id).await?;
+            let mut out = gather(&batcher, vec![call.payload], &deadline, &call.caller, &call.request_id).await?;
             let out = out.pop().ok_or_else(|| missing_result("-"))?;
             return Ok((info, out));
         }
@@ -842,10 +842,14 @@ async fn gather<I: Send + 'static, O: Send + 'static>(
     batcher: &Batcher<I, O>,
     items: Vec<I>,
     deadline: &Deadline,
-    tier: &str,
+    caller: &crate::policy::Caller,
     rid: &str,
 ) -> Result<Vec<O>, GatewayError> {
-    let pending = items.into_iter().map(|i| batcher.submit(i, *deadline, tier, rid)).collect::<Result<Vec<_>, _>>()?;
+    let key = batch::caller_key(&caller.tenant, caller.client);
+    let pending = items
+        .into_iter()
+        .map(|i| batcher.submit(i, *deadline, &caller.tier, key, rid))
+        .collect::<Result<Vec<_>, _>>()?;
     futures::future::join_all(pending.into_iter().map(|rx| batch::wait(rx, deadline))).await.into_iter().collect()
 }
 
