@@ -551,8 +551,10 @@ fn ten_thousand_random_paths_add_no_metric_series_with_or_without_auth() {
 }
 
 /// An echo call that asks for `delay_ms` of work, with an optional deadline.
-fn slow_call(gw: &Gateway, delay_ms: u64, timeout: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::blocking::Client::new().post(gw.url("/v2/models/echo/infer")).json(&json!({
+/// A call to `model` (echo, or echo by another name) for `delay_ms` of
+/// work, from the attacker's address.
+fn slow_call(gw: &Gateway, model: &str, delay_ms: u64, timeout: Option<&str>) -> (u16, Value) {
+    let mut req = attacker().post(gw.url(&format!("/v2/models/{model}/infer"))).json(&json!({
         "parameters": {"delay_ms": delay_ms},
         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [infergate_e2e::rand_u64() as f64]}],
     }));
@@ -565,21 +567,24 @@ fn slow_call(gw: &Gateway, delay_ms: u64, timeout: Option<&str>) -> (u16, Value)
 
 #[test]
 fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_ejected() {
-    let gw = Gateway::start(&config("circuit = { failures = 5 }\noutlier = { consecutive = 2 }\n")).unwrap();
+    // The slow model is echo under another name, in a pool of its own.
+    let slow = format!(
+        "[[pools]]\nname = \"slow\"\nclass = \"slow:Slow\"\nthreads = 4\n\
+         circuit = {{ failures = 5 }}\noutlier = {{ consecutive = 2 }}\nenv = {{ PYTHONPATH = \"{}\" }}\n",
+        infergate_e2e::root().join("benches/models").display()
+    );
+    let gw = Gateway::start(&config(&slow)).unwrap();
     // The model takes 2 s; a patient caller shows it.
-    assert_eq!(slow_call(&gw, 2000, None).0, 200);
-    // Two waves of 10 at once (the listener admits 16).
-    let impatient: Vec<_> = (0..2)
-        .flat_map(|_| {
-            std::thread::scope(|s| {
-                let calls: Vec<_> = (0..10).map(|_| s.spawn(|| slow_call(&gw, 2000, Some("300ms")))).collect();
-                calls.into_iter().map(|c| c.join().unwrap()).collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    assert!(impatient.iter().all(|(status, _)| *status == 504), "{impatient:?}");
+    assert_eq!(slow_call(&gw, "slow", 2000, None).0, 200);
+    // Ten at a time with 300 ms deadlines (the listener admits 16), while
+    // the ordinary client calls echo.
+    let calls = beside(&gw, "short deadlines", 10, || {
+        let (status, body) = slow_call(&gw, "slow", 2000, Some("300ms"));
+        assert_eq!(status, 504, "{body}");
+    });
+    assert!(calls >= 20, "only {calls} short calls");
     // The circuit stayed closed and the worker in rotation: a patient call is answered.
-    let (status, body) = slow_call(&gw, 2000, None);
+    let (status, body) = slow_call(&gw, "slow", 2000, None);
     assert_eq!(status, 200, "{body}");
     let log = gw.log_text();
     assert!(!log.contains("circuit opened") && !log.contains("worker ejected"), "{log}");
@@ -591,7 +596,7 @@ fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_eje
     )
     .unwrap();
     for _ in 0..20 {
-        assert_eq!(slow_call(&gw, 0, None).0, 200);
+        assert_eq!(slow_call(&gw, "echo", 0, None).0, 200);
     }
     let hung = gw.worker_pid("echo-1").unwrap();
     let mark = gw.log().len();
@@ -601,7 +606,7 @@ fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_eje
     let until = std::time::Instant::now() + Duration::from_secs(20);
     let mut ejected = false;
     while !ejected && std::time::Instant::now() < until {
-        let (status, _) = slow_call(&gw, 0, Some("300ms"));
+        let (status, _) = slow_call(&gw, "echo", 0, Some("300ms"));
         assert!(status == 200 || status == 504, "{status}");
         ejected = gw.log().iter().skip(mark).any(|v| v["message"] == "worker ejected" && v["worker"] == "echo-1");
     }
