@@ -552,9 +552,15 @@ fn ten_thousand_random_paths_add_no_metric_series_with_or_without_auth() {
 
 /// An echo call that asks for `delay_ms` of work, with an optional deadline.
 /// A call to `model` (echo, or echo by another name) for `delay_ms` of
-/// work, from the attacker's address.
-fn slow_call(gw: &Gateway, model: &str, delay_ms: u64, timeout: Option<&str>) -> (u16, Value) {
-    let mut req = attacker().post(gw.url(&format!("/v2/models/{model}/infer"))).json(&json!({
+/// work, sent by `client`.
+fn slow_call(
+    client: &reqwest::blocking::Client,
+    gw: &Gateway,
+    model: &str,
+    delay_ms: u64,
+    timeout: Option<&str>,
+) -> (u16, Value) {
+    let mut req = client.post(gw.url(&format!("/v2/models/{model}/infer"))).json(&json!({
         "parameters": {"delay_ms": delay_ms},
         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [infergate_e2e::rand_u64() as f64]}],
     }));
@@ -575,16 +581,16 @@ fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_eje
     );
     let gw = Gateway::start(&config(&slow)).unwrap();
     // The model takes 2 s; a patient caller shows it.
-    assert_eq!(slow_call(&gw, "slow", 2000, None).0, 200);
+    assert_eq!(slow_call(&attacker(), &gw, "slow", 2000, None).0, 200);
     // Ten at a time with 300 ms deadlines (the listener admits 16), while
     // the ordinary client calls echo.
     let calls = beside(&gw, "short deadlines", 10, || {
-        let (status, body) = slow_call(&gw, "slow", 2000, Some("300ms"));
+        let (status, body) = slow_call(&attacker(), &gw, "slow", 2000, Some("300ms"));
         assert_eq!(status, 504, "{body}");
     });
     assert!(calls >= 20, "only {calls} short calls");
     // The circuit stayed closed and the worker in rotation: a patient call is answered.
-    let (status, body) = slow_call(&gw, "slow", 2000, None);
+    let (status, body) = slow_call(&attacker(), &gw, "slow", 2000, None);
     assert_eq!(status, 200, "{body}");
     let log = gw.log_text();
     assert!(!log.contains("circuit opened") && !log.contains("worker ejected"), "{log}");
@@ -595,21 +601,29 @@ fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_eje
         &config("outlier = { consecutive = 1, base_ejection = \"5s\" }\n").replace("workers = 1", "workers = 2"),
     )
     .unwrap();
+    // The gateway is ready with one worker serving: wait for both, or the
+    // one stopped below may be one that never had a call.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let serving = || {
+        let ready: Value = reqwest::blocking::get(gw.url("/readyz")).unwrap().json().unwrap();
+        ready["pools"][0]["ready_workers"] == 2
+    };
+    while !serving() {
+        assert!(std::time::Instant::now() < until, "echo-1 never became SERVING:\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for _ in 0..20 {
-        assert_eq!(slow_call(&gw, "echo", 0, None).0, 200);
+        assert_eq!(slow_call(&reqwest::blocking::Client::new(), &gw, "echo", 0, None).0, 200);
     }
     let hung = gw.worker_pid("echo-1").unwrap();
     let mark = gw.log().len();
     kill(Pid::from_raw(hung), Signal::SIGSTOP).unwrap();
     // After a timeout the balancer avoids the worker until its latency
-    // estimate decays (seconds), so keep calling for a while. The deadline
-    // must be abnormal for echo (over twice its typical latency) for a miss
-    // to blame the worker: with 300 ms, one run beside a CI build saw no
-    // ejection in 20 s; a second leaves room for a loaded box.
-    let until = std::time::Instant::now() + Duration::from_secs(30);
+    // estimate decays (seconds), so keep calling for a while.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
     let mut ejected = false;
     while !ejected && std::time::Instant::now() < until {
-        let (status, _) = slow_call(&gw, "echo", 0, Some("1s"));
+        let (status, _) = slow_call(&reqwest::blocking::Client::new(), &gw, "echo", 0, Some("300ms"));
         assert!(status == 200 || status == 504, "{status}");
         ejected = gw.log().iter().skip(mark).any(|v| v["message"] == "worker ejected" && v["worker"] == "echo-1");
     }
