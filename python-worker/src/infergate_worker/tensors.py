@@ -13,6 +13,7 @@ the event loop as Python floats, well under 1 ms raw.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ def _raw_view(name: str, datatype: str, raw: bytes) -> memoryview:
         raise ValueError(f"tensor {name!r}: {datatype} values cannot come in raw_contents")
     if not READS_RAW:
         raise ValueError(f"tensor {name!r}: raw_contents need a little-endian host")
-    width = memoryview(b"").cast("B").cast(fmt).itemsize
+    width = struct.calcsize(fmt)
     if len(raw) % width:
         raise ValueError(
             f"tensor {name!r}: raw_contents holds {len(raw)} bytes, not a whole number "
