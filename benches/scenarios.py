@@ -871,6 +871,13 @@ class Attack:
             self.threads.append(t)
 
     def guard(self, target: Any) -> None:
+        # The attacker stands for another machine: it runs on the load side's
+        # cores (this thread only), below the load generator's priority there,
+        # so that what the ordinary client measures is the gateway.
+        import threading
+
+        os.sched_setaffinity(0, {int(c) for c in LOAD_CPUS.split(",")})
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while not self.stop.is_set():
             try:
                 target()

@@ -302,10 +302,11 @@ fn stalled_and_trickled_bodies_get_408_and_hold_no_permit() {
         let ordinary = Ordinary::new(&gw);
         let before = ordinary.run(100, Duration::from_millis(20)).await;
         let http = gw.http;
-        // More stalled bodies than the listener has in-flight permits (16).
+        // More stalled bodies than the listener has in-flight permits (16),
+        // and more at once than one address is served without pacing (50).
         let attack = tokio::spawn(async move {
             let mut tasks = Vec::new();
-            for i in 0..40 {
+            for i in 0..120 {
                 tasks.push(tokio::spawn(async move {
                     let mut conn = connect_from(ATTACKER, http).await.unwrap();
                     let head = "POST /v2/models/echo/infer HTTP/1.1\r\nHost: localhost\r\n\

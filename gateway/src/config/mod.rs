@@ -91,6 +91,8 @@ pub struct Config {
 pub struct ConnLimits {
     pub max_connections: usize,
     pub max_connections_per_client: usize,
+    /// New connections a second one address may start; 0: unpaced.
+    pub connection_rate_per_client: u32,
     /// Peers that speak for many clients: not held to the per-client cap.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub handshake_timeout: Duration,
@@ -114,6 +116,7 @@ impl ConnLimits {
                 &key("max_connections_per_client"),
                 raw.max_connections_per_client.into(),
             )?,
+            connection_rate_per_client: raw.connection_rate_per_client,
             trusted_proxies: trusted_proxies.to_vec(),
             handshake_timeout: duration(&key("handshake_timeout"), raw.handshake_timeout)?,
             header_timeout: duration(&key("header_timeout"), raw.header_timeout)?,

@@ -137,6 +137,10 @@ pub struct RawHttp {
     /// Connections one client address may hold at once (the TCP peer; a
     /// trusted proxy is not limited, since it speaks for many clients).
     pub max_connections_per_client: u32,
+    /// New connections a second one client address may start (bursts of a
+    /// tenth of a second's worth at once); faster ones are not refused but
+    /// wait their turn before they are read. 0: no pacing.
+    pub connection_rate_per_client: u32,
     /// A new connection must send its first request head (HTTP/1.1) or the
     /// HTTP/2 preface and SETTINGS within this, or it is closed.
     pub handshake_timeout: String,
@@ -176,6 +180,7 @@ impl Default for RawHttp {
             trusted_proxies: Vec::new(),
             max_connections: 16_384,
             max_connections_per_client: 1024,
+            connection_rate_per_client: 500,
             handshake_timeout: "10s".into(),
             header_timeout: "10s".into(),
             idle_timeout: "60s".into(),
@@ -195,6 +200,7 @@ impl Default for RawHttp {
 pub struct RawConn<'a> {
     pub max_connections: u32,
     pub max_connections_per_client: u32,
+    pub connection_rate_per_client: u32,
     pub handshake_timeout: &'a str,
     pub header_timeout: &'a str,
     pub idle_timeout: &'a str,
@@ -213,6 +219,7 @@ macro_rules! conn_view {
                 RawConn {
                     max_connections: self.max_connections,
                     max_connections_per_client: self.max_connections_per_client,
+                    connection_rate_per_client: self.connection_rate_per_client,
                     handshake_timeout: &self.handshake_timeout,
                     header_timeout: &self.header_timeout,
                     idle_timeout: &self.idle_timeout,
@@ -240,6 +247,7 @@ pub struct RawGrpc {
     /// Same meaning as under `[http]`.
     pub max_connections: u32,
     pub max_connections_per_client: u32,
+    pub connection_rate_per_client: u32,
     pub handshake_timeout: String,
     pub header_timeout: String,
     pub idle_timeout: String,
@@ -258,6 +266,7 @@ impl Default for RawGrpc {
             max_in_flight: 1024,
             max_connections: 4096,
             max_connections_per_client: 1024,
+            connection_rate_per_client: 500,
             handshake_timeout: "10s".into(),
             header_timeout: "10s".into(),
             idle_timeout: "60s".into(),

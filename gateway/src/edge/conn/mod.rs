@@ -58,7 +58,11 @@ const MAX_LOCAL_RESETS: usize = 1024;
 /// At most `limits.max_connections` connections are open at once, and at
 /// most `limits.max_connections_per_client` from one address; one more is
 /// accepted and closed at once (the peer sees the connection reset rather
-/// than a hung handshake) and counted in a periodic warning.
+/// than a hung handshake) and counted in a periodic warning. One address's
+/// new connections are served at most `limits.connection_rate_per_client` a
+/// second after a short burst: a client that opens hundreds at once (or has
+/// hundreds cut at the same deadline and reconnects) waits its turn instead
+/// of taking the CPU from everyone else's requests for their set-up.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
@@ -70,7 +74,9 @@ pub async fn serve(
     let builder = Arc::new(builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let clients = Arc::new(PerClient::default());
-    let mut refused = Refused::default();
+    let pace = Pace::new(limits.connection_rate_per_client);
+    let mut refused = Refused::new("connection limit reached; refusing new connections");
+    let mut paced = Refused::new("a client opens connections faster than its rate; pacing them");
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -90,11 +96,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let client = if limits.trusted_proxies.iter().any(|net| net.contains(&peer.ip())) {
-            None
+        let now = Instant::now();
+        let (client, start_at) = if limits.trusted_proxies.iter().any(|net| net.contains(&peer.ip())) {
+            (None, now)
         } else {
-            match clients.clone().try_take(peer.ip(), limits.max_connections_per_client) {
-                Some(client) => Some(client),
+            match clients.clone().try_take(peer.ip(), limits.max_connections_per_client, pace, now) {
+                Some((client, start_at)) => (Some(client), start_at),
                 None => {
                     refused.record(name, "max_connections_per_client", limits.max_connections_per_client);
                     drop(stream);
@@ -102,13 +109,21 @@ pub async fn serve(
                 }
             }
         };
+        if start_at > now {
+            paced.record(name, "connection_rate_per_client", limits.connection_rate_per_client as usize);
+        }
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(listener = name, error = %e, "cannot set TCP_NODELAY");
         }
         let conn = Connection { builder: builder.clone(), limits: limits.clone(), app: app.clone(), peer };
         let stop = stop.clone();
         tokio::spawn(async move {
-            conn.run(name, stream, stop).await;
+            // A paced connection waits unread (its deadlines start once it
+            // is served), holding its slots.
+            tokio::select! {
+                () = tokio::time::sleep_until(start_at) => conn.run(name, stream, stop).await,
+                () = stop.cancelled() => {}
+            }
             drop((slot, client));
         });
     }
@@ -304,20 +319,74 @@ impl http_body::Body for Answer {
     }
 }
 
-/// Open connections by client address.
+/// Open connections and connection pacing by client address.
 #[derive(Default)]
-struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+struct PerClient(Mutex<Clients>);
+
+#[derive(Default)]
+struct Clients {
+    by_ip: HashMap<IpAddr, Client>,
+    /// Takes since addresses with nothing open or due were last swept out.
+    since_sweep: u32,
+}
+
+struct Client {
+    open: usize,
+    /// When the address's next connection is due at the sustained rate (the
+    /// theoretical arrival time of GCRA); later than now while it is paced.
+    due: Instant,
+}
+
+/// Sweep idle addresses out of [`Clients`] every this many takes.
+const SWEEP_EVERY: u32 = 1024;
+
+/// How fast one address may start connections.
+#[derive(Clone, Copy)]
+struct Pace {
+    every: Duration,
+    /// How far ahead of the sustained rate a burst may run: a tenth of a
+    /// second's worth of connections.
+    burst: Duration,
+}
+
+impl Pace {
+    fn new(per_second: u32) -> Option<Self> {
+        let every = Duration::from_secs(1).checked_div(per_second)?;
+        Some(Self { every, burst: every * (per_second / 10).max(1) })
+    }
+}
 
 impl PerClient {
-    fn try_take(self: Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut open = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = open.entry(ip).or_insert(0);
-        if *n >= max {
+    /// A slot for one more connection from `ip`, and when it may be served;
+    /// `None` when `ip` holds `max` already.
+    fn try_take(
+        self: Arc<Self>,
+        ip: IpAddr,
+        max: usize,
+        pace: Option<Pace>,
+        now: Instant,
+    ) -> Option<(ClientSlot, Instant)> {
+        let mut clients = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients.since_sweep += 1;
+        if clients.since_sweep >= SWEEP_EVERY {
+            clients.since_sweep = 0;
+            clients.by_ip.retain(|_, c| c.open > 0 || c.due > now);
+        }
+        let client = clients.by_ip.entry(ip).or_insert(Client { open: 0, due: now });
+        if client.open >= max {
             return None;
         }
-        *n += 1;
-        drop(open);
-        Some(ClientSlot { clients: self, ip })
+        client.open += 1;
+        let start_at = match pace {
+            Some(pace) => {
+                let due = client.due.max(now);
+                client.due = due + pace.every;
+                due.checked_sub(pace.burst).map_or(now, |at| at.max(now))
+            }
+            None => now,
+        };
+        drop(clients);
+        Some((ClientSlot { clients: self, ip }, start_at))
     }
 }
 
@@ -329,11 +398,12 @@ struct ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut open = self.clients.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
+        let mut clients = self.clients.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.by_ip.get_mut(&self.ip) {
+            c.open -= 1;
+            // Its pacing outlives its connections while it is ahead of the rate.
+            if c.open == 0 && c.due <= Instant::now() {
+                clients.by_ip.remove(&self.ip);
             }
         }
     }
@@ -345,26 +415,24 @@ fn is_peer_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }
 
-/// Counts connections refused over the cap and warns about them at most
-/// every [`REFUSED_LOG_EVERY`], so a flood cannot flood the log too.
-#[derive(Default)]
+/// Counts connections refused (or paced) at a bound and warns about them at
+/// most every [`REFUSED_LOG_EVERY`], so a flood cannot flood the log too.
 struct Refused {
+    what: &'static str,
     since_log: u64,
     last_log: Option<Instant>,
 }
 
 impl Refused {
+    fn new(what: &'static str) -> Self {
+        Self { what, since_log: 0, last_log: None }
+    }
+
     fn record(&mut self, name: &'static str, bound: &'static str, max: usize) {
         self.since_log += 1;
         let now = Instant::now();
         if self.last_log.is_none_or(|t| now.duration_since(t) >= REFUSED_LOG_EVERY) {
-            tracing::warn!(
-                listener = name,
-                refused = self.since_log,
-                bound,
-                max,
-                "connection limit reached; refusing new connections"
-            );
+            tracing::warn!(listener = name, connections = self.since_log, bound, max, "{}", self.what);
             self.since_log = 0;
             self.last_log = Some(now);
         }
@@ -411,6 +479,7 @@ mod tests {
         ConnLimits {
             max_connections,
             max_connections_per_client: max_connections,
+            connection_rate_per_client: 0,
             trusted_proxies: Vec::new(),
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
@@ -621,6 +690,43 @@ mod tests {
         other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         let mut other = other.connect(addr).await.unwrap();
         assert!(request(&mut other).await.starts_with("HTTP/1.1 200"));
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_connections_from_one_address_waits_its_turn_while_another_is_served() {
+        let mut l = limits(64, Duration::from_secs(30));
+        // One every 100 ms after a burst of one; the handshake deadline is
+        // shorter than the wait of the last ones, so it must start when a
+        // connection is served, not when it was accepted.
+        l.connection_rate_per_client = 10;
+        l.handshake_timeout = Duration::from_millis(300);
+        let (addr, stop, task) = start(l).await;
+        let started = Instant::now();
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..12 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            burst.spawn(async move {
+                let answer = request(&mut conn).await;
+                (started.elapsed(), answer)
+            });
+        }
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut other = other.connect(addr).await.unwrap();
+        assert!(request(&mut other).await.starts_with("HTTP/1.1 200"));
+        let other_at = started.elapsed();
+        let mut served = Vec::new();
+        while let Some(done) = burst.join_next().await {
+            let (at, answer) = done.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "a paced connection was not served: {answer:?}");
+            served.push(at);
+        }
+        served.sort();
+        // The 12th was due 11 intervals after the first, less the burst.
+        assert!(served[11] >= Duration::from_millis(950), "not paced: {served:?}");
+        assert!(other_at < served[11], "the other address waited for the burst: {other_at:?} vs {served:?}");
         stop.cancel();
         task.await.unwrap().unwrap();
     }
