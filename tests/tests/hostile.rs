@@ -1033,10 +1033,39 @@ fn a_poisoned_redis_cache_value_is_a_logged_miss_not_an_allocation() {
     let before = status_kb(b.pid(), "VmRSS");
     assert_eq!(call(&b), (200, Some("miss".into())));
     assert!(status_kb(b.pid(), "VmHWM").saturating_sub(before) < 64 * 1024, "the poisoned value was inflated");
-    let logged = b.wait_log(0, Duration::from_secs(5), |v| {
-        v["message"].as_str().is_some_and(|m| m.contains("a value in redis cannot be read"))
+    let poisoned =
+        |v: &serde_json::Value| v["message"].as_str().is_some_and(|m| m.contains("a value in redis cannot be read"));
+    assert!(b.wait_log(0, Duration::from_secs(5), poisoned).is_some(), "{}", b.log_text());
+
+    // Many poisoned values, read by b while an ordinary client calls it.
+    const POISONED: usize = 200;
+    let client = reqwest::blocking::Client::new();
+    let body =
+        |i: usize| json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [-1.0 - i as f64]}]});
+    for i in 0..POISONED {
+        let resp = client.post(a.url("/v2/models/echo/infer")).json(&body(i)).send().unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        let keys = redis.keys("infergate:cache:*").unwrap();
+        if keys.len() > POISONED || std::time::Instant::now() > until {
+            break keys;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(keys.len() > POISONED, "{} keys mirrored", keys.len());
+    for key in &keys {
+        redis.command(&[b"SET", key.as_bytes(), &poison]).unwrap();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    beside(&b, "poisoned redis values", 2, || {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % POISONED;
+        let resp = attacker().post(b.url("/v2/models/echo/infer")).json(&body(i)).send().unwrap();
+        assert_eq!(resp.status(), 200, "a poisoned value was not a miss");
     });
-    assert!(logged.is_some(), "{}", b.log_text());
+    let read = b.log().iter().filter(|v| poisoned(v)).count();
+    assert!(read > 10, "only {read} poisoned values were read");
 }
 
 #[test]
