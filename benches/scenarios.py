@@ -1004,6 +1004,36 @@ def large_tensors(a: Attack) -> None:
     conn.close()
 
 
+def large_tensors_to_the_worker(a: Attack) -> None:
+    """The large-tensor attack's worker load without the gateway: the same
+    million FP32 values, raw as the gateway sends them, straight to the echo
+    worker's socket, one call per 600 ms per thread (the rate the attack
+    through the gateway reaches). The ordinary client still goes through the
+    gateway to that worker: what it loses here is the worker's share."""
+    import glob
+    import struct
+
+    import grpc
+
+    from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+
+    (sock,) = glob.glob(f"/tmp/infergate-{a.gw['pid']}-*/echo-0.sock")
+    limit = 64 * 1024 * 1024
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    values = [(i * 7919 % 10000) / 10000 for i in range(1_000_000)]
+    raw = struct.pack(f"<{len(values)}f", *values)
+    tensor = types_pb2.Tensor(name="x", datatype="FP32", shape=[len(values)], raw_contents=raw)
+    item = worker_pb2.InferItem(id="attack", inputs=[tensor])
+    request = worker_pb2.InferBatchRequest(model="echo", items=[item])
+    with grpc.insecure_channel(f"unix:{sock}", options=options) as channel:
+        infer = worker_pb2_grpc.WorkerStub(channel).Infer
+        while not a.stop.is_set():
+            started = time.monotonic()
+            infer(request, timeout=30)
+            a.count += 1
+            a.stop.wait(max(0.0, 0.6 - (time.monotonic() - started)))
+
+
 def short_deadlines(a: Attack) -> None:
     """Calls for 2 s of work with a 300 ms deadline, 10 at a time."""
     import http.client
@@ -1032,6 +1062,12 @@ ATTACKS: list[tuple[str, str, Any, int]] = [
     ("rapid reset", "HTTP/2 streams opened and reset, flat out", rapid_reset, 1),
     ("random paths", "1,000 made-up paths a second", random_paths, 1),
     ("large tensors", "8 MB JSON tensors, 2 at a time", large_tensors, 2),
+    (
+        "large tensors, no gateway",
+        "the same tensors raw, straight to the worker (reference)",
+        large_tensors_to_the_worker,
+        2,
+    ),
     ("short deadlines", "300 ms deadlines on a 2 s model, 10 at a time", short_deadlines, 10),
 ]
 
