@@ -894,7 +894,10 @@ fn concurrent_large_tensors_stay_within_3x_their_bodies_and_are_all_answered() {
         .replace("handshake_timeout = \"1s\"", "handshake_timeout = \"10s\"");
     let gw = Gateway::start(&config).unwrap();
     let url = gw.url("/v2/models/echo/infer");
-    let client = reqwest::blocking::Client::new();
+    // The blocking client's default 30 s timeout is for one call, not eight
+    // 7 MB bodies through a debug build on a box running other suites (one
+    // round of 20 beside two others took longer).
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     // Warm: the first call sets up the worker connection and batcher.
     assert_eq!(
         client.post(&url).header("content-type", "application/json").body(fp32_body(10, 0)).send().unwrap().status(),

@@ -138,7 +138,7 @@ pub struct RawHttp {
     /// trusted proxy is not limited, since it speaks for many clients).
     pub max_connections_per_client: u32,
     /// New connections a second one client address may start (bursts of a
-    /// tenth of a second's worth at once); faster ones are not refused but
+    /// tenth of a second's worth, at most 8, at once); faster ones are not refused but
     /// wait their turn before they are read. 0: no pacing.
     pub connection_rate_per_client: u32,
     /// A new connection must send its first request head (HTTP/1.1) or the

@@ -345,14 +345,16 @@ const SWEEP_EVERY: u32 = 1024;
 struct Pace {
     every: Duration,
     /// How far ahead of the sustained rate a burst may run: a tenth of a
-    /// second's worth of connections.
+    /// second's worth of connections, at most 8 (a browser opens 6). Forty
+    /// connections let in at once are also cut at once by their deadlines,
+    /// and that burst of answers and closes is what others wait behind.
     burst: Duration,
 }
 
 impl Pace {
     fn new(per_second: u32) -> Option<Self> {
         let every = Duration::from_secs(1).checked_div(per_second)?;
-        Some(Self { every, burst: every * (per_second / 10).max(1) })
+        Some(Self { every, burst: every * (per_second / 10).clamp(1, 8) })
     }
 }
 
