@@ -128,7 +128,9 @@ impl Ordinary {
     }
 }
 
-/// No error, and a p99 within 2x of the unattacked one. The 10 ms of slack
+/// No error, and a p99 within 2x of the unattacked one. Runs are 100 calls
+/// at least: in 50 the p99 is the slowest call, and one stall of a
+/// neighbouring process (a CI build) decides it. The 10 ms of slack
 /// is the scheduling noise of a loaded 2-core machine on a ~2 ms call.
 fn assert_unharmed(attack: &str, before: &Seen, during: &Seen) {
     eprintln!(
@@ -353,7 +355,7 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
     let gw = Gateway::start(&text).unwrap();
     rt().block_on(async {
         let ordinary = Ordinary::new(&gw);
-        let before = ordinary.run(50, Duration::from_millis(20)).await;
+        let before = ordinary.run(100, Duration::from_millis(20)).await;
         let mut held = Vec::new();
         let mut refused = 0;
         for _ in 0..40 {
@@ -366,7 +368,7 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
             }
         }
         assert_eq!((held.len(), refused), (16, 24));
-        let during = ordinary.run(50, Duration::from_millis(20)).await;
+        let during = ordinary.run(100, Duration::from_millis(20)).await;
         assert_unharmed("connections from one address", &before, &during);
     });
 }
