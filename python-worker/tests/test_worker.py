@@ -135,6 +135,7 @@ def test_client_cancellation_reaches_model_code(spawn, tmp_path: Path):
     end = time.monotonic() + 5
     while not marker.exists() and time.monotonic() < end:
         time.sleep(0.02)
+    assert marker.exists(), w.output()
     assert marker.read_text() == "cancelled req-7"
     assert "call cancelled by the gateway" in w.output()
 
@@ -300,3 +301,51 @@ def test_large_buffers_are_kept_unless_the_operator_tuned_malloc(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("INFERGATE_MALLOC", "default")
     assert not cli._keep_large_buffers(64 * 1024 * 1024)
+
+
+class _Context:
+    """The parts of grpc.aio.ServicerContext that Generate uses."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [("x-request-id", self.request_id)]
+
+    def add_done_callback(self, callback: object) -> None:
+        pass
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
+
+def test_a_stream_closed_while_a_chunk_is_sent_stops_the_model_and_says_so(caplog):
+    """A caller that leaves while a chunk is on its way: grpc closes the
+    generator at its yield, not at the model's next step."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infergate_worker.examples.echo import Echo
+    from infergate_worker.server import ModelServicer
+
+    model = Echo()
+    model.load()
+    servicer = ModelServicer([model], ThreadPoolExecutor(1))
+    words = " ".join(f"w{i}" for i in range(50))
+    request = types_pb2.GenerateRequest(
+        model="echo", messages=[types_pb2.ChatMessage(role="user", content=words)]
+    )
+
+    async def leave_after_one_chunk() -> None:
+        stream = servicer.Generate(request, _Context("leaves-at-a-yield"))
+        first = await stream.__anext__()
+        assert first.text == "w0"
+        await stream.aclose()
+
+    with caplog.at_level("WARNING", logger="infergate_worker"):
+        asyncio.run(leave_after_one_chunk())
+    cancelled = [r for r in caplog.records if r.getMessage() == "call cancelled by the gateway"]
+    assert [r.request_id for r in cancelled] == ["leaves-at-a-yield"]

@@ -177,8 +177,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except asyncio.CancelledError:
-            ctx.cancel()
-            log.warning("call cancelled by the gateway", extra=_log_ids(ctx))
+            _cancelled(ctx)
             raise
         except Cancelled as exc:
             code = (
@@ -272,7 +271,6 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             seed=params.seed or None,
             user=request.user,
         )
-        done = object()
         it = await self._run_batch(ctx, context, lambda: iter(model.generate(inp)))
         if isinstance(it, Exception):
             code = (
@@ -281,36 +279,63 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 else grpc.StatusCode.INTERNAL
             )
             await context.abort(code, f"{type(it).__name__}: {it}")
-        produced = 0
-        prompt_tokens = 0
-        while True:
-            piece = await self._run_batch(ctx, context, next, it, done)
-            if isinstance(piece, Exception):
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(piece).__name__}: {piece}")
-            if piece is done:
-                break
-            chunk = piece if isinstance(piece, Chunk) else Chunk(str(piece))
-            produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
-            prompt_tokens = chunk.prompt_tokens or prompt_tokens
-            usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
-            sources = [
-                types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
-            ]
-            if chunk.finish_reason:
-                context.set_trailing_metadata(_timings(ctx))
-                yield types_pb2.GenerateChunk(
-                    text=chunk.text,
-                    finish_reason=_finish(chunk.finish_reason),
-                    usage=usage,
-                    sources=sources,
-                )
-                return
-            yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
-        context.set_trailing_metadata(_timings(ctx))
-        yield types_pb2.GenerateChunk(
-            finish_reason=types_pb2.FINISH_REASON_STOP,
-            usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
-        )
+        finished = False
+        try:
+            async for chunk in _generation(self, ctx, context, it):
+                finished = chunk.finish_reason != types_pb2.FINISH_REASON_UNSPECIFIED
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller may leave while a chunk is being sent (the stream
+            # is then closed at its yield), not only while the model makes
+            # the next one.
+            if not finished:
+                _cancelled(ctx)
+            raise
+
+
+async def _generation(servicer: Any, ctx: CallContext, context: Any, it: Any) -> Any:
+    """A generation's pieces from ``it`` as chunks with usage, the last one
+    with its finish reason."""
+    done = object()
+    produced = 0
+    prompt_tokens = 0
+    while True:
+        piece = await servicer._run_batch(ctx, context, next, it, done)
+        if isinstance(piece, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(piece).__name__}: {piece}")
+        if piece is done:
+            break
+        chunk = piece if isinstance(piece, Chunk) else Chunk(str(piece))
+        produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
+        prompt_tokens = chunk.prompt_tokens or prompt_tokens
+        usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
+        sources = [
+            types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
+        ]
+        if chunk.finish_reason:
+            context.set_trailing_metadata(_timings(ctx))
+            yield types_pb2.GenerateChunk(
+                text=chunk.text,
+                finish_reason=_finish(chunk.finish_reason),
+                usage=usage,
+                sources=sources,
+            )
+            return
+        yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
+    context.set_trailing_metadata(_timings(ctx))
+    yield types_pb2.GenerateChunk(
+        finish_reason=types_pb2.FINISH_REASON_STOP,
+        usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
+    )
+
+
+def _cancelled(ctx: CallContext) -> None:
+    """Stop the call's model work, and say so once (the RPC's done callback
+    may have cancelled ``ctx`` already, silently)."""
+    ctx.cancel()
+    if not ctx._cancel_logged:
+        ctx._cancel_logged = True
+        log.warning("call cancelled by the gateway", extra=_log_ids(ctx))
 
 
 def _finish(reason: str) -> int:
