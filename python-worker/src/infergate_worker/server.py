@@ -281,7 +281,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(code, f"{type(it).__name__}: {it}")
         finished = False
         try:
-            async for chunk in _generation(self, ctx, context, it):
+            async for chunk in self._generation(ctx, context, it):
                 finished = chunk.finish_reason != types_pb2.FINISH_REASON_UNSPECIFIED
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
@@ -292,41 +292,40 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                 _cancelled(ctx)
             raise
 
-
-async def _generation(servicer: Any, ctx: CallContext, context: Any, it: Any) -> Any:
-    """A generation's pieces from ``it`` as chunks with usage, the last one
-    with its finish reason."""
-    done = object()
-    produced = 0
-    prompt_tokens = 0
-    while True:
-        piece = await servicer._run_batch(ctx, context, next, it, done)
-        if isinstance(piece, Exception):
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(piece).__name__}: {piece}")
-        if piece is done:
-            break
-        chunk = piece if isinstance(piece, Chunk) else Chunk(str(piece))
-        produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
-        prompt_tokens = chunk.prompt_tokens or prompt_tokens
-        usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
-        sources = [
-            types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
-        ]
-        if chunk.finish_reason:
-            context.set_trailing_metadata(_timings(ctx))
-            yield types_pb2.GenerateChunk(
-                text=chunk.text,
-                finish_reason=_finish(chunk.finish_reason),
-                usage=usage,
-                sources=sources,
-            )
-            return
-        yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
-    context.set_trailing_metadata(_timings(ctx))
-    yield types_pb2.GenerateChunk(
-        finish_reason=types_pb2.FINISH_REASON_STOP,
-        usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
-    )
+    async def _generation(self, ctx: CallContext, context: Any, it: Any) -> Any:
+        """A generation's pieces from ``it`` as chunks with usage, the last one
+        with its finish reason."""
+        done = object()
+        produced = 0
+        prompt_tokens = 0
+        while True:
+            piece = await self._run_batch(ctx, context, next, it, done)
+            if isinstance(piece, Exception):
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(piece).__name__}: {piece}")
+            if piece is done:
+                break
+            chunk = piece if isinstance(piece, Chunk) else Chunk(str(piece))
+            produced = chunk.completion_tokens or produced + (1 if chunk.text else 0)
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            usage = types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced)
+            sources = [
+                types_pb2.Source(source=s.source, text=s.text, score=s.score) for s in chunk.sources
+            ]
+            if chunk.finish_reason:
+                context.set_trailing_metadata(_timings(ctx))
+                yield types_pb2.GenerateChunk(
+                    text=chunk.text,
+                    finish_reason=_finish(chunk.finish_reason),
+                    usage=usage,
+                    sources=sources,
+                )
+                return
+            yield types_pb2.GenerateChunk(text=chunk.text, usage=usage, sources=sources)
+        context.set_trailing_metadata(_timings(ctx))
+        yield types_pb2.GenerateChunk(
+            finish_reason=types_pb2.FINISH_REASON_STOP,
+            usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
+        )
 
 
 def _cancelled(ctx: CallContext) -> None:

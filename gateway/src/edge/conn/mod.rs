@@ -75,8 +75,8 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let clients = Arc::new(PerClient::default());
     let pace = Pace::new(limits.connection_rate_per_client);
-    let mut refused = Refused::new("connection limit reached; refusing new connections");
-    let mut paced = Refused::new("a client opens connections faster than its rate; pacing them");
+    let mut refused = AtBound::new("connection limit reached; refusing new connections");
+    let mut paced = AtBound::new("a client opens connections faster than its rate; pacing them");
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -419,13 +419,13 @@ fn is_peer_error(e: &std::io::Error) -> bool {
 
 /// Counts connections refused (or paced) at a bound and warns about them at
 /// most every [`REFUSED_LOG_EVERY`], so a flood cannot flood the log too.
-struct Refused {
+struct AtBound {
     what: &'static str,
     since_log: u64,
     last_log: Option<Instant>,
 }
 
-impl Refused {
+impl AtBound {
     fn new(what: &'static str) -> Self {
         Self { what, since_log: 0, last_log: None }
     }
