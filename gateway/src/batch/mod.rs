@@ -8,6 +8,10 @@
 //! `max_delay` (0: send what is queued now) — and a dispatch slot is free.
 //! An item too big for a worker message on its own is refused at once. While every slot is busy items keep queueing, so batches grow
 //! with load: the batcher waits for workers, never for a timer, under load.
+//! A heavy item (over [`Bound::alone`] bytes: megabytes of tensor) goes in a
+//! batch of its own, on slots of its own: batching saves it nothing next to
+//! moving its bytes, and small items batched with it, or queued behind it
+//! for a slot, would wait for those bytes.
 //! Items of priority tiers are taken first; an item whose caller left or
 //! whose deadline passed is dropped while the batch forms; the queue is
 //! bounded and refuses at once when full.
@@ -62,6 +66,8 @@ impl Default for BatchConfig {
 pub struct Bound<I> {
     pub items: usize,
     pub bytes: usize,
+    /// An item heavier than this is sent alone, on slots of its own.
+    pub alone: usize,
     pub weigh: fn(&I) -> usize,
 }
 
@@ -272,8 +278,9 @@ pub struct Batcher<I, O> {
     queued: Arc<AtomicUsize>,
     /// `queued` as a metric.
     depth: metrics::Gauge,
-    /// Batches in flight at once.
+    /// Batches in flight at once, and batches of one heavy item.
     slots: Arc<Slots>,
+    heavy_slots: Arc<Slots>,
     max_queue: usize,
     priority_tiers: Vec<String>,
     pool: String,
@@ -296,15 +303,20 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let queued = Arc::new(AtomicUsize::new(0));
         let depth = metrics::gauge!(crate::telemetry::metrics::BATCH_QUEUE_DEPTH,
             "pool" => pool.to_owned(), "model" => model.to_owned());
+        let heavy_slots = Arc::new(Slots::new(slots.max(1)));
         let slots = Arc::new(Slots::new(slots.max(1)));
         let actor = Actor {
-            depth: depth.clone(),
             state: BatchState::new(bound.items, bound.bytes, config.max_delay),
             rx,
             slots: slots.clone(),
-            dispatch: Arc::new(dispatch),
-            queued: queued.clone(),
-            labels: [("pool", pool.to_owned()), ("model", model.to_owned())],
+            heavy_slots: heavy_slots.clone(),
+            alone: bound.alone,
+            out: Outlet {
+                dispatch: Arc::new(dispatch),
+                labels: [("pool", pool.to_owned()), ("model", model.to_owned())],
+                queued: queued.clone(),
+                depth: depth.clone(),
+            },
         };
         tokio::spawn(actor.run());
         Self {
@@ -312,6 +324,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             queued,
             depth,
             slots,
+            heavy_slots,
             max_queue: config.max_queue,
             priority_tiers: config.priority_tiers.clone(),
             pool: pool.to_owned(),
@@ -323,6 +336,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Allow `slots` batches in flight at once (the pool's membership changed).
     pub fn resize(&self, slots: usize) {
         self.slots.resize(slots.max(1));
+        self.heavy_slots.resize(slots.max(1));
     }
 
     /// Queue one item; the result arrives on the returned receiver. A full
@@ -385,31 +399,51 @@ struct Actor<I, O, D> {
     state: BatchState<I, O>,
     rx: mpsc::UnboundedReceiver<Pending<I, O>>,
     slots: Arc<Slots>,
+    /// Slots of the batches of one heavy item, and what makes one heavy.
+    heavy_slots: Arc<Slots>,
+    alone: usize,
+    out: Outlet<D>,
+}
+
+/// Where batches leave the queue: the worker call, and the queue's counts.
+struct Outlet<D> {
     dispatch: Arc<D>,
+    labels: [(&'static str, String); 2],
     queued: Arc<AtomicUsize>,
     depth: metrics::Gauge,
-    labels: [(&'static str, String); 2],
+}
+
+impl<D> Clone for Outlet<D> {
+    fn clone(&self) -> Self {
+        Self {
+            dispatch: self.dispatch.clone(),
+            labels: self.labels.clone(),
+            queued: self.queued.clone(),
+            depth: self.depth.clone(),
+        }
+    }
 }
 
 impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
     async fn run(mut self) {
         loop {
-            // Wait for work.
+            // Wait for work (a heavy item leaves at once, alone).
             if self.state.is_empty() {
                 match self.rx.recv().await {
-                    Some(item) => self.state.push(item),
+                    Some(item) => self.accept(item),
                     None => return,
                 }
+                continue;
             }
             while let Ok(item) = self.rx.try_recv() {
-                self.state.push(item);
+                self.accept(item);
             }
             // Wait until a batch should go, taking new items meanwhile.
             while !self.state.ready(Instant::now()) {
                 let due = self.state.due().unwrap_or_else(Instant::now);
                 tokio::select! {
                     item = self.rx.recv() => match item {
-                        Some(item) => self.state.push(item),
+                        Some(item) => self.accept(item),
                         None => break,
                     },
                     () = tokio::time::sleep_until(due) => {}
@@ -424,7 +458,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
                         Err(_) => return,
                     },
                     item = self.rx.recv() => match item {
-                        Some(item) => self.state.push(item),
+                        Some(item) => self.accept(item),
                         None => {
                             // Closed: finish what is queued, then stop.
                             if let Ok(p) = self.slots.acquire().await { break p }
@@ -435,16 +469,51 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
             };
             let now = Instant::now();
             let (batch, dropped) = self.state.take(now);
-            self.queued.fetch_sub(batch.len() + dropped, Ordering::AcqRel);
-            self.depth.decrement((batch.len() + dropped) as f64);
+            self.out.left(batch.len() + dropped);
             if batch.is_empty() {
                 continue;
             }
-            self.send(batch, permit, now);
+            self.out.send(batch, permit, now);
         }
     }
 
-    fn send(&self, batch: Vec<Pending<I, O>>, permit: tokio::sync::OwnedSemaphorePermit, now: Instant) {
+    /// Queue `item`, or send a heavy one alone as soon as a heavy slot is
+    /// free (dropped meanwhile if its caller leaves or its deadline passes).
+    fn accept(&mut self, mut item: Pending<I, O>) {
+        if item.bytes <= self.alone {
+            self.state.push(item);
+            return;
+        }
+        let (slots, out, until) = (self.heavy_slots.clone(), self.out.clone(), item.deadline.at);
+        tokio::spawn(async move {
+            let permit = tokio::select! {
+                permit = slots.acquire() => permit.ok(),
+                () = item.reply.closed() => None,
+                () = tokio::time::sleep_until(until) => None,
+            };
+            out.left(1);
+            if let Some(permit) = permit {
+                out.send(vec![item], permit, Instant::now());
+            }
+        });
+    }
+}
+
+impl<D> Outlet<D> {
+    /// `n` items left the queue: sent, or dropped.
+    fn left(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.depth.decrement(n as f64);
+    }
+
+    fn send<I: Send + 'static, O: Send + 'static>(
+        &self,
+        batch: Vec<Pending<I, O>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        now: Instant,
+    ) where
+        D: Dispatch<I, O>,
+    {
         let labels = &self.labels;
         metrics::histogram!(crate::telemetry::metrics::BATCH_SIZE, labels).record(batch.len() as f64);
         let waited = metrics::histogram!(crate::telemetry::metrics::BATCH_QUEUE_WAIT, labels);

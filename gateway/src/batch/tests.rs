@@ -172,7 +172,7 @@ impl Dispatch<u32, u32> for Doubler {
 
 /// `items` per batch, bytes unbounded; an item weighs its value.
 fn bound(items: usize) -> Bound<u32> {
-    Bound { items, bytes: usize::MAX, weigh: |i| *i as usize }
+    Bound { items, bytes: usize::MAX, alone: usize::MAX, weigh: |i| *i as usize }
 }
 
 fn config(max_delay_ms: u64, max_queue: usize) -> BatchConfig {
@@ -312,10 +312,56 @@ fn a_batch_never_weighs_more_than_a_worker_message() {
 async fn an_item_heavier_than_a_worker_message_is_refused_before_queueing() {
     let d = Doubler::default();
     let b =
-        Batcher::start("p", "m", &config(0, 100), Bound { items: 8, bytes: 100, weigh: |i| *i as usize }, 1, d.clone());
+        Batcher::start("p", "m", &config(0, 100), Bound { items: 8, bytes: 100, alone: usize::MAX, weigh: |i| *i as usize }, 1, d.clone());
     let err = b.submit(101, Deadline::after(LONG), "standard", 0, "rid").err().unwrap();
     assert!(matches!(err, GatewayError::MessageTooLarge { .. }), "{err:?}");
     assert_eq!(err.http_status(), 413);
     let ok = b.submit(100, Deadline::after(LONG), "standard", 0, "rid").unwrap();
     assert_eq!(wait(ok, &Deadline::after(LONG)).await, Ok(200));
+}
+
+#[tokio::test(start_paused = true)]
+async fn heavy_items_go_alone_on_slots_of_their_own_and_small_ones_never_wait_for_them() {
+    /// Doubles each item; holds every batch that carries a heavy item (100
+    /// or more) until released.
+    #[derive(Clone)]
+    struct HoldHeavy {
+        batches: Arc<Mutex<Vec<Vec<u32>>>>,
+        gate: Arc<Semaphore>,
+    }
+    impl Dispatch<u32, u32> for HoldHeavy {
+        fn dispatch(&self, items: Vec<u32>, _: Deadline, _: String) -> impl Future<Output = BatchResult<u32>> + Send {
+            self.batches.lock().unwrap().push(items.clone());
+            let gate = items.iter().any(|i| *i >= 100).then(|| self.gate.clone());
+            async move {
+                if let Some(gate) = gate {
+                    gate.acquire().await.unwrap().forget();
+                }
+                Ok(items.into_iter().map(|i| Ok(i * 2)).collect())
+            }
+        }
+    }
+    let d = HoldHeavy { batches: Arc::default(), gate: Arc::new(Semaphore::new(0)) };
+    let bound = Bound { items: 8, bytes: 1000, alone: 50, weigh: |i| *i as usize };
+    // One slot for batches, one for heavy items.
+    let b = Batcher::start("p", "m", &config(2, 100), bound, 1, d.clone());
+    let long = Deadline::after(LONG);
+    let short = Deadline::after(Duration::from_millis(20));
+    let heavy = [100, 200].map(|i| b.submit(i, long, "standard", 0, "rid").unwrap());
+    let expiring = b.submit(300, short, "standard", 0, "rid").unwrap();
+    let small = [1, 2, 3].map(|i| b.submit(i, long, "standard", 0, "rid").unwrap());
+    // The small items go together, beside the held heavy one, while the
+    // second heavy one waits for the heavy slot.
+    for (i, rx) in small.into_iter().enumerate() {
+        assert_eq!(wait(rx, &long).await, Ok(2 * (i as u32 + 1)));
+    }
+    assert_eq!(*d.batches.lock().unwrap(), vec![vec![100], vec![1, 2, 3]]);
+    // A heavy item whose deadline passes while it waits is never sent.
+    assert!(matches!(wait(expiring, &short).await, Err(GatewayError::DeadlineExceeded { .. })));
+    d.gate.add_permits(10);
+    let [first, second] = heavy;
+    assert_eq!(wait(first, &long).await, Ok(200));
+    assert_eq!(wait(second, &long).await, Ok(400));
+    assert_eq!(*d.batches.lock().unwrap(), vec![vec![100], vec![1, 2, 3], vec![200]], "each heavy item alone");
+    assert_eq!(b.queued.load(Ordering::Acquire), 0, "every item left the queue's count");
 }
