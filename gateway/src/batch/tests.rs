@@ -311,8 +311,14 @@ fn a_batch_never_weighs_more_than_a_worker_message() {
 #[tokio::test(start_paused = true)]
 async fn an_item_heavier_than_a_worker_message_is_refused_before_queueing() {
     let d = Doubler::default();
-    let b =
-        Batcher::start("p", "m", &config(0, 100), Bound { items: 8, bytes: 100, alone: usize::MAX, weigh: |i| *i as usize }, 1, d.clone());
+    let b = Batcher::start(
+        "p",
+        "m",
+        &config(0, 100),
+        Bound { items: 8, bytes: 100, alone: usize::MAX, weigh: |i| *i as usize },
+        1,
+        d.clone(),
+    );
     let err = b.submit(101, Deadline::after(LONG), "standard", 0, "rid").err().unwrap();
     assert!(matches!(err, GatewayError::MessageTooLarge { .. }), "{err:?}");
     assert_eq!(err.http_status(), 413);

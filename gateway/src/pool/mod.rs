@@ -509,7 +509,12 @@ impl Pools {
         let batcher = map.entry(key.clone()).or_insert_with(|| {
             let dispatch = Dispatcher::<R> { pools: self.me.clone(), pool: key.0, model: key.1, rpc: PhantomData };
             let slots = pool.workers().len() * pool.batching.concurrency_per_worker;
-            let bound = batch::Bound { items: max, bytes: batch_bytes(pool.max_message), alone: crate::bulk::BYTES, weigh: R::weigh };
+            let bound = batch::Bound {
+                items: max,
+                bytes: batch_bytes(pool.max_message),
+                alone: crate::bulk::BYTES,
+                weigh: R::weigh,
+            };
             Arc::new(Batcher::start(&pool.name, &info.name, &pool.batching, bound, slots, dispatch))
         });
         Some(batcher.clone())
