@@ -16,6 +16,7 @@ pub mod policy;
 pub mod pool;
 pub mod route;
 pub mod server;
+pub mod service;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tensor;

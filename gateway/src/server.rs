@@ -200,7 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
 
     let draining = CancellationToken::new();
     policy.start_housekeeping(watchers.clone());
-    let state = Arc::new(EdgeState {
+    let core = crate::service::Core {
         upstream: pools,
         policy,
         routes: Arc::new(crate::route::Routes::new(&config.aliases)),
@@ -208,6 +208,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             crate::cache::ResponseCache::new(config.cache.clone(), config.redis.as_ref(), config.cache_pools.clone())
                 .map_err(ServeError::Cache)?,
         ),
+        prices: Arc::new(config.prices.clone()),
+    };
+    let state = Arc::new(EdgeState {
+        core: Arc::new(core),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,
@@ -216,7 +220,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         buffered: edge::gate::Buffered::new(config.max_buffered_bytes),
         sse_keep_alive: config.sse_keep_alive,
         image: edge::convert::ImageBounds { pixels: config.max_image_pixels, bytes: config.max_image_bytes },
-        prices: Arc::new(config.prices.clone()),
         draining: draining.clone(),
     });
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -124,7 +124,6 @@ fn chat_answers_come_back_exact_at_temperature_zero_and_by_meaning_when_asked() 
     let gw = Gateway::start(&config).unwrap();
     // Exact: temperature 0.
     let (first, _, a) = chat(&gw, "repeat after me exactly", 0.0, false);
-    std::thread::sleep(Duration::from_millis(100)); // kept off the request path
     let (second, _, b) = chat(&gw, "repeat after me exactly", 0.0, false);
     assert_eq!((first.as_deref(), second.as_deref()), (None, Some("hit")));
     let content = |s: &str| serde_json::from_str::<Value>(s).unwrap()["choices"][0]["message"]["content"].clone();
@@ -148,6 +147,52 @@ fn chat_answers_come_back_exact_at_temperature_zero_and_by_meaning_when_asked() 
     // A different question goes to the model.
     let (other, _, _) = chat(&gw, "How many legs does a spider have?", 0.9, false);
     assert_eq!(other, None);
+}
+
+/// gRPC `Generate` goes through the same chat cache as REST: a repeat at
+/// temperature 0 is answered from it, with `x-cache: hit` metadata, and
+/// never reaches the worker.
+#[test]
+fn a_grpc_generation_at_temperature_zero_repeated_is_a_cache_hit() {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{ChatMessage, GenerateRequest, GenerationParams};
+
+    let config = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n\
+                  env = { INFERGATE_LOG_LEVEL = \"debug\" }\n";
+    let gw = Gateway::start_logging(config, "info,worker=debug").unwrap();
+    let generations = |gw: &Gateway| {
+        gw.log().iter().filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("generate"))).count()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ask = || {
+        rt.block_on(async {
+            let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+            let params = GenerationParams { temperature: 0.0, has_temperature: true, ..Default::default() };
+            let req = GenerateRequest {
+                model: "echo".into(),
+                messages: vec![ChatMessage { role: "user".into(), content: "say it once more".into() }],
+                params: Some(params),
+                ..Default::default()
+            };
+            let resp = client.generate(req).await.unwrap();
+            let cache = resp.metadata().get("x-cache").map(|v| v.to_str().unwrap().to_owned());
+            let mut stream = resp.into_inner();
+            let mut text = String::new();
+            while let Some(chunk) = stream.message().await.unwrap() {
+                text.push_str(&chunk.text);
+            }
+            (cache, text)
+        })
+    };
+    let (first, a) = ask();
+    settle();
+    let reached = generations(&gw);
+    let (second, b) = ask();
+    settle();
+    assert_eq!((first.as_deref(), second.as_deref()), (None, Some("hit")));
+    assert_eq!(a, b, "the same answer");
+    assert!(!a.is_empty());
+    assert_eq!(generations(&gw), reached, "the hit did not reach the worker");
 }
 
 #[test]

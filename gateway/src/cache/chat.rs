@@ -309,8 +309,10 @@ impl ResponseCache {
         }
     }
 
-    /// Keep a fresh answer where `keep` says.
-    pub async fn chat_keep(&self, keep: Keep, answer: GenerateChunk) {
+    /// Keep a fresh answer where `keep` says: in this replica before it
+    /// returns, in Redis (the semantic index, for the other replicas) on a
+    /// task of its own.
+    pub async fn chat_keep(self: &Arc<Self>, keep: Keep, answer: GenerateChunk) {
         let answer = Arc::new(answer);
         if let Some(key) = keep.exact {
             self.chat.exact.insert(key, answer.clone()).await;
@@ -318,6 +320,17 @@ impl ResponseCache {
         if let Some((index, vector)) = keep.semantic {
             let bytes = encode_entry(&vector, &answer);
             self.add(index, vector, answer, hash(&[&bytes]));
+            if self.shared.is_none() {
+                return;
+            }
+            let this = self.clone();
+            tokio::spawn(async move { this.share_semantic(index, bytes).await });
+        }
+    }
+
+    /// Add an entry to a semantic index's Redis list.
+    async fn share_semantic(&self, index: Key, bytes: Vec<u8>) {
+        {
             if let Some(shared) = &self.shared {
                 let key = format!("{}:semantic:{}", shared.prefix, hex::encode(index));
                 let max = self.chat.semantic.as_ref().map_or(1000, |s| s.max_entries).max(1);
@@ -348,7 +361,13 @@ impl ResponseCache {
         if keep.is_empty() || !self.config.enabled {
             return stream;
         }
-        Box::pin(Recorder { inner: stream, cache: self.clone(), keep: Some(keep), answer: GenerateChunk::default() })
+        Box::pin(Recorder {
+            inner: stream,
+            cache: self.clone(),
+            keep: Some(keep),
+            answer: GenerateChunk::default(),
+            keeping: None,
+        })
     }
 }
 
@@ -356,34 +375,40 @@ fn count(cache: &'static str, result: &'static str) {
     metrics::counter!(crate::telemetry::metrics::CACHE_REQUESTS, "cache" => cache, "result" => result).increment(1);
 }
 
-/// Passes a stream through, collecting the answer; keeps it at the finish.
+/// Passes a stream through, collecting the answer; keeps it at the finish,
+/// before the finishing chunk is passed on: a caller who has its answer and
+/// asks again is answered from the cache.
 struct Recorder {
     inner: ChunkStream,
     cache: Arc<ResponseCache>,
     keep: Option<Keep>,
     answer: GenerateChunk,
+    /// The finishing chunk, held while the answer is kept.
+    keeping: Option<(futures::future::BoxFuture<'static, ()>, GenerateChunk)>,
 }
 
 impl Stream for Recorder {
     type Item = Result<GenerateChunk, GatewayError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = self.inner.poll_next_unpin(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &next {
-            let chunk = chunk.clone();
-            let answer = &mut self.answer;
-            answer.text.push_str(&chunk.text);
-            answer.sources.extend(chunk.sources);
-            answer.usage = chunk.usage.or(answer.usage);
-            if chunk.finish_reason != FinishReason::Unspecified as i32 {
-                answer.finish_reason = chunk.finish_reason;
-                let answer = std::mem::take(&mut self.answer);
-                if let Some(keep) = self.keep.take() {
-                    let cache = self.cache.clone();
-                    tokio::spawn(async move { cache.chat_keep(keep, answer).await });
-                }
-            }
+        if let Some((keeping, _)) = self.keeping.as_mut() {
+            std::task::ready!(keeping.as_mut().poll(cx));
+            return Poll::Ready(self.keeping.take().map(|(_, chunk)| Ok(chunk)));
         }
-        next
+        let next = std::task::ready!(self.inner.poll_next_unpin(cx));
+        let Some(Ok(chunk)) = next else { return Poll::Ready(next) };
+        let answer = &mut self.answer;
+        answer.text.push_str(&chunk.text);
+        answer.sources.extend(chunk.sources.iter().cloned());
+        answer.usage = chunk.usage.or(answer.usage);
+        if chunk.finish_reason == FinishReason::Unspecified as i32 {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        answer.finish_reason = chunk.finish_reason;
+        let answer = std::mem::take(&mut self.answer);
+        let Some(keep) = self.keep.take() else { return Poll::Ready(Some(Ok(chunk))) };
+        let cache = self.cache.clone();
+        self.keeping = Some((Box::pin(async move { cache.chat_keep(keep, answer).await }), chunk));
+        self.poll_next(cx)
     }
 }

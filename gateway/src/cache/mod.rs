@@ -91,6 +91,8 @@ pub enum CacheStatus {
     Miss,
     /// Some of each (embeddings with several inputs).
     Partial,
+    /// A chat answered from an earlier, similar prompt's answer.
+    SemanticHit,
 }
 
 impl CacheStatus {
@@ -99,6 +101,7 @@ impl CacheStatus {
             Self::Hit => "hit",
             Self::Miss => "miss",
             Self::Partial => "partial",
+            Self::SemanticHit => "semantic-hit",
         }
     }
 

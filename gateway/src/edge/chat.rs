@@ -1,17 +1,13 @@
-//! Chat over the pools' streaming `Generate`: the checks every generation
-//! request passes (REST and gRPC alike), the OpenAI-compatible
-//! `chat.completion` answer, its `chat.completion.chunk` SSE stream, and the
-//! token metering of a stream.
+//! The OpenAI-compatible chat surface over the core's generation: the
+//! `chat.completion` answer and its `chat.completion.chunk` SSE stream
+//! (the checks, the cache and the metering are the core's: `service`).
 //!
-//! Failure semantics of a stream: before the first chunk the error is the
-//! response (an HTTP status, a gRPC status) and the route may retry or fall
-//! back; after it, the stream ends with an SSE `error` event (or a gRPC
-//! error status) and never with a finish reason it did not get.
+//! Before the first chunk an error is the response (an HTTP status); after
+//! it, the stream ends with an SSE `error` event and never with a finish
+//! reason it did not get.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,63 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::GatewayError;
-use crate::policy::Admission;
-use crate::pool::ChunkStream;
 use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Source, Usage};
-use crate::telemetry::usage::Meter;
-
-/// Most messages one conversation may carry.
-pub const MAX_MESSAGES: usize = 1024;
-/// Most stop strings (OpenAI's limit).
-pub const MAX_STOP: usize = 4;
-/// Largest `max_tokens` accepted.
-pub const MAX_TOKENS: u32 = 1 << 20;
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
-/// Checks shared by `POST /v1/chat/completions` and gRPC `Generate`.
-pub fn validate(req: &GenerateRequest) -> Result<(), GatewayError> {
-    if req.model.is_empty() {
-        return Err(GatewayError::invalid("model", "is required"));
-    }
-    if req.messages.is_empty() {
-        return Err(GatewayError::invalid("messages", "must not be empty"));
-    }
-    if req.messages.len() > MAX_MESSAGES {
-        return Err(GatewayError::invalid("messages", format!("at most {MAX_MESSAGES} messages")));
-    }
-    for (i, m) in req.messages.iter().enumerate() {
-        if !ROLES.contains(&m.role.as_str()) {
-            return Err(GatewayError::invalid(
-                format!("messages[{i}].role"),
-                format!("must be one of {}, got {:?}", ROLES.join(", "), m.role),
-            ));
-        }
-    }
-    if let Some(p) = &req.params {
-        if p.has_temperature && !(0.0..=2.0).contains(&p.temperature) {
-            return Err(GatewayError::invalid("temperature", "must be between 0 and 2"));
-        }
-        if p.max_tokens > MAX_TOKENS {
-            return Err(GatewayError::invalid("max_tokens", format!("must be at most {MAX_TOKENS}")));
-        }
-        if p.stop.len() > MAX_STOP {
-            return Err(GatewayError::invalid("stop", format!("at most {MAX_STOP} stop strings")));
-        }
-        if p.stop.iter().any(String::is_empty) {
-            return Err(GatewayError::invalid("stop", "stop strings must not be empty"));
-        }
-    }
-    Ok(())
-}
-
-/// Tokens a generation may use at most, reserved at admission: the prompt
-/// estimate plus `max_tokens`, or the configured default when it sets none
-/// (settled with the worker's usage at the end).
-pub fn estimate(req: &GenerateRequest) -> crate::policy::Tokens {
-    let prompt: u64 = req.messages.iter().map(|m| crate::policy::estimate_tokens(&m.content)).sum();
-    let output = req.params.as_ref().map(|p| u64::from(p.max_tokens)).filter(|n| *n > 0);
-    crate::policy::Tokens { prompt, output }
-}
+use crate::service::Metered;
+use crate::service::generate::MAX_STOP;
 
 /// `POST /v1/chat/completions` body (fields the gateway does not use are
 /// ignored, as OpenAI-compatible servers do).
@@ -199,7 +141,6 @@ impl ChatRequest {
             }),
             user: self.user.clone().unwrap_or_default(),
         };
-        validate(&req)?;
         Ok(req)
     }
 }
@@ -475,67 +416,5 @@ impl SseState {
         }});
         self.pending.push_back(Event::default().event("error").data(body.to_string()));
         self.done = true;
-    }
-}
-
-/// A generation stream holding its admission: the token reservation is
-/// settled with the worker's last reported usage when the stream finishes,
-/// fails or is dropped — a stream cut short pays for what it produced, and
-/// one that produced nothing gives the reservation back.
-pub struct Metered {
-    inner: ChunkStream,
-    admission: Option<Admission>,
-    usage: Option<Usage>,
-    /// Counts the tokens once settled; `None` for answers no model gave (cache hits).
-    meter: Option<Meter>,
-}
-
-impl Metered {
-    pub fn new(inner: ChunkStream, admission: Admission, meter: Option<Meter>) -> Self {
-        Self { inner, admission: Some(admission), usage: None, meter }
-    }
-
-    /// Tokens reported so far.
-    pub fn usage(&self) -> Usage {
-        self.usage.unwrap_or_default()
-    }
-
-    fn settle(&mut self) {
-        if let (Some(meter), Some(u)) = (self.meter.take(), self.usage) {
-            meter.record(u.prompt_tokens.into(), u.completion_tokens.into());
-        }
-        if let Some(admission) = self.admission.take() {
-            match self.usage {
-                Some(u) => admission.settle(Some(u64::from(u.prompt_tokens) + u64::from(u.completion_tokens))),
-                None => drop(admission),
-            }
-        }
-    }
-}
-
-impl Stream for Metered {
-    type Item = Result<GenerateChunk, GatewayError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let next = self.inner.poll_next_unpin(cx);
-        match &next {
-            Poll::Ready(Some(Ok(chunk))) => {
-                if let Some(u) = chunk.usage {
-                    self.usage = Some(u);
-                }
-                if chunk.finish_reason != FinishReason::Unspecified as i32 {
-                    self.settle();
-                }
-            }
-            Poll::Ready(_) => self.settle(),
-            Poll::Pending => {}
-        }
-        next
-    }
-}
-
-impl Drop for Metered {
-    fn drop(&mut self) {
-        self.settle();
     }
 }

@@ -88,11 +88,15 @@ fn app_with(
     policy: Arc<crate::policy::Policy>,
 ) -> (axum::Router, Arc<Scripted>) {
     let upstream = Arc::new(Scripted { script, calls: AtomicUsize::new(0) });
-    let state = Arc::new(EdgeState {
+    let core = crate::service::Core {
         upstream: upstream.clone(),
         policy,
         routes: Default::default(),
         cache: crate::cache::ResponseCache::disabled(),
+        prices: Arc::default(),
+    };
+    let state = Arc::new(EdgeState {
+        core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,
         max_message_bytes: 64 * 1024,
@@ -101,7 +105,6 @@ fn app_with(
         buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: keep_alive,
         image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
-        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (super::http::router(state), upstream)

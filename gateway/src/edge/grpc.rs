@@ -12,18 +12,14 @@ use tonic::{Request, Response, Status};
 use tonic_health::pb::health_server::{Health, HealthServer};
 
 use super::EdgeState;
-use crate::cache::CacheStatus;
-use crate::call::{Call, Deadline, parse_grpc_timeout};
+use crate::call::{Deadline, parse_grpc_timeout};
 use crate::error::GatewayError;
-use crate::policy::{Admission, Tokens, estimate_tokens};
-use crate::pool::ChunkStream;
 use crate::proto::inference_server::{Inference, InferenceServer};
 use crate::proto::{
     EmbedRequest, EmbedResponse, Embedding, GenerateChunk, GenerateRequest, InferItem, InferRequest, InferResponse,
     ListModelsRequest, ListModelsResponse, Usage,
 };
-use crate::route::{self, Plan, Target};
-use crate::telemetry::usage::Meter;
+use crate::service::{Answer, Ask, Served};
 
 /// The public Inference service over the shared upstream.
 pub struct InferenceService {
@@ -38,7 +34,7 @@ pub fn router(
     let max = state.max_message_bytes;
     let max_in_flight = state.grpc_max_in_flight;
     let buffered = state.buffered.clone();
-    let policy = state.policy.clone();
+    let policy = state.core.policy.clone();
     let inference =
         InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -88,17 +84,10 @@ async fn oversize_is_resource_exhausted(mut resp: axum::response::Response) -> a
     resp
 }
 
-struct Meta {
-    request_id: String,
-    deadline: Deadline,
-    caller: Arc<crate::policy::Caller>,
-    /// `x-model-version` metadata: the variant the caller pins.
-    pin: Option<String>,
-    /// `cache-control` metadata.
-    cache: crate::cache::CacheMode,
-}
-
-fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
+/// The core's view of a call from its metadata: who asks, its deadline
+/// (`grpc-timeout`, counted from now), pin (`x-model-version`) and cache
+/// mode (`cache-control`); the model is filled in from the message.
+fn ask<T>(state: &EdgeState, req: &Request<T>) -> Result<Ask, Status> {
     let md = req.metadata();
     let requested = match md.get("grpc-timeout") {
         None => None,
@@ -115,39 +104,31 @@ fn meta<T>(state: &EdgeState, req: &Request<T>) -> Result<Meta, Status> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| crate::telemetry::trace::valid_request_id(v))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let caller = super::caller_of(req.extensions());
     let pin = match md.get(crate::route::VERSION_HEADER) {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| Status::invalid_argument("malformed x-model-version metadata"))?.into()),
     };
     let cache = crate::cache::CacheMode::from_cache_control(md.get("cache-control").and_then(|v| v.to_str().ok()));
-    Ok(Meta { request_id, deadline: Deadline::from_request(state.default_deadline, requested), caller, pin, cache })
+    Ok(Ask {
+        model: String::new(),
+        request_id,
+        deadline: Deadline::from_request(state.default_deadline, requested),
+        caller: super::caller_of(req.extensions()),
+        pin,
+        cache,
+    })
 }
 
-impl Meta {
-    fn plan(&self, state: &EdgeState, model: &str) -> Result<Plan, GatewayError> {
-        state.routes.plan(model, &self.caller, self.pin.as_deref())
-    }
-}
-
-/// The response with its request id and the variant that answered (for
-/// the caller, and for the access log).
-fn respond<T>(msg: T, request_id: &str, target: &Target) -> Response<T> {
+/// The response with its request id and what answered (variant and cache
+/// in metadata, the model for the access log).
+fn respond<T>(msg: T, request_id: &str, served: &Served) -> Response<T> {
     let mut resp = Response::new(msg);
-    resp.extensions_mut().insert(super::access::Served::of(target));
+    resp.extensions_mut().insert(super::access::Served::of(&served.target));
+    let mut headers = std::mem::take(resp.metadata_mut()).into_headers();
+    super::tag(&mut headers, served);
+    *resp.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
     if let Ok(v) = request_id.parse() {
         resp.metadata_mut().insert("x-request-id", v);
-    }
-    if let Some(v) = target.variant.as_deref().and_then(|v| v.parse().ok()) {
-        resp.metadata_mut().insert(crate::route::VARIANT_HEADER, v);
-    }
-    resp
-}
-
-/// `x-cache` metadata when the answer went through the response cache.
-fn cache_tag<T>(mut resp: Response<T>, cached: Option<crate::cache::CacheStatus>) -> Response<T> {
-    if let Some(status) = cached {
-        resp.metadata_mut().insert("x-cache", tonic::metadata::MetadataValue::from_static(status.as_str()));
     }
     resp
 }
@@ -163,61 +144,46 @@ fn fail(err: GatewayError, request_id: &str) -> Status {
     status
 }
 
-fn require_model(model: &str) -> Result<(), GatewayError> {
-    if model.is_empty() { Err(GatewayError::invalid("model", "is required")) } else { Ok(()) }
-}
-
 #[tonic::async_trait]
 impl Inference for InferenceService {
     async fn list_models(&self, _req: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        Ok(Response::new(ListModelsResponse { models: self.state.routes.entries(&*self.state.upstream) }))
+        Ok(Response::new(ListModelsResponse { models: self.state.core.models() }))
     }
 
     async fn infer(&self, req: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
-        let m = meta(&self.state, &req)?;
+        let mut ask = ask(&self.state, &req)?;
+        let rid = ask.request_id.clone();
         let mut r = req.into_inner();
         let result = async {
-            require_model(&r.model)?;
             if r.inputs.is_empty() {
                 return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
             }
             for (i, t) in r.inputs.iter_mut().enumerate() {
                 super::convert::check_tensor(t, &format!("inputs[{i}]"))?;
             }
-            let plan = m.plan(&self.state, &r.model)?;
+            ask.model.clone_from(&r.model);
+            let core = &self.state.core;
+            let admitted = core.admit_infer(ask).await?;
             let item = InferItem { id: r.id.clone(), inputs: r.inputs, outputs: r.outputs, parameters: r.parameters };
-            let admission = self.state.policy.admit(&m.caller, &r.model, Tokens::NONE).await?;
-            let call = Call {
-                model: r.model.clone(),
-                payload: item,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-                caller: m.caller.clone(),
-                pool: None,
-            };
-            let (((info, out), cached), target) =
-                route::run(&plan, call, |c| self.state.cache.infer(&*self.state.upstream, c, m.cache)).await?;
-            admission.settle(None);
+            let Answer { value: (info, out), served } = core.infer(admitted, item).await?;
             let msg = InferResponse {
-                model: r.model,
+                model: info.name,
                 model_version: info.version,
                 id: r.id,
                 outputs: out.tensors,
                 parameters: out.parameters,
             };
-            Ok((msg, target, cached))
+            Ok((msg, served))
         }
         .await;
-        result
-            .map(|(msg, target, cached)| cache_tag(respond(msg, &m.request_id, &target), cached))
-            .map_err(|e| fail(e, &m.request_id))
+        result.map(|(msg, served)| respond(msg, &rid, &served)).map_err(|e| fail(e, &rid))
     }
 
     async fn embed(&self, req: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let m = meta(&self.state, &req)?;
+        let mut ask = ask(&self.state, &req)?;
+        let rid = ask.request_id.clone();
         let r = req.into_inner();
         let result = async {
-            require_model(&r.model)?;
             if r.inputs.is_empty() {
                 return Err(GatewayError::invalid("inputs", "must not be empty"));
             }
@@ -227,65 +193,32 @@ impl Inference for InferenceService {
                     format!("at most {} inputs per request", super::json::MAX_EMBED_INPUTS),
                 ));
             }
-            let plan = m.plan(&self.state, &r.model)?;
-            let tokens = Tokens::input(r.inputs.iter().map(|t| estimate_tokens(t)).sum());
-            let admission = self.state.policy.admit(&m.caller, &r.model, tokens).await?;
-            let call = Call {
-                model: r.model.clone(),
-                payload: r.inputs,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-                caller: m.caller.clone(),
-                pool: None,
-            };
-            let ((out, cached), target) =
-                route::run(&plan, call, |c| self.state.cache.embed(&*self.state.upstream, c, m.cache)).await?;
-            admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
-            if cached != Some(CacheStatus::Hit) {
-                Meter::new(&self.state.prices, &r.model, &target.model, m.caller.tenant.clone())
-                    .record(out.prompt_tokens.into(), 0);
-            }
+            ask.model.clone_from(&r.model);
+            let Answer { value: out, served } = self.state.core.embed(ask, r.inputs, None).await?;
             let msg = EmbedResponse {
                 model: r.model,
                 data: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
                 usage: Some(Usage { prompt_tokens: out.prompt_tokens, completion_tokens: 0 }),
             };
-            Ok((msg, target, cached))
+            Ok((msg, served))
         }
         .await;
-        result
-            .map(|(msg, target, cached)| cache_tag(respond(msg, &m.request_id, &target), cached))
-            .map_err(|e| fail(e, &m.request_id))
+        result.map(|(msg, served)| respond(msg, &rid, &served)).map_err(|e| fail(e, &rid))
     }
 
     type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let m = meta(&self.state, &req)?;
+        let mut ask = ask(&self.state, &req)?;
+        let rid = ask.request_id.clone();
         let r = req.into_inner();
-        let model = r.model.clone();
-        let result: Result<((ChunkStream, Target), Admission), GatewayError> = async {
-            super::chat::validate(&r)?;
-            let plan = m.plan(&self.state, &r.model)?;
-            let admission = self.state.policy.admit(&m.caller, &r.model, super::chat::estimate(&r)).await?;
-            let call = Call {
-                model: r.model.clone(),
-                payload: r,
-                deadline: m.deadline,
-                request_id: m.request_id.clone(),
-                caller: m.caller.clone(),
-                pool: None,
-            };
-            // Fallbacks apply until the stream starts, never after.
-            Ok((route::run_stream(&plan, call, |c| self.state.upstream.generate(c)).await?, admission))
-        }
-        .await;
-        let rid = m.request_id.clone();
-        let ((stream, target), admission) = result.map_err(|e| fail(e, &m.request_id))?;
+        ask.model.clone_from(&r.model);
+        let Answer { value: chunks, served } = self.state.core.generate(ask, r).await.map_err(|e| fail(e, &rid))?;
         // An error after the first chunk ends the stream with its status.
-        let meter = Meter::new(&self.state.prices, &model, &target.model, m.caller.tenant.clone());
-        let stream =
-            super::chat::Metered::new(stream, admission, Some(meter)).map(move |c| c.map_err(|e| fail(e, &rid)));
-        Ok(respond(stream.boxed(), &m.request_id, &target))
+        let stream = {
+            let rid = rid.clone();
+            chunks.map(move |c| c.map_err(|e| fail(e, &rid)))
+        };
+        Ok(respond(stream.boxed(), &rid, &served))
     }
 }

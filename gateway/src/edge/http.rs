@@ -14,19 +14,15 @@ use serde::de::DeserializeOwned;
 
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-use super::chat::{ChatRequest, Completion, Metered};
+use super::chat::{ChatRequest, Completion};
 use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
 use super::{EdgeState, meta};
-use crate::cache::chat::ChatHit;
-use crate::cache::{self, CacheMode, CacheStatus};
-use crate::call::{Call, Deadline, parse_request_timeout};
+use crate::cache::CacheMode;
+use crate::call::{Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
-use crate::policy::Admission;
-use crate::policy::{Tokens, estimate_tokens};
 use crate::proto::InferItem;
-use crate::route;
-use crate::telemetry::usage::Meter;
+use crate::service::{Answer, Ask, Served};
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
@@ -65,7 +61,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Who is calling, before any body is read (public routes pass).
-        .layer(axum::middleware::from_fn_with_state(state.policy.clone(), crate::policy::identify_http))
+        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), crate::policy::identify_http))
         // Errors in the dialect of each surface's clients (auth refusals too).
         .layer(axum::middleware::from_fn(super::dialect::error_dialect))
         // One access-log line and the request metrics, refusals included.
@@ -97,6 +93,20 @@ impl IntoResponse for Reply {
             }
         }
     }
+}
+
+/// The core's view of a request from its head: who asks, its deadline
+/// (counted from now), pin and cache mode. The model is the caller's to
+/// fill in (from the path or the body).
+fn ask(state: &EdgeState, parts: &http::request::Parts) -> Result<Ask, GatewayError> {
+    Ok(Ask {
+        model: String::new(),
+        request_id: request_id(&parts.headers),
+        deadline: deadline(state, &parts.headers)?,
+        caller: super::caller_of(&parts.extensions),
+        pin: super::version_pin(&parts.headers)?.map(str::to_owned),
+        cache: cache_mode(&parts.headers),
+    })
 }
 
 fn deadline(state: &EdgeState, headers: &HeaderMap) -> Result<Deadline, GatewayError> {
@@ -158,36 +168,16 @@ async fn read_body(state: &EdgeState, headers: &HeaderMap, body: Body) -> Result
 pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
-    let caller = super::caller_of(&parts.extensions);
-    let tenant = caller.tenant.clone();
     let result = async {
-        let deadline = deadline(&state, &parts.headers)?;
+        let mut ask = ask(&state, &parts)?;
         let body: EmbeddingsRequest = read_json(&state, &parts.headers, body).await?;
         let texts = body.texts()?;
         let format = body.format()?;
-        let plan = state.routes.plan(&body.model, &caller, super::version_pin(&parts.headers)?)?;
-        let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
-        let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
-        if let Some(d) = body.dimensions.filter(|d| *d != dim) {
-            return Err(GatewayError::invalid(
-                "dimensions",
-                format!("model {:?} returns {dim} dimensions, not {d}", body.model),
-            ));
-        }
-        let tokens = Tokens::input(texts.iter().map(|t| estimate_tokens(t)).sum());
-        let admission = state.policy.admit(&caller, &body.model, tokens).await?;
-        let call =
-            Call { model: body.model.clone(), payload: texts, deadline, request_id: rid.clone(), caller, pool: None };
-        let mode = cache_mode(&parts.headers);
-        let ((out, cached), target) = route::run(&plan, call, |c| state.cache.embed(&*state.upstream, c, mode)).await?;
-        admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
-        if cached != Some(CacheStatus::Hit) {
-            Meter::new(&state.prices, &body.model, &target.model, tenant).record(out.prompt_tokens.into(), 0);
-        }
+        ask.model.clone_from(&body.model);
+        let Answer { value: out, served } = state.core.embed(ask, texts, body.dimensions).await?;
         let mut resp =
             axum::Json(json::embeddings_response(&body.model, out.vectors, out.prompt_tokens, format)).into_response();
-        served(&mut resp, &target);
-        tag_cache(resp.headers_mut(), cached);
+        report(&mut resp, &served);
         Ok(resp)
     }
     .await;
@@ -208,45 +198,12 @@ pub(super) async fn embeddings(State(state): State<Arc<EdgeState>>, req: Request
 pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
-    let caller = super::caller_of(&parts.extensions);
-    let tenant = caller.tenant.clone();
     let result = async {
-        let deadline = deadline(&state, &parts.headers)?;
+        let mut ask = ask(&state, &parts)?;
         let body: ChatRequest = read_json(&state, &parts.headers, body).await?;
         let generate = body.to_generate()?;
-        let plan = state.routes.plan(&body.model, &caller, super::version_pin(&parts.headers)?)?;
-        let tokens = super::chat::estimate(&generate);
-        let admission = state.policy.admit(&caller, &body.model, tokens).await?;
-        let call = Call {
-            model: body.model.clone(),
-            payload: generate,
-            deadline,
-            request_id: rid.clone(),
-            caller,
-            pool: None,
-        };
-        let mode = cache_mode(&parts.headers);
-        let first = &plan.targets[0];
-        let looked_up = {
-            let mut probe = call.clone();
-            probe.pool.clone_from(&first.pool);
-            probe.model = first.model.to_string();
-            state.cache.chat_lookup(&*state.upstream, &probe, &body.model, first, mode).await
-        };
-        let meter = Meter::new(&state.prices, &body.model, &first.model, tenant);
-        let (stream, target, admission, cached) = match looked_up {
-            // A cached answer costs the caller no model tokens.
-            Ok((answer, hit)) => (cache::chat::replay(&answer), first.clone(), Admission::default(), Some(hit)),
-            Err(keep) => {
-                // Fallbacks apply until the stream starts, never after.
-                let (stream, target) = route::run_stream(&plan, call, |c| state.upstream.generate(c)).await?;
-                // Keep the answer only if the variant it was keyed for gave it.
-                let same = target.pool == first.pool && target.model == first.model;
-                let stream = if same { state.cache.recording(stream, keep) } else { stream };
-                (stream, target, admission, None)
-            }
-        };
-        let mut chunks = Metered::new(stream, admission, cached.is_none().then_some(meter));
+        ask.model.clone_from(&body.model);
+        let Answer { value: mut chunks, served } = state.core.generate(ask, generate).await?;
         let completion = Completion::new(&rid, &body.model);
         let mut resp = if body.stream {
             // Wait briefly for the first chunk, so a failure before any
@@ -265,18 +222,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
         } else {
             axum::Json(completion.collect(chunks).await?).into_response()
         };
-        served(&mut resp, &target);
-        match cached {
-            Some(ChatHit::Exact) => tag_cache(resp.headers_mut(), Some(CacheStatus::Hit)),
-            Some(ChatHit::Semantic(score)) => {
-                let headers = resp.headers_mut();
-                headers.insert("x-cache", http::HeaderValue::from_static("semantic-hit"));
-                if let Ok(v) = http::HeaderValue::from_str(&format!("{score:.4}")) {
-                    headers.insert("x-cache-similarity", v);
-                }
-            }
-            None => {}
-        }
+        report(&mut resp, &served);
         Ok(resp)
     }
     .await;
@@ -331,23 +277,20 @@ pub(super) async fn infer_version(
 async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>, req: Request) -> Reply {
     let (parts, body) = req.into_parts();
     let rid = request_id(&parts.headers);
-    let caller = super::caller_of(&parts.extensions);
     let result = async {
-        let deadline = deadline(&state, &parts.headers)?;
-        let pin = match &version {
-            Some(v) => state.routes.version_entry(&*state.upstream, &model, v)?.1,
-            None => super::version_pin(&parts.headers)?.map(str::to_owned),
-        };
+        let mut ask = ask(&state, &parts)?;
+        if let Some(v) = &version {
+            ask.pin = state.core.version_entry(&model, v)?.1;
+        }
+        ask.model.clone_from(&model);
         let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
         let kind = BodyKind::of(content_type).ok_or_else(|| GatewayError::UnsupportedMediaType {
             got: content_type.unwrap_or_default().to_owned(),
             accepted: "application/json, image/jpeg, image/png, application/x-protobuf or application/octet-stream",
         })?;
         // The model is in the path: refuse over-limit callers before the
-        // body is read or parsed (tensor calls carry no token estimate).
-        let plan = state.routes.plan(&model, &caller, pin.as_deref())?;
-        let entry = route::target_entry(&*state.upstream, &plan.targets[0])?;
-        let admission = state.policy.admit(&caller, &model, Tokens::NONE).await?;
+        // body is read or parsed.
+        let admitted = state.core.admit_infer(ask).await?;
         let bytes = read_body(&state, &parts.headers, body).await?;
         // The body is dropped once transcoded: the worker call holds only the item.
         let item = match kind {
@@ -369,11 +312,11 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
                 item
             }
             BodyKind::Raw => InferItem {
-                inputs: vec![convert::raw_tensor(bytes, &entry.info.unwrap_or_default())],
+                inputs: vec![convert::raw_tensor(bytes, &admitted.entry.info.clone().unwrap_or_default())],
                 ..Default::default()
             },
             BodyKind::Image => {
-                let info = entry.info.unwrap_or_default();
+                let info = admitted.entry.info.clone().unwrap_or_default();
                 let (name, h, w) = convert::image_input(&info)?;
                 let (name, max) = (name.to_owned(), state.image);
                 // Decoding is CPU work: on a bulk thread.
@@ -384,12 +327,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             }
         };
         let id = item.id.clone();
-        let call = Call { model: model.clone(), payload: item, deadline, request_id: rid.clone(), caller, pool: None };
-        let mode = cache_mode(&parts.headers);
-        let (((mut info, out), cached), target) =
-            route::run(&plan, call, |c| state.cache.infer(&*state.upstream, c, mode)).await?;
-        admission.settle(None);
-        info.name = model;
+        let Answer { value: (info, out), served } = state.core.infer(admitted, item).await?;
         let mut resp = if wants_protobuf(&parts.headers, kind) {
             let msg = crate::proto::InferResponse {
                 model: info.name,
@@ -409,8 +347,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
                 oip_json_response(answer)?
             }
         };
-        served(&mut resp, &target);
-        tag_cache(resp.headers_mut(), cached);
+        report(&mut resp, &served);
         Ok(resp)
     }
     .await;
@@ -434,22 +371,16 @@ fn oip_json_response(answer: json::InferResponseJson) -> Result<Response, Gatewa
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
-/// Name the answering variant (header) and what answered (for the access log).
-fn served(resp: &mut Response, target: &route::Target) {
-    route::tag(resp.headers_mut(), target);
-    resp.extensions_mut().insert(super::access::Served::of(target));
+/// Report what answered: the variant (`x-infergate-variant`), the cache
+/// (`x-cache`, `x-cache-similarity`), and for the access log the model.
+fn report(resp: &mut Response, served: &Served) {
+    super::tag(resp.headers_mut(), served);
+    resp.extensions_mut().insert(super::access::Served::of(&served.target));
 }
 
 /// What `Cache-Control` lets the response cache do.
 fn cache_mode(headers: &HeaderMap) -> CacheMode {
     CacheMode::from_cache_control(headers.get(header::CACHE_CONTROL).and_then(|v| v.to_str().ok()))
-}
-
-/// `X-Cache: hit|miss|partial` when the answer went through the cache.
-fn tag_cache(headers: &mut HeaderMap, cached: Option<CacheStatus>) {
-    if let Some(status) = cached {
-        headers.insert("x-cache", http::HeaderValue::from_static(status.as_str()));
-    }
 }
 
 /// Answer in protobuf when asked to (`Accept`), or when the request was

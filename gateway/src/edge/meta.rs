@@ -122,7 +122,7 @@ fn card(entry: &ModelEntry) -> ModelCard {
 /// Every model and alias clients can name.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, body = ModelList)))]
 pub(super) async fn list_models(State(state): State<Arc<EdgeState>>) -> Response {
-    let data = state.routes.entries(&*state.upstream).iter().map(card).collect();
+    let data = state.core.models().iter().map(card).collect();
     axum::Json(ModelList { object: "list".into(), data }).into_response()
 }
 
@@ -159,7 +159,7 @@ pub(super) async fn model_metadata(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Reply {
-    Reply(state.routes.entry(&*state.upstream, &model).map(metadata), request_id(&headers))
+    Reply(state.core.entry(&model).map(metadata), request_id(&headers))
 }
 
 /// Whether a model can answer now.
@@ -172,7 +172,7 @@ pub(super) async fn model_ready(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Reply {
-    let result = state.routes.entry(&*state.upstream, &model).map(|entry| readiness(&model, &entry));
+    let result = state.core.entry(&model).map(|entry| readiness(&model, &entry));
     Reply(result, request_id(&headers))
 }
 
@@ -188,7 +188,7 @@ pub(super) async fn version_metadata(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Reply {
-    let result = state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| metadata(entry));
+    let result = state.core.version_entry(&model, &version).map(|(entry, _)| metadata(entry));
     Reply(result, request_id(&headers))
 }
 
@@ -203,8 +203,7 @@ pub(super) async fn version_ready(
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Reply {
-    let result =
-        state.routes.version_entry(&*state.upstream, &model, &version).map(|(entry, _)| readiness(&model, &entry));
+    let result = state.core.version_entry(&model, &version).map(|(entry, _)| readiness(&model, &entry));
     Reply(result, request_id(&headers))
 }
 
@@ -242,7 +241,7 @@ pub(super) async fn live() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub(super) async fn readyz(State(state): State<Arc<EdgeState>>) -> Response {
-    let pools = state.upstream.status();
+    let pools = state.core.pools();
     let draining = state.draining.is_cancelled();
     let ready = !draining && pools.iter().all(|p| p.ready_workers > 0);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,4 +1,7 @@
-//! The edge: REST (axum) and gRPC (tonic, grpc-web) in front of [`Upstream`].
+//! The edges: REST (axum) and gRPC (tonic, grpc-web). They accept
+//! connections, bound them, identify callers, decode requests into the
+//! request core's calls ([`crate::service`]) and encode its answers; the
+//! model call itself is the core's.
 
 pub mod access;
 pub mod chat;
@@ -14,6 +17,8 @@ pub mod json;
 pub mod meta;
 pub mod openapi;
 #[cfg(test)]
+mod parity_tests;
+#[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 mod tests;
@@ -24,18 +29,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::GatewayError;
-use crate::policy::{Caller, Policy};
-use crate::pool::Upstream;
+use crate::policy::Caller;
+use crate::service::Core;
 
 /// What every edge handler shares.
 pub struct EdgeState {
-    pub upstream: Arc<dyn Upstream>,
-    /// Auth and limits.
-    pub policy: Arc<Policy>,
-    /// Aliases, variants and fallbacks.
-    pub routes: Arc<crate::route::Routes>,
-    /// Exact response cache with singleflight.
-    pub cache: Arc<crate::cache::ResponseCache>,
+    /// The request core every model call goes through.
+    pub core: Arc<Core>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,
@@ -48,8 +48,6 @@ pub struct EdgeState {
     /// Largest image an infer call may send: pixels (from its header) and
     /// bytes its decoding may take.
     pub image: convert::ImageBounds,
-    /// Per-token prices, for the token and cost metrics.
-    pub prices: Arc<crate::telemetry::usage::Prices>,
     /// Cancelled when shutdown starts: `/readyz` turns 503 so balancers stop
     /// sending before the listeners close.
     pub draining: CancellationToken,
@@ -70,4 +68,20 @@ pub fn version_pin(headers: &::http::HeaderMap) -> Result<Option<&str>, GatewayE
         .get(crate::route::VERSION_HEADER)
         .map(|v| v.to_str().map_err(|_| GatewayError::invalid("X-Model-Version", "must be a visible ASCII string")))
         .transpose()
+}
+
+/// Name what answered on a response's headers (HTTP) or metadata (gRPC,
+/// whose metadata is a header map): the variant, when the model named was
+/// an alias, and the cache's part in the answer.
+pub fn tag(headers: &mut ::http::HeaderMap, served: &crate::service::Served) {
+    use ::http::HeaderValue;
+    if let Some(v) = served.target.variant.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+        headers.insert(crate::route::VARIANT_HEADER, v);
+    }
+    if let Some(status) = served.cache {
+        headers.insert("x-cache", HeaderValue::from_static(status.as_str()));
+    }
+    if let Some(v) = served.similarity.and_then(|s| HeaderValue::from_str(&format!("{s:.4}")).ok()) {
+        headers.insert("x-cache-similarity", v);
+    }
 }

@@ -76,11 +76,15 @@ fn app(config: &Config, fake: Fake) -> (axum::Router, Arc<Fake>) {
 
 fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
     let fake = Arc::new(fake);
-    let state = Arc::new(EdgeState {
+    let core = crate::service::Core {
         upstream: fake.clone(),
         policy: Policy::new(config).unwrap(),
         routes: Arc::new(crate::route::Routes::new(&config.aliases)),
         cache: crate::cache::ResponseCache::disabled(),
+        prices: Arc::default(),
+    };
+    let state = Arc::new(EdgeState {
+        core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,
         max_message_bytes: 1024,
@@ -89,7 +93,6 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         buffered: super::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
         image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
-        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     (state, fake)

@@ -262,6 +262,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(self, request: types_pb2.GenerateRequest, context: Any) -> Any:
         model = await self._model(request.model, context)
         ctx = _call_context(context)
+        log.debug("generate from %d messages", len(request.messages), extra=_log_ids(ctx))
         params = request.params
         inp = GenerateInput(
             messages=[{"role": m.role, "content": m.content} for m in request.messages],

@@ -1,0 +1,185 @@
+//! The request core. Every edge decodes its request into an [`Ask`] and a
+//! payload, calls [`Core`] once, and encodes the [`Answer`]. Between the
+//! two, once for every edge: plan (aliases, variants, pins, fallbacks) →
+//! admit (auth is the edge's, limits are here) → route the call through the
+//! response cache to the pools → settle the reservation with what was used
+//! → meter tokens and cost.
+//!
+//! An edge never calls the policy, the routes, the cache or the pools for a
+//! model call itself; what it reports (the variant that answered, whether
+//! the cache did) comes back in [`Served`].
+
+pub mod generate;
+
+use std::sync::Arc;
+
+use crate::cache::{CacheMode, CacheStatus, ResponseCache};
+use crate::call::{Call, Deadline};
+use crate::error::GatewayError;
+use crate::policy::{Admission, Caller, Policy, Tokens, estimate_tokens};
+use crate::pool::{EmbedOutput, PoolStatus, Upstream};
+use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo};
+use crate::route::{self, Plan, Routes, Target};
+use crate::telemetry::usage::{Meter, Prices};
+
+pub use self::generate::{Metered, estimate, validate};
+
+/// What the core needs to answer a call.
+pub struct Core {
+    pub upstream: Arc<dyn Upstream>,
+    /// Limits (and the caller identification the edges' middleware uses).
+    pub policy: Arc<Policy>,
+    /// Aliases, variants and fallbacks.
+    pub routes: Arc<Routes>,
+    /// The response cache (exact, chat exact and semantic).
+    pub cache: Arc<ResponseCache>,
+    /// Per-token prices, for the token and cost metrics.
+    pub prices: Arc<Prices>,
+}
+
+/// A call as an edge hands it over: what it names and who asks.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// The model or alias the caller named.
+    pub model: String,
+    pub request_id: String,
+    pub deadline: Deadline,
+    pub caller: Arc<Caller>,
+    /// The variant the caller pins (`x-model-version`).
+    pub pin: Option<String>,
+    /// What the caller's `cache-control` lets the cache do.
+    pub cache: CacheMode,
+}
+
+impl Ask {
+    fn call<P>(&self, payload: P) -> Call<P> {
+        Call {
+            model: self.model.clone(),
+            payload,
+            deadline: self.deadline,
+            request_id: self.request_id.clone(),
+            caller: self.caller.clone(),
+            pool: None,
+        }
+    }
+}
+
+/// What answered, for the edge to report: the variant (`x-infergate-variant`
+/// and the access log) and the cache (`x-cache`, `x-cache-similarity`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub target: Target,
+    /// `None`: the call did not go through the cache.
+    pub cache: Option<CacheStatus>,
+    /// Cosine similarity of a semantic cache hit.
+    pub similarity: Option<f32>,
+}
+
+impl Served {
+    fn by(target: Target, cache: Option<CacheStatus>) -> Self {
+        Self { target, cache, similarity: None }
+    }
+}
+
+/// A result and what answered it.
+#[derive(Debug)]
+pub struct Answer<T> {
+    pub value: T,
+    pub served: Served,
+}
+
+/// A tensor call that was planned and admitted and waits for its item: an
+/// edge that must read and convert a body does so only once the call was
+/// let in (the model is known before the body is read).
+pub struct Admitted {
+    ask: Ask,
+    plan: Plan,
+    admission: Admission,
+    /// The model the call goes to first (its inputs, for converting a body).
+    pub entry: ModelEntry,
+}
+
+impl Core {
+    /// Every model clients can name (pools' models and aliases).
+    pub fn models(&self) -> Vec<ModelEntry> {
+        self.routes.entries(&*self.upstream)
+    }
+
+    /// The entry clients see for `name`.
+    pub fn entry(&self, name: &str) -> Result<ModelEntry, GatewayError> {
+        self.routes.entry(&*self.upstream, name)
+    }
+
+    /// Version `version` of `name` and the pin that selects it.
+    pub fn version_entry(&self, name: &str, version: &str) -> Result<(ModelEntry, Option<String>), GatewayError> {
+        self.routes.version_entry(&*self.upstream, name, version)
+    }
+
+    /// Readiness of every pool.
+    pub fn pools(&self) -> Vec<PoolStatus> {
+        self.upstream.status()
+    }
+
+    fn plan(&self, ask: &Ask) -> Result<Plan, GatewayError> {
+        if ask.model.is_empty() {
+            return Err(GatewayError::invalid("model", "is required"));
+        }
+        self.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref())
+    }
+
+    /// Embeddings of `texts`; `dimensions`, when given, must be the model's.
+    pub async fn embed(
+        &self,
+        ask: Ask,
+        texts: Vec<String>,
+        dimensions: Option<u32>,
+    ) -> Result<Answer<EmbedOutput>, GatewayError> {
+        let plan = self.plan(&ask)?;
+        let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
+        let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
+        if let Some(d) = dimensions.filter(|d| *d != dim) {
+            return Err(GatewayError::invalid(
+                "dimensions",
+                format!("model {:?} returns {dim} dimensions, not {d}", ask.model),
+            ));
+        }
+        let tokens = Tokens::input(texts.iter().map(|t| estimate_tokens(t)).sum());
+        let admission = self.policy.admit(&ask.caller, &ask.model, tokens).await?;
+        let ((out, cached), target) =
+            route::run(&plan, ask.call(texts), |c| self.cache.embed(&*self.upstream, c, ask.cache)).await?;
+        admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
+        // A cached answer costs the caller no model tokens.
+        if cached != Some(CacheStatus::Hit) {
+            self.meter(&ask, &target).record(out.prompt_tokens.into(), 0);
+        }
+        Ok(Answer { value: out, served: Served::by(target, cached) })
+    }
+
+    /// Plan and admit a tensor call to `ask.model`; [`Core::infer`] sends it.
+    pub async fn admit_infer(&self, ask: Ask) -> Result<Admitted, GatewayError> {
+        let plan = self.plan(&ask)?;
+        let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
+        // Tensor calls carry no token estimate.
+        let admission = self.policy.admit(&ask.caller, &ask.model, Tokens::NONE).await?;
+        Ok(Admitted { ask, plan, admission, entry })
+    }
+
+    /// Send an admitted tensor call's item. The answer's model info carries
+    /// the name the caller used.
+    pub async fn infer(
+        &self,
+        admitted: Admitted,
+        item: InferItem,
+    ) -> Result<Answer<(ModelInfo, InferOutputs)>, GatewayError> {
+        let Admitted { ask, plan, admission, .. } = admitted;
+        let (((mut info, out), cached), target) =
+            route::run(&plan, ask.call(item), |c| self.cache.infer(&*self.upstream, c, ask.cache)).await?;
+        admission.settle(None);
+        info.name = ask.model;
+        Ok(Answer { value: (info, out), served: Served::by(target, cached) })
+    }
+
+    fn meter(&self, ask: &Ask, target: &Target) -> Meter {
+        Meter::new(&self.prices, &ask.model, &target.model, ask.caller.tenant.clone())
+    }
+}
