@@ -76,11 +76,15 @@ async fn open_loop_holds_the_offered_rate_over_http1_and_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_over_grpc_counts_what_it_sends() {
-    let state = Arc::new(EdgeState {
+    let core = infergate::service::Core {
         upstream: Arc::new(Fake),
         policy: infergate::policy::Policy::unrestricted(),
         routes: Default::default(),
         cache: infergate::cache::ResponseCache::disabled(),
+        prices: Arc::default(),
+    };
+    let state = Arc::new(EdgeState {
+        core: Arc::new(core),
         default_deadline: Duration::from_secs(5),
         max_body_bytes: 1 << 20,
         max_message_bytes: 1 << 20,
@@ -89,7 +93,6 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
         buffered: infergate::edge::gate::Buffered::new(1 << 30),
         sse_keep_alive: std::time::Duration::from_secs(15),
         image: infergate::edge::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
-        prices: Arc::default(),
         draining: tokio_util::sync::CancellationToken::new(),
     });
     let (_, health) = tonic_health_server();

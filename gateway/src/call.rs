@@ -1,11 +1,14 @@
-//! The one typed value that crosses layers: a model call with its deadline.
+//! The one typed value that crosses layers: a model call with its deadline
+//! and its caller.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::policy::Caller;
+use crate::config::LimitSpec;
 
 /// A request for `model` carrying `payload`, bounded by `deadline`.
 #[derive(Debug, Clone)]
@@ -31,6 +34,65 @@ impl<P> Call<P> {
             request_id: self.request_id.clone(),
             caller: self.caller.clone(),
             pool: self.pool.clone(),
+        }
+    }
+}
+
+/// Who a request is from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// An API key, by its id.
+    Key(Arc<str>),
+    /// A JWT subject.
+    User(Arc<str>),
+    /// No credentials (auth off): limited by client address.
+    Anonymous,
+}
+
+/// The resolved caller; travels with the request (never the secret).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub tenant: Arc<str>,
+    pub tier: Arc<str>,
+    /// The client address (the peer, or `X-Forwarded-For` from a trusted proxy).
+    pub client: IpAddr,
+    /// Models this caller may use; `None`: all.
+    pub models: Option<Arc<HashSet<String>>>,
+    /// The key's own limits, replacing `[limits.per_key]`.
+    pub limits: Option<LimitSpec>,
+}
+
+/// Tenant of callers without credentials.
+pub const ANONYMOUS_TENANT: &str = "anonymous";
+
+impl Caller {
+    pub fn anonymous(client: IpAddr) -> Self {
+        Self {
+            principal: Principal::Anonymous,
+            tenant: ANONYMOUS_TENANT.into(),
+            tier: crate::config::policy::DEFAULT_TIER.into(),
+            client,
+            models: None,
+            limits: None,
+        }
+    }
+
+    /// The per-key limit state key: the key id, the JWT subject, or the address.
+    pub fn limit_key(&self) -> String {
+        match &self.principal {
+            Principal::Key(id) => format!("key:{id}"),
+            Principal::User(sub) => format!("user:{}:{sub}", self.tenant),
+            Principal::Anonymous => format!("addr:{}", self.client),
+        }
+    }
+
+    /// For logs: the key id, `user:<sub>`, or `anonymous`.
+    pub fn id(&self) -> String {
+        match &self.principal {
+            Principal::Key(id) => id.to_string(),
+            Principal::User(sub) => format!("user:{sub}"),
+            Principal::Anonymous => "anonymous".to_owned(),
         }
     }
 }

@@ -1,8 +1,37 @@
 //! infergate: an edge gateway that terminates HTTP/JSON and gRPC and speaks
 //! gRPC to a pool of Python AI workers.
 //!
-//! Data flows one way: [`edge`] -> [`pool`] (later: policy, route, cache,
-//! batch in between); [`supervisor`] runs local worker processes beside it.
+//! A request flows one way: [`edge`] decodes it and calls the request core
+//! ([`service`]), which plans ([`route`]), admits ([`policy`]), goes
+//! through the response cache ([`cache`]) to the pools ([`pool`], with
+//! [`batch`]) and meters ([`telemetry`]); [`supervisor`] runs local worker
+//! processes beside it; [`server`] wires them together.
+//!
+//! Which module may use which (`crate::` paths outside test code). The
+//! test `dependency_tests` reads every module's sources against this table
+//! and checks that the table has no circle: a module never uses one that
+//! uses it back.
+//!
+//! | module | may use |
+//! |---|---|
+//! | config | |
+//! | proto | |
+//! | error | |
+//! | bulk | |
+//! | slots | |
+//! | call | config |
+//! | tensor | proto |
+//! | telemetry | config |
+//! | embedded | call config proto |
+//! | supervisor | config telemetry |
+//! | policy | call config error telemetry |
+//! | batch | call config error slots telemetry |
+//! | pool | batch bulk call config embedded error proto slots telemetry tensor |
+//! | route | call config error pool proto |
+//! | cache | call config error pool proto route telemetry |
+//! | service | cache call error policy pool proto route telemetry |
+//! | edge | bulk cache call config error policy pool proto route service telemetry tensor |
+//! | server | cache config edge embedded policy pool proto route service supervisor telemetry |
 
 pub mod batch;
 pub mod bulk;
@@ -17,9 +46,13 @@ pub mod pool;
 pub mod route;
 pub mod server;
 pub mod service;
+pub mod slots;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tensor;
+
+#[cfg(test)]
+mod dependency_tests;
 
 /// Generated from `proto/infergate/v1/*.proto`.
 pub mod proto {

@@ -26,39 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::call::Deadline;
+pub use crate::config::components::BatchConfig;
 use crate::error::GatewayError;
-use crate::pool::slots::Slots;
+use crate::slots::Slots;
 use crate::telemetry::timing::{self, Timings};
 use crate::telemetry::trace::{self, TraceContext};
-
-/// Batching settings of a pool.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchConfig {
-    pub enabled: bool,
-    /// Items per batch; `None`: what the worker's Describe reports.
-    pub max_batch_size: Option<usize>,
-    /// How long the oldest item may wait for the batch to fill.
-    pub max_delay: Duration,
-    /// Batches one worker is given at once.
-    pub concurrency_per_worker: usize,
-    /// Items waiting at most; past it, 503 at once.
-    pub max_queue: usize,
-    /// Callers of these tiers are taken first.
-    pub priority_tiers: Vec<String>,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_batch_size: None,
-            max_delay: Duration::from_millis(2),
-            concurrency_per_worker: 2,
-            max_queue: 1024,
-            priority_tiers: vec!["vip".into()],
-        }
-    }
-}
 
 /// How big a batch may grow: items, and bytes of encoded items (what fits
 /// in one worker message), with how an item is weighed.

@@ -28,29 +28,11 @@ use tokio::time::Instant;
 
 use super::{CacheMode, Key, ResponseCache};
 use crate::call::Call;
+pub use crate::config::components::SemanticConfig;
 use crate::error::GatewayError;
 use crate::pool::{ChunkStream, Upstream};
 use crate::proto::{FinishReason, GenerateChunk, GenerateRequest};
 use crate::route::Target;
-
-/// Semantic cache settings (`[cache.semantic]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SemanticConfig {
-    /// Models, as clients name them, whose answers are matched by meaning.
-    pub models: Vec<String>,
-    /// The model that embeds prompts (an embed model some pool serves).
-    pub embedding_model: String,
-    /// Cosine similarity from which a previous answer is returned.
-    pub threshold: f32,
-    /// Answers kept per (tenant, model, target).
-    pub max_entries: usize,
-}
-
-impl Default for SemanticConfig {
-    fn default() -> Self {
-        Self { models: Vec::new(), embedding_model: "minilm".into(), threshold: 0.95, max_entries: 1000 }
-    }
-}
 
 /// How a chat call was answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq)]

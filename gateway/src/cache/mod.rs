@@ -22,35 +22,10 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::call::Call;
+pub use crate::config::components::{CacheConfig, PoolRules};
 use crate::error::GatewayError;
 use crate::pool::{EmbedOutput, Upstream};
 use crate::proto::{InferItem, InferOutputs, ModelInfo};
-
-/// Cache settings (`[cache]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheConfig {
-    pub enabled: bool,
-    /// Memory for cached answers, in bytes.
-    pub max_bytes: u64,
-    pub ttl: Duration,
-    /// Largest value read from or written to Redis, inflated: a value's
-    /// size prefix is checked against it before anything is allocated.
-    pub max_value_bytes: usize,
-    /// Chat answers matched by meaning (off unless models are named).
-    pub semantic: chat::SemanticConfig,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_bytes: 256 * 1024 * 1024,
-            ttl: Duration::from_secs(600),
-            max_value_bytes: 64 * 1024 * 1024,
-            semantic: chat::SemanticConfig::default(),
-        }
-    }
-}
 
 /// What a request lets the cache do (`Cache-Control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,15 +229,6 @@ impl Shared {
         }
         None
     }
-}
-
-/// Which pools' answers may be cached beyond the defaults.
-#[derive(Debug, Clone, Default)]
-pub struct PoolRules {
-    /// `deterministic = false`: tensor calls never cached.
-    pub nondeterministic: Vec<String>,
-    /// `deterministic = true`: chat answers cached whatever the temperature.
-    pub deterministic: Vec<String>,
 }
 
 /// The response cache: exact answers of embed, tensor and chat calls, and

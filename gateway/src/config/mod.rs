@@ -5,6 +5,7 @@
 //! unknown keys; [`Config::from_raw`] turns it into durations, socket
 //! addresses and pool definitions, naming the offending key on failure.
 
+pub mod components;
 pub mod policy;
 pub mod raw;
 pub mod routes;
@@ -70,17 +71,17 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub log: LogConfig,
     pub pools: Vec<PoolConfig>,
-    pub cache: crate::cache::CacheConfig,
+    pub cache: components::CacheConfig,
     /// Pools marked `deterministic = false` / `true`.
-    pub cache_pools: crate::cache::PoolRules,
+    pub cache_pools: components::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
     pub aliases: Vec<routes::AliasConfig>,
     /// Per-token prices by model name, for the estimated-cost metric.
-    pub prices: crate::telemetry::usage::Prices,
+    pub prices: components::Prices,
     /// DNS servers for discovered pools; empty: the system's resolver.
     pub nameservers: Vec<std::net::SocketAddr>,
     /// Where request spans are exported; `None`: nowhere.
-    pub otlp: Option<crate::telemetry::otlp::OtlpConfig>,
+    pub otlp: Option<components::OtlpConfig>,
     /// The raw form, for `check-config`.
     pub raw: RawConfig,
 }
@@ -166,10 +167,10 @@ pub struct PoolConfig {
     pub max_in_flight_per_worker: usize,
     /// Calls that may wait for a free worker slot.
     pub max_queue: usize,
-    pub circuit: crate::pool::circuit::CircuitConfig,
-    pub outlier: crate::pool::outlier::OutlierConfig,
-    pub retry: crate::pool::retry::RetryConfig,
-    pub batching: crate::batch::BatchConfig,
+    pub circuit: components::CircuitConfig,
+    pub outlier: components::OutlierConfig,
+    pub retry: components::RetryConfig,
+    pub batching: components::BatchConfig,
 }
 
 /// Default calls per worker (per model thread for local pools).
@@ -290,7 +291,7 @@ impl Config {
             let max_in_flight_per_worker = positive_size(&key("max_in_flight_per_worker"), per_worker.into())?;
             let max_queue = usize::try_from(pool.max_queue.unwrap_or(DEFAULT_MAX_QUEUE)).unwrap_or(usize::MAX);
             let c = pool.circuit.clone().unwrap_or_default();
-            let circuit = crate::pool::circuit::CircuitConfig {
+            let circuit = components::CircuitConfig {
                 failures: u32::try_from(positive_size(&key("circuit.failures"), c.failures.into())?)
                     .unwrap_or(u32::MAX),
                 open_for: duration(&key("circuit.open_for"), &c.open_for)?,
@@ -306,7 +307,7 @@ impl Config {
             if !(1..=64).contains(&o.window) {
                 return Err(invalid(key("outlier.window"), "must be 1 to 64 calls"));
             }
-            let outlier = crate::pool::outlier::OutlierConfig {
+            let outlier = components::OutlierConfig {
                 consecutive: u32::try_from(positive_size(&key("outlier.consecutive"), o.consecutive.into())?)
                     .unwrap_or(u32::MAX),
                 ratio: o.ratio,
@@ -318,14 +319,14 @@ impl Config {
             if !(0.0..=10.0).contains(&r.ratio) {
                 return Err(invalid(key("retries.ratio"), "must be a share of requests between 0 and 10"));
             }
-            let retry = crate::pool::retry::RetryConfig {
+            let retry = components::RetryConfig {
                 max: r.max.min(5),
                 ratio: r.ratio,
                 floor: r.floor,
                 idempotent: pool.idempotent,
             };
             let b = pool.batching.clone().unwrap_or_default();
-            let batching = crate::batch::BatchConfig {
+            let batching = components::BatchConfig {
                 enabled: b.enabled,
                 max_batch_size: match b.max_batch_size {
                     None => None,
@@ -373,7 +374,7 @@ impl Config {
             auth: AuthConfig::from_raw(&raw.auth)?,
             limits: LimitsConfig::from_raw(&raw.limits)?,
             redis: RedisConfig::from_raw(&raw.redis)?,
-            cache: crate::cache::CacheConfig {
+            cache: components::CacheConfig {
                 enabled: raw.cache.enabled,
                 max_bytes: raw.cache.max_bytes,
                 ttl: duration("cache.ttl", &raw.cache.ttl)?,
@@ -383,7 +384,7 @@ impl Config {
                     if !(0.0..=1.0).contains(&s.threshold) {
                         return Err(invalid("cache.semantic.threshold", "must be a cosine similarity between 0 and 1"));
                     }
-                    crate::cache::chat::SemanticConfig {
+                    components::SemanticConfig {
                         models: s.models.clone(),
                         embedding_model: s.embedding_model.clone(),
                         threshold: s.threshold,
@@ -391,7 +392,7 @@ impl Config {
                     }
                 },
             },
-            cache_pools: crate::cache::PoolRules {
+            cache_pools: components::PoolRules {
                 nondeterministic: raw
                     .pools
                     .iter()
@@ -423,7 +424,7 @@ impl Config {
                 .collect::<Result<_, _>>()?,
             otlp: otlp_config(&raw.tracing)?,
             prices: {
-                crate::telemetry::usage::check(&raw.prices).map_err(|(key, message)| invalid(key, message))?;
+                components::check_prices(&raw.prices).map_err(|(key, message)| invalid(key, message))?;
                 raw.prices.clone()
             },
             pools,
@@ -504,7 +505,7 @@ fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Result<PoolKi
     }
 }
 
-fn otlp_config(raw: &raw::RawTracing) -> Result<Option<crate::telemetry::otlp::OtlpConfig>, ConfigError> {
+fn otlp_config(raw: &raw::RawTracing) -> Result<Option<components::OtlpConfig>, ConfigError> {
     if raw.otlp_endpoint.is_empty() {
         return Ok(None);
     }
@@ -519,7 +520,7 @@ fn otlp_config(raw: &raw::RawTracing) -> Result<Option<crate::telemetry::otlp::O
     if raw.service_name.is_empty() {
         return Err(invalid("tracing.service_name", "must not be empty"));
     }
-    Ok(Some(crate::telemetry::otlp::OtlpConfig { endpoint, service_name: raw.service_name.clone() }))
+    Ok(Some(components::OtlpConfig { endpoint, service_name: raw.service_name.clone() }))
 }
 
 /// Parse `unix:/path`, `http://host:port` or bare `host:port`.
@@ -601,6 +602,11 @@ fn set_path(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Re
         }
         _ => Err(format!("`{head}` is not a table")),
     }
+}
+
+/// The socket path of local worker `n` of `pool` under the socket directory.
+pub fn local_socket(dir: &std::path::Path, pool: &str, n: u32) -> std::path::PathBuf {
+    dir.join(format!("{pool}-{n}.sock"))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub struct RawConfig {
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
     /// Per-token prices by model, for the estimated-cost metric.
-    pub prices: crate::telemetry::usage::Prices,
+    pub prices: super::components::Prices,
     pub discovery: RawDiscovery,
     pub tracing: RawTracing,
 }

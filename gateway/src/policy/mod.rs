@@ -10,7 +10,7 @@ pub mod auth;
 pub mod limits;
 pub mod redis;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::{Authenticator, KeyLoadError};
 use self::limits::{Gcra, LocalLimits, Refusal, Scope};
 use self::redis::{Check, Decision, RedisLimits, RedisSetupError};
-use crate::config::{Config, Fallback, LimitSpec, LimitsConfig};
+use crate::config::{Config, Fallback, LimitsConfig};
 use crate::error::GatewayError;
 
 /// How often the keys file and JWKS file are checked for changes.
@@ -32,64 +32,7 @@ const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// How often idle limiter state (clients that went away) is dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-/// Who a request is from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// An API key, by its id.
-    Key(Arc<str>),
-    /// A JWT subject.
-    User(Arc<str>),
-    /// No credentials (auth off): limited by client address.
-    Anonymous,
-}
-
-/// The resolved caller; travels with the request (never the secret).
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub principal: Principal,
-    pub tenant: Arc<str>,
-    pub tier: Arc<str>,
-    /// The client address (the peer, or `X-Forwarded-For` from a trusted proxy).
-    pub client: IpAddr,
-    /// Models this caller may use; `None`: all.
-    pub models: Option<Arc<HashSet<String>>>,
-    /// The key's own limits, replacing `[limits.per_key]`.
-    pub limits: Option<LimitSpec>,
-}
-
-/// Tenant of callers without credentials.
-pub const ANONYMOUS_TENANT: &str = "anonymous";
-
-impl Caller {
-    pub fn anonymous(client: IpAddr) -> Self {
-        Self {
-            principal: Principal::Anonymous,
-            tenant: ANONYMOUS_TENANT.into(),
-            tier: crate::config::policy::DEFAULT_TIER.into(),
-            client,
-            models: None,
-            limits: None,
-        }
-    }
-
-    /// The per-key limit state key: the key id, the JWT subject, or the address.
-    pub fn limit_key(&self) -> String {
-        match &self.principal {
-            Principal::Key(id) => format!("key:{id}"),
-            Principal::User(sub) => format!("user:{}:{sub}", self.tenant),
-            Principal::Anonymous => format!("addr:{}", self.client),
-        }
-    }
-
-    /// For logs: the key id, `user:<sub>`, or `anonymous`.
-    pub fn id(&self) -> String {
-        match &self.principal {
-            Principal::Key(id) => id.to_string(),
-            Principal::User(sub) => format!("user:{sub}"),
-            Principal::Anonymous => "anonymous".to_owned(),
-        }
-    }
-}
+pub use crate::call::{ANONYMOUS_TENANT, Caller, Principal};
 
 /// The TCP peer of a connection, set by the accept loop on every request.
 #[derive(Debug, Clone, Copy)]

@@ -8,24 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use crate::config::components::CircuitConfig;
 use crate::error::GatewayError;
-
-/// Breaker settings of a pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CircuitConfig {
-    /// Consecutive worker failures that open the circuit.
-    pub failures: u32,
-    /// How long it stays open before probing.
-    pub open_for: Duration,
-    /// Calls let through while half-open; all must succeed to close.
-    pub probes: u32,
-}
-
-impl Default for CircuitConfig {
-    fn default() -> Self {
-        Self { failures: 5, open_for: Duration::from_secs(5), probes: 3 }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

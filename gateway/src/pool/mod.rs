@@ -7,7 +7,7 @@ pub mod discovery;
 pub mod latency;
 pub mod outlier;
 pub mod retry;
-pub mod slots;
+
 pub mod worker;
 
 use std::collections::HashMap;
@@ -103,7 +103,7 @@ struct Pool {
     retry: retry::RetryConfig,
     budget: retry::Budget,
     /// Calls handed to workers at once: workers × per-worker bound.
-    slots: slots::Slots,
+    slots: crate::slots::Slots,
     /// Calls waiting for a slot, at most `max_queue`.
     queued: AtomicUsize,
     /// `queued` as a metric.
@@ -371,14 +371,14 @@ type Embedded = (Vec<f32>, u32);
 
 impl Pools {
     /// Build pools from config. Local pools' workers listen on
-    /// `socket_dir/<pool>-<n>.sock` (see [`local_socket`]).
+    /// `socket_dir/<pool>-<n>.sock` (see [`crate::config::local_socket`]).
     pub fn new(config: &Config, socket_dir: &Path) -> Arc<Self> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for pool in &config.pools {
             let addrs: Vec<WorkerAddr> = match &pool.kind {
-                PoolKind::Local { workers, .. } => {
-                    (0..workers.get()).map(|i| WorkerAddr::Unix(local_socket(socket_dir, &pool.name, i))).collect()
-                }
+                PoolKind::Local { workers, .. } => (0..workers.get())
+                    .map(|i| WorkerAddr::Unix(crate::config::local_socket(socket_dir, &pool.name, i)))
+                    .collect(),
                 PoolKind::Remote { addresses } => addresses.clone(),
                 // Found by `discover`, which fills the pool as records arrive.
                 PoolKind::Discovered { .. } => Vec::new(),
@@ -396,7 +396,7 @@ impl Pools {
                     ))
                 })
                 .collect();
-            let slots = slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
+            let slots = crate::slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
             // Counted from 0, so the series exist before the first event.
             for name in [crate::telemetry::metrics::RETRIES, crate::telemetry::metrics::QUEUE_REJECTIONS] {
                 metrics::counter!(name, "pool" => pool.name.clone()).increment(0);
@@ -563,11 +563,6 @@ impl Pools {
         let ready = pool.workers().iter().any(|w| w.is_serving());
         ModelEntry { info: Some(info), pool: pool.name.clone(), ready }
     }
-}
-
-/// The socket path of local worker `n` of `pool`.
-pub fn local_socket(dir: &Path, pool: &str, n: u32) -> std::path::PathBuf {
-    dir.join(format!("{pool}-{n}.sock"))
 }
 
 fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), GatewayError> {
@@ -847,7 +842,7 @@ async fn gather<I: Send + 'static, O: Send + 'static>(
     batcher: &Batcher<I, O>,
     items: Vec<I>,
     deadline: &Deadline,
-    caller: &crate::policy::Caller,
+    caller: &crate::call::Caller,
     rid: &str,
 ) -> Result<Vec<O>, GatewayError> {
     let key = batch::caller_key(&caller.tenant, caller.client);
@@ -1121,7 +1116,7 @@ mod tests {
             payload: vec!["x".into()],
             deadline: Deadline::after(std::time::Duration::from_secs(1)),
             request_id: String::new(),
-            caller: Arc::new(crate::policy::Caller::anonymous([127, 0, 0, 1].into())),
+            caller: Arc::new(crate::call::Caller::anonymous([127, 0, 0, 1].into())),
             pool: None,
         };
         assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
@@ -1153,7 +1148,7 @@ mod tests {
             ejected: AtomicUsize::new(0),
             retry: retry::RetryConfig::default(),
             budget: retry::Budget::default(),
-            slots: slots::Slots::new(per_worker),
+            slots: crate::slots::Slots::new(per_worker),
             queued: AtomicUsize::new(0),
             depth: metrics::gauge!("test_queue_depth"),
             max_queue,

@@ -9,28 +9,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use crate::config::components::OutlierConfig;
 use tokio::time::Instant;
 
 /// How long after its last failure a worker's balancing penalty lasts.
 const PENALTY_LAPSE_MS: u64 = 2_000;
-
-/// Outlier settings of a pool.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OutlierConfig {
-    pub consecutive: u32,
-    /// Failure share over the last `window` calls (once `window` calls are seen).
-    pub ratio: f64,
-    pub window: u32,
-    pub base_ejection: Duration,
-    /// Largest share of a pool's workers ejected at once.
-    pub max_ejected: f64,
-}
-
-impl Default for OutlierConfig {
-    fn default() -> Self {
-        Self { consecutive: 5, ratio: 0.5, window: 20, base_ejection: Duration::from_secs(30), max_ejected: 0.5 }
-    }
-}
 
 impl OutlierConfig {
     /// Workers of a pool of `n` that may be ejected at once.

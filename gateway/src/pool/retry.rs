@@ -15,27 +15,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use crate::config::components::RetryConfig;
 use crate::error::GatewayError;
-
-/// Retry settings of a pool.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryConfig {
-    /// Extra attempts per call.
-    pub max: u32,
-    /// Retries allowed per request over the last window ...
-    pub ratio: f64,
-    /// ... plus this many.
-    pub floor: u32,
-    /// Whether a call may be re-run after it possibly started: `None`
-    /// decides by the kind of call ([`Rerun`]).
-    pub idempotent: Option<bool>,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self { max: 2, ratio: 0.2, floor: 10, idempotent: None }
-    }
-}
 
 /// What running a call twice would do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,9 +9,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::call::Call;
+use crate::call::{Caller, Principal};
 use crate::config::routes::{AliasConfig, Fallback};
 use crate::error::GatewayError;
-use crate::policy::{Caller, Principal};
 use crate::pool::Upstream;
 use crate::proto::ModelEntry;
 

@@ -12,8 +12,8 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::local_socket;
 use crate::config::{Config, PoolKind, WorkersConfig};
-use crate::pool::local_socket;
 
 /// A run of this long resets the restart backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);

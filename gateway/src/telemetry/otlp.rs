@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::metrics::SPANS_DROPPED;
 use super::trace::TraceContext;
+pub use crate::config::components::OtlpConfig;
 
 /// Spans waiting for export at most.
 const QUEUE: usize = 8192;
@@ -28,15 +29,6 @@ const BATCH: usize = 512;
 /// How long a span may wait for its batch to fill.
 const LINGER: Duration = Duration::from_secs(1);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `[tracing]` settings, checked.
-#[derive(Debug, Clone)]
-pub struct OtlpConfig {
-    /// The collector's OTLP/gRPC address, e.g. `http://otel-collector:4317`.
-    pub endpoint: http::Uri,
-    /// `service.name` of the exported spans.
-    pub service_name: String,
-}
 
 static QUEUED: OnceLock<mpsc::Sender<Span>> = OnceLock::new();
 

@@ -1,42 +1,16 @@
 //! Tokens used by model and tenant, and what they would cost at the
 //! configured prices (`[prices."<model>"]`, US dollars per million tokens).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use super::metrics::{COST, TOKENS};
-
-/// Prices of one model, in US dollars per million tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Price {
-    pub input_per_million: f64,
-    pub output_per_million: f64,
-}
+pub use crate::config::components::{Price, Prices};
 
 impl Price {
     /// Dollars for `input` and `output` tokens.
     pub fn cost(&self, input: u64, output: u64) -> f64 {
         (input as f64 * self.input_per_million + output as f64 * self.output_per_million) / 1e6
     }
-}
-
-/// Prices by model name as clients use it.
-pub type Prices = HashMap<String, Price>;
-
-/// Check configured prices: finite and not negative. The error names the
-/// config key and what is wrong with it.
-pub fn check(prices: &Prices) -> Result<(), (String, String)> {
-    for (model, p) in prices {
-        for (what, v) in [("input_per_million", p.input_per_million), ("output_per_million", p.output_per_million)] {
-            if !v.is_finite() || v < 0.0 {
-                return Err((format!("prices.{model:?}.{what}"), format!("must be a price of 0 or more, got {v}")));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Who used tokens of which model, and its price: settled once per request.
@@ -99,8 +73,8 @@ mod tests {
     fn negative_or_nan_prices_are_refused() {
         let mut prices = Prices::new();
         prices.insert("m".into(), Price { input_per_million: 1.0, output_per_million: 2.0 });
-        assert!(check(&prices).is_ok());
+        assert!(crate::config::components::check_prices(&prices).is_ok());
         prices.insert("bad".into(), Price { input_per_million: -1.0, output_per_million: 0.0 });
-        assert_eq!(check(&prices).unwrap_err().0, "prices.\"bad\".input_per_million");
+        assert_eq!(crate::config::components::check_prices(&prices).unwrap_err().0, "prices.\"bad\".input_per_million");
     }
 }

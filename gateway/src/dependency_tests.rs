@@ -1,0 +1,128 @@
+//! The module table in lib.rs holds: every module uses only what its row
+//! allows, and the allowed uses form no circle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+const SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+
+/// The table at the top of lib.rs: module → the modules it may use.
+fn table() -> Graph {
+    let lib = std::fs::read_to_string(Path::new(SRC).join("lib.rs")).unwrap();
+    lib.lines()
+        .filter_map(|l| l.strip_prefix("//! | "))
+        .filter(|row| !row.starts_with("module") && !row.starts_with("---"))
+        .map(|row| {
+            let mut cells = row.split('|').map(str::trim);
+            let module = cells.next().unwrap().to_owned();
+            let uses = cells.next().unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+            (module, uses)
+        })
+        .collect()
+}
+
+/// Source without comments and without inline `mod tests { .. }`.
+fn code(text: &str) -> String {
+    let text = text.find("#[cfg(test)]\nmod tests {").map_or(text, |i| &text[..i]);
+    text.lines().map(|l| l.split("//").next().unwrap_or_default()).collect::<Vec<_>>().join("\n")
+}
+
+/// The crate modules `code` names: `crate::x`, and `x` in `crate::{x, ..}`.
+fn named(code: &str) -> BTreeSet<String> {
+    let ident = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let group = &group[..group.find('}').unwrap_or(group.len())];
+            out.extend(group.split(',').map(|p| ident(p.trim())).filter(|m| !m.is_empty()));
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out
+}
+
+/// What each top-level module's non-test sources use.
+fn actual() -> Graph {
+    fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(Path::new(SRC), &mut files);
+    let mut graph = Graph::new();
+    for path in files {
+        let rel = path.strip_prefix(SRC).unwrap();
+        let top = rel.components().next().unwrap().as_os_str().to_str().unwrap().trim_end_matches(".rs").to_owned();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if matches!(top.as_str(), "lib" | "main" | "dependency_tests")
+            || name == "tests.rs"
+            || name.ends_with("_tests.rs")
+        {
+            continue;
+        }
+        let uses = named(&code(&std::fs::read_to_string(&path).unwrap()));
+        graph.entry(top.clone()).or_default().extend(uses.into_iter().filter(|m| *m != top));
+    }
+    graph
+}
+
+/// A circle in `graph`, if there is one.
+fn circle(graph: &Graph) -> Option<Vec<String>> {
+    fn visit(g: &Graph, n: &str, path: &mut Vec<String>, done: &mut BTreeSet<String>) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == n) {
+            return Some(path[at..].iter().cloned().chain([n.to_owned()]).collect());
+        }
+        if done.contains(n) {
+            return None;
+        }
+        path.push(n.to_owned());
+        for next in g.get(n).into_iter().flatten() {
+            if let Some(c) = visit(g, next, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(n.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph.keys().find_map(|n| visit(graph, n, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn every_module_uses_only_what_the_table_allows() {
+    let table = table();
+    assert!(table.len() > 10, "the table in lib.rs was not found: {table:?}");
+    for (module, uses) in actual() {
+        let allowed = table.get(&module).unwrap_or_else(|| panic!("module {module} is not in lib.rs's table"));
+        let extra: Vec<_> = uses.difference(allowed).collect();
+        assert!(extra.is_empty(), "{module} uses {extra:?}, which its row in lib.rs does not allow");
+    }
+}
+
+#[test]
+fn the_table_has_no_circle() {
+    assert_eq!(circle(&table()), None);
+    // And the check would see one.
+    let looped: Graph = [("a", "b"), ("b", "c"), ("c", "a")]
+        .into_iter()
+        .map(|(m, u)| (m.to_owned(), BTreeSet::from([u.to_owned()])))
+        .collect();
+    assert_eq!(circle(&looped).map(|c| c.len()), Some(4));
+}
+
+#[test]
+fn the_reader_finds_paths_and_groups() {
+    let src = "use crate::call::Call;\nuse crate::{error, pool::Upstream};\n// crate::edge in a comment\nlet x = crate::bulk::run(f);";
+    assert_eq!(named(&code(src)), ["bulk", "call", "error", "pool"].map(str::to_owned).into());
+}
