@@ -12,15 +12,18 @@ use infergate::call::Call;
 use infergate::edge::EdgeState;
 use infergate::error::GatewayError;
 use infergate::pool::{EmbedOutput, PoolStatus, Upstream};
-use infergate::proto::{ModelEntry, ModelInfo};
+use infergate::proto::{ModelEntry, ModelInfo, ModelKind};
 use infergate_benches::load::{self, Mode, Payload, Protocol, RunConfig, Target, Texts};
 
+/// Serves embedding model `m`.
 struct Fake;
 
 #[async_trait::async_trait]
 impl Upstream for Fake {
     fn models(&self) -> Vec<ModelEntry> {
-        Vec::new()
+        let info =
+            ModelInfo { name: "m".into(), kind: ModelKind::Embed as i32, embedding_dim: 8, ..Default::default() };
+        vec![ModelEntry { info: Some(info), pool: "p".into(), ready: true }]
     }
     fn status(&self) -> Vec<PoolStatus> {
         Vec::new()
