@@ -1013,7 +1013,7 @@ fn send_batch<R: BatchRpc>(
             R::request(model.clone(), items, &worker)
         };
         let req = request(msg, &deadline, &request_id);
-        let resp = bounded(&deadline, &worker, R::call(worker.client_for(bytes), req)).await?;
+        let resp = bounded(&deadline, &worker, worker.call(bytes, |client| R::call(client, req))).await?;
         let results =
             if bulk { crate::bulk::run(move || R::results(resp)).await.map_err(&failed)? } else { R::results(resp) };
         if results.len() != count {

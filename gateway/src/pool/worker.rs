@@ -86,8 +86,8 @@ impl Worker {
         Self {
             metrics: WorkerMetrics::new(pool, &id),
             id,
-            channel: channel(&addr),
-            bulk: channel(&addr),
+            channel: channel(&addr, None),
+            bulk: channel(&addr, Some(crate::bulk::Exec)),
             addr,
             outstanding: AtomicUsize::new(0),
             busy_since_us: AtomicU64::new(0),
@@ -105,14 +105,30 @@ impl Worker {
         self.client_on(&self.channel)
     }
 
-    /// A client for a call whose request takes `bytes`: large ones go on a
-    /// connection of their own. On one HTTP/2 connection a small call waits
-    /// for flow-control window behind every large message queued before it
-    /// (h2 grants a connection's window to streams in order), and its bytes
-    /// queue behind theirs in the socket: two clients sending 4 MB tensors
-    /// held every small call of the worker ~50 ms.
-    pub fn client_for(&self, bytes: usize) -> WorkerClient<Channel> {
-        self.client_on(if bytes > BULK_MESSAGE_BYTES { &self.bulk } else { &self.channel })
+    /// Runs `call` with a client for a request of `bytes`. Large ones go
+    /// on a connection of their own: on one HTTP/2 connection a small call
+    /// waits for flow-control window behind every large message queued
+    /// before it (h2 grants a connection's window to streams in order), and
+    /// its bytes queue behind theirs in the socket (two clients sending 4 MB
+    /// tensors held every small call of the worker ~50 ms). That
+    /// connection's tasks and the large call itself, which copy its
+    /// megabytes, run on the bulk thread ([`crate::bulk`]).
+    pub async fn call<F, T>(
+        &self,
+        bytes: usize,
+        call: impl FnOnce(WorkerClient<Channel>) -> F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: Future<Output = Result<T, tonic::Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        if bytes <= BULK_MESSAGE_BYTES {
+            return call(self.client_on(&self.channel)).await;
+        }
+        let call = call(self.client_on(&self.bulk));
+        crate::bulk::spawn(call)
+            .await
+            .unwrap_or_else(|e| Err(tonic::Status::internal(format!("the call's task failed: {e}"))))
     }
 
     fn client_on(&self, channel: &Channel) -> WorkerClient<Channel> {
@@ -250,7 +266,13 @@ const BULK_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// A lazily connected HTTP/2 channel to `addr` that reconnects by itself
 /// after the process restarts.
-fn channel(addr: &WorkerAddr) -> Channel {
+/// A lazily connected channel to `addr`, its tasks spawned on `exec` (by
+/// default the current runtime).
+fn channel(addr: &WorkerAddr, exec: Option<crate::bulk::Exec>) -> Channel {
+    let endpoint = |e: Endpoint| match exec {
+        Some(exec) => endpoint(e).executor(exec),
+        None => endpoint(e),
+    };
     match addr {
         WorkerAddr::Tcp(uri) => endpoint(Endpoint::from(uri.clone())).connect_lazy(),
         WorkerAddr::InProcess(name) => {

@@ -198,15 +198,21 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
             raise  # unreachable: abort raises
 
     async def _run_batch(
-        self, ctx: CallContext, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any
+        self,
+        ctx: CallContext,
+        context: grpc.aio.ServicerContext,
+        fn: Callable[..., T],
+        *args: Any,
+        name: str = "",
     ) -> T | Exception:
-        """Like :meth:`_run`, but a model exception is returned for per-item errors."""
+        """Like :meth:`_run`, but a model exception is returned for per-item
+        errors (logged as ``name`` failing, by default ``fn``'s name)."""
         try:
             return await self._run(ctx, context, fn, *args)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            name = getattr(fn, "__qualname__", "model call")
+            name = name or getattr(fn, "__qualname__", "model call")
             log.exception("%s failed", name, extra=_log_ids(ctx))
             return exc
 
@@ -240,22 +246,15 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
         # encoding.
         response = worker_pb2.InferBatchResponse()
         results = [response.results.add() for _ in request.items]
-        items: list[tuple[int, InferItem]] = []
-        for n, msg in enumerate(request.items):
-            try:
-                items.append((n, _infer_item(msg)))
-            except ValueError as exc:
-                results[n].error.CopyFrom(item_error(InvalidInput(str(exc))))
-        for part in _chunks(items, self._infos[request.model].max_batch_size):
-            if not part:
-                continue
-            out = await self._run_batch(ctx, context, model.infer, [item for _, item in part])
-            if not isinstance(out, Exception) and len(out) != len(part):
-                out = RuntimeError(f"infer returned {len(out)} results for {len(part)} items")
-            if isinstance(out, Exception):
-                out = [out] * len(part)
-            for (n, item), value in zip(part, out, strict=True):
-                _fill_result(results[n], value, item)
+        for part in _chunks(range(len(request.items)), self._infos[request.model].max_batch_size):
+            msgs, outs = [request.items[n] for n in part], [results[n] for n in part]
+            failed = await self._run_batch(
+                ctx, context, _infer_part, model, msgs, outs, name=f"{type(model).__name__}.infer"
+            )
+            if isinstance(failed, Exception):
+                for result in outs:
+                    if not result.HasField("error"):
+                        _fill_result(result, failed, None)
         context.set_trailing_metadata(_timings(ctx))
         return response
 
@@ -395,11 +394,36 @@ def _infer_item(msg: worker_pb2.InferItem) -> InferItem:
     )
 
 
-def _fill_result(result: worker_pb2.InferResult, value: Any, item: InferItem) -> None:
-    """Encode what the model returned for ``item`` into ``result``."""
+def _infer_part(
+    model: Model, msgs: list[worker_pb2.InferItem], results: list[worker_pb2.InferResult]
+) -> None:
+    """Decode ``msgs``, run them through ``model.infer`` and encode what it
+    returns into ``results``, on a model thread: a large tensor's copies on
+    the event loop would hold every other call on this worker for
+    milliseconds. An item that cannot be decoded gets its own error; an
+    exception from the model is raised for the caller to spread."""
+    items: list[tuple[worker_pb2.InferResult, InferItem]] = []
+    for msg, result in zip(msgs, results, strict=True):
+        try:
+            items.append((result, _infer_item(msg)))
+        except ValueError as exc:
+            result.error.CopyFrom(item_error(InvalidInput(str(exc))))
+    if not items:
+        return
+    out = model.infer([item for _, item in items])
+    if len(out) != len(items):
+        raise RuntimeError(f"infer returned {len(out)} results for {len(items)} items")
+    for (result, item), value in zip(items, out, strict=True):
+        _fill_result(result, value, item)
+
+
+def _fill_result(result: worker_pb2.InferResult, value: Any, item: InferItem | None) -> None:
+    """Encode what the model returned for ``item`` into ``result`` (an
+    exception needs no item)."""
     if isinstance(value, BaseException):
         result.error.CopyFrom(item_error(value))
         return
+    assert item is not None, "a result needs the item it answers"
     outputs = result.outputs
     outputs.SetInParent()
     try:
