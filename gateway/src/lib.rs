@@ -21,17 +21,18 @@
 //! | slots | |
 //! | call | config |
 //! | tensor | proto |
+//! | upstream | call error proto |
 //! | telemetry | config |
 //! | embedded | call config proto |
 //! | supervisor | config telemetry |
 //! | policy | call config error telemetry |
 //! | batch | call config error slots telemetry |
-//! | pool | batch bulk call config embedded error proto slots telemetry tensor |
-//! | route | call config error pool proto |
-//! | cache | call config error pool proto route telemetry |
-//! | service | cache call error policy pool proto route telemetry |
-//! | edge | bulk cache call config error policy pool proto route service telemetry tensor |
-//! | server | cache config edge embedded policy pool proto route service supervisor telemetry |
+//! | pool | batch bulk call config embedded error proto slots telemetry tensor upstream |
+//! | route | call config error proto upstream |
+//! | cache | call config error proto route telemetry upstream |
+//! | service | cache call error policy proto route telemetry upstream |
+//! | edge | bulk cache call config error policy proto route service telemetry tensor upstream |
+//! | server | cache config edge embedded policy pool proto route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
@@ -50,6 +51,7 @@ pub mod slots;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tensor;
+pub mod upstream;
 
 #[cfg(test)]
 mod dependency_tests;

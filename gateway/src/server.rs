@@ -155,7 +155,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 /// Log once when every pool first has a SERVING worker, so a person
 /// watching `make run` knows when to send requests.
 fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
-    use crate::pool::Upstream;
+    use crate::upstream::Upstream;
     let started = tokio::time::Instant::now();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from infergate_worker import InferItem, InvalidInput
+from infergate_worker.codec import describe
 from infergate_worker.examples.sentiment import Sentiment
-from infergate_worker.server import describe
 from infergate_worker.tensors import Tensor
 
 HELD_OUT = {

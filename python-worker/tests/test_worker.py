@@ -329,7 +329,7 @@ def test_a_stream_closed_while_a_chunk_is_sent_stops_the_model_and_says_so(caplo
     from concurrent.futures import ThreadPoolExecutor
 
     from infergate_worker.examples.echo import Echo
-    from infergate_worker.server import ModelServicer
+    from infergate_worker.servicer import ModelServicer
 
     model = Echo()
     model.load()

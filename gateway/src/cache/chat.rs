@@ -30,9 +30,9 @@ use super::{CacheMode, Key, ResponseCache};
 use crate::call::Call;
 pub use crate::config::components::SemanticConfig;
 use crate::error::GatewayError;
-use crate::pool::{ChunkStream, Upstream};
 use crate::proto::{FinishReason, GenerateChunk, GenerateRequest};
 use crate::route::Target;
+use crate::upstream::{ChunkStream, Upstream};
 
 /// How a chat call was answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -24,8 +24,8 @@ use sha2::{Digest, Sha256};
 use crate::call::Call;
 pub use crate::config::components::{CacheConfig, PoolRules};
 use crate::error::GatewayError;
-use crate::pool::{EmbedOutput, Upstream};
 use crate::proto::{InferItem, InferOutputs, ModelInfo};
+use crate::upstream::{EmbedOutput, Upstream};
 
 /// What a request lets the cache do (`Cache-Control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

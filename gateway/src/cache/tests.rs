@@ -4,8 +4,8 @@ use std::sync::atomic::AtomicUsize;
 use super::*;
 use crate::call::Deadline;
 use crate::policy::Caller;
-use crate::pool::{ChunkStream, PoolStatus};
 use crate::proto::{GenerateRequest, ModelEntry, ModelKind, Tensor};
+use crate::upstream::{ChunkStream, PoolStatus};
 
 /// Embeds a text as `[len]` (slowly, so concurrent calls overlap); counts
 /// every text it is asked for.

@@ -16,8 +16,8 @@ use tower::ServiceExt;
 use super::EdgeState;
 use crate::call::Call;
 use crate::error::GatewayError;
-use crate::pool::{ChunkStream, PoolStatus, Upstream};
 use crate::proto::{FinishReason, GenerateChunk, GenerateRequest, ModelEntry, ModelInfo, ModelKind, Usage};
+use crate::upstream::{ChunkStream, PoolStatus, Upstream};
 
 #[derive(Clone)]
 enum Step {

@@ -13,8 +13,8 @@ use utoipa::ToSchema;
 use super::EdgeState;
 use super::http::{Reply, request_id};
 use crate::error::Problem;
-use crate::pool::PoolStatus;
 use crate::proto::{ModelEntry, ModelKind};
+use crate::upstream::PoolStatus;
 
 /// One model in `GET /v1/models` (OpenAI's model object, plus what the
 /// gateway knows about it).

@@ -23,12 +23,12 @@ use crate::call::Call;
 use crate::config::{Config, RawConfig};
 use crate::error::GatewayError;
 use crate::policy::PeerAddr;
-use crate::pool::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
 use crate::proto::inference_client::InferenceClient;
 use crate::proto::{
     ChatMessage, EmbedRequest, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, InferItem, InferOutputs,
     InferRequest, ModelEntry, ModelInfo, ModelKind, Tensor, Usage,
 };
+use crate::upstream::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
 
 const KEY: &str = "ig_parity-key-0123456789abcdefghijklmnopqrstuv";
 

@@ -14,8 +14,8 @@ use tower::ServiceExt;
 use super::EdgeState;
 use crate::call::Call;
 use crate::error::GatewayError;
-use crate::pool::{EmbedOutput, PoolStatus, Upstream};
 use crate::proto::{ModelEntry, ModelInfo, ModelKind};
+use crate::upstream::{EmbedOutput, PoolStatus, Upstream};
 
 /// Answers embeddings with `[len(text)]`, remembers each call's deadline
 /// budget, and can be made to hold calls until released.

@@ -12,8 +12,8 @@ use crate::call::Call;
 use crate::call::{Caller, Principal};
 use crate::config::routes::{AliasConfig, Fallback};
 use crate::error::GatewayError;
-use crate::pool::Upstream;
 use crate::proto::ModelEntry;
+use crate::upstream::Upstream;
 
 /// Request header (and gRPC metadata) that pins a variant.
 pub const VERSION_HEADER: &str = "x-model-version";

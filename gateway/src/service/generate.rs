@@ -16,10 +16,10 @@ use crate::cache::CacheStatus;
 use crate::cache::chat::{ChatHit, replay};
 use crate::error::GatewayError;
 use crate::policy::{Admission, Tokens};
-use crate::pool::ChunkStream;
 use crate::proto::{FinishReason, GenerateChunk, GenerateRequest, Usage};
 use crate::route;
 use crate::telemetry::usage::Meter;
+use crate::upstream::ChunkStream;
 
 /// Most messages one conversation may carry.
 pub const MAX_MESSAGES: usize = 1024;

@@ -17,10 +17,10 @@ use crate::cache::{CacheMode, CacheStatus, ResponseCache};
 use crate::call::{Call, Deadline};
 use crate::error::GatewayError;
 use crate::policy::{Admission, Caller, Policy, Tokens, estimate_tokens};
-use crate::pool::{EmbedOutput, PoolStatus, Upstream};
 use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo};
 use crate::route::{self, Plan, Routes, Target};
 use crate::telemetry::usage::{Meter, Prices};
+use crate::upstream::{EmbedOutput, PoolStatus, Upstream};
 
 pub use self::generate::{Metered, estimate, validate};
 

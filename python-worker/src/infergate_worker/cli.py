@@ -6,30 +6,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import importlib
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from infergate.v1 import worker_pb2_grpc
-from infergate_worker.model import Model
-from infergate_worker.server import DEFAULT_MAX_MESSAGE_BYTES, RequestIdFilter, serve
-
-
-def load_target(spec: str) -> Model | worker_pb2_grpc.WorkerServicer:
-    """Import ``module:Class`` and instantiate it (a Model or a raw servicer)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"expected module:Class, got {spec!r}")
-    try:
-        cls: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"cannot import {spec}: {exc}") from exc
-    if isinstance(cls, type) and issubclass(cls, Model | worker_pb2_grpc.WorkerServicer):
-        return cls()
-    raise SystemExit(f"{spec} is neither an infergate_worker.Model nor a WorkerServicer subclass")
+from infergate_worker.context import RequestIdFilter
+from infergate_worker.loader import load_target
+from infergate_worker.server import DEFAULT_MAX_MESSAGE_BYTES, serve
 
 
 def _exit_with_parent() -> None:
@@ -153,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         _exit_with_parent()
     _keep_large_buffers(max(args.max_message_bytes, 1024))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    targets = [load_target(spec) for spec in args.targets]
+    try:
+        targets = [load_target(spec) for spec in args.targets]
+    except ImportError as exc:
+        raise SystemExit(str(exc)) from exc
     coro = serve(
         targets,
         args.listen,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -110,3 +111,15 @@ def use_context(ctx: CallContext) -> Iterator[CallContext]:
         yield ctx
     finally:
         _CURRENT.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current call's request id and trace id on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current_context()
+        if not getattr(record, "request_id", ""):
+            record.request_id = ctx.request_id or "-"
+        if not getattr(record, "trace_id", ""):
+            record.trace_id = ctx.trace_id or "-"
+        return True

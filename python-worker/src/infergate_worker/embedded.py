@@ -2,12 +2,12 @@
 kind): the gateway imports this module through pyo3 and calls a
 :class:`Host` from its own threads.
 
-The Host drives the very :class:`~infergate_worker.server.ModelServicer` a
-worker process runs, with an in-thread call context instead of a gRPC one,
-so a model sees no difference: the same batching of its calls, the same
-:func:`~infergate_worker.current_context` (deadline, cancellation, request
-id, trace id), the same per-item errors and logs. Messages cross as
-serialized protobuf; model code runs on the calling gateway thread.
+The Host drives the same :class:`~infergate_worker.runner.ModelRunner` a
+worker process's gRPC service does, so a model sees no difference: the same
+batching of its calls, the same :func:`~infergate_worker.current_context`
+(deadline, cancellation, request id, trace id), the same per-item errors
+and logs. Messages cross as serialized protobuf; model code runs on the
+calling gateway thread.
 """
 
 from __future__ import annotations
@@ -18,70 +18,51 @@ import faulthandler
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
-
-import grpc
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from infergate.v1 import types_pb2, worker_pb2
-from infergate_worker.cli import load_target
+from infergate_worker.codec import item_error, timings
+from infergate_worker.context import CallContext, RequestIdFilter
+from infergate_worker.loader import load_target
 from infergate_worker.model import Model
-from infergate_worker.server import ModelServicer, RequestIdFilter, item_error
+from infergate_worker.runner import CallFailed, ModelRunner
 
 log = logging.getLogger("infergate_worker")
 
+T = TypeVar("T")
 
-class Aborted(grpc.aio.AbortError):
-    """The servicer ended a call with a status (the gateway maps ``code``)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+class Aborted(Exception):
+    """The call failed as a whole; ``code`` is its gRPC status code (the
+    gateway maps it as it maps a worker's status)."""
+
+    def __init__(self, code: int, details: str) -> None:
         super().__init__(details)
-        self.code = code.value[0]
+        self.code = code
         self.details = details
 
 
 class Call:
-    """One call's stand-in for ``grpc.aio.ServicerContext``: its metadata,
-    deadline and cancellation, and the trailing metadata it sets."""
+    """One call from the gateway: its context (request id, trace, deadline,
+    cancellation) and, once it ends, the timings it reports back."""
 
     def __init__(self, request_id: str, traceparent: str, timeout: float | None) -> None:
-        self._metadata = (("x-request-id", request_id), ("traceparent", traceparent))
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._lock = threading.Lock()
-        self._done = False
+        self.context = CallContext(
+            request_id=request_id,
+            traceparent=traceparent,
+            deadline=None if timeout is None else time.monotonic() + timeout,
+        )
         self.trailers: tuple[tuple[str, str], ...] = ()
 
-    # --- what ModelServicer asks of a ServicerContext ---
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self._done:
-                self._callbacks.append(callback)
-                return
-        callback(self)
-
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise Aborted(code, details)
-
-    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.trailers = tuple(metadata)
-
-    # --- what the gateway calls ---
     def cancel(self) -> None:
         """The caller left or its deadline passed: model code sees it."""
-        self.finish()
+        self.context.cancel()
 
     def finish(self) -> None:
-        with self._lock:
-            callbacks, self._callbacks, self._done = self._callbacks, [], True
-        for callback in callbacks:
-            callback(self)
+        """The call ended: its timings are final, and any model work left stops."""
+        self.trailers = timings(self.context)
+        self.context.cancel()
 
 
 class _Inline(concurrent.futures.Executor):
@@ -93,7 +74,7 @@ class _Inline(concurrent.futures.Executor):
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # handed to the awaiting servicer
+        except BaseException as exc:  # handed to the awaiting runner
             future.set_exception(exc)
         return future
 
@@ -109,6 +90,16 @@ def _loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _run(call: Call, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` for ``call`` on this thread; a failed call is :class:`Aborted`."""
+    try:
+        return _loop().run_until_complete(work)
+    except CallFailed as exc:
+        raise Aborted(int(exc.status), exc.details) from exc
+    finally:
+        call.finish()
+
+
 class Host:
     """One model, served to the gateway in-process."""
 
@@ -117,7 +108,7 @@ class Host:
         if not isinstance(target, Model):
             raise TypeError(f"{spec} is a raw servicer; only Model classes can be embedded")
         self.model = target
-        self.servicer = ModelServicer([target], _Inline())  # type: ignore[arg-type]
+        self.runner = ModelRunner([target], _Inline())
 
     def load(self) -> None:
         started = time.monotonic()
@@ -125,45 +116,38 @@ class Host:
         log.info("%s loaded in %.1f s", type(self.model).name, time.monotonic() - started)
 
     def describe(self) -> bytes:
-        reply = _loop().run_until_complete(
-            self.servicer.Describe(worker_pb2.DescribeRequest(), None)
-        )
-        return reply.SerializeToString()
+        return self.runner.describe().SerializeToString()
 
     def infer(self, request: bytes, call: Call) -> bytes:
-        """Run ``Infer`` on a serialized request (tensor items stay protobuf:
-        the SDK's Tensor holds plain lists either way)."""
+        """Run ``Infer`` on a serialized request."""
         message = worker_pb2.InferBatchRequest.FromString(request)
-        try:
-            reply = _loop().run_until_complete(self.servicer.Infer(message, call))
-        finally:
-            call.finish()
-        return reply.SerializeToString()
+        return _run(call, self.runner.infer(message, call.context)).SerializeToString()
 
     def embed(self, model: str, texts: list[str], call: Call) -> list[tuple[Any, int]]:
         """Embed without serializing: per text, its vector as a contiguous
         float32 array (or a float sequence when the model gave plain lists)
         or ``(code, message)`` of its error, and its token count."""
-        try:
-            rows = _loop().run_until_complete(self.servicer.embed_rows(model, texts, call))
-        finally:
-            call.finish()
+        rows = _run(call, self.runner.embed_rows(model, texts, call.context))
         return [(_item(row), tokens) for row, tokens in rows]
 
     def generate(self, request: bytes, call: Call) -> Iterator[bytes]:
         """Run ``Generate``; each chunk serialized, as the model yields it."""
         message = types_pb2.GenerateRequest.FromString(request)
         loop = asyncio.new_event_loop()
-        chunks = self.servicer.Generate(message, call)
+        chunks = self.runner.generate(message, call.context)
         try:
             while True:
                 try:
                     chunk = loop.run_until_complete(chunks.__anext__())
                 except StopAsyncIteration:
                     return
+                except CallFailed as exc:
+                    raise Aborted(int(exc.status), exc.details) from exc
+                if chunk.finish_reason != types_pb2.FINISH_REASON_UNSPECIFIED:
+                    call.trailers = timings(call.context)
                 yield chunk.SerializeToString()
         finally:
-            loop.run_until_complete(chunks.aclose())
+            loop.run_until_complete(chunks.aclose())  # type: ignore[attr-defined]
             loop.close()
             call.finish()
 

@@ -1,0 +1,151 @@
+//! The pools as the request core's [`Upstream`]: route a call to its pool,
+//! then batch it or send it with retries.
+
+use std::sync::PoisonError;
+
+use futures::StreamExt;
+
+use super::attempts::{bounded, request, within};
+use super::batched::{EmbedRpc, InferRpc, gather, send_batch};
+use super::status::missing_result;
+use super::{Pools, retry};
+use crate::call::Call;
+use crate::error::GatewayError;
+use crate::proto::{self, GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo, ModelKind};
+use crate::upstream::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
+
+#[async_trait::async_trait]
+impl Upstream for Pools {
+    fn models(&self) -> Vec<ModelEntry> {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<ModelEntry> = routes
+            .first
+            .iter()
+            .filter_map(|(name, p)| Some(self.entry(&self.pools[*p], routes.by_pool[*p].get(name)?.clone())))
+            .collect();
+        entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
+        entries
+    }
+
+    fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
+        let (pool, info) = self.route(name)?;
+        Ok(self.entry(pool, info))
+    }
+
+    fn model_in(&self, pool: &str, name: &str) -> Result<ModelEntry, GatewayError> {
+        let (pool, info) = self.route_in(pool, name)?;
+        Ok(self.entry(pool, info))
+    }
+
+    fn status(&self) -> Vec<PoolStatus> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let workers = p.workers();
+                PoolStatus {
+                    pool: p.name.clone(),
+                    ready_workers: workers.iter().filter(|w| w.is_serving()).count(),
+                    workers: workers.len(),
+                }
+            })
+            .collect()
+    }
+
+    async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
+        let (pool, info) = self.route_call(&call)?;
+        require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
+        if let Some(batcher) = self.batcher::<EmbedRpc>(pool, &info) {
+            // Each text is an item of whatever batch it lands in.
+            let deadline = call.deadline;
+            let results = gather(&batcher, call.payload, &deadline, &call.caller, &call.request_id).await?;
+            return Ok(embeddings(info, results));
+        }
+        let deadline = call.deadline;
+        let (results, _lease) = pool
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Pure, |worker| {
+                // A model error fails the call and counts against the worker.
+                let sent = send_batch::<EmbedRpc>(worker, &info.name, call.payload.clone(), deadline, &call.request_id);
+                async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
+            })
+            .await?;
+        Ok(embeddings(info, results))
+    }
+
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        let (pool, info) = self.route_call(&call)?;
+        require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
+        if let Some(batcher) = self.batcher::<InferRpc>(pool, &info) {
+            let deadline = call.deadline;
+            let mut out = gather(&batcher, vec![call.payload], &deadline, &call.caller, &call.request_id).await?;
+            let out = out.pop().ok_or_else(|| missing_result("-"))?;
+            return Ok((info, out));
+        }
+        let deadline = call.deadline;
+        let (mut out, _lease) = pool
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Pure, |worker| {
+                let sent =
+                    send_batch::<InferRpc>(worker, &info.name, vec![call.payload.clone()], deadline, &call.request_id);
+                async move { sent.await?.into_iter().collect::<Result<Vec<_>, _>>() }
+            })
+            .await?;
+        let out = out.pop().ok_or_else(|| missing_result("-"))?;
+        Ok((info, out))
+    }
+
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        let (pool, info) = self.route_call(&call)?;
+        require(&info, info.streaming, "generation")?;
+        let deadline = call.deadline;
+        // A route variant may serve the model under another name.
+        let mut payload = call.payload;
+        payload.model.clone_from(&call.model);
+        // Only opening the stream is retried: nothing has reached the client
+        // yet. Its outcome (time to headers) is what the worker is judged by.
+        let (stream, guard) = pool
+            .with_retries(&deadline, &call.request_id, retry::Rerun::Generation, |worker| {
+                let req = request(payload.clone(), &deadline, &call.request_id);
+                async move { bounded(&deadline, &worker, worker.client().generate(req)).await }
+            })
+            .await?;
+        let worker = guard.worker().clone();
+        // The guard lives as long as the stream: the worker stays busy until
+        // the last chunk, and a dropped stream cancels the worker's call.
+        let chunks = futures::stream::unfold(Some((stream, guard)), move |state| {
+            let worker = worker.clone();
+            async move {
+                let (mut stream, guard) = state?;
+                let next = within(&deadline, &worker, stream.message()).await;
+                match next {
+                    Ok(Some(chunk)) => {
+                        let done = chunk.finish_reason != proto::FinishReason::Unspecified as i32;
+                        if done {
+                            // The worker's timings come in its trailers, after the last chunk.
+                            tokio::spawn(async move {
+                                if let Ok(Ok(Some(md))) = tokio::time::timeout_at(deadline.at, stream.trailers()).await
+                                {
+                                    worker.metrics.reported(&md);
+                                }
+                                drop(guard);
+                            });
+                            return Some((Ok(chunk), None));
+                        }
+                        Some((Ok(chunk), Some((stream, guard))))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), None)),
+                }
+            }
+        });
+        Ok(chunks.boxed())
+    }
+}
+
+fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), GatewayError> {
+    if ok { Ok(()) } else { Err(GatewayError::UnsupportedOperation { model: info.name.clone(), operation }) }
+}
+
+/// The vectors of a call's texts, in order, and their tokens in all.
+fn embeddings(model: ModelInfo, results: Vec<super::Embedded>) -> EmbedOutput {
+    let prompt_tokens = results.iter().fold(0u32, |sum, (_, tokens)| sum.saturating_add(*tokens));
+    EmbedOutput { model, vectors: results.into_iter().map(|(vector, _)| vector).collect(), prompt_tokens }
+}
