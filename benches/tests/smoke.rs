@@ -11,8 +11,8 @@ use axum::routing::post;
 use infergate::call::Call;
 use infergate::edge::EdgeState;
 use infergate::error::GatewayError;
-use infergate::pool::{EmbedOutput, PoolStatus, Upstream};
 use infergate::proto::{ModelEntry, ModelInfo, ModelKind};
+use infergate::upstream::{EmbedOutput, PoolStatus, Upstream};
 use infergate_benches::load::{self, Mode, Payload, Protocol, RunConfig, Target, Texts};
 
 /// Serves embedding model `m`.

@@ -126,3 +126,15 @@ fn the_reader_finds_paths_and_groups() {
     let src = "use crate::call::Call;\nuse crate::{error, pool::Upstream};\n// crate::edge in a comment\nlet x = crate::bulk::run(f);";
     assert_eq!(named(&code(src)), ["bulk", "call", "error", "pool"].map(str::to_owned).into());
 }
+
+#[test]
+fn errors_are_rendered_by_the_edge_alone() {
+    let source = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/error.rs")).unwrap();
+    let source = code(&source);
+    for framework in ["axum", "tonic"] {
+        assert!(
+            !source.contains(&format!("{framework}::")),
+            "error.rs uses {framework}: its rendering belongs in edge/"
+        );
+    }
+}

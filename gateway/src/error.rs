@@ -1,13 +1,15 @@
-//! The gateway's one error type, and its mapping to HTTP problem+json and gRPC status.
+//! The gateway's one error type, and what it means on the wire: its HTTP
+//! status, gRPC code, problem document, retry hint and rate-limit fields.
+//! Rendering them as a response is the edge's (`edge/problem.rs`); this
+//! module knows neither axum nor tonic.
 //!
 //! Every variant knows its HTTP status, its gRPC code and a stable
-//! machine-readable `type`; the mapping has no wildcard arm, so a new variant
-//! cannot ship without deciding all three.
+//! machine-readable `type`; the mappings have no wildcard arm, so a new
+//! variant cannot ship without deciding them all.
 
 use std::time::Duration;
 
-use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
+use http::StatusCode;
 use serde::Serialize;
 
 /// Why a request failed. Client errors carry enough detail to fix the request.
@@ -122,10 +124,25 @@ fn retry_hint(after: Option<Duration>) -> String {
     }
 }
 
+/// The gRPC status codes the gateway answers with, by their gRPC names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcCode {
+    Cancelled,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    Unauthenticated,
+}
+
 /// The transport-neutral facts about an error, derived in one place.
 struct Meta {
     status: StatusCode,
-    code: tonic::Code,
+    code: RpcCode,
     slug: &'static str,
     title: &'static str,
 }
@@ -138,7 +155,7 @@ impl GatewayError {
 
     fn meta(&self) -> Meta {
         use GatewayError as E;
-        use tonic::Code as C;
+        use RpcCode as C;
         let (status, code, slug, title) = match self {
             E::InvalidRequest { .. } => {
                 (StatusCode::BAD_REQUEST, C::InvalidArgument, "invalid-request", "Invalid request")
@@ -233,7 +250,7 @@ impl GatewayError {
     }
 
     /// The gRPC code this error answers with.
-    pub fn grpc_code(&self) -> tonic::Code {
+    pub fn rpc_code(&self) -> RpcCode {
         self.meta().code
     }
 
@@ -255,23 +272,41 @@ impl GatewayError {
             | Self::QueueFull { .. } => Some(1),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
             Self::CircuitOpen { retry_after, .. } => Some(ceil_secs(*retry_after)),
-            _ => None,
+            Self::InvalidRequest { .. }
+            | Self::UnsupportedMediaType { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::MessageTooLarge { .. }
+            | Self::ImageTooLarge { .. }
+            | Self::ImageTooHeavy { .. }
+            | Self::BodyTimeout { .. }
+            | Self::HostNotAllowed { .. }
+            | Self::RouteNotFound { .. }
+            | Self::MethodNotAllowed
+            | Self::ModelNotFound { .. }
+            | Self::VersionNotFound { .. }
+            | Self::UnsupportedOperation { .. }
+            | Self::DeadlineExceeded { .. }
+            | Self::WorkerFailed { .. }
+            | Self::ModelRejected { .. }
+            | Self::Cancelled
+            | Self::ShuttingDown
+            | Self::Unauthenticated
+            | Self::ModelForbidden { .. }
+            | Self::PinForbidden { .. } => None,
         }
     }
 
     /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (and the
     /// name of the limit) for a rate-limit refusal; these go out as HTTP
     /// headers and as gRPC metadata alike.
-    fn rate_limit_fields(&self) -> Option<[(&'static str, String); 4]> {
-        match self {
-            Self::RateLimited { limit, quota, remaining, retry_after } => Some([
-                ("ratelimit-limit", quota.to_string()),
-                ("ratelimit-remaining", remaining.to_string()),
-                ("ratelimit-reset", retry_after.map_or(0, ceil_secs).to_string()),
-                ("infergate-limit", limit.clone()),
-            ]),
-            _ => None,
-        }
+    pub fn rate_limit_fields(&self) -> Option<[(&'static str, String); 4]> {
+        let Self::RateLimited { limit, quota, remaining, retry_after } = self else { return None };
+        Some([
+            ("ratelimit-limit", quota.to_string()),
+            ("ratelimit-remaining", remaining.to_string()),
+            ("ratelimit-reset", retry_after.map_or(0, ceil_secs).to_string()),
+            ("infergate-limit", limit.clone()),
+        ])
     }
 
     /// The RFC 9457 problem document for this error. A 401 never carries
@@ -293,27 +328,6 @@ impl GatewayError {
             request_id: request_id.map(str::to_owned),
         }
     }
-
-    /// The HTTP response: status, `application/problem+json` body, `Retry-After`.
-    pub fn into_http(self, request_id: Option<&str>) -> Response {
-        let problem = self.problem(request_id);
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
-        let mut response = (problem_status(problem.status), body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Some(secs) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if matches!(self, Self::Unauthenticated) {
-            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        for (name, value) in self.rate_limit_fields().into_iter().flatten() {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(name, v);
-            }
-        }
-        response
-    }
 }
 
 /// Whole seconds to wait, rounded up, at least 1.
@@ -321,42 +335,8 @@ fn ceil_secs(d: Duration) -> u32 {
     u32::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u32::MAX).max(1)
 }
 
-/// A gRPC error as a complete HTTP response (trailers-only), for middleware
-/// that answers before a tonic service runs.
-pub fn grpc_response(err: GatewayError) -> Response {
-    tonic::Status::from(err).into_http::<axum::body::Body>()
-}
-
 fn client_closed() -> StatusCode {
     StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
-}
-
-fn problem_status(code: u16) -> StatusCode {
-    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-impl IntoResponse for GatewayError {
-    fn into_response(self) -> Response {
-        self.into_http(None)
-    }
-}
-
-impl From<GatewayError> for tonic::Status {
-    fn from(err: GatewayError) -> Self {
-        let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
-        let md = status.metadata_mut();
-        if let Some(secs) = err.retry_after()
-            && let Ok(v) = secs.to_string().parse()
-        {
-            md.insert("retry-after", v);
-        }
-        for (name, value) in err.rate_limit_fields().into_iter().flatten() {
-            if let Ok(v) = value.parse() {
-                md.insert(name, v);
-            }
-        }
-        status
-    }
 }
 
 /// An RFC 9457 problem document. Under `/v1` it also carries OpenAI's
@@ -408,15 +388,5 @@ mod tests {
         assert_eq!(p.field.as_deref(), Some("input[2]"));
         assert_eq!(p.kind, "urn:infergate:error:invalid-request");
         assert_eq!(p.request_id.as_deref(), Some("r1"));
-    }
-
-    #[test]
-    fn grpc_codes_match_the_contract() {
-        assert_eq!(GatewayError::PayloadTooLarge { limit: 1 }.grpc_code(), tonic::Code::ResourceExhausted);
-        assert_eq!(GatewayError::ModelNotFound { model: "m".into() }.grpc_code(), tonic::Code::NotFound);
-        let d = GatewayError::DeadlineExceeded { after: Duration::from_millis(5) };
-        assert_eq!(d.grpc_code(), tonic::Code::DeadlineExceeded);
-        assert_eq!(d.http_status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(GatewayError::NoReadyWorker { pool: "p".into() }.retry_after(), Some(1));
     }
 }

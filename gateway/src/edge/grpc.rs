@@ -54,10 +54,10 @@ pub fn router(
     // permit; tonic then checks the message size exactly (grpc-web text
     // is base64, a third longer, hence the slack here).
     let routes =
-        super::gate::Gate::new(max_in_flight, max / 3 * 4 + 1024, buffered, |e, _| crate::error::grpc_response(e))
+        super::gate::Gate::new(max_in_flight, max / 3 * 4 + 1024, buffered, |e, _| super::problem::grpc_response(e))
             .guard(routes)
             // Who is calling, before a message is decoded (health passes).
-            .layer(axum::middleware::from_fn_with_state(policy, crate::policy::identify_grpc));
+            .layer(axum::middleware::from_fn_with_state(policy, super::identify::identify_grpc));
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))

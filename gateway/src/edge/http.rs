@@ -61,7 +61,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Who is calling, before any body is read (public routes pass).
-        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), crate::policy::identify_http))
+        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
         // Errors in the dialect of each surface's clients (auth refusals too).
         .layer(axum::middleware::from_fn(super::dialect::error_dialect))
         // One access-log line and the request metrics, refusals included.

@@ -13,6 +13,7 @@ pub mod dialect;
 pub mod gate;
 pub mod grpc;
 pub mod http;
+pub mod identify;
 pub mod json;
 pub mod meta;
 pub mod openapi;
@@ -20,6 +21,7 @@ pub mod openapi;
 mod parity_tests;
 #[cfg(test)]
 mod policy_tests;
+pub mod problem;
 #[cfg(test)]
 mod tests;
 

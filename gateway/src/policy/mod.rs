@@ -15,9 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
@@ -172,6 +169,17 @@ impl Policy {
             }
         }
         client
+    }
+
+    /// Refuse a request addressed to `host` (a `Host` header or
+    /// `:authority`) that is not served: with auth off, only loopback names
+    /// and `http.allowed_hosts` are (a web page cannot drive a local
+    /// gateway through DNS rebinding).
+    pub fn check_host(&self, host: &str) -> Result<(), GatewayError> {
+        match &self.hosts {
+            Some(hosts) if !hosts.allows(host) => Err(GatewayError::HostNotAllowed { host: host.to_owned() }),
+            _ => Ok(()),
+        }
     }
 
     /// The caller of a request to `path`, or why it is refused.
@@ -413,57 +421,6 @@ impl AllowedHosts {
             || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
             || self.names.contains(&name)
     }
-}
-
-/// The name a request is addressed to: HTTP/2's `:authority`, else `Host`.
-fn host_of(req: &Request) -> Option<&str> {
-    match req.uri().authority() {
-        Some(authority) => Some(authority.as_str()),
-        None => req.headers().get(http::header::HOST).and_then(|v| v.to_str().ok()),
-    }
-}
-
-/// Middleware: resolve the caller before the body is read; refuse with
-/// `reject` (same body for every auth failure).
-async fn identify_with(
-    policy: &Policy,
-    mut req: Request,
-    next: Next,
-    reject: fn(GatewayError) -> Response,
-) -> Response {
-    if let Some(hosts) = &policy.hosts
-        && let Some(host) = host_of(&req)
-        && !hosts.allows(host)
-    {
-        tracing::info!(host, path = %req.uri().path(), "request for a host not served with auth off");
-        return reject(GatewayError::HostNotAllowed { host: host.to_owned() });
-    }
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    match policy.identify(req.uri().path(), req.headers(), peer) {
-        Ok(caller) => {
-            let caller = Arc::new(caller);
-            req.extensions_mut().insert(caller.clone());
-            let mut resp = next.run(req).await;
-            // For the access log, which sees only the response.
-            resp.extensions_mut().insert(caller);
-            resp
-        }
-        Err(reason) => {
-            metrics::counter!(crate::telemetry::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
-            tracing::info!(reason, path = %req.uri().path(), "authentication failed");
-            reject(GatewayError::Unauthenticated)
-        }
-    }
-}
-
-/// REST: identify the caller or answer 401 problem+json.
-pub async fn identify_http(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
-    identify_with(&policy, req, next, |e| e.into_http(None)).await
-}
-
-/// gRPC: identify the caller or answer UNAUTHENTICATED.
-pub async fn identify_grpc(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
-    identify_with(&policy, req, next, crate::error::grpc_response).await
 }
 
 #[cfg(test)]
