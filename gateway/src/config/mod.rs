@@ -16,7 +16,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use policy::{AuthConfig, Fallback, LimitSpec, LimitsConfig, RateSpec, RedisConfig};
+pub use policy::{AuthConfig, LimitSpec, LimitsConfig, RateSpec, RedisConfig, RedisFallback};
 pub use raw::RawConfig;
 
 /// The embedded default config (`make run`).

@@ -318,7 +318,7 @@ impl LimitsConfig {
 
 /// What to do when Redis cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
+pub enum RedisFallback {
     /// Decide with the in-memory limiters (each replica on its own).
     Local,
     /// Admit everything.
@@ -332,7 +332,7 @@ pub enum Fallback {
 pub struct RedisConfig {
     pub url: String,
     pub timeout: Duration,
-    pub fallback: Fallback,
+    pub fallback: RedisFallback,
     pub pool_size: usize,
     pub prefix: String,
 }
@@ -341,9 +341,9 @@ impl RedisConfig {
     pub fn from_raw(raw: &RawRedis) -> Result<Option<Self>, ConfigError> {
         let timeout = duration("redis.timeout", &raw.timeout)?;
         let fallback = match raw.fallback.as_str() {
-            "local" => Fallback::Local,
-            "allow" => Fallback::Allow,
-            "deny" => Fallback::Deny,
+            "local" => RedisFallback::Local,
+            "allow" => RedisFallback::Allow,
+            "deny" => RedisFallback::Deny,
             _ => return Err(invalid("redis.fallback", "must be local, allow or deny")),
         };
         if raw.url.is_empty() {

@@ -18,7 +18,7 @@ pub struct AliasConfig {
     pub pin_tiers: Option<HashSet<String>>,
     /// Tier -> index into `variants`.
     pub tiers: HashMap<String, usize>,
-    pub fallbacks: Vec<Fallback>,
+    pub fallbacks: Vec<AliasFallback>,
     /// Callers may name the variants' models directly too.
     pub direct: bool,
 }
@@ -42,7 +42,7 @@ pub struct VariantConfig {
 
 /// Where an alias falls back to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fallback {
+pub enum AliasFallback {
     /// Another variant of the same alias (index).
     Variant(usize),
     /// Another alias (by name), routed for the same caller.
@@ -99,8 +99,8 @@ pub fn check(raw: &[RawAlias], pools: &[PoolConfig]) -> Result<Vec<AliasConfig>,
         let mut fallbacks = Vec::with_capacity(a.fallbacks.len());
         for (j, f) in a.fallbacks.iter().enumerate() {
             fallbacks.push(match index.get(f) {
-                Some(v) => Fallback::Variant(*v),
-                None if f != &a.name && alias_names.contains(f.as_str()) => Fallback::Alias(f.as_str().into()),
+                Some(v) => AliasFallback::Variant(*v),
+                None if f != &a.name && alias_names.contains(f.as_str()) => AliasFallback::Alias(f.as_str().into()),
                 None => {
                     return Err(invalid(
                         format!("aliases[{i}].fallbacks[{j}]"),
@@ -134,8 +134,8 @@ fn check_cycles(aliases: &[AliasConfig]) -> Result<(), ConfigError> {
                 .fallbacks
                 .iter()
                 .filter_map(|f| match f {
-                    Fallback::Alias(n) => Some(&**n),
-                    Fallback::Variant(_) => None,
+                    AliasFallback::Alias(n) => Some(&**n),
+                    AliasFallback::Variant(_) => None,
                 })
                 .collect();
             (&*a.name, to)

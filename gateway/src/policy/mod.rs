@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::{Authenticator, KeyLoadError};
 use self::limits::{Gcra, LocalLimits, Refusal, Scope};
 use self::redis::{Check, Decision, RedisLimits, RedisSetupError};
-use crate::config::{Config, Fallback, LimitsConfig};
+use crate::config::{Config, LimitsConfig, RedisFallback};
 use crate::error::GatewayError;
 
 /// How often the keys file and JWKS file are checked for changes.
@@ -237,17 +237,17 @@ impl Policy {
             Some(Ok(Decision::Admitted)) => true,
             Some(Ok(Decision::Refused(r))) => return Err(refused(r)),
             Some(Err(_)) => {
-                let fallback = self.redis.as_ref().map_or(Fallback::Local, |r| r.fallback);
+                let fallback = self.redis.as_ref().map_or(RedisFallback::Local, |r| r.fallback);
                 let name = match fallback {
-                    Fallback::Local => "local",
-                    Fallback::Allow => "allow",
-                    Fallback::Deny => "deny",
+                    RedisFallback::Local => "local",
+                    RedisFallback::Allow => "allow",
+                    RedisFallback::Deny => "deny",
                 };
                 metrics::counter!(crate::telemetry::metrics::LIMITS_FALLBACK, "fallback" => name).increment(1);
                 match fallback {
-                    Fallback::Allow => false,
-                    Fallback::Deny => return Err(GatewayError::LimitsUnavailable),
-                    Fallback::Local => {
+                    RedisFallback::Allow => false,
+                    RedisFallback::Deny => return Err(GatewayError::LimitsUnavailable),
+                    RedisFallback::Local => {
                         self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
                         false
                     }

@@ -11,7 +11,7 @@ use deadpool_redis::{Pool, Runtime};
 use tokio::time::Instant;
 
 use super::limits::{Gcra, Refusal, Scope};
-use crate::config::{Fallback, RedisConfig};
+use crate::config::{RedisConfig, RedisFallback};
 
 /// Checks every (key, interval µs, capacity, cost) triple; charges all or none.
 /// Returns `{1}` when admitted, else `{0, index, retry_after_us (-1: never), remaining}`.
@@ -91,7 +91,7 @@ pub struct RedisLimits {
     decide: Script,
     adjust: Script,
     pub timeout: Duration,
-    pub fallback: Fallback,
+    pub fallback: RedisFallback,
     prefix: String,
     /// Last known state, to log once per transition.
     up: AtomicBool,

@@ -17,11 +17,11 @@ use crate::upstream::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
 #[async_trait::async_trait]
 impl Upstream for Pools {
     fn models(&self) -> Vec<ModelEntry> {
-        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        let mut entries: Vec<ModelEntry> = routes
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<ModelEntry> = table
             .first
             .iter()
-            .filter_map(|(name, p)| Some(self.entry(&self.pools[*p], routes.by_pool[*p].get(name)?.clone())))
+            .filter_map(|(name, p)| Some(self.entry(&self.pools[*p], table.by_pool[*p].get(name)?.clone())))
             .collect();
         entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
         entries

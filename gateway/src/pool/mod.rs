@@ -39,13 +39,13 @@ use crate::config::{Config, PoolKind, WorkerAddr};
 use crate::proto::{InferItem, InferOutputs, ModelInfo};
 use admission::Pool;
 use circuit::Circuit;
-use table::Routes;
+use table::ModelTable;
 use worker::Worker;
 
-/// All configured pools and the model routes learned from their workers.
+/// All configured pools and the model table learned from their workers.
 pub struct Pools {
     pools: Vec<Pool>,
-    routes: RwLock<Routes>,
+    table: RwLock<ModelTable>,
     created: tokio::time::Instant,
     /// For the batchers' dispatchers (they outlive a call, not the pools).
     me: Weak<Pools>,
@@ -112,14 +112,14 @@ impl Pools {
                 batching: pool.batching.clone(),
             });
         }
-        let routes = Routes {
+        let table = ModelTable {
             first: HashMap::new(),
             by_pool: vec![HashMap::new(); pools.len()],
             described: vec![false; pools.len()],
         };
         Arc::new_cyclic(|me| Self {
             pools,
-            routes: RwLock::new(routes),
+            table: RwLock::new(table),
             created: tokio::time::Instant::now(),
             me: me.clone(),
             embed_batchers: Mutex::default(),

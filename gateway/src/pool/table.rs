@@ -12,7 +12,7 @@ use crate::error::GatewayError;
 use crate::proto::{ModelEntry, ModelInfo};
 
 #[derive(Default)]
-pub(super) struct Routes {
+pub(super) struct ModelTable {
     /// model name -> the pool that claimed it first (for calls that name a
     /// model rather than a route variant).
     pub(super) first: HashMap<String, usize>,
@@ -29,10 +29,10 @@ pub(super) const STARTUP_WINDOW: std::time::Duration = std::time::Duration::from
 
 impl Pools {
     pub(super) fn register(&self, pool: usize, worker: &Worker, models: Vec<ModelInfo>) {
-        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
-        routes.described[pool] = true;
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        table.described[pool] = true;
         for info in models {
-            match routes.first.get(&info.name) {
+            match table.first.get(&info.name) {
                 Some(owner) if *owner != pool => tracing::debug!(
                     model = %info.name, worker = %worker.id, pool = %self.pools[pool].name,
                     "model also served by pool {:?}; a bare model name goes there, a route variant may name this pool",
@@ -40,10 +40,10 @@ impl Pools {
                 ),
                 Some(_) => {}
                 None => {
-                    routes.first.insert(info.name.clone(), pool);
+                    table.first.insert(info.name.clone(), pool);
                 }
             }
-            routes.by_pool[pool].insert(info.name.clone(), info);
+            table.by_pool[pool].insert(info.name.clone(), info);
         }
     }
 
@@ -66,10 +66,10 @@ impl Pools {
 
     pub(super) fn route_in(&self, pool: &str, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
         let p = self.pool_index(pool).ok_or_else(|| GatewayError::ModelNotFound { model: name.to_owned() })?;
-        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        match routes.by_pool[p].get(name) {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        match table.by_pool[p].get(name) {
             Some(info) => Ok((&self.pools[p], info.clone())),
-            None if routes.described[p] || self.created.elapsed() > STARTUP_WINDOW => {
+            None if table.described[p] || self.created.elapsed() > STARTUP_WINDOW => {
                 Err(GatewayError::ModelNotFound { model: name.to_owned() })
             }
             None => Err(GatewayError::Starting { model: name.to_owned() }),
@@ -77,13 +77,13 @@ impl Pools {
     }
 
     pub(super) fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
-        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        let found = routes.first.get(name).and_then(|p| Some((*p, routes.by_pool[*p].get(name)?)));
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let found = table.first.get(name).and_then(|p| Some((*p, table.by_pool[*p].get(name)?)));
         match found {
             Some((p, info)) => Ok((&self.pools[p], info.clone())),
             // A pool that never answers (a wrong remote address) must not make
             // every typo a 503 forever.
-            None if routes.described.iter().all(|d| *d) || self.created.elapsed() > STARTUP_WINDOW => {
+            None if table.described.iter().all(|d| *d) || self.created.elapsed() > STARTUP_WINDOW => {
                 Err(GatewayError::ModelNotFound { model: name.to_owned() })
             }
             None => Err(GatewayError::Starting { model: name.to_owned() }),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::call::Call;
 use crate::call::{Caller, Principal};
-use crate::config::routes::{AliasConfig, Fallback};
+use crate::config::routes::{AliasConfig, AliasFallback};
 use crate::error::GatewayError;
 use crate::proto::ModelEntry;
 use crate::upstream::Upstream;
@@ -90,8 +90,8 @@ impl Routes {
     fn add_fallbacks(&self, alias: &AliasConfig, caller: &Caller, targets: &mut Vec<Target>, depth: usize) {
         for f in &alias.fallbacks {
             let next: Vec<Target> = match f {
-                Fallback::Variant(v) => vec![target(alias, *v, None)],
-                Fallback::Alias(other) => match self.aliases.get(other) {
+                AliasFallback::Variant(v) => vec![target(alias, *v, None)],
+                AliasFallback::Alias(other) => match self.aliases.get(other) {
                     // Config checking rules out loops; the depth bound is a backstop.
                     Some(o) if depth < 8 => {
                         let mut sub = vec![target(o, choose(o, caller), Some(&o.name))];
