@@ -20,19 +20,20 @@
 //! | bulk | |
 //! | slots | |
 //! | call | config |
+//! | redis_pool | config |
 //! | tensor | proto |
 //! | upstream | call error proto |
 //! | telemetry | config |
 //! | embedded | call config proto |
 //! | supervisor | config telemetry |
-//! | policy | call config error telemetry |
+//! | policy | call config error redis_pool telemetry |
 //! | batch | call config error slots telemetry |
 //! | pool | batch bulk call config embedded error proto slots telemetry tensor upstream |
 //! | route | call config error proto upstream |
-//! | cache | call config error proto route telemetry upstream |
+//! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
 //! | edge | bulk cache call config error policy proto route service telemetry tensor upstream |
-//! | server | cache config edge embedded policy pool proto route service supervisor telemetry upstream |
+//! | server | cache config edge embedded policy pool proto redis_pool route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
@@ -44,6 +45,7 @@ pub mod embedded;
 pub mod error;
 pub mod policy;
 pub mod pool;
+pub mod redis_pool;
 pub mod route;
 pub mod server;
 pub mod service;

@@ -26,10 +26,10 @@ pub enum ServeError {
     Workers(#[from] SupervisorError),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
-    #[error("cannot set up the response cache: {0}")]
-    Cache(String),
-    #[error("cannot set up worker discovery: {0}")]
-    Discovery(String),
+    #[error("cache: {0}")]
+    Cache(crate::redis_pool::RedisSetupError),
+    #[error(transparent)]
+    Discovery(#[from] crate::pool::discovery::DiscoveryError),
     #[error(transparent)]
     Embedded(#[from] crate::embedded::EmbedError),
     #[error("cannot set up gRPC reflection: {0}")]
@@ -194,7 +194,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     }
     let pools = Pools::new(&config, &sockets.path);
     let watchers = CancellationToken::new();
-    pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers).map_err(ServeError::Discovery)?;
+    pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers)?;
 
     announce_ready(pools.clone(), watchers.clone());
 

@@ -247,7 +247,7 @@ impl ResponseCache {
         config: CacheConfig,
         redis: Option<&crate::config::RedisConfig>,
         pools: PoolRules,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, crate::redis_pool::RedisSetupError> {
         let memory = moka::future::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(|_k: &Key, v: &Value| v.weight())
@@ -255,13 +255,7 @@ impl ResponseCache {
             .build();
         let shared = match redis {
             Some(r) if config.enabled => {
-                let mut cfg = deadpool_redis::Config::from_url(r.url.clone());
-                let mut pool_cfg = deadpool_redis::PoolConfig::new(r.pool_size);
-                pool_cfg.timeouts.wait = Some(r.timeout);
-                pool_cfg.timeouts.create = Some(r.timeout.max(Duration::from_millis(200)));
-                pool_cfg.timeouts.recycle = Some(r.timeout);
-                cfg.pool = Some(pool_cfg);
-                let pool = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1)).map_err(|e| e.to_string())?;
+                let pool = crate::redis_pool::connect(r)?;
                 Some(Shared {
                     pool,
                     prefix: r.prefix.clone(),

@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use self::auth::{Authenticator, KeyLoadError};
 use self::limits::{Gcra, LocalLimits, Refusal, Scope};
-use self::redis::{Check, Decision, RedisLimits, RedisSetupError};
+use self::redis::{Check, Decision, RedisLimits};
 use crate::config::{Config, LimitsConfig, RedisFallback};
 use crate::error::GatewayError;
+use crate::redis_pool::RedisSetupError;
 
 /// How often the keys file and JWKS file are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);

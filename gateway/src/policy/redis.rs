@@ -6,12 +6,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use deadpool_redis::Pool;
 use deadpool_redis::redis::{self, Script};
-use deadpool_redis::{Pool, Runtime};
 use tokio::time::Instant;
 
 use super::limits::{Gcra, Refusal, Scope};
 use crate::config::{RedisConfig, RedisFallback};
+use crate::redis_pool::RedisSetupError;
 
 /// Checks every (key, interval µs, capacity, cost) triple; charges all or none.
 /// Returns `{1}` when admitted, else `{0, index, retry_after_us (-1: never), remaining}`.
@@ -79,12 +80,6 @@ pub struct Check {
     pub cost: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RedisSetupError {
-    #[error("redis.url: {0}")]
-    Pool(#[from] deadpool_redis::CreatePoolError),
-}
-
 /// The shared limiter.
 pub struct RedisLimits {
     pool: Pool,
@@ -100,13 +95,7 @@ pub struct RedisLimits {
 
 impl RedisLimits {
     pub fn new(config: &RedisConfig) -> Result<Self, RedisSetupError> {
-        let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
-        let mut pool_cfg = deadpool_redis::PoolConfig::new(config.pool_size);
-        pool_cfg.timeouts.wait = Some(config.timeout);
-        pool_cfg.timeouts.create = Some(config.timeout.max(Duration::from_millis(200)));
-        pool_cfg.timeouts.recycle = Some(config.timeout);
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
+        let pool = crate::redis_pool::connect(config)?;
         Ok(Self {
             pool,
             decide: Script::new(DECIDE),

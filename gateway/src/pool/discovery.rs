@@ -22,11 +22,20 @@ use super::Pools;
 use super::worker::Worker;
 use crate::config::WorkerAddr;
 
+/// A discovered pool cannot resolve: the system's DNS configuration is
+/// unreadable and no `nameservers` are configured.
+#[derive(Debug, thiserror::Error)]
+#[error("pools.{pool}.discover: cannot read the system's DNS config: {source}")]
+pub struct DiscoveryError {
+    pub pool: String,
+    pub source: hickory_resolver::ResolveError,
+}
+
 /// A resolver asking `nameservers`, or the system's (`/etc/resolv.conf`,
 /// `/etc/hosts`) when none are given. It caches nothing: each round asks.
-pub fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, String> {
+pub fn resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, hickory_resolver::ResolveError> {
     let mut builder = if nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| format!("cannot read the system's DNS config: {e}"))?
+        TokioResolver::builder_tokio()?
     } else {
         let mut config = ResolverConfig::new();
         for ns in nameservers {

@@ -135,13 +135,14 @@ impl Pools {
         connect_timeout: std::time::Duration,
         nameservers: &[std::net::SocketAddr],
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), discovery::DiscoveryError> {
         for (p, pool) in self.pools.iter().enumerate() {
             for worker in pool.workers().iter() {
                 self.watch_worker(p, worker, connect_timeout, stop.child_token());
             }
             if let Some(spec) = pool.discover.clone() {
-                let resolver = discovery::resolver(nameservers)?;
+                let resolver = discovery::resolver(nameservers)
+                    .map_err(|source| discovery::DiscoveryError { pool: pool.name.clone(), source })?;
                 tokio::spawn(self.clone().discover(p, spec, resolver, connect_timeout, stop.child_token()));
             }
         }
