@@ -42,7 +42,7 @@ mod tests {
 
     #[test]
     fn a_url_that_is_not_redis_stops_the_start_naming_the_key() {
-        let err = super::connect(&config("http://127.0.0.1:6379")).err().expect("not a redis url");
+        let Err(err) = super::connect(&config("http://127.0.0.1:6379")) else { panic!("not a redis url, yet a pool") };
         assert!(err.to_string().starts_with("redis.url: "), "{err}");
         assert!(super::connect(&config("redis://127.0.0.1:1/0")).is_ok(), "connecting is lazy");
     }
