@@ -1,0 +1,50 @@
+//! `[cache]` as written.
+
+use serde::{Deserialize, Serialize};
+
+/// `[cache]`: the exact response cache (memory; Redis too when `redis.url` is set).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub enabled: bool,
+    /// Memory for cached answers, in bytes.
+    pub max_bytes: u64,
+    /// How long an answer is kept (memory and Redis).
+    pub ttl: String,
+    /// Largest answer stored in or read from Redis, in bytes (a value whose
+    /// size says more is a miss, never an allocation).
+    pub max_value_bytes: u64,
+    pub semantic: RawSemantic,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            ttl: "10m".into(),
+            max_value_bytes: 64 * 1024 * 1024,
+            semantic: RawSemantic::default(),
+        }
+    }
+}
+
+/// `[cache.semantic]`: chat answers matched by meaning, for the named models.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSemantic {
+    /// Models (as clients name them) whose answers are matched by meaning; none by default.
+    pub models: Vec<String>,
+    /// The embed model that embeds prompts.
+    pub embedding_model: String,
+    /// Cosine similarity from which a previous answer is returned.
+    pub threshold: f32,
+    /// Answers kept per (tenant, model).
+    pub max_entries: u32,
+}
+
+impl Default for RawSemantic {
+    fn default() -> Self {
+        Self { models: Vec::new(), embedding_model: "minilm".into(), threshold: 0.95, max_entries: 1000 }
+    }
+}
