@@ -29,7 +29,7 @@ pub enum ServeError {
     #[error("cache: {0}")]
     Cache(crate::redis_pool::RedisSetupError),
     #[error(transparent)]
-    Discovery(#[from] crate::pool::discovery::DiscoveryError),
+    Discovery(#[from] crate::pool::members::DiscoveryError),
     #[error(transparent)]
     Embedded(#[from] crate::embedded::EmbedError),
     #[error("cannot set up gRPC reflection: {0}")]
@@ -224,7 +224,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<crate::proto::inference_server::InferenceServer<edge::grpc::InferenceService>>().await;
-    let http_app = edge::http::router(state.clone());
+    let http_app = edge::rest::router(state.clone());
     let grpc_app = edge::grpc::router(state, health_service)?;
 
     tracing::info!(

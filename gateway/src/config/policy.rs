@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::check::{ConfigError, duration, invalid};
 use super::raw::{RawApiKey, RawAuth, RawJwt, RawLimit, RawLimits, RawRedis};
-use super::{ConfigError, duration, invalid};
 
 /// Who may call.
 #[derive(Debug, Clone, Default)]

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::check::{ConfigError, invalid};
+use super::pools::PoolConfig;
 use super::raw::RawAlias;
-use super::{ConfigError, PoolConfig, invalid};
 
 /// A model name clients use and the variants behind it.
 #[derive(Debug, Clone)]

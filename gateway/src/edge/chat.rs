@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::proto::{ChatMessage, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, Source, Usage};
-use crate::service::Metered;
 use crate::service::generate::MAX_STOP;
+use crate::service::generate::Metered;
 
 /// `POST /v1/chat/completions` body (fields the gateway does not use are
 /// ignored, as OpenAI-compatible servers do).

@@ -107,7 +107,7 @@ fn app_with(
         image: super::convert::ImageBounds { pixels: 1 << 24, bytes: 1 << 28 },
         draining: tokio_util::sync::CancellationToken::new(),
     });
-    (super::http::router(state), upstream)
+    (super::rest::router(state), upstream)
 }
 
 async fn chat(app: &axum::Router, body: Value) -> (StatusCode, http::HeaderMap, String) {

@@ -3,21 +3,18 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures::StreamExt;
 use http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-
+use super::EdgeState;
 use super::chat::{ChatRequest, Completion};
 use super::convert::{self, BodyKind};
 use super::json::{self, EmbeddingsRequest, InferRequestJson};
-use super::{EdgeState, meta};
+use super::reply::{Reply, request_id};
 use crate::cache::CacheMode;
 use crate::call::{Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
@@ -26,74 +23,6 @@ use crate::service::{Answer, Ask, Served};
 
 /// Header a client uses to lower the deadline: seconds (`2.5`) or `500ms`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
-
-/// The REST router with its layers, outermost first.
-pub fn router(state: Arc<EdgeState>) -> Router {
-    // Work that reaches workers is bounded; health and metadata stay
-    // answerable under overload so probes do not flap.
-    let api = Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
-        .with_state(state.clone());
-    // Bodies are read whole before a request takes an in-flight permit.
-    let api =
-        super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e, rid| {
-            e.into_http(rid)
-        })
-        .guard(api);
-    Router::new()
-        .route("/v1/models", get(meta::list_models))
-        .route("/v2", get(meta::server_metadata))
-        .route("/v2/health/live", get(meta::live))
-        .route("/v2/health/ready", get(meta::ready))
-        .route("/v2/models/{model}", get(meta::model_metadata))
-        .route("/v2/models/{model}/ready", get(meta::model_ready))
-        .route("/v2/models/{model}/versions/{version}", get(meta::version_metadata))
-        .route("/v2/models/{model}/versions/{version}/ready", get(meta::version_ready))
-        .route("/healthz", get(meta::healthz))
-        .route("/metrics", get(meta::metrics))
-        .route("/readyz", get(meta::readyz))
-        .route("/openapi.json", get(super::openapi::document))
-        .with_state(state.clone())
-        .merge(api)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        // Who is calling, before any body is read (public routes pass).
-        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
-        // Errors in the dialect of each surface's clients (auth refusals too).
-        .layer(axum::middleware::from_fn(super::dialect::error_dialect))
-        // One access-log line and the request metrics, refusals included.
-        .layer(axum::middleware::from_fn(super::access::access_log))
-        // Echo the request id on every response, errors included.
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Give every request an id before anything else sees it.
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        // A caller's id is taken only when it is safe to log and forward.
-        .layer(axum::middleware::from_fn(super::access::sanitize_request_id))
-}
-
-pub(super) fn request_id(headers: &HeaderMap) -> String {
-    headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
-}
-
-/// A handler outcome: the answer, or an error rendered with the request id.
-pub(super) struct Reply(pub(super) Result<Response, GatewayError>, pub(super) String);
-
-impl IntoResponse for Reply {
-    fn into_response(self) -> Response {
-        match self.0 {
-            Ok(r) => r,
-            Err(e) => {
-                if e.http_status().is_server_error() {
-                    tracing::warn!(request_id = %self.1, error = %e, "request failed");
-                }
-                e.into_http(Some(&self.1))
-            }
-        }
-    }
-}
 
 /// The core's view of a request from its head: who asks, its deadline
 /// (counted from now), pin and cache mode. The model is the caller's to
@@ -388,13 +317,4 @@ fn cache_mode(headers: &HeaderMap) -> CacheMode {
 fn wants_protobuf(headers: &HeaderMap, kind: BodyKind) -> bool {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     accept.contains("application/x-protobuf") || (kind == BodyKind::Protobuf && !accept.contains("json"))
-}
-
-async fn not_found(req: Request) -> Reply {
-    let rid = request_id(req.headers());
-    Reply(Err(GatewayError::RouteNotFound { path: req.uri().path().to_owned() }), rid)
-}
-
-async fn method_not_allowed(headers: HeaderMap) -> Reply {
-    Reply(Err(GatewayError::MethodNotAllowed), request_id(&headers))
 }

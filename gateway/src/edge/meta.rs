@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::EdgeState;
-use super::http::{Reply, request_id};
+use super::reply::{Reply, request_id};
 use crate::error::Problem;
 use crate::proto::{ModelEntry, ModelKind};
 use crate::upstream::PoolStatus;

@@ -22,6 +22,8 @@ mod parity_tests;
 #[cfg(test)]
 mod policy_tests;
 pub mod problem;
+mod reply;
+pub mod rest;
 #[cfg(test)]
 mod tests;
 

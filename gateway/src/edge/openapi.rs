@@ -66,7 +66,7 @@ mod tests {
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
         let documented: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
         // The routes the REST router declares, read from its source.
-        let source = include_str!("http.rs");
+        let source = include_str!("rest.rs");
         let routed: Vec<&str> = source.split(".route(\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
         assert!(routed.len() >= 16, "{routed:?}");
         for path in &routed {

@@ -462,7 +462,7 @@ async fn both_edges_answer_every_behaviour_alike() {
     for b in behaviours() {
         // REST.
         let (rest_state, models) = state(b.config);
-        let app = super::http::router(rest_state);
+        let app = super::rest::router(rest_state);
         let mut on_rest = Vec::new();
         for (n, (a, status, want)) in b.steps.iter().enumerate() {
             let seen = rest(&app, *a).await;

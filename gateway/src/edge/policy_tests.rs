@@ -71,7 +71,7 @@ class = "x:Y"
 
 fn app(config: &Config, fake: Fake) -> (axum::Router, Arc<Fake>) {
     let (state, fake) = state(config, fake);
-    (super::http::router(state), fake)
+    (super::rest::router(state), fake)
 }
 
 fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {

@@ -98,7 +98,7 @@ async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, http::Head
 #[tokio::test]
 async fn embeddings_answer_in_openai_shape_with_request_id() {
     let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let mut req = embed_req(json!({"model": "m", "input": ["ab", "abcd"]}));
     req.headers_mut().insert("x-request-id", "mine-1".parse().unwrap());
     let (status, headers, body) = send(&app, req).await;
@@ -112,7 +112,7 @@ async fn embeddings_answer_in_openai_shape_with_request_id() {
 #[tokio::test]
 async fn problems_carry_the_request_id_and_a_generated_one_is_returned() {
     let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let (status, headers, body) = send(&app, embed_req(json!({"model": "zzz", "input": "x"}))).await;
     assert_eq!(status, 404);
     let id = headers["x-request-id"].to_str().unwrap();
@@ -126,7 +126,7 @@ async fn problems_carry_the_request_id_and_a_generated_one_is_returned() {
 #[tokio::test]
 async fn a_client_may_lower_but_not_raise_the_deadline() {
     let (state, fake) = state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     for (header, _) in [("250ms", ()), ("1.5", ()), ("3600", ())] {
         let mut req = embed_req(json!({"model": "m", "input": "x"}));
         req.headers_mut().insert("x-request-timeout", header.parse().unwrap());
@@ -145,14 +145,14 @@ async fn a_client_may_lower_but_not_raise_the_deadline() {
 #[tokio::test]
 async fn readiness_follows_pools_and_draining() {
     let (state, _) = state(Fake { ready: false, ..Default::default() }, 8);
-    let app = super::http::router(state.clone());
+    let app = super::rest::router(state.clone());
     let (status, _, body) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
     assert_eq!(status, 503);
     assert_eq!(body["pools"][0]["ready_workers"], 0);
     assert_eq!(send(&app, Request::get("/healthz").body(Body::empty()).unwrap()).await.0, 200);
 
     let (state, _) = self::state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state.clone());
+    let app = super::rest::router(state.clone());
     assert_eq!(send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await.0, 200);
     state.draining.cancel();
     let (status, _, body) = send(&app, Request::get("/readyz").body(Body::empty()).unwrap()).await;
@@ -163,7 +163,7 @@ async fn readiness_follows_pools_and_draining() {
 #[tokio::test]
 async fn unknown_models_while_starting_are_503_with_retry_after() {
     let (state, _) = state(Fake { ready: false, starting: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let (status, headers, body) = send(&app, embed_req(json!({"model": "later", "input": "x"}))).await;
     assert_eq!(status, 503);
     assert_eq!(headers["retry-after"], "1");
@@ -173,7 +173,7 @@ async fn unknown_models_while_starting_are_503_with_retry_after() {
 #[tokio::test]
 async fn method_not_allowed_is_a_problem_on_every_route() {
     let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     for path in ["/v1/embeddings", "/readyz"] {
         let (status, headers, body) = send(&app, Request::delete(path).body(Body::empty()).unwrap()).await;
         assert_eq!(status, 405, "{path}");
@@ -186,7 +186,7 @@ async fn method_not_allowed_is_a_problem_on_every_route() {
 async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
     let gate = Arc::new(Semaphore::new(0));
     let (state, _) = state(Fake { ready: true, gate: Some(gate.clone()), ..Default::default() }, 1);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let held = tokio::spawn({
         let app = app.clone();
         async move { send(&app, embed_req(json!({"model": "m", "input": "x"}))).await.0 }
@@ -207,7 +207,7 @@ async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
 async fn the_in_flight_limit_is_shared_by_every_route() {
     let gate = Arc::new(Semaphore::new(0));
     let (state, fake) = state(Fake { ready: true, gate: Some(gate.clone()), ..Default::default() }, 1);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let held = tokio::spawn({
         let app = app.clone();
         async move { send(&app, embed_req(json!({"model": "m", "input": "x"}))).await.0 }
@@ -230,7 +230,7 @@ async fn the_in_flight_limit_is_shared_by_every_route() {
 #[tokio::test]
 async fn v2_errors_carry_the_oip_error_string_beside_the_problem() {
     let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
-    let app = super::http::router(state);
+    let app = super::rest::router(state);
     let req = Request::post("/v2/models/nope/infer")
         .header("content-type", "application/json")
         .body(Body::from(json!({"inputs": []}).to_string()))

@@ -5,9 +5,11 @@ use std::sync::PoisonError;
 
 use futures::StreamExt;
 
+use super::admission::Pool;
 use super::attempts::{bounded, request, within};
 use super::batched::{EmbedRpc, InferRpc, gather, send_batch};
 use super::status::missing_result;
+use super::worker::Worker;
 use super::{Pools, retry};
 use crate::call::Call;
 use crate::error::GatewayError;
@@ -18,11 +20,8 @@ use crate::upstream::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
 impl Upstream for Pools {
     fn models(&self) -> Vec<ModelEntry> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let mut entries: Vec<ModelEntry> = table
-            .first
-            .iter()
-            .filter_map(|(name, p)| Some(self.entry(&self.pools[*p], table.by_pool[*p].get(name)?.clone())))
-            .collect();
+        let mut entries: Vec<ModelEntry> =
+            table.models().map(|(p, info)| self.entry(&self.pools[p], info.clone())).collect();
         entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
         entries
     }
@@ -148,4 +147,39 @@ fn require(info: &ModelInfo, ok: bool, operation: &'static str) -> Result<(), Ga
 fn embeddings(model: ModelInfo, results: Vec<super::Embedded>) -> EmbedOutput {
     let prompt_tokens = results.iter().fold(0u32, |sum, (_, tokens)| sum.saturating_add(*tokens));
     EmbedOutput { model, vectors: results.into_iter().map(|(vector, _)| vector).collect(), prompt_tokens }
+}
+
+impl Pools {
+    /// What a worker of pool `pool` described.
+    pub(super) fn register(&self, pool: usize, worker: &Worker, models: Vec<ModelInfo>) {
+        self.table.write().unwrap_or_else(PoisonError::into_inner).register(pool, &worker.id, models);
+    }
+
+    pub(super) fn index_of(&self, pool: &Pool) -> usize {
+        self.pools.iter().position(|p| std::ptr::eq(p, pool)).unwrap_or_default()
+    }
+
+    /// The pool and model for a call: the named pool when the call carries
+    /// one (a route variant), else the pool that first claimed the model.
+    fn route_call<P>(&self, call: &Call<P>) -> Result<(&Pool, ModelInfo), GatewayError> {
+        match &call.pool {
+            Some(pool) => self.route_in(pool, &call.model),
+            None => self.route(&call.model),
+        }
+    }
+
+    fn route_in(&self, pool: &str, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+        let (p, info) = self.table.read().unwrap_or_else(PoisonError::into_inner).route_in(pool, name)?;
+        Ok((&self.pools[p], info))
+    }
+
+    pub(super) fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+        let (p, info) = self.table.read().unwrap_or_else(PoisonError::into_inner).route(name)?;
+        Ok((&self.pools[p], info))
+    }
+
+    fn entry(&self, pool: &Pool, info: ModelInfo) -> ModelEntry {
+        let ready = pool.workers().iter().any(|w| w.is_serving());
+        ModelEntry { info: Some(info), pool: pool.name.clone(), ready }
+    }
 }

@@ -6,14 +6,15 @@
 //! slots, queue and worker pick, and what a finished call says about the
 //! worker), `attempts` (one call bounded by its deadline, with retries),
 //! `status` (worker answers as the gateway's errors), `batched` (batch
-//! requests and their dispatch), `calls` (the `Upstream` implementation);
-//! and per worker: [`worker`], [`balance`], [`outlier`], [`latency`],
-//! [`circuit`], [`retry`], [`discovery`].
+//! requests and their dispatch), `calls` (the `Upstream` implementation),
+//! [`members`] (health watchers and DNS discovery); and per worker:
+//! [`worker`], [`balance`], [`outlier`], [`latency`], [`circuit`],
+//! [`retry`].
 
 pub mod balance;
 pub mod circuit;
-pub mod discovery;
 pub mod latency;
+pub mod members;
 pub mod outlier;
 pub mod retry;
 pub mod worker;
@@ -32,11 +33,9 @@ use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use tokio_util::sync::CancellationToken;
-
 use crate::batch::Batcher;
 use crate::config::{Config, PoolKind, WorkerAddr};
-use crate::proto::{InferItem, InferOutputs, ModelInfo};
+use crate::proto::{InferItem, InferOutputs};
 use admission::Pool;
 use circuit::Circuit;
 use table::ModelTable;
@@ -46,7 +45,6 @@ use worker::Worker;
 pub struct Pools {
     pools: Vec<Pool>,
     table: RwLock<ModelTable>,
-    created: tokio::time::Instant,
     /// For the batchers' dispatchers (they outlive a call, not the pools).
     me: Weak<Pools>,
     embed_batchers: Batchers<String, Embedded>,
@@ -112,53 +110,13 @@ impl Pools {
                 batching: pool.batching.clone(),
             });
         }
-        let table = ModelTable {
-            first: HashMap::new(),
-            by_pool: vec![HashMap::new(); pools.len()],
-            described: vec![false; pools.len()],
-        };
+        let table = ModelTable::new(pools.iter().map(|p| p.name.clone()).collect());
         Arc::new_cyclic(|me| Self {
             pools,
             table: RwLock::new(table),
-            created: tokio::time::Instant::now(),
             me: me.clone(),
             embed_batchers: Mutex::default(),
             infer_batchers: Mutex::default(),
         })
-    }
-
-    /// Start one health watcher per worker, and the DNS discovery of
-    /// discovered pools (asking `nameservers`, or the system's resolver);
-    /// they end with `stop`.
-    pub fn watch(
-        self: &Arc<Self>,
-        connect_timeout: std::time::Duration,
-        nameservers: &[std::net::SocketAddr],
-        stop: &CancellationToken,
-    ) -> Result<(), discovery::DiscoveryError> {
-        for (p, pool) in self.pools.iter().enumerate() {
-            for worker in pool.workers().iter() {
-                self.watch_worker(p, worker, connect_timeout, stop.child_token());
-            }
-            if let Some(spec) = pool.discover.clone() {
-                let resolver = discovery::resolver(nameservers)
-                    .map_err(|source| discovery::DiscoveryError { pool: pool.name.clone(), source })?;
-                tokio::spawn(self.clone().discover(p, spec, resolver, connect_timeout, stop.child_token()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Follow `worker`'s health (and what it serves) until `stop`.
-    fn watch_worker(
-        self: &Arc<Self>,
-        p: usize,
-        worker: &Arc<Worker>,
-        connect_timeout: std::time::Duration,
-        stop: CancellationToken,
-    ) {
-        let me = self.clone();
-        let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
-        tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop));
     }
 }

@@ -22,8 +22,6 @@ use crate::route::{self, Plan, Routes, Target};
 use crate::telemetry::usage::{Meter, Prices};
 use crate::upstream::{EmbedOutput, PoolStatus, Upstream};
 
-pub use self::generate::{Metered, estimate, validate};
-
 /// What the core needs to answer a call.
 pub struct Core {
     pub upstream: Arc<dyn Upstream>,

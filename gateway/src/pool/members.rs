@@ -1,7 +1,8 @@
-//! Workers found by DNS: every A/AAAA record of a name is a worker (a
-//! Kubernetes headless Service, or a Compose service scaled to N), resolved
-//! at start and again every `every`, so workers join and leave without a
-//! restart.
+//! Who is in a pool and whether it serves: one health watcher per worker,
+//! and for a discovered pool the members DNS finds. Every A/AAAA record of
+//! a name is a worker (a Kubernetes headless Service, or a Compose service
+//! scaled to N), resolved at start and again every `every`, so workers join
+//! and leave without a restart.
 //!
 //! A name that resolves to nothing empties the pool; a lookup that fails
 //! (timeout, server down) keeps the workers it has, so a DNS hiccup never
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::Pools;
 use super::worker::Worker;
 use crate::config::WorkerAddr;
+use crate::proto::ModelInfo;
 
 /// A discovered pool cannot resolve: the system's DNS configuration is
 /// unreadable and no `nameservers` are configured.
@@ -68,6 +70,41 @@ async fn lookup(resolver: &TokioResolver, host: &str, port: u16) -> Found {
 }
 
 impl Pools {
+    /// Start one health watcher per worker, and the DNS discovery of
+    /// discovered pools (asking `nameservers`, or the system's resolver);
+    /// they end with `stop`.
+    pub fn watch(
+        self: &Arc<Self>,
+        connect_timeout: std::time::Duration,
+        nameservers: &[std::net::SocketAddr],
+        stop: &CancellationToken,
+    ) -> Result<(), DiscoveryError> {
+        for (p, pool) in self.pools.iter().enumerate() {
+            for worker in pool.workers().iter() {
+                self.watch_worker(p, worker, connect_timeout, stop.child_token());
+            }
+            if let Some(spec) = pool.discover.clone() {
+                let resolver =
+                    resolver(nameservers).map_err(|source| DiscoveryError { pool: pool.name.clone(), source })?;
+                tokio::spawn(self.clone().discover(p, spec, resolver, connect_timeout, stop.child_token()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Follow `worker`'s health (and what it serves) until `stop`.
+    fn watch_worker(
+        self: &Arc<Self>,
+        p: usize,
+        worker: &Arc<Worker>,
+        connect_timeout: std::time::Duration,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
+        tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop));
+    }
+
     /// Keep pool `p`'s members equal to what `host` resolves to, until `stop`.
     pub(super) async fn discover(
         self: Arc<Self>,

@@ -1,0 +1,70 @@
+//! The REST router: every route, and the layers each request passes
+//! through, outermost first.
+
+use std::sync::Arc;
+
+use ::http::HeaderMap;
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::{get, post};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use super::reply::{Reply, request_id};
+use super::{EdgeState, http, meta, openapi};
+use crate::error::GatewayError;
+
+/// The REST router with its layers, outermost first.
+pub fn router(state: Arc<EdgeState>) -> Router {
+    // Work that reaches workers is bounded; health and metadata stay
+    // answerable under overload so probes do not flap.
+    let api = Router::new()
+        .route("/v1/chat/completions", post(http::chat_completions))
+        .route("/v1/embeddings", post(http::embeddings))
+        .route("/v2/models/{model}/infer", post(http::infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(http::infer_version))
+        .with_state(state.clone());
+    // Bodies are read whole before a request takes an in-flight permit.
+    let api =
+        super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e, rid| {
+            e.into_http(rid)
+        })
+        .guard(api);
+    Router::new()
+        .route("/v1/models", get(meta::list_models))
+        .route("/v2", get(meta::server_metadata))
+        .route("/v2/health/live", get(meta::live))
+        .route("/v2/health/ready", get(meta::ready))
+        .route("/v2/models/{model}", get(meta::model_metadata))
+        .route("/v2/models/{model}/ready", get(meta::model_ready))
+        .route("/v2/models/{model}/versions/{version}", get(meta::version_metadata))
+        .route("/v2/models/{model}/versions/{version}/ready", get(meta::version_ready))
+        .route("/healthz", get(meta::healthz))
+        .route("/metrics", get(meta::metrics))
+        .route("/readyz", get(meta::readyz))
+        .route("/openapi.json", get(openapi::document))
+        .with_state(state.clone())
+        .merge(api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Who is calling, before any body is read (public routes pass).
+        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
+        // Errors in the dialect of each surface's clients (auth refusals too).
+        .layer(axum::middleware::from_fn(super::dialect::error_dialect))
+        // One access-log line and the request metrics, refusals included.
+        .layer(axum::middleware::from_fn(super::access::access_log))
+        // Echo the request id on every response, errors included.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Give every request an id before anything else sees it.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // A caller's id is taken only when it is safe to log and forward.
+        .layer(axum::middleware::from_fn(super::access::sanitize_request_id))
+}
+
+async fn not_found(req: Request) -> Reply {
+    let rid = request_id(req.headers());
+    Reply(Err(GatewayError::RouteNotFound { path: req.uri().path().to_owned() }), rid)
+}
+
+async fn method_not_allowed(headers: HeaderMap) -> Reply {
+    Reply(Err(GatewayError::MethodNotAllowed), request_id(&headers))
+}
