@@ -10,7 +10,10 @@
 //! Which module may use which (`crate::` paths outside test code). The
 //! test `dependency_tests` reads every module's sources against this table
 //! and checks that the table has no circle: a module never uses one that
-//! uses it back.
+//! uses it back. It also reads every source file's own paths (`crate::`,
+//! `super::`, `self::`, a parent's `child::`): no file uses one that uses
+//! it back either, so a parent's shared items live in a leaf file its
+//! children use.
 //!
 //! | module | may use |
 //! |---|---|

@@ -26,6 +26,7 @@ pub use crate::config::components::{CacheConfig, PoolRules};
 use crate::error::GatewayError;
 use crate::proto::{InferItem, InferOutputs, ModelInfo};
 use crate::upstream::{EmbedOutput, Upstream};
+use stored::{Key, decompress};
 
 /// What a request lets the cache do (`Cache-Control`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,21 +140,6 @@ impl Value {
     }
 }
 
-type Key = [u8; 32];
-
-/// LZ4 after its 4-byte little-endian size, inflated only when that size
-/// is at most `max`: the bytes come from Redis, which another process (or
-/// whoever can write to it) may have filled, and a trusted prefix is an
-/// allocation of up to 4 GiB.
-fn decompress(bytes: &[u8], max: usize) -> Option<Vec<u8>> {
-    let (size, body) = bytes.split_first_chunk::<4>()?;
-    let size = usize::try_from(u32::from_le_bytes(*size)).ok()?;
-    if size > max {
-        return None;
-    }
-    lz4_flex::decompress(body, size).ok()
-}
-
 /// The second level, shared through Redis.
 struct Shared {
     pool: deadpool_redis::Pool,
@@ -239,7 +225,7 @@ pub struct ResponseCache {
     shared: Option<Shared>,
     /// Pools whose tensor calls must never be cached.
     nondeterministic: Vec<String>,
-    chat: chat::ChatCache,
+    chat: chat_store::ChatCache,
 }
 
 impl ResponseCache {
@@ -266,8 +252,12 @@ impl ResponseCache {
             }
             _ => None,
         };
-        let chat =
-            chat::ChatCache::new(config.max_bytes / 4, config.ttl, pools.deterministic, Some(config.semantic.clone()));
+        let chat = chat_store::ChatCache::new(
+            config.max_bytes / 4,
+            config.ttl,
+            pools.deterministic,
+            Some(config.semantic.clone()),
+        );
         Ok(Self { config, memory, shared, nondeterministic: pools.nondeterministic, chat })
     }
 
@@ -483,5 +473,7 @@ fn tensor_digest(t: &crate::proto::Tensor, h: &mut Sha256) {
 }
 
 pub mod chat;
+mod chat_store;
+mod stored;
 #[cfg(test)]
 mod tests;

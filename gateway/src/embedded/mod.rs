@@ -24,8 +24,8 @@ use crate::config::{Config, PoolKind};
 pub enum EmbedError {
     #[error("cannot start the embedded Python interpreter: {0}")]
     Python(String),
-    #[error("cannot import the embedded model class:\n{0}")]
-    Import(String),
+    #[error("pools.{pool}.class: cannot import the embedded model class:\n{detail}")]
+    Import { pool: String, detail: String },
     #[error(
         "pool {0:?} is `kind = \"embedded\"`, but this gateway was built without the embedded pool kind (cargo feature `embedded`)"
     )]
@@ -68,10 +68,10 @@ async fn serve(
     use tonic_health::ServingStatus;
 
     let python = config.workers.python.clone();
-    let spec = class.to_owned();
+    let (spec, name) = (class.to_owned(), pool.to_owned());
     let host = tokio::task::spawn_blocking(move || -> Result<python::Host, EmbedError> {
-        python::start(&python)?;
-        python::Host::new(&spec)
+        python::start(&python).map_err(EmbedError::Python)?;
+        python::Host::new(&spec).map_err(|detail| EmbedError::Import { pool: name, detail })
     })
     .await
     .map_err(|e| EmbedError::Python(e.to_string()))??;

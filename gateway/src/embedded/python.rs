@@ -15,8 +15,6 @@ use pyo3::types::{PyBytes, PyList};
 
 use crate::proto::{EmbedResult, Embedding, ItemError, embed_result};
 
-use super::EmbedError;
-
 static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// The site-packages of the environment whose interpreter is `python`
@@ -46,7 +44,7 @@ fn site_packages(python: &Path, version: (u8, u8)) -> Result<PathBuf, String> {
 
 /// Start the interpreter (once) with `python`'s environment on its path and
 /// its log records forwarded to the gateway's log.
-pub fn start(python: &Path) -> Result<(), EmbedError> {
+pub fn start(python: &Path) -> Result<(), String> {
     STARTED
         .get_or_init(|| {
             Python::attach(|py| -> Result<(), String> {
@@ -63,7 +61,6 @@ pub fn start(python: &Path) -> Result<(), EmbedError> {
             })
         })
         .clone()
-        .map_err(EmbedError::Python)
 }
 
 /// A Python log record, as the gateway logs worker output.
@@ -124,13 +121,10 @@ pub struct CallCtx {
 
 impl Host {
     /// Import `spec` (`module:Class`) and instantiate it; not loaded yet.
-    pub fn new(spec: &str) -> Result<Self, EmbedError> {
+    pub fn new(spec: &str) -> Result<Self, String> {
         Python::attach(|py| {
-            let embedded = py.import("infergate_worker.embedded").map_err(|e| EmbedError::Import(describe(py, &e)))?;
-            let obj = embedded
-                .getattr("Host")
-                .and_then(|h| h.call1((spec,)))
-                .map_err(|e| EmbedError::Import(describe(py, &e)))?;
+            let embedded = py.import("infergate_worker.embedded").map_err(|e| describe(py, &e))?;
+            let obj = embedded.getattr("Host").and_then(|h| h.call1((spec,))).map_err(|e| describe(py, &e))?;
             Ok(Self { obj: obj.unbind() })
         })
     }

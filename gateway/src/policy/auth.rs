@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{Caller, Principal};
+use crate::call::{Caller, Principal};
 use crate::config::policy::{ApiKeyConfig, AuthConfig, JwtConfig, KeyMaterial, check_keys, parse_alg, valid_kid};
 
 /// Prefix of keys made by `infergate keys new`; tells them apart from JWTs.
