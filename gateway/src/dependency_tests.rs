@@ -48,30 +48,10 @@ fn named(code: &str) -> BTreeSet<String> {
 
 /// What each top-level module's non-test sources use.
 fn actual() -> Graph {
-    fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, files);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path);
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(Path::new(SRC), &mut files);
     let mut graph = Graph::new();
-    for path in files {
-        let rel = path.strip_prefix(SRC).unwrap();
-        let top = rel.components().next().unwrap().as_os_str().to_str().unwrap().trim_end_matches(".rs").to_owned();
-        let name = path.file_name().unwrap().to_str().unwrap();
-        if matches!(top.as_str(), "lib" | "main" | "dependency_tests")
-            || name == "tests.rs"
-            || name.ends_with("_tests.rs")
-        {
-            continue;
-        }
-        let uses = named(&code(&std::fs::read_to_string(&path).unwrap()));
+    for (module, code) in files() {
+        let top = module.split("::").next().unwrap_or_default().to_owned();
+        let uses = named(&code);
         graph.entry(top.clone()).or_default().extend(uses.into_iter().filter(|m| *m != top));
     }
     graph
