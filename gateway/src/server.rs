@@ -21,7 +21,7 @@ pub enum ServeError {
     #[error("cannot create the worker socket directory {path}: {source}")]
     SocketDir { path: PathBuf, source: std::io::Error },
     #[error("workers.socket_dir {path} is not safe: {why}")]
-    SocketDirUnsafe { path: PathBuf, why: String },
+    SocketDirUnsafe { path: PathBuf, why: UnsafeDir },
     #[error(transparent)]
     Workers(#[from] SupervisorError),
     #[error(transparent)]
@@ -34,8 +34,19 @@ pub enum ServeError {
     Embedded(#[from] crate::embedded::EmbedError),
     #[error("cannot set up gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("server failed: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("cannot read the address the {edge} listener is bound to: {source}")]
+    LocalAddr { edge: &'static str, source: std::io::Error },
+}
+
+/// Why an existing `workers.socket_dir` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafeDir {
+    #[error("it is not a directory")]
+    NotADirectory,
+    #[error("it belongs to uid {owner}, not to the gateway's uid {gateway}")]
+    NotOurs { owner: u32, gateway: u32 },
+    #[error("its mode {mode:o} lets others write to it (chmod 700)")]
+    WritableByOthers { mode: u32 },
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -78,11 +89,11 @@ impl SocketDir {
             Ok(meta) => {
                 let me = nix::unistd::geteuid().as_raw();
                 let unsafe_because = if !meta.is_dir() {
-                    Some("it is not a directory".to_owned())
+                    Some(UnsafeDir::NotADirectory)
                 } else if meta.uid() != me {
-                    Some(format!("it belongs to uid {}, not to the gateway's uid {me}", meta.uid()))
+                    Some(UnsafeDir::NotOurs { owner: meta.uid(), gateway: me })
                 } else if meta.mode() & 0o022 != 0 {
-                    Some(format!("its mode {:o} lets others write to it (chmod 700)", meta.mode() & 0o777))
+                    Some(UnsafeDir::WritableByOthers { mode: meta.mode() & 0o777 })
                 } else {
                     None
                 };
@@ -227,9 +238,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let http_app = edge::rest::router(state.clone());
     let grpc_app = edge::grpc::router(state, health_service)?;
 
+    let local =
+        |edge, listener: &TcpListener| listener.local_addr().map_err(|source| ServeError::LocalAddr { edge, source });
     tracing::info!(
-        http = %http_listener.local_addr()?,
-        grpc = %grpc_listener.local_addr()?,
+        http = %local("http", &http_listener)?,
+        grpc = %local("grpc", &grpc_listener)?,
         pools = config.pools.len(),
         "infergate listening"
     );
