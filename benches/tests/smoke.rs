@@ -23,7 +23,7 @@ impl Upstream for Fake {
     fn models(&self) -> Vec<ModelEntry> {
         let info =
             ModelInfo { name: "m".into(), kind: ModelKind::Embed as i32, embedding_dim: 8, ..Default::default() };
-        vec![ModelEntry { info: Some(info), pool: "p".into(), ready: true }]
+        vec![ModelEntry { info: Some(info), pool: "p".into(), ready: true, ..Default::default() }]
     }
     fn status(&self) -> Vec<PoolStatus> {
         Vec::new()

@@ -61,6 +61,9 @@ pub enum GatewayError {
     /// Pools are still starting and the model may yet appear.
     #[error("model {model:?} is not known yet: workers are starting")]
     Starting { model: String },
+    /// The pool's workers failed to load the model, time after time.
+    #[error("model {model:?} failed to load in pool {pool:?}: {error}")]
+    ModelFailedToLoad { model: String, pool: String, error: String },
     /// The pool has no worker able to take the call right now.
     #[error("no ready worker in pool {pool:?}")]
     NoReadyWorker { pool: String },
@@ -202,6 +205,9 @@ impl GatewayError {
             E::NoReadyWorker { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "no-ready-worker", "No ready worker")
             }
+            E::ModelFailedToLoad { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "model-failed-to-load", "Model failed to load")
+            }
             E::DeadlineExceeded { .. } => {
                 (StatusCode::GATEWAY_TIMEOUT, C::DeadlineExceeded, "deadline-exceeded", "Deadline exceeded")
             }
@@ -283,6 +289,8 @@ impl GatewayError {
             | Self::RouteNotFound { .. }
             | Self::MethodNotAllowed
             | Self::ModelNotFound { .. }
+            // Restarts go on, but a fix is what it waits for.
+            | Self::ModelFailedToLoad { .. }
             | Self::VersionNotFound { .. }
             | Self::UnsupportedOperation { .. }
             | Self::DeadlineExceeded { .. }

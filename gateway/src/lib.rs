@@ -22,21 +22,22 @@
 //! | error | |
 //! | bulk | |
 //! | slots | |
+//! | load_state | |
 //! | call | config |
 //! | redis_pool | config |
 //! | tensor | proto |
 //! | upstream | call error proto |
 //! | telemetry | config |
-//! | embedded | call config proto |
-//! | supervisor | config telemetry |
+//! | embedded | call config proto telemetry |
+//! | supervisor | config load_state telemetry |
 //! | policy | call config error redis_pool telemetry |
 //! | batch | call config error slots telemetry |
-//! | pool | batch bulk call config embedded error proto slots telemetry tensor upstream |
+//! | pool | batch bulk call config embedded error load_state proto slots telemetry tensor upstream |
 //! | route | call config error proto upstream |
 //! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
 //! | edge | bulk cache call config error policy proto route service telemetry tensor upstream |
-//! | server | cache config edge embedded policy pool proto redis_pool route service supervisor telemetry upstream |
+//! | server | cache config edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
@@ -46,6 +47,7 @@ pub mod config;
 pub mod edge;
 pub mod embedded;
 pub mod error;
+pub mod load_state;
 pub mod policy;
 pub mod pool;
 pub mod redis_pool;

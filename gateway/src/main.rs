@@ -21,10 +21,15 @@ enum Command {
         #[arg(long, short, env = "INFERGATE_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Validate the config and print the effective result as TOML.
+    /// Validate the config, check that every local and embedded pool's class
+    /// imports and is a Model (as the start does), and print the effective
+    /// config as TOML.
     CheckConfig {
         #[arg(long, short, env = "INFERGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// Skip importing the pools' classes.
+        #[arg(long)]
+        no_import: bool,
     },
     /// API keys.
     Keys {
@@ -107,8 +112,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match load(config.as_ref()) {
+        Command::CheckConfig { config, no_import } => match load(config.as_ref()) {
             Ok(cfg) => {
+                if !no_import {
+                    let checked = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())
+                        .and_then(|rt| rt.block_on(infergate::supervisor::check(&cfg)).map_err(|e| e.to_string()));
+                    if let Err(e) = checked {
+                        eprintln!("infergate: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
                 #[expect(clippy::print_stdout, reason = "printing the config is this command's output")]
                 {
                     print!("{}", cfg.to_toml());

@@ -196,14 +196,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
 
     // Key files and Redis settings fail here, before any worker is spawned.
     let policy = crate::policy::Policy::new(&config)?;
-    let supervisor = Supervisor::start(&config, &sockets.path).await?;
+    let loads = Arc::new(crate::load_state::LoadState::new(config.workers.max_load_failures));
+    let supervisor = Supervisor::start(&config, &sockets.path, loads.clone()).await?;
     // Embedded pools' classes are imported now: one that cannot be refuses the start.
     let embedded = CancellationToken::new();
     crate::embedded::start(&config, &embedded).await?;
     if let Some(otlp) = &config.otlp {
         crate::telemetry::otlp::start(otlp);
     }
-    let pools = Pools::new(&config, &sockets.path);
+    let pools = Pools::new(&config, &sockets.path, loads);
     let watchers = CancellationToken::new();
     pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers)?;
 

@@ -28,6 +28,10 @@ pub struct PoolStatus {
     pub pool: String,
     pub ready_workers: usize,
     pub workers: usize,
+    /// Why the pool cannot serve: its workers failed to load their model
+    /// `workers.max_load_failures` times in a row (the last error's first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_error: Option<String>,
 }
 
 /// What the request core needs from the worker side. The real

@@ -86,3 +86,15 @@ class RawWorker(worker_pb2_grpc.WorkerServicer):
             for t in request.texts
         ]
         return worker_pb2.EmbedBatchResponse(results=results)
+
+
+class BrokenLoad(Model):
+    """A model whose ``load()`` raises, as one with missing weights does."""
+
+    name = "broken"
+
+    def load(self) -> None:
+        raise FileNotFoundError("weights.bin: no such file\nsecond line")
+
+
+NOT_A_MODEL = {"weights": "weights.bin"}

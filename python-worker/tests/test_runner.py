@@ -81,7 +81,7 @@ def test_the_runner_needs_no_grpc():
         ("no_colon", "expected module:Class"),
         ("no_such_module_here:Model", "cannot import no_such_module_here:Model"),
         ("infergate_worker.examples.echo:Missing", "cannot import"),
-        ("infergate_worker.tensors:READS_RAW", "is neither an infergate_worker.Model"),
+        ("infergate_worker.tensors:READS_RAW", "is a bool object, not a subclass of infergate_worker.Model"),
     ],
 )
 def test_a_class_that_cannot_be_loaded_is_an_import_error_the_cli_exits_with(spec: str, why: str):

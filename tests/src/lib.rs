@@ -9,7 +9,7 @@ pub mod fault_proxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +54,23 @@ pub struct Gateway {
 
 struct TempDir(PathBuf);
 
+/// How a test gateway is started (see [`Gateway::start_in`]).
+struct Launch<'a> {
+    /// Config on top of the test settings; `None`: the embedded default.
+    extra: Option<&'a str>,
+    filter: &'a str,
+    /// Wait until every pool is ready, at most this long.
+    ready_within: Option<Duration>,
+    env: &'a [(&'a str, &'a str)],
+    cwd: Option<&'a Path>,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Self { extra: None, filter: "info", ready_within: Some(Duration::from_secs(60)), env: &[], cwd: None }
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -78,6 +95,15 @@ impl Gateway {
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let serial = one_at_a_time();
         Self::launch_with(Some(extra), "info", Duration::from_secs(60), env, Some(serial))
+    }
+
+    /// Like [`Gateway::start`], run from directory `cwd` (as a user's shell
+    /// would be anywhere), waiting only until it listens: not every pool
+    /// need ever be ready.
+    pub fn start_in(cwd: &Path, extra: &str) -> anyhow::Result<Self> {
+        let serial = one_at_a_time();
+        let launch = Launch { extra: Some(extra), cwd: Some(cwd), ready_within: None, ..Launch::default() };
+        Self::launch_opts(launch, Some(serial))
     }
 
     /// Like [`Gateway::start`] with a log filter of the test's choosing.
@@ -118,6 +144,13 @@ impl Gateway {
         env: &[(&str, &str)],
         serial: Option<std::sync::MutexGuard<'static, ()>>,
     ) -> anyhow::Result<Self> {
+        Self::launch_opts(Launch { extra, filter, ready_within: Some(ready_within), env, cwd: None }, serial)
+    }
+
+    fn launch_opts(
+        Launch { extra, filter, ready_within, env, cwd }: Launch<'_>,
+        serial: Option<std::sync::MutexGuard<'static, ()>>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("infergate-e2e-{}-{:x}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(dir.join("sockets"))?;
         let dir = TempDir(dir);
@@ -139,6 +172,9 @@ impl Gateway {
                 let path = dir.0.join("infergate.toml");
                 std::fs::write(&path, merge_sections(&(config + extra)))?;
                 command.arg("--config").arg(&path);
+                if let Some(cwd) = cwd {
+                    command.current_dir(cwd);
+                }
             }
             None => {
                 command.current_dir(root());
@@ -168,7 +204,9 @@ impl Gateway {
             .context("gateway never logged its addresses")?;
         let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
         let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir, _serial: serial };
-        gw.wait_ready(ready_within)?;
+        if let Some(within) = ready_within {
+            gw.wait_ready(within)?;
+        }
         Ok(gw)
     }
 

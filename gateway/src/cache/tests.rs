@@ -22,7 +22,7 @@ fn info() -> ModelInfo {
 #[async_trait::async_trait]
 impl Upstream for Counting {
     fn models(&self) -> Vec<ModelEntry> {
-        vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true }]
+        vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true, ..Default::default() }]
     }
     fn model(&self, _name: &str) -> Result<ModelEntry, GatewayError> {
         Ok(self.models().remove(0))
@@ -210,7 +210,7 @@ mod chat {
     #[async_trait::async_trait]
     impl Upstream for Letters {
         fn models(&self) -> Vec<ModelEntry> {
-            vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true }]
+            vec![ModelEntry { info: Some(info()), pool: "p".into(), ready: true, ..Default::default() }]
         }
         fn model(&self, _name: &str) -> Result<ModelEntry, GatewayError> {
             Ok(self.models().remove(0))

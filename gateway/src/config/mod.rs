@@ -135,6 +135,8 @@ pub struct WorkersConfig {
     pub socket_dir: Option<PathBuf>,
     pub restart_backoff_min: Duration,
     pub restart_backoff_max: Duration,
+    /// Load failures in a row of every worker that make a pool failed.
+    pub max_load_failures: u32,
     pub stop_grace: Duration,
     pub connect_timeout: Duration,
     /// Extra variables passed to workers (see `supervisor::passed_to_workers`).
@@ -172,11 +174,16 @@ impl Config {
             let key = e.path().to_string();
             invalid(key, e.into_inner().message().to_owned())
         })?;
-        Self::from_raw(raw)
+        Self::from_raw_in(raw, path.and_then(Path::parent))
     }
 
     /// Validate a raw config.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        Self::from_raw_in(raw, None)
+    }
+
+    /// Validate a raw config read from a file in `dir`.
+    fn from_raw_in(raw: RawConfig, dir: Option<&Path>) -> Result<Self, ConfigError> {
         let http_listen = parse_addr("http.listen", &raw.http.listen)?;
         let grpc_listen = parse_addr("grpc.listen", &raw.grpc.listen)?;
         if http_listen == grpc_listen && http_listen.port() != 0 {
@@ -187,10 +194,14 @@ impl Config {
         let max_message_bytes = positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
         let w = &raw.workers;
         let workers = WorkersConfig {
-            python: default_python(&w.python),
+            python: default_python(&w.python, dir),
             socket_dir: (!w.socket_dir.is_empty()).then(|| PathBuf::from(&w.socket_dir)),
             restart_backoff_min: duration("workers.restart_backoff_min", &w.restart_backoff_min)?,
             restart_backoff_max: duration("workers.restart_backoff_max", &w.restart_backoff_max)?,
+            max_load_failures: match w.max_load_failures {
+                0 => return Err(invalid("workers.max_load_failures", "must be above zero")),
+                n => n,
+            },
             stop_grace: duration("workers.stop_grace", &w.stop_grace)?,
             connect_timeout: duration("workers.connect_timeout", &w.connect_timeout)?,
             inherit_env: w.inherit_env.clone(),
@@ -396,12 +407,23 @@ fn otlp_config(raw: &raw::RawTracing) -> Result<Option<components::OtlpConfig>, 
     Ok(Some(components::OtlpConfig { endpoint, service_name: raw.service_name.clone() }))
 }
 
-fn default_python(configured: &str) -> PathBuf {
+/// `workers.python`, else the `.venv` beside the config file, else the one
+/// of the checkout the binary was built in (`target/<profile>/infergate`
+/// below it), else `python3`: never whatever the current directory holds.
+fn default_python(configured: &str, config_dir: Option<&Path>) -> PathBuf {
     if !configured.is_empty() {
         return PathBuf::from(configured);
     }
-    let venv = PathBuf::from(".venv/bin/python");
-    if venv.exists() { venv } else { PathBuf::from("python3") }
+    let exe = std::env::current_exe().ok();
+    let beside_binary = exe.iter().flat_map(|e| e.ancestors().skip(1));
+    let venv = |dir: &Path| dir.join(".venv/bin/python");
+    config_dir
+        .into_iter()
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+        .chain(beside_binary)
+        .map(venv)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 #[cfg(test)]

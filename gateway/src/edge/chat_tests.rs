@@ -41,10 +41,10 @@ fn gen_model() -> ModelInfo {
 #[async_trait::async_trait]
 impl Upstream for Scripted {
     fn models(&self) -> Vec<ModelEntry> {
-        vec![ModelEntry { info: Some(gen_model()), pool: "p".into(), ready: true }]
+        vec![ModelEntry { info: Some(gen_model()), pool: "p".into(), ready: true, ..Default::default() }]
     }
     fn status(&self) -> Vec<PoolStatus> {
-        vec![PoolStatus { pool: "p".into(), ready_workers: 1, workers: 1 }]
+        vec![PoolStatus { pool: "p".into(), ready_workers: 1, workers: 1, load_error: None }]
     }
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
         self.model(&call.model)?;

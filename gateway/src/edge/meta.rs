@@ -34,6 +34,10 @@ pub struct ModelCard {
     pub pool: String,
     /// Some worker of that pool is SERVING.
     pub ready: bool,
+    /// Why the pool cannot serve it: its workers failed to load it
+    /// `workers.max_load_failures` times in a row (the last error's first line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_error: Option<String>,
 }
 
 /// `GET /v1/models`.
@@ -116,6 +120,7 @@ fn card(entry: &ModelEntry) -> ModelCard {
         streaming: info.streaming,
         pool: entry.pool.clone(),
         ready: entry.ready,
+        load_error: (!entry.load_error.is_empty()).then(|| entry.load_error.clone()),
     }
 }
 

@@ -67,7 +67,7 @@ impl Upstream for Models {
         let mut all = Vec::new();
         for pool in ["a", "b", "down"] {
             for name in ["g", "m", "t"] {
-                all.push(ModelEntry { info: Some(info(name)), pool: pool.into(), ready: true });
+                all.push(ModelEntry { info: Some(info(name)), pool: pool.into(), ready: true, ..Default::default() });
             }
         }
         all
@@ -78,7 +78,7 @@ impl Upstream for Models {
         found.ok_or_else(|| GatewayError::ModelNotFound { model: name.to_owned() })
     }
     fn status(&self) -> Vec<PoolStatus> {
-        ["a", "b", "down"].map(|p| PoolStatus { pool: p.into(), ready_workers: 1, workers: 1 }).into()
+        ["a", "b", "down"].map(|p| PoolStatus { pool: p.into(), ready_workers: 1, workers: 1, load_error: None }).into()
     }
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         self.take(&call)?;

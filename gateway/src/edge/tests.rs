@@ -34,7 +34,7 @@ fn embed_model() -> ModelInfo {
 #[async_trait::async_trait]
 impl Upstream for Fake {
     fn models(&self) -> Vec<ModelEntry> {
-        vec![ModelEntry { info: Some(embed_model()), pool: "p".into(), ready: self.ready }]
+        vec![ModelEntry { info: Some(embed_model()), pool: "p".into(), ready: self.ready, ..Default::default() }]
     }
     fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
         match name {
@@ -44,7 +44,7 @@ impl Upstream for Fake {
         }
     }
     fn status(&self) -> Vec<PoolStatus> {
-        vec![PoolStatus { pool: "p".into(), ready_workers: usize::from(self.ready), workers: 1 }]
+        vec![PoolStatus { pool: "p".into(), ready_workers: usize::from(self.ready), workers: 1, load_error: None }]
     }
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         self.model(&call.model)?;

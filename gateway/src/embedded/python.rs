@@ -63,16 +63,30 @@ pub fn start(python: &Path) -> Result<(), String> {
         .clone()
 }
 
-/// A Python log record, as the gateway logs worker output.
+/// A Python log record, logged as a worker process's are, with its fields.
 #[pyfunction]
-fn emit(level: i32, logger: &str, message: &str) {
-    let _ = logger;
-    match level {
-        40.. => tracing::error!(target: "worker", worker = "embedded", "{message}"),
-        30..40 => tracing::warn!(target: "worker", worker = "embedded", "{message}"),
-        20..30 => tracing::info!(target: "worker", worker = "embedded", "{message}"),
-        _ => tracing::debug!(target: "worker", worker = "embedded", "{message}"),
-    }
+#[pyo3(signature = (level, logger, message, request_id=None, trace_id=None, model=None, traceback=None))]
+fn emit(
+    level: i32,
+    logger: String,
+    message: String,
+    request_id: Option<String>,
+    trace_id: Option<String>,
+    model: Option<String>,
+    traceback: Option<String>,
+) {
+    let level = crate::telemetry::python_log::PythonRecord::level_name(level).to_owned();
+    let record = crate::telemetry::python_log::PythonRecord {
+        level,
+        logger,
+        message,
+        request_id,
+        trace_id,
+        model,
+        traceback,
+        event: None,
+    };
+    record.log("embedded");
 }
 
 /// An exception as text, with its traceback when it has one.

@@ -22,6 +22,22 @@ impl Upstream for Pools {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let mut entries: Vec<ModelEntry> =
             table.models().map(|(p, info)| self.entry(&self.pools[p], info.clone())).collect();
+        // A model whose workers never loaded it was never described: it is
+        // listed by the name its class declares, with why.
+        for pool in &self.pools {
+            let Some(error) = self.loads.failed(&pool.name) else { continue };
+            for model in self.loads.models(&pool.name) {
+                if !entries.iter().any(|e| e.info.as_ref().is_some_and(|i| i.name == model)) {
+                    let info = ModelInfo { name: model, ..Default::default() };
+                    entries.push(ModelEntry {
+                        info: Some(info),
+                        pool: pool.name.clone(),
+                        ready: false,
+                        load_error: error.clone(),
+                    });
+                }
+            }
+        }
         entries.sort_by(|a, b| a.info.as_ref().map(|i| &i.name).cmp(&b.info.as_ref().map(|i| &i.name)));
         entries
     }
@@ -45,6 +61,7 @@ impl Upstream for Pools {
                     pool: p.name.clone(),
                     ready_workers: workers.iter().filter(|w| w.is_serving()).count(),
                     workers: workers.len(),
+                    load_error: self.loads.failed(&p.name),
                 }
             })
             .collect()
@@ -169,17 +186,45 @@ impl Pools {
     }
 
     fn route_in(&self, pool: &str, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
-        let (p, info) = self.table.read().unwrap_or_else(PoisonError::into_inner).route_in(pool, name)?;
-        Ok((&self.pools[p], info))
+        let routed = self.table.read().unwrap_or_else(PoisonError::into_inner).route_in(pool, name);
+        self.unless_failed(name, routed)
     }
 
     pub(super) fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
-        let (p, info) = self.table.read().unwrap_or_else(PoisonError::into_inner).route(name)?;
-        Ok((&self.pools[p], info))
+        let routed = self.table.read().unwrap_or_else(PoisonError::into_inner).route(name);
+        self.unless_failed(name, routed)
     }
 
     fn entry(&self, pool: &Pool, info: ModelInfo) -> ModelEntry {
         let ready = pool.workers().iter().any(|w| w.is_serving());
-        ModelEntry { info: Some(info), pool: pool.name.clone(), ready }
+        let load_error = self.loads.failed(&pool.name).unwrap_or_default();
+        ModelEntry { info: Some(info), pool: pool.name.clone(), ready, load_error }
+    }
+
+    /// A routed call's pool, unless its workers cannot load the model; a
+    /// model no pool has described yet may be one a failed pool declares.
+    fn unless_failed(
+        &self,
+        name: &str,
+        routed: Result<(usize, ModelInfo), GatewayError>,
+    ) -> Result<(&Pool, ModelInfo), GatewayError> {
+        let failed = |pool: &str, error: String| GatewayError::ModelFailedToLoad {
+            model: name.to_owned(),
+            pool: pool.to_owned(),
+            error,
+        };
+        match routed {
+            Ok((p, info)) => match self.loads.failed(&self.pools[p].name) {
+                Some(error) => Err(failed(&self.pools[p].name, error)),
+                None => Ok((&self.pools[p], info)),
+            },
+            Err(e @ (GatewayError::Starting { .. } | GatewayError::ModelNotFound { .. })) => {
+                match self.loads.failed_for_model(name) {
+                    Some((pool, error)) => Err(failed(&pool, error)),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 }

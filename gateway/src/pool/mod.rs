@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::batch::Batcher;
 use crate::config::{Config, PoolKind, WorkerAddr};
+use crate::load_state::LoadState;
 use crate::proto::{InferItem, InferOutputs};
 use admission::Pool;
 use circuit::Circuit;
@@ -49,6 +50,8 @@ pub struct Pools {
     me: Weak<Pools>,
     embed_batchers: Batchers<String, Embedded>,
     infer_batchers: Batchers<InferItem, InferOutputs>,
+    /// How loading local workers' models goes (the supervisor's word).
+    loads: Arc<LoadState>,
 }
 
 /// The batchers of one kind, by (pool index, model), started on first use.
@@ -60,7 +63,7 @@ type Embedded = (Vec<f32>, u32);
 impl Pools {
     /// Build pools from config. Local pools' workers listen on
     /// `socket_dir/<pool>-<n>.sock` (see [`crate::config::local_socket`]).
-    pub fn new(config: &Config, socket_dir: &Path) -> Arc<Self> {
+    pub fn new(config: &Config, socket_dir: &Path, loads: Arc<LoadState>) -> Arc<Self> {
         let mut pools = Vec::with_capacity(config.pools.len());
         for pool in &config.pools {
             let addrs: Vec<WorkerAddr> = match &pool.kind {
@@ -117,6 +120,7 @@ impl Pools {
             me: me.clone(),
             embed_batchers: Mutex::default(),
             infer_batchers: Mutex::default(),
+            loads,
         })
     }
 }

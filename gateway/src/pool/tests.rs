@@ -21,7 +21,7 @@ fn pools() -> Arc<Pools> {
                 [[pools]]\nname = \"b\"\naddresses = [\"127.0.0.1:2\"]\n";
     let raw: crate::config::RawConfig = toml::from_str(toml).unwrap();
     let config = Config::from_raw(raw).unwrap();
-    Pools::new(&config, Path::new("/nonexistent"))
+    Pools::new(&config, Path::new("/nonexistent"), Arc::new(crate::load_state::LoadState::new(3)))
 }
 
 fn info(name: &str) -> ModelInfo {

@@ -223,12 +223,13 @@ fn sticky_hash(alias: &str, caller: &Caller) -> u64 {
 
 /// Whether the next target in a plan may take a call this error stopped:
 /// the target could not take it at all (nothing reached a model): no ready
-/// worker, starting, shed by the pool's queue or a worker's admission, or
-/// its circuit is open.
+/// worker, starting, a model that failed to load, shed by the pool's queue
+/// or a worker's admission, or its circuit is open.
 fn could_not_take(err: &GatewayError) -> bool {
     matches!(
         err,
         GatewayError::NoReadyWorker { .. }
+            | GatewayError::ModelFailedToLoad { .. }
             | GatewayError::QueueFull { .. }
             | GatewayError::CircuitOpen { .. }
             | GatewayError::Starting { .. }

@@ -1,8 +1,10 @@
 //! Local worker processes: spawn, forward their output, restart with capped
 //! backoff when they die, and stop them (SIGTERM, grace, SIGKILL) at shutdown.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -14,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::local_socket;
 use crate::config::{Config, PoolKind, WorkersConfig};
+use crate::load_state::LoadState;
+use crate::telemetry::python_log::{EXIT_LOAD_FAILED, PythonRecord};
 
 /// A run of this long resets the restart backoff.
 const STABLE_RUN: Duration = Duration::from_secs(30);
@@ -21,15 +25,21 @@ const STABLE_RUN: Duration = Duration::from_secs(30);
 /// Why local workers cannot start at all.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    #[error("cannot run the worker Python {python}: {source}")]
+    #[error("cannot run the worker Python {python} (workers.python): {source}")]
     Python { python: PathBuf, source: std::io::Error },
-    #[error("the worker Python {python} cannot import the configured classes:\n{stderr}")]
+    #[error(
+        "the worker Python {python} has no infergate_worker: set workers.python to the interpreter of \
+         the environment it is installed in (`pip install -e python-worker`)"
+    )]
+    NoSdk { python: PathBuf },
+    #[error("a pool's class cannot be served (checked with {python}):\n{stderr}")]
     Import { python: PathBuf, stderr: String },
 }
 
 /// Everything needed to run one worker process.
 #[derive(Debug, Clone)]
 struct WorkerSpec {
+    pool: String,
     id: String,
     class: String,
     socket: PathBuf,
@@ -43,33 +53,64 @@ pub struct Supervisor {
     stop: CancellationToken,
 }
 
+fn local_workers(config: &Config, socket_dir: &Path) -> Vec<WorkerSpec> {
+    config
+        .pools
+        .iter()
+        .flat_map(|pool| match &pool.kind {
+            PoolKind::Local { class, workers, threads, env } => (0..workers.get())
+                .map(|i| WorkerSpec {
+                    pool: pool.name.clone(),
+                    id: format!("{}-{i}", pool.name),
+                    class: class.clone(),
+                    socket: local_socket(socket_dir, &pool.name, i),
+                    threads: threads.get(),
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })
+                .collect::<Vec<_>>(),
+            PoolKind::Remote { .. } | PoolKind::Discovered { .. } | PoolKind::Embedded { .. } => Vec::new(),
+        })
+        .collect()
+}
+
+/// The start-up check alone (`infergate check-config`): every local pool's
+/// class imports, in its pool's environment, and is a Model or a
+/// WorkerServicer whose declarations hold; so does every embedded pool's,
+/// with the same interpreter's packages (the gateway imports those itself
+/// when it starts).
+pub async fn check(config: &Config) -> Result<(), SupervisorError> {
+    let mut specs = local_workers(config, Path::new(""));
+    for pool in &config.pools {
+        if let PoolKind::Embedded { class, .. } = &pool.kind {
+            specs.push(WorkerSpec {
+                pool: pool.name.clone(),
+                id: pool.name.clone(),
+                class: class.clone(),
+                socket: PathBuf::new(),
+                threads: 1,
+                env: Vec::new(),
+            });
+        }
+    }
+    check_classes(&config.workers.python, &config.workers.inherit_env, &specs).await.map(drop)
+}
+
 impl Supervisor {
-    /// Check that the interpreter can import every configured class, then
-    /// spawn all local workers. Remote pools are not touched.
-    pub async fn start(config: &Config, socket_dir: &Path) -> Result<Self, SupervisorError> {
-        let specs: Vec<WorkerSpec> = config
-            .pools
-            .iter()
-            .flat_map(|pool| match &pool.kind {
-                PoolKind::Local { class, workers, threads, env } => (0..workers.get())
-                    .map(|i| WorkerSpec {
-                        id: format!("{}-{i}", pool.name),
-                        class: class.clone(),
-                        socket: local_socket(socket_dir, &pool.name, i),
-                        threads: threads.get(),
-                        env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    })
-                    .collect::<Vec<_>>(),
-                PoolKind::Remote { .. } | PoolKind::Discovered { .. } | PoolKind::Embedded { .. } => Vec::new(),
-            })
-            .collect();
-        if !specs.is_empty() {
-            check_imports(&config.workers.python, &config.workers.inherit_env, &specs).await?;
+    /// Check every local pool's class (as [`check`] does), then spawn all
+    /// local workers, telling `loads` how their models' loading goes.
+    /// Remote pools are not touched.
+    pub async fn start(config: &Config, socket_dir: &Path, loads: Arc<LoadState>) -> Result<Self, SupervisorError> {
+        let specs = local_workers(config, socket_dir);
+        let models = check_classes(&config.workers.python, &config.workers.inherit_env, &specs).await?;
+        for pool in &config.pools {
+            if let PoolKind::Local { workers, .. } = &pool.kind {
+                loads.expect(&pool.name, workers.get() as usize, models.get(&pool.name).cloned().unwrap_or_default());
+            }
         }
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for spec in specs {
-            tasks.spawn(supervise(spec, config.workers.clone(), stop.clone()));
+            tasks.spawn(supervise(spec, config.workers.clone(), loads.clone(), stop.clone()));
         }
         Ok(Self { tasks, stop })
     }
@@ -81,32 +122,47 @@ impl Supervisor {
     }
 }
 
-/// Fail fast, with Python's own message, when the environment is wrong.
-/// Each class is imported in the environment its workers will have.
-async fn check_imports(python: &Path, inherit: &[String], specs: &[WorkerSpec]) -> Result<(), SupervisorError> {
-    let mut by_env: std::collections::BTreeMap<&[(String, String)], std::collections::BTreeSet<&str>> =
-        std::collections::BTreeMap::new();
+/// Fail fast, with Python's own message, when the environment is wrong:
+/// each pool's class is imported (`infergate-worker check`) in the
+/// environment its workers will have. The model names each pool's class
+/// declares, by pool.
+async fn check_classes(
+    python: &Path,
+    inherit: &[String],
+    specs: &[WorkerSpec],
+) -> Result<HashMap<String, Vec<String>>, SupervisorError> {
+    let mut by_env: BTreeMap<&[(String, String)], BTreeSet<String>> = BTreeMap::new();
     for spec in specs {
-        by_env.entry(&spec.env).or_default().insert(&spec.class);
+        by_env.entry(&spec.env).or_default().insert(format!("{}={}", spec.pool, spec.class));
     }
-    let script = "import importlib, sys\nimport infergate_worker\nfor spec in sys.argv[1:]:\n    m, c = spec.split(':')\n    getattr(importlib.import_module(m), c)\n";
-    for (env, classes) in by_env {
+    #[derive(serde::Deserialize)]
+    struct Checked {
+        target: String,
+        models: Vec<String>,
+    }
+    let mut models = HashMap::new();
+    for (env, targets) in by_env {
         let out = python_command(python, inherit, env)
-            .arg("-c")
-            .arg(script)
-            .args(&classes)
+            .args(["-m", "infergate_worker", "check"])
+            .args(&targets)
             .stdin(Stdio::null())
             .output()
             .await
             .map_err(|source| SupervisorError::Python { python: python.to_owned(), source })?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.contains("No module named infergate_worker") {
+            return Err(SupervisorError::NoSdk { python: python.to_owned() });
+        }
         if !out.status.success() {
-            return Err(SupervisorError::Import {
-                python: python.to_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(SupervisorError::Import { python: python.to_owned(), stderr });
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Ok(c) = serde_json::from_str::<Checked>(line) {
+                models.insert(c.target, c.models);
+            }
         }
     }
-    Ok(())
+    Ok(models)
 }
 
 /// Variables a Python process needs, passed to workers by name ...
@@ -160,7 +216,7 @@ fn python_command(python: &Path, inherit: &[String], env: &[(String, String)]) -
 
 fn spawn(spec: &WorkerSpec, workers: &WorkersConfig) -> std::io::Result<Child> {
     let mut cmd = python_command(&workers.python, &workers.inherit_env, &spec.env);
-    cmd.args(["-m", "infergate_worker", "serve", &spec.class])
+    cmd.args(["-m", "infergate_worker", "serve", &spec.class, "--log-format", "json"])
         .arg("--listen")
         .arg(format!("unix:{}", spec.socket.display()))
         .arg("--threads")
@@ -240,28 +296,60 @@ fn log_worker_line(id: &str, bytes: &[u8]) {
     }
 }
 
-/// Forward each line a worker prints into the gateway's log.
-fn forward(id: &str, stream: Option<impl AsyncRead + Unpin + Send + 'static>) {
-    let Some(mut stream) = stream else { return };
-    let id = id.to_owned();
+/// What the supervisor hears from one worker process's output.
+#[derive(Clone)]
+struct Listener {
+    pool: String,
+    id: String,
+    loads: Arc<LoadState>,
+    /// The message of its `load_failed` record, for the exit that follows.
+    load_error: Arc<Mutex<Option<String>>>,
+}
+
+impl Listener {
+    fn heard(&self, bytes: &[u8]) {
+        let Some(record) = std::str::from_utf8(bytes).ok().and_then(PythonRecord::parse) else {
+            return log_worker_line(&self.id, bytes);
+        };
+        record.log(&self.id);
+        match record.event.as_deref() {
+            Some("loaded") => self.loads.loaded(&self.pool, &self.id),
+            Some("load_failed") => {
+                *self.load_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(record.message);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Forward each line a worker prints into the gateway's log, until it
+/// closes the stream.
+fn forward(to: &Listener, stream: Option<impl AsyncRead + Unpin + Send + 'static>) -> tokio::task::JoinHandle<()> {
+    let to = to.clone();
     tokio::spawn(async move {
+        let Some(mut stream) = stream else { return };
         let mut lines = LineSplitter::new(MAX_LOG_LINE);
         let mut chunk = vec![0u8; 8192];
         loop {
             match stream.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => lines.push(&chunk[..n]).iter().for_each(|l| log_worker_line(&id, l)),
+                Ok(n) => lines.push(&chunk[..n]).iter().for_each(|l| to.heard(l)),
             }
         }
         if let Some(rest) = lines.finish() {
-            log_worker_line(&id, &rest);
+            to.heard(&rest);
         }
-    });
+    })
 }
 
-async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken) {
+/// How long the supervisor waits for an exited worker's last output.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, loads: Arc<LoadState>, stop: CancellationToken) {
     let mut backoff = cfg.restart_backoff_min;
     let mut restarts = 0u64;
+    let listener =
+        Listener { pool: spec.pool.clone(), id: spec.id.clone(), loads, load_error: Arc::new(Mutex::new(None)) };
     // At 0 from the start: a dashboard shows "no restarts", not "no data".
     metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(0);
     loop {
@@ -269,10 +357,13 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken
         let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg) {
             Ok(mut child) => {
                 tracing::info!(worker = %spec.id, pid = child.id(), class = %spec.class, restarts, "worker started");
-                forward(&spec.id, child.stdout.take());
-                forward(&spec.id, child.stderr.take());
+                let output = [forward(&listener, child.stdout.take()), forward(&listener, child.stderr.take())];
                 tokio::select! {
-                    status = child.wait() => status,
+                    status = child.wait() => {
+                        // Its last records (why it could not load) may still be in the pipe.
+                        let _ = tokio::time::timeout(LAST_WORDS, futures::future::join_all(output)).await;
+                        status
+                    }
                     () = stop.cancelled() => {
                         terminate(&spec.id, &mut child, cfg.stop_grace).await;
                         return;
@@ -281,7 +372,22 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, stop: CancellationToken
             }
             Err(e) => Err(e),
         };
+        let load_error = listener.load_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         match exited {
+            Ok(status) if status.code() == Some(EXIT_LOAD_FAILED) => {
+                let error = load_error.unwrap_or_else(|| "its model's load() raised".to_owned());
+                let (times, failed) = listener.loads.load_failed(&spec.pool, &spec.id, &error);
+                metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(1);
+                if failed {
+                    tracing::error!(
+                        pool = %spec.pool, worker = %spec.id, times, error = %error,
+                        "pool failed: its model did not load {times} times in a row; calls get 503 model-failed-to-load, restarts go on every {:?}",
+                        cfg.restart_backoff_max.min(backoff)
+                    );
+                } else {
+                    tracing::warn!(worker = %spec.id, times, error = %error, "model did not load; restarting in {backoff:?}");
+                }
+            }
             Ok(status) => {
                 tracing::warn!(worker = %spec.id, %status, "worker exited; restarting in {backoff:?}");
                 metrics::counter!(crate::telemetry::metrics::WORKER_RESTARTS, "worker" => spec.id.clone()).increment(1);

@@ -2,6 +2,7 @@
 
 pub mod metrics;
 pub mod otlp;
+pub mod python_log;
 pub mod timing;
 pub mod trace;
 pub mod usage;

@@ -1,5 +1,7 @@
 """``infergate-worker serve module:Class [...] --listen unix:/path|host:port``;
-``infergate-worker health host:port`` for container health checks."""
+``infergate-worker health host:port`` for container health checks;
+``infergate-worker check [name=]module:Class ...`` for the gateway's start-up
+check (imports each class, loads nothing)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import signal
 import sys
 from typing import Any
 
-from infergate_worker.context import RequestIdFilter
-from infergate_worker.loader import load_target
-from infergate_worker.server import DEFAULT_MAX_MESSAGE_BYTES, serve
+from infergate_worker import logs
+from infergate_worker.loader import find_target, load_target
+from infergate_worker.server import DEFAULT_MAX_MESSAGE_BYTES, LoadFailed, serve
+
+log = logging.getLogger("infergate_worker")
 
 
 def _exit_with_parent() -> None:
@@ -84,6 +88,31 @@ def health(target: str, service: str, timeout: float) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def check(targets: list[str]) -> int:
+    """Import each ``[name=]module:Class`` and check it is a Model or
+    WorkerServicer subclass whose declarations hold. For each good one print
+    a JSON line ``{"target": name, "models": [...]}`` (a Model's name; a raw
+    servicer says at run time), for each bad one a line on stderr named by
+    ``name`` (the gateway passes its pool's). Nothing is instantiated."""
+    import json
+
+    from infergate_worker.codec import describe
+    from infergate_worker.model import Model
+
+    failed = 0
+    for target in targets:
+        name, _, spec = target.rpartition("=")
+        try:
+            found = find_target(spec)
+            models = [describe(found).name] if issubclass(found, Model) else []
+        except (ImportError, ValueError) as exc:
+            failed += 1
+            print(f"{name}: {exc}" if name else str(exc), file=sys.stderr)
+            continue
+        print(json.dumps({"target": name or spec, "models": models}))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infergate-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,26 +143,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--log-level", default=os.environ.get("INFERGATE_LOG_LEVEL", "INFO"))
     run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("INFERGATE_LOG_FORMAT", "text"),
+        help="json: one object per record (used by the gateway, which forwards the fields)",
+    )
+    run.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="exit when the spawning process dies (used by the gateway)",
     )
-    check = sub.add_parser("health", help="exit 0 if a worker reports SERVING (grpc.health.v1)")
-    check.add_argument("target", help="host:port or unix:/path of the worker")
-    check.add_argument("--service", default="", help="model name; default: the whole worker")
-    check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    probe = sub.add_parser("health", help="exit 0 if a worker reports SERVING (grpc.health.v1)")
+    probe.add_argument("target", help="host:port or unix:/path of the worker")
+    probe.add_argument("--service", default="", help="model name; default: the whole worker")
+    probe.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    imports = sub.add_parser(
+        "check", help="import each class and check it is a Model or WorkerServicer; load nothing"
+    )
+    imports.add_argument("targets", nargs="+", metavar="[name=]module:Class")
     args = parser.parse_args(argv)
     if args.command == "health":
         return health(args.target, args.service, args.timeout)
+    if args.command == "check":
+        return check(args.targets)
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter(
-            "%(levelname)s %(name)s [request_id=%(request_id)s trace_id=%(trace_id)s] %(message)s"
-        )
-    )
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logs.configure(args.log_level, args.log_format)
     if args.exit_with_parent:
         _exit_with_parent()
     _keep_large_buffers(max(args.max_message_bytes, 1024))
@@ -155,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             runner.run(coro)
     except KeyboardInterrupt:
         return 130
+    except LoadFailed as exc:
+        log.error("%s", exc, exc_info=exc.__cause__, extra={"model": exc.model, "event": "load_failed"})
+        return logs.EXIT_LOAD_FAILED
     return 0
 
 

@@ -32,9 +32,9 @@ _KINDS = {
 _ItemCode = types_pb2.ItemError.Code
 
 
-def describe(model: Model) -> types_pb2.ModelInfo:
-    """The ModelInfo a model class declares."""
-    cls = type(model)
+def describe(model: Model | type[Model]) -> types_pb2.ModelInfo:
+    """The ModelInfo a model class declares (``model`` or its class)."""
+    cls = model if isinstance(model, type) else type(model)
     if cls.kind not in _KINDS:
         raise ValueError(f"{cls.__name__}.kind must be one of {sorted(_KINDS)}, not {cls.kind!r}")
     if not cls.name:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +35,8 @@ class CallContext:
     """
 
     request_id: str = ""
+    #: The model the call is for (set by the runner; ``""`` outside a call).
+    model: str = ""
     #: The gateway's span as a W3C ``traceparent`` (``00-<trace>-<span>-<flags>``).
     traceparent: str = ""
     #: Absolute deadline on the ``time.monotonic()`` clock, or ``None``.
@@ -111,15 +112,3 @@ def use_context(ctx: CallContext) -> Iterator[CallContext]:
         yield ctx
     finally:
         _CURRENT.reset(token)
-
-
-class RequestIdFilter(logging.Filter):
-    """Puts the current call's request id and trace id on every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ctx = current_context()
-        if not getattr(record, "request_id", ""):
-            record.request_id = ctx.request_id or "-"
-        if not getattr(record, "trace_id", ""):
-            record.trace_id = ctx.trace_id or "-"
-        return True

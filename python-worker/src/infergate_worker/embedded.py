@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker.codec import item_error, timings
-from infergate_worker.context import CallContext, RequestIdFilter
+from infergate_worker.context import CallContext
+from infergate_worker.logs import CallFields, JsonFormatter
 from infergate_worker.loader import load_target
 from infergate_worker.model import Model
 from infergate_worker.runner import CallFailed, ModelRunner
@@ -163,26 +164,33 @@ def _item(row: Any) -> Any:
     return row
 
 
-def install(emit: Callable[[int, str, str], None], level: str = "INFO") -> None:
+def install(emit: Callable[..., None], level: str = "INFO") -> None:
     """Prepare the interpreter inside the gateway: Python log records go to
-    the gateway's log through ``emit(levelno, logger, message)``, with the
-    request and trace ids of the call; a fatal error in native code (a
-    segfault in an extension) prints every thread's Python stack to stderr
-    before the process dies, so the crash is attributable."""
+    the gateway's log through ``emit(levelno, logger, message, request_id=,
+    trace_id=, model=, traceback=)``, the call's ids and model as fields; a
+    fatal error in native code (a segfault in an extension) prints every
+    thread's Python stack to stderr before the process dies, so the crash is
+    attributable."""
     faulthandler.enable(all_threads=True)
 
     class ToGateway(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             try:
-                emit(record.levelno, record.name, self.format(record))
+                fields = JsonFormatter.fields(record)
+                emit(
+                    record.levelno,
+                    record.name,
+                    record.getMessage(),
+                    request_id=fields.get("request_id"),
+                    trace_id=fields.get("trace_id"),
+                    model=fields.get("model"),
+                    traceback=fields.get("traceback"),
+                )
             except Exception:  # logging must never raise into model code
                 self.handleError(record)
 
     handler = ToGateway()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter("[request_id=%(request_id)s trace_id=%(trace_id)s] %(message)s")
-    )
+    handler.addFilter(CallFields())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())

@@ -66,7 +66,11 @@ class CallFailed(Exception):
 
 def log_ids(ctx: CallContext) -> dict[str, str]:
     """The ids a log record about ``ctx``'s call carries."""
-    return {"request_id": ctx.request_id or "-", "trace_id": ctx.trace_id or "-"}
+    return {
+        "request_id": ctx.request_id or "-",
+        "trace_id": ctx.trace_id or "-",
+        "model": ctx.model or "-",
+    }
 
 
 class ModelRunner:
@@ -143,6 +147,7 @@ class ModelRunner:
         ``max_batch_size`` at a time: per text, its vector (a sequence or an
         array row) or the exception that failed it, and its token count."""
         model = self.model(name)
+        ctx.model = name
         log.debug("embed batch of %d texts", len(texts), extra=log_ids(ctx))
         rows: list[EmbedRow] = []
         for part in chunks(texts, self._infos[name].max_batch_size):
@@ -159,6 +164,7 @@ class ModelRunner:
         """Run ``request``'s items, a batch of at most the model's
         ``max_batch_size`` at a time, each answered or failed on its own."""
         model = self.model(request.model)
+        ctx.model = request.model
         log.debug("infer batch of %d items", len(request.items), extra=log_ids(ctx))
         # Results are filled where they stand in the response: copying a
         # large tensor from one message into another costs more than its
@@ -183,6 +189,7 @@ class ModelRunner:
         last one with its finish reason. A caller that stops reading
         (closing this iterator) stops the model, which is logged once."""
         model = self.model(request.model)
+        ctx.model = request.model
         log.debug("generate from %d messages", len(request.messages), extra=log_ids(ctx))
         inp = generate_input(request)
         it = await self.run_batch(ctx, lambda: iter(model.generate(inp)))

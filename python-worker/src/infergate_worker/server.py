@@ -36,6 +36,16 @@ log = logging.getLogger("infergate_worker")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+class LoadFailed(Exception):
+    """A model's ``load()`` raised (the cause); the worker cannot serve."""
+
+    def __init__(self, model: str, cause: BaseException) -> None:
+        lines = str(cause).strip().splitlines()
+        what = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+        super().__init__(f"{model} failed to load: {what}")
+        self.model = model
+
+
 def _prepare_unix_socket(listen: str) -> None:
     path = listen.removeprefix("unix:").removeprefix("//")
     with contextlib.suppress(FileNotFoundError):
@@ -119,10 +129,14 @@ async def serve(
     async def load_all() -> None:
         for model in models:
             started = time.monotonic()
-            await loop.run_in_executor(executor, model.load)
+            try:
+                await loop.run_in_executor(executor, model.load)
+            except Exception as exc:
+                raise LoadFailed(type(model).name, exc) from exc
             log.info("%s loaded in %.1f s", type(model).name, time.monotonic() - started)
         for name in [*names, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", ", ".join(names), extra={"event": "loaded"})
         if ready is not None:
             ready.set()
 

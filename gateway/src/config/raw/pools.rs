@@ -39,6 +39,10 @@ pub struct RawWorkers {
     /// First restart delay after a worker dies; doubles up to `restart_backoff_max`.
     pub restart_backoff_min: String,
     pub restart_backoff_max: String,
+    /// Load failures in a row (a model's `load()` raising) of every worker
+    /// of a pool that make the pool `failed`: calls then get 503
+    /// `model-failed-to-load` with the error; restarts go on.
+    pub max_load_failures: u32,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     pub stop_grace: String,
     /// Time a worker may take to answer Describe; later answers are waited for
@@ -61,6 +65,7 @@ impl Default for RawWorkers {
             socket_dir: String::new(),
             restart_backoff_min: "250ms".into(),
             restart_backoff_max: "10s".into(),
+            max_load_failures: 3,
             stop_grace: "10s".into(),
             connect_timeout: "2s".into(),
             inherit_env: Vec::new(),

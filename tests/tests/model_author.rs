@@ -1,0 +1,199 @@
+//! A model author's first hour: a package of their own (tests/author/,
+//! outside python-worker/) served through the README's config shape, the
+//! start-up checks that must tell the truth about it, and a model that
+//! cannot load.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use infergate_e2e::{Gateway, gateway_bin, python, rand_u64, root};
+use serde_json::{Value, json};
+
+/// The user's package directory: what their pool's `env` puts on PYTHONPATH.
+fn author_dir() -> PathBuf {
+    root().join("tests/author")
+}
+
+/// A pool of the user's class, as the README writes one.
+fn pool(name: &str, class: &str) -> String {
+    format!(
+        "[[pools]]\nname = \"{name}\"\nclass = \"{class}\"\nenv = {{ PYTHONPATH = \"{}\" }}\n",
+        author_dir().display()
+    )
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("infergate-author-{:x}", rand_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `infergate check-config` on `config`, run from `cwd`: exit code, stdout, stderr.
+fn check_config(cwd: &Path, config: &str, args: &[&str]) -> (i32, String, String) {
+    let path = cwd.join("infergate.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("INFERGATE_CONFIG")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+fn python_setting() -> String {
+    format!("[workers]\npython = \"{}\"\n", python().display())
+}
+
+#[test]
+fn a_users_package_is_served_with_the_pools_env_from_another_directory() {
+    let elsewhere = Scratch::new();
+    let gw = Gateway::start_in(&elsewhere.0, &pool("textclf", "textclf.model:Sentiment")).unwrap();
+    gw.wait_ready(Duration::from_secs(60)).unwrap();
+    let body = json!({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+        "data": ["what a lovely, wonderful meal", "awful, rude and terrible"]}]});
+    let resp =
+        reqwest::blocking::Client::new().post(gw.url("/v2/models/sentiment-tfidf/infer")).json(&body).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().unwrap();
+    let p = &answer["outputs"][0]["data"];
+    assert!(p[0].as_f64().unwrap() > 0.5 && p[1].as_f64().unwrap() < 0.5, "{answer}");
+}
+
+#[test]
+fn check_config_imports_each_class_and_says_what_is_wrong_with_it() {
+    let dir = Scratch::new();
+    let good = format!("{}{}", python_setting(), pool("textclf", "textclf.model:Sentiment"));
+    let (code, out, err) = check_config(&dir.0, &good, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("textclf.model:Sentiment"), "{out}");
+
+    let typo = format!("{}{}", python_setting(), pool("textclf", "textclf.model:Sentimnet"));
+    let (code, _, err) = check_config(&dir.0, &typo, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("textclf: cannot import textclf.model:Sentimnet"), "{err}");
+    assert_eq!(check_config(&dir.0, &typo, &["--no-import"]).0, 0, "--no-import imports nothing");
+
+    let data = format!("{}{}", python_setting(), pool("textclf", "textclf.model:TRAIN"));
+    let (code, _, err) = check_config(&dir.0, &data, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("textclf: textclf.model:TRAIN is a list object, not a subclass of infergate_worker.Model"),
+        "{err}"
+    );
+
+    // The start refuses what check-config refuses, with the same words.
+    let (code, _, err) = check_config(&dir.0, &typo, &[]);
+    let started =
+        Command::new(gateway_bin()).args(["serve", "--config"]).arg(dir.0.join("infergate.toml")).output().unwrap();
+    assert_eq!(code, 2);
+    assert!(!started.status.success());
+    assert!(
+        String::from_utf8_lossy(&started.stderr).contains("textclf: cannot import textclf.model:Sentimnet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_workers_python_the_checkouts_venv_is_used_and_a_python_without_the_sdk_is_named() {
+    // From a directory with no .venv, the interpreter is the one of the
+    // checkout the binary was built in, never whatever the directory holds.
+    let dir = Scratch::new();
+    let (code, out, err) = check_config(&dir.0, &pool("textclf", "textclf.model:Sentiment"), &[]);
+    assert_eq!(code, 0, "{err}");
+    let venv = root().join(".venv/bin/python");
+    assert!(out.contains(&format!("python = \"{}\"", venv.display())), "{out}");
+
+    // An interpreter without infergate_worker: a venv of its own.
+    let bare = dir.0.join("bare");
+    let made = Command::new(python()).args(["-m", "venv", "--without-pip"]).arg(&bare).status().unwrap();
+    assert!(made.success());
+    let bare_python = bare.join("bin/python");
+    let config =
+        format!("[workers]\npython = \"{}\"\n{}", bare_python.display(), pool("textclf", "textclf.model:Sentiment"));
+    let (code, _, err) = check_config(&dir.0, &config, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("the worker Python {} has no infergate_worker", bare_python.display())), "{err}");
+    assert!(err.contains("set workers.python"), "{err}");
+}
+
+#[test]
+fn a_model_whose_load_raises_fails_its_pool_with_the_reason_and_one_error_record_each_time() {
+    let dir = Scratch::new();
+    let config = format!(
+        "[workers]\nrestart_backoff_min = \"50ms\"\nrestart_backoff_max = \"200ms\"\nmax_load_failures = 3\n{}{}",
+        pool("missing", "textclf.model:MissingWeights"),
+        infergate_e2e::ECHO_POOL
+    );
+    let gw = Gateway::start_in(&dir.0, &config).unwrap();
+    let client = reqwest::blocking::Client::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    let readiness = loop {
+        let r: Value = client.get(gw.url("/readyz")).send().unwrap().json().unwrap();
+        let pool = r["pools"].as_array().unwrap().iter().find(|p| p["pool"] == "missing").cloned().unwrap();
+        if pool.get("load_error").is_some() {
+            break r;
+        }
+        assert!(Instant::now() < end, "the pool never failed:\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(readiness["ready"], false);
+    let missing = readiness["pools"].as_array().unwrap().iter().find(|p| p["pool"] == "missing").unwrap();
+    let why = missing["load_error"].as_str().unwrap();
+    assert!(
+        why.starts_with("sentiment-missing failed to load: FileNotFoundError: [Errno 2] No such file or directory"),
+        "{why}"
+    );
+
+    // A call is told why at once, not "starting".
+    let body = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}]});
+    let resp = client.post(gw.url("/v2/models/sentiment-missing/infer")).json(&body).send().unwrap();
+    assert_eq!(resp.status(), 503);
+    let problem: Value = resp.json().unwrap();
+    assert_eq!(problem["type"], "urn:infergate:error:model-failed-to-load");
+    assert!(problem["detail"].as_str().unwrap().contains("FileNotFoundError"), "{problem}");
+    let models: Value = client.get(gw.url("/v1/models")).send().unwrap().json().unwrap();
+    let listed = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "sentiment-missing").cloned();
+    assert!(
+        listed.is_some_and(|m| m["load_error"].as_str().is_some_and(|e| e.contains("FileNotFoundError"))),
+        "{models}"
+    );
+
+    // The other pool serves on.
+    let echo = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    assert_eq!(client.post(gw.url("/v2/models/echo/infer")).json(&echo).send().unwrap().status(), 200);
+
+    // Each failure is one ERROR record carrying the traceback; no line of a
+    // traceback is a record of its own.
+    let log = gw.log();
+    let failures: Vec<&Value> = log
+        .iter()
+        .filter(|r| r["message"].as_str().is_some_and(|m| m.starts_with("sentiment-missing failed to load")))
+        .collect();
+    assert!(failures.len() >= 3, "{}", gw.log_text());
+    for r in &failures {
+        assert_eq!(r["level"], "ERROR", "{r}");
+        let tb = r["traceback"].as_str().unwrap_or_default();
+        assert!(tb.starts_with("Traceback (most recent call last):") && tb.contains("FileNotFoundError"), "{r}");
+    }
+    let stray = log
+        .iter()
+        .filter(|r| r["message"].as_str().is_some_and(|m| m.starts_with("Traceback") || m.starts_with("  File ")));
+    assert_eq!(stray.count(), 0, "{}", gw.log_text());
+}
