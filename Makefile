@@ -84,13 +84,13 @@ lint: venv
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	# The gateway without Python (no `embedded` pool kind) builds too.
 	cargo clippy --locked -p infergate --no-default-features -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
 
 test: lint test-python test-deploy test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
 
 clean:
 	cargo clean

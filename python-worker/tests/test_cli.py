@@ -35,7 +35,9 @@ def test_check_names_the_pool_and_what_it_found_and_lists_each_good_models_names
     assert out.returncode == 1
     assert json.loads(out.stdout) == {"target": "echo", "models": ["echo"]}
     errors = out.stderr.splitlines()
-    assert errors[0].startswith("typo: cannot import models:Vectorz: module 'models' has no attribute")
+    assert errors[0].startswith(
+        "typo: cannot import models:Vectorz: module 'models' has no attribute"
+    )
     assert errors[1] == (
         "dict: models:NOT_A_MODEL is a dict object, "
         "not a subclass of infergate_worker.Model or WorkerServicer"
@@ -55,7 +57,9 @@ def test_a_model_that_cannot_load_exits_3_with_one_json_record_holding_its_trace
     (record,) = failed
     assert record["level"] == "ERROR"
     assert record["model"] == "broken"
-    assert record["message"] == "broken failed to load: FileNotFoundError: weights.bin: no such file"
+    assert record["message"] == (
+        "broken failed to load: FileNotFoundError: weights.bin: no such file"
+    )
     assert record["traceback"].startswith("Traceback (most recent call last):")
     assert "raise FileNotFoundError" in record["traceback"]
     # Every line it wrote is a record: no bare traceback lines.

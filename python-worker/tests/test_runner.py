@@ -14,6 +14,7 @@ from messages import echo_item
 
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker import cli
+from infergate_worker.codec import timings
 from infergate_worker.context import CallContext
 from infergate_worker.examples.echo import Echo
 from infergate_worker.loader import load_target
@@ -81,7 +82,10 @@ def test_the_runner_needs_no_grpc():
         ("no_colon", "expected module:Class"),
         ("no_such_module_here:Model", "cannot import no_such_module_here:Model"),
         ("infergate_worker.examples.echo:Missing", "cannot import"),
-        ("infergate_worker.tensors:READS_RAW", "is a bool object, not a subclass of infergate_worker.Model"),
+        (
+            "infergate_worker.tensors:READS_RAW",
+            "is a bool object, not a subclass of infergate_worker.Model",
+        ),
     ],
 )
 def test_a_class_that_cannot_be_loaded_is_an_import_error_the_cli_exits_with(spec: str, why: str):
@@ -89,3 +93,23 @@ def test_a_class_that_cannot_be_loaded_is_an_import_error_the_cli_exits_with(spe
         load_target(spec)
     with pytest.raises(SystemExit, match=why):
         cli.main(["serve", spec, "--listen", "unix:/nonexistent/worker.sock"])
+
+
+def test_a_batch_that_fails_whole_is_run_item_by_item_so_only_bad_items_fail(runner: ModelRunner):
+    # Items 1 and 3 make the whole batch raise; the others succeed alone.
+    items = [echo_item({"raise": n in (1, 3)}, x=[float(n)]) for n in range(5)]
+    request = worker_pb2.InferBatchRequest(model="echo", items=items)
+    ctx = CallContext()
+    response = asyncio.run(runner.infer(request, ctx))
+    failed = [n for n, r in enumerate(response.results) if r.HasField("error")]
+    assert failed == [1, 3]
+    assert response.results[1].error.message == "RuntimeError: echo was asked to raise"
+    ok = [list(r.outputs.tensors[0].fp32_contents) for r in response.results if r.HasField("outputs")]
+    assert ok == [[0.0], [2.0], [4.0]]
+    assert ctx.batch_splits == 1
+    assert ("x-infergate-batch-splits", "1") in timings(ctx)
+    # A batch of one is not split: its item is the one to blame.
+    alone = CallContext()
+    one = worker_pb2.InferBatchRequest(model="echo", items=[echo_item({"raise": True})])
+    assert asyncio.run(runner.infer(one, alone)).results[0].HasField("error")
+    assert alone.batch_splits == 0

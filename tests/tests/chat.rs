@@ -263,7 +263,8 @@ fn a_client_that_leaves_a_stream_cancels_the_generation() {
     let left = Instant::now();
     let cancelled = gw.wait_log(0, Duration::from_secs(3), |v| {
         v["worker"] == "echo-0"
-            && v["message"].as_str().is_some_and(|m| m.contains("[request_id=leaves-early ") && m.contains("cancel"))
+            && v["request_id"] == "leaves-early"
+            && v["message"].as_str().is_some_and(|m| m.contains("cancel"))
     });
     assert!(cancelled.is_some(), "the worker kept generating:\n{}", gw.log_text());
     eprintln!("worker saw the cancellation {:?} after the client left", left.elapsed());

@@ -107,7 +107,7 @@ fn embedded_models_answer_as_worker_processes_do_and_fail_only_their_items() {
     assert!(failed["detail"].as_str().unwrap().contains("echo was asked to raise"), "{failed}");
     let traceback = gw.wait_log(0, Duration::from_secs(3), |v| {
         v["target"] == "worker"
-            && v["message"].as_str().is_some_and(|m| m.contains("Traceback") && m.contains("echo was asked to raise"))
+            && v["traceback"].as_str().is_some_and(|t| t.contains("Traceback") && t.contains("echo was asked to raise"))
     });
     assert!(traceback.is_some(), "no traceback in the gateway log:\n{}", gw.log_text());
 
@@ -157,9 +157,8 @@ fn deadlines_and_cancellation_reach_embedded_model_code() {
     let stopped = |rid: &'static str, why: &'static str| {
         gw.wait_log(0, Duration::from_secs(3), move |v| {
             v["target"] == "worker"
-                && v["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(&format!("echo stopped early ({why})")) && m.contains(rid))
+                && v["request_id"] == rid
+                && v["message"].as_str().is_some_and(|m| m.contains(&format!("echo stopped early ({why})")))
         })
     };
     assert!(stopped("emb-deadline", "deadline").is_some(), "the model did not see its deadline:\n{}", gw.log_text());

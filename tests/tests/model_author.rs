@@ -117,7 +117,7 @@ fn without_workers_python_the_checkouts_venv_is_used_and_a_python_without_the_sd
     let dir = Scratch::new();
     let (code, out, err) = check_config(&dir.0, &pool("textclf", "textclf.model:Sentiment"), &[]);
     assert_eq!(code, 0, "{err}");
-    let venv = root().join(".venv/bin/python");
+    let venv = root().canonicalize().unwrap().join(".venv/bin/python");
     assert!(out.contains(&format!("python = \"{}\"", venv.display())), "{out}");
 
     // An interpreter without infergate_worker: a venv of its own.
@@ -196,4 +196,50 @@ fn a_model_whose_load_raises_fails_its_pool_with_the_reason_and_one_error_record
         .iter()
         .filter(|r| r["message"].as_str().is_some_and(|m| m.starts_with("Traceback") || m.starts_with("  File ")));
     assert_eq!(stray.count(), 0, "{}", gw.log_text());
+}
+
+#[test]
+fn two_bad_items_among_thirty_callers_fail_only_their_own_callers() {
+    let elsewhere = Scratch::new();
+    let config = format!("{}batching = {{ max_delay = \"20ms\" }}\n", pool("textclf", "textclf.model:Sentiment"));
+    let gw = Gateway::start_in(&elsewhere.0, &config).unwrap();
+    gw.wait_ready(Duration::from_secs(60)).unwrap();
+    let url = gw.url("/v2/models/sentiment-tfidf/infer");
+    let bad = [7, 19];
+    let statuses: Vec<(usize, u16, Value)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..30)
+            .map(|i| {
+                let url = &url;
+                s.spawn(move || {
+                    let text = if bad.contains(&i) { "   " } else { "a lovely day" };
+                    let body = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]});
+                    let resp = reqwest::blocking::Client::new().post(url).json(&body).send().unwrap();
+                    (i, resp.status().as_u16(), resp.json::<Value>().unwrap())
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (i, status, body) in &statuses {
+        if bad.contains(i) {
+            assert_eq!(*status, 400, "caller {i}: {body}");
+            assert_eq!(body["type"], "urn:infergate:error:model-rejected-input", "{body}");
+            assert!(body["detail"].as_str().unwrap().contains("text must not be empty"), "{body}");
+        } else {
+            assert_eq!(*status, 200, "caller {i} was blamed for another's item: {body}");
+        }
+    }
+    // The batches were split, and it shows.
+    let metrics = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    let splits: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("infergate_batch_splits_total{") && l.contains("pool=\"textclf\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let batched = gw.log().iter().any(|v| {
+        v["worker"] == "textclf-0" && v["message"].as_str().is_some_and(|m| m.contains("running its items one by one"))
+    });
+    // Each bad caller's batch may have held it alone (not split); with 30
+    // callers in a 20 ms window at least one held others too.
+    assert!(splits >= 1.0 && batched, "no batch was split ({splits}):\n{}", gw.log_text());
 }

@@ -49,6 +49,7 @@ pub struct WorkerMetrics {
     pub call_duration: metrics::Histogram,
     pub queue_time: metrics::Histogram,
     pub inference_time: metrics::Histogram,
+    batch_splits: metrics::Counter,
 }
 
 impl WorkerMetrics {
@@ -62,7 +63,8 @@ impl WorkerMetrics {
             pool_in_flight: metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => pool.clone()),
             call_duration: metrics::histogram!(m::WORKER_CALL_DURATION, "pool" => pool.clone()),
             queue_time: metrics::histogram!(m::WORKER_QUEUE_TIME, "pool" => pool.clone()),
-            inference_time: metrics::histogram!(m::WORKER_INFERENCE_TIME, "pool" => pool),
+            inference_time: metrics::histogram!(m::WORKER_INFERENCE_TIME, "pool" => pool.clone()),
+            batch_splits: metrics::counter!(m::BATCH_SPLITS, "pool" => pool),
         }
     }
 
@@ -74,6 +76,10 @@ impl WorkerMetrics {
             self.queue_time.record(r.queue.as_secs_f64());
             self.inference_time.record(r.inference.as_secs_f64());
             timing::with_current(|t| t.add_reported(r));
+        }
+        match timing::batch_splits(md) {
+            0 => {}
+            n => self.batch_splits.increment(n),
         }
     }
 }

@@ -35,6 +35,7 @@ pub const CIRCUIT_STATE: &str = "infergate_circuit_state";
 pub const WORKER_RESTARTS: &str = "infergate_worker_restarts_total";
 /// Items per batch sent to a worker, by `pool` and `model`.
 pub const BATCH_SIZE: &str = "infergate_batch_size";
+pub const BATCH_SPLITS: &str = "infergate_batch_splits_total";
 /// Seconds an item waited in its batcher before its batch went, by `pool` and `model`.
 pub const BATCH_QUEUE_WAIT: &str = "infergate_batch_queue_wait_seconds";
 /// Batches sent and not yet answered, by `pool` and `model`.
@@ -135,6 +136,7 @@ fn describe() {
     gauge!(CIRCUIT_STATE, "Circuit of a pool: 0 closed, 1 half-open, 2 open");
     counter!(WORKER_RESTARTS, "Local worker processes restarted");
     histogram!(BATCH_SIZE, "Items per batch sent to a worker");
+    counter!(BATCH_SPLITS, "Batches a model failed as a whole, run again item by item by the worker");
     histogram!(BATCH_QUEUE_WAIT, Seconds, "Wait in the batcher before the batch went");
     gauge!(BATCH_QUEUE_DEPTH, "Items waiting in a batcher");
     gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");

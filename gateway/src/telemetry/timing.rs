@@ -17,6 +17,14 @@ use tonic::metadata::MetadataMap;
 pub const WORKER_QUEUE_KEY: &str = "x-infergate-queue-time";
 /// Metadata in which a worker reports seconds its model ran for the call.
 pub const WORKER_INFERENCE_KEY: &str = "x-infergate-inference-time";
+/// Metadata in which a worker reports how many of the call's batches failed
+/// as a whole and were run again item by item.
+pub const WORKER_SPLITS_KEY: &str = "x-infergate-batch-splits";
+
+/// The batches of a call a worker split (see [`WORKER_SPLITS_KEY`]).
+pub fn batch_splits(md: &MetadataMap) -> u64 {
+    md.get(WORKER_SPLITS_KEY).and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
 
 /// Time one request (or one batch) spent, in nanoseconds.
 #[derive(Debug, Default)]

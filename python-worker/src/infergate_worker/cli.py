@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except LoadFailed as exc:
-        log.error("%s", exc, exc_info=exc.__cause__, extra={"model": exc.model, "event": "load_failed"})
+        fields = {"model": exc.model, "event": "load_failed"}
+        log.error("%s", exc, exc_info=exc.__cause__, extra=fields)
         return logs.EXIT_LOAD_FAILED
     return 0
 

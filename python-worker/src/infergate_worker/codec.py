@@ -75,11 +75,13 @@ def item_error(exc: BaseException) -> types_pb2.ItemError:
 
 
 def timings(ctx: CallContext) -> tuple[tuple[str, str], ...]:
-    """Where the call's time went, for the gateway (seconds, as text)."""
-    return (
+    """Where the call's time went, for the gateway (seconds, as text), and
+    how many of its batches were split after failing whole."""
+    spent = (
         ("x-infergate-queue-time", f"{ctx.queue_time:.6f}"),
         ("x-infergate-inference-time", f"{ctx.inference_time:.6f}"),
     )
+    return (*spent, ("x-infergate-batch-splits", str(ctx.batch_splits))) if ctx.batch_splits else spent
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:

@@ -45,6 +45,8 @@ class CallContext:
     #: Seconds the call waited for a model thread / ran model code, so far.
     queue_time: float = field(default=0.0, repr=False)
     inference_time: float = field(default=0.0, repr=False)
+    #: Batches of this call that failed as a whole and were run item by item.
+    batch_splits: int = field(default=0, repr=False)
     #: Whether the worker has logged this call's cancellation.
     _cancel_logged: bool = field(default=False, repr=False)
 

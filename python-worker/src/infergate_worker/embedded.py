@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 from infergate.v1 import types_pb2, worker_pb2
 from infergate_worker.codec import item_error, timings
 from infergate_worker.context import CallContext
-from infergate_worker.logs import CallFields, JsonFormatter
 from infergate_worker.loader import load_target
+from infergate_worker.logs import CallFields, JsonFormatter
 from infergate_worker.model import Model
 from infergate_worker.runner import CallFailed, ModelRunner
 

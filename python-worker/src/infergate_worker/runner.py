@@ -152,7 +152,11 @@ class ModelRunner:
         rows: list[EmbedRow] = []
         for part in chunks(texts, self._infos[name].max_batch_size):
             out = await self.run_batch(ctx, model.embed, list(part))
-            if isinstance(out, Exception):
+            if isinstance(out, Exception) and splits(out, len(part), name, ctx):
+                for text in part:
+                    alone = await self.run_batch(ctx, model.embed, [text])
+                    rows.extend([(alone, 0)] if isinstance(alone, Exception) else embed_rows(alone, 1, name))
+            elif isinstance(out, Exception):
                 rows.extend((out, 0) for _ in part)
             else:
                 rows.extend(embed_rows(out, len(part), name))
@@ -173,13 +177,21 @@ class ModelRunner:
         results = [response.results.add() for _ in request.items]
         for part in chunks(range(len(request.items)), self._infos[request.model].max_batch_size):
             msgs, outs = [request.items[n] for n in part], [results[n] for n in part]
-            failed = await self.run_batch(
-                ctx, _infer_part, model, msgs, outs, name=f"{type(model).__name__}.infer"
-            )
-            if isinstance(failed, Exception):
-                for result in outs:
-                    if not result.HasField("error"):
-                        fill_result(result, failed, None)
+            label = f"{type(model).__name__}.infer"
+            failed = await self.run_batch(ctx, _infer_part, model, msgs, outs, name=label)
+            if not isinstance(failed, Exception):
+                continue
+            # Items that did not decode already hold their own error.
+            pending = [(m, r) for m, r in zip(msgs, outs, strict=True) if not r.HasField("error")]
+            if splits(failed, len(pending), request.model, ctx):
+                for msg, result in pending:
+                    result.Clear()
+                    alone = await self.run_batch(ctx, _infer_part, model, [msg], [result], name=label)
+                    if isinstance(alone, Exception):
+                        fill_result(result, alone, None)
+            else:
+                for _, result in pending:
+                    fill_result(result, failed, None)
         return response
 
     async def generate(
@@ -243,6 +255,25 @@ class ModelRunner:
             finish_reason=types_pb2.FINISH_REASON_STOP,
             usage=types_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=produced),
         )
+
+
+def splits(failed: Exception, items: int, model: str, ctx: CallContext) -> bool:
+    """Whether a batch that failed as a whole with ``failed`` is run again
+    item by item, so that only the items that fail alone fail: one bad
+    input must not fail, or be blamed on, every caller batched with it.
+    Done once per batch (a batch is at most the model's ``max_batch_size``),
+    never for a call that is over, counted in ``ctx.batch_splits``."""
+    if items < 2 or isinstance(failed, Cancelled) or ctx.cancelled:
+        return False
+    ctx.batch_splits += 1
+    log.warning(
+        "%s failed a batch of %d as a whole (%s); running its items one by one",
+        model,
+        items,
+        type(failed).__name__,
+        extra=log_ids(ctx),
+    )
+    return True
 
 
 def cancelled(ctx: CallContext) -> None:

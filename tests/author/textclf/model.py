@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from infergate_worker import InvalidInput, Model, TensorSpec
 
 #: Training data: not a model (the class path `textclf.model:TRAIN` is a
@@ -24,8 +23,8 @@ class Sentiment(Model):
     name = "sentiment-tfidf"
     kind = "infer"
     max_batch_size = 16
-    inputs = [TensorSpec("text", "BYTES", (-1,))]
-    outputs = [TensorSpec("positive", "FP32", (-1,))]
+    inputs = (TensorSpec("text", "BYTES", (-1,)),)
+    outputs = (TensorSpec("positive", "FP32", (-1,)),)
 
     def load(self) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -36,15 +35,25 @@ class Sentiment(Model):
         self.clf = LogisticRegression().fit(self.vectorizer.transform(texts), labels)
 
     def infer(self, items: list) -> list:
-        out = []
-        for item in items:
-            texts = [t.decode() if isinstance(t, bytes) else str(t) for t in item.inputs["text"].data]
-            if not texts:
-                out.append(InvalidInput("text must hold at least one string"))
-                continue
-            p = self.clf.predict_proba(self.vectorizer.transform(texts))[:, 1]
-            out.append({"positive": p.astype(np.float32)})
+        # One vectorizer pass over the whole batch; an empty text fails it as
+        # a whole, as many real pipelines do (the SDK then runs the batch's
+        # items one by one, so only that caller gets the 400).
+        texts = [[_text(t) for t in item.inputs["text"].data] for item in items]
+        flat = [t for ts in texts for t in ts]
+        if not all(t.strip() for t in flat):
+            raise InvalidInput("text must not be empty")
+        p = self.clf.predict_proba(self.vectorizer.transform(flat))[:, 1].astype(
+            np.float32
+        )
+        out, start = [], 0
+        for ts in texts:
+            out.append({"positive": p[start : start + len(ts)]})
+            start += len(ts)
         return out
+
+
+def _text(t: object) -> str:
+    return t.decode() if isinstance(t, bytes) else str(t)
 
 
 class MissingWeights(Sentiment):

@@ -3,7 +3,8 @@
 Request parameters it understands (per item):
 - ``delay_ms``: work that long first, stopping early on cancellation;
 - ``fail``: true fails this item with a model error;
-- ``raise``: true makes the whole call raise (every item of its batch fails).
+- ``raise``: true makes the whole call raise (the SDK then runs its batch
+  item by item, so only the items that asked to raise fail).
 """
 
 from __future__ import annotations
