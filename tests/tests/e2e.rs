@@ -506,7 +506,10 @@ fn where_the_time_went_reaches_headers_metrics_and_the_worker_log_with_the_trace
     });
     let (_, line) = worker_line.unwrap_or_else(|| panic!("no worker line for traced-1:\n{}", gw.log_text()));
     // The Python record's fields are the gateway record's fields.
-    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the worker did not log the caller's trace: {line}");
+    assert_eq!(
+        line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the worker did not log the caller's trace: {line}"
+    );
     assert_eq!(line["model"], "echo", "{line}");
     assert_eq!(line["worker"], "echo-0", "{line}");
     let access = gw

@@ -81,7 +81,9 @@ def timings(ctx: CallContext) -> tuple[tuple[str, str], ...]:
         ("x-infergate-queue-time", f"{ctx.queue_time:.6f}"),
         ("x-infergate-inference-time", f"{ctx.inference_time:.6f}"),
     )
-    return (*spent, ("x-infergate-batch-splits", str(ctx.batch_splits))) if ctx.batch_splits else spent
+    if not ctx.batch_splits:
+        return spent
+    return (*spent, ("x-infergate-batch-splits", str(ctx.batch_splits)))
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:

@@ -155,7 +155,10 @@ class ModelRunner:
             if isinstance(out, Exception) and splits(out, len(part), name, ctx):
                 for text in part:
                     alone = await self.run_batch(ctx, model.embed, [text])
-                    rows.extend([(alone, 0)] if isinstance(alone, Exception) else embed_rows(alone, 1, name))
+                    if isinstance(alone, Exception):
+                        rows.append((alone, 0))
+                    else:
+                        rows.extend(embed_rows(alone, 1, name))
             elif isinstance(out, Exception):
                 rows.extend((out, 0) for _ in part)
             else:
@@ -186,7 +189,9 @@ class ModelRunner:
             if splits(failed, len(pending), request.model, ctx):
                 for msg, result in pending:
                     result.Clear()
-                    alone = await self.run_batch(ctx, _infer_part, model, [msg], [result], name=label)
+                    alone = await self.run_batch(
+                        ctx, _infer_part, model, [msg], [result], name=label
+                    )
                     if isinstance(alone, Exception):
                         fill_result(result, alone, None)
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
 from infergate_worker import InvalidInput, Model, TensorSpec
 
 #: Training data: not a model (the class path `textclf.model:TRAIN` is a
@@ -42,9 +43,7 @@ class Sentiment(Model):
         flat = [t for ts in texts for t in ts]
         if not all(t.strip() for t in flat):
             raise InvalidInput("text must not be empty")
-        p = self.clf.predict_proba(self.vectorizer.transform(flat))[:, 1].astype(
-            np.float32
-        )
+        p = self.clf.predict_proba(self.vectorizer.transform(flat))[:, 1].astype(np.float32)
         out, start = [], 0
         for ts in texts:
             out.append({"positive": p[start : start + len(ts)]})
