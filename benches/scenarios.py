@@ -1007,8 +1007,8 @@ def large_tensors(a: Attack) -> None:
 def large_tensors_to_the_worker(a: Attack) -> None:
     """The large-tensor attack's worker load without the gateway: the same
     million FP32 values, raw as the gateway sends them, straight to the echo
-    worker's socket, one call per 600 ms per thread (the rate the attack
-    through the gateway reaches). The ordinary client still goes through the
+    worker's socket, one call per 200 ms per thread (about the rate the
+    attack through the gateway reaches: 8-13 a second). The ordinary client still goes through the
     gateway to that worker: what it loses here is the worker's share."""
     import glob
     import struct
@@ -1031,7 +1031,7 @@ def large_tensors_to_the_worker(a: Attack) -> None:
             started = time.monotonic()
             infer(request, timeout=30)
             a.count += 1
-            a.stop.wait(max(0.0, 0.6 - (time.monotonic() - started)))
+            a.stop.wait(max(0.0, 0.2 - (time.monotonic() - started)))
 
 
 def short_deadlines(a: Attack) -> None:
@@ -1080,6 +1080,10 @@ def scenario_hostile(tmp: Path) -> None:
     # 3,000 calls a window: the p99 of a 5 s window (1,000 calls) is its
     # 10th-worst call, and varied 8-17 ms between calm windows.
     window = "15s"
+    # Calm 15 s windows of the same load still had p99s from 7.8 to 17 ms on
+    # this box (one run's ratio swung 1.4x-2.4x): each attack runs this many
+    # rounds of calm-then-attacked, and the row quotes the medians.
+    rounds = int(os.environ.get("HOSTILE_ROUNDS", "3"))
     only = os.environ.get("ATTACK")
     attacks = [a for a in ATTACKS if only in (None, a[0])]
     if not attacks:
@@ -1094,32 +1098,48 @@ def scenario_hostile(tmp: Path) -> None:
         url = gw["http"] + "/v2/models/echo/infer"
         args = ["--url", url, "--body-file", str(ECHO_BODY), "--rate", str(rate)]
         for name, what, attack, threads in attacks:
-            calm = load(args, f"{name} (none)", tmp, window)["reports"][0]
-            a = Attack(name, what, gw)
-            a.spawn(lambda a=a, attack=attack: attack(a), threads)
-            time.sleep(1)
-            hit = load(args, f"{name} (attacked)", tmp, window)["reports"][0]
-            a.end()
-            time.sleep(1)
-            rows.append(
-                {"attack": name, "what": what, "sent": a.count, "calm": calm, "attacked": hit}
-            )
-            p99s = f"{calm['latency_ms']['p99']:.2f} -> {hit['latency_ms']['p99']:.2f} ms"
-            print(f"  {name}: p99 {p99s}", file=sys.stderr)
+            calm, hit, sent = [], [], 0
+            for r in range(rounds):
+                calm.append(load(args, f"{name} (none) {r}", tmp, window)["reports"][0])
+                a = Attack(name, what, gw)
+                a.spawn(lambda a=a, attack=attack: attack(a), threads)
+                time.sleep(1)
+                hit.append(load(args, f"{name} (attacked) {r}", tmp, window)["reports"][0])
+                a.end()
+                sent += a.count
+                time.sleep(1)
+                p99s = (
+                    f"{calm[-1]['latency_ms']['p99']:.2f} -> {hit[-1]['latency_ms']['p99']:.2f} ms"
+                )
+                print(f"  {name} round {r + 1}: p99 {p99s}", file=sys.stderr)
+            rows.append({"attack": name, "what": what, "sent": sent, "calm": calm, "attacked": hit})
     lines = [
         "| attack | attacker | p50 calm | p50 attacked | p99 calm | p99 attacked "
-        "| p99 ratio | errors attacked |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| p99 ratio | p99 ratio by round | errors attacked |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
+
+    def median(reports: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r["latency_ms"][key] for r in reports)
+
     for r in rows:
-        c, h = r["calm"]["latency_ms"], r["attacked"]["latency_ms"]
-        errors = {k: v for k, v in r["attacked"]["outcomes"].items() if k != "ok"}
-        if r["attacked"]["dropped"]:
-            errors["dropped"] = r["attacked"]["dropped"]
-        r["p99_ratio"] = h["p99"] / c["p99"] if c["p99"] else None
+        c50, h50 = median(r["calm"], "p50"), median(r["attacked"], "p50")
+        c99, h99 = median(r["calm"], "p99"), median(r["attacked"], "p99")
+        errors: dict[str, int] = {}
+        for report in r["attacked"]:
+            for k, v in report["outcomes"].items():
+                if k != "ok":
+                    errors[k] = errors.get(k, 0) + v
+            if report["dropped"]:
+                errors["dropped"] = errors.get("dropped", 0) + report["dropped"]
+        r["p99_ratio"] = h99 / c99 if c99 else None
+        by_round = ", ".join(
+            f"{h['latency_ms']['p99'] / c['latency_ms']['p99']:.2f}"
+            for c, h in zip(r["calm"], r["attacked"], strict=True)
+        )
         lines.append(
-            f"| {r['attack']} | {r['what']} ({r['sent']:,}) | {c['p50']:.2f} | {h['p50']:.2f} | "
-            f"{c['p99']:.2f} | {h['p99']:.2f} | {r['p99_ratio']:.2f}x | {errors or 0} |"
+            f"| {r['attack']} | {r['what']} ({r['sent']:,}) | {c50:.2f} | {h50:.2f} | "
+            f"{c99:.2f} | {h99:.2f} | {r['p99_ratio']:.2f}x | {by_round} | {errors or 0} |"
         )
     if only:
         print("\n".join(lines))
@@ -1133,15 +1153,15 @@ def scenario_hostile(tmp: Path) -> None:
     xs = range(len(rows))
     ax.bar(
         [x - 0.2 for x in xs],
-        [r["calm"]["latency_ms"]["p99"] for r in rows],
+        [median(r["calm"], "p99") for r in rows],
         0.4,
-        label="p99 without",
+        label="p99 without (median of rounds)",
     )
     ax.bar(
         [x + 0.2 for x in xs],
-        [r["attacked"]["latency_ms"]["p99"] for r in rows],
+        [median(r["attacked"], "p99") for r in rows],
         0.4,
-        label="p99 attacked",
+        label="p99 attacked (median of rounds)",
     )
     ax.set_xticks(list(xs), [r["attack"] for r in rows], rotation=20)
     ax.set_ylabel("ordinary client p99 (ms)")
@@ -1152,9 +1172,10 @@ def scenario_hostile(tmp: Path) -> None:
     plt.close(fig)
     md = (
         f"The ordinary client: OIP echo calls at {rate} rps (open loop, REST, keep-alive) from "
-        f"127.0.0.1; each attack from {ATTACKER}, default limits. Each row runs the same load "
-        "without, then with the attack, back to back. Latency in ms. Target: p99 attacked "
-        "within 2x of p99 calm, no errors.\n\n"
+        f"127.0.0.1; each attack from {ATTACKER}, default limits. Each row runs {rounds} rounds "
+        "of the same load without, then with the attack, back to back (15 s windows), and "
+        "quotes the medians of the rounds; the ratio of each round is beside it. Latency in "
+        "ms. Target: p99 attacked within 2x of p99 calm, no errors.\n\n"
     )
     write(
         "hostile",

@@ -262,7 +262,12 @@ impl GatewayError {
 
     /// The stable problem type, e.g. `urn:infergate:error:model-not-found`.
     pub fn problem_type(&self) -> String {
-        format!("urn:infergate:error:{}", self.meta().slug)
+        format!("urn:infergate:error:{}", self.slug())
+    }
+
+    /// The problem type's last part, e.g. `model-not-found` (a metric label).
+    pub fn slug(&self) -> &'static str {
+        self.meta().slug
     }
 
     /// Seconds a client should wait before retrying, for transient errors.

@@ -243,3 +243,88 @@ fn two_bad_items_among_thirty_callers_fail_only_their_own_callers() {
     // callers in a 20 ms window at least one held others too.
     assert!(splits >= 1.0 && batched, "no batch was split ({splits}):\n{}", gw.log_text());
 }
+
+/// The value of the series of `name` whose labels include every one of `labels`.
+fn series(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
+    let config = format!(
+        "[workers]\nrestart_backoff_min = \"50ms\"\nrestart_backoff_max = \"200ms\"\n{}{}",
+        pool("missing", "textclf.model:MissingWeights"),
+        infergate_e2e::ECHO_POOL
+    );
+    let dir = Scratch::new();
+    let gw = Gateway::start_in(&dir.0, &config).unwrap();
+    let c = reqwest::blocking::Client::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while c.get(gw.url("/v1/models")).send().unwrap().json::<Value>().unwrap()["data"]
+        .as_array()
+        .is_none_or(|m| !m.iter().any(|m| m["id"] == "echo" && m["ready"] == true) || m.len() < 2)
+    {
+        assert!(Instant::now() < end, "not ready:\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tensor = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    let send = |path: &str, body: &Value, rid: &str, timeout: Option<&str>| {
+        let mut req = c.post(gw.url(path)).header("x-request-id", rid).json(body);
+        if let Some(t) = timeout {
+            req = req.header("x-request-timeout", t);
+        }
+        req.send().unwrap().status().as_u16()
+    };
+    // 400: a bad input; 502: the model failed it; 504: its deadline passed;
+    // 503: its pool cannot load; 404: a name no one serves.
+    let bad = json!({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]});
+    assert_eq!(send("/v2/models/echo/infer", &bad, "m-400", None), 400);
+    let mut failing = tensor.clone();
+    failing["parameters"] = json!({"fail": true});
+    assert_eq!(send("/v2/models/echo/infer", &failing, "m-502", None), 502);
+    let mut slow = tensor.clone();
+    slow["parameters"] = json!({"delay_ms": 2000});
+    assert_eq!(send("/v2/models/echo/infer", &slow, "m-504", Some("200ms")), 504);
+    let text = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]});
+    let end = Instant::now() + Duration::from_secs(60);
+    while send("/v2/models/sentiment-missing/infer", &text, "m-503", None) != 503 {
+        assert!(Instant::now() < end, "the pool never failed:\n{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(send("/v2/models/no-such-model-7f3a/infer", &tensor, "m-404", None), 404);
+
+    let access = |rid: &str| {
+        gw.wait_log(0, Duration::from_secs(5), |v| v["target"] == "access" && v["request_id"] == rid)
+            .unwrap_or_else(|| panic!("no access line for {rid}:\n{}", gw.log_text()))
+            .1
+    };
+    for (rid, model) in [
+        ("m-400", "echo"),
+        ("m-502", "echo"),
+        ("m-504", "echo"),
+        ("m-503", "sentiment-missing"),
+        ("m-404", "no-such-model-7f3a"),
+    ] {
+        assert_eq!(access(rid)["model"], model, "{rid}");
+    }
+    let scrape = c.get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    let requests = "infergate_requests_total";
+    for (model, status) in [("echo", "4xx"), ("echo", "5xx"), ("sentiment-missing", "5xx"), ("unknown", "4xx")] {
+        assert!(
+            series(&scrape, requests, &[("model", model), ("status", status)]) >= 1.0,
+            "{model} {status}\n{scrape}"
+        );
+    }
+    // A made-up name is never a label; durations are by model too.
+    assert!(!scrape.contains("no-such-model-7f3a"), "{scrape}");
+    let durations = "infergate_request_duration_seconds_count";
+    assert!(series(&scrape, durations, &[("model", "echo"), ("status", "5xx")]) >= 2.0, "{scrape}");
+    let errors = "infergate_pool_errors_total";
+    assert!(series(&scrape, errors, &[("pool", "echo"), ("model", "echo"), ("code", "worker-failed")]) >= 1.0);
+    assert!(series(&scrape, errors, &[("pool", "echo"), ("code", "deadline-exceeded")]) >= 1.0, "{scrape}");
+}

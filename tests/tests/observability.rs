@@ -60,6 +60,10 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     // Chat: tokens and cost.
     let chat = json!({"model": "echo", "messages": [{"role": "user", "content": "count my tokens"}]});
     assert_eq!(post("/v1/chat/completions", &chat).status(), 200);
+    // A model error: a pool failure, by model.
+    let failing = json!({"parameters": {"fail": true},
+        "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
+    assert_eq!(post("/v2/models/echo/infer", &failing).status(), 502);
     // An auth failure and a rate-limit rejection.
     assert_eq!(c.get(gw.url("/v1/models")).send().unwrap().status(), 401);
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});

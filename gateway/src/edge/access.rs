@@ -191,11 +191,21 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         .record(timings.overhead(head).as_secs_f64());
     let served = resp.extensions().get::<Served>();
     let caller = resp.extensions().get::<Arc<Caller>>();
+    // What answered, else what the request named (an error's model too);
+    // a name the gateway does not know is logged but never a label.
+    let named = timings.named().cloned();
+    let (model, model_label) = match (served, named) {
+        (Some(s), _) => (s.model.clone(), s.model.clone()),
+        (None, Some(n)) if n.known => (n.model.clone(), n.model),
+        (None, Some(n)) => (n.model, "unknown".to_owned()),
+        (None, None) => ("-".to_owned(), "-".to_owned()),
+    };
     let record = Record {
         surface,
         method,
         route,
-        model: served.map_or("-", |s| &s.model).to_owned(),
+        model,
+        model_label,
         variant: served.and_then(|s| s.variant.as_deref()).unwrap_or("-").to_owned(),
         tenant: caller.map_or("-", |c| &c.tenant).to_owned(),
         caller: caller.map_or_else(|| "-".to_owned(), |c| c.id()),
@@ -254,7 +264,10 @@ struct Record {
     surface: Surface,
     method: http::Method,
     route: String,
+    /// For the access line: what answered or what the request named.
     model: String,
+    /// For metrics: `model` when the gateway knows it, else `unknown`.
+    model_label: String,
     variant: String,
     tenant: String,
     caller: String,
@@ -326,14 +339,19 @@ impl Record {
         metrics::counter!(
             crate::telemetry::metrics::REQUESTS,
             "route" => route.clone(),
-            "model" => model.to_owned(),
+            "model" => self.model_label.clone(),
             "variant" => variant.to_owned(),
             "status" => class,
             "tenant" => tenant.to_owned()
         )
         .increment(1);
-        metrics::histogram!(crate::telemetry::metrics::REQUEST_DURATION, "route" => route.clone(), "status" => class)
-            .record(latency.as_secs_f64());
+        metrics::histogram!(
+            crate::telemetry::metrics::REQUEST_DURATION,
+            "route" => route.clone(),
+            "model" => self.model_label.clone(),
+            "status" => class
+        )
+        .record(latency.as_secs_f64());
     }
 }
 

@@ -69,6 +69,57 @@ impl Upstream for Pools {
 
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
+        let model = info.name.clone();
+        counted(pool, &model, self.embed_in(pool, info, call).await)
+    }
+
+    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
+        let (pool, info) = self.route_call(&call)?;
+        let model = info.name.clone();
+        counted(pool, &model, self.infer_in(pool, info, call).await)
+    }
+
+    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
+        let (pool, info) = self.route_call(&call)?;
+        let model = info.name.clone();
+        let stream = counted(pool, &model, self.generate_in(pool, info, call).await)?;
+        // A stream that fails after it opened is the pool's failure too.
+        let pool = pool.name.clone();
+        Ok(stream
+            .inspect(move |chunk| {
+                if let Err(e) = chunk {
+                    pool_error(&pool, &model, e);
+                }
+            })
+            .boxed())
+    }
+}
+
+/// Count a failed pool call by pool, model and what failed.
+fn counted<T>(pool: &Pool, model: &str, result: Result<T, GatewayError>) -> Result<T, GatewayError> {
+    if let Err(e) = &result {
+        pool_error(&pool.name, model, e);
+    }
+    result
+}
+
+fn pool_error(pool: &str, model: &str, e: &GatewayError) {
+    metrics::counter!(
+        crate::telemetry::metrics::POOL_ERRORS,
+        "pool" => pool.to_owned(),
+        "model" => model.to_owned(),
+        "code" => e.slug()
+    )
+    .increment(1);
+}
+
+impl Pools {
+    async fn embed_in(
+        &self,
+        pool: &Pool,
+        info: ModelInfo,
+        call: Call<Vec<String>>,
+    ) -> Result<EmbedOutput, GatewayError> {
         require(&info, info.kind == ModelKind::Embed as i32, "embeddings")?;
         if let Some(batcher) = self.batcher::<EmbedRpc>(pool, &info) {
             // Each text is an item of whatever batch it lands in.
@@ -87,8 +138,12 @@ impl Upstream for Pools {
         Ok(embeddings(info, results))
     }
 
-    async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
-        let (pool, info) = self.route_call(&call)?;
+    async fn infer_in(
+        &self,
+        pool: &Pool,
+        info: ModelInfo,
+        call: Call<InferItem>,
+    ) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         require(&info, info.kind == ModelKind::Infer as i32, "tensor inference")?;
         if let Some(batcher) = self.batcher::<InferRpc>(pool, &info) {
             let deadline = call.deadline;
@@ -108,8 +163,12 @@ impl Upstream for Pools {
         Ok((info, out))
     }
 
-    async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
-        let (pool, info) = self.route_call(&call)?;
+    async fn generate_in(
+        &self,
+        pool: &Pool,
+        info: ModelInfo,
+        call: Call<GenerateRequest>,
+    ) -> Result<ChunkStream, GatewayError> {
         require(&info, info.streaming, "generation")?;
         let deadline = call.deadline;
         // A route variant may serve the model under another name.
@@ -201,6 +260,12 @@ impl Pools {
         ModelEntry { info: Some(info), pool: pool.name.clone(), ready, load_error }
     }
 
+    /// Whether every pool that has not described its models is failed.
+    fn only_failed_undescribed(&self) -> bool {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        table.undescribed().all(|p| self.loads.failed(&self.pools[p].name).is_some())
+    }
+
     /// A routed call's pool, unless its workers cannot load the model; a
     /// model no pool has described yet may be one a failed pool declares.
     fn unless_failed(
@@ -221,6 +286,11 @@ impl Pools {
             Err(e @ (GatewayError::Starting { .. } | GatewayError::ModelNotFound { .. })) => {
                 match self.loads.failed_for_model(name) {
                     Some((pool, error)) => Err(failed(&pool, error)),
+                    // A failed pool declared its names: it is not one that
+                    // may yet serve this one.
+                    None if matches!(e, GatewayError::Starting { .. }) && self.only_failed_undescribed() => {
+                        Err(GatewayError::ModelNotFound { model: name.to_owned() })
+                    }
                     None => Err(e),
                 }
             }

@@ -89,6 +89,11 @@ impl ModelTable {
         }
     }
 
+    /// The pools that have not described their models yet, by index.
+    pub(super) fn undescribed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.described.iter().enumerate().filter(|(_, d)| !**d).map(|(p, _)| p)
+    }
+
     /// Every model with the pool that claimed it first.
     pub(super) fn models(&self) -> impl Iterator<Item = (usize, &ModelInfo)> {
         self.first.iter().filter_map(|(name, p)| Some((*p, self.by_pool[*p].get(name)?)))

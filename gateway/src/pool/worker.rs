@@ -58,6 +58,7 @@ impl WorkerMetrics {
         let pool = pool.to_owned();
         // Counted from 0, so the series exist before the first event.
         metrics::counter!(m::EJECTIONS, "pool" => pool.clone(), "worker" => worker.to_owned()).increment(0);
+        metrics::counter!(m::BATCH_SPLITS, "pool" => pool.clone()).increment(0);
         Self {
             in_flight: metrics::gauge!(m::WORKER_IN_FLIGHT, "pool" => pool.clone(), "worker" => worker.to_owned()),
             pool_in_flight: metrics::gauge!(m::POOL_IN_FLIGHT, "pool" => pool.clone()),

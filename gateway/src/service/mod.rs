@@ -97,6 +97,13 @@ pub struct Admitted {
     pub entry: ModelEntry,
 }
 
+/// Tell the request's telemetry which model it named, and whether that
+/// name is one the gateway knows (what looking it up came to says so).
+fn name_model<T>(model: &str, looked_up: &Result<T, GatewayError>) {
+    let known = !matches!(looked_up, Err(GatewayError::ModelNotFound { .. } | GatewayError::Starting { .. }));
+    crate::telemetry::timing::with_current(|t| t.name_model(model, known));
+}
+
 impl Core {
     /// Every model clients can name (pools' models and aliases).
     pub fn models(&self) -> Vec<ModelEntry> {
@@ -105,11 +112,14 @@ impl Core {
 
     /// The entry clients see for `name`.
     pub fn entry(&self, name: &str) -> Result<ModelEntry, GatewayError> {
-        self.routes.entry(&*self.upstream, name)
+        let entry = self.routes.entry(&*self.upstream, name);
+        name_model(name, &entry);
+        entry
     }
 
     /// Version `version` of `name` and the pin that selects it.
     pub fn version_entry(&self, name: &str, version: &str) -> Result<(ModelEntry, Option<String>), GatewayError> {
+        name_model(name, &self.routes.entry(&*self.upstream, name));
         self.routes.version_entry(&*self.upstream, name, version)
     }
 
@@ -122,6 +132,7 @@ impl Core {
         if ask.model.is_empty() {
             return Err(GatewayError::invalid("model", "is required"));
         }
+        name_model(&ask.model, &self.routes.entry(&*self.upstream, &ask.model));
         self.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref())
     }
 

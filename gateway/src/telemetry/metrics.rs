@@ -36,6 +36,7 @@ pub const WORKER_RESTARTS: &str = "infergate_worker_restarts_total";
 /// Items per batch sent to a worker, by `pool` and `model`.
 pub const BATCH_SIZE: &str = "infergate_batch_size";
 pub const BATCH_SPLITS: &str = "infergate_batch_splits_total";
+pub const POOL_ERRORS: &str = "infergate_pool_errors_total";
 /// Seconds an item waited in its batcher before its batch went, by `pool` and `model`.
 pub const BATCH_QUEUE_WAIT: &str = "infergate_batch_queue_wait_seconds";
 /// Batches sent and not yet answered, by `pool` and `model`.
@@ -136,6 +137,7 @@ fn describe() {
     gauge!(CIRCUIT_STATE, "Circuit of a pool: 0 closed, 1 half-open, 2 open");
     counter!(WORKER_RESTARTS, "Local worker processes restarted");
     histogram!(BATCH_SIZE, "Items per batch sent to a worker");
+    counter!(POOL_ERRORS, "Calls a pool failed, by pool, model and error type (the problem type's slug)");
     counter!(BATCH_SPLITS, "Batches a model failed as a whole, run again item by item by the worker");
     histogram!(BATCH_QUEUE_WAIT, Seconds, "Wait in the batcher before the batch went");
     gauge!(BATCH_QUEUE_DEPTH, "Items waiting in a batcher");

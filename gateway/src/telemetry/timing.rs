@@ -37,7 +37,22 @@ pub struct Timings {
     worker_queue: AtomicU64,
     /// Of `worker`: running the model, as the worker reports it.
     inference: AtomicU64,
+    /// The model the request named (path or body), once the core read it.
+    named: std::sync::OnceLock<Named>,
 }
+
+/// The model a request named, for its access line and metric labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// As the client wrote it, cut to [`NAMED_MAX`] bytes.
+    pub model: String,
+    /// Whether it is a model or alias the gateway knows: only then is it a
+    /// metric label (a client's made-up names would add series without bound).
+    pub known: bool,
+}
+
+/// Longest model name an access line repeats.
+pub const NAMED_MAX: usize = 128;
 
 /// What a worker said about one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -75,6 +90,20 @@ fn get(cell: &AtomicU64) -> Duration {
 }
 
 impl Timings {
+    /// The request named `model`; the first name given stays.
+    pub fn name_model(&self, model: &str, known: bool) {
+        let mut cut = NAMED_MAX.min(model.len());
+        while !model.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let _ = self.named.set(Named { model: model[..cut].to_owned(), known });
+    }
+
+    /// The model the request named, if it named one.
+    pub fn named(&self) -> Option<&Named> {
+        self.named.get()
+    }
+
     pub fn add_queue(&self, d: Duration) {
         add(&self.queue, d);
     }
