@@ -98,3 +98,13 @@ class BrokenLoad(Model):
 
 
 NOT_A_MODEL = {"weights": "weights.bin"}
+
+
+class Sleeper(Model):
+    """Blocks in time.sleep, never asking its context whether to stop."""
+
+    name = "sleeper"
+
+    def infer(self, items: list) -> list:
+        time.sleep(2.5)
+        return [{} for _ in items]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infergate_worker import InferItem, InvalidInput
+from infergate_worker import InferInput, InvalidInput
 from infergate_worker.codec import describe
 from infergate_worker.examples.sentiment import Sentiment
 from infergate_worker.tensors import Tensor
@@ -19,9 +19,9 @@ HELD_OUT = {
 }
 
 
-def texts_item(texts: list[str], id: str = "i") -> InferItem:
+def texts_item(texts: list[str], id: str = "i") -> InferInput:
     data = [t.encode() for t in texts]
-    return InferItem(id=id, inputs={"text": Tensor("text", "BYTES", [len(data)], data)})
+    return InferInput(id=id, inputs={"text": Tensor("text", "BYTES", [len(data)], data)})
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_training_is_deterministic(model: Sentiment):
 
 
 def test_a_bad_item_fails_alone_and_items_keep_their_own_texts(model: Sentiment):
-    bad = InferItem(id="b", inputs={"x": Tensor("x", "FP32", [1], [1.0])})
-    not_bytes = InferItem(id="n", inputs={"text": Tensor("text", "FP32", [1], [1.0])})
+    bad = InferInput(id="b", inputs={"x": Tensor("x", "FP32", [1], [1.0])})
+    not_bytes = InferInput(id="n", inputs={"text": Tensor("text", "FP32", [1], [1.0])})
     first, err, err2, last = model.infer(
         [texts_item(["I love it."]), bad, not_bytes, texts_item(["I hate it.", "Awful."])]
     )

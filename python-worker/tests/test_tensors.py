@@ -87,3 +87,13 @@ def test_typed_tensors_stay_typed():
 def test_malformed_raw_tensors_are_refused_with_the_reason(msg: types_pb2.Tensor, why: str):
     with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
         Tensor.from_proto(msg)
+
+
+def test_bytes_tensors_take_str_values_and_arrive_as_bytes():
+    from infergate_worker import InferInput, InferItem
+
+    msg = Tensor("t", "BYTES", [2], ["héllo", b"raw"]).to_proto()
+    assert list(msg.bytes_contents) == ["héllo".encode(), b"raw"]
+    assert Tensor.from_proto(msg).data == ["héllo".encode(), b"raw"]
+    # The SDK's item class was renamed; the old name stays for one release.
+    assert InferItem is InferInput

@@ -13,7 +13,7 @@ from infergate_worker.context import CallContext, Cancelled
 from infergate_worker.model import (
     Embeddings,
     GenerateInput,
-    InferItem,
+    InferInput,
     InvalidInput,
     Model,
     TensorSpec,
@@ -133,13 +133,13 @@ def to_param(value: Any) -> types_pb2.ParamValue:
     return types_pb2.ParamValue(string_param=str(value))
 
 
-def infer_item(msg: worker_pb2.InferItem) -> InferItem:
+def infer_item(msg: worker_pb2.InferItem) -> InferInput:
     inputs = {}
     for t in msg.inputs:
         if t.name in inputs:
             raise ValueError(f"input {t.name!r} given twice")
         inputs[t.name] = Tensor.from_proto(t)
-    return InferItem(
+    return InferInput(
         id=msg.id,
         inputs=inputs,
         outputs=list(msg.outputs),
@@ -147,7 +147,7 @@ def infer_item(msg: worker_pb2.InferItem) -> InferItem:
     )
 
 
-def fill_result(result: worker_pb2.InferResult, value: Any, item: InferItem | None) -> None:
+def fill_result(result: worker_pb2.InferResult, value: Any, item: InferInput | None) -> None:
     """Encode what the model returned for ``item`` into ``result`` (an
     exception needs no item)."""
     if isinstance(value, BaseException):

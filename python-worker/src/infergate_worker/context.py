@@ -49,6 +49,8 @@ class CallContext:
     batch_splits: int = field(default=0, repr=False)
     #: Whether the worker has logged this call's cancellation.
     _cancel_logged: bool = field(default=False, repr=False)
+    #: When model code last asked whether to stop (``time.monotonic()``).
+    _polled_at: float | None = field(default=None, repr=False)
 
     @property
     def trace_id(self) -> str:
@@ -59,13 +61,20 @@ class CallContext:
     @property
     def cancelled(self) -> bool:
         """True once the caller cancelled the call."""
+        self._polled_at = time.monotonic()
         return self._cancel.is_set()
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (negative when past), or None."""
+        now = time.monotonic()
+        self._polled_at = now
         if self.deadline is None:
             return None
-        return self.deadline - time.monotonic()
+        return self.deadline - now
+
+    def polled_since(self, when: float) -> bool:
+        """Whether model code asked whether to stop at ``when`` or later."""
+        return self._polled_at is not None and self._polled_at >= when
 
     def check(self) -> None:
         """Raise :class:`Cancelled` when the call was cancelled or timed out."""

@@ -84,14 +84,20 @@ def run_together(
 
 
 @dataclass
-class InferItem:
-    """One item of an ``infer`` batch."""
+class InferInput:
+    """One item of an ``infer`` batch: one caller's tensors. A ``BYTES``
+    input's values are ``bytes``."""
 
     id: str
     inputs: dict[str, Tensor]
     #: Names of the outputs the caller wants; empty means all.
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+#: The name :class:`InferInput` had before 0.2, the same as the contract's
+#: ``infergate.v1.InferItem`` message; kept for one release.
+InferItem = InferInput
 
 
 @dataclass
@@ -176,7 +182,7 @@ class Model:
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement embed")
 
-    def infer(self, items: list[InferItem]) -> Sequence[dict[str, Any] | BaseException]:
+    def infer(self, items: list[InferInput]) -> Sequence[dict[str, Any] | BaseException]:
         """Run a batch of tensor items: a dict of output name -> value per item.
 
         Values may be :class:`Tensor`, numpy arrays, torch tensors or lists

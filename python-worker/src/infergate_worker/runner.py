@@ -13,6 +13,7 @@ thing either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -34,7 +35,7 @@ from infergate_worker.codec import (
     item_error,
 )
 from infergate_worker.context import CallContext, Cancelled, use_context
-from infergate_worker.model import Chunk, InferItem, InvalidInput, Model, Overloaded, Unavailable
+from infergate_worker.model import Chunk, InferInput, InvalidInput, Model, Overloaded, Unavailable
 from infergate_worker.tensors import READS_RAW
 
 log = logging.getLogger("infergate_worker")
@@ -101,6 +102,8 @@ class ModelRunner:
         context. The SDK's exceptions for a whole call become :class:`CallFailed`."""
 
         submitted = time.monotonic()
+        loop = asyncio.get_running_loop()
+        watchdog = Overrun(ctx, loop)
 
         def call() -> T:
             started = time.monotonic()
@@ -111,14 +114,16 @@ class ModelRunner:
                     return fn(*args)
             finally:
                 ctx.inference_time += time.monotonic() - started
+                watchdog.done()
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            return await loop.run_in_executor(self._executor, call)
         except asyncio.CancelledError:
             cancelled(ctx)
             raise
         except Cancelled as exc:
-            log.warning("model stopped: %s", exc, extra=log_ids(ctx))
+            # The model stopped when asked to: what it should do, not an error.
+            log.debug("model stopped: %s", exc, extra=log_ids(ctx))
             status = Status.DEADLINE_EXCEEDED if exc.reason == "deadline" else Status.CANCELLED
             raise CallFailed(status, str(exc)) from exc
         except Overloaded as exc:
@@ -262,6 +267,45 @@ class ModelRunner:
         )
 
 
+#: How long past its deadline a call may run, not asking whether to stop,
+#: before the worker says the model is holding its thread.
+OVERRUN_GRACE = 1.0
+
+
+class Overrun:
+    """Warn, once, when a call's model code is still running
+    :data:`OVERRUN_GRACE` after its deadline and has not asked its context
+    whether to stop since the deadline: the caller has had its 504, and the
+    model thread it holds serves no one until it returns."""
+
+    def __init__(self, ctx: CallContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.ctx, self.loop, self.finished = ctx, loop, False
+        self.timer: asyncio.TimerHandle | None = None
+        if ctx.deadline is not None:
+            delay = max(ctx.deadline + OVERRUN_GRACE - time.monotonic(), 0.0)
+            self.timer = loop.call_later(delay, self.check)
+
+    def check(self) -> None:
+        ctx = self.ctx
+        if self.finished or ctx.deadline is None or ctx.polled_since(ctx.deadline):
+            return
+        log.warning(
+            "%s is still running %.1f s past its deadline and has not checked its context: "
+            "its thread serves no other call until it returns (call current_context().check() "
+            "or .wait() between steps, or size the pool's threads for it)",
+            ctx.model or "the model",
+            time.monotonic() - ctx.deadline,
+            extra=log_ids(ctx),
+        )
+
+    def done(self) -> None:
+        """The model code returned (called from its thread)."""
+        self.finished = True
+        if self.timer is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self.loop.call_soon_threadsafe(self.timer.cancel)
+
+
 def splits(failed: Exception, items: int, model: str, ctx: CallContext) -> bool:
     """Whether a batch that failed as a whole with ``failed`` is run again
     item by item, so that only the items that fail alone fail: one bad
@@ -298,7 +342,7 @@ def _infer_part(
     the event loop would hold every other call on this worker for
     milliseconds. An item that cannot be decoded gets its own error; an
     exception from the model is raised for the caller to spread."""
-    items: list[tuple[worker_pb2.InferResult, InferItem]] = []
+    items: list[tuple[worker_pb2.InferResult, InferInput]] = []
     for msg, result in zip(msgs, results, strict=True):
         try:
             items.append((result, infer_item(msg)))

@@ -86,7 +86,9 @@ class Tensor:
 
     ``data`` is a list, or for a tensor that came raw a read-only typed
     ``memoryview`` (indexable, iterable, ``tolist()``); :meth:`numpy` reads
-    either without a Python object per value.
+    either without a Python object per value. A ``BYTES`` tensor's values
+    arrive as ``bytes`` (decode text with ``.decode()``); one you build may
+    hold ``str`` too, sent UTF-8 encoded.
     """
 
     name: str
@@ -129,6 +131,8 @@ class Tensor:
                 msg.raw_contents = _whole_bytes(data)
                 return msg
             data = data.tolist()
+        if self.datatype == "BYTES":
+            data = [v.encode() if isinstance(v, str) else v for v in data]
         getattr(msg, contents_field(self.datatype)).extend(data)
         return msg
 

@@ -17,7 +17,7 @@ from infergate_worker import (
     Cancelled,
     Chunk,
     GenerateInput,
-    InferItem,
+    InferInput,
     Model,
     current_context,
 )
@@ -38,7 +38,7 @@ class Echo(Model):
     def load(self) -> None:
         log.info("echo loaded")
 
-    def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
+    def infer(self, items: list[InferInput]) -> list[dict[str, Any] | BaseException]:
         ctx = current_context()
         delay_ms = max((int(i.parameters.get("delay_ms", 0)) for i in items), default=0)
         if delay_ms:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from infergate_worker import (
-    InferItem,
+    InferInput,
     InvalidInput,
     Model,
     TensorSpec,
@@ -76,7 +76,7 @@ class Sentiment(Model):
             accuracy,
         )
 
-    def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
+    def infer(self, items: list[InferInput]) -> list[dict[str, Any] | BaseException]:
         torch = self._torch
         texts = [_texts(item) for item in items]
         current_context().check()
@@ -94,7 +94,7 @@ class Sentiment(Model):
         return run_together(texts, forward, len, answer)
 
 
-def _texts(item: InferItem) -> list[str] | BaseException:
+def _texts(item: InferInput) -> list[str] | BaseException:
     """The texts of an item's ``text`` input, or the reason it is unusable."""
     tensor = item.inputs.get("text")
     if tensor is None:

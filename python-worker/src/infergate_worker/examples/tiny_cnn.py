@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from infergate_worker import (
-    InferItem,
+    InferInput,
     InvalidInput,
     Model,
     TensorSpec,
@@ -61,7 +61,7 @@ class TinyCNN(Model):
         ).eval()
         log.info("tiny_cnn ready (untrained weights, seed 0)")
 
-    def infer(self, items: list[InferItem]) -> list[dict[str, Any] | BaseException]:
+    def infer(self, items: list[InferInput]) -> list[dict[str, Any] | BaseException]:
         torch = self._torch
         images = [self._image(item) for item in items]
         current_context().check()
@@ -79,7 +79,7 @@ class TinyCNN(Model):
 
         return run_together(images, forward, lambda image: image.shape[0], answer)
 
-    def _image(self, item: InferItem) -> Any:
+    def _image(self, item: InferInput) -> Any:
         """The item's ``image`` input as a torch tensor, or why it is unusable."""
         tensor = item.inputs.get("image")
         shape = tuple(tensor.shape) if tensor is not None else ()
