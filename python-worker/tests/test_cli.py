@@ -134,7 +134,9 @@ def test_a_model_that_ignores_its_deadline_is_named_in_a_warning(tmp_path):
 
     w = JsonWorker(tmp_path, "models:Sleeper")
     try:
-        request = worker_pb2.InferBatchRequest(model="sleeper", items=[worker_pb2.InferItem(id="a")])
+        request = worker_pb2.InferBatchRequest(
+            model="sleeper", items=[worker_pb2.InferItem(id="a")]
+        )
         try:
             w.stub.Infer(request, timeout=0.3, wait_for_ready=True)
             raise AssertionError("the deadline did not end the call")
