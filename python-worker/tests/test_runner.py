@@ -114,3 +114,41 @@ def test_a_batch_that_fails_whole_is_run_item_by_item_so_only_bad_items_fail(run
     one = worker_pb2.InferBatchRequest(model="echo", items=[echo_item({"raise": True})])
     assert asyncio.run(runner.infer(one, alone)).results[0].HasField("error")
     assert alone.batch_splits == 0
+
+
+def test_outputs_that_are_not_declared_or_not_tensors_fail_their_item_as_the_models_error():
+    import numpy as np
+
+    from infergate_worker import InferInput, Model, TensorSpec
+
+    class Sloppy(Model):
+        name = "sloppy"
+        max_batch_size = 8
+        outputs = (TensorSpec("y", "FP32", (-1,)),)
+
+        def infer(self, items: list[InferInput]) -> list:
+            answers = {
+                "ok": {"y": [1.0]},
+                "str": "positive",
+                "nested": {"y": object()},
+                "extra": {"y": [1.0], "z": [2.0]},
+                "dtype": {"y": np.array([1, 2])},
+            }
+            return [answers[i.id] for i in items]
+
+    runner = ModelRunner([Sloppy()], ThreadPoolExecutor(1))
+    ids = ["ok", "str", "nested", "extra", "dtype"]
+    request = worker_pb2.InferBatchRequest(
+        model="sloppy", items=[worker_pb2.InferItem(id=i) for i in ids]
+    )
+    results = asyncio.run(runner.infer(request, CallContext())).results
+    assert results[0].HasField("outputs")
+    errors = {i: r.error for i, r in zip(ids, results, strict=True) if r.HasField("error")}
+    assert set(errors) == {"str", "nested", "extra", "dtype"}
+    assert all(e.code == types_pb2.ItemError.CODE_MODEL_ERROR for e in errors.values())
+    assert errors["str"].message == (
+        "infer returned a str for an item, not a dict of output name -> tensor"
+    )
+    assert errors["nested"].message.startswith("output 'y': cannot make a tensor of a object")
+    assert errors["extra"].message == "output 'z' is not one the model declares (y)"
+    assert errors["dtype"].message == "output 'y' is INT64; the model declares FP32"

@@ -328,3 +328,47 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
     assert!(series(&scrape, errors, &[("pool", "echo"), ("model", "echo"), ("code", "worker-failed")]) >= 1.0);
     assert!(series(&scrape, errors, &[("pool", "echo"), ("code", "deadline-exceeded")]) >= 1.0, "{scrape}");
 }
+
+#[test]
+fn a_models_declared_inputs_are_enforced_at_the_edge_over_rest_and_grpc() {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{InferRequest, Tensor};
+
+    let elsewhere = Scratch::new();
+    let gw = Gateway::start_in(&elsewhere.0, &pool("textclf", "textclf.model:Sentiment")).unwrap();
+    gw.wait_ready(Duration::from_secs(60)).unwrap();
+    let url = gw.url("/v2/models/sentiment-tfidf/infer");
+    let c = reqwest::blocking::Client::new();
+    let refused = |inputs: Value| {
+        let resp = c.post(&url).header("x-request-id", "contract").json(&json!({ "inputs": inputs })).send().unwrap();
+        assert_eq!(resp.status(), 400);
+        resp.json::<Value>().unwrap()
+    };
+    let p = refused(json!([{"name": "txt", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]));
+    let detail = |p: &Value| p["detail"].as_str().unwrap().to_owned();
+    assert!(detail(&p).ends_with("model \"sentiment-tfidf\" has no input \"txt\"; it takes text"), "{p}");
+    assert_eq!(p["field"], "inputs[0]", "{p}");
+    let p = refused(json!([{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]));
+    assert!(detail(&p).ends_with("input \"text\" is FP32; model \"sentiment-tfidf\" takes BYTES"), "{p}");
+    let p = refused(json!([{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}]));
+    assert!(detail(&p).contains("input \"text\" has shape [1, 1]; model"), "{p}");
+    // None of them reached the worker.
+    let reached = gw.log().iter().any(|v| v["worker"] == "textclf-0" && v["request_id"] == "contract");
+    assert!(!reached, "{}", gw.log_text());
+
+    // gRPC alike: INVALID_ARGUMENT with the same words.
+    let status = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let wrong = Tensor {
+            name: "text".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        };
+        let request = InferRequest { model: "sentiment-tfidf".into(), inputs: vec![wrong], ..Default::default() };
+        client.infer(request).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("input \"text\" is FP32; model \"sentiment-tfidf\" takes BYTES"), "{status:?}");
+}

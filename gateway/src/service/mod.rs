@@ -9,6 +9,7 @@
 //! model call itself; what it reports (the variant that answered, whether
 //! the cache did) comes back in [`Served`].
 
+pub mod contract;
 pub mod generate;
 
 use std::sync::Arc;
@@ -180,7 +181,9 @@ impl Core {
         admitted: Admitted,
         item: InferItem,
     ) -> Result<Answer<(ModelInfo, InferOutputs)>, GatewayError> {
-        let Admitted { ask, plan, admission, .. } = admitted;
+        let Admitted { ask, plan, admission, entry } = admitted;
+        let declared = entry.info.as_ref().map_or(&[][..], |i| &i.inputs[..]);
+        contract::check_inputs(&ask.model, declared, &item)?;
         let (((mut info, out), cached), target) =
             route::run(&plan, ask.call(item), |c| self.cache.infer(&*self.upstream, c, ask.cache)).await?;
         admission.settle(None);

@@ -147,27 +147,53 @@ def infer_item(msg: worker_pb2.InferItem) -> InferInput:
     )
 
 
-def fill_result(result: worker_pb2.InferResult, value: Any, item: InferInput | None) -> None:
+def fill_result(
+    result: worker_pb2.InferResult,
+    value: Any,
+    item: InferInput | None,
+    declared: Sequence[TensorSpec] = (),
+) -> None:
     """Encode what the model returned for ``item`` into ``result`` (an
-    exception needs no item)."""
+    exception needs no item). An output that cannot be a tensor, or that is
+    not one the model ``declared`` or not of its datatype, fails the item as
+    the model's error (a 502 naming the output), not the caller's."""
     if isinstance(value, BaseException):
         result.error.CopyFrom(item_error(value))
         return
     assert item is not None, "a result needs the item it answers"
+
+    def fail(message: str) -> None:
+        # Replaces the outputs filled so far (one of the two).
+        result.error.CopyFrom(types_pb2.ItemError(code=_ItemCode.CODE_MODEL_ERROR, message=message))
+
+    if not isinstance(value, dict):
+        fail(f"infer returned a {type(value).__name__} for an item, not a dict of output name -> tensor")
+        return
+    params = value.pop("parameters", None)
+    wanted = set(item.outputs)
+    unknown = sorted(wanted - set(value))
+    if unknown:
+        result.error.CopyFrom(item_error(InvalidInput(f"no output named {', '.join(map(repr, unknown))}")))
+        return
+    specs = {s.name: s for s in declared}
     outputs = result.outputs
     outputs.SetInParent()
-    try:
-        params = value.pop("parameters", None) if isinstance(value, dict) else None
-        wanted = set(item.outputs)
-        unknown = sorted(wanted - set(value))
-        if unknown:
-            raise InvalidInput(f"no output named {', '.join(map(repr, unknown))}")
-        for name, v in value.items():
-            if not wanted or name in wanted:
-                as_tensor(name, v).fill(outputs.tensors.add())
-    except (TypeError, ValueError, AttributeError) as exc:  # InvalidInput is a ValueError
-        result.error.CopyFrom(item_error(exc))  # replaces the partial outputs
-        return
+    for name, v in value.items():
+        if wanted and name not in wanted:
+            continue
+        spec = specs.get(name)
+        if specs and spec is None:
+            fail(f"output {name!r} is not one the model declares ({', '.join(specs)})")
+            return
+        try:
+            tensor = as_tensor(name, v, spec.datatype if spec is not None else "")
+        except (TypeError, ValueError, AttributeError) as exc:
+            fail(f"output {name!r}: cannot make a tensor of a {type(v).__name__} ({exc})")
+            return
+        if spec is not None and spec.datatype and tensor.datatype != spec.datatype:
+            fail(f"output {name!r} is {tensor.datatype}; the model declares {spec.datatype}")
+            return
+        tensor.fill(outputs.tensors.add())
     for k, v in (params or {}).items():
         outputs.parameters[k].CopyFrom(to_param(v))
 

@@ -353,5 +353,6 @@ def _infer_part(
     out = model.infer([item for _, item in items])
     if len(out) != len(items):
         raise RuntimeError(f"infer returned {len(out)} results for {len(items)} items")
+    declared = type(model).outputs
     for (result, item), value in zip(items, out, strict=True):
-        fill_result(result, value, item)
+        fill_result(result, value, item, declared)

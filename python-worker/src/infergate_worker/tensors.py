@@ -196,13 +196,20 @@ def _whole_bytes(view: memoryview) -> bytes:
     return view.tobytes()
 
 
-def as_tensor(name: str, value: Any) -> Tensor:
-    """Accept a :class:`Tensor`, an array-like, or a list of str/bytes."""
+def as_tensor(name: str, value: Any, datatype: str = "") -> Tensor:
+    """Accept a :class:`Tensor`, an array (numpy, torch), or a (nested) list
+    of numbers, str or bytes. A list takes ``datatype`` (the output's
+    declared one) when given: Python floats would otherwise be FP64."""
     if isinstance(value, Tensor):
         return (
             value if value.name == name else Tensor(name, value.datatype, value.shape, value.data)
         )
-    if isinstance(value, list) and all(isinstance(v, str | bytes) for v in value):
-        data = [v.encode() if isinstance(v, str) else v for v in value]
-        return Tensor(name, "BYTES", [len(data)], data)
+    if isinstance(value, list | tuple):
+        if all(isinstance(v, str | bytes) for v in value):
+            data = [v.encode() if isinstance(v, str) else v for v in value]
+            return Tensor(name, "BYTES", [len(data)], data)
+        import numpy as np
+
+        dtype = _NUMPY_DTYPE.get(datatype) if datatype != "BYTES" else None
+        value = np.asarray(value, dtype=dtype)
     return Tensor.from_array(name, value)
