@@ -164,16 +164,19 @@ def fill_result(
 
     def fail(message: str) -> None:
         # Replaces the outputs filled so far (one of the two).
-        result.error.CopyFrom(types_pb2.ItemError(code=_ItemCode.CODE_MODEL_ERROR, message=message))
+        error = types_pb2.ItemError(code=_ItemCode.CODE_MODEL_ERROR, message=message)
+        result.error.CopyFrom(error)
 
     if not isinstance(value, dict):
-        fail(f"infer returned a {type(value).__name__} for an item, not a dict of output name -> tensor")
+        kind = type(value).__name__
+        fail(f"infer returned a {kind} for an item, not a dict of output name -> tensor")
         return
     params = value.pop("parameters", None)
     wanted = set(item.outputs)
     unknown = sorted(wanted - set(value))
     if unknown:
-        result.error.CopyFrom(item_error(InvalidInput(f"no output named {', '.join(map(repr, unknown))}")))
+        names = ", ".join(map(repr, unknown))
+        result.error.CopyFrom(item_error(InvalidInput(f"no output named {names}")))
         return
     specs = {s.name: s for s in declared}
     outputs = result.outputs
