@@ -139,13 +139,10 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Parse an `X-Request-Timeout` header: `2.5` (seconds) or a duration like `500ms`.
-pub fn parse_request_timeout(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs));
-    }
-    humantime::parse_duration(value).ok().filter(|d| !d.is_zero())
+/// Parse an `X-Request-Timeout` header: `2.5` (seconds) or a duration like
+/// `500ms`, the syntax of the config file; the error says what was wrong.
+pub fn parse_request_timeout(value: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(value)
 }
 
 #[cfg(test)]
@@ -164,11 +161,13 @@ mod tests {
 
     #[test]
     fn request_timeouts_parse() {
-        assert_eq!(parse_request_timeout("2.5"), Some(Duration::from_millis(2500)));
-        assert_eq!(parse_request_timeout("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_request_timeout("0"), None);
-        assert_eq!(parse_request_timeout("-1"), None);
-        assert_eq!(parse_request_timeout("soon"), None);
+        assert_eq!(parse_request_timeout("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_request_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_request_timeout(" 2 "), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_request_timeout("0").unwrap_err(), "\"0\": must be above zero");
+        assert_eq!(parse_request_timeout("0ms").unwrap_err(), "\"0ms\": must be above zero");
+        assert_eq!(parse_request_timeout("-1").unwrap_err(), "\"-1\": must be above zero");
+        assert!(parse_request_timeout("soon").unwrap_err().contains("seconds (2.5) or with a unit (250ms, 30s, 1m)"));
     }
 
     #[test]

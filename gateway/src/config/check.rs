@@ -29,10 +29,40 @@ pub(super) fn positive_size(key: &str, v: u64) -> Result<usize, ConfigError> {
 }
 
 pub(super) fn duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| invalid(key, format!("{s:?} is not a duration like 250ms or 30s ({e})")))?;
+    parse_duration(s).map_err(|m| invalid(key, m))
+}
+
+/// The one duration syntax of files, environment overrides and headers:
+/// bare seconds (`5`, `2.5`) or with a unit (`250ms`, `30s`, `1m`), above
+/// zero. The error says which was wrong.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs < 1e9 => Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default(),
+        Ok(_) => return Err(format!("{s:?} is out of range")),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration: seconds (2.5) or with a unit (250ms, 30s, 1m) ({e})"))?,
+    };
     if d.is_zero() {
-        return Err(invalid(key, "must be greater than zero"));
+        return Err(format!("{s:?}: must be above zero"));
     }
     Ok(d)
+}
+
+/// A duration field of the raw config: a string (`"250ms"`) or a number of
+/// seconds (`5`, as `INFERGATE__DEADLINES__DEFAULT=5` arrives), kept as text
+/// for [`duration`] to check.
+pub fn text_or_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(match <Raw as serde::Deserialize>::deserialize(d)? {
+        Raw::Text(s) => s,
+        Raw::Int(n) => n.to_string(),
+        Raw::Float(x) => x.to_string(),
+    })
 }

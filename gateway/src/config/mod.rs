@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use check::ConfigError;
+pub use check::{ConfigError, parse_duration};
 use check::{duration, invalid, parse_addr, positive_size};
 pub use policy::{AuthConfig, LimitSpec, LimitsConfig, RateSpec, RedisConfig, RedisFallback};
 pub use pools::{

@@ -196,3 +196,27 @@ fn embedded_pools_take_a_class_and_threads_only() {
     assert_eq!(bad("class = \"m:Echo\"\nkind = \"elsewhere\""), "pools[0].kind");
     assert_eq!(bad("addresses = [\"127.0.0.1:1\"]\nkind = \"embedded\""), "pools[0].kind");
 }
+
+#[test]
+fn durations_read_alike_in_files_environment_overrides_and_headers() {
+    use std::time::Duration;
+    // Bare seconds, whole or not, from a file or the environment.
+    let from_env =
+        load(POOL, &[("INFERGATE__DEADLINES__DEFAULT", "5"), ("INFERGATE__SHUTDOWN__GRACE", "2.5")]).unwrap();
+    assert_eq!(from_env.default_deadline, Duration::from_secs(5));
+    assert_eq!(from_env.shutdown_grace, Duration::from_millis(2500));
+    let from_file = load(&format!("[deadlines]\ndefault = 7\n{POOL}"), &[]).unwrap();
+    assert_eq!(from_file.default_deadline, Duration::from_secs(7));
+    assert_eq!(
+        load(&format!("[deadlines]\ndefault = \"750ms\"\n{POOL}"), &[]).unwrap().default_deadline,
+        Duration::from_millis(750)
+    );
+    // Zero is refused saying so, with the key.
+    let err = load(POOL, &[("INFERGATE__DEADLINES__DEFAULT", "0")]).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("deadlines.default") && err.contains("must be above zero"), "{err}");
+    let err = load(&format!("[workers]\nstop_grace = \"soon\"\n{POOL}"), &[])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("workers.stop_grace") && err.contains("seconds (2.5) or with a unit"), "{err}");
+}

@@ -41,9 +41,12 @@ fn ask(state: &EdgeState, parts: &http::request::Parts) -> Result<Ask, GatewayEr
 fn deadline(state: &EdgeState, headers: &HeaderMap) -> Result<Deadline, GatewayError> {
     let requested = match headers.get(REQUEST_TIMEOUT_HEADER) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(parse_request_timeout).ok_or_else(|| {
-            GatewayError::invalid("X-Request-Timeout", "expected seconds (e.g. 2.5) or a duration (e.g. 500ms)")
-        })?),
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "is not text".to_owned())
+                .and_then(parse_request_timeout)
+                .map_err(|m| GatewayError::invalid("X-Request-Timeout", m))?,
+        ),
     };
     Ok(Deadline::from_request(state.default_deadline, requested))
 }

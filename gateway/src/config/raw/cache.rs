@@ -10,6 +10,7 @@ pub struct RawCache {
     /// Memory for cached answers, in bytes.
     pub max_bytes: u64,
     /// How long an answer is kept (memory and Redis).
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub ttl: String,
     /// Largest answer stored in or read from Redis, in bytes (a value whose
     /// size says more is a miss, never an allocation).

@@ -48,13 +48,17 @@ pub struct RawHttp {
     pub connection_rate_per_client: u32,
     /// A new connection must send its first request head (HTTP/1.1) or the
     /// HTTP/2 preface and SETTINGS within this, or it is closed.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub handshake_timeout: String,
     /// An HTTP/1.1 request head must be complete this long after its first byte.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub header_timeout: String,
     /// A connection with no request in flight (HTTP/1.1 keep-alive, or
     /// HTTP/2 with no open stream, pings or not) is closed after this.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub idle_timeout: String,
     /// A request body must have arrived this long after its head ...
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub body_timeout: String,
     /// ... and, after its first 5 s, at no less than this many bytes a
     /// second (0: no rate floor).
@@ -63,10 +67,13 @@ pub struct RawHttp {
     pub max_concurrent_streams: u32,
     /// HTTP/2: ping a connection this often, and close it when the ping is
     /// not answered within `keepalive_timeout` (finds dead peers).
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub keepalive_interval: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub keepalive_timeout: String,
     /// A streaming answer (SSE) sends a comment this often while the model
     /// is silent, so proxies and clients do not time the stream out.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub sse_keep_alive: String,
     /// Largest image (width x height, from its header) an infer call may send.
     pub max_image_pixels: u64,
@@ -153,13 +160,19 @@ pub struct RawGrpc {
     pub max_connections: u32,
     pub max_connections_per_client: u32,
     pub connection_rate_per_client: u32,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub handshake_timeout: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub header_timeout: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub idle_timeout: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub body_timeout: String,
     pub min_body_rate: u64,
     pub max_concurrent_streams: u32,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub keepalive_interval: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub keepalive_timeout: String,
 }
 
@@ -189,6 +202,7 @@ impl Default for RawGrpc {
 #[serde(deny_unknown_fields, default)]
 pub struct RawDeadlines {
     /// Used when the client sends none; a client may only lower it.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub default: String,
 }
 
@@ -218,6 +232,7 @@ impl Default for RawLog {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawShutdown {
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub grace: String,
 }
 

@@ -64,6 +64,7 @@ pub struct RawJwt {
     pub issuer: String,
     pub audience: String,
     /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub leeway: String,
     /// A JWKS document on disk (every key must name its `alg`).
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -172,6 +173,7 @@ pub struct RawRedis {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub url: String,
     /// A decision slower than this counts as Redis being down.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub timeout: String,
     /// When Redis is down: `local` (in-memory limits), `allow` or `deny`.
     pub fallback: String,

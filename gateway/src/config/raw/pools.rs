@@ -12,6 +12,7 @@ pub struct RawDiscover {
     /// `host:port`; each address the host resolves to is a worker on `port`.
     pub dns: String,
     #[serde(default = "default_discover_every")]
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub every: String,
 }
 
@@ -37,16 +38,20 @@ pub struct RawWorkers {
     /// Where the Unix sockets go; empty means a fresh temp directory.
     pub socket_dir: String,
     /// First restart delay after a worker dies; doubles up to `restart_backoff_max`.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub restart_backoff_min: String,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub restart_backoff_max: String,
     /// Load failures in a row (a model's `load()` raising) of every worker
     /// of a pool that make the pool `failed`: calls then get 503
     /// `model-failed-to-load` with the error; restarts go on.
     pub max_load_failures: u32,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub stop_grace: String,
     /// Time a worker may take to answer Describe; later answers are waited for
     /// in the background, but are logged as slow.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub connect_timeout: String,
     /// Variables of the gateway's environment its workers also get, beside
     /// the ones Python needs (PATH, HOME, LANG, LC_*, PYTHON*, thread pools,
@@ -142,6 +147,7 @@ pub struct RawBatching {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch_size: Option<u32>,
     /// How long the oldest queued item waits for the batch to fill ("0s": never).
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub max_delay: String,
     pub concurrency_per_worker: u32,
     pub max_queue: u32,
@@ -183,6 +189,7 @@ pub struct RawOutlier {
     pub consecutive: u32,
     pub ratio: f64,
     pub window: u32,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub base_ejection: String,
     pub max_ejected: f64,
 }
@@ -200,6 +207,7 @@ pub struct RawCircuit {
     /// Consecutive worker failures that open the circuit.
     pub failures: u32,
     /// How long it stays open before probes are let through.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub open_for: String,
     /// Probes while half-open; all must succeed to close it.
     pub probes: u32,
