@@ -135,11 +135,14 @@ async fn a_client_may_lower_but_not_raise_the_deadline() {
     let budgets = fake.budgets.lock().unwrap().clone();
     assert_eq!(budgets, vec![Duration::from_millis(250), Duration::from_millis(1500), Duration::from_secs(30)]);
 
-    let mut req = embed_req(json!({"model": "m", "input": "x"}));
-    req.headers_mut().insert("x-request-timeout", "soon".parse().unwrap());
-    let (status, _, body) = send(&app, req).await;
-    assert_eq!(status, 400);
-    assert_eq!(body["field"], "X-Request-Timeout");
+    for (header, why) in [("soon", "seconds (2.5) or with a unit"), ("0", "must be above zero")] {
+        let mut req = embed_req(json!({"model": "m", "input": "x"}));
+        req.headers_mut().insert("x-request-timeout", header.parse().unwrap());
+        let (status, _, body) = send(&app, req).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["field"], "X-Request-Timeout");
+        assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+    }
 }
 
 #[tokio::test]
