@@ -90,10 +90,18 @@ pub(super) fn pool_kind(pool: &raw::RawPool, key: impl Fn(&str) -> String) -> Re
                     env: pool.env.clone(),
                 }),
                 Some("embedded") => {
-                    if pool.workers.is_some() || !pool.env.is_empty() {
+                    if pool.workers.is_some() {
                         return Err(invalid(
-                            key("kind"),
-                            "an embedded pool runs in the gateway's process: no `workers` or `env` (use `threads`)",
+                            key("workers"),
+                            "an embedded pool runs in the gateway's process: it has no worker processes (use `threads`)",
+                        ));
+                    }
+                    if !pool.env.is_empty() {
+                        return Err(invalid(
+                            key("env"),
+                            "an embedded pool runs in the gateway's process, whose environment it shares: \
+                             set the variables on the gateway (or its PYTHONPATH for imports), or drop \
+                             `kind = \"embedded\"` to run the class in worker processes with this `env`",
                         ));
                     }
                     Ok(PoolKind::Embedded { class: pool.class.clone(), threads: nonzero("threads", pool.threads)? })

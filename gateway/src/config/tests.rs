@@ -192,7 +192,12 @@ fn embedded_pools_take_a_class_and_threads_only() {
         other => panic!("expected an embedded pool, got {other:?}"),
     }
     let bad = |pool: &str| err_key(load(&format!("[[pools]]\nname = \"e\"\n{pool}\n"), &[]));
-    assert_eq!(bad("class = \"m:Echo\"\nkind = \"embedded\"\nworkers = 2"), "pools[0].kind");
+    // The refused key is named, with what to do instead.
+    assert_eq!(bad("class = \"m:Echo\"\nkind = \"embedded\"\nworkers = 2"), "pools[0].workers");
+    assert_eq!(bad("class = \"m:Echo\"\nkind = \"embedded\"\nenv = { A = \"1\" }"), "pools[0].env");
+    let env = load("[[pools]]\nname = \"e\"\nclass = \"m:Echo\"\nkind = \"embedded\"\nenv = { A = \"1\" }\n", &[]);
+    let advice = env.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(advice.contains("set the variables on the gateway"), "{advice}");
     assert_eq!(bad("class = \"m:Echo\"\nkind = \"elsewhere\""), "pools[0].kind");
     assert_eq!(bad("addresses = [\"127.0.0.1:1\"]\nkind = \"embedded\""), "pools[0].kind");
 }
