@@ -201,7 +201,13 @@ fn a_model_whose_load_raises_fails_its_pool_with_the_reason_and_one_error_record
 #[test]
 fn two_bad_items_among_thirty_callers_fail_only_their_own_callers() {
     let elsewhere = Scratch::new();
-    let config = format!("{}batching = {{ max_delay = \"20ms\" }}\n", pool("textclf", "textclf.model:Sentiment"));
+    // One batch for all 30 (the model takes 32): they start together and the
+    // batch waits up to a second for them, so both bad items share it with
+    // good ones and the batch must be split.
+    let config = format!(
+        "{}batching = {{ max_delay = \"1s\", max_batch_size = 32 }}\n",
+        pool("textclf", "textclf.model:Sentiment")
+    );
     let gw = Gateway::start_in(&elsewhere.0, &config).unwrap();
     gw.wait_ready(Duration::from_secs(60)).unwrap();
     let url = gw.url("/v2/models/sentiment-tfidf/infer");
@@ -239,8 +245,6 @@ fn two_bad_items_among_thirty_callers_fail_only_their_own_callers() {
     let batched = gw.log().iter().any(|v| {
         v["worker"] == "textclf-0" && v["message"].as_str().is_some_and(|m| m.contains("running its items one by one"))
     });
-    // Each bad caller's batch may have held it alone (not split); with 30
-    // callers in a 20 ms window at least one held others too.
     assert!(splits >= 1.0 && batched, "no batch was split ({splits}):\n{}", gw.log_text());
 }
 

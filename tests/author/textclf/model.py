@@ -23,7 +23,7 @@ TRAIN = [
 class Sentiment(Model):
     name = "sentiment-tfidf"
     kind = "infer"
-    max_batch_size = 16
+    max_batch_size = 32
     inputs = (TensorSpec("text", "BYTES", (-1,)),)
     outputs = (TensorSpec("positive", "FP32", (-1,)),)
 
