@@ -117,11 +117,11 @@ fn the_sentiment_model_declares_its_tensors_and_classifies_over_oip() {
     assert_eq!(probs["shape"], json!([2, 2]));
     let p: Vec<f64> = probs["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert!((p[0] + p[1] - 1.0).abs() < 1e-4 && p[1] > 0.5 && p[2] > 0.5, "{p:?}");
-    // The wrong input name fails with the model's message.
+    // The wrong input name is refused at the edge against the declared inputs.
     let wrong = json!({"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["x"]}]});
     let (status, out) = post(&gw, "/v2/models/sentiment/infer", &wrong);
     assert_eq!(status, 400);
-    assert!(out["error"].as_str().unwrap().contains("'text'"), "{out}");
+    assert!(out["error"].as_str().unwrap().contains("has no input \"txt\"; it takes text"), "{out}");
 }
 
 fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
