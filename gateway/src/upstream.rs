@@ -3,6 +3,7 @@
 //! calls reach workers; the pools implement it.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::Stream;
 
@@ -34,6 +35,17 @@ pub struct PoolStatus {
     pub load_error: Option<String>,
 }
 
+/// How a pool batches a model's calls (what `/v2/models/{m}/config` shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Items (requests) in one worker call at most.
+    pub max_batch_size: usize,
+    /// How long the oldest item waits for its batch to fill.
+    pub max_delay: Duration,
+    /// Items waiting at most.
+    pub max_queue: usize,
+}
+
 /// What the request core needs from the worker side. The real
 /// implementation is the pools' (`pool::Pools`); tests use in-process fakes.
 #[async_trait::async_trait]
@@ -52,6 +64,11 @@ pub trait Upstream: Send + Sync + 'static {
     }
     /// Readiness of every pool.
     fn status(&self) -> Vec<PoolStatus>;
+    /// How `pool` batches calls to the model `info` describes; `None` when
+    /// they are sent one by one.
+    fn batching(&self, _pool: &str, _info: &ModelInfo) -> Option<Batching> {
+        None
+    }
     // An upstream without a kind of call answers it as unsupported.
     /// Embed texts with an EMBED model.
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {

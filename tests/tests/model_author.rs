@@ -301,6 +301,9 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(send("/v2/models/no-such-model-7f3a/infer", &tensor, "m-404", None), 404);
+    // 415: refused before it is planned, but the path named the model.
+    let typed = |ct: &str| c.post(gw.url("/v2/models/echo/infer")).header("x-request-id", "m-415").header("content-type", ct);
+    assert_eq!(typed("text/plain").body(tensor.to_string()).send().unwrap().status(), 415);
 
     let access = |rid: &str| {
         gw.wait_log(0, Duration::from_secs(5), |v| v["target"] == "access" && v["request_id"] == rid)
@@ -313,6 +316,7 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
         ("m-504", "echo"),
         ("m-503", "sentiment-missing"),
         ("m-404", "no-such-model-7f3a"),
+        ("m-415", "echo"),
     ] {
         assert_eq!(access(rid)["model"], model, "{rid}");
     }
@@ -375,4 +379,39 @@ fn a_models_declared_inputs_are_enforced_at_the_edge_over_rest_and_grpc() {
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("input \"text\" is FP32; model \"sentiment-tfidf\" takes BYTES"), "{status:?}");
+}
+
+#[test]
+fn tritonclient_reads_the_models_config_and_calls_it_as_the_config_says() {
+    let elsewhere = Scratch::new();
+    let config = format!(
+        "{}workers = 2\nbatching = {{ max_delay = \"5ms\", max_batch_size = 8, max_queue = 200 }}\n",
+        pool("textclf", "textclf.model:Sentiment")
+    );
+    let gw = Gateway::start_in(&elsewhere.0, &config).unwrap();
+    gw.wait_ready(Duration::from_secs(60)).unwrap();
+    let authority = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let out = Command::new(python())
+        .arg(root().join("tests/clients/triton_config.py"))
+        .args([authority.as_str(), "sentiment-tfidf"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tritonclient failed:\n{stderr}\n{}", gw.log_text());
+    let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The model declares text [-1] → positive [-1]: the free leading
+    // dimension is Triton's batch dimension.
+    assert_eq!(config["max_batch_size"], 32, "{config}");
+    assert_eq!(config["input"], json!([{"name": "text", "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
+        "dims": [], "is_shape_tensor": false, "allow_ragged_batch": false, "optional": false}]));
+    assert_eq!(config["output"][0]["data_type"], "TYPE_FP32", "{config}");
+    // The pool's batching settings and workers.
+    assert_eq!(config["dynamic_batching"]["preferred_batch_size"], json!([8]), "{config}");
+    assert_eq!(config["dynamic_batching"]["max_queue_delay_microseconds"], 5000, "{config}");
+    assert_eq!(config["dynamic_batching"]["default_queue_policy"]["max_queue_size"], 200, "{config}");
+    assert_eq!(config["instance_group"], json!([{"name": "textclf", "kind": "KIND_MODEL", "count": 2}]));
+
+    // An unknown model is a 404 problem, as for the metadata route.
+    let resp = reqwest::blocking::get(gw.url("/v2/models/nope/config")).unwrap();
+    assert_eq!(resp.status(), 404);
 }

@@ -45,6 +45,21 @@ impl BodyKind {
             _ => return None,
         })
     }
+
+    /// An OIP infer body's kind from its request's headers. A body without
+    /// a type is JSON, as Triton reads it (`tritonclient` sends none), but
+    /// only from a client that is not a web page: a browser names the
+    /// page's origin (`Origin`, `Sec-Fetch-Site`) on every cross-origin POST,
+    /// and an untyped body is what a page can send there unasked.
+    pub fn of_infer(headers: &http::HeaderMap) -> Option<Self> {
+        match headers.get(http::header::CONTENT_TYPE) {
+            Some(ct) => Self::of(Some(ct.to_str().unwrap_or("?"))),
+            None => {
+                let from_a_page = headers.contains_key(http::header::ORIGIN) || headers.contains_key("sec-fetch-site");
+                (!from_a_page).then_some(Self::Json)
+            }
+        }
+    }
 }
 
 /// The image input a model declares: an FP32 input shaped `[1|-1, 3, H, W]`.

@@ -215,10 +215,12 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             ask.pin = state.core.version_entry(&model, v)?.1;
         }
         ask.model.clone_from(&model);
-        let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
-        let kind = BodyKind::of(content_type).ok_or_else(|| GatewayError::UnsupportedMediaType {
-            got: content_type.unwrap_or_default().to_owned(),
-            accepted: "application/json, image/jpeg, image/png, application/x-protobuf or application/octet-stream",
+        let kind = BodyKind::of_infer(&parts.headers).ok_or_else(|| {
+            state.core.name(&model);
+            GatewayError::UnsupportedMediaType {
+                got: parts.headers.get(header::CONTENT_TYPE).map_or("none", |v| v.to_str().unwrap_or("?")).to_owned(),
+                accepted: "application/json, image/jpeg, image/png, application/x-protobuf or application/octet-stream",
+            }
         })?;
         // The model is in the path: refuse over-limit callers before the
         // body is read or parsed.

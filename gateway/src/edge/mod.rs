@@ -16,6 +16,7 @@ pub mod http;
 pub mod identify;
 pub mod json;
 pub mod meta;
+pub mod model_config;
 pub mod openapi;
 #[cfg(test)]
 mod parity_tests;

@@ -8,7 +8,7 @@ use ::http::header;
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
-use super::{http, meta};
+use super::{http, meta, model_config};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,6 +28,8 @@ use super::{http, meta};
         meta::model_ready,
         meta::version_metadata,
         meta::version_ready,
+        model_config::model_config,
+        model_config::version_config,
         http::infer,
         http::infer_version,
         meta::healthz,

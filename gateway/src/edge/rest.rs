@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use super::reply::{Reply, request_id};
-use super::{EdgeState, http, meta, openapi};
+use super::{EdgeState, http, meta, model_config, openapi};
 use crate::error::GatewayError;
 
 /// The REST router with its layers, outermost first.
@@ -36,8 +36,10 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/health/ready", get(meta::ready))
         .route("/v2/models/{model}", get(meta::model_metadata))
         .route("/v2/models/{model}/ready", get(meta::model_ready))
+        .route("/v2/models/{model}/config", get(model_config::model_config))
         .route("/v2/models/{model}/versions/{version}", get(meta::version_metadata))
         .route("/v2/models/{model}/versions/{version}/ready", get(meta::version_ready))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config::version_config))
         .route("/healthz", get(meta::healthz))
         .route("/metrics", get(meta::metrics))
         .route("/readyz", get(meta::readyz))

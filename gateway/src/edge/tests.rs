@@ -248,3 +248,25 @@ async fn v2_errors_carry_the_oip_error_string_beside_the_problem() {
     assert_eq!(status, 404);
     assert!(body.get("error").is_none(), "{body}");
 }
+
+/// Triton's clients send OIP bodies without a type: taken as JSON, except
+/// from a web page (which may send an untyped body cross-origin unasked).
+#[tokio::test]
+async fn an_untyped_infer_body_is_json_unless_a_page_sent_it() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::rest::router(state);
+    let untyped = |page: Option<(&str, &str)>| {
+        let mut req = Request::post("/v2/models/nope/infer");
+        if let Some((name, value)) = page {
+            req = req.header(name, value);
+        }
+        req.body(Body::from(json!({"inputs": []}).to_string())).unwrap()
+    };
+    // Read as JSON and routed: the model is unknown.
+    assert_eq!(send(&app, untyped(None)).await.0, 404);
+    for page in [("origin", "https://evil.example"), ("sec-fetch-site", "cross-site")] {
+        let (status, _, body) = send(&app, untyped(Some(page))).await;
+        assert_eq!(status, 415, "{page:?}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains("none"), "{body}");
+    }
+}

@@ -14,7 +14,7 @@ use super::{Pools, retry};
 use crate::call::Call;
 use crate::error::GatewayError;
 use crate::proto::{self, GenerateRequest, InferItem, InferOutputs, ModelEntry, ModelInfo, ModelKind};
-use crate::upstream::{ChunkStream, EmbedOutput, PoolStatus, Upstream};
+use crate::upstream::{Batching, ChunkStream, EmbedOutput, PoolStatus, Upstream};
 
 #[async_trait::async_trait]
 impl Upstream for Pools {
@@ -65,6 +65,15 @@ impl Upstream for Pools {
                 }
             })
             .collect()
+    }
+
+    fn batching(&self, pool: &str, info: &ModelInfo) -> Option<Batching> {
+        let pool = self.pools.iter().find(|p| p.name == pool)?;
+        Some(Batching {
+            max_batch_size: Self::batch_size(pool, info)?,
+            max_delay: pool.batching.max_delay,
+            max_queue: pool.batching.max_queue,
+        })
     }
 
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {

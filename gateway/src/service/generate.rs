@@ -82,7 +82,7 @@ impl Core {
     /// one, and kept there when it completes.
     pub async fn generate(&self, ask: Ask, req: GenerateRequest) -> Result<Answer<Metered>, GatewayError> {
         validate(&req)?;
-        let plan = self.plan(&ask)?;
+        let (plan, _) = self.plan(&ask)?;
         let admission = self.policy.admit(&ask.caller, &ask.model, estimate(&req)).await?;
         let first = &plan.targets[0];
         let call = ask.call(req);

@@ -21,7 +21,7 @@ use crate::policy::{Admission, Caller, Policy, Tokens, estimate_tokens};
 use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo};
 use crate::route::{self, Plan, Routes, Target};
 use crate::telemetry::usage::{Meter, Prices};
-use crate::upstream::{EmbedOutput, PoolStatus, Upstream};
+use crate::upstream::{Batching, EmbedOutput, PoolStatus, Upstream};
 
 /// What the core needs to answer a call.
 pub struct Core {
@@ -124,17 +124,35 @@ impl Core {
         self.routes.version_entry(&*self.upstream, name, version)
     }
 
+    /// How the pool behind `entry` batches its calls; `None` when one by one.
+    pub fn batching(&self, entry: &ModelEntry) -> Option<Batching> {
+        self.upstream.batching(&entry.pool, entry.info.as_ref()?)
+    }
+
     /// Readiness of every pool.
     pub fn pools(&self) -> Vec<PoolStatus> {
         self.upstream.status()
     }
 
-    fn plan(&self, ask: &Ask) -> Result<Plan, GatewayError> {
+    /// Tell the request's telemetry the model a request named when it is
+    /// refused before it is planned (its body's type, say).
+    pub fn name(&self, model: &str) {
+        name_model(model, &self.routes.entry(&*self.upstream, model));
+    }
+
+    /// The targets to try for `ask`, and the entry of the first (its
+    /// declared inputs, dimensions, ...). The request's telemetry learns
+    /// the model it named, and whether that name is known.
+    fn plan(&self, ask: &Ask) -> Result<(Plan, ModelEntry), GatewayError> {
         if ask.model.is_empty() {
             return Err(GatewayError::invalid("model", "is required"));
         }
-        name_model(&ask.model, &self.routes.entry(&*self.upstream, &ask.model));
-        self.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref())
+        let planned = self.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref()).and_then(|plan| {
+            let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
+            Ok((plan, entry))
+        });
+        name_model(&ask.model, &planned);
+        planned
     }
 
     /// Embeddings of `texts`; `dimensions`, when given, must be the model's.
@@ -144,8 +162,7 @@ impl Core {
         texts: Vec<String>,
         dimensions: Option<u32>,
     ) -> Result<Answer<EmbedOutput>, GatewayError> {
-        let plan = self.plan(&ask)?;
-        let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
+        let (plan, entry) = self.plan(&ask)?;
         let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
         if let Some(d) = dimensions.filter(|d| *d != dim) {
             return Err(GatewayError::invalid(
@@ -167,8 +184,7 @@ impl Core {
 
     /// Plan and admit a tensor call to `ask.model`; [`Core::infer`] sends it.
     pub async fn admit_infer(&self, ask: Ask) -> Result<Admitted, GatewayError> {
-        let plan = self.plan(&ask)?;
-        let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
+        let (plan, entry) = self.plan(&ask)?;
         // Tensor calls carry no token estimate.
         let admission = self.policy.admit(&ask.caller, &ask.model, Tokens::NONE).await?;
         Ok(Admitted { ask, plan, admission, entry })
