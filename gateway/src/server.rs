@@ -126,11 +126,9 @@ impl Drop for SocketDir {
 const OWN_DESCRIPTORS: u64 = 512;
 
 /// Raise the open-files soft limit to the hard limit (as Go's runtime does),
-/// and warn when even that cannot hold the configured connection caps.
-fn raise_open_files_limit(config: &Config) {
+/// then make the connection caps fit in it (see [`fit_connection_caps`]).
+fn raise_open_files_limit(config: &mut Config) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let wanted =
-        (config.http_connections.max_connections + config.grpc_connections.max_connections) as u64 + OWN_DESCRIPTORS;
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
         Err(e) => {
@@ -149,14 +147,60 @@ fn raise_open_files_limit(config: &Config) {
     } else {
         soft
     };
-    if limit < wanted {
-        tracing::warn!(
+    let defaults = (
+        crate::config::raw::RawHttp::default().max_connections as usize,
+        crate::config::raw::RawGrpc::default().max_connections as usize,
+    );
+    let caps = (config.http_connections.max_connections, config.grpc_connections.max_connections);
+    match fit_connection_caps(limit, caps, defaults) {
+        Fit::Fits => {}
+        Fit::Lowered { http, grpc } => {
+            tracing::info!(
+                open_files_limit = limit,
+                http_max_connections = http,
+                grpc_max_connections = grpc,
+                "the default connection caps were lowered to fit the open-files limit"
+            );
+            config.http_connections.max_connections = http;
+            config.grpc_connections.max_connections = grpc;
+        }
+        Fit::TooLow { wanted } => tracing::warn!(
             open_files_limit = limit,
             wanted,
             "the open-files limit is below http.max_connections + grpc.max_connections; \
              accepts will fail before the connection caps are reached (raise `ulimit -n` or lower the caps)"
-        );
+        ),
     }
+}
+
+/// Whether the connection caps fit an open-files limit.
+#[derive(Debug, PartialEq, Eq)]
+enum Fit {
+    Fits,
+    /// The caps were the defaults: lowered in proportion to fit.
+    Lowered { http: usize, grpc: usize },
+    /// Caps someone chose do not fit; `wanted` descriptors are needed.
+    TooLow { wanted: u64 },
+}
+
+/// Connection caps `(http, grpc)` against `limit` open files, with
+/// [`OWN_DESCRIPTORS`] kept for the gateway itself. Default caps that do
+/// not fit are lowered (past the limit, accepting fails with EMFILE instead
+/// of the precise refusal the caps give); caps someone set are theirs to
+/// change, so they are only warned about.
+fn fit_connection_caps(limit: u64, caps: (usize, usize), defaults: (usize, usize)) -> Fit {
+    let wanted = (caps.0 + caps.1) as u64 + OWN_DESCRIPTORS;
+    if limit >= wanted {
+        return Fit::Fits;
+    }
+    let room = limit.saturating_sub(OWN_DESCRIPTORS);
+    if caps != defaults || room < 64 {
+        return Fit::TooLow { wanted };
+    }
+    let total = (caps.0 + caps.1) as u64;
+    let http = usize::try_from(room * caps.0 as u64 / total).unwrap_or(caps.0).max(1);
+    let grpc = usize::try_from(room).unwrap_or(usize::MAX).saturating_sub(http).max(1);
+    Fit::Lowered { http, grpc }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -188,8 +232,8 @@ fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
 
 /// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
 /// let in-flight requests finish (up to `shutdown.grace`), stop the workers.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
-    raise_open_files_limit(&config);
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+    raise_open_files_limit(&mut config);
     let http_listener = bind(config.http_listen).await?;
     let grpc_listener = bind(config.grpc_listen).await?;
     let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
@@ -315,5 +359,20 @@ mod tests {
             assert!(err.contains("belongs to uid 65534"), "{err}");
         }
         let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn default_caps_are_fitted_to_the_open_files_limit_and_chosen_ones_are_warned_about() {
+        let defaults = (16_384, 4096);
+        assert_eq!(fit_connection_caps(1 << 20, defaults, defaults), Fit::Fits);
+        assert_eq!(fit_connection_caps(20_992, defaults, defaults), Fit::Fits);
+        // This machine's CI: a hard limit of 20,000.
+        let Fit::Lowered { http, grpc } = fit_connection_caps(20_000, defaults, defaults) else { panic!() };
+        assert_eq!(http + grpc + OWN_DESCRIPTORS as usize, 20_000);
+        assert_eq!((http, grpc), (15_590, 3898));
+        // Caps someone set are theirs.
+        assert_eq!(fit_connection_caps(20_000, (20_000, 10), defaults), Fit::TooLow { wanted: 20_522 });
+        // A limit that leaves no room is only warned about.
+        assert_eq!(fit_connection_caps(256, defaults, defaults), Fit::TooLow { wanted: 20_992 });
     }
 }

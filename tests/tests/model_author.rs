@@ -74,6 +74,10 @@ fn a_users_package_is_served_with_the_pools_env_from_another_directory() {
     let answer: Value = resp.json().unwrap();
     let p = &answer["outputs"][0]["data"];
     assert!(p[0].as_f64().unwrap() > 0.5 && p[1].as_f64().unwrap() < 0.5, "{answer}");
+    // A default start does not warn about the open-files limit: default
+    // connection caps are fitted to it (CI's hard limit is below their sum).
+    let warned = gw.log().into_iter().find(|v| v["message"].as_str().is_some_and(|m| m.contains("open-files")));
+    assert!(warned.is_none_or(|v| v["level"] != "WARN"), "{}", gw.log_text());
 }
 
 #[test]
