@@ -178,9 +178,14 @@ fn raise_open_files_limit(config: &mut Config) {
 enum Fit {
     Fits,
     /// The caps were the defaults: lowered in proportion to fit.
-    Lowered { http: usize, grpc: usize },
+    Lowered {
+        http: usize,
+        grpc: usize,
+    },
     /// Caps someone chose do not fit; `wanted` descriptors are needed.
-    TooLow { wanted: u64 },
+    TooLow {
+        wanted: u64,
+    },
 }
 
 /// Connection caps `(http, grpc)` against `limit` open files, with

@@ -21,14 +21,21 @@ def main(url: str, model: str) -> None:
     config = client.get_model_config(model)
     metadata = client.get_model_metadata(model)
     assert config["name"] == metadata["name"] == model, (config, metadata)
-    assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]], (config, metadata)
+    assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]], (
+        config,
+        metadata,
+    )
 
     # What Triton's examples do: a batch of two along the batch dimension the
     # config leaves out of `dims` when max_batch_size > 0.
     spec = config["input"][0]
     assert spec["data_type"] == "TYPE_STRING", spec
-    shape = ([2] if config["max_batch_size"] > 0 else []) + [2 if d == -1 else d for d in spec["dims"]]
-    texts = np.array(["what a lovely, wonderful meal", "awful, rude and terrible"], dtype=object).reshape(shape)
+    shape = ([2] if config["max_batch_size"] > 0 else []) + [
+        2 if d == -1 else d for d in spec["dims"]
+    ]
+    texts = np.array(
+        ["what a lovely, wonderful meal", "awful, rude and terrible"], dtype=object
+    ).reshape(shape)
     given = triton.InferInput(spec["name"], list(texts.shape), "BYTES")
     given.set_data_from_numpy(texts, binary_data=False)
     wanted = [triton.InferRequestedOutput(o["name"], binary_data=False) for o in config["output"]]

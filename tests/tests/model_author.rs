@@ -306,7 +306,8 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
     }
     assert_eq!(send("/v2/models/no-such-model-7f3a/infer", &tensor, "m-404", None), 404);
     // 415: refused before it is planned, but the path named the model.
-    let typed = |ct: &str| c.post(gw.url("/v2/models/echo/infer")).header("x-request-id", "m-415").header("content-type", ct);
+    let typed =
+        |ct: &str| c.post(gw.url("/v2/models/echo/infer")).header("x-request-id", "m-415").header("content-type", ct);
     assert_eq!(typed("text/plain").body(tensor.to_string()).send().unwrap().status(), 415);
 
     let access = |rid: &str| {
@@ -406,8 +407,11 @@ fn tritonclient_reads_the_models_config_and_calls_it_as_the_config_says() {
     // The model declares text [-1] → positive [-1]: the free leading
     // dimension is Triton's batch dimension.
     assert_eq!(config["max_batch_size"], 32, "{config}");
-    assert_eq!(config["input"], json!([{"name": "text", "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
-        "dims": [], "is_shape_tensor": false, "allow_ragged_batch": false, "optional": false}]));
+    assert_eq!(
+        config["input"],
+        json!([{"name": "text", "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
+        "dims": [], "is_shape_tensor": false, "allow_ragged_batch": false, "optional": false}])
+    );
     assert_eq!(config["output"][0]["data_type"], "TYPE_FP32", "{config}");
     // The pool's batching settings and workers.
     assert_eq!(config["dynamic_batching"]["preferred_batch_size"], json!([8]), "{config}");

@@ -89,38 +89,34 @@ fn commands(examples: &[Example]) -> Vec<&str> {
     examples.iter().map(|e| e.command.as_str()).collect()
 }
 
-/// The fenced `sh` block of the README that contains `needle`.
-fn sh_block(needle: &str) -> String {
+/// The fenced `lang` block of the README that contains `needle`.
+fn fenced(lang: &str, needle: &str) -> String {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     readme
-        .split("```sh\n")
+        .split(&format!("```{lang}\n"))
         .skip(1)
         .filter_map(|rest| rest.split_once("\n```").map(|(block, _)| block))
         .find(|block| block.contains(needle))
-        .unwrap_or_else(|| panic!("no sh block with {needle}"))
+        .unwrap_or_else(|| panic!("no {lang} block with {needle}"))
         .to_owned()
 }
 
-#[test]
-fn the_auth_worked_example_answers_401_then_200s_then_429_with_ratelimit_headers() {
-    let _serial = infergate_e2e::one_at_a_time();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("infergate-auth-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // As written, but with the binary under test, a free port, and run in a
-    // scratch folder (it writes its key and config files where it runs).
-    let script = sh_block("infergate keys new")
-        .replace("./target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
-        .replace("localhost:8080", &format!("127.0.0.1:{port}"));
-    // Its own process group (`timeout` makes one), so that whatever it
-    // leaves running — its gateway, had a step failed before `kill %1` —
-    // is stopped with it.
+/// The fenced `sh` block of the README that contains `needle`.
+fn sh_block(needle: &str) -> String {
+    fenced("sh", needle)
+}
+
+/// Run `script` with bash in `dir`, the gateway it starts listening on
+/// `port`: its exit status, stdout and stderr. It runs in a process group
+/// of its own (`timeout` makes one), stopped afterwards with whatever it
+/// left running, and the port is free again before this returns.
+fn run_script(script: &str, dir: &std::path::Path, port: u16, env: &[(&str, &str)]) -> (bool, String, String) {
     let mut child = Command::new("timeout")
-        .args(["120", "bash", "-c", &format!("set -euo pipefail\n{script}")])
+        .args(["180", "bash", "-c", &format!("set -euo pipefail\n{script}")])
         .env("INFERGATE__HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .env("INFERGATE__GRPC__LISTEN", "127.0.0.1:0")
-        .env("INFERGATE__WORKERS__PYTHON", infergate_e2e::python())
-        .current_dir(&dir)
+        .envs(env.iter().copied())
+        .current_dir(dir)
         // Files, not pipes: the gateway it starts in the background holds them.
         .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
         .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
@@ -129,17 +125,59 @@ fn the_auth_worked_example_answers_401_then_200s_then_429_with_ratelimit_headers
     let group = Pid::from_raw(i32::try_from(child.id()).unwrap());
     let status = child.wait().unwrap();
     let _ = killpg(group, Signal::SIGTERM);
-    let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap();
-    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap();
-    // `kill %1` asked it to stop: it must let go of the port.
+    // `kill %1` asked its gateway to stop: it must let go of the port.
     let gone = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(gone.elapsed() < Duration::from_secs(30), "the demo gateway did not stop");
+        assert!(gone.elapsed() < Duration::from_secs(30), "the script's gateway did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    (status.success(), read("stdout"), read("stderr"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn the_auth_worked_example_answers_401_then_200s_then_429_with_ratelimit_headers() {
+    let _serial = infergate_e2e::one_at_a_time();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("infergate-auth-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As written, but with the binary under test, a free port, and run in a
+    // scratch folder (it writes its key and config files where it runs).
+    let script = sh_block("infergate keys new")
+        .replace("./target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
+        .replace("localhost:8080", &format!("127.0.0.1:{port}"));
+    let python = infergate_e2e::python().display().to_string();
+    let (ok, stdout, stderr) = run_script(&script, &dir, port, &[("INFERGATE__WORKERS__PYTHON", &python)]);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(status.success(), "{script}\nfailed: {stdout}\n{stderr}");
+    assert!(ok, "{script}\nfailed: {stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.get(..5), Some(&["401", "200", "200", "200", "429"][..]), "{stdout}");
     assert!(lines.len() > 5 && lines[5..].iter().all(|l| l.to_lowercase().starts_with("ratelimit")), "{stdout}");
+}
+
+/// "Serving your own model": the class saved in a folder of the user's
+/// own, checked, given a pool, served and called, as written. Only the
+/// checkout's path, the binary (the one under test) and the port change;
+/// the workers' Python is found as the README says, not set.
+#[test]
+fn the_model_author_walkthrough_works_as_written_from_a_folder_of_ones_own() {
+    let _serial = infergate_e2e::one_at_a_time();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("infergate-author-walk-{:x}", infergate_e2e::rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("mymodels.py"), fenced("python", "# mymodels.py\n")).unwrap();
+    let script = sh_block("check-config --config my.toml")
+        .replace("INFERGATE=/path/to/infergate", &format!("INFERGATE={}", root().display()))
+        .replace("$INFERGATE/target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
+        .replace("localhost:8080", &format!("127.0.0.1:{port}"));
+    let (ok, stdout, stderr) = run_script(&script, &dir, port, &[]);
+    let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{script}\nfailed: {stdout}\n{stderr}\n{log}");
+    let said = fenced("text", "config ok");
+    assert_eq!(stdout.trim(), said.trim(), "{stderr}\n{log}");
 }

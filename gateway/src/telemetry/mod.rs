@@ -32,7 +32,9 @@ pub fn init(log: &LogConfig) -> WorkerGuard {
     let (writer, guard) =
         NonBlockingBuilder::default().buffered_lines_limit(LOG_BUFFER_LINES).lossy(true).finish(LossyStderr);
     let _ = DROPPED.set(writer.error_counter());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    // Colours only for a person at a terminal, not in a file or a collector's pipe.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     // A second init (tests) is harmless: the first subscriber stays.
     let _ = if log.json {
         // Each line carries its request's span fields (request id, trace id).
