@@ -305,6 +305,10 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(send("/v2/models/no-such-model-7f3a/infer", &tensor, "m-404", None), 404);
+    // A name built to bloat logs and label sets: 8 KB, in a body.
+    let long = "m".repeat(8192);
+    let embed = json!({"model": long, "input": "x"});
+    assert_eq!(send("/v1/embeddings", &embed, "m-long", None), 404);
     // 415: refused before it is planned, but the path named the model.
     let typed =
         |ct: &str| c.post(gw.url("/v2/models/echo/infer")).header("x-request-id", "m-415").header("content-type", ct);
@@ -325,7 +329,10 @@ fn failed_requests_carry_the_model_they_named_in_metrics_and_the_access_line() {
     ] {
         assert_eq!(access(rid)["model"], model, "{rid}");
     }
+    // The access line keeps the first 128 bytes of it; the metrics say `unknown`.
+    assert_eq!(access("m-long")["model"], "m".repeat(128));
     let scrape = c.get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(!scrape.contains("mmmmmmmm"), "{scrape}");
     let requests = "infergate_requests_total";
     for (model, status) in [("echo", "4xx"), ("echo", "5xx"), ("sentiment-missing", "5xx"), ("unknown", "4xx")] {
         assert!(

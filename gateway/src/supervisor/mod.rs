@@ -73,26 +73,41 @@ fn local_workers(config: &Config, socket_dir: &Path) -> Vec<WorkerSpec> {
         .collect()
 }
 
+/// One pool's class to import, in the environment its code will run in.
+struct ClassCheck<'a> {
+    pool: &'a str,
+    class: &'a str,
+    env: Vec<(String, String)>,
+}
+
+/// The classes of local pools, and of embedded ones too when `embedded`
+/// (those run in the gateway, with the same interpreter's packages and no
+/// `env` of their own).
+fn classes(config: &Config, embedded: bool) -> Vec<ClassCheck<'_>> {
+    config
+        .pools
+        .iter()
+        .filter_map(|pool| match &pool.kind {
+            PoolKind::Local { class, env, .. } => Some(ClassCheck {
+                pool: &pool.name,
+                class,
+                env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            }),
+            PoolKind::Embedded { class, .. } if embedded => {
+                Some(ClassCheck { pool: &pool.name, class, env: Vec::new() })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The start-up check alone (`infergate check-config`): every local pool's
 /// class imports, in its pool's environment, and is a Model or a
 /// WorkerServicer whose declarations hold; so does every embedded pool's,
 /// with the same interpreter's packages (the gateway imports those itself
 /// when it starts).
 pub async fn check(config: &Config) -> Result<(), SupervisorError> {
-    let mut specs = local_workers(config, Path::new(""));
-    for pool in &config.pools {
-        if let PoolKind::Embedded { class, .. } = &pool.kind {
-            specs.push(WorkerSpec {
-                pool: pool.name.clone(),
-                id: pool.name.clone(),
-                class: class.clone(),
-                socket: PathBuf::new(),
-                threads: 1,
-                env: Vec::new(),
-            });
-        }
-    }
-    check_classes(&config.workers.python, &config.workers.inherit_env, &specs).await.map(drop)
+    check_classes(&config.workers.python, &config.workers.inherit_env, &classes(config, true)).await.map(drop)
 }
 
 impl Supervisor {
@@ -100,8 +115,8 @@ impl Supervisor {
     /// local workers, telling `loads` how their models' loading goes.
     /// Remote pools are not touched.
     pub async fn start(config: &Config, socket_dir: &Path, loads: Arc<LoadState>) -> Result<Self, SupervisorError> {
-        let specs = local_workers(config, socket_dir);
-        let models = check_classes(&config.workers.python, &config.workers.inherit_env, &specs).await?;
+        let models =
+            check_classes(&config.workers.python, &config.workers.inherit_env, &classes(config, false)).await?;
         for pool in &config.pools {
             if let PoolKind::Local { workers, .. } = &pool.kind {
                 loads.expect(&pool.name, workers.get() as usize, models.get(&pool.name).cloned().unwrap_or_default());
@@ -109,7 +124,7 @@ impl Supervisor {
         }
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for spec in specs {
+        for spec in local_workers(config, socket_dir) {
             tasks.spawn(supervise(spec, config.workers.clone(), loads.clone(), stop.clone()));
         }
         Ok(Self { tasks, stop })
@@ -129,11 +144,11 @@ impl Supervisor {
 async fn check_classes(
     python: &Path,
     inherit: &[String],
-    specs: &[WorkerSpec],
+    checks: &[ClassCheck<'_>],
 ) -> Result<HashMap<String, Vec<String>>, SupervisorError> {
     let mut by_env: BTreeMap<&[(String, String)], BTreeSet<String>> = BTreeMap::new();
-    for spec in specs {
-        by_env.entry(&spec.env).or_default().insert(format!("{}={}", spec.pool, spec.class));
+    for check in checks {
+        by_env.entry(&check.env).or_default().insert(format!("{}={}", check.pool, check.class));
     }
     #[derive(serde::Deserialize)]
     struct Checked {

@@ -1,6 +1,7 @@
 //! Where one request's time went: waiting in a queue, on a worker, and in
 //! the model (as the worker reports it). The rest of its latency is the
-//! gateway's own overhead.
+//! gateway's own overhead. The same per-request scope carries the model the
+//! request named, which the core learns and the access line reports.
 //!
 //! The edge opens a [`scope`] per request; pool code adds to the current
 //! one wherever it runs inside that request's task. A batch runs in the
