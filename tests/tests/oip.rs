@@ -235,3 +235,91 @@ fn openapi_json_is_a_valid_openapi_3_1_document_of_the_running_gateway() {
     assert!(out.status.success(), "invalid OpenAPI document:\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("3.1"), "{stdout}");
 }
+
+/// `tritonclient.http` as its users run it: binary tensors both ways by
+/// default, JSON when asked, every datatype compared with numpy.
+#[test]
+fn tritonclient_http_works_with_its_defaults_binary_both_ways_and_with_json() {
+    let gw = Gateway::start(POOLS).unwrap();
+    gw.wait_ready(std::time::Duration::from_secs(120)).unwrap();
+    let authority = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let out = std::process::Command::new(infergate_e2e::python())
+        .arg(infergate_e2e::root().join("tests/clients/triton_http.py"))
+        .arg(&authority)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(out.status.success(), "{}\n{}\n{}", text(&out.stdout), text(&out.stderr), gw.log_text());
+    assert_eq!(text(&out.stdout).trim(), "ok");
+}
+
+/// A binary body whose sizes disagree with its shapes is a 400 naming the
+/// input, before anything reaches the worker.
+#[test]
+fn binary_tensors_whose_sizes_disagree_with_their_shape_are_refused_naming_the_input() {
+    let gw = Gateway::start(POOLS).unwrap();
+    let send = |header: &Value, binary: &[u8]| {
+        let head = header.to_string();
+        let mut body = head.clone().into_bytes();
+        body.extend_from_slice(binary);
+        let resp = reqwest::blocking::Client::new()
+            .post(gw.url("/v2/models/echo/infer"))
+            .header("inference-header-content-length", head.len().to_string())
+            .body(body)
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().unwrap_or_default())
+    };
+    let input = |shape: Value, datatype: &str, size: usize| {
+        json!({"inputs": [{"name": "x", "shape": shape, "datatype": datatype,
+                           "parameters": {"binary_data_size": size}}]})
+    };
+    // 3 FP32 values are 12 bytes, not 8.
+    let (status, p) = send(&input(json!([3]), "FP32", 8), &[0; 8]);
+    assert_eq!(status, 400, "{p}");
+    assert_eq!(p["field"], "inputs[0].parameters.binary_data_size", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("input \"x\": shape [3] of FP32 needs 12 bytes"), "{p}");
+    // A size past the end of the body.
+    let (status, p) = send(&input(json!([1_000_000]), "FP32", 4_000_000), &[0; 16]);
+    assert_eq!(status, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("says 4000000 bytes; 16 are left"), "{p}");
+    // BYTES elements whose lengths run past their data.
+    let mut bytes = 2u32.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"hi");
+    bytes.extend_from_slice(&1000u32.to_le_bytes());
+    let (status, p) = send(&input(json!([2]), "BYTES", bytes.len()), &bytes);
+    assert_eq!(status, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("element 1 says 1000 bytes"), "{p}");
+    // Bytes left over after every input took its share.
+    let (status, p) = send(&input(json!([1]), "FP32", 4), &[0; 12]);
+    assert_eq!(status, 400, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("8 bytes follow the inputs' binary data"), "{p}");
+    // A header length past the body.
+    let resp = reqwest::blocking::Client::new()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("inference-header-content-length", "999")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // And a good one answers, in binary when asked.
+    let mut good = input(json!([2]), "FP32", 8);
+    good["parameters"] = json!({"binary_data_output": true});
+    let head = good.to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]);
+    let resp = reqwest::blocking::Client::new()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("inference-header-content-length", head.len().to_string())
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let length: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let answer = resp.bytes().unwrap();
+    let (json_part, binary) = answer.split_at(length);
+    let header: Value = serde_json::from_slice(json_part).unwrap();
+    assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8, "{header}");
+    assert!(header["outputs"][0].get("data").is_none(), "{header}");
+    assert_eq!(binary, [0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]);
+}

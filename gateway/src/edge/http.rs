@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use super::EdgeState;
 use super::chat::{ChatRequest, Completion};
 use super::convert::{self, BodyKind};
-use super::json::{self, EmbeddingsRequest, InferRequestJson};
+use super::json::{self, BinaryOutputs, EmbeddingsRequest, InferRequestJson};
 use super::reply::{Reply, request_id};
 use crate::cache::CacheMode;
 use crate::call::{Deadline, parse_request_timeout};
@@ -215,7 +215,12 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             ask.pin = state.core.version_entry(&model, v)?.1;
         }
         ask.model.clone_from(&model);
-        let kind = BodyKind::of_infer(&parts.headers).ok_or_else(|| {
+        // OIP's binary extension: a JSON header of this many bytes, then
+        // tensors' bytes (whatever the type says; a page cannot send this
+        // header without asking first).
+        let header_length = parts.headers.get(json::HEADER_LENGTH).cloned();
+        let kind = header_length.as_ref().map(|_| BodyKind::Json).or_else(|| BodyKind::of_infer(&parts.headers));
+        let kind = kind.ok_or_else(|| {
             state.core.name(&model);
             GatewayError::UnsupportedMediaType {
                 got: parts.headers.get(header::CONTENT_TYPE).map_or("none", |v| v.to_str().unwrap_or("?")).to_owned(),
@@ -226,29 +231,33 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
         // body is read or parsed.
         let admitted = state.core.admit_infer(ask).await?;
         let bytes = read_body(&state, &parts.headers, body).await?;
+        let body_len = bytes.len();
         // The body is dropped once transcoded: the worker call holds only the item.
-        let item = match kind {
-            // A large tensor's text takes milliseconds to parse: on a bulk
-            // thread, so small calls are not held behind it.
-            BodyKind::Json if bytes.len() > OFFLOAD_BYTES => {
-                crate::bulk::run(move || json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?))
-                    .await
-                    .map_err(|e| GatewayError::invalid("body", format!("cannot transcode the body: {e}")))??
-            }
+        let (item, binary) = match kind {
             BodyKind::Json => {
-                let item = json::infer_item_from_json(&parse_json::<InferRequestJson>(&bytes)?)?;
-                drop(bytes);
-                item
+                let transcode = move || oip_item(&bytes, header_length.as_ref());
+                // A large tensor's text takes milliseconds to parse: on a
+                // bulk thread, so small calls are not held behind it.
+                if body_len > OFFLOAD_BYTES {
+                    crate::bulk::run(transcode)
+                        .await
+                        .map_err(|e| GatewayError::invalid("body", format!("cannot transcode the body: {e}")))??
+                } else {
+                    transcode()?
+                }
             }
             BodyKind::Protobuf => {
                 let item = convert::protobuf_item(&bytes, &model)?;
                 drop(bytes);
-                item
+                (item, BinaryOutputs::None)
             }
-            BodyKind::Raw => InferItem {
-                inputs: vec![convert::raw_tensor(bytes, &admitted.entry.info.clone().unwrap_or_default())],
-                ..Default::default()
-            },
+            BodyKind::Raw => {
+                let item = InferItem {
+                    inputs: vec![convert::raw_tensor(bytes, &admitted.entry.info.clone().unwrap_or_default())],
+                    ..Default::default()
+                };
+                (item, BinaryOutputs::None)
+            }
             BodyKind::Image => {
                 let info = admitted.entry.info.clone().unwrap_or_default();
                 let (name, h, w) = convert::image_input(&info)?;
@@ -257,7 +266,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
                 let tensor = crate::bulk::run(move || convert::image_tensor(&bytes, &name, h, w, max))
                     .await
                     .map_err(|e| GatewayError::invalid("body", format!("image decoding failed: {e}")))??;
-                InferItem { inputs: vec![tensor], ..Default::default() }
+                (InferItem { inputs: vec![tensor], ..Default::default() }, BinaryOutputs::None)
             }
         };
         let id = item.id.clone();
@@ -272,13 +281,18 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             };
             ([(header::CONTENT_TYPE, "application/x-protobuf")], prost::Message::encode_to_vec(&msg)).into_response()
         } else {
-            let answer = json::infer_response_json(&info, id, out);
-            if answer.outputs.iter().map(|t| t.data.len()).sum::<usize>() > OFFLOAD_BYTES / 8 {
-                crate::bulk::run(move || oip_json_response(answer)).await.map_err(|e| {
-                    GatewayError::WorkerFailed { worker: "-".into(), detail: format!("cannot write the answer: {e}") }
+            let values: usize = out.tensors.iter().map(tensor_size).sum();
+            let render = move || {
+                let (answer, binary) = json::infer_response_parts(&info, id, out, &binary)?;
+                oip_response(answer, binary)
+            };
+            if values > OFFLOAD_BYTES / 8 {
+                crate::bulk::run(render).await.map_err(|e| GatewayError::WorkerFailed {
+                    worker: "-".into(),
+                    detail: format!("cannot write the answer: {e}"),
                 })??
             } else {
-                oip_json_response(answer)?
+                render()?
             }
         };
         report(&mut resp, &served);
@@ -295,14 +309,55 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
 /// client's calls for seconds when they were parsed on the request threads.
 const OFFLOAD_BYTES: usize = 64 * 1024;
 
-/// An OIP answer as a JSON response (see `InferResponseJson::to_bytes`).
-fn oip_json_response(answer: json::InferResponseJson) -> Result<Response, GatewayError> {
-    let bytes = answer.to_bytes().map_err(|e| GatewayError::WorkerFailed {
+/// An OIP request's item, from a JSON body or, when `header_length` is
+/// given, a binary-extension body; and which outputs it wants binary.
+fn oip_item(
+    bytes: &[u8],
+    header_length: Option<&http::HeaderValue>,
+) -> Result<(InferItem, BinaryOutputs), GatewayError> {
+    let (head, binary) = match header_length {
+        Some(length) => json::split_binary(bytes, length)?,
+        None => (bytes, &[][..]),
+    };
+    let req = parse_json::<InferRequestJson>(head)?;
+    let outputs = req.outputs.iter().flatten().map(|o| (o.name.as_str(), o.parameters.as_ref()));
+    let wanted = BinaryOutputs::of(req.parameters.as_ref(), outputs);
+    Ok((json::infer_item_from_parts(&req, binary)?, wanted))
+}
+
+/// Values (or bytes) a tensor holds, to judge the work of writing it.
+fn tensor_size(t: &crate::proto::Tensor) -> usize {
+    t.bool_contents.len()
+        + t.int64_contents.len()
+        + t.uint64_contents.len()
+        + t.fp32_contents.len()
+        + t.fp64_contents.len()
+        + t.bytes_contents.iter().map(Vec::len).sum::<usize>()
+        + t.raw_contents.len() / 4
+}
+
+/// An OIP answer: JSON (see `InferResponseJson::to_bytes`), or its JSON
+/// header followed by the binary outputs' bytes, the header's length in
+/// `Inference-Header-Content-Length`.
+fn oip_response(answer: json::InferResponseJson, binary: Vec<Vec<u8>>) -> Result<Response, GatewayError> {
+    let mut bytes = answer.to_bytes().map_err(|e| GatewayError::WorkerFailed {
         worker: "-".into(),
         detail: format!("cannot write the answer: {e}"),
     })?;
     drop(answer);
-    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+    if binary.is_empty() {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response());
+    }
+    let header_length = bytes.len();
+    bytes.reserve_exact(binary.iter().map(Vec::len).sum());
+    for chunk in binary {
+        bytes.extend_from_slice(&chunk);
+    }
+    let headers = [
+        (header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream")),
+        (http::HeaderName::from_static(json::HEADER_LENGTH), http::HeaderValue::from(header_length)),
+    ];
+    Ok((headers, bytes).into_response())
 }
 
 /// Report what answered: the variant (`x-infergate-variant`), the cache

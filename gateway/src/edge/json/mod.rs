@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+mod binary;
 mod embeddings;
+
+pub use binary::{ALL_OUTPUTS, BinaryOutputs, DATA_SIZE, HEADER_LENGTH, split as split_binary};
 
 pub use embeddings::{
     EmbeddingData, EmbeddingValue, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, EncodingFormat,
@@ -48,9 +51,11 @@ pub struct TensorJson<'a> {
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
     /// Values, flat or nested row-major; parsed by [`tensor_from_json`].
-    #[serde(borrow)]
-    #[schema(value_type = Value)]
-    pub data: &'a RawValue,
+    /// Absent when `parameters.binary_data_size` says the values follow the
+    /// JSON in binary form.
+    #[serde(borrow, default)]
+    #[schema(value_type = Option<Value>)]
+    pub data: Option<&'a RawValue>,
 }
 
 /// An output the client asks for.
@@ -73,14 +78,18 @@ pub struct InferResponseJson {
     pub outputs: Vec<TensorOut>,
 }
 
-/// One output tensor in OIP JSON form (data flattened, row-major).
+/// One output tensor in OIP JSON form (data flattened, row-major), or
+/// with `parameters.binary_data_size` when its values follow in binary.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TensorOut {
     pub name: String,
     pub datatype: String,
     pub shape: Vec<i64>,
-    #[schema(value_type = Vec<Value>)]
-    pub data: OutData,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Value>>)]
+    pub data: Option<OutData>,
 }
 
 /// An output tensor's values, written to JSON as they are held.
@@ -266,9 +275,15 @@ pub fn tensor_from_json(t: &TensorJson<'_>, field: &str) -> Result<Tensor, Gatew
     let expected = element_count(&t.shape, field)?;
     let mut out =
         Tensor { name: t.name.clone(), datatype: t.datatype.clone(), shape: t.shape.clone(), ..Default::default() };
+    let data = t.data.ok_or_else(|| {
+        GatewayError::invalid(
+            format!("{field}.data"),
+            format!("is required (or parameters.{DATA_SIZE} with binary data)"),
+        )
+    })?;
     macro_rules! read {
         ($what:expr, $accept:expr) => {
-            read_values(t.data, expected, &t.shape, &t.datatype, field, $what, $accept)
+            read_values(data, expected, &t.shape, &t.datatype, field, $what, $accept)
         };
     }
     match kind {
@@ -371,6 +386,13 @@ pub fn params_to_json(params: &HashMap<String, ParamValue>) -> Map<String, Value
 
 /// Transcode an OIP JSON request into the worker's item.
 pub fn infer_item_from_json(req: &InferRequestJson<'_>) -> Result<InferItem, GatewayError> {
+    infer_item_from_parts(req, &[])
+}
+
+/// Transcode an OIP request whose inputs may have their values in `binary`
+/// (the body after its JSON header), in order, as each input's
+/// `parameters.binary_data_size` says.
+pub fn infer_item_from_parts(req: &InferRequestJson<'_>, mut binary: &[u8]) -> Result<InferItem, GatewayError> {
     if req.inputs.is_empty() {
         return Err(GatewayError::invalid("inputs", "at least one input tensor is required"));
     }
@@ -380,13 +402,50 @@ pub fn infer_item_from_json(req: &InferRequestJson<'_>) -> Result<InferItem, Gat
         if !seen.insert(t.name.as_str()) {
             return Err(GatewayError::invalid(format!("inputs[{i}].name"), format!("input {:?} given twice", t.name)));
         }
-        inputs.push(tensor_from_json(t, &format!("inputs[{i}]"))?);
+        let field = format!("inputs[{i}]");
+        let tensor = match binary::data_size(t.parameters.as_ref(), &field)? {
+            Some(size) => {
+                if t.data.is_some() {
+                    return Err(GatewayError::invalid(
+                        format!("{field}.data"),
+                        format!("input {:?} has both data and parameters.{DATA_SIZE}", t.name),
+                    ));
+                }
+                if size > binary.len() {
+                    return Err(GatewayError::invalid(
+                        format!("{field}.parameters.{DATA_SIZE}"),
+                        format!("input {:?} says {size} bytes; {} are left in the body", t.name, binary.len()),
+                    ));
+                }
+                let (data, rest) = binary.split_at(size);
+                binary = rest;
+                let count = element_count(&t.shape, &field)?;
+                let described = Tensor {
+                    name: t.name.clone(),
+                    datatype: t.datatype.clone(),
+                    shape: t.shape.clone(),
+                    ..Default::default()
+                };
+                binary::tensor_from_binary(described, count, data, &field)?
+            }
+            None => tensor_from_json(t, &field)?,
+        };
+        inputs.push(tensor);
     }
+    if !binary.is_empty() {
+        return Err(GatewayError::invalid(
+            "body",
+            format!("{} bytes follow the inputs' binary data (each input's {DATA_SIZE} adds up to less)", binary.len()),
+        ));
+    }
+    // The extension's own parameter is for the gateway, not the model.
+    let mut parameters = params_from_json(req.parameters.as_ref(), "parameters")?;
+    parameters.remove(ALL_OUTPUTS);
     Ok(InferItem {
         id: req.id.clone().unwrap_or_default(),
         inputs,
         outputs: req.outputs.iter().flatten().map(|o| o.name.clone()).collect(),
-        parameters: params_from_json(req.parameters.as_ref(), "parameters")?,
+        parameters,
     })
 }
 
@@ -401,7 +460,7 @@ pub fn tensor_to_json(t: Tensor) -> TensorOut {
         Some(Elem::Bytes) => OutData::Bytes(t.bytes_contents),
         None => OutData::Bool(Vec::new()),
     };
-    TensorOut { name: t.name, datatype: t.datatype, shape: t.shape, data }
+    TensorOut { name: t.name, datatype: t.datatype, shape: t.shape, parameters: Map::new(), data: Some(data) }
 }
 
 /// Build the OIP JSON answer.
@@ -415,13 +474,48 @@ pub fn infer_response_json(info: &ModelInfo, id: String, out: InferOutputs) -> I
     }
 }
 
+/// Build the OIP answer with the outputs `binary` names in binary form:
+/// the JSON header, and each binary output's bytes in order.
+pub fn infer_response_parts(
+    info: &ModelInfo,
+    id: String,
+    out: InferOutputs,
+    binary: &BinaryOutputs,
+) -> Result<(InferResponseJson, Vec<Vec<u8>>), GatewayError> {
+    let mut chunks = Vec::new();
+    let mut outputs = Vec::with_capacity(out.tensors.len());
+    for t in out.tensors {
+        if !binary.wants(&t.name) {
+            outputs.push(tensor_to_json(t));
+            continue;
+        }
+        let (name, datatype, shape) = (t.name.clone(), t.datatype.clone(), t.shape.clone());
+        let bytes = binary::tensor_to_binary(t).ok_or_else(|| GatewayError::WorkerFailed {
+            worker: "-".into(),
+            detail: format!("output {name:?} has values its datatype {datatype} cannot hold"),
+        })?;
+        let mut parameters = Map::new();
+        parameters.insert(DATA_SIZE.into(), Value::from(bytes.len()));
+        outputs.push(TensorOut { name, datatype, shape, parameters, data: None });
+        chunks.push(bytes);
+    }
+    let answer = InferResponseJson {
+        model_name: info.name.clone(),
+        model_version: info.version.clone(),
+        id,
+        parameters: params_to_json(&out.parameters),
+        outputs,
+    };
+    Ok((answer, chunks))
+}
+
 impl InferResponseJson {
     /// The answer as JSON bytes, written into a buffer sized for its values
     /// up front: growing by doubling would copy a large tensor's text
     /// several times and hold two copies at once. Pages a generous estimate
     /// reserves but does not write take no memory.
     pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let values: usize = self.outputs.iter().map(|t| t.data.len()).sum();
+        let values: usize = self.outputs.iter().filter_map(|t| t.data.as_ref()).map(OutData::len).sum();
         let mut buf = Vec::with_capacity(512 + values.saturating_mul(MAX_VALUE_TEXT));
         serde_json::to_writer(&mut buf, self)?;
         Ok(buf)
