@@ -284,7 +284,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         draining: draining.clone(),
     });
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<crate::proto::inference_server::InferenceServer<edge::grpc::InferenceService>>().await;
+    for service in edge::grpc::SERVICES {
+        health.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+    }
     let http_app = edge::rest::router(state.clone());
     let grpc_app = edge::grpc::router(state, health_service)?;
 

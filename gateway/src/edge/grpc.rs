@@ -26,6 +26,26 @@ pub struct InferenceService {
     state: Arc<EdgeState>,
 }
 
+/// Every service the gRPC port serves: what reflection lists and health
+/// knows, no more (a listed service that answers UNIMPLEMENTED misleads the
+/// tools that list and call, grpcurl and the like).
+pub const SERVICES: [&str; 4] = [
+    "infergate.v1.Inference",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// A reflection builder that lists [`SERVICES`] alone.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    SERVICES.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |builder, name| builder.with_service_name(*name),
+    )
+}
+
 /// The gRPC router: Inference, health, reflection (v1 and v1alpha), grpc-web.
 pub fn router(
     state: Arc<EdgeState>,
@@ -37,14 +57,8 @@ pub fn router(
     let policy = state.core.policy.clone();
     let inference =
         InferenceServer::new(InferenceService { state }).max_decoding_message_size(max).max_encoding_message_size(max);
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let routes = tonic::service::Routes::new(inference)
         .add_service(health)
         .add_service(reflection_v1)
