@@ -255,19 +255,24 @@ fn tritonclient_http_works_with_its_defaults_binary_both_ways_and_with_json() {
 
 /// A binary body whose sizes disagree with its shapes is a 400 naming the
 /// input, before anything reaches the worker.
+/// POST an OIP binary-extension body: `header` as JSON, then `binary`.
+fn post_binary(gw: &Gateway, header: &Value, binary: &[u8]) -> reqwest::blocking::Response {
+    let head = header.to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(binary);
+    reqwest::blocking::Client::new()
+        .post(gw.url("/v2/models/echo/infer"))
+        .header("inference-header-content-length", head.len().to_string())
+        .body(body)
+        .send()
+        .unwrap()
+}
+
 #[test]
 fn binary_tensors_whose_sizes_disagree_with_their_shape_are_refused_naming_the_input() {
     let gw = Gateway::start(POOLS).unwrap();
     let send = |header: &Value, binary: &[u8]| {
-        let head = header.to_string();
-        let mut body = head.clone().into_bytes();
-        body.extend_from_slice(binary);
-        let resp = reqwest::blocking::Client::new()
-            .post(gw.url("/v2/models/echo/infer"))
-            .header("inference-header-content-length", head.len().to_string())
-            .body(body)
-            .send()
-            .unwrap();
+        let resp = post_binary(&gw, header, binary);
         (resp.status().as_u16(), resp.json::<Value>().unwrap_or_default())
     };
     let input = |shape: Value, datatype: &str, size: usize| {
@@ -305,15 +310,7 @@ fn binary_tensors_whose_sizes_disagree_with_their_shape_are_refused_naming_the_i
     // And a good one answers, in binary when asked.
     let mut good = input(json!([2]), "FP32", 8);
     good["parameters"] = json!({"binary_data_output": true});
-    let head = good.to_string();
-    let mut body = head.clone().into_bytes();
-    body.extend_from_slice(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]);
-    let resp = reqwest::blocking::Client::new()
-        .post(gw.url("/v2/models/echo/infer"))
-        .header("inference-header-content-length", head.len().to_string())
-        .body(body)
-        .send()
-        .unwrap();
+    let resp = post_binary(&gw, &good, &[0, 0, 0x80, 0x3f, 0, 0, 0, 0x40]);
     assert_eq!(resp.status(), 200);
     let length: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
     let answer = resp.bytes().unwrap();
