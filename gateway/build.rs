@@ -1,11 +1,17 @@
-//! Compiles `proto/infergate/v1/*.proto` with protox (pure Rust, no `protoc`
+//! Compiles `proto/infergate/v1/*.proto` and the vendored Open Inference
+//! Protocol service (`proto/inference/`) with protox (pure Rust, no `protoc`
 //! needed) and writes the descriptor set that gRPC reflection serves.
 
 use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["infergate/v1/types.proto", "infergate/v1/worker.proto", "infergate/v1/inference.proto"];
+const PROTOS: &[&str] = &[
+    "infergate/v1/types.proto",
+    "infergate/v1/worker.proto",
+    "infergate/v1/inference.proto",
+    "inference/open_inference_grpc.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The embedded pool kind links libpython: record its directory as the

@@ -68,6 +68,13 @@ pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
     tonic::include_proto!("infergate.v1");
 
+    /// Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`),
+    /// vendored from the specification (`proto/inference/`).
+    pub mod oip {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("inference");
+    }
+
     /// Encoded descriptors of the contract, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("infergate_descriptor");
 }

@@ -315,7 +315,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?config.shutdown_grace, "draining: no new connections, finishing in-flight requests");
-    health.set_not_serving::<crate::proto::inference_server::InferenceServer<edge::grpc::InferenceService>>().await;
+    for service in edge::grpc::MODEL_SERVICES {
+        health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+    }
     draining.cancel();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         let _ = http.await;

@@ -21,6 +21,18 @@ pub fn raw_width(datatype: &str) -> Option<usize> {
     })
 }
 
+/// Values (or bytes) `t` holds, to judge the work of converting or
+/// writing it.
+pub fn size(t: &Tensor) -> usize {
+    t.bool_contents.len()
+        + t.int64_contents.len()
+        + t.uint64_contents.len()
+        + t.fp32_contents.len()
+        + t.fp64_contents.len()
+        + t.bytes_contents.iter().map(Vec::len).sum::<usize>()
+        + t.raw_contents.len() / 4
+}
+
 /// Move `t`'s typed values into `raw_contents`. A tensor without a raw form,
 /// already raw, or with a value its datatype's width cannot hold (a client
 /// error the edge reports) is left as it is.

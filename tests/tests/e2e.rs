@@ -400,6 +400,24 @@ fn grpc_health_and_reflection_are_served() {
     });
 }
 
+/// What grpcurl-like tools do, with grpcio's reflection client: the listed
+/// services are exactly the served ones, each resolves to its descriptor,
+/// and every method of them answers something other than UNIMPLEMENTED.
+#[test]
+fn a_reflection_client_can_describe_and_call_every_listed_method() {
+    let gw = Gateway::start(ECHO_POOL).unwrap();
+    let authority = gw.grpc_url().trim_start_matches("http://").to_owned();
+    let out = std::process::Command::new(infergate_e2e::python())
+        .arg(infergate_e2e::root().join("tests/clients/reflection_client.py"))
+        .arg(&authority)
+        .args(infergate::edge::grpc::SERVICES)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "ok");
+}
+
 #[test]
 fn remote_workers_are_reached_by_address_beside_local_ones() {
     // A worker the gateway does not supervise, on TCP.

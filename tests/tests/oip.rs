@@ -236,16 +236,13 @@ fn openapi_json_is_a_valid_openapi_3_1_document_of_the_running_gateway() {
     assert!(stdout.starts_with("3.1"), "{stdout}");
 }
 
-/// `tritonclient.http` as its users run it: binary tensors both ways by
-/// default, JSON when asked, every datatype compared with numpy.
-#[test]
-fn tritonclient_http_works_with_its_defaults_binary_both_ways_and_with_json() {
-    let gw = Gateway::start(POOLS).unwrap();
+/// Run one of the `tests/clients` scripts against `gw` with `args`; it
+/// prints `ok` when every check in it held.
+fn client_script(gw: &Gateway, script: &str, args: &[&str]) {
     gw.wait_ready(std::time::Duration::from_secs(120)).unwrap();
-    let authority = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
     let out = std::process::Command::new(infergate_e2e::python())
-        .arg(infergate_e2e::root().join("tests/clients/triton_http.py"))
-        .arg(&authority)
+        .arg(infergate_e2e::root().join("tests/clients").join(script))
+        .args(args)
         .output()
         .unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -253,8 +250,41 @@ fn tritonclient_http_works_with_its_defaults_binary_both_ways_and_with_json() {
     assert_eq!(text(&out.stdout).trim(), "ok");
 }
 
-/// A binary body whose sizes disagree with its shapes is a 400 naming the
-/// input, before anything reaches the worker.
+/// `tritonclient.http` as its users run it: binary tensors both ways by
+/// default, JSON when asked, every datatype compared with numpy.
+#[test]
+fn tritonclient_http_works_with_its_defaults_binary_both_ways_and_with_json() {
+    let gw = Gateway::start(POOLS).unwrap();
+    let authority = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    client_script(&gw, "triton_http.py", &[&authority]);
+}
+
+/// `tritonclient.grpc` (OIP v2 over gRPC) as its users run it: health and
+/// metadata, raw tensors of every datatype both ways, typed contents,
+/// requested outputs, an unknown model and a deadline with their codes.
+#[test]
+fn tritonclient_grpc_works_with_raw_and_typed_tensors_and_gets_the_right_codes() {
+    let gw = Gateway::start(POOLS).unwrap();
+    let authority = gw.grpc_url().trim_start_matches("http://").to_owned();
+    client_script(&gw, "triton_grpc.py", &["open", &authority]);
+}
+
+/// OIP over gRPC is held to the same auth and limits as every other call:
+/// liveness is public, inference needs a key and counts against its limit.
+#[test]
+fn tritonclient_grpc_is_held_to_auth_and_limits() {
+    use sha2::Digest;
+    let key = "ig_e2e-oip-grpc-key-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    let gw = Gateway::start(&format!(
+        "[auth]\nenabled = true\n[[auth.keys]]\nid = \"k\"\nsha256 = \"{digest}\"\ntenant = \"t\"\n\
+         [limits]\nper_key = {{ rate = 0.001, burst = 3 }}\n{POOLS}"
+    ))
+    .unwrap();
+    let authority = gw.grpc_url().trim_start_matches("http://").to_owned();
+    client_script(&gw, "triton_grpc.py", &["guarded", &authority, key, "3"]);
+}
+
 /// POST an OIP binary-extension body: `header` as JSON, then `binary`.
 fn post_binary(gw: &Gateway, header: &Value, binary: &[u8]) -> reqwest::blocking::Response {
     let head = header.to_string();
@@ -268,6 +298,8 @@ fn post_binary(gw: &Gateway, header: &Value, binary: &[u8]) -> reqwest::blocking
         .unwrap()
 }
 
+/// A binary body whose sizes disagree with its shapes is a 400 naming the
+/// input, before anything reaches the worker.
 #[test]
 fn binary_tensors_whose_sizes_disagree_with_their_shape_are_refused_naming_the_input() {
     let gw = Gateway::start(POOLS).unwrap();

@@ -425,6 +425,7 @@ mod tests {
         for served in [
             "/infergate.v1.Inference/Embed",
             "/infergate.v1.Inference/Generate",
+            "/inference.GRPCInferenceService/ModelInfer",
             "/grpc.health.v1.Health/Check",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",

@@ -199,7 +199,22 @@ pub fn check_tensor(t: &mut Tensor, field: &str) -> Result<(), GatewayError> {
             format!("shape {:?} needs {expected} values, got {count}", t.shape),
         ));
     }
-    Ok(())
+    // Narrow integers travel in 64-bit fields: each value must fit its type.
+    let bits = match t.datatype.as_str() {
+        "INT8" | "UINT8" => 8,
+        "INT16" | "UINT16" => 16,
+        "INT32" | "UINT32" => 32,
+        _ => return Ok(()),
+    };
+    let unfit = if t.datatype.starts_with('U') {
+        t.uint64_contents.iter().position(|v| *v >= 1 << bits)
+    } else {
+        t.int64_contents.iter().position(|v| !(-(1i64 << (bits - 1))..1i64 << (bits - 1)).contains(v))
+    };
+    match unfit {
+        Some(i) => Err(GatewayError::invalid(format!("{field}.data[{i}]"), format!("out of range for {}", t.datatype))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

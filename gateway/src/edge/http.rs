@@ -281,7 +281,7 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             };
             ([(header::CONTENT_TYPE, "application/x-protobuf")], prost::Message::encode_to_vec(&msg)).into_response()
         } else {
-            let values: usize = out.tensors.iter().map(tensor_size).sum();
+            let values: usize = out.tensors.iter().map(crate::tensor::size).sum();
             let render = move || {
                 let (answer, binary) = json::infer_response_parts(&info, id, out, &binary)?;
                 oip_response(answer, binary)
@@ -323,17 +323,6 @@ fn oip_item(
     let outputs = req.outputs.iter().flatten().map(|o| (o.name.as_str(), o.parameters.as_ref()));
     let wanted = BinaryOutputs::of(req.parameters.as_ref(), outputs);
     Ok((json::infer_item_from_parts(&req, binary)?, wanted))
-}
-
-/// Values (or bytes) a tensor holds, to judge the work of writing it.
-fn tensor_size(t: &crate::proto::Tensor) -> usize {
-    t.bool_contents.len()
-        + t.int64_contents.len()
-        + t.uint64_contents.len()
-        + t.fp32_contents.len()
-        + t.fp64_contents.len()
-        + t.bytes_contents.iter().map(Vec::len).sum::<usize>()
-        + t.raw_contents.len() / 4
 }
 
 /// An OIP answer: JSON (see `InferResponseJson::to_bytes`), or its JSON

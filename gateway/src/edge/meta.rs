@@ -215,9 +215,20 @@ pub(super) async fn version_ready(
 /// OIP server metadata.
 #[utoipa::path(get, path = "/v2", tag = "oip", responses((status = 200, body = ServerMetadata)))]
 pub(super) async fn server_metadata() -> Response {
-    let meta =
-        ServerMetadata { name: "infergate".into(), version: env!("CARGO_PKG_VERSION").into(), extensions: Vec::new() };
-    axum::Json(meta).into_response()
+    axum::Json(server()).into_response()
+}
+
+/// The OIP extensions served: the binary tensor form (REST) and model
+/// configuration (`/v2/models/{model}/config`).
+const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "model_configuration"];
+
+/// OIP server metadata, REST and gRPC.
+pub(super) fn server() -> ServerMetadata {
+    ServerMetadata {
+        name: "infergate".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: EXTENSIONS.map(str::to_owned).to_vec(),
+    }
 }
 
 /// Prometheus text exposition.
@@ -248,9 +259,19 @@ pub(super) async fn live() -> Response {
 pub(super) async fn readyz(State(state): State<Arc<EdgeState>>) -> Response {
     let pools = state.core.pools();
     let draining = state.draining.is_cancelled();
-    let ready = !draining && pools.iter().all(|p| p.ready_workers > 0);
+    let ready = !draining && all_ready(&pools);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(Readiness { ready, draining, pools })).into_response()
+}
+
+fn all_ready(pools: &[PoolStatus]) -> bool {
+    pools.iter().all(|p| p.ready_workers > 0)
+}
+
+/// What `/readyz` says: every pool has a SERVING worker and the gateway is
+/// not draining.
+pub(super) fn server_ready(state: &EdgeState) -> bool {
+    !state.draining.is_cancelled() && all_ready(&state.core.pools())
 }
 
 /// OIP readiness (same as `/readyz`).

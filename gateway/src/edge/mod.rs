@@ -17,6 +17,7 @@ pub mod identify;
 pub mod json;
 pub mod meta;
 pub mod model_config;
+pub mod oip_bytes;
 pub mod openapi;
 #[cfg(test)]
 mod parity_tests;

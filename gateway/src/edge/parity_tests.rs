@@ -24,6 +24,8 @@ use crate::config::{Config, RawConfig};
 use crate::error::GatewayError;
 use crate::policy::PeerAddr;
 use crate::proto::inference_client::InferenceClient;
+use crate::proto::oip::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::proto::oip::{InferTensorContents, ModelInferRequest};
 use crate::proto::{
     ChatMessage, EmbedRequest, FinishReason, GenerateChunk, GenerateRequest, GenerationParams, InferItem, InferOutputs,
     InferRequest, ModelEntry, ModelInfo, ModelKind, Tensor, Usage,
@@ -256,7 +258,14 @@ fn http_of(code: tonic::Code) -> u16 {
     }
 }
 
-async fn grpc(client: &mut InferenceClient<tonic::transport::Channel>, a: Ask) -> Seen {
+/// The gRPC clients of one gateway: infergate's own service, and OIP v2's
+/// (`inference.GRPCInferenceService`), which takes the infer calls when `oip`.
+struct GrpcClients {
+    inference: InferenceClient<tonic::transport::Channel>,
+    oip: Option<GrpcInferenceServiceClient<tonic::transport::Channel>>,
+}
+
+async fn grpc(clients: &mut GrpcClients, a: Ask) -> Seen {
     fn request<T>(a: Ask, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if a.authorized {
@@ -275,7 +284,7 @@ async fn grpc(client: &mut InferenceClient<tonic::transport::Channel>, a: Ask) -
         Kind::Embed(texts) => {
             let msg =
                 EmbedRequest { model, inputs: texts.iter().map(|t| (*t).to_owned()).collect(), ..Default::default() };
-            client.embed(request(a, msg)).await.map(|r| {
+            clients.inference.embed(request(a, msg)).await.map(|r| {
                 let tokens = r.get_ref().usage.map(|u| u.prompt_tokens);
                 (r.metadata().clone(), tokens)
             })
@@ -288,14 +297,30 @@ async fn grpc(client: &mut InferenceClient<tonic::transport::Channel>, a: Ask) -
                 fp32_contents: vec![1.5, 2.5],
                 ..Default::default()
             };
-            let msg = InferRequest { model, inputs: vec![x], ..Default::default() };
-            client.infer(request(a, msg)).await.map(|r| (r.metadata().clone(), None))
+            match &mut clients.oip {
+                None => {
+                    let msg = InferRequest { model, inputs: vec![x], ..Default::default() };
+                    clients.inference.infer(request(a, msg)).await.map(|r| (r.metadata().clone(), None))
+                }
+                Some(oip) => {
+                    use crate::proto::oip::model_infer_request::InferInputTensor;
+                    let x = InferInputTensor {
+                        name: x.name,
+                        datatype: x.datatype,
+                        shape: x.shape,
+                        contents: Some(InferTensorContents { fp32_contents: x.fp32_contents, ..Default::default() }),
+                        ..Default::default()
+                    };
+                    let msg = ModelInferRequest { model_name: model, inputs: vec![x], ..Default::default() };
+                    oip.model_infer(request(a, msg)).await.map(|r| (r.metadata().clone(), None))
+                }
+            }
         }
         Kind::Chat => {
             let params = GenerationParams { temperature: 0.0, has_temperature: true, ..Default::default() };
             let messages = vec![ChatMessage { role: "user".into(), content: "hi".into() }];
             let msg = GenerateRequest { model, messages, params: Some(params), ..Default::default() };
-            match client.generate(request(a, msg)).await {
+            match clients.inference.generate(request(a, msg)).await {
                 Ok(r) => {
                     let md = r.metadata().clone();
                     let mut stream = r.into_inner();
@@ -470,30 +495,37 @@ async fn both_edges_answer_every_behaviour_alike() {
             on_rest.push(seen);
         }
         let rest_budgets = models.budgets.lock().unwrap().clone();
-        // gRPC, served on a socket as clients see it.
-        let (grpc_state, models) = state(b.config);
-        let (_, health) = tonic_health::server::health_reporter();
-        let app = super::grpc::router(grpc_state, health).unwrap().layer(axum::middleware::from_fn(
-            |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
-                req.extensions_mut().insert(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 4000))));
-                next.run(req).await
-            },
-        ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let mut client = InferenceClient::new(channel);
-        for (n, (a, status, want)) in b.steps.iter().enumerate() {
-            let seen = grpc(&mut client, *a).await;
-            check("gRPC", b.name, n, &seen, *status, want);
-            // Beyond what the table names, the two edges agree.
-            assert_eq!(seen, on_rest[n], "{}, step {n}: gRPC and REST differ", b.name);
+        // gRPC, served on a socket as clients see it: infergate's service,
+        // then OIP v2 over gRPC taking the infer calls.
+        for oip in [false, true] {
+            let edge = if oip { "OIP gRPC" } else { "gRPC" };
+            let (grpc_state, models) = state(b.config);
+            let (_, health) = tonic_health::server::health_reporter();
+            let app = super::grpc::router(grpc_state, health).unwrap().layer(axum::middleware::from_fn(
+                |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    req.extensions_mut().insert(PeerAddr(SocketAddr::from(([127, 0, 0, 1], 4000))));
+                    next.run(req).await
+                },
+            ));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move { axum::serve(listener, app).await });
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+            let mut clients = GrpcClients {
+                inference: InferenceClient::new(channel.clone()),
+                oip: oip.then(|| GrpcInferenceServiceClient::new(channel)),
+            };
+            for (n, (a, status, want)) in b.steps.iter().enumerate() {
+                let seen = grpc(&mut clients, *a).await;
+                check(edge, b.name, n, &seen, *status, want);
+                // Beyond what the table names, the edges agree.
+                assert_eq!(seen, on_rest[n], "{}, step {n}: {edge} and REST differ", b.name);
+            }
+            server.abort();
+            let grpc_budgets = models.budgets.lock().unwrap().clone();
+            assert_eq!(grpc_budgets, rest_budgets, "{}: {edge} gave the models other deadlines", b.name);
         }
-        server.abort();
-        let grpc_budgets = models.budgets.lock().unwrap().clone();
-        assert_eq!(grpc_budgets, rest_budgets, "{}: the models were given other deadlines", b.name);
         if let Some(budgets) = b.budgets {
             assert_eq!(rest_budgets, budgets, "{}", b.name);
         }

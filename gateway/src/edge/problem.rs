@@ -59,8 +59,16 @@ impl IntoResponse for GatewayError {
 }
 
 impl From<GatewayError> for tonic::Status {
+    /// The message names the offending field where there is one (over HTTP
+    /// it is the problem's `field`).
     fn from(err: GatewayError) -> Self {
-        let mut status = tonic::Status::new(err.grpc_code(), err.to_string());
+        let message = match &err {
+            GatewayError::InvalidRequest { field: Some(field), detail } => {
+                format!("invalid request: {field}: {detail}")
+            }
+            other => other.to_string(),
+        };
+        let mut status = tonic::Status::new(err.grpc_code(), message);
         let md = status.metadata_mut();
         if let Some(secs) = err.retry_after()
             && let Ok(v) = secs.to_string().parse()
@@ -92,5 +100,7 @@ mod tests {
         assert_eq!(d.grpc_code(), tonic::Code::DeadlineExceeded);
         assert_eq!(d.http_status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(GatewayError::NoReadyWorker { pool: "p".into() }.retry_after(), Some(1));
+        let named = tonic::Status::from(GatewayError::invalid("inputs[0].shape", "dimensions must be >= 0"));
+        assert_eq!(named.message(), "invalid request: inputs[0].shape: dimensions must be >= 0");
     }
 }

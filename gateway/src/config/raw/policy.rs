@@ -26,9 +26,17 @@ impl Default for RawAuth {
     fn default() -> Self {
         Self {
             enabled: false,
-            public_routes: ["/healthz", "/readyz", "/metrics", "/v2/health/*", "/grpc.health.v1.Health/*"]
-                .map(String::from)
-                .to_vec(),
+            public_routes: [
+                "/healthz",
+                "/readyz",
+                "/metrics",
+                "/v2/health/*",
+                "/grpc.health.v1.Health/*",
+                "/inference.GRPCInferenceService/ServerLive",
+                "/inference.GRPCInferenceService/ServerReady",
+            ]
+            .map(String::from)
+            .to_vec(),
             keys_file: String::new(),
             keys: Vec::new(),
             jwt: None,

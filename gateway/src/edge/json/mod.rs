@@ -426,7 +426,7 @@ pub fn infer_item_from_parts(req: &InferRequestJson<'_>, mut binary: &[u8]) -> R
                     shape: t.shape.clone(),
                     ..Default::default()
                 };
-                binary::tensor_from_binary(described, count, data, &field)?
+                super::oip_bytes::decode(described, count, data, &field, &format!("{field}.parameters.{DATA_SIZE}"))?
             }
             None => tensor_from_json(t, &field)?,
         };
@@ -490,7 +490,7 @@ pub fn infer_response_parts(
             continue;
         }
         let (name, datatype, shape) = (t.name.clone(), t.datatype.clone(), t.shape.clone());
-        let bytes = binary::tensor_to_binary(t).ok_or_else(|| GatewayError::WorkerFailed {
+        let bytes = super::oip_bytes::encode(t).ok_or_else(|| GatewayError::WorkerFailed {
             worker: "-".into(),
             detail: format!("output {name:?} has values its datatype {datatype} cannot hold"),
         })?;
