@@ -1,6 +1,7 @@
-//! The README's "Try it" examples, run as written against `infergate serve`
-//! with its embedded default config (what `make run` starts). Only the
-//! addresses change: the test's gateway listens on ephemeral ports.
+//! The README's "Try it" and "Clients" examples, run as written against
+//! `infergate serve` with its embedded default config (what `make run`
+//! starts). Only the addresses change: the test's gateway listens on
+//! ephemeral ports.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::process::Command;
@@ -83,6 +84,37 @@ fn the_try_it_examples_work_as_written_against_the_default_config() {
 
     // Every example of the section is one of the above.
     assert_eq!(examples.len(), exact.len() + 4, "an example without a check: {:#?}", commands(&examples));
+
+    // "Clients", against the same gateway: each Python block prints what
+    // the text block after it says.
+    let clients = client_examples();
+    assert!(clients.len() >= 4, "{clients:#?}");
+    for (code, prints) in clients {
+        let code =
+            code.replace("127.0.0.1:8080", &gw.http.to_string()).replace("127.0.0.1:50051", &gw.grpc.to_string());
+        let out = Command::new(infergate_e2e::python()).args(["-c", &code]).current_dir(root()).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{code}\nfailed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.trim(), prints.trim(), "{code}");
+    }
+}
+
+/// The "Clients" section's examples: each fenced `python` block and the
+/// fenced `text` block after it (what it prints).
+fn client_examples() -> Vec<(String, String)> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let (_, section) = readme.split_once("\n## Clients\n").expect("no Clients section");
+    let section = section.split_once("\n## ").map_or(section, |(it, _)| it);
+    let blocks: Vec<(&str, &str)> =
+        section.split("```").skip(1).step_by(2).map(|b| b.split_once('\n').unwrap_or((b, ""))).collect();
+    let mut out = Vec::new();
+    for pair in blocks.chunks(2) {
+        match pair {
+            [("python", code), ("text", prints)] => out.push(((*code).to_owned(), (*prints).to_owned())),
+            other => panic!("a python block must be followed by a text block of what it prints: {other:?}"),
+        }
+    }
+    out
 }
 
 fn commands(examples: &[Example]) -> Vec<&str> {

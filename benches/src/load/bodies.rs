@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 use infergate::edge::json::{InferRequestJson, infer_item_from_json};
+use infergate::proto::oip::ModelInferRequest;
+use infergate::proto::oip::model_infer_request::InferInputTensor;
 use infergate::proto::{EmbedRequest, InferRequest};
 
 const WORDS: &[&str] = &[
@@ -76,8 +78,10 @@ pub enum Texts {
 /// The request payload of a run.
 #[derive(Debug, Clone)]
 pub enum Payload {
-    /// The same body every time (HTTP), or its gRPC transcoding.
-    Fixed { body: Bytes, grpc: Option<InferRequest> },
+    /// The same body every time (HTTP), or its gRPC transcodings:
+    /// infergate's `Inference/Infer`, and OIP's `ModelInfer` with raw
+    /// contents, as tritonclient.grpc sends it.
+    Fixed { body: Bytes, grpc: Option<InferRequest>, oip: Option<Box<ModelInferRequest>> },
     /// `/v1/embeddings` or `Inference/Embed` with `inputs` texts per request.
     Embed { model: String, inputs: usize, texts: Texts },
 }
@@ -95,7 +99,8 @@ impl Payload {
                 parameters: item.parameters,
             })
         });
-        Self::Fixed { body, grpc }
+        let oip = grpc.as_ref().and_then(oip_request).map(Box::new);
+        Self::Fixed { body, grpc, oip }
     }
 
     /// The HTTP body of request number `i`.
@@ -128,6 +133,29 @@ impl Payload {
             Self::Embed { .. } => None,
         }
     }
+
+    /// The OIP gRPC `ModelInfer` request, when the payload is a fixed OIP body.
+    pub fn oip_infer(&self) -> Option<&ModelInferRequest> {
+        match self {
+            Self::Fixed { oip, .. } => oip.as_deref(),
+            Self::Embed { .. } => None,
+        }
+    }
+}
+
+/// `req` as OIP's `ModelInferRequest`, every input in `raw_input_contents`.
+fn oip_request(req: &InferRequest) -> Option<ModelInferRequest> {
+    let mut out = ModelInferRequest { model_name: req.model.clone(), id: req.id.clone(), ..Default::default() };
+    for t in &req.inputs {
+        out.inputs.push(InferInputTensor {
+            name: t.name.clone(),
+            datatype: t.datatype.clone(),
+            shape: t.shape.clone(),
+            ..Default::default()
+        });
+        out.raw_input_contents.push(infergate::edge::oip_bytes::encode(t.clone())?);
+    }
+    Some(out)
 }
 
 /// The `model_inputs` texts of request number `i`.
@@ -177,5 +205,7 @@ mod tests {
         let body = r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}"#;
         let p = Payload::fixed(Bytes::from(body), "echo");
         assert_eq!(p.grpc_infer().unwrap().inputs[0].fp32_contents, vec![1.0]);
+        let oip = p.oip_infer().unwrap();
+        assert_eq!((oip.model_name.as_str(), oip.raw_input_contents[0].as_slice()), ("echo", &[0, 0, 0x80, 0x3f][..]));
     }
 }

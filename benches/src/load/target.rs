@@ -9,6 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use infergate::proto::inference_client::InferenceClient;
+use infergate::proto::oip::grpc_inference_service_client::GrpcInferenceServiceClient;
 use infergate::proto::worker_client::WorkerClient;
 use infergate::proto::{EmbedBatchRequest, InferBatchRequest, InferItem};
 use tonic::transport::Channel;
@@ -25,6 +26,8 @@ pub enum Protocol {
     /// A worker's `Worker` service directly (batches of one), to measure
     /// what the gateway adds in front of the same worker.
     GrpcWorker,
+    /// Open Inference Protocol v2 over gRPC (`ModelInfer`, raw contents).
+    GrpcOip,
 }
 
 /// How one request ended.
@@ -67,6 +70,9 @@ pub enum Target {
     GrpcWorker {
         client: WorkerClient<Channel>,
     },
+    GrpcOip {
+        client: GrpcInferenceServiceClient<Channel>,
+    },
 }
 
 impl Target {
@@ -83,12 +89,20 @@ impl Target {
                     .build(connector);
                 Self::Http { client, uri, headers: http::HeaderMap::new(), expect: None }
             }
-            Protocol::Grpc | Protocol::GrpcWorker => {
+            Protocol::Grpc | Protocol::GrpcWorker | Protocol::GrpcOip => {
                 let channel = tonic::transport::Endpoint::from(uri).tcp_nodelay(true).connect_lazy();
-                if protocol == Protocol::Grpc {
-                    Self::Grpc { client: InferenceClient::new(channel).max_decoding_message_size(64 << 20) }
-                } else {
-                    Self::GrpcWorker { client: WorkerClient::new(channel).max_decoding_message_size(64 << 20) }
+                match protocol {
+                    Protocol::Grpc => {
+                        Self::Grpc { client: InferenceClient::new(channel).max_decoding_message_size(64 << 20) }
+                    }
+                    Protocol::GrpcWorker => {
+                        Self::GrpcWorker { client: WorkerClient::new(channel).max_decoding_message_size(64 << 20) }
+                    }
+                    _ => Self::GrpcOip {
+                        client: GrpcInferenceServiceClient::new(channel)
+                            .max_decoding_message_size(64 << 20)
+                            .max_encoding_message_size(64 << 20),
+                    },
                 }
             }
         })
@@ -177,6 +191,12 @@ impl Target {
                     return Outcome::Status("no-grpc-payload".into());
                 };
                 grpc_outcome(result)
+            }
+            Self::GrpcOip { client } => {
+                let Some(req) = payload.oip_infer() else {
+                    return Outcome::Status("no-grpc-payload".into());
+                };
+                grpc_outcome(client.clone().model_infer(req.clone()).await.map(|_| ()))
             }
         }
     }
