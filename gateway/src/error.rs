@@ -118,6 +118,12 @@ pub enum GatewayError {
     /// The pool's queue is full; shed at once.
     #[error("pool {pool:?} is at capacity: {limit} requests queued")]
     QueueFull { pool: String, limit: usize },
+    /// No stored response of the caller's tenant has this id.
+    #[error("response {id:?} not found")]
+    ResponseNotFound { id: String },
+    /// Stored responses cannot be read or written (Redis down or slow).
+    #[error("{detail}")]
+    StoreUnavailable { detail: String },
 }
 
 fn retry_hint(after: Option<Duration>) -> String {
@@ -246,6 +252,12 @@ impl GatewayError {
             E::CircuitOpen { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "circuit-open", "Pool circuit open")
             }
+            E::ResponseNotFound { .. } => {
+                (StatusCode::NOT_FOUND, C::NotFound, "response-not-found", "Response not found")
+            }
+            E::StoreUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "store-unavailable", "Response store unavailable")
+            }
         };
         Meta { status, code, slug, title }
     }
@@ -280,6 +292,7 @@ impl GatewayError {
             | Self::Overloaded { .. }
             | Self::MemoryFull { .. }
             | Self::LimitsUnavailable
+            | Self::StoreUnavailable { .. }
             | Self::QueueFull { .. } => Some(1),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
             Self::CircuitOpen { retry_after, .. } => Some(ceil_secs(*retry_after)),
@@ -294,6 +307,7 @@ impl GatewayError {
             | Self::RouteNotFound { .. }
             | Self::MethodNotAllowed
             | Self::ModelNotFound { .. }
+            | Self::ResponseNotFound { .. }
             // Restarts go on, but a fix is what it waits for.
             | Self::ModelFailedToLoad { .. }
             | Self::VersionNotFound { .. }
@@ -384,6 +398,7 @@ mod tests {
             GatewayError::UnsupportedMediaType { got: "text/plain".into(), accepted: "application/json" },
             GatewayError::PayloadTooLarge { limit: 10 },
             GatewayError::ModelNotFound { model: "x".into() },
+            GatewayError::ResponseNotFound { id: "resp_x".into() },
             GatewayError::RouteNotFound { path: "/x".into() },
             GatewayError::BodyTimeout { received: 1, after: Duration::from_secs(30) },
             GatewayError::HostNotAllowed { host: "evil.example".into() },

@@ -25,6 +25,7 @@
 //! | load_state | |
 //! | call | config |
 //! | redis_pool | config |
+//! | conversations | config redis_pool |
 //! | tensor | proto |
 //! | upstream | call error proto |
 //! | telemetry | config |
@@ -36,14 +37,15 @@
 //! | route | call config error proto upstream |
 //! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
-//! | edge | bulk cache call config error policy proto route service telemetry tensor upstream |
-//! | server | cache config edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
+//! | edge | bulk cache call config conversations error policy proto route service telemetry tensor upstream |
+//! | server | cache config conversations edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
 pub mod cache;
 pub mod call;
 pub mod config;
+pub mod conversations;
 pub mod edge;
 pub mod embedded;
 pub mod error;

@@ -271,8 +271,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         ),
         prices: Arc::new(config.prices.clone()),
     };
+    let conversations = crate::conversations::Conversations::new(config.responses.clone(), config.redis.as_ref())
+        .map_err(ServeError::Cache)?;
     let state = Arc::new(EdgeState {
         core: Arc::new(core),
+        conversations: Arc::new(conversations),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,

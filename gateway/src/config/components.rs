@@ -21,6 +21,22 @@ pub struct CacheConfig {
     pub semantic: SemanticConfig,
 }
 
+/// `[responses]`: where `POST /v1/responses` answers are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponsesConfig {
+    pub ttl: Duration,
+    /// Memory for stored responses (when there is no Redis).
+    pub max_bytes: u64,
+    /// Largest conversation stored, serialised.
+    pub max_conversation_bytes: usize,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self { ttl: Duration::from_secs(24 * 3600), max_bytes: 64 * 1024 * 1024, max_conversation_bytes: 1024 * 1024 }
+    }
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {

@@ -64,6 +64,7 @@ pub struct Config {
     pub log: LogConfig,
     pub pools: Vec<PoolConfig>,
     pub cache: components::CacheConfig,
+    pub responses: components::ResponsesConfig,
     /// Pools marked `deterministic = false` / `true`.
     pub cache_pools: components::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
@@ -340,6 +341,14 @@ impl Config {
                         max_entries: positive_size("cache.semantic.max_entries", s.max_entries.into())?,
                     }
                 },
+            },
+            responses: components::ResponsesConfig {
+                ttl: duration("responses.ttl", &raw.responses.ttl)?,
+                max_bytes: raw.responses.max_bytes,
+                max_conversation_bytes: positive_size(
+                    "responses.max_conversation_bytes",
+                    raw.responses.max_conversation_bytes,
+                )?,
             },
             cache_pools: components::PoolRules {
                 nondeterministic: raw

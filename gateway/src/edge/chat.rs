@@ -345,26 +345,12 @@ impl Completion {
         let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
         let usage = include_usage.then_some(None);
         pending.push_back(data(&self.chunk(vec![ChunkChoice { index: 0, delta, finish_reason: None }], usage)));
-        let mut state = SseState { completion: self, chunks, pending, include_usage, done: false };
+        let pump = super::sse::Pump { pending, ..super::sse::Pump::new(chunks) };
+        let mut state = SseState { completion: self, pump, include_usage };
         if let Some(chunk) = first {
             state.on_chunk(chunk);
         }
-        let events = futures::stream::unfold(state, |mut st| async move {
-            loop {
-                if let Some(event) = st.pending.pop_front() {
-                    return Some((Ok(event), st));
-                }
-                if st.done {
-                    return None;
-                }
-                match st.chunks.next().await {
-                    Some(Ok(chunk)) => st.on_chunk(chunk),
-                    Some(Err(e)) => st.on_error(&e),
-                    None => st.on_error(&ended_early()),
-                }
-            }
-        });
-        Sse::new(events).keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+        Sse::new(super::sse::events(state)).keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
     }
 }
 
@@ -378,10 +364,22 @@ fn ended_early() -> GatewayError {
 
 struct SseState {
     completion: Completion,
-    chunks: Metered,
-    pending: VecDeque<Event>,
+    pump: super::sse::Pump,
     include_usage: bool,
-    done: bool,
+}
+
+impl super::sse::Source for SseState {
+    fn pump(&mut self) -> &mut super::sse::Pump {
+        &mut self.pump
+    }
+
+    async fn on(&mut self, next: Option<Result<GenerateChunk, GatewayError>>) {
+        match next {
+            Some(Ok(chunk)) => self.on_chunk(chunk),
+            Some(Err(e)) => self.on_error(&e),
+            None => self.on_error(&ended_early()),
+        }
+    }
 }
 
 impl SseState {
@@ -392,16 +390,16 @@ impl SseState {
             let delta = Delta { role: None, content: Some(chunk.text) };
             let mut event = c.chunk(vec![ChunkChoice { index: 0, delta, finish_reason: None }], usage);
             event.sources = chunk.sources.iter().map(SourceJson::from).collect();
-            self.pending.push_back(data(&event));
+            self.pump.pending.push_back(data(&event));
         }
         if let Some(finish) = finish_name(chunk.finish_reason) {
             let last = ChunkChoice { index: 0, delta: Delta::default(), finish_reason: Some(finish.into()) };
-            self.pending.push_back(data(&c.chunk(vec![last], usage)));
+            self.pump.pending.push_back(data(&c.chunk(vec![last], usage)));
             if self.include_usage {
-                self.pending.push_back(data(&c.chunk(Vec::new(), Some(Some(self.chunks.usage().into())))));
+                self.pump.pending.push_back(data(&c.chunk(Vec::new(), Some(Some(self.pump.chunks.usage().into())))));
             }
-            self.pending.push_back(Event::default().data("[DONE]"));
-            self.done = true;
+            self.pump.pending.push_back(Event::default().data("[DONE]"));
+            self.pump.done = true;
         }
     }
 
@@ -414,7 +412,7 @@ impl SseState {
             "type": e.problem_type(),
             "code": e.http_status().as_u16(),
         }});
-        self.pending.push_back(Event::default().event("error").data(body.to_string()));
-        self.done = true;
+        self.pump.pending.push_back(Event::default().event("error").data(body.to_string()));
+        self.pump.done = true;
     }
 }

@@ -96,6 +96,7 @@ fn app_with(
         prices: Arc::default(),
     };
     let state = Arc::new(EdgeState {
+        conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,

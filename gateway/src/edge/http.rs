@@ -6,7 +6,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 
@@ -15,6 +14,7 @@ use super::chat::{ChatRequest, Completion};
 use super::convert::{self, BodyKind};
 use super::json::{self, BinaryOutputs, EmbeddingsRequest, InferRequestJson};
 use super::reply::{Reply, request_id};
+use super::responses::{Making, ResponseRequest};
 use crate::cache::CacheMode;
 use crate::call::{Deadline, parse_request_timeout};
 use crate::error::{GatewayError, Problem};
@@ -138,24 +138,96 @@ pub(super) async fn chat_completions(State(state): State<Arc<EdgeState>>, req: R
         let Answer { value: mut chunks, served } = state.core.generate(ask, generate).await?;
         let completion = Completion::new(&rid, &body.model);
         let mut resp = if body.stream {
-            // Wait briefly for the first chunk, so a failure before any
-            // output is still answered with its status; then commit to SSE.
-            let first = match tokio::time::timeout(state.sse_keep_alive, chunks.next()).await {
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(Some(Ok(chunk))) => Some(chunk),
-                Ok(None) | Err(_) => None,
-            };
+            // A failure before any output is still answered with its status.
+            let first = super::sse::first(&mut chunks, state.sse_keep_alive).await?;
             let include_usage = body.stream_options.as_ref().is_some_and(|o| o.include_usage);
             let mut resp = completion.sse(first, chunks, include_usage, state.sse_keep_alive).into_response();
-            // Proxies must pass events on as they come.
-            resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
-            resp.headers_mut().insert("x-accel-buffering", http::HeaderValue::from_static("no"));
+            super::sse::unbuffered(&mut resp);
             resp
         } else {
             axum::Json(completion.collect(chunks).await?).into_response()
         };
         report(&mut resp, &served);
         Ok(resp)
+    }
+    .await;
+    Reply(result, rid)
+}
+
+/// The OpenAI Responses API over a generate model; with `stream: true` the
+/// answer is `text/event-stream` of typed events (`response.created` ...
+/// `response.completed`), or `response.failed` if the model fails
+/// mid-stream. Stored (unless `store: false`) for `previous_response_id`
+/// and `GET /v1/responses/{id}`, per tenant.
+#[utoipa::path(post, path = "/v1/responses", tag = "openai",
+    request_body = super::responses::ResponseRequest,
+    responses(
+        (status = 200, content(
+            (super::responses::ResponseObject = "application/json"),
+            ("text/event-stream"))),
+        (status = "4XX", description = "The caller's error (problem+json); an unknown previous_response_id is a 404", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn create_response(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
+    let (parts, body) = req.into_parts();
+    let rid = request_id(&parts.headers);
+    let result = async {
+        let mut ask = ask(&state, &parts)?;
+        let body: ResponseRequest = read_json(&state, &parts.headers, body).await?;
+        ask.model.clone_from(&body.model);
+        let tenant = ask.caller.tenant.clone();
+        let (making, generate) = Making::new(body, &state.conversations, tenant).await?;
+        let Answer { value: mut chunks, served } = state.core.generate(ask, generate).await?;
+        let mut resp = if making.streams() {
+            // A failure before any output is still answered with its status.
+            let first = super::sse::first(&mut chunks, state.sse_keep_alive).await?;
+            let mut resp = making.sse(first, chunks, state.conversations.clone(), state.sse_keep_alive).into_response();
+            super::sse::unbuffered(&mut resp);
+            resp
+        } else {
+            axum::Json(making.collect(chunks, &state.conversations).await?).into_response()
+        };
+        report(&mut resp, &served);
+        Ok(resp)
+    }
+    .await;
+    Reply(result, rid)
+}
+
+/// A stored response of the caller's tenant.
+#[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The response's id (`resp_...`)")),
+    responses((status = 200, body = super::responses::ResponseObject),
+              (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn get_response(State(state): State<Arc<EdgeState>>, Path(id): Path<String>, req: Request) -> Reply {
+    let rid = request_id(req.headers());
+    let caller = super::caller_of(req.extensions());
+    let result = async {
+        let stored = state.conversations.get(&caller.tenant, &id).await.map_err(super::responses::unavailable)?;
+        let stored = stored.ok_or(GatewayError::ResponseNotFound { id })?;
+        Ok(axum::Json(stored.response).into_response())
+    }
+    .await;
+    Reply(result, rid)
+}
+
+/// Forget a stored response of the caller's tenant.
+#[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The response's id (`resp_...`)")),
+    responses((status = 200, body = super::responses::ResponseDeleted),
+              (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(super) async fn delete_response(
+    State(state): State<Arc<EdgeState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Reply {
+    let rid = request_id(req.headers());
+    let caller = super::caller_of(req.extensions());
+    let result = async {
+        if !state.conversations.delete(&caller.tenant, &id).await.map_err(super::responses::unavailable)? {
+            return Err(GatewayError::ResponseNotFound { id });
+        }
+        let deleted = super::responses::ResponseDeleted { id, object: "response.deleted".into(), deleted: true };
+        Ok(axum::Json(deleted).into_response())
     }
     .await;
     Reply(result, rid)

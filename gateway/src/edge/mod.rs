@@ -25,7 +25,9 @@ mod parity_tests;
 mod policy_tests;
 pub mod problem;
 mod reply;
+pub mod responses;
 pub mod rest;
+pub mod sse;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +44,8 @@ use crate::service::Core;
 pub struct EdgeState {
     /// The request core every model call goes through.
     pub core: Arc<Core>,
+    /// Stored responses of the Responses API.
+    pub conversations: Arc<crate::conversations::Conversations>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,

@@ -20,6 +20,9 @@ use super::{http, meta, model_config};
     paths(
         http::chat_completions,
         http::embeddings,
+        http::create_response,
+        http::get_response,
+        http::delete_response,
         meta::list_models,
         meta::server_metadata,
         meta::live,

@@ -140,6 +140,7 @@ class = "x:Y"
         prices: Arc::default(),
     };
     let state = Arc::new(EdgeState {
+        conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1 << 20,

@@ -84,6 +84,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
         prices: Arc::default(),
     };
     let state = Arc::new(EdgeState {
+        conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,

@@ -20,6 +20,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(http::chat_completions))
         .route("/v1/embeddings", post(http::embeddings))
+        .route("/v1/responses", post(http::create_response))
         .route("/v2/models/{model}/infer", post(http::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(http::infer_version))
         .with_state(state.clone());
@@ -31,6 +32,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .guard(api);
     Router::new()
         .route("/v1/models", get(meta::list_models))
+        .route("/v1/responses/{id}", get(http::get_response).delete(http::delete_response))
         .route("/v2", get(meta::server_metadata))
         .route("/v2/health/live", get(meta::live))
         .route("/v2/health/ready", get(meta::ready))

@@ -1,4 +1,4 @@
-//! `[cache]` as written.
+//! `[cache]` and `[responses]` as written.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,5 +47,27 @@ pub struct RawSemantic {
 impl Default for RawSemantic {
     fn default() -> Self {
         Self { models: Vec::new(), embedding_model: "minilm".into(), threshold: 0.95, max_entries: 1000 }
+    }
+}
+
+/// `[responses]`: responses of `POST /v1/responses` kept for
+/// `previous_response_id` and `GET /v1/responses/{id}` (memory; Redis
+/// instead when `redis.url` is set, shared by every replica).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawResponses {
+    /// How long a stored response is kept.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
+    pub ttl: String,
+    /// Memory for stored responses, in bytes (the oldest go first).
+    pub max_bytes: u64,
+    /// Largest stored conversation (a response with every turn before it),
+    /// in bytes; a longer one is not stored.
+    pub max_conversation_bytes: u64,
+}
+
+impl Default for RawResponses {
+    fn default() -> Self {
+        Self { ttl: "24h".into(), max_bytes: 64 * 1024 * 1024, max_conversation_bytes: 1024 * 1024 }
     }
 }

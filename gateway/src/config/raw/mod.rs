@@ -29,6 +29,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub redis: RawRedis,
     pub cache: RawCache,
+    pub responses: RawResponses,
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
     /// Per-token prices by model, for the estimated-cost metric.

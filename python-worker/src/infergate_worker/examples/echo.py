@@ -68,4 +68,8 @@ class Echo(Model):
             ctx.wait(self.word_delay_s)
             yield (" " if n else "") + word
         reason = "length" if limit < len(words) else "stop"
-        yield Chunk("", completion_tokens=min(limit, len(words)), finish_reason=reason)
+        # A word is a token here, the prompt's being every message's.
+        prompt = sum(len(m["content"].split()) for m in request.messages)
+        yield Chunk(
+            "", prompt_tokens=prompt, completion_tokens=min(limit, len(words)), finish_reason=reason
+        )
