@@ -46,9 +46,7 @@ def main(base_url: str, key: str, other_key: str) -> None:
     client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=60)
     other = OpenAI(base_url=base_url, api_key=other_key, max_retries=0, timeout=60)
 
-    first = client.responses.create(
-        model="echo", input="one two three", metadata={"case": "plain"}
-    )
+    first = client.responses.create(model="echo", input="one two three", metadata={"case": "plain"})
     assert first.object == "response" and first.status == "completed", first
     assert first.output_text == "one two three", first.output_text
     assert first.usage is not None and first.usage.output_tokens == 3, first.usage
@@ -85,16 +83,9 @@ def main(base_url: str, key: str, other_key: str) -> None:
 
     # A continuation sees the conversation so far: echo repeats the last
     # user message, and the stored turns count as input tokens.
-    follow = client.responses.create(
-        model="echo", input="four five", previous_response_id=first.id
-    )
-    assert (
-        follow.previous_response_id == first.id and follow.output_text == "four five"
-    ), follow
-    assert (
-        follow.usage is not None
-        and follow.usage.input_tokens > first.usage.input_tokens
-    ), (
+    follow = client.responses.create(model="echo", input="four five", previous_response_id=first.id)
+    assert follow.previous_response_id == first.id and follow.output_text == "four five", follow
+    assert follow.usage is not None and follow.usage.input_tokens > first.usage.input_tokens, (
         follow.usage,
         first.usage,
     )
@@ -107,9 +98,7 @@ def main(base_url: str, key: str, other_key: str) -> None:
     )
     not_found(
         "another tenant continued a stored response",
-        lambda: other.responses.create(
-            model="echo", input="x", previous_response_id=first.id
-        ),
+        lambda: other.responses.create(model="echo", input="x", previous_response_id=first.id),
     )
     not_found(
         "another tenant deleted a stored response",
@@ -119,9 +108,7 @@ def main(base_url: str, key: str, other_key: str) -> None:
     unstored = client.responses.create(model="echo", input="gone", store=False)
     not_found("store=false was stored", lambda: client.responses.retrieve(unstored.id))
     client.responses.delete(first.id)
-    not_found(
-        "a deleted response was found", lambda: client.responses.retrieve(first.id)
-    )
+    not_found("a deleted response was found", lambda: client.responses.retrieve(first.id))
 
     rag = client.responses.create(
         model="rag",
@@ -132,9 +119,7 @@ def main(base_url: str, key: str, other_key: str) -> None:
     assert rag.status == "completed" and ".md:" in rag.output_text, rag.output_text
     streamed = "".join(
         e.delta
-        for e in client.responses.create(
-            model="rag", input="What is infergate?", stream=True
-        )
+        for e in client.responses.create(model="rag", input="What is infergate?", stream=True)
         if e.type == "response.output_text.delta"
     )
     assert streamed.strip(), "rag streamed nothing"
