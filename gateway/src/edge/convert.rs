@@ -51,7 +51,14 @@ impl BodyKind {
     /// only from a client that is not a web page: a browser names the
     /// page's origin (`Origin`, `Sec-Fetch-Site`) on every cross-origin POST,
     /// and an untyped body is what a page can send there unasked.
+    ///
+    /// A body with OIP's `Inference-Header-Content-Length` is JSON (a
+    /// header, then tensors' bytes) whatever its type says: a page cannot
+    /// send that header without asking first.
     pub fn of_infer(headers: &http::HeaderMap) -> Option<Self> {
+        if headers.contains_key(super::json::HEADER_LENGTH) {
+            return Some(Self::Json);
+        }
         match headers.get(http::header::CONTENT_TYPE) {
             Some(ct) => Self::of(Some(ct.to_str().unwrap_or("?"))),
             None => {
@@ -247,6 +254,19 @@ mod tests {
         assert_eq!(BodyKind::of(Some("application/octet-stream")), Some(BodyKind::Raw));
         assert_eq!(BodyKind::of(Some("text/plain")), None);
         assert_eq!(BodyKind::of(Some("image/gif")), None);
+    }
+
+    #[test]
+    fn infer_bodies_are_json_untyped_or_with_the_binary_header_unless_a_page_sent_them() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), http::HeaderValue::from_static(v))).collect()
+        };
+        assert_eq!(BodyKind::of_infer(&headers(&[])), Some(BodyKind::Json));
+        assert_eq!(BodyKind::of_infer(&headers(&[("origin", "https://a.example")])), None);
+        assert_eq!(BodyKind::of_infer(&headers(&[("content-type", "text/plain")])), None);
+        let binary = [("content-type", "application/octet-stream"), ("inference-header-content-length", "10")];
+        assert_eq!(BodyKind::of_infer(&headers(&binary)), Some(BodyKind::Json));
+        assert_eq!(BodyKind::of_infer(&headers(&[("content-type", "image/png")])), Some(BodyKind::Image));
     }
 
     #[test]

@@ -287,12 +287,9 @@ async fn infer_at(state: Arc<EdgeState>, model: String, version: Option<String>,
             ask.pin = state.core.version_entry(&model, v)?.1;
         }
         ask.model.clone_from(&model);
-        // OIP's binary extension: a JSON header of this many bytes, then
-        // tensors' bytes (whatever the type says; a page cannot send this
-        // header without asking first).
+        // OIP's binary extension: a JSON header of this many bytes, then tensors' bytes.
         let header_length = parts.headers.get(json::HEADER_LENGTH).cloned();
-        let kind = header_length.as_ref().map(|_| BodyKind::Json).or_else(|| BodyKind::of_infer(&parts.headers));
-        let kind = kind.ok_or_else(|| {
+        let kind = BodyKind::of_infer(&parts.headers).ok_or_else(|| {
             state.core.name(&model);
             GatewayError::UnsupportedMediaType {
                 got: parts.headers.get(header::CONTENT_TYPE).map_or("none", |v| v.to_str().unwrap_or("?")).to_owned(),
@@ -401,7 +398,7 @@ fn oip_item(
 /// header followed by the binary outputs' bytes, the header's length in
 /// `Inference-Header-Content-Length`.
 fn oip_response(answer: json::InferResponseJson, binary: Vec<Vec<u8>>) -> Result<Response, GatewayError> {
-    let mut bytes = answer.to_bytes().map_err(|e| GatewayError::WorkerFailed {
+    let bytes = answer.to_bytes().map_err(|e| GatewayError::WorkerFailed {
         worker: "-".into(),
         detail: format!("cannot write the answer: {e}"),
     })?;
@@ -410,15 +407,16 @@ fn oip_response(answer: json::InferResponseJson, binary: Vec<Vec<u8>>) -> Result
         return Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response());
     }
     let header_length = bytes.len();
-    bytes.reserve_exact(binary.iter().map(Vec::len).sum());
-    for chunk in binary {
-        bytes.extend_from_slice(&chunk);
-    }
+    let length = header_length + binary.iter().map(Vec::len).sum::<usize>();
+    // The outputs' bytes go out as they are, after the header: not copied
+    // into one buffer first.
+    let chunks = std::iter::once(bytes).chain(binary).map(|c| Ok::<_, std::convert::Infallible>(bytes::Bytes::from(c)));
     let headers = [
         (header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream")),
+        (header::CONTENT_LENGTH, http::HeaderValue::from(length)),
         (http::HeaderName::from_static(json::HEADER_LENGTH), http::HeaderValue::from(header_length)),
     ];
-    Ok((headers, bytes).into_response())
+    Ok((headers, Body::from_stream(futures::stream::iter(chunks))).into_response())
 }
 
 /// Report what answered: the variant (`x-infergate-variant`), the cache
