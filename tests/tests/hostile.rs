@@ -1124,3 +1124,55 @@ fn an_image_bomb_is_refused_by_its_decoded_size_and_the_model_keeps_serving() {
     let (status, text) = send(ok);
     assert_eq!(status, 200, "{text}");
 }
+
+/// The reset cap is for rapid reset, not for clients that give up: 300
+/// calls a second on one connection, each abandoned by its client after
+/// 150 ms (the model takes 1 s), reset far more than 200 streams a second,
+/// yet the connection stays and the next call on it is answered. Counting
+/// such resets closed an honest client's connection, with every call on it,
+/// whenever the gateway was overloaded.
+#[test]
+fn a_client_abandoning_slow_calls_keeps_its_connection() {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::{InferRequest, ParamValue, Tensor, param_value};
+
+    let gw = Gateway::start(&format!("[[pools]]\nname = \"echo\"\nclass = \"{ECHO}\"\n")).unwrap();
+    rt().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(gw.grpc_url()).unwrap().connect().await.unwrap();
+        let client = InferenceClient::new(channel);
+        let call = |delay_ms: i64| {
+            let x = Tensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![1],
+                fp32_contents: vec![1.0],
+                ..Default::default()
+            };
+            let delay = ParamValue { value: Some(param_value::Value::Int64Param(delay_ms)) };
+            let parameters = [("delay_ms".to_owned(), delay)].into();
+            InferRequest { model: "echo".into(), inputs: vec![x], parameters, ..Default::default() }
+        };
+        // No grpc-timeout: the server waits on; the client's own timer
+        // drops each call, which resets its stream.
+        let started = Instant::now();
+        let mut abandoned = Vec::new();
+        for n in 0..600u32 {
+            let mut client = client.clone();
+            let req = call(1000);
+            abandoned.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_millis(150), client.infer(req)).await.is_err()
+            }));
+            tokio::time::sleep_until(started + Duration::from_millis(u64::from(n) * 10 / 3)).await;
+        }
+        let mut gave_up = 0;
+        for a in abandoned {
+            gave_up += u32::from(a.await.unwrap());
+        }
+        let took = started.elapsed();
+        eprintln!("{gave_up} calls abandoned after 150 ms in {took:?}");
+        assert!(f64::from(gave_up) / took.as_secs_f64() > 250.0, "{gave_up} in {took:?}: not enough resets to test");
+        let answer = client.clone().infer(call(0)).await;
+        assert!(answer.is_ok(), "the connection was lost: {answer:?}");
+    });
+    assert!(!gw.log_text().contains("client reset more than"), "{}", gw.log_text());
+}

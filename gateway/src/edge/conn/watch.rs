@@ -23,10 +23,22 @@ use crate::config::ConnLimits;
 const NONE: u64 = u64::MAX;
 
 /// HTTP/2 stream resets (RST_STREAM frames) a client may send per second on
-/// one connection before it gets GOAWAY. h2 itself only bounds resets of
-/// streams not yet accepted *at once*, which a fast server never reaches
-/// while a rapid-reset client makes it parse and drop streams without end.
+/// one connection before it gets GOAWAY, counting only quick ones (below).
+/// h2 itself only bounds resets of streams not yet accepted *at once*,
+/// which a fast server never reaches while a rapid-reset client makes it
+/// parse and drop streams without end.
 pub const MAX_RESETS_PER_SECOND: u32 = 200;
+
+/// A reset counts against [`MAX_RESETS_PER_SECOND`] when it comes within
+/// this many milliseconds of its stream's opening: rapid reset cancels a
+/// stream as soon as it opens, to open the next. A client that gives up on
+/// a slow answer when its deadline passes is not attacking; counting those
+/// closed an honest client's connection, with every call on it, whenever
+/// the gateway was overloaded (seen at 2x a model's capacity).
+const QUICK_RESET_MS: u64 = 100;
+
+/// Streams remembered per connection at most (h2 allows 256 open at once).
+const MAX_TRACKED_STREAMS: usize = 1024;
 
 /// Shared by a connection's socket, its requests and its task.
 pub struct ConnState {
@@ -204,6 +216,7 @@ const FRAME_HEADER: usize = 9;
 /// Frame types the watch cares about.
 const SETTINGS: u8 = 0x4;
 const RST_STREAM: u8 = 0x3;
+const HEADERS: u8 = 0x1;
 
 /// Follows the frames a client sends, without keeping them: when an HTTP/2
 /// client has sent its preface and first SETTINGS frame, and each stream
@@ -226,7 +239,10 @@ enum Sniff {
 enum Seen {
     /// The preface and the first SETTINGS frame are in.
     Ready,
-    Reset,
+    /// HEADERS for stream `n`: it opened (or, for an older one, trailers).
+    Headers(u32),
+    /// RST_STREAM for stream `n`.
+    Reset(u32),
     /// An HTTP/1.1 request head carried both `Content-Length` and
     /// `Transfer-Encoding`; it was the connection's `n`th head (from 0).
     Ambiguous(u64),
@@ -289,8 +305,11 @@ impl Sniff {
                         *self = Self::Done;
                         return;
                     }
-                    if kind == RST_STREAM {
-                        on(Seen::Reset);
+                    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+                    match kind {
+                        RST_STREAM => on(Seen::Reset(stream)),
+                        HEADERS => on(Seen::Headers(stream)),
+                        _ => {}
                     }
                     if *skip == 0 && std::mem::take(first) {
                         on(Seen::Ready);
@@ -451,16 +470,52 @@ impl Http1 {
     }
 }
 
+/// The streams a client opened in the last [`QUICK_RESET_MS`], oldest (and
+/// lowest: a client's new streams take rising ids) first, to tell a quick
+/// reset from a late one.
+#[derive(Default)]
+struct Opened {
+    streams: std::collections::VecDeque<(u32, u64)>,
+}
+
+impl Opened {
+    /// HEADERS for `stream` at `now` (ms): a new stream, unless its id is
+    /// not above the last one's (trailers of an open stream).
+    fn headers(&mut self, stream: u32, now: u64) {
+        self.forget(now);
+        if self.streams.back().is_some_and(|(last, _)| stream <= *last) {
+            return;
+        }
+        if self.streams.len() == MAX_TRACKED_STREAMS {
+            self.streams.pop_front();
+        }
+        self.streams.push_back((stream, now));
+    }
+
+    /// Whether a reset of `stream` at `now` came quickly after its opening.
+    fn quick_reset(&mut self, stream: u32, now: u64) -> bool {
+        self.forget(now);
+        self.streams.binary_search_by_key(&stream, |(s, _)| *s).is_ok()
+    }
+
+    fn forget(&mut self, now: u64) {
+        while self.streams.front().is_some_and(|(_, at)| now.saturating_sub(*at) >= QUICK_RESET_MS) {
+            self.streams.pop_front();
+        }
+    }
+}
+
 /// A client socket that reports reads to its [`ConnState`].
 pub struct Watched<T> {
     io: T,
     state: Arc<ConnState>,
     sniff: Sniff,
+    opened: Opened,
 }
 
 impl<T> Watched<T> {
     pub fn new(io: T, state: Arc<ConnState>) -> Self {
-        Self { io, state, sniff: Sniff::new() }
+        Self { io, state, sniff: Sniff::new(), opened: Opened::default() }
     }
 }
 
@@ -472,10 +527,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
             && buf.filled().len() > before
         {
             let this = &mut *self;
-            let state = &this.state;
+            let (state, opened) = (&this.state, &mut this.opened);
             this.sniff.feed(&buf.filled()[before..], &mut |seen| match seen {
                 Seen::Ready => state.h2_ready.store(true, Ordering::Release),
-                Seen::Reset => state.note_reset(),
+                Seen::Headers(stream) => opened.headers(stream, state.now_ms()),
+                Seen::Reset(stream) => {
+                    if opened.quick_reset(stream, state.now_ms()) {
+                        state.note_reset();
+                    }
+                }
                 Seen::Ambiguous(head) => state.ambiguous_head.store(head, Ordering::Release),
             });
             state.on_read();
@@ -537,8 +597,9 @@ mod tests {
         bytes.extend(frame(RST_STREAM, 4));
         bytes.extend(frame(0x0, 1000)); // DATA
         bytes.extend(frame(RST_STREAM, 4));
+        let all = vec![Seen::Ready, Seen::Headers(1), Seen::Reset(1), Seen::Reset(1)];
         for split in [1, 5, 24, 30, 33, 40, 4096] {
-            assert_eq!(seen(&bytes, split), vec![Seen::Ready, Seen::Reset, Seen::Reset], "split {split}");
+            assert_eq!(seen(&bytes, split), all, "split {split}");
         }
         // One byte short of the SETTINGS frame: not ready.
         let mut short = H2_PREFACE.to_vec();
@@ -549,6 +610,29 @@ mod tests {
         let mut empty = H2_PREFACE.to_vec();
         empty.extend(frame(SETTINGS, 0));
         assert_eq!(seen(&empty, 3), vec![Seen::Ready]);
+    }
+
+    #[test]
+    fn only_resets_that_come_quickly_after_a_stream_opened_count() {
+        let mut opened = Opened::default();
+        opened.headers(1, 0);
+        opened.headers(3, 10);
+        // A rapid reset: at once.
+        assert!(opened.quick_reset(3, 10));
+        // A client that gave up when its deadline passed.
+        opened.headers(5, 20);
+        assert!(!opened.quick_reset(1, 20 + QUICK_RESET_MS));
+        assert!(!opened.quick_reset(5, 20 + QUICK_RESET_MS));
+        // Trailers (HEADERS on an older stream) open nothing.
+        opened.headers(7, 500);
+        opened.headers(5, 501);
+        assert!(!opened.quick_reset(5, 502) && opened.quick_reset(7, 502));
+        // A flood of streams is remembered up to the bound, newest kept.
+        for n in 0..(MAX_TRACKED_STREAMS as u32 + 10) {
+            opened.headers(9 + 2 * n, 600);
+        }
+        assert_eq!(opened.streams.len(), MAX_TRACKED_STREAMS);
+        assert!(opened.quick_reset(9 + 2 * (MAX_TRACKED_STREAMS as u32 + 9), 600));
     }
 
     #[test]
