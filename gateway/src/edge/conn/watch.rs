@@ -35,6 +35,15 @@ pub const MAX_RESETS_PER_SECOND: u32 = 200;
 /// a slow answer when its deadline passes is not attacking; counting those
 /// closed an honest client's connection, with every call on it, whenever
 /// the gateway was overloaded (seen at 2x a model's capacity).
+///
+/// An attacker who waits out the window before each reset holds at most
+/// `max_concurrent_streams` streams for 100 ms each: a bounded rate of real
+/// requests. What this cannot tell apart: under deep overload the gateway
+/// may read a stream's opening and its late reset together, and a client
+/// whose streams waited for a free slot on its side opens them just before
+/// its deadline; both look quick, and such a connection still gets GOAWAY
+/// (its open calls finish). Counting streams opened in between instead was
+/// tried and dropped: refused HEADERS let an attacker pad that count.
 const QUICK_RESET_MS: u64 = 100;
 
 /// Streams remembered per connection at most (h2 allows 256 open at once).
