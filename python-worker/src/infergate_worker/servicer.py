@@ -5,6 +5,7 @@ the RPC cancels it, its timings go back as trailing metadata, and a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Executor
@@ -16,7 +17,7 @@ from infergate.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from infergate_worker.codec import embed_result, timings
 from infergate_worker.context import CallContext
 from infergate_worker.model import Model
-from infergate_worker.runner import CallFailed, ModelRunner
+from infergate_worker.runner import CallFailed, ModelRunner, Status
 
 T = TypeVar("T")
 
@@ -57,7 +58,7 @@ class ModelServicer(worker_pb2_grpc.WorkerServicer):
                     context.set_trailing_metadata(timings(ctx))
                 yield chunk
         except CallFailed as exc:
-            await context.abort(grpc.StatusCode[exc.status.name], exc.details)
+            await _abort(context, exc)
         except GeneratorExit:
             # grpc closed this stream at a yield (its caller left): the model
             # stops now rather than when the generation is collected.
@@ -70,8 +71,23 @@ async def _answer(context: Any, call: Awaitable[T]) -> T:
     try:
         return await call
     except CallFailed as exc:
-        await context.abort(grpc.StatusCode[exc.status.name], exc.details)
+        await _abort(context, exc)
         raise  # unreachable: abort raises
+
+
+async def _abort(context: Any, exc: CallFailed) -> None:
+    """End the RPC with ``exc``'s status. When the call stopped because it
+    ended (its deadline passed, its client left), grpc may have ended it
+    before the status could be sent; sending fails then, and there is no one
+    left to answer: that is a cancellation, not an error to log."""
+    try:
+        await context.abort(grpc.StatusCode[exc.status.name], exc.details)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        if exc.status in (Status.DEADLINE_EXCEEDED, Status.CANCELLED) or context.done():
+            raise asyncio.CancelledError from None
+        raise
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
