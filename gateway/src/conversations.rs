@@ -87,16 +87,16 @@ impl Conversations {
     /// `tenant`'s response `id`, if it is stored.
     pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Stored>, Unavailable> {
         let key = Self::key(tenant, id);
-        let bytes = match &self.shared {
-            None => self.memory.get(&key).await.map(|b| b.to_vec()),
-            Some(shared) => shared.get(&key, self.config.max_conversation_bytes).await?,
-        };
-        Ok(bytes.and_then(|b| match serde_json::from_slice(&b) {
-            Ok(stored) => Some(stored),
-            Err(e) => {
-                tracing::warn!(id, error = %e, "a stored response does not read back; taken as missing");
-                None
+        // Parsed where the bytes lie: the memory cache's are shared, not copied out.
+        let parsed = match &self.shared {
+            None => self.memory.get(&key).await.map(|b| serde_json::from_slice::<Stored>(&b)),
+            Some(shared) => {
+                shared.get(&key, self.config.max_conversation_bytes).await?.map(|b| serde_json::from_slice(&b))
             }
+        };
+        Ok(parsed.and_then(|p| {
+            p.inspect_err(|e| tracing::warn!(id, error = %e, "a stored response does not read back; taken as missing"))
+                .ok()
         }))
     }
 

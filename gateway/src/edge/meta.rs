@@ -132,20 +132,24 @@ pub(super) async fn list_models(State(state): State<Arc<EdgeState>>) -> Response
 }
 
 fn metadata(entry: ModelEntry) -> Response {
+    axum::Json(metadata_of(entry)).into_response()
+}
+
+/// A model's OIP metadata, REST and gRPC.
+pub(super) fn metadata_of(entry: ModelEntry) -> ModelMetadata {
     let info = entry.info.unwrap_or_default();
     let spec = |s: &crate::proto::TensorSpec| TensorMetadata {
         name: s.name.clone(),
         datatype: s.datatype.clone(),
         shape: s.shape.clone(),
     };
-    axum::Json(ModelMetadata {
+    ModelMetadata {
+        inputs: info.inputs.iter().map(spec).collect(),
+        outputs: info.outputs.iter().map(spec).collect(),
         name: info.name,
         versions: vec![info.version],
         platform: info.platform,
-        inputs: info.inputs.iter().map(spec).collect(),
-        outputs: info.outputs.iter().map(spec).collect(),
-    })
-    .into_response()
+    }
 }
 
 /// 200 or 503, with the answer in the body too.

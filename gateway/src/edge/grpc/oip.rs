@@ -78,18 +78,18 @@ impl GrpcInferenceService for OipService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let rid = request_id(&req);
         let r = req.into_inner();
-        let info = self.entry(&r.name, &r.version).map_err(|e| fail(e, &rid))?.info.unwrap_or_default();
-        let spec = |s: &crate::proto::TensorSpec| TensorMetadata {
-            name: s.name.clone(),
-            datatype: s.datatype.clone(),
-            shape: s.shape.clone(),
+        let meta = super::super::meta::metadata_of(self.entry(&r.name, &r.version).map_err(|e| fail(e, &rid))?);
+        let spec = |s: super::super::meta::TensorMetadata| TensorMetadata {
+            name: s.name,
+            datatype: s.datatype,
+            shape: s.shape,
         };
         Ok(Response::new(ModelMetadataResponse {
-            inputs: info.inputs.iter().map(spec).collect(),
-            outputs: info.outputs.iter().map(spec).collect(),
-            name: info.name,
-            versions: vec![info.version],
-            platform: info.platform,
+            name: meta.name,
+            versions: meta.versions,
+            platform: meta.platform,
+            inputs: meta.inputs.into_iter().map(spec).collect(),
+            outputs: meta.outputs.into_iter().map(spec).collect(),
             properties: HashMap::new(),
         }))
     }
