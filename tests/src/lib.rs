@@ -234,6 +234,28 @@ impl Gateway {
         bail!("gateway not ready after {timeout:?}; log:\n{}", self.log_text())
     }
 
+    /// Wait until `/readyz` reports `n` SERVING workers in the pool named
+    /// `pool`. The gateway is ready once each pool has one; a test that
+    /// stops a particular worker must first know that it ever served.
+    pub fn wait_ready_workers(&self, pool: &str, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + timeout;
+        loop {
+            let ready: Value = reqwest::blocking::get(self.url("/readyz"))?.json()?;
+            let pools = ready["pools"].as_array().cloned().unwrap_or_default();
+            if pools.iter().any(|p| p["pool"] == pool && p["ready_workers"].as_u64() >= Some(n)) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                bail!(
+                    "pool {pool} has not {n} ready workers after {timeout:?}: {ready}
+{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Every log record so far.
     pub fn log(&self) -> Vec<Value> {
         self.log.lock().unwrap().clone()

@@ -609,15 +609,7 @@ fn short_deadlines_on_a_slow_model_blame_no_one_while_a_hung_worker_is_still_eje
     .unwrap();
     // The gateway is ready with one worker serving: wait for both, or the
     // one stopped below may be one that never had a call.
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    let serving = || {
-        let ready: Value = reqwest::blocking::get(gw.url("/readyz")).unwrap().json().unwrap();
-        ready["pools"][0]["ready_workers"] == 2
-    };
-    while !serving() {
-        assert!(std::time::Instant::now() < until, "echo-1 never became SERVING:\n{}", gw.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gw.wait_ready_workers("echo", 2, Duration::from_secs(30)).unwrap();
     for _ in 0..20 {
         assert_eq!(slow_call(&reqwest::blocking::Client::new(), &gw, "echo", 0, None).0, 200);
     }

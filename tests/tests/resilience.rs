@@ -163,6 +163,10 @@ fn a_hung_worker_times_out_at_the_deadline_is_taken_out_and_comes_back_after_sig
          outlier = {{ consecutive = 2, base_ejection = \"1s\" }}\n{NO_CACHE}"
     );
     let gw = Gateway::start_logging(&config, "info,infergate::pool=debug").unwrap();
+    // The gateway is ready with one worker serving. A worker stopped before
+    // it ever answered has no typical latency, so its timeouts blame no one
+    // and only the keepalive (~15 s, more on a loaded machine) takes it out.
+    gw.wait_ready_workers("echo", 2, Duration::from_secs(30)).unwrap();
     let hung = gw.worker_pid("echo-1").unwrap();
     let client = reqwest::blocking::Client::new();
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
