@@ -68,6 +68,11 @@ pub const TOKENS: &str = "infergate_tokens_total";
 /// Estimated cost in US dollars from the configured per-token prices since
 /// start (a running total kept as a gauge), by `model` and `tenant`.
 pub const COST: &str = "infergate_estimated_cost_usd";
+/// Client connections open, by `listener` (`http`, `grpc`).
+pub const CONNECTIONS_OPEN: &str = "infergate_connections_open";
+/// Client connections open without a protocol state (hyper's buffers): not
+/// yet spoken, or HTTP/1.1 keep-alive idle and parked; by `listener`.
+pub const CONNECTIONS_PARKED: &str = "infergate_connections_parked";
 /// Log lines dropped because the log writer fell behind.
 pub const LOG_LINES_DROPPED: &str = "infergate_log_lines_dropped_total";
 /// Request spans not exported over OTLP (queue full, collector unreachable).
@@ -146,6 +151,8 @@ fn describe() {
     counter!(COALESCED, "Requests answered by an identical request in flight");
     counter!(TOKENS, "Tokens by model, tenant and kind (input, output)");
     gauge!(COST, "Estimated cost in USD since start, from configured per-token prices");
+    gauge!(CONNECTIONS_OPEN, "Client connections open, by listener");
+    gauge!(CONNECTIONS_PARKED, "Client connections waiting to be readable without protocol buffers");
     counter!(LOG_LINES_DROPPED, "Log lines dropped because the writer fell behind");
     counter!(SPANS_DROPPED, "Request spans not exported over OTLP");
 }

@@ -11,6 +11,7 @@
 
 pub mod body;
 mod clients;
+mod socket;
 #[cfg(test)]
 mod tests;
 pub mod watch;
@@ -34,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::body::{BodyLimits, TimedBody};
 use self::clients::{Pace, PerClient};
-use self::watch::{ConnState, InFlight, Next, Watched};
+use self::socket::{Dock, Socket, Watched};
+use self::watch::{ConnState, InFlight, Next};
 use crate::config::ConnLimits;
 use crate::policy::PeerAddr;
 
@@ -80,6 +82,7 @@ pub async fn serve(
     let pace = Pace::new(limits.connection_rate_per_client);
     let mut refused = AtBound::new("connection limit reached; refusing new connections");
     let mut paced = AtBound::new("a client opens connections faster than its rate; pacing them");
+    let gauges = Gauges::new(name);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -118,7 +121,14 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(listener = name, error = %e, "cannot set TCP_NODELAY");
         }
-        let conn = Connection { builder: builder.clone(), limits: limits.clone(), app: app.clone(), peer };
+        let conn = Connection {
+            builder: builder.clone(),
+            limits: limits.clone(),
+            app: app.clone(),
+            peer,
+            parked: gauges.parked.clone(),
+        };
+        let open = Counted::new(&gauges.open);
         let stop = stop.clone();
         tokio::spawn(async move {
             // A paced connection waits unread (its deadlines start once it
@@ -127,7 +137,7 @@ pub async fn serve(
                 () = tokio::time::sleep_until(start_at) => conn.run(name, stream, stop).await,
                 () = stop.cancelled() => {}
             }
-            drop((slot, client));
+            drop((slot, client, open));
         });
     }
     drop(listener);
@@ -165,19 +175,65 @@ struct Connection {
     limits: Arc<ConnLimits>,
     app: axum::Router,
     peer: SocketAddr,
+    /// Counts the connection while it waits without hyper.
+    parked: metrics::Gauge,
 }
+
+/// A listener's connection gauges.
+struct Gauges {
+    open: metrics::Gauge,
+    parked: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new(listener: &'static str) -> Self {
+        use crate::telemetry::metrics::{CONNECTIONS_OPEN, CONNECTIONS_PARKED};
+        Self {
+            open: metrics::gauge!(CONNECTIONS_OPEN, "listener" => listener),
+            parked: metrics::gauge!(CONNECTIONS_PARKED, "listener" => listener),
+        }
+    }
+}
+
+/// One unit of a gauge while it lives.
+struct Counted(metrics::Gauge);
+
+impl Counted {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// hyper serving one connection, boxed so that a parked connection's task
+/// does not keep room for it.
+type Served<'a> = Pin<
+    Box<
+        auto::UpgradeableConnection<
+            'a,
+            TokioIo<Watched<TcpStream>>,
+            hyper_util::service::TowerToHyperService<Tracked>,
+            TokioExecutor,
+        >,
+    >,
+>;
 
 impl Connection {
     /// Serve the connection until it ends, closing it when a deadline passes
-    /// and saying goodbye when the listener stops.
+    /// and saying goodbye when the listener stops. A connection waits
+    /// readable before hyper is given it, and an idle HTTP/1.1 one goes back
+    /// to waiting (parked, see `socket`) without hyper's buffers.
     async fn run(self, name: &'static str, stream: TcpStream, stop: CancellationToken) {
         let state = ConnState::new();
-        let body = BodyLimits { timeout: self.limits.body_timeout, min_rate: self.limits.min_body_rate };
-        let service = Tracked { app: self.app, peer: self.peer, state: state.clone(), body };
-        let io = TokioIo::new(Watched::new(stream, state.clone()));
-        let conn =
-            self.builder.serve_connection_with_upgrades(io, hyper_util::service::TowerToHyperService::new(service));
-        let mut conn = std::pin::pin!(conn);
+        let dock = Arc::new(Dock::default());
+        let mut parked = Some((Socket::new(stream), Counted::new(&self.parked)));
+        let mut served: Option<Served<'_>> = None;
         let mut stopping = false;
         // Set once the connection was told to end: it closes by then at the latest.
         let mut closing_by: Option<Instant> = None;
@@ -187,8 +243,12 @@ impl Connection {
                     tracing::debug!(listener = name, peer = %self.peer, why, "closing connection");
                     return;
                 }
+                // A parked connection has nothing in flight and nothing to say.
+                Next::Goodbye { .. } if served.is_none() => return,
                 Next::Goodbye { why, idle } => {
-                    if closing_by.is_none() {
+                    if closing_by.is_none()
+                        && let Some(conn) = served.as_mut()
+                    {
                         tracing::debug!(listener = name, peer = %self.peer, why, "ending connection");
                         conn.as_mut().graceful_shutdown();
                         // Requests in flight get a body's time to finish; an
@@ -206,12 +266,37 @@ impl Connection {
                     None => std::future::pending().await,
                 }
             };
+            if let Some((socket, _)) = parked.as_ref() {
+                tokio::select! {
+                    readable = socket.io().readable() => {
+                        if readable.is_err() {
+                            return;
+                        }
+                        if let Some((socket, _)) = parked.take() {
+                            served = Some(self.serve(socket, &state, &dock));
+                        }
+                    }
+                    () = sleep => {}
+                    () = state.changed() => {}
+                    () = stop.cancelled() => return,
+                }
+                continue;
+            }
+            let Some(conn) = served.as_mut() else { return };
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         tracing::debug!(listener = name, error = %e, "connection ended with an error");
                     }
-                    return;
+                    // Dropping hyper's connection docks the socket if it parked.
+                    served = None;
+                    parked = dock
+                        .take()
+                        .filter(|_| !stopping && closing_by.is_none())
+                        .map(|socket| (socket, Counted::new(&self.parked)));
+                    if parked.is_none() {
+                        return;
+                    }
                 }
                 () = sleep => {
                     if closing_by.is_some_and(|by| Instant::now() >= by) {
@@ -227,6 +312,16 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// A new hyper connection for `socket`.
+    fn serve(&self, socket: Socket<TcpStream>, state: &Arc<ConnState>, dock: &Arc<Dock<TcpStream>>) -> Served<'_> {
+        let body = BodyLimits { timeout: self.limits.body_timeout, min_rate: self.limits.min_body_rate };
+        let service = Tracked { app: self.app.clone(), peer: self.peer, state: state.clone(), body };
+        let io = TokioIo::new(Watched::new(socket, state.clone(), dock.clone()));
+        Box::pin(
+            self.builder.serve_connection_with_upgrades(io, hyper_util::service::TowerToHyperService::new(service)),
+        )
     }
 }
 

@@ -6,13 +6,16 @@ use tokio::net::TcpStream;
 use super::*;
 
 const GET: &[u8] = b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n";
+/// A body larger than what the socket buffers hold.
+const BIG: usize = 8 << 20;
 
 async fn start(limits: ConnLimits) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new()
         .route("/ok", axum::routing::get(|| async { "ok" }))
-        .route("/body", axum::routing::post(read_body));
+        .route("/body", axum::routing::post(read_body))
+        .route("/big", axum::routing::get(|| async { vec![b'x'; BIG] }));
     let stop = CancellationToken::new();
     let task = tokio::spawn(serve("test", listener, app, limits, stop.clone()));
     (addr, stop, task)
@@ -333,4 +336,166 @@ fn frames(mut bytes: &[u8]) -> Vec<u8> {
         bytes = &bytes[(9 + len).min(bytes.len())..];
     }
     types
+}
+
+/// Read until `count` whole answers of `body_len` bytes each have come.
+async fn answers(conn: &mut TcpStream, count: usize, body_len: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    let whole = |seen: &[u8]| {
+        let mut rest = seen;
+        for _ in 0..count {
+            let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+            if rest.len() < end + 4 + body_len {
+                return false;
+            }
+            rest = &rest[end + 4 + body_len..];
+        }
+        true
+    };
+    while !whole(&seen) {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => seen.extend_from_slice(&buf[..n]),
+            other => panic!("{count} answers never came ({other:?}); got {} bytes", seen.len()),
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_parks_and_is_served_whenever_it_speaks_again() {
+    let (addr, stop, task) = start(limits(8, Duration::from_secs(30))).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut conn).await.starts_with("HTTP/1.1 200"));
+    // Parked: two pipelined requests in one write are both answered.
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    conn.write_all(&[GET, GET].concat()).await.unwrap();
+    let seen = answers(&mut conn, 2, 2).await;
+    assert_eq!(String::from_utf8_lossy(&seen).matches("HTTP/1.1 200 OK").count(), 2);
+    // Parked again: a body sent in pieces after its head is read whole.
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    conn.write_all(b"POST /body HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n01234").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.write_all(b"56789").await.unwrap();
+    let seen = String::from_utf8_lossy(&answers(&mut conn, 1, 2).await).into_owned();
+    assert!(seen.starts_with("HTTP/1.1 200") && seen.ends_with("10"), "{seen}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_head_begun_before_the_connection_could_park_is_read_to_its_end() {
+    let (addr, stop, task) = start(limits(8, Duration::from_secs(30))).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(watch::PARK_AFTER / 2).await;
+    // Half a head, then a pause past the time the idle connection would
+    // have parked: hyper holds the half, so it must not be told "end of file".
+    conn.write_all(&GET[..10]).await.unwrap();
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    conn.write_all(&GET[10..]).await.unwrap();
+    let seen = String::from_utf8_lossy(&answers(&mut conn, 1, 2).await).into_owned();
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_answer_the_client_has_not_read_yet_is_never_cut_by_parking() {
+    let (addr, stop, task) = start(limits(8, Duration::from_secs(30))).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    // The answer fills the socket buffers and waits in hyper's while the
+    // client reads nothing, past the time an idle connection parks.
+    tokio::time::sleep(watch::PARK_AFTER * 3).await;
+    let seen = answers(&mut conn, 1, BIG).await;
+    assert!(seen.starts_with(b"HTTP/1.1 200"));
+    assert!(request(&mut conn).await.starts_with("HTTP/1.1 200"), "the connection did not serve on");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_parked_connection_still_closes_at_its_idle_timeout_and_at_once_on_stop() {
+    let idle_timeout = watch::PARK_AFTER * 3;
+    let (addr, stop, task) = start(limits(8, idle_timeout)).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut conn).await.starts_with("HTTP/1.1 200"));
+    let idle = Instant::now();
+    let closed = time_to_close(&mut conn, Duration::from_secs(10)).await.expect("parked connection stayed open");
+    assert!(closed >= idle_timeout - Duration::from_millis(50), "closed before the idle timeout: {closed:?}");
+    assert!(idle.elapsed() < idle_timeout + Duration::from_secs(2), "closed late: {:?}", idle.elapsed());
+
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut conn).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    stop.cancel();
+    assert!(time_to_close(&mut conn, Duration::from_secs(1)).await.is_some(), "a parked connection outlived the stop");
+    tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_pipelined_head_cut_in_two_across_an_idle_pause_is_read_to_its_end() {
+    let (addr, stop, task) = start(limits(8, Duration::from_secs(30))).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    // The second head's first bytes come with the first request: hyper holds
+    // them once the first is answered, and the connection looks idle.
+    conn.write_all(&[GET, &GET[..10]].concat()).await.unwrap();
+    answers(&mut conn, 1, 2).await;
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    conn.write_all(&GET[10..]).await.unwrap();
+    let seen = String::from_utf8_lossy(&answers(&mut conn, 1, 2).await).into_owned();
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An HTTP/2 HEADERS frame for `GET /ok` on `stream`, ending it (HPACK
+/// literals without indexing or Huffman coding).
+fn h2_get(stream: u32) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [(":method", "GET"), (":scheme", "http"), (":path", "/ok"), (":authority", "t")] {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x4 | 0x1];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_never_parked() {
+    let mut l = limits(8, Duration::from_secs(30));
+    // The server's own ping makes hyper read again, finding nothing more,
+    // after the connection has been idle long enough to park.
+    l.keepalive_interval = watch::PARK_AFTER * 3 / 2;
+    let (addr, stop, task) = start(l).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(&[H2_PREFACE, &EMPTY_SETTINGS, &h2_get(1)].concat()).await.unwrap();
+    // Reads until the server sent a HEADERS frame (0x1) for the request.
+    async fn answered(conn: &mut TcpStream) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut buf = [0; 4096];
+        while !frames(&seen).contains(&0x1) {
+            match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+                Ok(Ok(n @ 1..)) => seen.extend_from_slice(&buf[..n]),
+                other => panic!("no answer ({other:?}); frames {:?}", frames(&seen)),
+            }
+        }
+        seen
+    }
+    answered(&mut conn).await;
+    // Idle past the time an HTTP/1.1 connection parks: HTTP/2's state
+    // lives in hyper, and "end of file" would end the connection.
+    tokio::time::sleep(watch::PARK_AFTER * 2).await;
+    conn.write_all(&h2_get(3)).await.unwrap();
+    let seen = answered(&mut conn).await;
+    assert!(!frames(&seen).contains(&0x7), "GOAWAY among {:?}", frames(&seen));
+    drop(conn);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -2,18 +2,14 @@
 //! has finished its handshake, how many requests it has in flight, since
 //! when it has been idle, and when the head it is reading began.
 //!
-//! The socket wrapper ([`Watched`]) and the per-request token
+//! The socket wrapper (`socket::Watched`, through [`Follow`]) and the per-request token
 //! ([`InFlight`]) write it; the connection's task ([`ConnState::next`])
 //! reads it to decide when to close.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -45,6 +41,13 @@ pub const MAX_RESETS_PER_SECOND: u32 = 200;
 /// (its open calls finish). Counting streams opened in between instead was
 /// tried and dropped: refused HEADERS let an attacker pad that count.
 const QUICK_RESET_MS: u64 = 100;
+
+/// How long an HTTP/1.1 connection must have been idle between requests
+/// before it gives hyper's buffers back (see `socket`). A client that keeps
+/// its connection busy never pays for setting one up again; one that sends
+/// a request now and then pays a few microseconds each time.
+pub const PARK_AFTER: Duration = Duration::from_millis(PARK_AFTER_MS);
+const PARK_AFTER_MS: u64 = 50;
 
 /// Streams remembered per connection at most (h2 allows 256 open at once).
 const MAX_TRACKED_STREAMS: usize = 1024;
@@ -172,6 +175,17 @@ impl ConnState {
         }
     }
 
+    /// Whether an idle connection may give its buffers back now: it has
+    /// served a request, none is in flight, no head has begun since, and it
+    /// has been idle for [`PARK_AFTER`].
+    pub fn may_park(&self) -> bool {
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.active.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Relaxed) == NONE
+            && !self.doomed.load(Ordering::Acquire)
+            && self.now_ms().saturating_sub(self.idle_since.load(Ordering::Acquire)) >= PARK_AFTER_MS
+    }
+
     /// The next thing due on this connection under `limits`, at `now`.
     pub fn next(&self, limits: &ConnLimits, now: Instant) -> Next {
         if self.doomed.load(Ordering::Acquire) {
@@ -199,10 +213,14 @@ impl ConnState {
         if let Some(at) = head.filter(|_| !h2) {
             return due(at, Next::Close("header timeout"));
         }
-        due(
-            self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout,
-            Next::Goodbye { why: "idle timeout", idle: true },
-        )
+        let idle_since = self.at(self.idle_since.load(Ordering::Acquire));
+        match due(idle_since + limits.idle_timeout, Next::Goodbye { why: "idle timeout", idle: true }) {
+            // An HTTP/1.1 connection is looked at once more when it may park.
+            Next::Wait(Some(at)) if !h2 && idle_since + PARK_AFTER > now => {
+                Next::Wait(Some(at.min(idle_since + PARK_AFTER)))
+            }
+            next => next,
+        }
     }
 }
 
@@ -382,6 +400,12 @@ impl Http1 {
         Self { heads: 0, at: At::head() }
     }
 
+    /// At the start of a request line, with none of it read (blank lines
+    /// before one are skipped by hyper too).
+    fn between_messages(&self) -> bool {
+        matches!(self.at, At::Head { len: 0, lines: 0, .. })
+    }
+
     /// Follow the next bytes; `false` once the framing is lost (hyper refuses
     /// such bytes and closes the connection itself).
     fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Seen)) -> bool {
@@ -514,68 +538,40 @@ impl Opened {
     }
 }
 
-/// A client socket that reports reads to its [`ConnState`].
-pub struct Watched<T> {
-    io: T,
-    state: Arc<ConnState>,
+/// Follows what a client sends, without keeping it, and reports it to the
+/// connection's [`ConnState`]; lasts as long as the socket.
+pub struct Follow {
     sniff: Sniff,
     opened: Opened,
 }
 
-impl<T> Watched<T> {
-    pub fn new(io: T, state: Arc<ConnState>) -> Self {
-        Self { io, state, sniff: Sniff::new(), opened: Opened::default() }
+impl Default for Follow {
+    fn default() -> Self {
+        Self { sniff: Sniff::new(), opened: Opened::default() }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && buf.filled().len() > before
-        {
-            let this = &mut *self;
-            let (state, opened) = (&this.state, &mut this.opened);
-            this.sniff.feed(&buf.filled()[before..], &mut |seen| match seen {
-                Seen::Ready => state.h2_ready.store(true, Ordering::Release),
-                Seen::Headers(stream) => opened.headers(stream, state.now_ms()),
-                Seen::Reset(stream) => {
-                    if opened.quick_reset(stream, state.now_ms()) {
-                        state.note_reset();
-                    }
+impl Follow {
+    /// Bytes were read from the peer.
+    pub fn read(&mut self, state: &ConnState, data: &[u8]) {
+        let opened = &mut self.opened;
+        self.sniff.feed(data, &mut |seen| match seen {
+            Seen::Ready => state.h2_ready.store(true, Ordering::Release),
+            Seen::Headers(stream) => opened.headers(stream, state.now_ms()),
+            Seen::Reset(stream) => {
+                if opened.quick_reset(stream, state.now_ms()) {
+                    state.note_reset();
                 }
-                Seen::Ambiguous(head) => state.ambiguous_head.store(head, Ordering::Release),
-            });
-            state.on_read();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+            }
+            Seen::Ambiguous(head) => state.ambiguous_head.store(head, Ordering::Release),
+        });
+        state.on_read();
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    /// An HTTP/1.1 connection whose every byte read so far belongs to a
+    /// whole message: nothing of the next one has come.
+    pub fn between_http1_messages(&self) -> bool {
+        matches!(&self.sniff, Sniff::Http1(h1) if h1.between_messages())
     }
 }
 
