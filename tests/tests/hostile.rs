@@ -1168,3 +1168,66 @@ fn a_client_abandoning_slow_calls_keeps_its_connection() {
     });
     assert!(!gw.log_text().contains("client reset more than"), "{}", gw.log_text());
 }
+
+/// A gauge's value for one listener in the gateway's /metrics.
+fn listener_gauge(gw: &Gateway, name: &str, listener: &str) -> f64 {
+    let text = reqwest::blocking::get(gw.url("/metrics")).unwrap().text().unwrap();
+    let series = format!("{name}{{listener=\"{listener}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+#[test]
+fn thousands_of_idle_keep_alive_connections_cost_a_few_kib_each_and_are_all_served_again() {
+    const IDLE: usize = 4000;
+    let text = config("").replacen(
+        "max_connections = 256\nmax_connections_per_client = 128",
+        "max_connections = 8192\nmax_connections_per_client = 8192\nconnection_rate_per_client = 0",
+        1,
+    );
+    let gw = Gateway::start(&text).unwrap();
+    let served = |conn: &mut std::net::TcpStream| {
+        use std::io::{Read, Write};
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut buf = [0; 512];
+        let n = conn.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    };
+    let mut first = std::net::TcpStream::connect(gw.http).unwrap();
+    served(&mut first);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = status_kb(gw.pid(), "VmRSS");
+    // Each sends a request at once, and waits for the answer after all sent.
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        let mut conn = std::net::TcpStream::connect_timeout(&gw.http, Duration::from_secs(5)).unwrap();
+        use std::io::Write;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        idle.push(conn);
+    }
+    for conn in &mut idle {
+        use std::io::Read;
+        let mut buf = [0; 512];
+        let n = conn.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    // Every idle connection (and the first) parks within a few seconds.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while listener_gauge(&gw, "infergate_connections_parked", "http") < (IDLE + 1) as f64 {
+        assert!(std::time::Instant::now() < until, "not all idle connections parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = status_kb(gw.pid(), "VmRSS");
+    let per_conn = after.saturating_sub(before) as f64 / IDLE as f64;
+    eprintln!("RSS {before} kB -> {after} kB with {IDLE} idle connections: {per_conn:.2} KiB each");
+    assert!(per_conn <= 6.0, "{per_conn:.2} KiB per idle connection");
+    // Meanwhile an ordinary client is served, and every parked connection
+    // answers its next request.
+    rt().block_on(async {
+        let seen = Ordinary::new(&gw).run(20, Duration::from_millis(10)).await;
+        assert!(seen.errors.is_empty(), "{:?}", seen.errors);
+    });
+    for conn in &mut idle {
+        served(conn);
+    }
+    assert!(listener_gauge(&gw, "infergate_connections_open", "http") >= (IDLE + 1) as f64);
+}
