@@ -45,7 +45,7 @@ build:
 
 # Side-by-side scenarios (benches/scenarios.py); SCENARIO=name runs one.
 bench: $(STAMPS)/venv-bench
-	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench
+	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench --bin infergate-ceiling
 	$(VPY) benches/scenarios.py $(SCENARIO)
 
 run: venv build-release
