@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY = ROOT / "target/release/infergate"
+# INFERGATE_BENCH_GATEWAY: another gateway binary (an A/B run against an older build).
+GATEWAY = Path(os.environ.get("INFERGATE_BENCH_GATEWAY", ROOT / "target/release/infergate"))
 BENCH = ROOT / "target/release/infergate-bench"
 PYTHON = ROOT / ".venv/bin/python"
 RESULTS = ROOT / "benches/results"
