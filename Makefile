@@ -12,12 +12,13 @@ VPY := $(VENV)/bin/python
 STAMPS := .stamps
 WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
 
-.PHONY: run test bench venv build build-release test-rust test-python test-deploy lint fmt clean help redis-server prometheus
+.PHONY: run test bench profile venv build build-release test-rust test-python test-deploy lint fmt clean help redis-server prometheus
 
 help:
 	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
 	@echo "make test  - unit, integration and end-to-end tests, clippy, rustfmt, ruff"
 	@echo "make bench - benchmark scenarios side by side (SCENARIO=name for one)"
+	@echo "make profile SCENARIO=tiny RATE=4000 TAG=before - flamegraphs of the gateway and its worker under load"
 
 # The worker venv: the SDK (stubs generated from proto/ at install), the
 # MiniLM example's PyTorch stack, and test tools. torch comes from PyPI
@@ -47,6 +48,15 @@ build:
 bench: $(STAMPS)/venv-bench
 	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench --bin infergate-ceiling
 	$(VPY) benches/scenarios.py $(SCENARIO)
+
+# CPU profiles under load (benches/profile.py: perf + inferno for the gateway,
+# py-spy for its worker), e.g. make profile SCENARIO=tiny RATE=4000 TAG=before
+profile: $(STAMPS)/venv-bench .tools/bin/inferno-flamegraph
+	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench
+	cd benches && ../$(VPY) profile.py $(SCENARIO) --rate $(RATE) --tag $(or $(TAG),now)
+
+.tools/bin/inferno-flamegraph:
+	cargo install --locked --quiet --root .tools inferno
 
 run: venv build-release
 	./target/release/infergate serve
@@ -84,13 +94,13 @@ lint: venv
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	# The gateway without Python (no `embedded` pool kind) builds too.
 	cargo clippy --locked -p infergate --no-default-features -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
 
 test: lint test-python test-deploy test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
 
 clean:
 	cargo clean

@@ -37,9 +37,8 @@ async fn infer(Path(model): Path<String>, Json(request): Json<Value>) -> Result<
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let app = axum::Router::new()
-        .route("/v2/models/{model}/infer", post(infer))
-        .route("/healthz", get(|| async { "ok" }));
+    let app =
+        axum::Router::new().route("/v2/models/{model}/infer", post(infer)).route("/healthz", get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     axum::serve(listener, app).await?;
     Ok(())
