@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,10 @@ def children(pid: int) -> list[int]:
 
 
 def folded_top(
-    folded: Path, n: int = 10
+    folded: Path, n: int = 12
 ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """The `n` leaf frames with the most samples, and samples per library or
-    crate (the leaf's module prefix), as shares of all samples."""
+    """The `n` leaf frames with the most samples (self time), and samples by
+    owner (see `owner`), as shares of all samples."""
     leaves: collections.Counter[str] = collections.Counter()
     owners: collections.Counter[str] = collections.Counter()
     total = 0
@@ -81,24 +82,37 @@ def folded_top(
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        leaf = stack.rsplit(";", 1)[-1]
-        leaves[leaf] += int(count)
-        owners[owner(leaf)] += int(count)
+        frames = stack.split(";")
+        leaves[frames[-1]] += int(count)
+        owners[owner(frames)] += int(count)
         total += int(count)
-    share = lambda c: [(k, v / total) for k, v in c.most_common(n)]  # noqa: E731
+
+    def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(k, v / total) for k, v in c.most_common(n)]
+
     return share(leaves), share(owners)
 
 
-def owner(frame: str) -> str:
-    """A frame's crate (`tokio::…`), the kernel, native code without a Rust
-    path (libc's malloc and memmove, OpenSSL, ...), or a Python file."""
-    frame = frame.strip()
-    if frame.endswith("_[k]"):  # inferno-collapse-perf --all marks kernel frames
-        return "kernel"
-    if "(" in frame and frame.endswith(")"):  # py-spy: "function (file.py:line)"
-        return frame[frame.rfind("(") + 1 : -1].split(":")[0].rsplit("/", 1)[-1]
-    head = frame.lstrip("<&").split("::", 1)[0]
-    return head if head and "::" in frame else "native (libc, ...)"
+STD = ("core", "alloc", "std")
+
+
+def owner(frames: list[str]) -> str:
+    """Who a stack's time belongs to: the deepest frame of a crate (its first
+    two path segments, `hyper::proto`) or Python file, skipping the standard
+    library; kernel time is named after the code that entered the kernel."""
+    kernel = False
+    for frame in reversed(frames):
+        frame = frame.strip()
+        if frame.endswith("_[k]"):  # inferno-collapse-perf --all marks kernel frames
+            kernel = True
+            continue
+        if "(" in frame and frame.endswith(")"):  # py-spy: "function (file.py:line)"
+            return frame[frame.rfind("(") + 1 : -1].split(":")[0].rsplit("/", 1)[-1]
+        m = re.match(r"^<?([a-z_0-9]+)::([A-Za-z_0-9]+)", frame)
+        if m and m.group(1) not in STD:
+            name = f"{m.group(1)}::{m.group(2)}"
+            return f"kernel, under {name}" if kernel else name
+    return "kernel" if kernel else "native (libc, ...)"
 
 
 def table(rows: list[tuple[str, float]]) -> str:
@@ -134,7 +148,18 @@ def main() -> int:
             time.sleep(2)
             perf_data = tmp / "perf.data"
             perf = subprocess.Popen(
-                ["perf", "record", "-F", "999", "-g", "-o", str(perf_data), "-p", str(gw_pid)],
+                [
+                    "perf",
+                    "record",
+                    "-F",
+                    "299",
+                    "--call-graph",
+                    "dwarf,32768",
+                    "-o",
+                    str(perf_data),
+                    "-p",
+                    str(gw_pid),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -197,7 +222,13 @@ def main() -> int:
                 (a.keep / f"{svg.stem}.folded").write_bytes(folded.read_bytes())
             with svg.open("wb") as out:
                 subprocess.run(
-                    [str(TOOLS / "inferno-flamegraph"), "--title", f"{name} {title}"],
+                    [
+                        str(TOOLS / "inferno-flamegraph"),
+                        "--minwidth",
+                        "1",
+                        "--title",
+                        f"{name} {title}",
+                    ],
                     stdin=folded.open("rb"),
                     stdout=out,
                     check=True,
@@ -205,7 +236,10 @@ def main() -> int:
             leaves, owners = folded_top(folded)
             md.append(f"## {title}\n\nFlamegraph: `{svg.name}`.\n\nSelf time by leaf frame:\n")
             md.append(table(leaves))
-            md.append("\nBy library, crate or Python file (leaf frames):\n")
+            md.append(
+                "\nBy owner: the deepest frame of a crate (`crate::module`) or Python "
+                "file on each stack; kernel time is named after the code that entered it:\n"
+            )
             md.append(table(owners))
         (OUT / f"{name}.md").write_text("\n".join(md))
         print("\n".join(md))
