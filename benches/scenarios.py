@@ -295,6 +295,32 @@ def knee_summary(searches: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def knees_side_by_side(
+    steps: dict[str, list[str]],
+    starts: dict[str, float],
+    slo_ms: float,
+    tmp: Path,
+    floor: float = 1.0,
+) -> dict[str, dict[str, Any]]:
+    """Each system's knee (`knee_summary`): SEARCHES rounds in which the
+    systems take turns, one search each. `steps[name]` is a load step's
+    arguments to that system but its rate."""
+    searches: dict[str, list[dict[str, Any]]] = {name: [] for name in steps}
+    for rnd in range(SEARCHES):
+        for name, args in steps.items():
+
+            def probe(
+                rate: float, name: str = name, args: list[str] = args, rnd: int = rnd
+            ) -> dict[str, Any]:
+                label = f"{name}-{rnd}@{rate:.0f}"
+                return load([*args, "--rate", str(rate)], label, tmp)["reports"][0]
+
+            found = search_knee(probe, starts[name], slo_ms, floor=floor)
+            searches[name].append(found)
+            print(f"{name} search {rnd + 1}: {found['knee_rps']} rps", file=sys.stderr)
+    return {name: knee_summary(found) for name, found in searches.items()}
+
+
 def probes_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every load step of a system's searches, by offered rate (for plots and tables)."""
     steps = [p for s in summary["searches"] for p in s["probes"]]
@@ -478,21 +504,10 @@ def scenario_tiny(tmp: Path) -> None:
             "fastapi": stack.enter_context(fastapi("infergate_worker.examples.echo:Echo", tmp)),
             "ceiling": stack.enter_context(ceiling(tmp)),
         }
-        searches: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-        # The systems take turns, one search each per round.
-        for rnd in range(SEARCHES):
-            for name, url in urls.items():
-
-                def probe(
-                    rate: float, name: str = name, url: str = url, rnd: int = rnd
-                ) -> dict[str, Any]:
-                    args = ["--url", url + "/v2/models/echo/infer", *body, "--rate", str(rate)]
-                    return load(args, f"{name}-{rnd}@{rate:.0f}", tmp)["reports"][0]
-
-                found = search_knee(probe, starts[name], slo)
-                searches[name].append(found)
-                print(f"tiny {name} search {rnd + 1}: {found['knee_rps']} rps", file=sys.stderr)
-    knees = {name: knee_summary(found) for name, found in searches.items()}
+        steps = {
+            name: ["--url", url + "/v2/models/echo/infer", *body] for name, url in urls.items()
+        }
+        knees = knees_side_by_side(steps, starts, slo, tmp)
     med = {name: k["median_rps"] for name, k in knees.items()}
     vs_fastapi = med["infergate"] / med["fastapi"] if med["fastapi"] else None
     of_ceiling = med["infergate"] / med["ceiling"] if med["ceiling"] else None
@@ -566,18 +581,8 @@ def scenario_minilm(tmp: Path) -> None:
             "infergate": stack.enter_context(gateway(minilm_pool(cores), tmp))["http"],
             "fastapi": stack.enter_context(fastapi("infergate_worker.examples.minilm:MiniLM", tmp)),
         }
-        searches: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-        for rnd in range(SEARCHES):
-            for name, url in urls.items():
-
-                def probe(
-                    rate: float, name: str = name, url: str = url, rnd: int = rnd
-                ) -> dict[str, Any]:
-                    step = ["--url", url + "/v1/embeddings", *args, "--rate", str(rate)]
-                    return load(step, f"{name}-{rnd}@{rate:.0f}", tmp)["reports"][0]
-
-                searches[name].append(search_knee(probe, starts[name], slo, floor=5))
-        knees = {name: knee_summary(found) for name, found in searches.items()}
+        steps = {name: ["--url", url + "/v1/embeddings", *args] for name, url in urls.items()}
+        knees = knees_side_by_side(steps, starts, slo, tmp, floor=5)
         # Both systems at FastAPI's median knee, side by side.
         fa_rate = knees["fastapi"]["median_rps"]
         at_fa = {
@@ -685,30 +690,15 @@ def scenario_reject(tmp: Path) -> None:
     # One request per key for the whole run: everything after the first is 429.
     never = "[limits]\nper_key = { rate = 0.0001, burst = 1 }\n"
     refusing = {"401": (echo + auth, []), "429": (echo + auth + never, bearer)}
-    refusals: dict[str, list[dict[str, Any]]] = {"401": [], "429": []}
     with contextlib.ExitStack() as stack:
-        gws = {}
+        steps = {}
         for status, (config, headers) in refusing.items():
             sub = tmp / f"refuse{status}"
             sub.mkdir()
-            gws[status] = (stack.enter_context(gateway(config, sub))["http"] + url, headers)
-        # The two gateways take turns, one search each per round.
-        for rnd in range(SEARCHES):
-            for status, (target, headers) in gws.items():
-
-                def probe(
-                    rate: float,
-                    status: str = status,
-                    target: str = target,
-                    headers: list[str] = headers,
-                    rnd: int = rnd,
-                ) -> dict[str, Any]:
-                    args = ["--url", target, *body, *headers, "--expect-status", status]
-                    label = f"{status}-{rnd}@{rate:.0f}"
-                    return load([*args, "--rate", str(rate)], label, tmp)["reports"][0]
-
-                refusals[status].append(search_knee(probe, 40_000, slo))
-    r401, r429 = knee_summary(refusals["401"]), knee_summary(refusals["429"])
+            target = stack.enter_context(gateway(config, sub))["http"] + url
+            steps[status] = ["--url", target, *body, *headers, "--expect-status", status]
+        refused = knees_side_by_side(steps, {status: 40_000 for status in steps}, slo, tmp)
+    r401, r429 = refused["401"], refused["429"]
 
     # Admitted calls at a fixed rate: no policy, local limits, Redis limits.
     # The three gateways run side by side and take turns, several rounds, so
