@@ -555,6 +555,63 @@ def scenario_tiny(tmp: Path) -> None:
     write("tiny", doc, summary + head + table)
 
 
+ALLOCS = ROOT / "target/release/infergate-allocs"
+# A frozen record of an earlier build's figures (`commit` names it), shown
+# beside this build's.
+ALLOCS_BEFORE = RESULTS / "allocs-before.json"
+
+
+def scenario_allocs(tmp: Path) -> None:
+    """Heap allocations (and bytes) the gateway makes per request on the
+    happy path: an echo infer, a MiniLM embedding, an echo chat completion,
+    counted by a global allocator on the gateway's own threads
+    (benches/src/bin/infergate-allocs.rs)."""
+    http_port, grpc_port = free_port(), free_port()
+    config = tmp / "infergate.toml"
+    config.write_text(
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n[grpc]\nlisten = "127.0.0.1:{grpc_port}"\n'
+        f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n[cache]\nenabled = false\n'
+        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n'
+        + minilm_pool(1)
+    )
+    bodies = ROOT / "benches/bodies"
+    kinds = {
+        "infer": f"/v2/models/echo/infer={ECHO_BODY}",
+        "embed": f"/v1/embeddings={bodies / 'embed-minilm.json'}",
+        "chat": f"/v1/chat/completions={bodies / 'chat-echo.json'}",
+    }
+    out = tmp / "allocs.json"
+    cmd = [str(ALLOCS), "--config", str(config), "--json", str(out), "--requests", "1000"]
+    for name, spec in kinds.items():
+        cmd += ["--kind", f"{name}={spec}"]
+    with (tmp / "allocs.log").open("w") as log:
+        subprocess.run(pinned(cmd, SERVER_CPUS), check=True, stdout=log, stderr=subprocess.STDOUT)
+    figures = json.loads(out.read_text())
+    before = json.loads(ALLOCS_BEFORE.read_text()) if ALLOCS_BEFORE.exists() else None
+    old = {f["kind"]: f for f in before["figures"]} if before else {}
+    head = "| request | allocations | bytes |"
+    rule = "|---|---:|---:|"
+    if before:
+        head += f" allocations at {before['commit']} | bytes at {before['commit']} |"
+        rule += "---:|---:|"
+    rows = ""
+    for f in figures:
+        rows += f"| {f['kind']} `{f['path']}` | {f['allocations_per_request']:.1f} "
+        rows += f"| {f['bytes_per_request']:.0f} |"
+        if f["kind"] in old:
+            o = old[f["kind"]]
+            rows += f" {o['allocations_per_request']:.1f} | {o['bytes_per_request']:.0f} |"
+        rows += "\n"
+    md = (
+        "Heap allocations and bytes allocated per request by the gateway (its runtime's "
+        "threads; the client's are not counted), one request at a time over one keep-alive "
+        "connection, 1,000 requests of each kind after 200 to warm up; the gateway's "
+        "background allocations over an equally long idle window are taken off. Bodies: "
+        "`benches/bodies/`.\n\n" + head + "\n" + rule + "\n" + rows
+    )
+    write("allocs", {"machine": machine(), "figures": figures, "before": before}, md)
+
+
 def scenario_minilm(tmp: Path) -> None:
     """MiniLM embeddings of unique texts: infergate vs FastAPI vs the raw batched
     model loop; each system's highest rate with p99 < 500 ms by bisection, three
@@ -1460,6 +1517,7 @@ SCENARIOS = {
     "minilm-zipf": scenario_minilm_zipf,
     "embedded": scenario_embedded,
     "tensor": scenario_tensor,
+    "allocs": scenario_allocs,
 }
 
 
