@@ -571,8 +571,7 @@ def scenario_allocs(tmp: Path) -> None:
     config.write_text(
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n[grpc]\nlisten = "127.0.0.1:{grpc_port}"\n'
         f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n[cache]\nenabled = false\n'
-        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n'
-        + minilm_pool(1)
+        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n' + minilm_pool(1)
     )
     bodies = ROOT / "benches/bodies"
     kinds = {

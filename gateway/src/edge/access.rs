@@ -10,7 +10,7 @@
 //! `user:<sub>` or `anonymous`.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::policy::Caller;
+use crate::telemetry::metrics::Handles;
 use crate::telemetry::otlp;
 use crate::telemetry::timing::{self, Timings};
 use crate::telemetry::trace::{self, TraceContext};
@@ -105,6 +106,63 @@ fn grpc_methods() -> &'static std::collections::HashSet<String> {
     })
 }
 
+/// The route label of a request that matched no route (or no real gRPC method).
+const UNMATCHED: &str = "unmatched";
+
+/// A route pattern as a `&'static str`, for labels without an allocation per
+/// request: the router's patterns are few and fixed, so each is kept once.
+fn interned(pattern: &str) -> &'static str {
+    /// More patterns than any router here has: past it, a pattern is not kept.
+    const MAX: usize = 256;
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = seen.iter().find(|known| **known == pattern) {
+        return known;
+    }
+    if seen.len() >= MAX {
+        return UNMATCHED;
+    }
+    let kept: &'static str = Box::leak(pattern.into());
+    seen.push(kept);
+    kept
+}
+
+/// A layer inside the REST router: names the route pattern a request
+/// matched in its timings, for [`access_log`], which runs once outside the
+/// router rather than around each route.
+#[derive(Clone, Copy, Default)]
+pub struct NameRoute;
+
+impl<S> tower::Layer<S> for NameRoute {
+    type Service = NamedRoute<S>;
+
+    fn layer(&self, inner: S) -> NamedRoute<S> {
+        NamedRoute(inner)
+    }
+}
+
+/// See [`NameRoute`].
+#[derive(Clone)]
+pub struct NamedRoute<S>(S);
+
+impl<S: tower::Service<Request>> tower::Service<Request> for NamedRoute<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> S::Future {
+        if let Some(path) = req.extensions().get::<MatchedPath>() {
+            let route = interned(path.as_str());
+            timing::with_current(|t| t.name_route(route));
+        }
+        self.0.call(req)
+    }
+}
+
 /// Which edge a request came through: how its route and status read.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Surface {
@@ -157,12 +215,12 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let wall = std::time::SystemTime::now();
     let method = req.method().clone();
-    let route = match (surface, req.extensions().get::<MatchedPath>()) {
+    // REST runs this outside its router: the route is named inside it (see
+    // `NameRoute`) and read once the response is back.
+    let grpc_route = match (surface, req.extensions().get::<MatchedPath>()) {
         // A service's routes match any method name; only real ones are labels.
-        (Surface::Grpc, Some(_)) if grpc_methods().contains(req.uri().path()) => req.uri().path().to_owned(),
-        (Surface::Grpc, Some(_)) => "unmatched".to_owned(),
-        (Surface::Http, Some(p)) => p.as_str().to_owned(),
-        (_, None) => "unmatched".to_owned(),
+        (Surface::Grpc, Some(_)) => grpc_methods().get(req.uri().path()).map_or(UNMATCHED, String::as_str),
+        (_, _) => UNMATCHED,
     };
     let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let trace = trace_of(req.headers());
@@ -183,32 +241,20 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         Surface::Grpc if status.is_success() => grpc_status_of(resp.headers()),
         Surface::Grpc => Some(tonic::Code::Unavailable as i32),
     };
-    // A method no service has: its name is the caller's, not a route.
-    let route = if grpc_status == Some(tonic::Code::Unimplemented as i32) { "unmatched".to_owned() } else { route };
-    metrics::histogram!(crate::telemetry::metrics::TIME_TO_FIRST_BYTE, "route" => route.clone())
-        .record(head.as_secs_f64());
-    metrics::histogram!(crate::telemetry::metrics::GATEWAY_OVERHEAD, "route" => route.clone())
-        .record(timings.overhead(head).as_secs_f64());
-    let served = resp.extensions().get::<Served>();
-    let caller = resp.extensions().get::<Arc<Caller>>();
-    // What answered, else what the request named (an error's model too);
-    // a name the gateway does not know is logged but never a label.
-    let named = timings.named().cloned();
-    let (model, model_label) = match (served, named) {
-        (Some(s), _) => (s.model.clone(), s.model.clone()),
-        (None, Some(n)) if n.known => (n.model.clone(), n.model),
-        (None, Some(n)) => (n.model, "unknown".to_owned()),
-        (None, None) => ("-".to_owned(), "-".to_owned()),
+    let route = match surface {
+        Surface::Http => timings.route().unwrap_or(UNMATCHED),
+        // A method no service has: its name is the caller's, not a route.
+        Surface::Grpc if grpc_status == Some(tonic::Code::Unimplemented as i32) => UNMATCHED,
+        Surface::Grpc => grpc_route,
     };
+    by_route(&HEAD_TIMES, route).record(head.as_secs_f64());
+    by_route(&OVERHEADS, route).record(timings.overhead(head).as_secs_f64());
     let record = Record {
         surface,
         method,
         route,
-        model,
-        model_label,
-        variant: served.and_then(|s| s.variant.as_deref()).unwrap_or("-").to_owned(),
-        tenant: caller.map_or("-", |c| &c.tenant).to_owned(),
-        caller: caller.map_or_else(|| "-".to_owned(), |c| c.id()),
+        served: resp.extensions_mut().remove::<Served>(),
+        caller: resp.extensions().get::<Arc<Caller>>().cloned(),
         status,
         grpc_status,
         request_id,
@@ -263,14 +309,10 @@ impl Ended {
 struct Record {
     surface: Surface,
     method: http::Method,
-    route: String,
-    /// For the access line: what answered or what the request named.
-    model: String,
-    /// For metrics: `model` when the gateway knows it, else `unknown`.
-    model_label: String,
-    variant: String,
-    tenant: String,
-    caller: String,
+    route: &'static str,
+    /// What answered, when a model did.
+    served: Option<Served>,
+    caller: Option<Arc<Caller>>,
     status: http::StatusCode,
     grpc_status: Option<i32>,
     request_id: String,
@@ -280,10 +322,49 @@ struct Record {
     timings: Arc<Timings>,
 }
 
+/// A caller as the access line names it (see [`Caller::id`]), written only
+/// when the line is.
+struct CallerId<'a>(Option<&'a Caller>);
+
+impl std::fmt::Display for CallerId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(caller) => f.write_str(&caller.id()),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Most label sets whose metric handles are kept (see [`Handles`]).
+const MAX_LABEL_SETS: usize = 4096;
+
+static HEAD_TIMES: LazyLock<Handles<metrics::Histogram>> = LazyLock::new(|| Handles::new(MAX_LABEL_SETS));
+static OVERHEADS: LazyLock<Handles<metrics::Histogram>> = LazyLock::new(|| Handles::new(MAX_LABEL_SETS));
+static REQUEST_COUNTS: LazyLock<Handles<metrics::Counter>> = LazyLock::new(|| Handles::new(MAX_LABEL_SETS));
+static DURATIONS: LazyLock<Handles<metrics::Histogram>> = LazyLock::new(|| Handles::new(MAX_LABEL_SETS));
+
+/// The histogram of `handles` (time to first byte, or overhead) for `route`.
+fn by_route(handles: &LazyLock<Handles<metrics::Histogram>>, route: &'static str) -> metrics::Histogram {
+    use crate::telemetry::metrics::{GATEWAY_OVERHEAD, TIME_TO_FIRST_BYTE};
+    let name = if std::ptr::eq(handles, &HEAD_TIMES) { TIME_TO_FIRST_BYTE } else { GATEWAY_OVERHEAD };
+    handles.get(&[route], || metrics::histogram!(name, "route" => route))
+}
+
 impl Record {
     fn finish(self, bytes: u64, ended: Ended) {
         let latency = self.started.elapsed();
-        let (route, model, variant, tenant) = (&self.route, &*self.model, &*self.variant, &*self.tenant);
+        // What answered, else what the request named (an error's model too);
+        // a name the gateway does not know is logged but never a label.
+        let named = self.timings.named();
+        let (model, model_label) = match (&self.served, named) {
+            (Some(s), _) => (&*s.model, &*s.model),
+            (None, Some(n)) if n.known => (&*n.model, &*n.model),
+            (None, Some(n)) => (&*n.model, "unknown"),
+            (None, None) => ("-", "-"),
+        };
+        let variant = self.served.as_ref().and_then(|s| s.variant.as_deref()).unwrap_or("-");
+        let tenant = self.caller.as_ref().map_or("-", |c| &*c.tenant);
+        let route = self.route;
         let (class, grpc_status) = match self.surface {
             Surface::Http => (status_class(self.status), None),
             Surface::Grpc => {
@@ -307,7 +388,7 @@ impl Record {
             latency_ms = latency.as_secs_f64() * 1000.0,
             bytes,
             ended = ended.as_str(),
-            caller = %self.caller,
+            caller = %CallerId(self.caller.as_deref()),
             tenant,
             request_id = %self.request_id,
             trace_id = %trace_id,
@@ -320,7 +401,7 @@ impl Record {
             };
             let mut attributes: Vec<(&'static str, otlp::Attr)> = vec![
                 ("http.request.method", self.method.as_str().into()),
-                ("http.route", route.as_str().into()),
+                ("http.route", route.into()),
                 ("http.response.status_code", i64::from(self.status.as_u16()).into()),
                 ("infergate.model", model.into()),
                 ("infergate.variant", variant.into()),
@@ -336,22 +417,28 @@ impl Record {
             }
             otlp::record(otlp::server_span(&self.trace, name, self.wall, latency, class == "5xx", attributes));
         }
-        metrics::counter!(
-            crate::telemetry::metrics::REQUESTS,
-            "route" => route.clone(),
-            "model" => self.model_label.clone(),
-            "variant" => variant.to_owned(),
-            "status" => class,
-            "tenant" => tenant.to_owned()
-        )
-        .increment(1);
-        metrics::histogram!(
-            crate::telemetry::metrics::REQUEST_DURATION,
-            "route" => route.clone(),
-            "model" => self.model_label.clone(),
-            "status" => class
-        )
-        .record(latency.as_secs_f64());
+        REQUEST_COUNTS
+            .get(&[route, model_label, variant, class, tenant], || {
+                metrics::counter!(
+                    crate::telemetry::metrics::REQUESTS,
+                    "route" => route,
+                    "model" => model_label.to_owned(),
+                    "variant" => variant.to_owned(),
+                    "status" => class,
+                    "tenant" => tenant.to_owned()
+                )
+            })
+            .increment(1);
+        DURATIONS
+            .get(&[route, model_label, class], || {
+                metrics::histogram!(
+                    crate::telemetry::metrics::REQUEST_DURATION,
+                    "route" => route,
+                    "model" => model_label.to_owned(),
+                    "status" => class
+                )
+            })
+            .record(latency.as_secs_f64());
     }
 }
 

@@ -30,7 +30,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
             e.into_http(rid)
         })
         .guard(api);
-    Router::new()
+    let routes = Router::new()
         .route("/v1/models", get(meta::list_models))
         .route("/v1/responses/{id}", get(http::get_response).delete(http::delete_response))
         .route("/v2", get(meta::server_metadata))
@@ -50,18 +50,26 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .merge(api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Who is calling, before any body is read (public routes pass).
-        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
-        // Errors in the dialect of each surface's clients (auth refusals too).
-        .layer(axum::middleware::from_fn(super::dialect::error_dialect))
-        // One access-log line and the request metrics, refusals included.
-        .layer(axum::middleware::from_fn(super::access::access_log))
-        // Echo the request id on every response, errors included.
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Give every request an id before anything else sees it.
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Which route matched, for the access log outside the router.
+        .layer(super::access::NameRoute);
+    // The layers every request passes, outermost first, wrapped once around
+    // the router: `Router::layer` would wrap each route on its own, and a
+    // route's layers are cloned for every request it serves.
+    let app = tower::ServiceBuilder::new()
         // A caller's id is taken only when it is safe to log and forward.
         .layer(axum::middleware::from_fn(super::access::sanitize_request_id))
+        // Give every request an id before anything else sees it.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Echo the request id on every response, errors included.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // One access-log line and the request metrics, refusals included.
+        .layer(axum::middleware::from_fn(super::access::access_log))
+        // Errors in the dialect of each surface's clients (auth refusals too).
+        .layer(axum::middleware::from_fn(super::dialect::error_dialect))
+        // Who is calling, before any body is read (public routes pass).
+        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
+        .service(routes);
+    Router::new().fallback_service(app)
 }
 
 async fn not_found(req: Request) -> Reply {

@@ -80,6 +80,54 @@ pub const SPANS_DROPPED: &str = "infergate_spans_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Metric handles by their label values, made once and reused: a
+/// `counter!`/`histogram!` with owned labels builds its key (an allocation a
+/// label) and looks it up in the registry on every call, which on the
+/// request path costs more than the update itself. Label values are joined
+/// into one key in a per-thread buffer, so a hit allocates nothing. At most
+/// `max` label sets are kept (the labels are bounded by the config, this is
+/// a backstop); past it, handles are made each time as before. Nothing is
+/// kept before the recorder is installed.
+pub struct Handles<H> {
+    map: std::sync::RwLock<std::collections::HashMap<Box<str>, H>>,
+    max: usize,
+}
+
+impl<H: Clone> Handles<H> {
+    pub fn new(max: usize) -> Self {
+        Self { map: std::sync::RwLock::default(), max }
+    }
+
+    /// The handle for `labels`, made by `make` the first time.
+    pub fn get(&self, labels: &[&str], make: impl FnOnce() -> H) -> H {
+        use std::fmt::Write as _;
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        KEY.with_borrow_mut(|key| {
+            key.clear();
+            for label in labels {
+                // Length-prefixed: no two label lists make the same key.
+                let _ = write!(key, "{}:", label.len());
+                key.push_str(label);
+            }
+            let read = self.map.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(handle) = read.get(key.as_str()) {
+                return handle.clone();
+            }
+            drop(read);
+            let handle = make();
+            if HANDLE.get().is_some() {
+                let mut map = self.map.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if map.len() < self.max {
+                    map.entry(key.as_str().into()).or_insert_with(|| handle.clone());
+                }
+            }
+            handle
+        })
+    }
+}
+
 /// Histogram buckets, in the unit of each metric.
 const BUCKETS: &[(&str, &[f64])] = &[
     (BATCH_SIZE, &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
@@ -162,4 +210,32 @@ pub fn render() -> Option<String> {
     let handle = HANDLE.get()?;
     metrics::counter!(LOG_LINES_DROPPED).absolute(super::dropped_log_lines() as u64);
     Some(handle.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn handles_are_made_once_per_label_list_and_kept_up_to_the_bound() {
+        install();
+        let handles = Handles::<u32>::new(2);
+        let made = Cell::new(0);
+        let get = |labels: &[&str]| {
+            handles.get(labels, || {
+                made.set(made.get() + 1);
+                made.get()
+            })
+        };
+        assert_eq!(get(&["a", "bc"]), 1);
+        assert_eq!(get(&["a", "bc"]), 1, "kept");
+        // The same characters split differently are another label list.
+        assert_eq!(get(&["ab", "c"]), 2);
+        assert_eq!(get(&["abc"]), 3, "past the bound of 2: made, not kept");
+        assert_eq!(get(&["abc"]), 4, "made again");
+        assert_eq!(get(&["ab", "c"]), 2);
+        assert_eq!(get(&["a", "bc"]), 1);
+    }
 }

@@ -40,6 +40,8 @@ pub struct Timings {
     inference: AtomicU64,
     /// The model the request named (path or body), once the core read it.
     named: std::sync::OnceLock<Named>,
+    /// The route pattern that matched the request, once the router chose one.
+    route: std::sync::OnceLock<&'static str>,
 }
 
 /// The model a request named, for its access line and metric labels.
@@ -103,6 +105,16 @@ impl Timings {
     /// The model the request named, if it named one.
     pub fn named(&self) -> Option<&Named> {
         self.named.get()
+    }
+
+    /// The request matched `route` (a route pattern, the first one given stays).
+    pub fn name_route(&self, route: &'static str) {
+        let _ = self.route.set(route);
+    }
+
+    /// The route pattern the request matched, if it matched one.
+    pub fn route(&self) -> Option<&'static str> {
+        self.route.get().copied()
     }
 
     pub fn add_queue(&self, d: Duration) {
