@@ -128,13 +128,19 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--tag", default="now")
     ap.add_argument("--keep", type=Path, help="also copy the folded stacks here")
+    ap.add_argument(
+        "--pool-extra",
+        default="",
+        help='lines added to the pool\'s table, e.g. batching = { max_delay = "2ms" }',
+    )
     a = ap.parse_args()
     setup = SETUPS[a.scenario]
+    pool = setup["pool"] + (a.pool_extra + "\n" if a.pool_extra else "")
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"{a.scenario}-{a.tag}"
     with tempfile.TemporaryDirectory(prefix="infergate-profile-") as d:
         tmp = Path(d)
-        with sc.gateway(setup["pool"], tmp) as gw:
+        with sc.gateway(pool, tmp) as gw:
             gw_pid = int(gw["pid"])
             workers = children(gw_pid)
             report: dict[str, Any] = {}

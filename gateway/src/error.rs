@@ -368,7 +368,7 @@ fn client_closed() -> StatusCode {
 
 /// An RFC 9457 problem document. Under `/v1` it also carries OpenAI's
 /// `error` object, under `/v2` the Open Inference Protocol's `error` string.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Stable machine-readable error type.
     #[serde(rename = "type")]

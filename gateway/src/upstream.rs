@@ -40,8 +40,8 @@ pub struct PoolStatus {
 pub struct Batching {
     /// Items (requests) in one worker call at most.
     pub max_batch_size: usize,
-    /// How long the oldest item waits for its batch to fill.
-    pub max_delay: Duration,
+    /// How long the oldest item waits for its batch to fill (`None`: learned).
+    pub max_delay: Option<Duration>,
     /// Items waiting at most.
     pub max_queue: usize,
 }

@@ -3,10 +3,12 @@
 //! [`BatchState`] (unit-tested without a runtime) and a budget of batches in
 //! flight (workers × `concurrency_per_worker`).
 //!
-//! A batch goes when it is full (`max_batch_size` items, or as many bytes
-//! as a worker message may hold) or when its oldest item has waited
-//! `max_delay` (0: send what is queued now) — and a dispatch slot is free.
-//! An item too big for a worker message on its own is refused at once. While every slot is busy items keep queueing, so batches grow
+//! A batch goes when a dispatch slot is free and [`policy`] says so: when
+//! it is full (`max_batch_size` items, or as many bytes as a worker message
+//! may hold), or by the model's cost learned from earlier batches
+//! (`max_delay = "auto"`), or when its oldest item has waited a fixed
+//! `max_delay`. An item too big for a worker message on its own is refused
+//! at once. While every slot is busy items keep queueing, so batches grow
 //! with load: the batcher waits for workers, never for a timer, under load.
 //! A heavy item (over [`Bound::alone`] bytes: megabytes of tensor) goes in a
 //! batch of its own, on slots of its own: batching saves it nothing next to
@@ -15,6 +17,8 @@
 //! Items of priority tiers are taken first; an item whose caller left or
 //! whose deadline passed is dropped while the batch forms; the queue is
 //! bounded and refuses at once when full.
+
+pub mod policy;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -31,6 +35,7 @@ use crate::error::GatewayError;
 use crate::slots::Slots;
 use crate::telemetry::timing::{self, Timings};
 use crate::telemetry::trace::{self, TraceContext};
+use policy::{Hold, Policy};
 
 /// How big a batch may grow: items, and bytes of encoded items (what fits
 /// in one worker message), with how an item is weighed.
@@ -78,11 +83,10 @@ pub struct BatchState<I, O> {
     max_bytes: usize,
     /// Bytes of the items queued.
     bytes: usize,
-    max_delay: Duration,
 }
 
 impl<I, O> BatchState<I, O> {
-    pub fn new(max_batch: usize, max_bytes: usize, max_delay: Duration) -> Self {
+    pub fn new(max_batch: usize, max_bytes: usize) -> Self {
         Self {
             priority: VecDeque::new(),
             callers: HashMap::new(),
@@ -91,7 +95,6 @@ impl<I, O> BatchState<I, O> {
             max_batch: max_batch.max(1),
             max_bytes,
             bytes: 0,
-            max_delay,
         }
     }
 
@@ -117,21 +120,26 @@ impl<I, O> BatchState<I, O> {
         queue.push_back(item);
     }
 
-    /// When the oldest item has waited long enough.
-    pub fn due(&self) -> Option<Instant> {
-        self.priority
-            .front()
-            .into_iter()
-            .chain(self.callers.values().filter_map(VecDeque::front))
-            .map(|p| p.arrived)
-            .min()
-            .map(|t| t + self.max_delay)
+    /// When the oldest item arrived.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.fronts().map(|p| p.arrived).min()
     }
 
-    /// A batch should go: full (items or bytes), or its oldest item has
-    /// waited `max_delay`.
-    pub fn ready(&self, now: Instant) -> bool {
-        self.len >= self.max_batch || self.bytes >= self.max_bytes || self.due().is_some_and(|due| now >= due)
+    /// The items at the head of each caller's queue (each its oldest).
+    fn fronts(&self) -> impl Iterator<Item = &Pending<I, O>> {
+        self.priority.front().into_iter().chain(self.callers.values().filter_map(VecDeque::front))
+    }
+
+    /// The queued items' bytes fill a worker message.
+    pub fn full_bytes(&self) -> bool {
+        self.bytes >= self.max_bytes
+    }
+
+    /// The queue as the batching policy sees it (None: empty).
+    pub fn view(&self) -> Option<policy::Queue> {
+        let oldest = self.oldest()?;
+        let earliest_deadline = self.fronts().map(|p| p.deadline.at).min()?;
+        Some(policy::Queue { len: self.len, full_bytes: self.full_bytes(), oldest, earliest_deadline })
     }
 
     /// Drop items whose caller left or whose deadline passed (telling the
@@ -157,15 +165,22 @@ impl<I, O> BatchState<I, O> {
         before - self.len
     }
 
-    /// Up to `max_batch` live items and `max_bytes` of them: priority first,
-    /// oldest first, then the callers in turn (always at least one item: no
-    /// item is over the bytes alone, [`Batcher::submit`] refuses those).
+    /// Up to `max_batch` live items and `max_bytes` of them: see [`Self::take_up_to`].
     pub fn take(&mut self, now: Instant) -> (Vec<Pending<I, O>>, usize) {
+        self.take_up_to(now, self.max_batch)
+    }
+
+    /// Up to `cap` live items (`max_batch` at most) and `max_bytes` of them:
+    /// priority first, oldest first, then the callers in turn (always at
+    /// least one item: no item is over the bytes alone, [`Batcher::submit`]
+    /// refuses those). Also says how many were dropped (see [`Self::prune`]).
+    pub fn take_up_to(&mut self, now: Instant, cap: usize) -> (Vec<Pending<I, O>>, usize) {
         let dropped = self.prune(now);
-        let mut batch = Vec::with_capacity(self.max_batch.min(self.len));
+        let cap = cap.clamp(1, self.max_batch);
+        let mut batch = Vec::with_capacity(cap.min(self.len));
         let mut bytes = 0;
         let fits = |batch: &Vec<Pending<I, O>>, bytes: usize, p: &Pending<I, O>| {
-            batch.len() < self.max_batch && (batch.is_empty() || bytes + p.bytes <= self.max_bytes)
+            batch.len() < cap && (batch.is_empty() || bytes + p.bytes <= self.max_bytes)
         };
         while let Some(p) = self.priority.front() {
             if !fits(&batch, bytes, p) {
@@ -262,7 +277,8 @@ pub struct Batcher<I, O> {
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
-    /// Start the actor. `slots` batches may be in flight at once.
+    /// Start the actor. `slots` batches may be in flight at once
+    /// (`config.concurrency_per_worker` on each worker).
     pub fn start<D: Dispatch<I, O>>(
         pool: &str,
         model: &str,
@@ -272,22 +288,36 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         dispatch: D,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (landed_tx, landed) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let depth = metrics::gauge!(crate::telemetry::metrics::BATCH_QUEUE_DEPTH,
-            "pool" => pool.to_owned(), "model" => model.to_owned());
+        let labels = [("pool", pool.to_owned()), ("model", model.to_owned())];
+        let depth = metrics::gauge!(crate::telemetry::metrics::BATCH_QUEUE_DEPTH, &labels);
         let heavy_slots = Arc::new(Slots::new(slots.max(1)));
         let slots = Arc::new(Slots::new(slots.max(1)));
+        let hold = match config.max_delay {
+            Some(delay) => Hold::Fixed(delay),
+            None => Hold::Adaptive { target: config.target_latency },
+        };
+        use crate::telemetry::metrics as m;
         let actor = Actor {
-            state: BatchState::new(bound.items, bound.bytes, config.max_delay),
+            state: BatchState::new(bound.items, bound.bytes),
+            policy: Policy::new(hold, bound.items),
             rx,
+            landed,
+            closed: false,
             slots: slots.clone(),
             heavy_slots: heavy_slots.clone(),
+            per_worker: config.concurrency_per_worker.max(1),
             alone: bound.alone,
             out: Outlet {
                 dispatch: Arc::new(dispatch),
-                labels: [("pool", pool.to_owned()), ("model", model.to_owned())],
                 queued: queued.clone(),
                 depth: depth.clone(),
+                landed: landed_tx,
+                sizes: metrics::histogram!(m::BATCH_SIZE, &labels),
+                waits: metrics::histogram!(m::BATCH_QUEUE_WAIT, &labels),
+                in_flight: metrics::gauge!(m::BATCHES_IN_FLIGHT, &labels),
+                limit: metrics::gauge!(m::BATCH_LIMIT, &labels),
             },
         };
         tokio::spawn(actor.run());
@@ -369,83 +399,157 @@ pub async fn wait<O>(rx: oneshot::Receiver<Result<O, GatewayError>>, deadline: &
 
 struct Actor<I, O, D> {
     state: BatchState<I, O>,
+    policy: Policy,
     rx: mpsc::UnboundedReceiver<Pending<I, O>>,
+    /// Batches that ended, for the policy to learn from.
+    landed: mpsc::UnboundedReceiver<Landed>,
+    /// No more items will come: send what is queued, then stop.
+    closed: bool,
     slots: Arc<Slots>,
+    /// Batches one worker is given at once (slots ÷ this = workers).
+    per_worker: usize,
     /// Slots of the batches of one heavy item, and what makes one heavy.
     heavy_slots: Arc<Slots>,
     alone: usize,
     out: Outlet<D>,
 }
 
+/// A batch ended: its flight, when, and whether it ran to the end (only
+/// then does its time say what a batch costs).
+struct Landed {
+    flight: u64,
+    at: Instant,
+    ran: bool,
+}
+
+/// Says a batch ended when dropped, however its task ends.
+struct Landing {
+    flight: Option<u64>,
+    ran: bool,
+    tx: mpsc::UnboundedSender<Landed>,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if let Some(flight) = self.flight {
+            let _ = self.tx.send(Landed { flight, at: Instant::now(), ran: self.ran });
+        }
+    }
+}
+
 /// Where batches leave the queue: the worker call, and the queue's counts.
 struct Outlet<D> {
     dispatch: Arc<D>,
-    labels: [(&'static str, String); 2],
     queued: Arc<AtomicUsize>,
     depth: metrics::Gauge,
+    landed: mpsc::UnboundedSender<Landed>,
+    sizes: metrics::Histogram,
+    waits: metrics::Histogram,
+    in_flight: metrics::Gauge,
+    /// The most items the last batch could take.
+    limit: metrics::Gauge,
 }
 
 impl<D> Clone for Outlet<D> {
     fn clone(&self) -> Self {
         Self {
             dispatch: self.dispatch.clone(),
-            labels: self.labels.clone(),
             queued: self.queued.clone(),
             depth: self.depth.clone(),
+            landed: self.landed.clone(),
+            sizes: self.sizes.clone(),
+            waits: self.waits.clone(),
+            in_flight: self.in_flight.clone(),
+            limit: self.limit.clone(),
         }
     }
 }
 
 impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
     async fn run(mut self) {
+        let mut permit = None;
         loop {
-            // Wait for work (a heavy item leaves at once, alone).
             if self.state.is_empty() {
-                match self.rx.recv().await {
-                    Some(item) => self.accept(item),
-                    None => return,
+                if self.closed {
+                    return;
+                }
+                tokio::select! {
+                    item = self.rx.recv() => self.arrived(item),
+                    Some(landed) = self.landed.recv() => self.land(&landed),
                 }
                 continue;
             }
-            while let Ok(item) = self.rx.try_recv() {
-                self.accept(item);
-            }
-            // Wait until a batch should go, taking new items meanwhile.
-            while !self.state.ready(Instant::now()) {
-                let due = self.state.due().unwrap_or_else(Instant::now);
-                tokio::select! {
-                    item = self.rx.recv() => match item {
-                        Some(item) => self.accept(item),
-                        None => break,
-                    },
-                    () = tokio::time::sleep_until(due) => {}
-                }
-            }
-            // Wait for a free slot; items keep queueing (batches grow with load).
-            let permit = loop {
+            self.take_news();
+            // A free slot first; items keep queueing (batches grow with load).
+            let Some(held) = permit.take() else {
                 tokio::select! {
                     biased;
-                    permit = self.slots.acquire() => match permit {
-                        Ok(p) => break p,
+                    p = self.slots.acquire() => match p {
+                        Ok(p) => permit = Some(p),
                         Err(_) => return,
                     },
-                    item = self.rx.recv() => match item {
-                        Some(item) => self.accept(item),
-                        None => {
-                            // Closed: finish what is queued, then stop.
-                            if let Ok(p) = self.slots.acquire().await { break p }
-                            return;
-                        }
-                    },
+                    Some(landed) = self.landed.recv() => self.land(&landed),
+                    item = self.rx.recv(), if !self.closed => self.arrived(item),
                 }
+                continue;
+            };
+            let Some(queue) = self.state.view() else {
+                permit = Some(held);
+                continue;
             };
             let now = Instant::now();
-            let (batch, dropped) = self.state.take(now);
-            self.out.left(batch.len() + dropped);
-            if batch.is_empty() {
+            let workers = self.slots.size().div_ceil(self.per_worker);
+            let plan = self.policy.plan(queue, now, workers);
+            if plan.at > now && !self.closed {
+                permit = Some(held);
+                tokio::select! {
+                    item = self.rx.recv() => self.arrived(item),
+                    Some(landed) = self.landed.recv() => self.land(&landed),
+                    () = tokio::time::sleep_until(plan.at) => {}
+                }
                 continue;
             }
-            self.out.send(batch, permit, now);
+            let (batch, dropped) = self.state.take_up_to(now, plan.cap);
+            self.out.left(batch.len() + dropped);
+            if batch.is_empty() {
+                permit = Some(held);
+                continue;
+            }
+            self.out.limit.set(plan.cap as f64);
+            let flight = self.policy.flights.sent(batch.len(), now, workers);
+            self.out.send(batch, held, now, Some(flight));
+        }
+    }
+
+    /// Take what arrived and what landed without waiting.
+    fn take_news(&mut self) {
+        while let Ok(landed) = self.landed.try_recv() {
+            self.land(&landed);
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(item) => self.accept(item),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn arrived(&mut self, item: Option<Pending<I, O>>) {
+        match item {
+            Some(item) => self.accept(item),
+            None => self.closed = true,
+        }
+    }
+
+    fn land(&mut self, landed: &Landed) {
+        if let Some((n, took)) = self.policy.flights.landed(landed.flight, landed.at)
+            && landed.ran
+        {
+            self.policy.cost.observe(n, took);
         }
     }
 
@@ -453,6 +557,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
     /// free (dropped meanwhile if its caller leaves or its deadline passes).
     fn accept(&mut self, mut item: Pending<I, O>) {
         if item.bytes <= self.alone {
+            self.policy.arrivals.arrived(item.arrived);
             self.state.push(item);
             return;
         }
@@ -465,7 +570,7 @@ impl<I: Send + 'static, O: Send + 'static, D: Dispatch<I, O>> Actor<I, O, D> {
             };
             out.left(1);
             if let Some(permit) = permit {
-                out.send(vec![item], permit, Instant::now());
+                out.send(vec![item], permit, Instant::now(), None);
             }
         });
     }
@@ -478,26 +583,28 @@ impl<D> Outlet<D> {
         self.depth.decrement(n as f64);
     }
 
+    /// Send `batch` on its slot; `flight` (when the policy follows it) is
+    /// reported back when the batch ends.
     fn send<I: Send + 'static, O: Send + 'static>(
         &self,
         batch: Vec<Pending<I, O>>,
         permit: tokio::sync::OwnedSemaphorePermit,
         now: Instant,
+        flight: Option<u64>,
     ) where
         D: Dispatch<I, O>,
     {
-        let labels = &self.labels;
-        metrics::histogram!(crate::telemetry::metrics::BATCH_SIZE, labels).record(batch.len() as f64);
-        let waited = metrics::histogram!(crate::telemetry::metrics::BATCH_QUEUE_WAIT, labels);
+        self.sizes.record(batch.len() as f64);
         for p in &batch {
             let wait = now - p.arrived;
-            waited.record(wait.as_secs_f64());
+            self.waits.record(wait.as_secs_f64());
             if let Some(t) = &p.timings {
                 t.add_queue(wait);
             }
         }
-        let in_flight = metrics::gauge!(crate::telemetry::metrics::BATCHES_IN_FLIGHT, labels);
+        let in_flight = self.in_flight.clone();
         in_flight.increment(1.0);
+        let mut landing = Landing { flight, ran: false, tx: self.landed.clone() };
         // The batch may run until its latest caller's deadline.
         let latest =
             batch.iter().map(|p| p.deadline).max_by_key(|d| d.at).unwrap_or_else(|| Deadline::after(Duration::ZERO));
@@ -540,6 +647,8 @@ impl<D> Outlet<D> {
             };
             match outcome {
                 Ok(results) if results.len() == n => {
+                    landing.ran = true;
+                    drop(landing);
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
                     }

@@ -49,6 +49,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// An optional duration field of the raw config (see [`text_or_seconds`]);
+/// absent is `None` by the field's default.
+pub fn some_text_or_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    text_or_seconds(d).map(Some)
+}
+
 /// A duration field of the raw config: a string (`"250ms"`) or a number of
 /// seconds (`5`, as `INFERGATE__DEADLINES__DEFAULT=5` arrives), kept as text
 /// for [`duration`] to check.

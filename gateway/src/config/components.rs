@@ -158,8 +158,12 @@ pub struct BatchConfig {
     pub enabled: bool,
     /// Items per batch; `None`: what the worker's Describe reports.
     pub max_batch_size: Option<usize>,
-    /// How long the oldest item may wait for the batch to fill.
-    pub max_delay: Duration,
+    /// How long the oldest item may wait for the batch to fill; `None`
+    /// ("auto"): learned from the model's cost (see `batch::policy`).
+    pub max_delay: Option<Duration>,
+    /// With a learned delay: the latency a batched item should stay within
+    /// (a batch costs half of it at most); `None`: each item's deadline.
+    pub target_latency: Option<Duration>,
     /// Batches one worker is given at once.
     pub concurrency_per_worker: usize,
     /// Items waiting at most; past it, 503 at once.
@@ -173,7 +177,8 @@ impl Default for BatchConfig {
         Self {
             enabled: true,
             max_batch_size: None,
-            max_delay: Duration::from_millis(2),
+            max_delay: None,
+            target_latency: None,
             concurrency_per_worker: 2,
             max_queue: 1024,
             priority_tiers: vec!["vip".into()],

@@ -282,9 +282,25 @@ impl Config {
                     None => None,
                     Some(n) => Some(positive_size(&key("batching.max_batch_size"), n.into())?),
                 },
-                max_delay: humantime::parse_duration(&b.max_delay).map_err(|e| {
-                    invalid(key("batching.max_delay"), format!("{:?} is not a duration like 2ms ({e})", b.max_delay))
-                })?,
+                max_delay: match b.max_delay.trim() {
+                    "auto" => None,
+                    delay => Some(humantime::parse_duration(delay).map_err(|e| {
+                        invalid(
+                            key("batching.max_delay"),
+                            format!("{:?} is neither \"auto\" nor a duration like 2ms ({e})", b.max_delay),
+                        )
+                    })?),
+                },
+                target_latency: match &b.target_latency {
+                    None => None,
+                    Some(_) if b.max_delay.trim() != "auto" => {
+                        return Err(invalid(
+                            key("batching.target_latency"),
+                            "applies to a learned delay: set max_delay = \"auto\" (the default) or drop target_latency",
+                        ));
+                    }
+                    Some(t) => Some(duration(&key("batching.target_latency"), t)?),
+                },
                 concurrency_per_worker: positive_size(
                     &key("batching.concurrency_per_worker"),
                     b.concurrency_per_worker.into(),

@@ -225,3 +225,17 @@ fn durations_read_alike_in_files_environment_overrides_and_headers() {
         .unwrap_or_default();
     assert!(err.contains("workers.stop_grace") && err.contains("seconds (2.5) or with a unit"), "{err}");
 }
+
+#[test]
+fn batching_delay_is_learned_unless_fixed_and_a_target_needs_it_learned() {
+    let batching = |b: &str| load(&format!("{POOL}batching = {{ {b} }}\n"), &[]);
+    let cfg = load(POOL, &[]).unwrap();
+    assert_eq!((cfg.pools[0].batching.max_delay, cfg.pools[0].batching.target_latency), (None, None));
+    let cfg = batching("target_latency = \"300ms\"").unwrap();
+    assert_eq!(cfg.pools[0].batching.target_latency, Some(Duration::from_millis(300)));
+    let cfg = batching("max_delay = \"0ms\"").unwrap();
+    assert_eq!(cfg.pools[0].batching.max_delay, Some(Duration::ZERO));
+    assert_eq!(err_key(batching("max_delay = \"soon\"")), "pools[0].batching.max_delay");
+    assert_eq!(err_key(batching("max_delay = \"2ms\", target_latency = \"1s\"")), "pools[0].batching.target_latency");
+    assert_eq!(err_key(batching("target_latency = \"0s\"")), "pools[0].batching.target_latency");
+}

@@ -9,7 +9,10 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use http::header;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::Problem;
 
 /// Largest problem body rewritten (larger ones pass unchanged).
 const MAX_PROBLEM_BYTES: usize = 64 * 1024;
@@ -30,9 +33,17 @@ pub async fn error_dialect(req: Request, next: Next) -> Response {
     } else {
         return next.run(req).await;
     };
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     let is_problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/problem+json");
     if !is_problem {
+        return resp;
+    }
+    // Our own errors carry their problem: written again with the member,
+    // without reading the body back.
+    if let Some(problem) = resp.extensions_mut().remove::<Problem>() {
+        let body = serde_json::to_vec(&InDialect { problem: &problem, error: error_of(dialect, &problem) });
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        *resp.body_mut() = Body::from(body.unwrap_or_default());
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
@@ -42,25 +53,113 @@ pub async fn error_dialect(req: Request, next: Next) -> Response {
     let Ok(mut problem) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
         return Response::from_parts(parts, Body::from(bytes));
     };
-    let detail = problem.get("detail").cloned().unwrap_or(Value::Null);
-    let error = match dialect {
-        Dialect::Oip => detail,
-        Dialect::OpenAi => {
-            let slug = problem
-                .get("type")
-                .and_then(Value::as_str)
-                .and_then(|t| t.rsplit(':').next())
-                .unwrap_or("error")
-                .replace('-', "_");
-            json!({
-                "message": detail,
-                "type": slug,
-                "param": problem.get("field").cloned().unwrap_or(Value::Null),
-                "code": slug,
-            })
-        }
-    };
+    let text = |key| problem.get(key).and_then(Value::as_str);
+    let error = serde_json::to_value(ErrorMember::new(
+        dialect,
+        text("detail").unwrap_or_default(),
+        text("type").unwrap_or_default(),
+        text("field"),
+    ))
+    .unwrap_or(Value::Null);
     problem.insert("error".into(), error);
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(serde_json::to_vec(&problem).unwrap_or_default()))
+}
+
+/// A problem document with the dialect's `error` member.
+#[derive(Serialize)]
+struct InDialect<'a> {
+    #[serde(flatten)]
+    problem: &'a Problem,
+    error: ErrorMember<'a>,
+}
+
+/// OpenAI's error object, or the Open Inference Protocol's string.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ErrorMember<'a> {
+    OpenAi { message: &'a str, r#type: Slug<'a>, param: Option<&'a str>, code: Slug<'a> },
+    Oip(&'a str),
+}
+
+impl<'a> ErrorMember<'a> {
+    fn new(dialect: Dialect, detail: &'a str, kind: &'a str, field: Option<&'a str>) -> Self {
+        match dialect {
+            Dialect::Oip => Self::Oip(detail),
+            Dialect::OpenAi => {
+                let slug = Slug(kind.rsplit(':').next().filter(|s| !s.is_empty()).unwrap_or("error"));
+                Self::OpenAi { message: detail, r#type: slug, param: field, code: slug }
+            }
+        }
+    }
+}
+
+fn error_of(dialect: Dialect, p: &Problem) -> ErrorMember<'_> {
+    ErrorMember::new(dialect, &p.detail, &p.kind, p.field.as_deref())
+}
+
+/// A problem type's last part with `_` for `-` (`rate_limited`), written
+/// without a copy.
+#[derive(Clone, Copy)]
+struct Slug<'a>(&'a str);
+
+impl Serialize for Slug<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}", SlugText(self.0)))
+    }
+}
+
+struct SlugText<'a>(&'a str);
+
+impl std::fmt::Display for SlugText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        self.0.chars().try_for_each(|c| f.write_char(if c == '-' { '_' } else { c }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::routing::get;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    use crate::error::GatewayError;
+
+    async fn error_at(path: &str, handler: Router) -> serde_json::Value {
+        let app = handler.layer(axum::middleware::from_fn(super::error_dialect));
+        let req = http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn limited() -> GatewayError {
+        GatewayError::RateLimited { limit: "requests_per_minute".into(), quota: 10, remaining: 0, retry_after: None }
+    }
+
+    #[tokio::test]
+    async fn our_errors_and_foreign_problem_bodies_get_the_same_member() {
+        let ours = Router::new().route("/v1/x", get(|| async { limited() }));
+        // A problem body made elsewhere: only its bytes are known.
+        let foreign = Router::new().route(
+            "/v1/x",
+            get(|| async {
+                let mut resp = limited().into_http(None);
+                resp.extensions_mut().clear();
+                resp
+            }),
+        );
+        let (a, b) = (error_at("/v1/x", ours).await, error_at("/v1/x", foreign).await);
+        assert_eq!(a, b);
+        assert_eq!(a["error"]["type"], "rate_limited", "{a}");
+        assert_eq!(a["error"]["code"], "rate_limited");
+        assert_eq!(a["error"]["param"], "requests_per_minute");
+        assert_eq!(a["error"]["message"], a["detail"]);
+        let oip = Router::new().route("/v2/x", get(|| async { limited() }));
+        let c = error_at("/v2/x", oip).await;
+        assert_eq!(c["error"], c["detail"], "{c}");
+    }
 }

@@ -89,7 +89,7 @@ pub struct ModelOutput {
 pub struct DynamicBatching {
     /// The batch size the pool fills to (its effective `max_batch_size`).
     pub preferred_batch_size: Vec<u32>,
-    /// `batching.max_delay` in microseconds.
+    /// `batching.max_delay` in microseconds (0 when it is learned: "auto").
     pub max_queue_delay_microseconds: u64,
     pub preserve_ordering: bool,
     pub default_queue_policy: QueuePolicy,
@@ -161,7 +161,7 @@ pub fn config(entry: &ModelEntry, batching: Option<Batching>, workers: usize) ->
         .collect();
     let dynamic_batching = batching.map(|b| DynamicBatching {
         preferred_batch_size: vec![u32::try_from(b.max_batch_size).unwrap_or(u32::MAX)],
-        max_queue_delay_microseconds: u64::try_from(b.max_delay.as_micros()).unwrap_or(u64::MAX),
+        max_queue_delay_microseconds: u64::try_from(b.max_delay.unwrap_or_default().as_micros()).unwrap_or(u64::MAX),
         preserve_ordering: false,
         default_queue_policy: QueuePolicy { max_queue_size: b.max_queue as u64 },
     });
@@ -254,7 +254,7 @@ mod tests {
     #[test]
     fn a_free_leading_dimension_is_reported_as_the_batch_dimension() {
         let e = entry(vec![spec("text", "BYTES", &[-1])], vec![spec("label", "INT64", &[-1, 1])]);
-        let batching = Batching { max_batch_size: 16, max_delay: Duration::from_millis(2), max_queue: 1024 };
+        let batching = Batching { max_batch_size: 16, max_delay: Some(Duration::from_millis(2)), max_queue: 1024 };
         let c = config(&e, Some(batching), 2);
         assert_eq!(c.max_batch_size, 32);
         assert_eq!(c.input[0].dims, Vec::<i64>::new());

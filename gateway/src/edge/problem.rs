@@ -26,6 +26,9 @@ impl GatewayError {
                 headers.insert(name, v);
             }
         }
+        // For the error dialect (`edge::dialect`) to write it again with its
+        // `error` member, without reading the body back.
+        response.extensions_mut().insert(problem);
         response
     }
 

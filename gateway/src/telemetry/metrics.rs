@@ -41,6 +41,9 @@ pub const POOL_ERRORS: &str = "infergate_pool_errors_total";
 pub const BATCH_QUEUE_WAIT: &str = "infergate_batch_queue_wait_seconds";
 /// Batches sent and not yet answered, by `pool` and `model`.
 pub const BATCHES_IN_FLIGHT: &str = "infergate_batches_in_flight";
+/// The most items the batcher let its last batch take (learned from the
+/// model's cost under `target_latency`, or `max_batch_size`), by `pool` and `model`.
+pub const BATCH_LIMIT: &str = "infergate_batch_limit";
 /// Cache lookups by `cache` (`exact`) and `result` (`hit`, `miss`); an
 /// embeddings request counts once per text.
 pub const CACHE_REQUESTS: &str = "infergate_cache_requests_total";
@@ -195,6 +198,7 @@ fn describe() {
     histogram!(BATCH_QUEUE_WAIT, Seconds, "Wait in the batcher before the batch went");
     gauge!(BATCH_QUEUE_DEPTH, "Items waiting in a batcher");
     gauge!(BATCHES_IN_FLIGHT, "Batches sent to workers and not yet answered");
+    gauge!(BATCH_LIMIT, "The most items the last batch could take (learned or max_batch_size)");
     counter!(CACHE_REQUESTS, "Cache lookups by cache and result");
     counter!(COALESCED, "Requests answered by an identical request in flight");
     counter!(TOKENS, "Tokens by model, tenant and kind (input, output)");

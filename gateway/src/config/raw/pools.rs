@@ -137,8 +137,8 @@ pub struct RawPool {
     pub deterministic: Option<bool>,
 }
 
-/// `batching = { enabled = true, max_batch_size = 32, max_delay = "2ms", concurrency_per_worker = 2,
-/// max_queue = 1024, priority_tiers = ["vip"] }`.
+/// `batching = { enabled = true, max_batch_size = 32, max_delay = "auto", target_latency = "500ms",
+/// concurrency_per_worker = 2, max_queue = 1024, priority_tiers = ["vip"] }`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawBatching {
@@ -146,9 +146,13 @@ pub struct RawBatching {
     /// Items per batch; default: what the worker reports (Describe).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch_size: Option<u32>,
-    /// How long the oldest queued item waits for the batch to fill ("0s": never).
+    /// How long the oldest queued item waits for the batch to fill ("0s":
+    /// never; "auto": learned from the model's cost per batch size).
     #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
     pub max_delay: String,
+    /// With `max_delay = "auto"`: the latency a batched item should stay within.
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "crate::config::check::some_text_or_seconds")]
+    pub target_latency: Option<String>,
     pub concurrency_per_worker: u32,
     pub max_queue: u32,
     pub priority_tiers: Vec<String>,
@@ -159,7 +163,8 @@ impl Default for RawBatching {
         Self {
             enabled: true,
             max_batch_size: None,
-            max_delay: "2ms".into(),
+            max_delay: "auto".into(),
+            target_latency: None,
             concurrency_per_worker: 2,
             max_queue: 1024,
             priority_tiers: vec!["vip".into()],
