@@ -820,7 +820,9 @@ def scenario_reject(tmp: Path) -> None:
     md = (
         "The gateway (one echo worker, never reached by a refusal) on one core, the load "
         "generator on the other. Refusals: requests without credentials (401), and with a key "
-        "whose limit is spent (429, after auth and a limit decision). Highest rate with p99 < "
+        "whose rate is spent (429: the first refusal takes the whole path, body and limit "
+        "decision, and is remembered until its retry time; later ones are refused after auth, "
+        "their bodies unread). Highest rate with p99 < "
         f"{slo:g} ms, found by bisection to within {TOLERANCE:.0%}, median of {SEARCHES} "
         f"searches: **401: {k401:.0f}/s ({spread(r401)}), 429: {k429:.0f}/s "
         f"({spread(r429)})**. Target: >= 50,000 refusals/s per core.\n\n"

@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
 use crate::error::GatewayError;
+use crate::policy::{Caller, Policy};
 
 /// Bytes of request bodies the gateway holds at once, across both listeners.
 #[derive(Debug)]
@@ -81,6 +82,9 @@ pub struct Gate {
     limit: usize,
     max_body: usize,
     buffered: Arc<Buffered>,
+    /// Asked before a body is read whether the caller's own rate is spent
+    /// (`None` where the gate also covers calls that limits never refuse).
+    spent: Option<Arc<Policy>>,
     /// Renders a refusal in the listener's protocol, with the request id.
     reject: fn(GatewayError, Option<&str>) -> Response,
 }
@@ -90,9 +94,10 @@ impl Gate {
         limit: usize,
         max_body: usize,
         buffered: Arc<Buffered>,
+        spent: Option<Arc<Policy>>,
         reject: fn(GatewayError, Option<&str>) -> Response,
     ) -> Self {
-        Self { permits: Semaphore::new(limit), limit, max_body, buffered, reject }
+        Self { permits: Semaphore::new(limit), limit, max_body, buffered, spent, reject }
     }
 
     /// Put `router` behind the gate. `Router::layer` wraps each route on its
@@ -103,14 +108,20 @@ impl Gate {
     }
 }
 
-/// Read the body whole, then take a permit (or be shed at once: 503), and
-/// hold both the permit and the body's bytes until the response head.
+/// Refuse a caller whose own rate is spent, unread; else read the body
+/// whole, then take a permit (or be shed at once: 503), and hold both the
+/// permit and the body's bytes until the response head.
 async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
     let reject = |e| {
         let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok());
         (gate.reject)(e, request_id)
     };
+    if let (Some(policy), Some(caller)) = (&gate.spent, parts.extensions.get::<Arc<Caller>>())
+        && let Err(spent) = policy.refuse_spent(caller)
+    {
+        return reject(spent);
+    }
     let mut reservation = Reservation::new(&gate.buffered);
     let bytes = match read_limited(&parts.headers, body, gate.max_body, |n| reservation.grow_to(n)).await {
         Ok(bytes) => bytes,

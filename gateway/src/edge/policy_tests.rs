@@ -305,6 +305,30 @@ async fn the_request_rate_refuses_past_the_burst_with_back_off_headers() {
 }
 
 #[tokio::test]
+async fn a_key_whose_rate_is_spent_is_refused_before_its_body_is_read() {
+    let (app, fake) = app(&limited_config("per_key = { rate = 1, burst = 1 }"), ready());
+    assert_eq!(send(&app, bearer(KEY)).await.0, 200);
+    assert_eq!(send(&app, bearer(KEY)).await.0, 429, "refused after its body was read");
+    // A body that never comes: only a refusal that does not wait for it answers.
+    let stalled = Request::post("/v1/embeddings")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>()))
+        .unwrap();
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(30), send(&app, stalled))
+        .await
+        .expect("a spent key waited for its body");
+    assert_eq!(status, 429);
+    assert_eq!(headers["ratelimit-limit"], "1");
+    assert!(headers.contains_key("retry-after") && headers.contains_key("x-request-id"));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["field"], "key.rate");
+    // Another caller's allowance is its own.
+    assert_eq!(send(&app, bearer(&jwt(Algorithm::HS256, "hs", &claims()))).await.0, 200);
+    assert_eq!(calls(&fake), 2);
+}
+
+#[tokio::test]
 async fn token_limits_reconcile_with_the_reported_usage() {
     // Each request is estimated at 1 token; the fake reports 7 used.
     let (app, fake) = app(&limited_config("per_key = { tokens_per_minute = 20 }"), ready());

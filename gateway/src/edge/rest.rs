@@ -25,11 +25,15 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(http::infer_version))
         .with_state(state.clone());
     // Bodies are read whole before a request takes an in-flight permit.
-    let api =
-        super::gate::Gate::new(state.http_max_in_flight, state.max_body_bytes, state.buffered.clone(), |e, rid| {
-            e.into_http(rid)
-        })
-        .guard(api);
+    // A caller whose own rate is spent is refused before that.
+    let api = super::gate::Gate::new(
+        state.http_max_in_flight,
+        state.max_body_bytes,
+        state.buffered.clone(),
+        Some(state.core.policy.clone()),
+        |e, rid| e.into_http(rid),
+    )
+    .guard(api);
     let routes = Router::new()
         .route("/v1/models", get(meta::list_models))
         .route("/v1/responses/{id}", get(http::get_response).delete(http::delete_response))

@@ -4,7 +4,9 @@
 //! request; shared through Redis when configured (see [`super::redis`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::call::Caller;
+use crate::call::{Caller, Principal};
 use crate::config::{LimitSpec, LimitsConfig, RateSpec};
 
 type KeyedLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
@@ -237,12 +239,86 @@ impl InFlight {
     }
 }
 
+/// Whom a per-key limit counts, as [`Caller::limit_key`] names it, held
+/// without formatting that name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Holder {
+    Key(Arc<str>),
+    User(Arc<str>, Arc<str>),
+    Addr(IpAddr),
+}
+
+impl Holder {
+    fn of(caller: &Caller) -> Self {
+        match &caller.principal {
+            Principal::Key(id) => Self::Key(id.clone()),
+            Principal::User(sub) => Self::User(caller.tenant.clone(), sub.clone()),
+            Principal::Anonymous => Self::Addr(caller.client),
+        }
+    }
+}
+
+/// The most callers remembered as spent; past it, a refused caller's next
+/// requests take the whole path to their refusal, as before.
+const MAX_SPENT: usize = 100_000;
+
+/// Callers whose own request rate (`key.rate`) refused them, until that
+/// refusal lapses. A rate limit frees capacity only as time passes, whether
+/// local or shared through Redis (other replicas can only spend more), so
+/// each of their requests before then would be refused too; the edge
+/// refuses it as it arrives, before its body is read or parsed.
+#[derive(Default)]
+pub struct Spent {
+    /// Entries held: a gateway where nobody is refused never takes the lock.
+    held: AtomicUsize,
+    until: RwLock<HashMap<Holder, (Instant, u64)>>,
+}
+
+impl Spent {
+    /// Remember `refusal` of `caller` if it is their own request rate.
+    pub fn remember(&self, caller: &Caller, refusal: &Refusal) {
+        let Some(wait) = refusal.retry_after.filter(|_| refusal.limit == "key.rate") else { return };
+        let Ok(mut until) = self.until.write() else { return };
+        if until.len() < MAX_SPENT {
+            until.insert(Holder::of(caller), (Instant::now() + wait, refusal.quota));
+            self.held.store(until.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// The refusal still standing for `caller`, if any.
+    pub fn check(&self, caller: &Caller) -> Result<(), Refusal> {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let Ok(until) = self.until.read() else { return Ok(()) };
+        match until.get(&Holder::of(caller)) {
+            Some(&(at, quota)) if at > now => {
+                Err(Refusal { limit: "key.rate".to_owned(), quota, remaining: 0, retry_after: Some(at - now) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Forget refusals that have lapsed.
+    fn sweep(&self) {
+        let now = Instant::now();
+        if let Ok(mut until) = self.until.write() {
+            until.retain(|_, (at, _)| *at > now);
+            until.shrink_to_fit();
+            self.held.store(until.len(), Ordering::Relaxed);
+        }
+    }
+}
+
 /// The in-memory limiters: the default, and the fallback when Redis is down.
 #[derive(Default)]
 pub struct LocalLimits {
     rates: RateState,
     tokens: TokenState,
     in_flight: InFlight,
+    /// Callers refused by their own rate, local or Redis-shared.
+    pub spent: Spent,
 }
 
 impl LocalLimits {
@@ -280,6 +356,7 @@ impl LocalLimits {
         self.rates.sweep();
         self.tokens.sweep();
         self.in_flight.sweep();
+        self.spent.sweep();
     }
 }
 
@@ -353,6 +430,38 @@ mod tests {
         let key_only = [scope("key", "key:a", big)];
         limits.admit_rates_and_tokens(&key_only, 920).unwrap();
         assert!(limits.admit_rates_and_tokens(&key_only, 1).is_err());
+    }
+
+    fn key(id: &str) -> Caller {
+        Caller { principal: Principal::Key(id.into()), ..Caller::anonymous(IpAddr::from([127, 0, 0, 1])) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_rate_stands_for_its_holder_alone_until_it_lapses() {
+        let spent = Spent::default();
+        let rate = |limit: &str| Refusal {
+            limit: limit.to_owned(),
+            quota: 3,
+            remaining: 0,
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        spent.remember(&key("a"), &rate("key.rate"));
+        // A token refusal depends on the next request's size; a shared
+        // scope's on other callers: neither is remembered.
+        spent.remember(&key("b"), &rate("key.tokens_per_minute"));
+        spent.remember(&key("c"), &rate("tenant.rate"));
+        let refusal = spent.check(&key("a")).unwrap_err();
+        assert_eq!((refusal.limit.as_str(), refusal.quota), ("key.rate", 3));
+        assert_eq!(refusal.retry_after, Some(Duration::from_secs(1)));
+        for other in ["b", "c", "d"] {
+            assert!(spent.check(&key(other)).is_ok(), "{other}");
+        }
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(spent.check(&key("a")).unwrap_err().retry_after, Some(Duration::from_millis(600)));
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(spent.check(&key("a")).is_ok(), "lapsed");
+        spent.sweep();
+        assert_eq!(spent.held.load(Ordering::Relaxed), 0);
     }
 
     #[test]

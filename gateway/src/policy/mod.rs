@@ -198,6 +198,19 @@ impl Policy {
         self.auth.authenticate(headers, client).map_err(auth::AuthFailure::reason)
     }
 
+    /// Refuse `caller` at once while their own request rate is spent (see
+    /// [`limits::Spent`]): the edge asks before it reads a body, so a key
+    /// that floods past its limit costs a 429 about what a 401 costs.
+    pub fn refuse_spent(&self, caller: &Caller) -> Result<(), GatewayError> {
+        self.local.spent.check(caller).map_err(refused)
+    }
+
+    /// A refusal of `caller`, remembered when it is their own rate.
+    fn note_refusal(&self, caller: &Caller, r: Refusal) -> GatewayError {
+        self.local.spent.remember(caller, &r);
+        refused(r)
+    }
+
     /// Admit `caller` to call `model` with about `tokens` model tokens:
     /// model allowlist, then in-flight, request-rate and token limits in every
     /// scope. Refusals are 403, 429 (with back-off facts) or, when Redis is
@@ -217,7 +230,7 @@ impl Policy {
             return Ok(Admission::default());
         }
         let tokens = self.reserve(&scopes, demand);
-        let permits = self.local.acquire_in_flight(&scopes).map_err(refused)?;
+        let permits = self.local.acquire_in_flight(&scopes).map_err(|r| self.note_refusal(caller, r))?;
         let shared = match &self.redis {
             Some(redis) if redis.available() => {
                 let checks = checks(redis, &scopes, tokens);
@@ -232,11 +245,11 @@ impl Policy {
         };
         let on_redis = match shared {
             None => {
-                self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
+                self.local.admit_rates_and_tokens(&scopes, tokens).map_err(|r| self.note_refusal(caller, r))?;
                 false
             }
             Some(Ok(Decision::Admitted)) => true,
-            Some(Ok(Decision::Refused(r))) => return Err(refused(r)),
+            Some(Ok(Decision::Refused(r))) => return Err(self.note_refusal(caller, r)),
             Some(Err(_)) => {
                 let fallback = self.redis.as_ref().map_or(RedisFallback::Local, |r| r.fallback);
                 let name = match fallback {
@@ -249,7 +262,7 @@ impl Policy {
                     RedisFallback::Allow => false,
                     RedisFallback::Deny => return Err(GatewayError::LimitsUnavailable),
                     RedisFallback::Local => {
-                        self.local.admit_rates_and_tokens(&scopes, tokens).map_err(refused)?;
+                        self.local.admit_rates_and_tokens(&scopes, tokens).map_err(|r| self.note_refusal(caller, r))?;
                         false
                     }
                 }

@@ -13,7 +13,6 @@ thing either way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -119,6 +118,7 @@ class ModelRunner:
         try:
             return await loop.run_in_executor(self._executor, call)
         except asyncio.CancelledError:
+            # The model may still be running: its watchdog stays.
             cancelled(ctx)
             raise
         except Cancelled as exc:
@@ -132,6 +132,11 @@ class ModelRunner:
         except Unavailable as exc:
             log.warning("model unavailable: %s", exc, extra=log_ids(ctx))
             raise CallFailed(Status.UNAVAILABLE, str(exc)) from exc
+        finally:
+            # Here, on the loop's thread, so that the model's thread need not
+            # wake the loop to do it (a self-pipe write per batch).
+            if watchdog.finished:
+                watchdog.cancel()
 
     async def run_batch(
         self, ctx: CallContext, fn: Callable[..., T], *args: Any, name: str = ""
@@ -279,7 +284,7 @@ class Overrun:
     model thread it holds serves no one until it returns."""
 
     def __init__(self, ctx: CallContext, loop: asyncio.AbstractEventLoop) -> None:
-        self.ctx, self.loop, self.finished = ctx, loop, False
+        self.ctx, self.finished = ctx, False
         self.timer: asyncio.TimerHandle | None = None
         if ctx.deadline is not None:
             delay = max(ctx.deadline + OVERRUN_GRACE - time.monotonic(), 0.0)
@@ -299,11 +304,15 @@ class Overrun:
         )
 
     def done(self) -> None:
-        """The model code returned (called from its thread)."""
+        """The model code returned (called from its thread). The timer is
+        cancelled by :meth:`cancel` once the loop hears of it, or, for a call
+        whose caller left first, fires and finds the model done."""
         self.finished = True
+
+    def cancel(self) -> None:
+        """Stop the timer (on the loop's thread)."""
         if self.timer is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed
-                self.loop.call_soon_threadsafe(self.timer.cancel)
+            self.timer.cancel()
 
 
 def splits(failed: Exception, items: int, model: str, ctx: CallContext) -> bool:

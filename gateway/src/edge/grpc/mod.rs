@@ -72,12 +72,15 @@ pub fn router(
         .into_axum_router();
     // A request's frames are read whole before it takes an in-flight
     // permit; tonic then checks the message size exactly (grpc-web text
-    // is base64, a third longer, hence the slack here).
-    let routes =
-        super::gate::Gate::new(max_in_flight, max / 3 * 4 + 1024, buffered, |e, _| super::problem::grpc_response(e))
-            .guard(routes)
-            // Who is calling, before a message is decoded (health passes).
-            .layer(axum::middleware::from_fn_with_state(policy, super::identify::identify_grpc));
+    // is base64, a third longer, hence the slack here). The gate covers
+    // health, reflection and metadata too, which limits never refuse, so
+    // a spent caller is refused by the core here, not by the gate.
+    let routes = super::gate::Gate::new(max_in_flight, max / 3 * 4 + 1024, buffered, None, |e, _| {
+        super::problem::grpc_response(e)
+    })
+    .guard(routes)
+    // Who is calling, before a message is decoded (health passes).
+    .layer(axum::middleware::from_fn_with_state(policy, super::identify::identify_grpc));
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
