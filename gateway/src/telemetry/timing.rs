@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::task::futures::TaskLocalFuture;
 use tonic::metadata::MetadataMap;
 
 /// Metadata in which a worker reports seconds its call waited for a model thread.
@@ -169,9 +170,10 @@ tokio::task_local! {
     static CURRENT: Arc<Timings>;
 }
 
-/// Run `fut` with `timings` as the current request's.
-pub async fn scope<F: Future>(timings: Arc<Timings>, fut: F) -> F::Output {
-    CURRENT.scope(timings, fut).await
+/// Run `fut` with `timings` as the current request's (a plain function, as
+/// [`super::trace::scope`] is, so that `fut` is held once).
+pub fn scope<F: Future>(timings: Arc<Timings>, fut: F) -> TaskLocalFuture<Arc<Timings>, F> {
+    CURRENT.scope(timings, fut)
 }
 
 /// The current request's timings, when inside a [`scope`].

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use tokio::task::futures::TaskLocalFuture;
+
 /// Longest request id accepted from a caller.
 pub const MAX_REQUEST_ID: usize = 128;
 
@@ -87,9 +89,11 @@ tokio::task_local! {
     static CURRENT: TraceContext;
 }
 
-/// Run `fut` as part of the span `trace`.
-pub async fn scope<F: Future>(trace: TraceContext, fut: F) -> F::Output {
-    CURRENT.scope(trace, fut).await
+/// Run `fut` as part of the span `trace`. A plain function, not an `async
+/// fn`: that would hold `fut` twice (as its argument and inside the scope),
+/// and each wrapped layer doubled a request's future.
+pub fn scope<F: Future>(trace: TraceContext, fut: F) -> TaskLocalFuture<TraceContext, F> {
+    CURRENT.scope(trace, fut)
 }
 
 /// The span of the request being served, when inside a [`scope`].
