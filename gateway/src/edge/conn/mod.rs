@@ -14,6 +14,7 @@ mod clients;
 mod socket;
 #[cfg(test)]
 mod tests;
+mod trim;
 pub mod watch;
 
 use std::convert::Infallible;
@@ -297,6 +298,7 @@ impl Connection {
                     if parked.is_none() {
                         return;
                     }
+                    trim::parked();
                 }
                 () = sleep => {
                     if closing_by.is_some_and(|by| Instant::now() >= by) {
