@@ -167,6 +167,7 @@ impl<I, O> BatchState<I, O> {
     }
 
     /// Up to `max_batch` live items and `max_bytes` of them: see [`Self::take_up_to`].
+    #[cfg(test)]
     pub fn take(&mut self, now: Instant) -> (Vec<Pending<I, O>>, usize) {
         self.take_up_to(now, self.max_batch)
     }

@@ -105,13 +105,11 @@ struct Slug<'a>(&'a str);
 
 impl Serialize for Slug<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}", SlugText(self.0)))
+        s.collect_str(self)
     }
 }
 
-struct SlugText<'a>(&'a str);
-
-impl std::fmt::Display for SlugText<'_> {
+impl std::fmt::Display for Slug<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::fmt::Write;
         self.0.chars().try_for_each(|c| f.write_char(if c == '-' { '_' } else { c }))
