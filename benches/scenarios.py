@@ -133,6 +133,7 @@ def gateway(
     config.write_text(
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n{per_client}'
         f'[grpc]\nlisten = "127.0.0.1:{grpc_port}"\n{per_client}'
+        '[admin]\nlisten = "127.0.0.1:0"\n'
         f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n'
         f"[cache]\nenabled = {'true' if cache else 'false'}\n{pools}"
     )
@@ -571,6 +572,7 @@ def scenario_allocs(tmp: Path) -> None:
     config = tmp / "infergate.toml"
     config.write_text(
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n[grpc]\nlisten = "127.0.0.1:{grpc_port}"\n'
+        '[admin]\nlisten = "127.0.0.1:0"\n'
         f'[workers]\npython = "{PYTHON}"\n[log]\nlevel = "warn"\n[cache]\nenabled = false\n'
         '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n' + minilm_pool(1)
     )

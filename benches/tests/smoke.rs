@@ -79,13 +79,15 @@ async fn open_loop_holds_the_offered_rate_over_http1_and_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_over_grpc_counts_what_it_sends() {
-    let core = infergate::service::Core {
-        upstream: Arc::new(Fake),
-        policy: infergate::policy::Policy::unrestricted(),
-        routes: Default::default(),
-        cache: infergate::cache::ResponseCache::disabled(),
-        prices: Arc::default(),
-    };
+    let core = infergate::service::Core::new(
+        Arc::new(Fake),
+        infergate::service::Live {
+            policy: infergate::policy::Policy::unrestricted(),
+            routes: Default::default(),
+            cache: infergate::cache::ResponseCache::disabled(),
+            prices: Arc::default(),
+        },
+    );
     let state = Arc::new(EdgeState {
         conversations: infergate::conversations::Conversations::in_memory(),
         core: Arc::new(core),

@@ -5,7 +5,8 @@
 //! ([`service`]), which plans ([`route`]), admits ([`policy`]), goes
 //! through the response cache ([`cache`]) to the pools ([`pool`], with
 //! [`batch`]) and meters ([`telemetry`]); [`supervisor`] runs local worker
-//! processes beside it; [`server`] wires them together.
+//! processes beside it; [`control`] changes them while they run (reloads,
+//! the admin API); [`server`] wires them together.
 //!
 //! Which module may use which (`crate::` paths outside test code). The
 //! test `dependency_tests` reads every module's sources against this table
@@ -37,14 +38,16 @@
 //! | route | call config error proto upstream |
 //! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
-//! | edge | bulk cache call config conversations error policy proto route service telemetry tensor upstream |
-//! | server | cache config conversations edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
+//! | control | cache config policy pool redis_pool route service supervisor telemetry |
+//! | edge | bulk cache call config control conversations error policy pool proto route service telemetry tensor upstream |
+//! | server | cache config control conversations edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
 pub mod cache;
 pub mod call;
 pub mod config;
+pub mod control;
 pub mod conversations;
 pub mod edge;
 pub mod embedded;

@@ -49,6 +49,23 @@ impl LoadState {
         entry.models = models;
     }
 
+    /// Load failures in a row of worker `worker` of `pool`.
+    pub fn failures(&self, pool: &str, worker: &str) -> u32 {
+        self.pools().get(pool).and_then(|p| p.failures.get(worker).copied()).unwrap_or(0)
+    }
+
+    /// The failures in a row that make a worker's loading hopeless.
+    pub fn max_failures(&self) -> u32 {
+        self.max_failures
+    }
+
+    /// Worker `worker` of `pool` was stopped for good.
+    pub fn forget(&self, pool: &str, worker: &str) {
+        if let Some(p) = self.pools().get_mut(pool) {
+            p.failures.remove(worker);
+        }
+    }
+
     /// Worker `worker` of `pool` loaded its models.
     pub fn loaded(&self, pool: &str, worker: &str) {
         if let Some(p) = self.pools().get_mut(pool) {

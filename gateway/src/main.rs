@@ -157,7 +157,12 @@ fn main() -> ExitCode {
                     infergate::server::shutdown_signal().await;
                     trigger.cancel();
                 });
-                match infergate::server::run(cfg, shutdown).await {
+                // A reload reads the same file with the same overrides.
+                let source = infergate::control::Source {
+                    path: config.clone(),
+                    env: std::env::vars().filter(|(k, _)| k.starts_with(infergate::config::ENV_PREFIX)).collect(),
+                };
+                match infergate::server::run(cfg, source, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e}");

@@ -237,16 +237,25 @@ fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
 
 /// Run the gateway until `shutdown` is cancelled, then drain: stop accepting,
 /// let in-flight requests finish (up to `shutdown.grace`), stop the workers.
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), ServeError> {
+/// `source` is where the config came from, read again on a reload.
+pub async fn run(
+    mut config: Config,
+    source: crate::control::Source,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     raise_open_files_limit(&mut config);
     let http_listener = bind(config.http_listen).await?;
     let grpc_listener = bind(config.grpc_listen).await?;
+    let admin_listener = match config.admin.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let sockets = SocketDir::create(config.workers.socket_dir.as_ref())?;
 
     // Key files and Redis settings fail here, before any worker is spawned.
     let policy = crate::policy::Policy::new(&config)?;
     let loads = Arc::new(crate::load_state::LoadState::new(config.workers.max_load_failures));
-    let supervisor = Supervisor::start(&config, &sockets.path, loads.clone()).await?;
+    let supervisor = Arc::new(Supervisor::start(&config, &sockets.path, loads.clone()).await?);
     // Embedded pools' classes are imported now: one that cannot be refuses the start.
     let embedded = CancellationToken::new();
     crate::embedded::start(&config, &embedded).await?;
@@ -260,21 +269,28 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     announce_ready(pools.clone(), watchers.clone());
 
     let draining = CancellationToken::new();
-    policy.start_housekeeping(watchers.clone());
-    let core = crate::service::Core {
-        upstream: pools,
-        policy,
-        routes: Arc::new(crate::route::Routes::new(&config.aliases)),
-        cache: Arc::new(
-            crate::cache::ResponseCache::new(config.cache.clone(), config.redis.as_ref(), config.cache_pools.clone())
+    let core = Arc::new(crate::service::Core::new(
+        pools.clone(),
+        crate::service::Live {
+            policy,
+            routes: Arc::new(crate::route::Routes::new(&config.aliases)),
+            cache: Arc::new(
+                crate::cache::ResponseCache::new(
+                    config.cache.clone(),
+                    config.redis.as_ref(),
+                    config.cache_pools.clone(),
+                )
                 .map_err(ServeError::Cache)?,
-        ),
-        prices: Arc::new(config.prices.clone()),
-    };
+            ),
+            prices: Arc::new(config.prices.clone()),
+        },
+    ));
+    let current = core.clone();
+    crate::policy::Policy::start_housekeeping(move || current.policy(), watchers.clone());
     let conversations = crate::conversations::Conversations::new(config.responses.clone(), config.redis.as_ref())
         .map_err(ServeError::Cache)?;
     let state = Arc::new(EdgeState {
-        core: Arc::new(core),
+        core: core.clone(),
         conversations: Arc::new(conversations),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
@@ -295,36 +311,47 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
 
     let local =
         |edge, listener: &TcpListener| listener.local_addr().map_err(|source| ServeError::LocalAddr { edge, source });
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(local("admin", l)?),
+        None => None,
+    };
     tracing::info!(
         http = %local("http", &http_listener)?,
         grpc = %local("grpc", &grpc_listener)?,
+        admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         pools = config.pools.len(),
         "infergate listening"
     );
-    let http = tokio::spawn(edge::conn::serve(
-        "http",
-        http_listener,
-        http_app,
-        config.http_connections.clone(),
-        draining.clone(),
-    ));
-    let grpc = tokio::spawn(edge::conn::serve(
-        "grpc",
-        grpc_listener,
-        grpc_app,
-        config.grpc_connections.clone(),
-        draining.clone(),
-    ));
+    let http_limits = config.http_connections.clone();
+    let grpc_limits = config.grpc_connections.clone();
+    let grace = config.shutdown_grace;
+    let control = crate::control::Control::new(source, config, core, pools, supervisor.clone(), sockets.path.clone());
+    control.start_watching(watchers.clone());
+    let admin = admin_listener.map(|listener| {
+        let limits = crate::config::ConnLimits { max_connections: ADMIN_CONNECTIONS, ..http_limits.clone() };
+        tokio::spawn(edge::conn::serve(
+            "admin",
+            listener,
+            edge::admin::router(control.clone()),
+            limits,
+            draining.clone(),
+        ))
+    });
+    let http = tokio::spawn(edge::conn::serve("http", http_listener, http_app, http_limits, draining.clone()));
+    let grpc = tokio::spawn(edge::conn::serve("grpc", grpc_listener, grpc_app, grpc_limits, draining.clone()));
 
     shutdown.cancelled().await;
-    tracing::info!(grace = ?config.shutdown_grace, "draining: no new connections, finishing in-flight requests");
+    tracing::info!(?grace, "draining: no new connections, finishing in-flight requests");
     for service in edge::grpc::MODEL_SERVICES {
         health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
     }
     draining.cancel();
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
+    let drained = tokio::time::timeout(grace, async {
         let _ = http.await;
         let _ = grpc.await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
     })
     .await;
     if drained.is_err() {
@@ -336,6 +363,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     tracing::info!("infergate stopped");
     Ok(())
 }
+
+/// Admin connections open at once.
+const ADMIN_CONNECTIONS: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -47,6 +47,8 @@ pub struct Gateway {
     child: Child,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The admin listener, unless the config turned it off.
+    pub admin: Option<SocketAddr>,
     log: Arc<Mutex<Vec<Value>>>,
     _dir: TempDir,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
@@ -157,6 +159,7 @@ impl Gateway {
         let settings = [
             ("http", "listen", "127.0.0.1:0".to_owned()),
             ("grpc", "listen", "127.0.0.1:0".to_owned()),
+            ("admin", "listen", "127.0.0.1:0".to_owned()),
             ("log", "format", "json".to_owned()),
             ("workers", "python", python().display().to_string()),
             ("workers", "socket_dir", dir.0.join("sockets").display().to_string()),
@@ -203,11 +206,22 @@ impl Gateway {
         let listening = wait_for(&log, Duration::from_secs(30), |v| v["message"] == "infergate listening")
             .context("gateway never logged its addresses")?;
         let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
-        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, child, log, _dir: dir, _serial: serial };
+        let admin = addr("admin").ok();
+        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, admin, child, log, _dir: dir, _serial: serial };
         if let Some(within) = ready_within {
             gw.wait_ready(within)?;
         }
         Ok(gw)
+    }
+
+    /// `http://host:port{path}` of the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("the admin listener is on"))
+    }
+
+    /// The directory the gateway's config file is in (`infergate.toml`).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("infergate.toml")
     }
 
     /// `http://host:port` of the REST edge.

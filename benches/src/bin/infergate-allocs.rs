@@ -176,6 +176,7 @@ async fn ready(base: &str) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let source = infergate::control::Source { path: Some(cli.config.clone()), env: Vec::new() };
     let kinds = cli.kinds.iter().map(|k| parse_kind(k)).collect::<anyhow::Result<Vec<_>>>()?;
     let config = infergate::config::Config::load(Some(&cli.config), std::env::vars())
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
@@ -211,7 +212,7 @@ fn main() -> anyhow::Result<()> {
     // The gateway's runtime, as the binary builds it, counting on its threads.
     COUNTED.set(true);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_start(|| COUNTED.set(true)).build()?;
-    rt.block_on(infergate::server::run(config, shutdown)).map_err(|e| anyhow::anyhow!("gateway: {e}"))?;
+    rt.block_on(infergate::server::run(config, source, shutdown)).map_err(|e| anyhow::anyhow!("gateway: {e}"))?;
     client.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     Ok(())
 }

@@ -50,7 +50,7 @@ impl Default for CacheConfig {
 }
 
 /// Which pools' answers may be cached beyond the defaults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolRules {
     /// `deterministic = false`: tensor calls never cached.
     pub nondeterministic: Vec<String>,
@@ -197,4 +197,24 @@ pub fn check_prices(prices: &Prices) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// `[admin]`: the admin API's listener and who may use it.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `None`: no admin listener.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Ids of API keys (`[[auth.keys]]` or the keys file) that are admins.
+    pub keys: Vec<String>,
+    /// A JWT role that makes its bearer an admin.
+    pub role: Option<AdminRole>,
+    /// Reload when the config file changes (besides SIGHUP and the API).
+    pub watch_config: bool,
+}
+
+/// The JWT claim and value that make an admin.
+#[derive(Debug, Clone)]
+pub struct AdminRole {
+    pub claim: String,
+    pub role: String,
 }

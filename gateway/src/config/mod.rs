@@ -41,6 +41,7 @@ pub struct Config {
     /// Request bodies buffered at once, both listeners together.
     pub max_buffered_bytes: usize,
     pub grpc_listen: SocketAddr,
+    pub admin: components::AdminConfig,
     pub max_message_bytes: usize,
     pub http_max_in_flight: usize,
     pub grpc_max_in_flight: usize,
@@ -156,6 +157,16 @@ pub struct LogConfig {
 impl Config {
     /// Load from `path` (or the embedded default) with overrides from `env`.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        Self::load_edited(path, env, |_| {})
+    }
+
+    /// [`Config::load`], with `edit` applied to the file as read before it
+    /// is checked (a reload's model repository changes).
+    pub fn load_edited(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        edit: impl FnOnce(&mut RawConfig),
+    ) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
@@ -171,10 +182,11 @@ impl Config {
                 overrides::apply(&mut value, key, &val).map_err(|m| invalid(format!("{name} (env)"), m))?;
             }
         }
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        let mut raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             let key = e.path().to_string();
             invalid(key, e.into_inner().message().to_owned())
         })?;
+        edit(&mut raw);
         Self::from_raw_in(raw, path.and_then(Path::parent))
     }
 
@@ -190,6 +202,22 @@ impl Config {
         if http_listen == grpc_listen && http_listen.port() != 0 {
             return Err(invalid("grpc.listen", "must differ from http.listen"));
         }
+        let admin = components::AdminConfig {
+            listen: match raw.admin.listen.trim() {
+                "" => None,
+                text => {
+                    let addr = parse_addr("admin.listen", text)?;
+                    if addr.port() != 0 && (addr == http_listen || addr == grpc_listen) {
+                        return Err(invalid("admin.listen", "must differ from http.listen and grpc.listen"));
+                    }
+                    Some(addr)
+                }
+            },
+            keys: raw.admin.keys.clone(),
+            role: (!raw.admin.role.is_empty())
+                .then(|| components::AdminRole { claim: raw.admin.role_claim.clone(), role: raw.admin.role.clone() }),
+            watch_config: raw.admin.watch_config,
+        };
         let max_body_bytes = positive_size("http.max_body_bytes", raw.http.max_body_bytes)?;
         let trusted_proxies = policy::trusted_proxies(&raw.http.trusted_proxies)?;
         let max_message_bytes = positive_size("grpc.max_message_bytes", raw.grpc.max_message_bytes)?;
@@ -327,6 +355,7 @@ impl Config {
             max_body_bytes,
             max_buffered_bytes: positive_size("http.max_buffered_bytes", raw.http.max_buffered_bytes)?,
             grpc_listen,
+            admin,
             max_message_bytes,
             http_max_in_flight: positive_size("http.max_in_flight", raw.http.max_in_flight.into())?,
             sse_keep_alive: duration("http.sse_keep_alive", &raw.http.sse_keep_alive)?,

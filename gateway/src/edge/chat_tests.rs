@@ -88,13 +88,15 @@ fn app_with(
     policy: Arc<crate::policy::Policy>,
 ) -> (axum::Router, Arc<Scripted>) {
     let upstream = Arc::new(Scripted { script, calls: AtomicUsize::new(0) });
-    let core = crate::service::Core {
-        upstream: upstream.clone(),
-        policy,
-        routes: Default::default(),
-        cache: crate::cache::ResponseCache::disabled(),
-        prices: Arc::default(),
-    };
+    let core = crate::service::Core::new(
+        upstream.clone(),
+        crate::service::Live {
+            policy,
+            routes: Default::default(),
+            cache: crate::cache::ResponseCache::disabled(),
+            prices: Arc::default(),
+        },
+    );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),

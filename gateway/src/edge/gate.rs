@@ -19,7 +19,8 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
 use crate::error::GatewayError;
-use crate::policy::{Caller, Policy};
+use crate::policy::Caller;
+use crate::service::Core;
 
 /// Bytes of request bodies the gateway holds at once, across both listeners.
 #[derive(Debug)]
@@ -84,7 +85,7 @@ pub struct Gate {
     buffered: Arc<Buffered>,
     /// Asked before a body is read whether the caller's own rate is spent
     /// (`None` where the gate also covers calls that limits never refuse).
-    spent: Option<Arc<Policy>>,
+    spent: Option<Arc<Core>>,
     /// Renders a refusal in the listener's protocol, with the request id.
     reject: fn(GatewayError, Option<&str>) -> Response,
 }
@@ -94,7 +95,7 @@ impl Gate {
         limit: usize,
         max_body: usize,
         buffered: Arc<Buffered>,
-        spent: Option<Arc<Policy>>,
+        spent: Option<Arc<Core>>,
         reject: fn(GatewayError, Option<&str>) -> Response,
     ) -> Self {
         Self { permits: Semaphore::new(limit), limit, max_body, buffered, spent, reject }
@@ -117,8 +118,8 @@ async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respo
         let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok());
         (gate.reject)(e, request_id)
     };
-    if let (Some(policy), Some(caller)) = (&gate.spent, parts.extensions.get::<Arc<Caller>>())
-        && let Err(spent) = policy.refuse_spent(caller)
+    if let (Some(core), Some(caller)) = (&gate.spent, parts.extensions.get::<Arc<Caller>>())
+        && let Err(spent) = core.policy().refuse_spent(caller)
     {
         return reject(spent);
     }

@@ -1,5 +1,5 @@
 //! Who is calling, decided before a body is read: the REST and gRPC
-//! middleware over [`Policy::identify`] (and, with auth off, the `Host`
+//! middleware over [`Policy::identify`] of the policy in force (and, with auth off, the `Host`
 //! check), answering refusals in each surface's own form.
 
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use axum::response::Response;
 
 use crate::error::GatewayError;
 use crate::policy::{PeerAddr, Policy};
+use crate::service::Core;
 
 /// The name a request is addressed to: HTTP/2's `:authority`, else `Host`.
 fn host_of(req: &Request) -> Option<&str> {
@@ -52,11 +53,11 @@ async fn identify_with(
 }
 
 /// REST: identify the caller or answer 401 problem+json.
-pub async fn identify_http(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
-    identify_with(&policy, req, next, |e| e.into_http(None)).await
+pub async fn identify_http(State(core): State<Arc<Core>>, req: Request, next: Next) -> Response {
+    identify_with(&core.policy(), req, next, |e| e.into_http(None)).await
 }
 
 /// gRPC: identify the caller or answer UNAUTHENTICATED.
-pub async fn identify_grpc(State(policy): State<Arc<Policy>>, req: Request, next: Next) -> Response {
-    identify_with(&policy, req, next, super::problem::grpc_response).await
+pub async fn identify_grpc(State(core): State<Arc<Core>>, req: Request, next: Next) -> Response {
+    identify_with(&core.policy(), req, next, super::problem::grpc_response).await
 }

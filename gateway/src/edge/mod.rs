@@ -4,6 +4,7 @@
 //! model call itself is the core's.
 
 pub mod access;
+pub mod admin;
 pub mod chat;
 #[cfg(test)]
 mod chat_tests;

@@ -130,15 +130,17 @@ class = "x:Y"
     let raw: RawConfig = toml::from_str(&text).unwrap();
     let config = Config::from_raw(raw).unwrap();
     let models = Arc::new(Models::default());
-    let core = crate::service::Core {
-        upstream: models.clone(),
-        policy: crate::policy::Policy::new(&config).unwrap(),
-        routes: Arc::new(crate::route::Routes::new(&config.aliases)),
-        cache: Arc::new(
-            crate::cache::ResponseCache::new(config.cache.clone(), None, config.cache_pools.clone()).unwrap(),
-        ),
-        prices: Arc::default(),
-    };
+    let core = crate::service::Core::new(
+        models.clone(),
+        crate::service::Live {
+            policy: crate::policy::Policy::new(&config).unwrap(),
+            routes: Arc::new(crate::route::Routes::new(&config.aliases)),
+            cache: Arc::new(
+                crate::cache::ResponseCache::new(config.cache.clone(), None, config.cache_pools.clone()).unwrap(),
+            ),
+            prices: Arc::default(),
+        },
+    );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),

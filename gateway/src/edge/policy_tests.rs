@@ -76,13 +76,15 @@ fn app(config: &Config, fake: Fake) -> (axum::Router, Arc<Fake>) {
 
 fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
     let fake = Arc::new(fake);
-    let core = crate::service::Core {
-        upstream: fake.clone(),
-        policy: Policy::new(config).unwrap(),
-        routes: Arc::new(crate::route::Routes::new(&config.aliases)),
-        cache: crate::cache::ResponseCache::disabled(),
-        prices: Arc::default(),
-    };
+    let core = crate::service::Core::new(
+        fake.clone(),
+        crate::service::Live {
+            policy: Policy::new(config).unwrap(),
+            routes: Arc::new(crate::route::Routes::new(&config.aliases)),
+            cache: crate::cache::ResponseCache::disabled(),
+            prices: Arc::default(),
+        },
+    );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),

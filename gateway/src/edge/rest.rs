@@ -30,7 +30,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         state.http_max_in_flight,
         state.max_body_bytes,
         state.buffered.clone(),
-        Some(state.core.policy.clone()),
+        Some(state.core.clone()),
         |e, rid| e.into_http(rid),
     )
     .guard(api);
@@ -71,7 +71,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         // Errors in the dialect of each surface's clients (auth refusals too).
         .layer(axum::middleware::from_fn(super::dialect::error_dialect))
         // Who is calling, before any body is read (public routes pass).
-        .layer(axum::middleware::from_fn_with_state(state.core.policy.clone(), super::identify::identify_http))
+        .layer(axum::middleware::from_fn_with_state(state.core.clone(), super::identify::identify_http))
         .service(routes);
     Router::new().fallback_service(app)
 }

@@ -59,13 +59,15 @@ impl Upstream for Fake {
 
 fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
     let fake = Arc::new(fake);
-    let core = crate::service::Core {
-        upstream: fake.clone(),
-        policy: crate::policy::Policy::unrestricted(),
-        routes: Default::default(),
-        cache: crate::cache::ResponseCache::disabled(),
-        prices: Arc::default(),
-    };
+    let core = crate::service::Core::new(
+        fake.clone(),
+        crate::service::Live {
+            policy: crate::policy::Policy::unrestricted(),
+            routes: Default::default(),
+            cache: crate::cache::ResponseCache::disabled(),
+            prices: Arc::default(),
+        },
+    );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
         core: Arc::new(core),

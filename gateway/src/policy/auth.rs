@@ -30,6 +30,8 @@ pub enum AuthFailure {
     AlgMismatch,
     InvalidToken,
     MissingClaim,
+    /// A valid credential without the admin key id or role.
+    NotAdmin,
 }
 
 impl AuthFailure {
@@ -45,6 +47,7 @@ impl AuthFailure {
             Self::AlgMismatch => "alg_mismatch",
             Self::InvalidToken => "invalid_token",
             Self::MissingClaim => "missing_claim",
+            Self::NotAdmin => "not_admin",
         }
     }
 }
@@ -217,7 +220,61 @@ impl Authenticator {
         }
     }
 
+    /// Who is behind `headers` if they may use the admin API: an API key
+    /// whose id is in `keys`, or a valid JWT whose `role_claim` (a string
+    /// or an array of strings) holds `role`. Auth need not be enabled for
+    /// the client listeners: admin calls always need a credential.
+    pub fn admin(
+        &self,
+        headers: &HeaderMap,
+        keys: &[String],
+        role: Option<&crate::config::components::AdminRole>,
+    ) -> Result<String, AuthFailure> {
+        let token = credential(headers)?;
+        match (&self.config.jwt, role) {
+            (Some(jwt), Some(role))
+                if !token.starts_with(KEY_PREFIX) && token.bytes().filter(|b| *b == b'.').count() == 2 =>
+            {
+                let claims = self.decode_jwt(jwt, token)?;
+                let holds = match claims.get(&role.claim) {
+                    Some(serde_json::Value::String(r)) => r == &role.role,
+                    Some(serde_json::Value::Array(rs)) => rs.iter().any(|r| r.as_str() == Some(role.role.as_str())),
+                    _ => false,
+                };
+                let user = claims.get(&jwt.user_claim).and_then(serde_json::Value::as_str).unwrap_or("?");
+                if holds { Ok(format!("user:{user}")) } else { Err(AuthFailure::NotAdmin) }
+            }
+            _ => {
+                let table = self.keys.read().map(|k| Arc::clone(&k)).map_err(|_| AuthFailure::UnknownKey)?;
+                let key = table.find(token).ok_or(AuthFailure::UnknownKey)?;
+                if keys.contains(&key.id) { Ok(format!("key:{}", key.id)) } else { Err(AuthFailure::NotAdmin) }
+            }
+        }
+    }
+
     fn verify_jwt(&self, jwt: &JwtConfig, token: &str, client: std::net::IpAddr) -> Result<Caller, AuthFailure> {
+        let claims = self.decode_jwt(jwt, token)?;
+        let claim = |name: &str| claims.get(name).and_then(serde_json::Value::as_str).filter(|s| !s.is_empty());
+        let user = claim(&jwt.user_claim).ok_or(AuthFailure::MissingClaim)?;
+        let tenant = claim(&jwt.tenant_claim).ok_or(AuthFailure::MissingClaim)?;
+        let tier = claim(&jwt.tier_claim).unwrap_or(&jwt.default_tier);
+        Ok(Caller {
+            principal: Principal::User(user.into()),
+            tenant: tenant.into(),
+            tier: tier.into(),
+            client,
+            models: None,
+            limits: None,
+        })
+    }
+
+    /// The claims of `token` once its signature, issuer, audience and times
+    /// check out.
+    fn decode_jwt(
+        &self,
+        jwt: &JwtConfig,
+        token: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, AuthFailure> {
         // Only alg, kid and typ are read from the header: a `jku`, `x5u`,
         // `jwk` or `x5c` in it is never fetched or trusted.
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::MalformedToken)?;
@@ -242,19 +299,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key.key, &validation)
             .map_err(|_| AuthFailure::InvalidToken)?;
-        let claims = data.claims;
-        let claim = |name: &str| claims.get(name).and_then(serde_json::Value::as_str).filter(|s| !s.is_empty());
-        let user = claim(&jwt.user_claim).ok_or(AuthFailure::MissingClaim)?;
-        let tenant = claim(&jwt.tenant_claim).ok_or(AuthFailure::MissingClaim)?;
-        let tier = claim(&jwt.tier_claim).unwrap_or(&jwt.default_tier);
-        Ok(Caller {
-            principal: Principal::User(user.into()),
-            tenant: tenant.into(),
-            tier: tier.into(),
-            client,
-            models: None,
-            limits: None,
-        })
+        Ok(data.claims)
     }
 }
 

@@ -210,16 +210,24 @@ impl RateState {
     }
 }
 
-/// In-flight semaphores by scope key.
+/// In-flight semaphores by scope key, with the bound each was made for.
 #[derive(Default)]
 struct InFlight {
-    by_key: Mutex<HashMap<String, Arc<Semaphore>>>,
+    by_key: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 impl InFlight {
     fn acquire(&self, scope: &Scope, max: usize) -> Result<OwnedSemaphorePermit, Refusal> {
         let sem = match self.by_key.lock() {
-            Ok(mut m) => m.entry(scope.key.clone()).or_insert_with(|| Arc::new(Semaphore::new(max))).clone(),
+            Ok(mut m) => {
+                let entry = m.entry(scope.key.clone()).or_insert_with(|| (max, Arc::new(Semaphore::new(max))));
+                // A reload changed the bound: calls under way keep the old
+                // semaphore's permits, new ones count against the new bound.
+                if entry.0 != max {
+                    *entry = (max, Arc::new(Semaphore::new(max)));
+                }
+                entry.1.clone()
+            }
             Err(_) => Arc::new(Semaphore::new(max)),
         };
         sem.try_acquire_owned().map_err(|_| Refusal {
@@ -233,7 +241,7 @@ impl InFlight {
     /// Forget semaphores nobody holds a permit of (clients that went away).
     fn sweep(&self) {
         if let Ok(mut m) = self.by_key.lock() {
-            m.retain(|_, s| Arc::strong_count(s) > 1);
+            m.retain(|_, (_, s)| Arc::strong_count(s) > 1);
             m.shrink_to_fit();
         }
     }
@@ -282,6 +290,14 @@ impl Spent {
         if until.len() < MAX_SPENT {
             until.insert(Holder::of(caller), (Instant::now() + wait, refusal.quota));
             self.held.store(until.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Forget every refusal (the limits changed).
+    pub fn clear(&self) {
+        if let Ok(mut until) = self.until.write() {
+            until.clear();
+            self.held.store(0, Ordering::Relaxed);
         }
     }
 

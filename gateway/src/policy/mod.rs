@@ -49,8 +49,9 @@ pub enum PolicyError {
 pub struct Policy {
     auth: Authenticator,
     limits: LimitsConfig,
-    local: LocalLimits,
-    redis: Option<RedisLimits>,
+    /// Limiter state, kept across reloads (see [`Policy::reloaded`]).
+    local: Arc<LocalLimits>,
+    redis: Option<Arc<RedisLimits>>,
     trusted_proxies: Vec<ipnet::IpNet>,
     /// With auth off: the `Host` names served (`None`: any, auth is on).
     hosts: Option<AllowedHosts>,
@@ -82,15 +83,33 @@ impl Tokens {
 
 impl Policy {
     pub fn new(config: &Config) -> Result<Arc<Self>, PolicyError> {
+        let redis = config.redis.as_ref().map(RedisLimits::new).transpose()?.map(Arc::new);
+        Self::with_state(config, Arc::default(), redis)
+    }
+
+    /// The policy of `config`, keeping this one's limiter state: a scope
+    /// whose limit is unchanged keeps its counts (a changed rate or
+    /// in-flight bound starts afresh; token reservations carry over), and
+    /// the Redis limiter is the same one (`[redis]` changes need a restart).
+    pub fn reloaded(&self, config: &Config) -> Result<Arc<Self>, PolicyError> {
+        // A caller refused under the old limits is judged by the new ones.
+        self.local.spent.clear();
+        Self::with_state(config, self.local.clone(), self.redis.clone())
+    }
+
+    fn with_state(
+        config: &Config,
+        local: Arc<LocalLimits>,
+        redis: Option<Arc<RedisLimits>>,
+    ) -> Result<Arc<Self>, PolicyError> {
         let auth = Authenticator::new(config.auth.clone())?;
-        let redis = config.redis.as_ref().map(RedisLimits::new).transpose()?;
         if !auth.enabled() {
             tracing::warn!("auth is off: anyone who can reach the listeners may call (set auth.enabled)");
         }
         Ok(Arc::new(Self {
             auth,
             limits: config.limits.clone(),
-            local: LocalLimits::default(),
+            local,
             redis,
             trusted_proxies: config.trusted_proxies.clone(),
             hosts: (!config.auth.enabled).then(|| AllowedHosts::new(&config.allowed_hosts)),
@@ -103,7 +122,7 @@ impl Policy {
         Arc::new(Self {
             auth: Authenticator::disabled(),
             limits: LimitsConfig::default(),
-            local: LocalLimits::default(),
+            local: Arc::default(),
             redis: None,
             trusted_proxies: Vec::new(),
             hosts: None,
@@ -124,17 +143,17 @@ impl Policy {
         }
     }
 
-    /// Reload changed key files and drop idle limiter state until `stop`.
-    pub fn start_housekeeping(self: &Arc<Self>, stop: CancellationToken) {
-        let policy = Arc::clone(self);
+    /// Reload changed key files and drop idle limiter state of the policy
+    /// in force (`current` says which) until `stop`.
+    pub fn start_housekeeping(current: impl Fn() -> Arc<Self> + Send + 'static, stop: CancellationToken) {
         tokio::spawn(async move {
             let mut reload = tokio::time::interval(RELOAD_EVERY);
             let mut sweep = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = reload.tick() => policy.auth.reload_changed(),
-                    _ = sweep.tick() => policy.local.sweep(),
+                    _ = reload.tick() => current().auth.reload_changed(),
+                    _ = sweep.tick() => current().local.sweep(),
                 }
             }
         });
@@ -181,6 +200,16 @@ impl Policy {
             Some(hosts) if !hosts.allows(host) => Err(GatewayError::HostNotAllowed { host: host.to_owned() }),
             _ => Ok(()),
         }
+    }
+
+    /// Who is behind an admin API request, or why they may not use it
+    /// (`not_admin`: a valid credential that is not an admin's).
+    pub fn admin(
+        &self,
+        headers: &http::HeaderMap,
+        admin: &crate::config::components::AdminConfig,
+    ) -> Result<String, &'static str> {
+        self.auth.admin(headers, &admin.keys, admin.role.as_ref()).map_err(auth::AuthFailure::reason)
     }
 
     /// The caller of a request to `path`, or why it is refused.

@@ -2,7 +2,7 @@
 //! the rest, the worker each call is given, and what a finished call says
 //! about that worker and the pool.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -15,6 +15,8 @@ use crate::call::Deadline;
 use crate::error::GatewayError;
 
 pub(super) struct Pool {
+    /// Its place in [`super::Pools`], for the model table and batchers.
+    pub(super) index: usize,
     pub(super) name: String,
     /// The current members; replaced whole when discovery changes them.
     pub(super) workers: RwLock<Arc<Vec<Arc<Worker>>>>,
@@ -38,6 +40,31 @@ pub(super) struct Pool {
     pub(super) batching: BatchConfig,
     /// Largest message to or from a worker (`workers.max_message_bytes`).
     pub(super) max_message: usize,
+    /// Removed by a reload: calls that had not entered it are refused.
+    retired: AtomicBool,
+    /// Calls that entered it and have not ended (see [`Pool::enter`]).
+    active: AtomicUsize,
+    /// Told when `active` falls to zero on a retired pool.
+    idle: tokio::sync::Notify,
+}
+
+/// A call's presence in a pool, from routing to its end; while any is
+/// held, a removed pool's workers are not stopped.
+pub(super) struct Active(Arc<Pool>);
+
+impl std::ops::Deref for Active {
+    type Target = Pool;
+    fn deref(&self) -> &Pool {
+        &self.0
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.retired.load(Ordering::SeqCst) {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A worker call that may be dropped before it ends (its callers all left:
@@ -109,6 +136,77 @@ impl Drop for Queued<'_> {
 }
 
 impl Pool {
+    /// Pool `config` at `index` of the pools, with `workers`.
+    pub(super) fn new(
+        index: usize,
+        config: &crate::config::PoolConfig,
+        max_message: usize,
+        workers: Arc<Vec<Arc<Worker>>>,
+    ) -> Self {
+        let name = config.name.clone();
+        // Counted from 0, so the series exist before the first event.
+        for metric in [crate::telemetry::metrics::RETRIES, crate::telemetry::metrics::QUEUE_REJECTIONS] {
+            metrics::counter!(metric, "pool" => name.clone()).increment(0);
+        }
+        Self {
+            index,
+            slots: crate::slots::Slots::new(workers.len().saturating_mul(config.max_in_flight_per_worker)),
+            workers: RwLock::new(workers),
+            per_worker: config.max_in_flight_per_worker,
+            discover: match &config.kind {
+                crate::config::PoolKind::Discovered { host, port, every } => Some((host.clone(), *port, *every)),
+                _ => None,
+            },
+            circuit: Circuit::new(&name, config.circuit),
+            outlier: config.outlier,
+            ejected: AtomicUsize::new(0),
+            retry: config.retry,
+            budget: retry::Budget::default(),
+            queued: AtomicUsize::new(0),
+            depth: metrics::gauge!(crate::telemetry::metrics::QUEUE_DEPTH, "pool" => name.clone()),
+            max_queue: config.max_queue,
+            batching: config.batching.clone(),
+            max_message,
+            retired: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+            name,
+        }
+    }
+
+    /// Count a routed call in the pool until the guard drops; `None` once
+    /// the pool is retired. (The call's increment and the retirement's flag
+    /// are both sequentially consistent: either the call sees the flag, or
+    /// the retirement sees the call and waits for it.)
+    pub(super) fn enter(self: &Arc<Self>) -> Option<Active> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let guard = Active(self.clone());
+        (!self.retired.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// Refuse new calls and wait until those that entered have ended.
+    pub(super) async fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub(super) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Calls in the pool now (routed, not yet ended).
+    pub(super) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
     /// The members now (a snapshot).
     pub(super) fn workers(&self) -> Arc<Vec<Arc<Worker>>> {
         self.workers.read().unwrap_or_else(PoisonError::into_inner).clone()
@@ -156,9 +254,16 @@ impl Pool {
     }
 
     pub(super) fn pick(&self) -> Result<InFlight, GatewayError> {
-        balance::p2c(&self.workers(), |n| fastrand::usize(..n))
-            .map(Worker::begin)
-            .ok_or_else(|| GatewayError::NoReadyWorker { pool: self.name.clone() })
+        let workers = self.workers();
+        // A worker drained between the pick and the count is given back.
+        for _ in 0..3 {
+            let Some(worker) = balance::p2c(&workers, |n| fastrand::usize(..n)) else { break };
+            let in_flight = worker.begin();
+            if !worker.is_draining() {
+                return Ok(in_flight);
+            }
+        }
+        Err(GatewayError::NoReadyWorker { pool: self.name.clone() })
     }
 
     /// A slot (waiting in the bounded queue if all are taken, never past the

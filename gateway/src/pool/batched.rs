@@ -37,7 +37,7 @@ impl Pools {
         info: &ModelInfo,
     ) -> Option<Arc<Batcher<R::Item, R::Output>>> {
         let max = Self::batch_size(pool, info)?;
-        let key = (self.index_of(pool), info.name.clone());
+        let key = (pool.index, info.name.clone());
         let mut map = R::batchers(self).lock().unwrap_or_else(PoisonError::into_inner);
         let batcher = map.entry(key.clone()).or_insert_with(|| {
             let dispatch = Dispatcher::<R> { pools: self.me.clone(), pool: key.0, model: key.1, rpc: PhantomData };
@@ -277,7 +277,8 @@ impl<R: BatchRpc> Dispatch<R::Item, R::Output> for Dispatcher<R> {
         async move {
             let pools = pools.upgrade().ok_or(GatewayError::ShuttingDown)?;
             let send = |worker| send_batch::<R>(worker, &model, items.clone(), deadline, &batch_id);
-            let (results, _lease) = pools.pools[pool]
+            let (results, _lease) = pools
+                .pool(pool)
                 .with_retries_judged(&deadline, &batch_id, retry::Rerun::Pure, send, batch_outcome)
                 .await?;
             Ok(results)

@@ -1,11 +1,11 @@
 //! The pools as the request core's [`Upstream`]: route a call to its pool,
 //! then batch it or send it with retries.
 
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 
 use futures::StreamExt;
 
-use super::admission::Pool;
+use super::admission::{Active, Pool};
 use super::attempts::{bounded, request, within};
 use super::batched::{EmbedRpc, InferRpc, gather, send_batch};
 use super::status::missing_result;
@@ -20,11 +20,12 @@ use crate::upstream::{Batching, ChunkStream, EmbedOutput, PoolStatus, Upstream};
 impl Upstream for Pools {
     fn models(&self) -> Vec<ModelEntry> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let pools = self.all();
         let mut entries: Vec<ModelEntry> =
-            table.models().map(|(p, info)| self.entry(&self.pools[p], info.clone())).collect();
+            table.models().map(|(p, info)| self.entry(&pools[p], info.clone())).collect();
         // A model whose workers never loaded it was never described: it is
         // listed by the name its class declares, with why.
-        for pool in &self.pools {
+        for pool in pools.iter().filter(|p| !p.is_retired()) {
             let Some(error) = self.loads.failed(&pool.name) else { continue };
             for model in self.loads.models(&pool.name) {
                 if !entries.iter().any(|e| e.info.as_ref().is_some_and(|i| i.name == model)) {
@@ -44,17 +45,18 @@ impl Upstream for Pools {
 
     fn model(&self, name: &str) -> Result<ModelEntry, GatewayError> {
         let (pool, info) = self.route(name)?;
-        Ok(self.entry(pool, info))
+        Ok(self.entry(&pool, info))
     }
 
     fn model_in(&self, pool: &str, name: &str) -> Result<ModelEntry, GatewayError> {
         let (pool, info) = self.route_in(pool, name)?;
-        Ok(self.entry(pool, info))
+        Ok(self.entry(&pool, info))
     }
 
     fn status(&self) -> Vec<PoolStatus> {
-        self.pools
+        self.all()
             .iter()
+            .filter(|p| !p.is_retired())
             .map(|p| {
                 let workers = p.workers();
                 PoolStatus {
@@ -68,7 +70,8 @@ impl Upstream for Pools {
     }
 
     fn batching(&self, pool: &str, info: &ModelInfo) -> Option<Batching> {
-        let pool = self.pools.iter().find(|p| p.name == pool)?;
+        let pools = self.all();
+        let pool = pools.iter().find(|p| p.name == pool && !p.is_retired())?;
         Some(Batching {
             max_batch_size: Self::batch_size(pool, info)?,
             max_delay: pool.batching.max_delay,
@@ -79,25 +82,25 @@ impl Upstream for Pools {
     async fn embed(&self, call: Call<Vec<String>>) -> Result<EmbedOutput, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         let model = info.name.clone();
-        counted(pool, &model, self.embed_in(pool, info, call).await)
+        counted(&pool, &model, self.embed_in(&pool, info, call).await)
     }
 
     async fn infer(&self, call: Call<InferItem>) -> Result<(ModelInfo, InferOutputs), GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         let model = info.name.clone();
-        counted(pool, &model, self.infer_in(pool, info, call).await)
+        counted(&pool, &model, self.infer_in(&pool, info, call).await)
     }
 
     async fn generate(&self, call: Call<GenerateRequest>) -> Result<ChunkStream, GatewayError> {
         let (pool, info) = self.route_call(&call)?;
         let model = info.name.clone();
-        let stream = counted(pool, &model, self.generate_in(pool, info, call).await)?;
-        // A stream that fails after it opened is the pool's failure too.
-        let pool = pool.name.clone();
+        let stream = counted(&pool, &model, self.generate_in(&pool, info, call).await)?;
+        // A stream that fails after it opened is the pool's failure too;
+        // the call is in the pool until its stream ends.
         Ok(stream
             .inspect(move |chunk| {
                 if let Err(e) = chunk {
-                    pool_error(&pool, &model, e);
+                    pool_error(&pool.name, &model, e);
                 }
             })
             .boxed())
@@ -240,25 +243,25 @@ impl Pools {
         self.table.write().unwrap_or_else(PoisonError::into_inner).register(pool, &worker.id, models);
     }
 
-    pub(super) fn index_of(&self, pool: &Pool) -> usize {
-        self.pools.iter().position(|p| std::ptr::eq(p, pool)).unwrap_or_default()
-    }
-
     /// The pool and model for a call: the named pool when the call carries
     /// one (a route variant), else the pool that first claimed the model.
-    fn route_call<P>(&self, call: &Call<P>) -> Result<(&Pool, ModelInfo), GatewayError> {
-        match &call.pool {
-            Some(pool) => self.route_in(pool, &call.model),
-            None => self.route(&call.model),
-        }
+    /// The call is in the pool until the returned guard drops.
+    fn route_call<P>(&self, call: &Call<P>) -> Result<(Active, ModelInfo), GatewayError> {
+        let (pool, info) = match &call.pool {
+            Some(pool) => self.route_in(pool, &call.model)?,
+            None => self.route(&call.model)?,
+        };
+        // Removed by a reload between the lookup and now.
+        let active = pool.enter().ok_or_else(|| GatewayError::ModelNotFound { model: call.model.clone() })?;
+        Ok((active, info))
     }
 
-    fn route_in(&self, pool: &str, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+    fn route_in(&self, pool: &str, name: &str) -> Result<(Arc<Pool>, ModelInfo), GatewayError> {
         let routed = self.table.read().unwrap_or_else(PoisonError::into_inner).route_in(pool, name);
         self.unless_failed(name, routed)
     }
 
-    pub(super) fn route(&self, name: &str) -> Result<(&Pool, ModelInfo), GatewayError> {
+    pub(super) fn route(&self, name: &str) -> Result<(Arc<Pool>, ModelInfo), GatewayError> {
         let routed = self.table.read().unwrap_or_else(PoisonError::into_inner).route(name);
         self.unless_failed(name, routed)
     }
@@ -272,7 +275,8 @@ impl Pools {
     /// Whether every pool that has not described its models is failed.
     fn only_failed_undescribed(&self) -> bool {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        table.undescribed().all(|p| self.loads.failed(&self.pools[p].name).is_some())
+        let pools = self.all();
+        table.undescribed().all(|p| pools[p].is_retired() || self.loads.failed(&pools[p].name).is_some())
     }
 
     /// A routed call's pool, unless its workers cannot load the model; a
@@ -281,17 +285,20 @@ impl Pools {
         &self,
         name: &str,
         routed: Result<(usize, ModelInfo), GatewayError>,
-    ) -> Result<(&Pool, ModelInfo), GatewayError> {
+    ) -> Result<(Arc<Pool>, ModelInfo), GatewayError> {
         let failed = |pool: &str, error: String| GatewayError::ModelFailedToLoad {
             model: name.to_owned(),
             pool: pool.to_owned(),
             error,
         };
         match routed {
-            Ok((p, info)) => match self.loads.failed(&self.pools[p].name) {
-                Some(error) => Err(failed(&self.pools[p].name, error)),
-                None => Ok((&self.pools[p], info)),
-            },
+            Ok((p, info)) => {
+                let pool = self.pool(p);
+                match self.loads.failed(&pool.name) {
+                    Some(error) => Err(failed(&pool.name, error)),
+                    None => Ok((pool, info)),
+                }
+            }
             Err(e @ (GatewayError::Starting { .. } | GatewayError::ModelNotFound { .. })) => {
                 match self.loads.failed_for_model(name) {
                     Some((pool, error)) => Err(failed(&pool, error)),

@@ -79,30 +79,39 @@ impl Pools {
         nameservers: &[std::net::SocketAddr],
         stop: &CancellationToken,
     ) -> Result<(), DiscoveryError> {
-        for (p, pool) in self.pools.iter().enumerate() {
-            for worker in pool.workers().iter() {
-                self.watch_worker(p, worker, connect_timeout, stop.child_token());
-            }
-            if let Some(spec) = pool.discover.clone() {
-                let resolver =
-                    resolver(nameservers).map_err(|source| DiscoveryError { pool: pool.name.clone(), source })?;
-                tokio::spawn(self.clone().discover(p, spec, resolver, connect_timeout, stop.child_token()));
-            }
+        let watching = super::watching::Watching::new(connect_timeout, nameservers.to_vec(), stop.clone());
+        let watching = self.watching.get_or_init(|| watching);
+        for pool in self.all().iter() {
+            self.watch_pool(pool, watching)?;
         }
         Ok(())
     }
 
-    /// Follow `worker`'s health (and what it serves) until `stop`.
-    fn watch_worker(
+    /// Watch `pool`'s workers, and discover its members if it is found by DNS.
+    pub(super) fn watch_pool(
         self: &Arc<Self>,
-        p: usize,
-        worker: &Arc<Worker>,
-        connect_timeout: std::time::Duration,
-        stop: CancellationToken,
-    ) {
+        pool: &super::admission::Pool,
+        watching: &super::watching::Watching,
+    ) -> Result<(), DiscoveryError> {
+        for worker in pool.workers().iter() {
+            self.watch_worker(pool.index, worker, watching);
+        }
+        if let Some(spec) = pool.discover.clone() {
+            let resolver =
+                resolver(&watching.nameservers).map_err(|source| DiscoveryError { pool: pool.name.clone(), source })?;
+            let stop = watching.token(&super::watching::discovery_key(pool.index));
+            tokio::spawn(self.clone().discover(pool.index, spec, resolver, watching.connect_timeout, stop));
+        }
+        Ok(())
+    }
+
+    /// Follow `worker`'s health (and what it serves) until its watch is
+    /// stopped ([`super::watching::Watching::stop`]) or the gateway stops.
+    pub(super) fn watch_worker(self: &Arc<Self>, p: usize, worker: &Arc<Worker>, watching: &super::watching::Watching) {
         let me = self.clone();
         let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
-        tokio::spawn(worker.clone().watch(connect_timeout, on_describe, stop));
+        let stop = watching.token(&worker.id);
+        tokio::spawn(worker.clone().watch(watching.connect_timeout, on_describe, stop));
     }
 
     /// Keep pool `p`'s members equal to what `host` resolves to, until `stop`.
@@ -114,7 +123,7 @@ impl Pools {
         connect_timeout: Duration,
         stop: CancellationToken,
     ) {
-        let pool_name = self.pools[p].name.clone();
+        let pool_name = self.pool(p).name.clone();
         let mut members: BTreeMap<SocketAddr, (Arc<Worker>, CancellationToken)> = BTreeMap::new();
         loop {
             match lookup(&resolver, &host, port).await {
@@ -136,10 +145,12 @@ impl Pools {
                                 continue;
                             };
                             let id = format!("{pool_name}-{addr}");
-                            let max_message = self.pools[p].max_message;
+                            let max_message = self.pool(p).max_message;
                             let worker = Arc::new(Worker::new(&pool_name, id, WorkerAddr::Tcp(uri), max_message));
                             let watch = stop.child_token();
-                            self.watch_worker(p, &worker, connect_timeout, watch.clone());
+                            let me = self.clone();
+                            let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
+                            tokio::spawn(worker.clone().watch(connect_timeout, on_describe, watch.clone()));
                             tracing::info!(pool = %pool_name, worker = %worker.id, "worker found in DNS");
                             members.insert(*addr, (worker, watch));
                         }
@@ -155,8 +166,8 @@ impl Pools {
     }
 
     /// Replace pool `p`'s workers, resizing its bounds to match.
-    fn set_members(&self, p: usize, workers: Vec<Arc<Worker>>) {
-        let pool = &self.pools[p];
+    pub(super) fn set_members(&self, p: usize, workers: Vec<Arc<Worker>>) {
+        let pool = self.pool(p);
         let n = workers.len();
         let old =
             std::mem::replace(&mut *pool.workers.write().unwrap_or_else(PoisonError::into_inner), Arc::new(workers));
@@ -185,6 +196,6 @@ impl Pools {
     }
 
     fn is_member(&self, p: usize, worker: &Arc<Worker>) -> bool {
-        self.pools[p].workers().iter().any(|w| Arc::ptr_eq(w, worker))
+        self.pool(p).workers().iter().any(|w| Arc::ptr_eq(w, worker))
     }
 }

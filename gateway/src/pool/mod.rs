@@ -23,14 +23,15 @@ mod admission;
 mod attempts;
 mod batched;
 mod calls;
+pub mod changes;
 mod status;
 mod table;
 #[cfg(test)]
 mod tests;
+mod watching;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::batch::Batcher;
@@ -38,13 +39,15 @@ use crate::config::{Config, PoolKind, WorkerAddr};
 use crate::load_state::LoadState;
 use crate::proto::{InferItem, InferOutputs};
 use admission::Pool;
-use circuit::Circuit;
 use table::ModelTable;
 use worker::Worker;
 
 /// All configured pools and the model table learned from their workers.
 pub struct Pools {
-    pools: Vec<Pool>,
+    /// By index, which never changes: a pool added by a reload is
+    /// appended, one removed stays as a retired entry, one retuned is
+    /// replaced at its index (see [`changes`]).
+    pools: arc_swap::ArcSwap<Vec<Arc<Pool>>>,
     table: RwLock<ModelTable>,
     /// For the batchers' dispatchers (they outlive a call, not the pools).
     me: Weak<Pools>,
@@ -52,6 +55,8 @@ pub struct Pools {
     infer_batchers: Batchers<InferItem, InferOutputs>,
     /// How loading local workers' models goes (the supervisor's word).
     loads: Arc<LoadState>,
+    /// What [`Pools::watch`] was given, for workers and pools added later.
+    watching: std::sync::OnceLock<watching::Watching>,
 }
 
 /// The batchers of one kind, by (pool index, model), started on first use.
@@ -65,62 +70,48 @@ impl Pools {
     /// `socket_dir/<pool>-<n>.sock` (see [`crate::config::local_socket`]).
     pub fn new(config: &Config, socket_dir: &Path, loads: Arc<LoadState>) -> Arc<Self> {
         let mut pools = Vec::with_capacity(config.pools.len());
-        for pool in &config.pools {
-            let addrs: Vec<WorkerAddr> = match &pool.kind {
-                PoolKind::Local { workers, .. } => (0..workers.get())
-                    .map(|i| WorkerAddr::Unix(crate::config::local_socket(socket_dir, &pool.name, i)))
-                    .collect(),
-                PoolKind::Remote { addresses } => addresses.clone(),
-                // Found by `discover`, which fills the pool as records arrive.
-                PoolKind::Discovered { .. } => Vec::new(),
-                PoolKind::Embedded { .. } => vec![WorkerAddr::InProcess(crate::embedded::endpoint(&pool.name))],
-            };
-            let workers: Vec<_> = addrs
+        for (index, pool) in config.pools.iter().enumerate() {
+            let workers = first_workers(pool, socket_dir)
                 .into_iter()
-                .enumerate()
-                .map(|(i, addr)| {
-                    Arc::new(Worker::new(
-                        &pool.name,
-                        format!("{}-{i}", pool.name),
-                        addr,
-                        config.workers.max_message_bytes,
-                    ))
-                })
+                .map(|(id, addr)| Arc::new(Worker::new(&pool.name, id, addr, config.workers.max_message_bytes)))
                 .collect();
-            let slots = crate::slots::Slots::new(workers.len().saturating_mul(pool.max_in_flight_per_worker));
-            // Counted from 0, so the series exist before the first event.
-            for name in [crate::telemetry::metrics::RETRIES, crate::telemetry::metrics::QUEUE_REJECTIONS] {
-                metrics::counter!(name, "pool" => pool.name.clone()).increment(0);
-            }
-            pools.push(Pool {
-                name: pool.name.clone(),
-                max_message: config.workers.max_message_bytes,
-                workers: RwLock::new(Arc::new(workers)),
-                per_worker: pool.max_in_flight_per_worker,
-                discover: match &pool.kind {
-                    PoolKind::Discovered { host, port, every } => Some((host.clone(), *port, *every)),
-                    _ => None,
-                },
-                circuit: Circuit::new(&pool.name, pool.circuit),
-                outlier: pool.outlier,
-                ejected: AtomicUsize::new(0),
-                retry: pool.retry,
-                budget: retry::Budget::default(),
-                slots,
-                queued: AtomicUsize::new(0),
-                depth: metrics::gauge!(crate::telemetry::metrics::QUEUE_DEPTH, "pool" => pool.name.clone()),
-                max_queue: pool.max_queue,
-                batching: pool.batching.clone(),
-            });
+            pools.push(Arc::new(Pool::new(index, pool, config.workers.max_message_bytes, Arc::new(workers))));
         }
         let table = ModelTable::new(pools.iter().map(|p| p.name.clone()).collect());
         Arc::new_cyclic(|me| Self {
-            pools,
+            pools: arc_swap::ArcSwap::from_pointee(pools),
             table: RwLock::new(table),
             me: me.clone(),
             embed_batchers: Mutex::default(),
             infer_batchers: Mutex::default(),
             loads,
+            watching: std::sync::OnceLock::new(),
         })
     }
+
+    /// Pool `p` as it is now.
+    fn pool(&self, p: usize) -> Arc<Pool> {
+        self.pools.load()[p].clone()
+    }
+
+    /// Every pool, retired ones included (their index stays theirs).
+    fn all(&self) -> Arc<Vec<Arc<Pool>>> {
+        self.pools.load_full()
+    }
+}
+
+/// The ids and addresses of a pool's workers at start. Local pools'
+/// workers listen on `socket_dir/<pool>-<n>.sock` (see
+/// [`crate::config::local_socket`]).
+fn first_workers(pool: &crate::config::PoolConfig, socket_dir: &Path) -> Vec<(String, WorkerAddr)> {
+    let addrs: Vec<WorkerAddr> = match &pool.kind {
+        PoolKind::Local { workers, .. } => (0..workers.get())
+            .map(|i| WorkerAddr::Unix(crate::config::local_socket(socket_dir, &pool.name, i)))
+            .collect(),
+        PoolKind::Remote { addresses } => addresses.clone(),
+        // Found by `discover`, which fills the pool as records arrive.
+        PoolKind::Discovered { .. } => Vec::new(),
+        PoolKind::Embedded { .. } => vec![WorkerAddr::InProcess(crate::embedded::endpoint(&pool.name))],
+    };
+    addrs.into_iter().enumerate().map(|(i, addr)| (format!("{}-{i}", pool.name), addr)).collect()
 }

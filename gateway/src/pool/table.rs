@@ -39,8 +39,35 @@ impl ModelTable {
         }
     }
 
+    /// A pool added by a reload; its index.
+    pub(super) fn add(&mut self, name: String) -> usize {
+        self.names.push(name);
+        self.by_pool.push(HashMap::new());
+        self.described.push(false);
+        self.names.len() - 1
+    }
+
+    /// Forget pool `pool` (removed by a reload): its models go to the next
+    /// pool that serves them, or are not found.
+    pub(super) fn retire(&mut self, pool: usize) {
+        self.names[pool].clear();
+        self.described[pool] = true;
+        let models = std::mem::take(&mut self.by_pool[pool]);
+        for name in models.keys() {
+            if self.first.get(name) == Some(&pool) {
+                self.first.remove(name);
+                if let Some(next) = self.by_pool.iter().position(|m| m.contains_key(name)) {
+                    self.first.insert(name.clone(), next);
+                }
+            }
+        }
+    }
+
     /// What a worker (`worker`, for the log) of pool `pool` described.
     pub(super) fn register(&mut self, pool: usize, worker: &str, models: Vec<ModelInfo>) {
+        if self.names[pool].is_empty() {
+            return; // retired: a last word from a worker being stopped
+        }
         self.described[pool] = true;
         for info in models {
             match self.first.get(&info.name) {
@@ -60,7 +87,7 @@ impl ModelTable {
 
     /// The index of the pool named `name`.
     pub(super) fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|p| p == name)
+        self.names.iter().position(|p| p == name && !name.is_empty())
     }
 
     /// Model `name` as served by pool `pool` (a route variant's target).

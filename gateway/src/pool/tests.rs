@@ -1,6 +1,6 @@
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::admission::Pool;
 use super::batched::batch_outcome;
@@ -48,7 +48,7 @@ fn worker_statuses_map_to_client_facing_errors() {
 #[tokio::test(start_paused = true)]
 async fn unknown_models_are_starting_until_every_pool_described_or_the_window_passed() {
     let p = pools();
-    let w = p.pools[0].workers()[0].clone();
+    let w = p.pool(0).workers()[0].clone();
     p.register(0, &w, vec![info("m")]);
     assert!(p.model("m").is_ok());
     assert!(matches!(p.route("typo"), Err(GatewayError::Starting { .. })));
@@ -59,7 +59,7 @@ async fn unknown_models_are_starting_until_every_pool_described_or_the_window_pa
 #[tokio::test]
 async fn a_model_stays_with_the_pool_that_claimed_it_first() {
     let p = pools();
-    let (wa, wb) = (p.pools[0].workers()[0].clone(), p.pools[1].workers()[0].clone());
+    let (wa, wb) = (p.pool(0).workers()[0].clone(), p.pool(1).workers()[0].clone());
     p.register(0, &wa, vec![info("m")]);
     p.register(1, &wb, vec![info("m"), info("n")]);
     assert_eq!(p.model("m").unwrap().pool, "a");
@@ -93,23 +93,17 @@ fn a_batch_the_model_failed_entirely_counts_against_the_worker() {
 fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
     let worker = Arc::new(Worker::new("q", "q-0".into(), WorkerAddr::Unix("/nonexistent.sock".into()), 1 << 26));
     worker.set_serving(true);
-    Pool {
+    let config = crate::config::PoolConfig {
         name: "q".into(),
-        workers: RwLock::new(Arc::new(vec![worker])),
-        per_worker,
-        discover: None,
-        circuit: Circuit::new("q", circuit::CircuitConfig::default()),
-        outlier: outlier::OutlierConfig::default(),
-        ejected: AtomicUsize::new(0),
-        retry: retry::RetryConfig::default(),
-        budget: retry::Budget::default(),
-        slots: crate::slots::Slots::new(per_worker),
-        queued: AtomicUsize::new(0),
-        depth: metrics::gauge!("test_queue_depth"),
+        kind: crate::config::PoolKind::Remote { addresses: Vec::new() },
+        max_in_flight_per_worker: per_worker,
         max_queue,
+        circuit: circuit::CircuitConfig::default(),
+        outlier: outlier::OutlierConfig::default(),
+        retry: retry::RetryConfig::default(),
         batching: BatchConfig::default(),
-        max_message: 1 << 26,
-    }
+    };
+    Pool::new(0, &config, 1 << 26, Arc::new(vec![worker]))
 }
 
 #[tokio::test]

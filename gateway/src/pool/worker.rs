@@ -30,6 +30,11 @@ pub struct Worker {
     busy_since_us: AtomicU64,
     epoch: Instant,
     serving: AtomicBool,
+    /// Taken out of rotation (a reload draining it, or an operator): no
+    /// new calls, those outstanding finish.
+    draining: AtomicBool,
+    /// Told when the last outstanding call of a draining worker ends.
+    drained: tokio::sync::Notify,
     /// Its Describe said it reads `Tensor.raw_contents`.
     raw: AtomicBool,
     /// Passive health: ejection after repeated failures.
@@ -100,6 +105,8 @@ impl Worker {
             busy_since_us: AtomicU64::new(0),
             epoch: Instant::now(),
             serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
             raw: AtomicBool::new(false),
             outlier: super::outlier::Outlier::default(),
             latency: super::latency::Latency::default(),
@@ -159,9 +166,35 @@ impl Worker {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Whether it is out of rotation.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Take it out of rotation (`true`) or put it back.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    /// Take it out of rotation and wait until its outstanding calls ended.
+    /// A call that began as the flag was set sees it ([`Worker::begin`]'s
+    /// caller checks after counting itself) or is seen here.
+    pub async fn drain(&self) {
+        self.set_draining(true);
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.outstanding.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
     /// Count a call as outstanding until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        if self.outstanding.fetch_add(1, Ordering::Relaxed) == 0 {
+        if self.outstanding.fetch_add(1, Ordering::SeqCst) == 0 {
             self.mark_busy();
         }
         self.outlier.on_pick();
@@ -334,16 +367,18 @@ impl Drop for InFlight {
         self.worker.metrics.in_flight.decrement(1.0);
         self.worker.metrics.pool_in_flight.decrement(1.0);
         // Calls still outstanding started before now: restart the bound.
-        if self.worker.outstanding.fetch_sub(1, Ordering::Relaxed) > 1 {
-            self.worker.mark_busy();
+        match self.worker.outstanding.fetch_sub(1, Ordering::SeqCst) {
+            1 if self.worker.is_draining() => self.worker.drained.notify_waiters(),
+            1 => {}
+            _ => self.worker.mark_busy(),
         }
     }
 }
 
 impl super::balance::Candidate for Arc<Worker> {
-    /// SERVING and not ejected (or ejected with a probe due).
+    /// SERVING, in rotation and not ejected (or ejected with a probe due).
     fn ready(&self) -> bool {
-        self.is_serving() && self.outlier.eligible()
+        self.is_serving() && !self.is_draining() && self.outlier.eligible()
     }
     /// Outstanding calls, plus a penalty for recent failures.
     fn load(&self) -> usize {

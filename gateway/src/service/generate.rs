@@ -82,15 +82,16 @@ impl Core {
     /// one, and kept there when it completes.
     pub async fn generate(&self, ask: Ask, req: GenerateRequest) -> Result<Answer<Metered>, GatewayError> {
         validate(&req)?;
-        let (plan, _) = self.plan(&ask)?;
-        let admission = self.policy.admit(&ask.caller, &ask.model, estimate(&req)).await?;
+        let live = self.live();
+        let (plan, _) = self.plan(&live, &ask)?;
+        let admission = live.policy.admit(&ask.caller, &ask.model, estimate(&req)).await?;
         let first = &plan.targets[0];
         let call = ask.call(req);
         let looked_up = {
             let mut probe = call.clone();
             probe.pool.clone_from(&first.pool);
             probe.model = first.model.to_string();
-            self.cache.chat_lookup(&*self.upstream, &probe, &ask.model, first, ask.cache).await
+            live.cache.chat_lookup(&*self.upstream, &probe, &ask.model, first, ask.cache).await
         };
         let keep = match looked_up {
             // A cached answer costs the caller no model tokens.
@@ -108,8 +109,8 @@ impl Core {
         let (stream, target) = route::run_stream(&plan, call, |c| self.upstream.generate(c)).await?;
         // Keep the answer only if the variant it was keyed for gave it.
         let same = target.pool == first.pool && target.model == first.model;
-        let stream = if same { self.cache.recording(stream, keep) } else { stream };
-        let meter = self.meter(&ask, &target);
+        let stream = if same { live.cache.recording(stream, keep) } else { stream };
+        let meter = super::meter(&live, &ask, &target);
         Ok(Answer { value: Metered::new(stream, admission, Some(meter)), served: Served::by(target, None) })
     }
 }

@@ -14,6 +14,8 @@ pub mod generate;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::cache::{CacheMode, CacheStatus, ResponseCache};
 use crate::call::{Call, Deadline};
 use crate::error::GatewayError;
@@ -23,9 +25,17 @@ use crate::route::{self, Plan, Routes, Target};
 use crate::telemetry::usage::{Meter, Prices};
 use crate::upstream::{Batching, EmbedOutput, PoolStatus, Upstream};
 
-/// What the core needs to answer a call.
+/// What the core needs to answer a call: the pools, and the settings a
+/// config reload replaces ([`Live`]).
 pub struct Core {
     pub upstream: Arc<dyn Upstream>,
+    live: ArcSwap<Live>,
+}
+
+/// The parts of the core a reload replaces whole. A call takes one
+/// snapshot when it starts and keeps it to its end, so it is planned,
+/// admitted and cached under one config even while a reload lands.
+pub struct Live {
     /// Limits (and the caller identification the edges' middleware uses).
     pub policy: Arc<Policy>,
     /// Aliases, variants and fallbacks.
@@ -94,6 +104,7 @@ pub struct Admitted {
     ask: Ask,
     plan: Plan,
     admission: Admission,
+    live: Arc<Live>,
     /// The model the call goes to first (its inputs, for converting a body).
     pub entry: ModelEntry,
 }
@@ -106,22 +117,42 @@ fn name_model<T>(model: &str, looked_up: &Result<T, GatewayError>) {
 }
 
 impl Core {
+    pub fn new(upstream: Arc<dyn Upstream>, live: Live) -> Self {
+        Self { upstream, live: ArcSwap::from_pointee(live) }
+    }
+
+    /// The settings now; a call keeps the snapshot it started with.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// The policy now (for the edges' caller identification).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live.load().policy.clone()
+    }
+
+    /// Replace the settings: calls that start from now on use `live`.
+    pub fn replace(&self, live: Live) {
+        self.live.store(Arc::new(live));
+    }
+
     /// Every model clients can name (pools' models and aliases).
     pub fn models(&self) -> Vec<ModelEntry> {
-        self.routes.entries(&*self.upstream)
+        self.live.load().routes.entries(&*self.upstream)
     }
 
     /// The entry clients see for `name`.
     pub fn entry(&self, name: &str) -> Result<ModelEntry, GatewayError> {
-        let entry = self.routes.entry(&*self.upstream, name);
+        let entry = self.live.load().routes.entry(&*self.upstream, name);
         name_model(name, &entry);
         entry
     }
 
     /// Version `version` of `name` and the pin that selects it.
     pub fn version_entry(&self, name: &str, version: &str) -> Result<(ModelEntry, Option<String>), GatewayError> {
-        name_model(name, &self.routes.entry(&*self.upstream, name));
-        self.routes.version_entry(&*self.upstream, name, version)
+        let routes = &self.live.load().routes;
+        name_model(name, &routes.entry(&*self.upstream, name));
+        routes.version_entry(&*self.upstream, name, version)
     }
 
     /// How the pool behind `entry` batches its calls; `None` when one by one.
@@ -137,17 +168,17 @@ impl Core {
     /// Tell the request's telemetry the model a request named when it is
     /// refused before it is planned (its body's type, say).
     pub fn name(&self, model: &str) {
-        name_model(model, &self.routes.entry(&*self.upstream, model));
+        name_model(model, &self.live.load().routes.entry(&*self.upstream, model));
     }
 
     /// The targets to try for `ask`, and the entry of the first (its
     /// declared inputs, dimensions, ...). The request's telemetry learns
     /// the model it named, and whether that name is known.
-    fn plan(&self, ask: &Ask) -> Result<(Plan, ModelEntry), GatewayError> {
+    fn plan(&self, live: &Live, ask: &Ask) -> Result<(Plan, ModelEntry), GatewayError> {
         if ask.model.is_empty() {
             return Err(GatewayError::invalid("model", "is required"));
         }
-        let planned = self.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref()).and_then(|plan| {
+        let planned = live.routes.plan(&ask.model, &ask.caller, ask.pin.as_deref()).and_then(|plan| {
             let entry = route::target_entry(&*self.upstream, &plan.targets[0])?;
             Ok((plan, entry))
         });
@@ -162,7 +193,8 @@ impl Core {
         texts: Vec<String>,
         dimensions: Option<u32>,
     ) -> Result<Answer<EmbedOutput>, GatewayError> {
-        let (plan, entry) = self.plan(&ask)?;
+        let live = self.live();
+        let (plan, entry) = self.plan(&live, &ask)?;
         let dim = entry.info.as_ref().map_or(0, |i| i.embedding_dim);
         if let Some(d) = dimensions.filter(|d| *d != dim) {
             return Err(GatewayError::invalid(
@@ -171,23 +203,24 @@ impl Core {
             ));
         }
         let tokens = Tokens::input(texts.iter().map(|t| estimate_tokens(t)).sum());
-        let admission = self.policy.admit(&ask.caller, &ask.model, tokens).await?;
+        let admission = live.policy.admit(&ask.caller, &ask.model, tokens).await?;
         let ((out, cached), target) =
-            route::run(&plan, ask.call(texts), |c| self.cache.embed(&*self.upstream, c, ask.cache)).await?;
+            route::run(&plan, ask.call(texts), |c| live.cache.embed(&*self.upstream, c, ask.cache)).await?;
         admission.settle((out.prompt_tokens > 0).then_some(out.prompt_tokens.into()));
         // A cached answer costs the caller no model tokens.
         if cached != Some(CacheStatus::Hit) {
-            self.meter(&ask, &target).record(out.prompt_tokens.into(), 0);
+            meter(&live, &ask, &target).record(out.prompt_tokens.into(), 0);
         }
         Ok(Answer { value: out, served: Served::by(target, cached) })
     }
 
     /// Plan and admit a tensor call to `ask.model`; [`Core::infer`] sends it.
     pub async fn admit_infer(&self, ask: Ask) -> Result<Admitted, GatewayError> {
-        let (plan, entry) = self.plan(&ask)?;
+        let live = self.live();
+        let (plan, entry) = self.plan(&live, &ask)?;
         // Tensor calls carry no token estimate.
-        let admission = self.policy.admit(&ask.caller, &ask.model, Tokens::NONE).await?;
-        Ok(Admitted { ask, plan, admission, entry })
+        let admission = live.policy.admit(&ask.caller, &ask.model, Tokens::NONE).await?;
+        Ok(Admitted { ask, plan, admission, entry, live })
     }
 
     /// Send an admitted tensor call's item. The answer's model info carries
@@ -197,17 +230,17 @@ impl Core {
         admitted: Admitted,
         item: InferItem,
     ) -> Result<Answer<(ModelInfo, InferOutputs)>, GatewayError> {
-        let Admitted { ask, plan, admission, entry } = admitted;
+        let Admitted { ask, plan, admission, entry, live } = admitted;
         let declared = entry.info.as_ref().map_or(&[][..], |i| &i.inputs[..]);
         contract::check_inputs(&ask.model, declared, &item)?;
         let (((mut info, out), cached), target) =
-            route::run(&plan, ask.call(item), |c| self.cache.infer(&*self.upstream, c, ask.cache)).await?;
+            route::run(&plan, ask.call(item), |c| live.cache.infer(&*self.upstream, c, ask.cache)).await?;
         admission.settle(None);
         info.name = ask.model;
         Ok(Answer { value: (info, out), served: Served::by(target, cached) })
     }
+}
 
-    fn meter(&self, ask: &Ask, target: &Target) -> Meter {
-        Meter::new(&self.prices, &ask.model, &target.model, ask.caller.tenant.clone())
-    }
+fn meter(live: &Live, ask: &Ask, target: &Target) -> Meter {
+    Meter::new(&live.prices, &ask.model, &target.model, ask.caller.tenant.clone())
 }

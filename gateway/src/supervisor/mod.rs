@@ -11,11 +11,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::local_socket;
-use crate::config::{Config, PoolKind, WorkersConfig};
+use crate::config::{Config, PoolConfig, PoolKind, WorkersConfig};
 use crate::load_state::LoadState;
 use crate::telemetry::python_log::{EXIT_LOAD_FAILED, PythonRecord};
 
@@ -38,18 +37,42 @@ pub enum SupervisorError {
 
 /// Everything needed to run one worker process.
 #[derive(Debug, Clone)]
-struct WorkerSpec {
-    pool: String,
-    id: String,
+pub struct WorkerSpec {
+    pub pool: String,
+    pub id: String,
     class: String,
-    socket: PathBuf,
+    pub socket: PathBuf,
     threads: u32,
     env: Vec<(String, String)>,
 }
 
-/// Supervises every local worker until stopped.
+impl WorkerSpec {
+    /// Whether `other` runs the same code the same way (class, threads, env).
+    pub fn runs_as(&self, other: &Self) -> bool {
+        self.class == other.class && self.threads == other.threads && self.env == other.env
+    }
+
+    /// Worker `n` of local pool `pool` (`None` for other kinds), listening
+    /// in `socket_dir`.
+    pub fn of(pool: &PoolConfig, n: u32, socket_dir: &Path) -> Option<Self> {
+        let PoolKind::Local { class, threads, env, .. } = &pool.kind else { return None };
+        Some(Self {
+            pool: pool.name.clone(),
+            id: format!("{}-{n}", pool.name),
+            class: class.clone(),
+            socket: local_socket(socket_dir, &pool.name, n),
+            threads: threads.get(),
+            env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })
+    }
+}
+
+/// Supervises every local worker until stopped; workers are added and
+/// stopped one by one as a reload changes the pools.
 pub struct Supervisor {
-    tasks: JoinSet<()>,
+    workers: Mutex<HashMap<String, (CancellationToken, tokio::task::JoinHandle<()>)>>,
+    config: WorkersConfig,
+    loads: Arc<LoadState>,
     stop: CancellationToken,
 }
 
@@ -58,16 +81,9 @@ fn local_workers(config: &Config, socket_dir: &Path) -> Vec<WorkerSpec> {
         .pools
         .iter()
         .flat_map(|pool| match &pool.kind {
-            PoolKind::Local { class, workers, threads, env } => (0..workers.get())
-                .map(|i| WorkerSpec {
-                    pool: pool.name.clone(),
-                    id: format!("{}-{i}", pool.name),
-                    class: class.clone(),
-                    socket: local_socket(socket_dir, &pool.name, i),
-                    threads: threads.get(),
-                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                })
-                .collect::<Vec<_>>(),
+            PoolKind::Local { workers, .. } => {
+                (0..workers.get()).filter_map(|i| WorkerSpec::of(pool, i, socket_dir)).collect::<Vec<_>>()
+            }
             PoolKind::Remote { .. } | PoolKind::Discovered { .. } | PoolKind::Embedded { .. } => Vec::new(),
         })
         .collect()
@@ -122,18 +138,86 @@ impl Supervisor {
                 loads.expect(&pool.name, workers.get() as usize, models.get(&pool.name).cloned().unwrap_or_default());
             }
         }
-        let stop = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let me =
+            Self { workers: Mutex::default(), config: config.workers.clone(), loads, stop: CancellationToken::new() };
         for spec in local_workers(config, socket_dir) {
-            tasks.spawn(supervise(spec, config.workers.clone(), loads.clone(), stop.clone()));
+            me.spawn(spec);
         }
-        Ok(Self { tasks, stop })
+        Ok(me)
+    }
+
+    /// Check the classes of `pools` (the local ones) as the start does:
+    /// the model names each declares, by pool.
+    pub async fn check(&self, pools: &[&PoolConfig]) -> Result<HashMap<String, Vec<String>>, SupervisorError> {
+        let checks: Vec<ClassCheck<'_>> = pools
+            .iter()
+            .filter_map(|pool| match &pool.kind {
+                PoolKind::Local { class, env, .. } => Some(ClassCheck {
+                    pool: &pool.name,
+                    class,
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                }),
+                _ => None,
+            })
+            .collect();
+        check_classes(&self.config.python, &self.config.inherit_env, &checks).await
+    }
+
+    /// Local pool `pool` runs `workers` processes whose class declares `models`.
+    pub fn expect(&self, pool: &str, workers: usize, models: Vec<String>) {
+        self.loads.expect(pool, workers, models);
+    }
+
+    /// The model names local pool `pool`'s class declares.
+    pub fn models(&self, pool: &str) -> Vec<String> {
+        self.loads.models(pool)
+    }
+
+    /// Whether worker `id` of `pool` has failed to load its model as many
+    /// times in a row as `workers.max_load_failures`.
+    pub fn cannot_load(&self, pool: &str, id: &str) -> bool {
+        self.loads.failures(pool, id) >= self.loads.max_failures()
+    }
+
+    /// How long a stopped worker gets to finish before it is killed.
+    pub fn stop_grace(&self) -> std::time::Duration {
+        self.config.stop_grace
+    }
+
+    /// Start worker `spec` and keep it running (restarts with backoff).
+    pub fn spawn(&self, spec: WorkerSpec) {
+        let stop = self.stop.child_token();
+        let id = spec.id.clone();
+        let task = tokio::spawn(supervise(spec, self.config.clone(), self.loads.clone(), stop.clone()));
+        let old = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, (stop, task));
+        if let Some((stop, _)) = old {
+            stop.cancel();
+        }
+    }
+
+    /// Stop worker `id` (SIGTERM, then SIGKILL after the grace) and wait.
+    pub async fn stop(&self, pool: &str, id: &str) {
+        let entry = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+        if let Some((stop, task)) = entry {
+            stop.cancel();
+            let _ = task.await;
+        }
+        self.loads.forget(pool, id);
     }
 
     /// Stop every worker (SIGTERM, then SIGKILL after the grace) and wait.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&self) {
         self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let tasks: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, (_, t))| t)
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
 

@@ -26,9 +26,9 @@ static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 /// Lines are formatted on the logging thread and written by a dedicated
 /// thread; keep the returned guard alive until exit (dropping it flushes).
 pub fn init(log: &LogConfig) -> WorkerGuard {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&log.filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let _ = FILTER_FROM_ENV.set(from_env.is_some());
+    let filter = from_env.or_else(|| EnvFilter::try_new(&log.filter).ok()).unwrap_or_else(|| EnvFilter::new("info"));
     let (writer, guard) =
         NonBlockingBuilder::default().buffered_lines_limit(LOG_BUFFER_LINES).lossy(true).finish(LossyStderr);
     let _ = DROPPED.set(writer.error_counter());
@@ -36,13 +36,46 @@ pub fn init(log: &LogConfig) -> WorkerGuard {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     // A second init (tests) is harmless: the first subscriber stays.
-    let _ = if log.json {
+    if log.json {
         // Each line carries its request's span fields (request id, trace id).
-        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        let builder =
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).with_filter_reloading();
+        let handle = builder.reload_handle();
+        if builder.try_init().is_ok() {
+            let _ = SET_FILTER.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        }
     } else {
-        builder.try_init()
-    };
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        if builder.try_init().is_ok() {
+            let _ = SET_FILTER.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
+        }
+    }
     guard
+}
+
+/// Replaces the installed subscriber's filter.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+static FILTER_FROM_ENV: OnceLock<bool> = OnceLock::new();
+
+/// Whether `filter` is a filter [`set_log_filter`] would take.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    EnvFilter::try_new(filter).map(drop).map_err(|e| format!("{filter:?}: {e}"))
+}
+
+/// Apply `log.level` from a reloaded config. `RUST_LOG`, when set, wins
+/// (as it does at start): the filter is left as it is.
+pub fn set_log_filter(filter: &str) -> Result<(), String> {
+    if FILTER_FROM_ENV.get().copied().unwrap_or(false) {
+        return Ok(());
+    }
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("log.level {filter:?}: {e}"))?;
+    match SET_FILTER.get() {
+        Some(set) => set(filter),
+        None => Ok(()),
+    }
 }
 
 /// Log lines dropped so far because the writer fell behind.

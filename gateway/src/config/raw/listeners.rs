@@ -1,6 +1,42 @@
-//! `[http]`, `[grpc]`, `[deadlines]`, `[shutdown]`, `[log]` and `[tracing]` as written.
+//! `[http]`, `[grpc]`, `[admin]`, `[deadlines]`, `[shutdown]`, `[log]` and `[tracing]` as written.
 
 use serde::{Deserialize, Serialize};
+
+/// `[admin]`: the admin API (reload, config, pools, the model repository),
+/// on a listener of its own, off the client ports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// `host:port`; empty: no admin listener.
+    pub listen: String,
+    /// Ids of API keys (`[[auth.keys]]` or `auth.keys_file`) that may use it.
+    pub keys: Vec<String>,
+    /// A JWT (checked with `[auth.jwt]`) whose `role_claim` holds this role
+    /// may use it; empty: no JWT is an admin.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    /// The claim holding a JWT's roles (a string or an array of strings).
+    pub role_claim: String,
+    /// Reload when the config file changes (SIGHUP and `POST /admin/reload` always do).
+    pub watch_config: bool,
+    /// Pools not started with the gateway that `POST
+    /// /v2/repository/models/{name}/load` adds (same fields as `[[pools]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repository: Vec<super::pools::RawPool>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            keys: Vec::new(),
+            role: String::new(),
+            role_claim: "roles".into(),
+            watch_config: true,
+            repository: Vec::new(),
+        }
+    }
+}
 
 /// `[tracing]`: export of request spans to an OpenTelemetry collector.
 #[derive(Debug, Clone, Deserialize, Serialize)]

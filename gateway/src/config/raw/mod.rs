@@ -21,6 +21,7 @@ pub use routes::*;
 pub struct RawConfig {
     pub http: RawHttp,
     pub grpc: RawGrpc,
+    pub admin: RawAdmin,
     pub deadlines: RawDeadlines,
     pub workers: RawWorkers,
     pub log: RawLog,

@@ -55,7 +55,7 @@ pub fn router(
     let max = state.max_message_bytes;
     let max_in_flight = state.grpc_max_in_flight;
     let buffered = state.buffered.clone();
-    let policy = state.core.policy.clone();
+    let core = state.core.clone();
     let inference = InferenceServer::new(inference::InferenceService { state: state.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -80,7 +80,7 @@ pub fn router(
     })
     .guard(routes)
     // Who is calling, before a message is decoded (health passes).
-    .layer(axum::middleware::from_fn_with_state(policy, super::identify::identify_grpc));
+    .layer(axum::middleware::from_fn_with_state(core, super::identify::identify_grpc));
     Ok(routes
         // Report over-size messages the way gRPC core does (below).
         .layer(axum::middleware::map_response(oversize_is_resource_exhausted))
