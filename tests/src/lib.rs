@@ -49,6 +49,9 @@ pub struct Gateway {
     pub grpc: SocketAddr,
     /// The admin listener, unless the config turned it off.
     pub admin: Option<SocketAddr>,
+    /// The test settings the config file starts with (none when the
+    /// gateway runs the embedded default).
+    settings: Option<String>,
     log: Arc<Mutex<Vec<Value>>>,
     _dir: TempDir,
     _serial: Option<std::sync::MutexGuard<'static, ()>>,
@@ -166,12 +169,15 @@ impl Gateway {
         ];
         let mut command = Command::new(gateway_bin());
         command.arg("serve");
+        let header = extra.map(|_| {
+            settings
+                .iter()
+                .map(|(section, key, value)| format!("[{section}]\n{key} = \"{value}\"\n"))
+                .collect::<String>()
+        });
         match extra {
             Some(extra) => {
-                let mut config = String::new();
-                for (section, key, value) in &settings {
-                    config += &format!("[{section}]\n{key} = \"{value}\"\n");
-                }
+                let config = header.clone().unwrap_or_default();
                 let path = dir.0.join("infergate.toml");
                 std::fs::write(&path, merge_sections(&(config + extra)))?;
                 command.arg("--config").arg(&path);
@@ -207,7 +213,16 @@ impl Gateway {
             .context("gateway never logged its addresses")?;
         let addr = |k: &str| listening[k].as_str().unwrap_or_default().parse::<SocketAddr>();
         let admin = addr("admin").ok();
-        let gw = Self { http: addr("http")?, grpc: addr("grpc")?, admin, child, log, _dir: dir, _serial: serial };
+        let gw = Self {
+            http: addr("http")?,
+            grpc: addr("grpc")?,
+            admin,
+            settings: header,
+            child,
+            log,
+            _dir: dir,
+            _serial: serial,
+        };
         if let Some(within) = ready_within {
             gw.wait_ready(within)?;
         }
@@ -219,9 +234,21 @@ impl Gateway {
         format!("http://{}{path}", self.admin.expect("the admin listener is on"))
     }
 
-    /// The directory the gateway's config file is in (`infergate.toml`).
+    /// The gateway's config file.
     pub fn config_path(&self) -> PathBuf {
         self._dir.0.join("infergate.toml")
+    }
+
+    /// Write the config file again with `extra` (as given to
+    /// [`Gateway::start`]) in place of the first one; the gateway reads it
+    /// on its next reload. Written whole at once (a rename), so a watcher
+    /// never sees half a file.
+    pub fn write_config(&self, extra: &str) -> anyhow::Result<()> {
+        let settings = self.settings.as_deref().context("the gateway runs the embedded default")?;
+        let next = self._dir.0.join("infergate.toml.next");
+        std::fs::write(&next, merge_sections(&(settings.to_owned() + extra)))?;
+        std::fs::rename(next, self.config_path())?;
+        Ok(())
     }
 
     /// `http://host:port` of the REST edge.
