@@ -35,7 +35,7 @@
 //! | policy | call config error redis_pool telemetry |
 //! | batch | call config error slots telemetry |
 //! | pool | batch bulk call config embedded error load_state proto slots telemetry tensor upstream |
-//! | route | call config error proto upstream |
+//! | route | call config error proto telemetry upstream |
 //! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
 //! | control | cache config policy pool redis_pool route service supervisor telemetry |

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::check::{ConfigError, invalid};
+use super::check::{ConfigError, duration, invalid};
 use super::pools::PoolConfig;
-use super::raw::RawAlias;
+use super::raw::{RawAlias, RawSlo};
 
 /// A model name clients use and the variants behind it.
 #[derive(Debug, Clone)]
@@ -39,6 +39,34 @@ pub struct VariantConfig {
     pub pool: Arc<str>,
     pub model: Arc<str>,
     pub weight: u32,
+    /// Its SLO, judged against the stable variant's figures.
+    pub slo: Option<SloConfig>,
+    /// Percent of the alias's calls, step by step (`ramp` in the config).
+    pub ramp: Vec<u32>,
+}
+
+/// A variant's service level objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SloConfig {
+    pub error_rate: f64,
+    pub p99: Option<std::time::Duration>,
+    pub min_requests: u64,
+    pub window: std::time::Duration,
+}
+
+fn slo(key: &dyn Fn(&str) -> String, raw: &RawSlo) -> Result<SloConfig, ConfigError> {
+    if !(0.0..=1.0).contains(&raw.error_rate) {
+        return Err(invalid(key("slo.error_rate"), "must be a share between 0 and 1"));
+    }
+    if raw.min_requests == 0 {
+        return Err(invalid(key("slo.min_requests"), "must be above zero"));
+    }
+    let window = duration(&key("slo.window"), &raw.window)?;
+    if window.is_zero() {
+        return Err(invalid(key("slo.window"), "must be above zero"));
+    }
+    let p99 = if raw.p99.is_empty() { None } else { Some(duration(&key("slo.p99"), &raw.p99)?) };
+    Ok(SloConfig { error_rate: raw.error_rate, p99, min_requests: raw.min_requests, window })
 }
 
 /// Where an alias falls back to.
@@ -81,17 +109,34 @@ pub fn check(raw: &[RawAlias], pools: &[PoolConfig]) -> Result<Vec<AliasConfig>,
                 return Err(invalid(vkey("pool"), format!("no pool named {:?}", v.pool)));
             }
             let model = if v.model.is_empty() { a.name.as_str() } else { v.model.as_str() };
+            let slo = v.slo.as_ref().map(|s| slo(&vkey, s)).transpose()?;
+            if !v.ramp.is_empty() {
+                if slo.is_none() {
+                    return Err(invalid(vkey("ramp"), "needs an slo: a step is taken after a window within it"));
+                }
+                if v.ramp.iter().any(|p| !(1..=100).contains(p)) || v.ramp.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(invalid(vkey("ramp"), "must be rising percentages between 1 and 100"));
+                }
+            }
             variants.push(VariantConfig {
                 name: v.name.as_str().into(),
                 pool: v.pool.as_str().into(),
                 model: model.into(),
                 weight: v.weight.unwrap_or(0),
+                slo,
+                ramp: v.ramp.clone(),
             });
         }
         let variant = |k: String, name: &str| {
             index.get(name).copied().ok_or_else(|| invalid(k, format!("no variant named {name:?}")))
         };
         let stable = if a.stable.is_empty() { 0 } else { variant(key("stable"), &a.stable)? };
+        if variants[stable].slo.is_some() || !variants[stable].ramp.is_empty() {
+            return Err(invalid(
+                format!("aliases[{i}].variants[{stable}].slo"),
+                "the stable variant is what a canary is judged against; give the slo and ramp to a canary",
+            ));
+        }
         let tiers = a
             .tiers
             .iter()

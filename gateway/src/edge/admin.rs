@@ -52,6 +52,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/admin/pools", get(pools))
         .route("/admin/pools/{pool}/workers/{worker}/drain", post(drain))
         .route("/admin/pools/{pool}/workers/{worker}/undrain", post(undrain))
+        .route("/admin/aliases/{alias}/variants/{variant}/restore", post(restore))
         .route("/v2/repository/index", post(index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
@@ -124,6 +125,8 @@ async fn config(State(control): State<Arc<Control>>, req: Request) -> Response {
         "hash": applied.hash,
         "since_unix": since,
         "config": config,
+        // Weights as the split uses them now (canaries rolled back or ramping).
+        "aliases": control.core().live().routes.views(),
     }))
 }
 
@@ -155,6 +158,21 @@ async fn undrain(
     req: Request,
 ) -> Response {
     set_draining(&control, &who(req.extensions()), &pool, &worker, false).await
+}
+
+/// Put a rolled-back canary back in its alias's split.
+async fn restore(
+    State(control): State<Arc<Control>>,
+    Path((alias, variant)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    tracing::info!(admin = %who(req.extensions()), action = "restore", alias, variant, "admin action");
+    if control.core().live().routes.restore(&alias, &variant) {
+        ok(json!({ "alias": alias, "variant": variant, "restored": true }))
+    } else {
+        let detail = format!("no variant {variant:?} with an slo in alias {alias:?}");
+        problem(StatusCode::NOT_FOUND, "not-found", detail, None)
+    }
 }
 
 /// OIP repository index: every configured pool and repository entry, with

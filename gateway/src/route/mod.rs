@@ -4,9 +4,13 @@
 //! weighted canary split that is sticky per caller, else the stable variant.
 //! The plan continues with the alias's fallbacks; [`run`] walks it.
 
+pub mod canary;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+
+use canary::Canary;
 
 use crate::call::Call;
 use crate::call::{Caller, Principal};
@@ -32,9 +36,31 @@ pub struct Target {
 }
 
 /// The chosen target first, then the fallbacks, in order.
-#[derive(Debug, Clone)]
+#[derive(Clone, Default)]
 pub struct Plan {
     pub targets: Vec<Target>,
+    /// Per target: the canary state its outcome is recorded in, and the
+    /// variant's index there.
+    pub watch: Vec<Option<(Arc<Canary>, usize)>>,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan").field("targets", &self.targets).finish_non_exhaustive()
+    }
+}
+
+impl Plan {
+    /// A plan of `targets` with no canary state.
+    pub fn of(targets: Vec<Target>) -> Self {
+        let watch = vec![None; targets.len()];
+        Self { targets, watch }
+    }
+
+    fn push(&mut self, target: Target, watch: Option<(Arc<Canary>, usize)>) {
+        self.targets.push(target);
+        self.watch.push(watch);
+    }
 }
 
 /// The configured aliases.
@@ -44,6 +70,15 @@ pub struct Routes {
     /// Models and pools of aliases with `direct = false`, by the alias that
     /// closes them: callers reach them only through it.
     closed: HashMap<Arc<str>, Arc<str>>,
+    /// Aliases whose variants have an SLO or a ramp.
+    canaries: HashMap<Arc<str>, Arc<Canary>>,
+}
+
+/// An alias's variants as the split sees them now (for the admin API).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AliasView {
+    pub alias: String,
+    pub variants: Vec<canary::VariantView>,
 }
 
 impl Routes {
@@ -54,7 +89,48 @@ impl Routes {
             .flat_map(|a| a.direct_names().map(|n| (Arc::from(n), a.name.clone())))
             .filter(|(n, _)| !aliases.iter().any(|a| &a.name == n))
             .collect();
-        Self { aliases: aliases.iter().map(|a| (a.name.clone(), a.clone())).collect(), closed }
+        let canaries = aliases.iter().filter_map(|a| Some((a.name.clone(), Arc::new(Canary::of(a)?)))).collect();
+        Self { aliases: aliases.iter().map(|a| (a.name.clone(), a.clone())).collect(), closed, canaries }
+    }
+
+    /// The aliases with canary state, and their variants' weights now.
+    pub fn views(&self) -> Vec<AliasView> {
+        let mut views: Vec<AliasView> = self
+            .canaries
+            .iter()
+            .map(|(alias, c)| AliasView { alias: alias.to_string(), variants: c.views() })
+            .collect();
+        views.sort_by(|a, b| a.alias.cmp(&b.alias));
+        views
+    }
+
+    /// Put a rolled-back variant back in its alias's split; false when
+    /// there is no such alias or variant with canary state.
+    pub fn restore(&self, alias: &str, variant: &str) -> bool {
+        let (Some(c), Some(a)) = (self.canaries.get(alias), self.aliases.get(alias)) else { return false };
+        let Some(v) = a.variants.iter().position(|x| &*x.name == variant) else { return false };
+        c.restore(v);
+        tracing::info!(alias, variant, "canary restored to the split");
+        true
+    }
+
+    /// `alias`'s variant `v` as a target, with its canary state.
+    fn planned(&self, alias: &AliasConfig, v: usize, via: Option<&Arc<str>>) -> (Target, Option<(Arc<Canary>, usize)>) {
+        (target(alias, v, via), self.canaries.get(&alias.name).map(|c| (c.clone(), v)))
+    }
+
+    /// The variant of `alias` for `caller`: a tier rule, else the sticky split.
+    fn choose(&self, alias: &AliasConfig, caller: &Caller) -> usize {
+        if let Some(v) = alias.tiers.get(&*caller.tier) {
+            return *v;
+        }
+        match self.canaries.get(&alias.name) {
+            Some(c) => split(alias, &c.weights(), caller),
+            None => {
+                let weights: Vec<f64> = alias.variants.iter().map(|v| f64::from(v.weight)).collect();
+                split(alias, &weights, caller)
+            }
+        }
     }
 
     /// The plan for a call to `name` by `caller`, pinned to `pin` if given.
@@ -67,7 +143,7 @@ impl Routes {
             if pin.is_some() {
                 return Err(GatewayError::invalid("X-Model-Version", format!("model {name:?} has no versions")));
             }
-            return Ok(Plan { targets: vec![Target { variant: None, pool: None, model: name.into() }] });
+            return Ok(Plan::of(vec![Target { variant: None, pool: None, model: name.into() }]));
         };
         let chosen = match pin {
             Some(v) => {
@@ -78,32 +154,41 @@ impl Routes {
                     GatewayError::invalid("X-Model-Version", format!("model {name:?} has no version {v:?}"))
                 })?
             }
-            None => choose(alias, caller),
+            None => self.choose(alias, caller),
         };
-        let mut targets = vec![target(alias, chosen, None)];
-        self.add_fallbacks(alias, caller, &mut targets, 0);
-        Ok(Plan { targets })
+        let mut plan = Plan::default();
+        let (first, watch) = self.planned(alias, chosen, None);
+        plan.push(first, watch);
+        self.add_fallbacks(alias, caller, &mut plan, 0);
+        Ok(plan)
     }
 
     /// Append `alias`'s fallbacks (other aliases routed for the same caller),
     /// skipping targets already in the plan.
-    fn add_fallbacks(&self, alias: &AliasConfig, caller: &Caller, targets: &mut Vec<Target>, depth: usize) {
+    fn add_fallbacks(&self, alias: &AliasConfig, caller: &Caller, plan: &mut Plan, depth: usize) {
         for f in &alias.fallbacks {
-            let next: Vec<Target> = match f {
-                AliasFallback::Variant(v) => vec![target(alias, *v, None)],
+            let next: Plan = match f {
+                AliasFallback::Variant(v) => {
+                    let mut p = Plan::default();
+                    let (t, w) = self.planned(alias, *v, None);
+                    p.push(t, w);
+                    p
+                }
                 AliasFallback::Alias(other) => match self.aliases.get(other) {
                     // Config checking rules out loops; the depth bound is a backstop.
                     Some(o) if depth < 8 => {
-                        let mut sub = vec![target(o, choose(o, caller), Some(&o.name))];
+                        let mut sub = Plan::default();
+                        let (t, w) = self.planned(o, self.choose(o, caller), Some(&o.name));
+                        sub.push(t, w);
                         self.add_fallbacks(o, caller, &mut sub, depth + 1);
                         sub
                     }
-                    _ => Vec::new(),
+                    _ => Plan::default(),
                 },
             };
-            for t in next {
-                if !targets.iter().any(|x| x.pool == t.pool && x.model == t.model) {
-                    targets.push(t);
+            for (t, w) in next.targets.into_iter().zip(next.watch) {
+                if !plan.targets.iter().any(|x| x.pool == t.pool && x.model == t.model) {
+                    plan.push(t, w);
                 }
             }
         }
@@ -186,37 +271,55 @@ fn target(alias: &AliasConfig, v: usize, via: Option<&Arc<str>>) -> Target {
     Target { variant: Some(label), pool: Some(variant.pool.clone()), model: variant.model.clone() }
 }
 
-/// A tier rule, else the sticky canary split, else the stable variant.
-fn choose(alias: &AliasConfig, caller: &Caller) -> usize {
-    if let Some(v) = alias.tiers.get(&*caller.tier) {
-        return *v;
-    }
-    let total: u64 = alias.variants.iter().map(|v| u64::from(v.weight)).sum();
-    if total == 0 {
-        return alias.stable;
-    }
-    let mut point = sticky_hash(&alias.name, caller) % total;
-    for (i, v) in alias.variants.iter().enumerate() {
-        if point < u64::from(v.weight) {
-            return i;
+/// The sticky split: rendezvous hashing over `weights` (weighted highest
+/// random weight), so a caller keeps its variant while that variant stays
+/// in play, and a variant taken out moves only its own callers. No weight
+/// anywhere: the stable variant.
+fn split(alias: &AliasConfig, weights: &[f64], caller: &Caller) -> usize {
+    let who = caller_key(caller);
+    let mut best: Option<(f64, usize)> = None;
+    for (i, (v, w)) in alias.variants.iter().zip(weights).enumerate() {
+        if *w <= 0.0 {
+            continue;
         }
-        point -= u64::from(v.weight);
+        // A uniform draw in (0, 1) per (alias, variant, caller).
+        let h = mix(fnv1a(&[alias.name.as_bytes(), v.name.as_bytes(), who.as_bytes()]));
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = -u.ln() / w;
+        if best.is_none_or(|(b, _)| score < b) {
+            best = Some((score, i));
+        }
     }
-    alias.stable
+    best.map_or(alias.stable, |(_, i)| i)
 }
 
-/// A hash of the alias and who the caller is (key id, user, else address),
-/// the same in every replica and every release: FNV-1a, 64 bit.
-fn sticky_hash(alias: &str, caller: &Caller) -> u64 {
-    let who = match &caller.principal {
+/// The splitmix64 finalizer: every input bit moves every output bit (FNV's
+/// high bits barely change with the last bytes of similar inputs).
+fn mix(mut h: u64) -> u64 {
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Who the caller is for stickiness: key id, user, else address.
+fn caller_key(caller: &Caller) -> String {
+    match &caller.principal {
         Principal::Key(id) => format!("k:{id}"),
         Principal::User(sub) => format!("u:{}:{sub}", caller.tenant),
         Principal::Anonymous => format!("a:{}", caller.client),
-    };
+    }
+}
+
+/// FNV-1a, 64 bit, of `parts` joined with NULs: the same in every replica
+/// and every release.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in alias.bytes().chain([0]).chain(who.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    for (i, part) in parts.iter().enumerate() {
+        let sep: &[u8] = if i == 0 { &[] } else { &[0] };
+        for b in sep.iter().chain(part.iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
     h
 }
@@ -288,7 +391,13 @@ where
         attempt.pool = t.pool.clone();
         attempt.model = t.model.to_string();
         let request_id = attempt.request_id.clone();
-        match send(attempt).await {
+        let started = tokio::time::Instant::now();
+        let sent = send(attempt).await;
+        if let Some((canary, v)) = plan.watch.get(i).and_then(Option::as_ref) {
+            let failed = sent.as_ref().err().is_some_and(|e| e.http_status().is_server_error());
+            canary.record(*v, failed, started.elapsed());
+        }
+        match sent {
             Ok(out) => return Ok((out, t.clone())),
             Err(e) if i < last && falls_back(&e) => {
                 let next = &plan.targets[i + 1];

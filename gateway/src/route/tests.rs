@@ -158,12 +158,10 @@ fn call() -> Call<u32> {
 
 #[tokio::test]
 async fn run_falls_back_only_when_a_target_could_not_take_the_call() {
-    let plan = Plan {
-        targets: vec![
-            Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
-            Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
-        ],
-    };
+    let plan = Plan::of(vec![
+        Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
+        Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
+    ]);
     // Pool `a` has no ready worker: the call goes to `b`, with b's model name.
     let (out, answered) = run(&plan, call(), |c: Call<u32>| async move {
         match c.pool.as_deref() {
@@ -209,12 +207,10 @@ async fn run_falls_back_only_when_a_target_could_not_take_the_call() {
 
 #[tokio::test]
 async fn a_stream_falls_back_on_a_worker_failure_before_its_first_chunk() {
-    let plan = Plan {
-        targets: vec![
-            Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
-            Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
-        ],
-    };
+    let plan = Plan::of(vec![
+        Target { variant: Some("v1".into()), pool: Some("a".into()), model: "m".into() },
+        Target { variant: Some("v2".into()), pool: Some("b".into()), model: "m2".into() },
+    ]);
     for failure in [
         GatewayError::WorkerUnavailable { worker: "a-0".into(), detail: "upstream 503".into() },
         GatewayError::WorkerFailed { worker: "a-0".into(), detail: "boom".into() },
@@ -234,4 +230,131 @@ async fn a_stream_falls_back_on_a_worker_failure_before_its_first_chunk() {
     .await
     .unwrap_err();
     assert!(matches!(err, GatewayError::ModelRejected { .. }));
+}
+
+const GUARDED: &str = r#"
+[[aliases]]
+name = "embed"
+[[aliases.variants]]
+name = "v1"
+pool = "a"
+model = "minilm"
+weight = 90
+[[aliases.variants]]
+name = "v2"
+pool = "b"
+model = "minilm"
+weight = 10
+slo = { error_rate = 0.1, p99 = "500ms", min_requests = 20, window = "60s" }
+"#;
+
+/// The users (of 200) on each variant.
+fn split_of(r: &Routes) -> HashMap<String, String> {
+    (0..200).map(|u| format!("user-{u}")).map(|id| (id.clone(), chosen(r, &user(&id, "standard")))).collect()
+}
+
+fn record(r: &Routes, variant: usize, n: usize, failed: bool, took_ms: u64) {
+    let plan = r.plan("embed", &user("anyone", "standard"), Some(["v1", "v2"][variant])).unwrap();
+    let (canary, v) = plan.watch[0].clone().unwrap();
+    assert_eq!(v, variant);
+    for _ in 0..n {
+        canary.record(v, failed, std::time::Duration::from_millis(took_ms));
+    }
+}
+
+fn state(r: &Routes, variant: &str) -> (String, f64) {
+    let view = r.views().into_iter().find(|a| a.alias == "embed").unwrap();
+    let v = view.variants.into_iter().find(|v| v.name == variant).unwrap();
+    (v.state.to_owned(), v.effective_weight)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_canary_that_breaches_its_slo_is_rolled_back_and_only_its_callers_move() {
+    let r = routes(GUARDED);
+    let before = split_of(&r);
+    let on_canary = before.values().filter(|v| *v == "v2").count();
+    assert!((10..=35).contains(&on_canary), "{on_canary} of 200 users on the canary");
+    record(&r, 0, 200, false, 20);
+    // 19 calls, half failed: too few to judge.
+    record(&r, 1, 10, true, 20);
+    record(&r, 1, 9, false, 20);
+    assert_eq!(state(&r, "v2"), ("steady".to_owned(), 10.0));
+    // The 20th: judged, 50% errors over 10% while the stable has none.
+    record(&r, 1, 1, false, 20);
+    assert_eq!(state(&r, "v2"), ("rolled-back".to_owned(), 0.0));
+    let after = split_of(&r);
+    for (user, variant) in &before {
+        assert_eq!(after[user], "v1", "{user} was on {variant}");
+    }
+    // It stays out past the window, until restored.
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    record(&r, 0, 1, false, 20);
+    assert_eq!(state(&r, "v2").0, "rolled-back");
+    assert!(r.restore("embed", "v2"));
+    assert_eq!(split_of(&r), before, "restored: everyone back where they were");
+    assert!(!r.restore("embed", "nope") && !r.restore("other", "v2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_canary_is_rolled_back_but_not_while_the_stable_variant_is_as_bad() {
+    let r = routes(GUARDED);
+    // Stable as slow as the canary: the trouble is not the canary's.
+    record(&r, 0, 50, false, 900);
+    record(&r, 1, 30, false, 900);
+    assert_eq!(state(&r, "v2").0, "steady");
+    // A new window: the stable is fast again, the canary still slow.
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    record(&r, 0, 50, false, 20);
+    record(&r, 1, 19, false, 900);
+    assert_eq!(state(&r, "v2").0, "steady");
+    record(&r, 1, 1, false, 900);
+    assert_eq!(state(&r, "v2").0, "rolled-back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_canary_ramps_up_a_step_each_window_within_its_slo() {
+    let ramp = GUARDED.replace("weight = 10\n", "ramp = [1, 5, 25, 50]\n");
+    let r = routes(&ramp);
+    let share = |r: &Routes| split_of(r).values().filter(|v| *v == "v2").count();
+    assert_eq!(state(&r, "v2"), ("ramping".to_owned(), 1.0));
+    assert_eq!(state(&r, "v1").1, 99.0);
+    let mut shares = vec![share(&r)];
+    for step in [5.0, 25.0, 50.0, 50.0] {
+        record(&r, 1, 20, false, 20);
+        tokio::time::advance(std::time::Duration::from_secs(61)).await;
+        // The window closes with the next call.
+        record(&r, 0, 1, false, 20);
+        assert_eq!(state(&r, "v2").1, step);
+        shares.push(share(&r));
+    }
+    eprintln!("users on the canary, step by step: {shares:?}");
+    assert!(shares.windows(2).all(|w| w[0] <= w[1]), "{shares:?}");
+    assert!((70..=130).contains(&shares[4]), "{shares:?}");
+    // A window without enough calls is no step.
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    record(&r, 0, 1, false, 20);
+    assert_eq!(state(&r, "v2").1, 50.0);
+}
+
+#[test]
+fn slo_and_ramp_errors_name_their_key() {
+    let err = |text: &str| {
+        let raw: RawConfig = toml::from_str(&format!(
+            "[[pools]]\nname = \"a\"\nclass = \"x:Y\"\n[[pools]]\nname = \"b\"\nclass = \"x:Y\"\n{text}"
+        ))
+        .unwrap();
+        Config::from_raw(raw).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let alias = |v2: &str| {
+        format!(
+            "[[aliases]]\nname = \"m\"\n[[aliases.variants]]\nname = \"v1\"\npool = \"a\"\n\
+             [[aliases.variants]]\nname = \"v2\"\npool = \"b\"\n{v2}"
+        )
+    };
+    assert!(err(&alias("ramp = [1, 5]\n")).contains("aliases[0].variants[1].ramp"));
+    assert!(err(&alias("slo = { error_rate = 2.0 }\nramp = [5, 1]\n")).contains("variants[1].slo.error_rate"));
+    assert!(err(&alias("slo = {}\nramp = [5, 1]\n")).contains("rising percentages"));
+    assert!(err(&alias("slo = { min_requests = 0 }\n")).contains("slo.min_requests"));
+    let on_stable = alias("").replace("pool = \"a\"\n", "pool = \"a\"\nslo = {}\n");
+    assert!(err(&on_stable).contains("aliases[0].variants[0].slo"), "{}", err(&on_stable));
 }

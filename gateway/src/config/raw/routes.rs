@@ -55,4 +55,34 @@ pub struct RawVariant {
     /// Share of the canary split; variants without a weight get none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// What this variant must keep to stay in the split: breached over a
+    /// window while the stable variant is not, its weight drops to 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slo: Option<RawSlo>,
+    /// Percent of the alias's calls this variant gets, step by step: the
+    /// next step after each window it stays within its SLO (e.g. `[1, 5,
+    /// 25, 50]`); needs `slo`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ramp: Vec<u32>,
+}
+
+/// `slo = { error_rate = 0.02, p99 = "800ms", min_requests = 200, window = "5m" }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSlo {
+    /// Share of calls that may fail (a 5xx) over a window.
+    pub error_rate: f64,
+    /// Latency that 99% of calls must stay under; empty: not judged.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub p99: String,
+    /// Calls a window needs before it is judged.
+    pub min_requests: u64,
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
+    pub window: String,
+}
+
+impl Default for RawSlo {
+    fn default() -> Self {
+        Self { error_rate: 0.02, p99: String::new(), min_requests: 200, window: "5m".into() }
+    }
 }
