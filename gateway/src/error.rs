@@ -115,6 +115,10 @@ pub enum GatewayError {
     /// The pool's circuit is open after repeated failures; fail fast.
     #[error("pool {pool:?} is failing; its circuit is open")]
     CircuitOpen { pool: String, retry_after: Duration },
+    /// The pool's adaptive admission shed the call: its recent failure
+    /// ratio is past its threshold (`[[pools]] adaptive`).
+    #[error("pool {pool:?} is failing; {shed_percent}% of its calls are shed")]
+    Shed { pool: String, shed_percent: u32, retry_after: Duration },
     /// The pool's queue is full; shed at once.
     #[error("pool {pool:?} is at capacity: {limit} requests queued")]
     QueueFull { pool: String, limit: usize },
@@ -252,6 +256,7 @@ impl GatewayError {
             E::CircuitOpen { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "circuit-open", "Pool circuit open")
             }
+            E::Shed { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "pool-shedding", "Pool shedding load"),
             E::ResponseNotFound { .. } => {
                 (StatusCode::NOT_FOUND, C::NotFound, "response-not-found", "Response not found")
             }
@@ -295,7 +300,7 @@ impl GatewayError {
             | Self::StoreUnavailable { .. }
             | Self::QueueFull { .. } => Some(1),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
-            Self::CircuitOpen { retry_after, .. } => Some(ceil_secs(*retry_after)),
+            Self::CircuitOpen { retry_after, .. } | Self::Shed { retry_after, .. } => Some(ceil_secs(*retry_after)),
             Self::InvalidRequest { .. }
             | Self::UnsupportedMediaType { .. }
             | Self::PayloadTooLarge { .. }

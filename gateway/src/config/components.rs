@@ -97,6 +97,17 @@ pub struct OtlpConfig {
     pub service_name: String,
 }
 
+/// Adaptive admission of a pool (client-side throttling, Google SRE
+/// book ch. 21): shed with probability `(requests - K·accepts) / (requests
+/// + 1)`, `K = 1 / (1 - threshold)`, at most `max_shed`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveConfig {
+    pub window: Duration,
+    pub threshold: f64,
+    pub max_shed: f64,
+    pub min_requests: u64,
+}
+
 /// Breaker settings of a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitConfig {

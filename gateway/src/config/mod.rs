@@ -275,6 +275,27 @@ impl Config {
                 open_for: duration(&key("circuit.open_for"), &c.open_for)?,
                 probes: u32::try_from(positive_size(&key("circuit.probes"), c.probes.into())?).unwrap_or(u32::MAX),
             };
+            let adaptive = match &pool.adaptive {
+                None => None,
+                Some(a) => {
+                    if !(0.0..1.0).contains(&a.threshold) {
+                        return Err(invalid(key("adaptive.threshold"), "must be a failure ratio from 0 up to (not) 1"));
+                    }
+                    if !(0.0..=1.0).contains(&a.max_shed) || a.max_shed == 0.0 {
+                        return Err(invalid(key("adaptive.max_shed"), "must be a share above 0 and at most 1"));
+                    }
+                    let window = duration(&key("adaptive.window"), &a.window)?;
+                    if window < std::time::Duration::from_millis(100) {
+                        return Err(invalid(key("adaptive.window"), "must be at least 100ms"));
+                    }
+                    Some(components::AdaptiveConfig {
+                        window,
+                        threshold: a.threshold,
+                        max_shed: a.max_shed,
+                        min_requests: a.min_requests,
+                    })
+                }
+            };
             let o = pool.outlier.clone().unwrap_or_default();
             if !(0.0..=1.0).contains(&o.ratio) || o.ratio == 0.0 {
                 return Err(invalid(key("outlier.ratio"), "must be above 0 and at most 1"));
@@ -342,6 +363,7 @@ impl Config {
                 max_in_flight_per_worker,
                 max_queue,
                 circuit,
+                adaptive,
                 outlier,
                 retry,
                 batching,

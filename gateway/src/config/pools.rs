@@ -19,6 +19,8 @@ pub struct PoolConfig {
     /// Calls that may wait for a free worker slot.
     pub max_queue: usize,
     pub circuit: components::CircuitConfig,
+    /// `None`: no adaptive admission.
+    pub adaptive: Option<components::AdaptiveConfig>,
     pub outlier: components::OutlierConfig,
     pub retry: components::RetryConfig,
     pub batching: components::BatchConfig,

@@ -23,6 +23,7 @@ pub(super) struct Pool {
     /// Calls one worker is given at once.
     pub(super) per_worker: usize,
     pub(super) circuit: Circuit,
+    pub(super) adaptive: super::adaptive::Adaptive,
     pub(super) outlier: outlier::OutlierConfig,
     /// Found by DNS: (host, port, re-resolve period).
     pub(super) discover: Option<(String, u16, std::time::Duration)>,
@@ -158,6 +159,7 @@ impl Pool {
                 _ => None,
             },
             circuit: Circuit::new(&name, config.circuit),
+            adaptive: super::adaptive::Adaptive::new(&name, config.adaptive),
             outlier: config.outlier,
             ejected: AtomicUsize::new(0),
             retry: config.retry,
@@ -221,6 +223,7 @@ impl Pool {
     /// and its worker (latency and outlier detection).
     pub(super) fn record(&self, worker: &Worker, outcome: Outcome, took: std::time::Duration) {
         self.circuit.record(outcome);
+        self.adaptive.record(outcome);
         match outcome {
             Outcome::Success => worker.latency.observe(took),
             Outcome::Failure => worker.latency.observe_failure(took),
@@ -270,6 +273,7 @@ impl Pool {
     /// deadline) and a ready worker. A full queue is refused at once, and a
     /// call whose deadline passes while queued never reaches a worker.
     pub(super) async fn lease(&self, deadline: &Deadline) -> Result<Lease, GatewayError> {
+        self.adaptive.admit()?;
         self.circuit.admit()?;
         let slot = match self.slots.try_acquire() {
             Ok(slot) => slot,

@@ -51,6 +51,8 @@ pub struct PoolView {
     pub name: String,
     /// `closed`, `open` or `half-open`.
     pub circuit: &'static str,
+    /// Share of calls adaptive admission lets through now (1 without it).
+    pub admitted_share: f64,
     /// Calls routed to it and not yet ended.
     pub active: usize,
     /// Calls waiting for a slot.
@@ -90,6 +92,7 @@ fn view(pool: &Pool) -> PoolView {
     PoolView {
         name: pool.name.clone(),
         circuit: pool.circuit.state_name(),
+        admitted_share: 1.0 - pool.adaptive.shed_share(),
         active: pool.active(),
         queued: pool.queued.load(std::sync::atomic::Ordering::Relaxed),
         slots: pool.slots.size(),

@@ -11,6 +11,7 @@
 //! [`worker`], [`balance`], [`outlier`], [`latency`], [`circuit`],
 //! [`retry`].
 
+pub mod adaptive;
 pub mod balance;
 pub mod circuit;
 pub mod latency;

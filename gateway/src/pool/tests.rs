@@ -99,6 +99,7 @@ fn one_worker_pool(per_worker: usize, max_queue: usize) -> Pool {
         max_in_flight_per_worker: per_worker,
         max_queue,
         circuit: circuit::CircuitConfig::default(),
+        adaptive: None,
         outlier: outlier::OutlierConfig::default(),
         retry: retry::RetryConfig::default(),
         batching: BatchConfig::default(),

@@ -245,8 +245,8 @@ fn effective(alias: &AliasConfig, state: &State) -> Vec<f64> {
             .filter(|v| !ramping.contains(v) && !state.out[*v])
             .map(|v| f64::from(alias.variants[v].weight))
             .sum();
-        for v in 0..weights.len() {
-            weights[v] = if ramping.contains(&v) {
+        for (v, weight) in weights.iter_mut().enumerate() {
+            *weight = if ramping.contains(&v) {
                 f64::from(alias.variants[v].ramp[state.step[v]])
             } else if others > 0.0 {
                 rest * f64::from(alias.variants[v].weight) / others

@@ -335,6 +335,7 @@ fn could_not_take(err: &GatewayError) -> bool {
             | GatewayError::ModelFailedToLoad { .. }
             | GatewayError::QueueFull { .. }
             | GatewayError::CircuitOpen { .. }
+            | GatewayError::Shed { .. }
             | GatewayError::Starting { .. }
             | GatewayError::WorkerRefused { .. }
     )

@@ -80,6 +80,8 @@ pub const CONNECTIONS_PARKED: &str = "infergate_connections_parked";
 pub const LOG_LINES_DROPPED: &str = "infergate_log_lines_dropped_total";
 /// Request spans not exported over OTLP (queue full, collector unreachable).
 pub const SPANS_DROPPED: &str = "infergate_spans_dropped_total";
+/// Share of a pool's calls its adaptive admission lets through now.
+pub const ADMITTED_SHARE: &str = "infergate_pool_admitted_share";
 /// Canary variants rolled back for breaching their SLO, by alias and variant.
 pub const CANARY_ROLLBACKS: &str = "infergate_canary_rollbacks_total";
 /// Config reloads, by result (`applied`, `unchanged`, `refused`).
@@ -196,6 +198,7 @@ fn describe() {
     counter!(EJECTIONS, "Workers ejected by outlier detection");
     gauge!(CIRCUIT_STATE, "Circuit of a pool: 0 closed, 1 half-open, 2 open");
     counter!(WORKER_RESTARTS, "Local worker processes restarted");
+    gauge!(ADMITTED_SHARE, "Share of a pool's calls its adaptive admission lets through (1: none shed)");
     counter!(CANARY_ROLLBACKS, "Canary variants rolled back (weight 0) for breaching their SLO, by alias and variant");
     counter!(CONFIG_RELOADS, "Config reloads, by result: applied, unchanged, refused (the running config stays)");
     histogram!(BATCH_SIZE, "Items per batch sent to a worker");

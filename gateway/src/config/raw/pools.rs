@@ -117,6 +117,10 @@ pub struct RawPool {
     /// The pool's circuit breaker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit: Option<RawCircuit>,
+    /// Admission by recent failure ratio (client-side throttling): off
+    /// unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<RawAdaptive>,
     /// Passive outlier detection of the pool's workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<RawOutlier>,
@@ -202,6 +206,28 @@ pub struct RawOutlier {
 impl Default for RawOutlier {
     fn default() -> Self {
         Self { consecutive: 5, ratio: 0.5, window: 20, base_ejection: "30s".into(), max_ejected: 0.5 }
+    }
+}
+
+/// `adaptive = { window = "10s", threshold = 0.1, max_shed = 0.9, min_requests = 20 }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdaptive {
+    /// The recent past the failure ratio is taken over.
+    #[serde(deserialize_with = "crate::config::check::text_or_seconds")]
+    pub window: String,
+    /// Failure ratio past which calls start to be shed.
+    pub threshold: f64,
+    /// The largest share shed: the rest still reach the pool, so it is seen
+    /// to heal.
+    pub max_shed: f64,
+    /// Calls the window needs before anything is shed.
+    pub min_requests: u64,
+}
+
+impl Default for RawAdaptive {
+    fn default() -> Self {
+        Self { window: "10s".into(), threshold: 0.1, max_shed: 0.9, min_requests: 20 }
     }
 }
 
