@@ -7,6 +7,8 @@ Served with ``python -m infergate_worker serve faulty:Unavailable`` and
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -39,10 +41,25 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
     except while the file named by the ``FAULTY_FLAG`` environment variable
     exists: then Infer fails at once with UNAVAILABLE (a worker that fails
     fast, then recovers when the test says) and Generate with
-    RESOURCE_EXHAUSTED before any chunk (admission full: it never started)."""
+    RESOURCE_EXHAUSTED before any chunk (admission full: it never started).
+
+    ``FAULTY_RATE`` (default 1) is the share of Infer calls that fail while
+    flagged, spread evenly (0.5: every other call); ``FAULTY_DELAY`` seconds
+    (default 0) slow every Infer call while flagged."""
 
     def __init__(self) -> None:
         self._flag = os.environ.get("FAULTY_FLAG", "")
+        self._rate = float(os.environ.get("FAULTY_RATE", "1"))
+        self._delay = float(os.environ.get("FAULTY_DELAY", "0"))
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def _fails(self) -> bool:
+        """Whether this flagged call fails: the ``FAULTY_RATE`` share of them."""
+        with self._lock:
+            self._calls += 1
+            n = self._calls
+        return int(n * self._rate) != int((n - 1) * self._rate)
 
     def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.ServicerContext
@@ -63,7 +80,12 @@ class Flaky(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.InferBatchRequest, context: grpc.ServicerContext
     ) -> worker_pb2.InferBatchResponse:
         if self._flagged():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault: unavailable while flagged")
+            if self._delay > 0:
+                time.sleep(self._delay)
+            if self._fails():
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "injected fault: unavailable while flagged"
+                )
         results = [
             worker_pb2.InferResult(outputs=worker_pb2.InferOutputs(tensors=list(item.inputs)))
             for item in request.items
