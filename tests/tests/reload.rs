@@ -104,7 +104,8 @@ struct Step {
     /// The `limited` model's rate a second.
     limited_rate: u32,
     echo_workers: u32,
-    echo_env: &'static str,
+    /// The second release of the echo class (tests/workers/echo_v2.py).
+    echo_v2: bool,
     /// The `spare` pool and the alias's variant on it exist.
     spare: bool,
     talk2: bool,
@@ -115,10 +116,12 @@ impl Step {
         let mut c = format!(
             "[cache]\nenabled = false\n\
              [limits.models.limited]\nrate = {rate}\nburst = {rate}\n\
-             [[pools]]\nname = \"echo\"\nclass = \"{ECHO}\"\nworkers = {workers}\nenv = {{ ROLL = \"{env}\" }}\n",
+             [[pools]]\nname = \"echo\"\nclass = \"{class}\"\nworkers = {workers}\n\
+             env = {{ PYTHONPATH = \"{workers_dir}\" }}\n",
             rate = self.limited_rate,
             workers = self.echo_workers,
-            env = self.echo_env,
+            class = if self.echo_v2 { "echo_v2:Echo" } else { ECHO },
+            workers_dir = infergate_e2e::root().join("tests/workers").display(),
         );
         if self.spare {
             c += &format!("[[pools]]\nname = \"spare\"\nclass = \"{ECHO}\"\n");
@@ -149,7 +152,7 @@ type Seen = Arc<Mutex<BTreeMap<String, BTreeMap<u16, u64>>>>;
 #[test]
 fn a_reload_under_load_applies_every_change_without_failing_a_request() {
     let mut step =
-        Step { canary_weight: 0, limited_rate: 10_000, echo_workers: 1, echo_env: "a", spare: true, talk2: false };
+        Step { canary_weight: 0, limited_rate: 10_000, echo_workers: 1, echo_v2: false, spare: true, talk2: false };
     let with_keys = |step: &Step| step.config() + &keys(true);
     let gw = Gateway::start(&with_keys(&step)).unwrap();
     gw.wait_ready_workers("echo", 1, Duration::from_secs(60)).unwrap();
@@ -217,8 +220,8 @@ fn a_reload_under_load_applies_every_change_without_failing_a_request() {
     observe("echo resized to 1", within, || pools(&gw)["echo"].len() == 1);
     let before_roll = pools(&gw)["echo"][0].0.clone();
 
-    // 5. The pool's env changed: its worker is rolled (new one first).
-    step.echo_env = "b";
+    // 5. The pool's class changed: its worker is rolled (new one first).
+    step.echo_v2 = true;
     gw.write_config(&with_keys(&step)).unwrap();
     assert_eq!(reload(&gw).0, 200);
     observe("echo rolling (a new worker listed)", within, || {
@@ -236,6 +239,9 @@ fn a_reload_under_load_applies_every_change_without_failing_a_request() {
     assert_eq!(reload(&gw).0, 200);
     observe("spare removed", within, || !pools(&gw).contains_key("spare"));
     assert_eq!(chat(&gw, "canary").1, "stable");
+    // `echo` is the rolled pool's model alone now: the new class's.
+    let version = client().get(gw.url("/v2/models/echo")).send().unwrap().json::<Value>().unwrap();
+    assert_eq!(version["versions"], json!(["2"]), "the new class serves: {version}");
 
     // The clients run 10 s in all, changes or not.
     std::thread::sleep(Duration::from_secs(10).saturating_sub(started.elapsed()).max(Duration::from_millis(500)));
