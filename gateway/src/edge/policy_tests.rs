@@ -534,3 +534,50 @@ async fn alias_limits_count_calls_that_name_its_model_directly() {
     // The pool's name is no way around it either.
     assert!(routes.plan("p", &caller, None).is_err());
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_counts_of_unchanged_limits_and_applies_changed_ones() {
+    let limited = |rate: u32| config(&format!("[limits.per_key]\nrate = {rate}\nburst = 1\n"));
+    let policy = Policy::new(&limited(1)).unwrap();
+    let caller = policy.identify("/v1/embeddings", bearer(KEY).headers(), None).unwrap();
+    let admit = |p: &Arc<Policy>| {
+        let (p, c) = (p.clone(), caller.clone());
+        async move { p.admit(&c, "m", crate::policy::Tokens::NONE).await.map(drop).map_err(|e| e.http_status()) }
+    };
+    assert_eq!(admit(&policy).await, Ok(()));
+    assert_eq!(admit(&policy).await, Err(StatusCode::TOO_MANY_REQUESTS));
+    // The same limit after a reload: the key's allowance is still spent.
+    let same = policy.reloaded(&limited(1)).unwrap();
+    assert_eq!(admit(&same).await, Err(StatusCode::TOO_MANY_REQUESTS));
+    // A changed limit counts afresh.
+    let raised = same.reloaded(&limited(1000)).unwrap();
+    assert_eq!(admit(&raised).await, Ok(()));
+}
+
+#[tokio::test]
+async fn admin_credentials_are_admin_keys_or_jwts_with_the_admin_role() {
+    use crate::config::components::{AdminConfig, AdminRole};
+    let policy = Policy::new(&config("")).unwrap();
+    let admin = |keys: &[&str], role: Option<&str>| AdminConfig {
+        listen: None,
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        role: role.map(|r| AdminRole { claim: "roles".into(), role: r.into() }),
+        watch_config: false,
+    };
+    // An API key is an admin's only if admin.keys names it.
+    assert_eq!(policy.admin(bearer(KEY).headers(), &admin(&["k1"], None)), Ok("key:k1".to_owned()));
+    assert_eq!(policy.admin(bearer(KEY).headers(), &admin(&[], None)), Err("not_admin"));
+    assert_eq!(policy.admin(bearer("ig_unknown-key-0123456789").headers(), &admin(&["k1"], None)), Err("unknown_key"));
+    assert_eq!(policy.admin(Request::new(Body::empty()).headers(), &admin(&["k1"], None)), Err("missing"));
+    // A JWT is an admin's if its roles hold the admin role.
+    let mut claims = claims();
+    claims.insert("roles".into(), serde_json::json!(["reader", "gateway-admin"]));
+    let with_role = jwt(Algorithm::HS256, "hs", &claims);
+    let role = admin(&[], Some("gateway-admin"));
+    assert_eq!(policy.admin(bearer(&with_role).headers(), &role), Ok("user:u1".to_owned()));
+    claims.insert("roles".into(), serde_json::json!("reader"));
+    let without = jwt(Algorithm::HS256, "hs", &claims);
+    assert_eq!(policy.admin(bearer(&without).headers(), &role), Err("not_admin"));
+    // Without an admin role configured, no JWT is an admin's.
+    assert_eq!(policy.admin(bearer(&with_role).headers(), &admin(&["k1"], None)), Err("unknown_key"));
+}

@@ -213,3 +213,30 @@ async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap(
     // Client errors and cancellations say nothing about a worker.
     pool.record(&w1, Outcome::Neutral, std::time::Duration::ZERO);
 }
+
+#[tokio::test]
+async fn a_retired_pool_refuses_new_calls_and_waits_for_those_under_way() {
+    let pool = Arc::new(one_worker_pool(4, 4));
+    let under_way = pool.enter().unwrap();
+    let mut retired = Box::pin(pool.retire());
+    assert!(futures::poll!(retired.as_mut()).is_pending(), "a call is still in the pool");
+    assert!(pool.enter().is_none(), "no call enters a retired pool");
+    drop(under_way);
+    retired.await;
+    assert_eq!(pool.active(), 0);
+}
+
+#[tokio::test]
+async fn a_draining_worker_gets_no_new_calls_and_its_drain_ends_with_its_last_call() {
+    let pool = one_worker_pool(4, 4);
+    let worker = pool.workers()[0].clone();
+    let under_way = pool.pick().unwrap();
+    let mut drained = Box::pin(worker.drain());
+    assert!(futures::poll!(drained.as_mut()).is_pending(), "a call is still on it");
+    assert!(matches!(pool.pick(), Err(GatewayError::NoReadyWorker { .. })), "no new call is given to it");
+    drop(under_way);
+    drained.await;
+    assert_eq!(worker.outstanding(), 0);
+    worker.set_draining(false);
+    assert!(pool.pick().is_ok(), "undrained, it takes calls again");
+}
