@@ -191,6 +191,33 @@ fn the_auth_worked_example_answers_401_then_200s_then_429_with_ratelimit_headers
     assert!(lines.len() > 5 && lines[5..].iter().all(|l| l.to_lowercase().starts_with("ratelimit")), "{stdout}");
 }
 
+/// "Changing a running gateway": an alias and workers added by a reload, a
+/// broken file refused, the admin API closed without a key; as written,
+/// with the binary under test and free ports.
+#[test]
+fn the_reload_worked_example_adds_an_alias_and_workers_and_refuses_a_broken_file() {
+    let _serial = infergate_e2e::one_at_a_time();
+    let (port, admin) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("infergate-reload-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = sh_block("/admin/reload")
+        .replace("./target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
+        .replace("localhost:8080", &format!("127.0.0.1:{port}"))
+        .replace("localhost:8081", &format!("127.0.0.1:{admin}"));
+    let python = infergate_e2e::python().display().to_string();
+    let env =
+        [("INFERGATE__WORKERS__PYTHON", python.as_str()), ("INFERGATE__ADMIN__LISTEN", &format!("127.0.0.1:{admin}"))];
+    let (ok, stdout, stderr) = run_script(&script, &dir, port, &env);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{script}\nfailed: {stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["200", "\"content\":\"hello\"", "\"type\":\"urn:infergate:error:config-refused\"", "401"],
+        "{stdout}"
+    );
+}
+
 /// "Serving your own model": the class saved in a folder of the user's
 /// own, checked, given a pool, served and called, as written. Only the
 /// checkout's path, the binary (the one under test) and the port change;

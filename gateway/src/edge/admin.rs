@@ -132,7 +132,13 @@ async fn config(State(control): State<Arc<Control>>, req: Request) -> Response {
 
 async fn pools(State(control): State<Arc<Control>>, req: Request) -> Response {
     tracing::debug!(admin = %who(req.extensions()), action = "pools", "admin action");
-    ok(json!({ "pools": control.pools().views() }))
+    // Serialized as declared (a worker's id, address, then state), not as
+    // a map with its keys sorted.
+    #[derive(serde::Serialize)]
+    struct Pools {
+        pools: Vec<crate::pool::changes::PoolView>,
+    }
+    axum::Json(Pools { pools: control.pools().views() }).into_response()
 }
 
 async fn set_draining(control: &Control, who: &str, pool: &str, worker: &str, draining: bool) -> Response {
