@@ -163,6 +163,9 @@ def test_dashboard_shows_what_operators_need():
         "batch size": "infergate_batch_size",
         "cache hit ratio": 'infergate_cache_requests_total{result="hit"}',
         "tokens": "infergate_tokens_total",
+        "adaptive admission": "infergate_pool_admitted_share",
+        "config reloads": "infergate_config_reloads_total",
+        "canary rollbacks": "infergate_canary_rollbacks_total",
     }.items():
         assert metric in exprs, f"the dashboard does not show {topic}"
 
