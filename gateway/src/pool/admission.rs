@@ -189,15 +189,7 @@ impl Pool {
     /// Refuse new calls and wait until those that entered have ended.
     pub(super) async fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        super::worker::until_zero(&self.active, &self.idle).await;
     }
 
     pub(super) fn is_retired(&self) -> bool {

@@ -181,15 +181,7 @@ impl Worker {
     /// caller checks after counting itself) or is seen here.
     pub async fn drain(&self) {
         self.set_draining(true);
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if self.outstanding.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            drained.await;
-        }
+        until_zero(&self.outstanding, &self.drained).await;
     }
 
     /// Count a call as outstanding until the guard drops.
@@ -298,6 +290,21 @@ impl Worker {
             tokio::time::timeout(timeout, check).await,
             Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
         )
+    }
+}
+
+/// Wait until `count` is zero; whoever brings it to zero tells `told`
+/// (`notify_waiters`). The waiter registers before it looks, so a count
+/// that falls to zero between the look and the wait is not missed.
+pub(super) async fn until_zero(count: &AtomicUsize, told: &tokio::sync::Notify) {
+    loop {
+        let notified = told.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -100,21 +100,18 @@ struct ClassCheck<'a> {
 /// (those run in the gateway, with the same interpreter's packages and no
 /// `env` of their own).
 fn classes(config: &Config, embedded: bool) -> Vec<ClassCheck<'_>> {
-    config
-        .pools
-        .iter()
-        .filter_map(|pool| match &pool.kind {
-            PoolKind::Local { class, env, .. } => Some(ClassCheck {
-                pool: &pool.name,
-                class,
-                env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            }),
-            PoolKind::Embedded { class, .. } if embedded => {
-                Some(ClassCheck { pool: &pool.name, class, env: Vec::new() })
-            }
-            _ => None,
-        })
-        .collect()
+    config.pools.iter().filter_map(|pool| class_check(pool, embedded)).collect()
+}
+
+/// `pool`'s class to check, if it is local (or embedded, when `embedded`).
+fn class_check(pool: &PoolConfig, embedded: bool) -> Option<ClassCheck<'_>> {
+    match &pool.kind {
+        PoolKind::Local { class, env, .. } => {
+            Some(ClassCheck { pool: &pool.name, class, env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect() })
+        }
+        PoolKind::Embedded { class, .. } if embedded => Some(ClassCheck { pool: &pool.name, class, env: Vec::new() }),
+        _ => None,
+    }
 }
 
 /// The start-up check alone (`infergate check-config`): every local pool's
@@ -149,17 +146,7 @@ impl Supervisor {
     /// Check the classes of `pools` (the local ones) as the start does:
     /// the model names each declares, by pool.
     pub async fn check(&self, pools: &[&PoolConfig]) -> Result<HashMap<String, Vec<String>>, SupervisorError> {
-        let checks: Vec<ClassCheck<'_>> = pools
-            .iter()
-            .filter_map(|pool| match &pool.kind {
-                PoolKind::Local { class, env, .. } => Some(ClassCheck {
-                    pool: &pool.name,
-                    class,
-                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                }),
-                _ => None,
-            })
-            .collect();
+        let checks: Vec<ClassCheck<'_>> = pools.iter().filter_map(|pool| class_check(pool, false)).collect();
         check_classes(&self.config.python, &self.config.inherit_env, &checks).await
     }
 
