@@ -391,6 +391,14 @@ fn the_admin_api_needs_an_admin_credential_and_logs_who_did_what() {
     assert_eq!(status, 200, "{body}");
     observe("repository model unloaded", Duration::from_secs(10), || !pools(&gw).contains_key("later"));
     assert_eq!(state(&gw, "later").as_deref(), Some("UNAVAILABLE"));
+    // Loaded again at once, while the old workers may still be stopping:
+    // the new ones are others, and serve.
+    assert_eq!(admin(&gw, M::POST, "/v2/repository/models/later/load", Some(ADMIN_KEY)).0, 200);
+    observe("repository model loaded again", Duration::from_secs(60), || {
+        state(&gw, "later").as_deref() == Some("READY")
+    });
+    assert_eq!(pools(&gw)["later"], [("later-1".to_owned(), "serving".to_owned())]);
+    assert_eq!(admin(&gw, M::POST, "/v2/repository/models/later/unload", Some(ADMIN_KEY)).0, 200);
     assert_eq!(admin(&gw, M::POST, "/v2/repository/models/nothing/load", Some(ADMIN_KEY)).0, 400);
 
     // Every action was logged with who took it.

@@ -36,7 +36,13 @@ struct Local {
 
 struct Running {
     workers: Vec<WorkerSpec>,
-    next: u32,
+}
+
+/// A local pool's processes, taken out of [`Locals`] when the pool is
+/// removed, for [`Locals::stop_all`].
+pub struct Processes {
+    name: String,
+    local: Arc<Local>,
 }
 
 pub struct Locals {
@@ -44,6 +50,10 @@ pub struct Locals {
     supervisor: Arc<Supervisor>,
     socket_dir: PathBuf,
     by_pool: Mutex<HashMap<String, Arc<Local>>>,
+    /// The number the next worker of a pool name gets. Kept when a pool is
+    /// removed: one added again under its name while the old workers are
+    /// still stopping gets other ids and sockets.
+    next: Mutex<HashMap<String, u32>>,
 }
 
 impl Locals {
@@ -54,12 +64,27 @@ impl Locals {
             .iter()
             .filter_map(|p| {
                 let PoolKind::Local { workers, .. } = &p.kind else { return None };
-                let n = workers.get();
-                let specs = (0..n).filter_map(|i| WorkerSpec::of(p, i, &socket_dir)).collect();
-                Some((p.name.clone(), Arc::new(Local::new(p.clone(), specs, n))))
+                let specs = (0..workers.get()).filter_map(|i| WorkerSpec::of(p, i, &socket_dir)).collect();
+                Some((p.name.clone(), Arc::new(Local::new(p.clone(), specs))))
             })
             .collect();
-        Arc::new(Self { pools, supervisor, socket_dir, by_pool: Mutex::new(by_pool) })
+        let next = config
+            .pools
+            .iter()
+            .filter_map(|p| match &p.kind {
+                PoolKind::Local { workers, .. } => Some((p.name.clone(), workers.get())),
+                _ => None,
+            })
+            .collect();
+        Arc::new(Self { pools, supervisor, socket_dir, by_pool: Mutex::new(by_pool), next: Mutex::new(next) })
+    }
+
+    /// The number of pool `name`'s next worker.
+    fn next_number(&self, name: &str) -> u32 {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = next.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        *n - 1
     }
 
     /// Import `pools`' classes as the start does: model names by pool.
@@ -74,25 +99,31 @@ impl Locals {
     /// the pool to reach them.
     pub fn add(&self, config: &PoolConfig, models: Vec<String>) -> Vec<(String, WorkerAddr)> {
         let PoolKind::Local { workers, .. } = &config.kind else { return Vec::new() };
-        let n = workers.get();
-        let specs: Vec<WorkerSpec> = (0..n).filter_map(|i| WorkerSpec::of(config, i, &self.socket_dir)).collect();
+        let specs: Vec<WorkerSpec> = (0..workers.get())
+            .filter_map(|_| WorkerSpec::of(config, self.next_number(&config.name), &self.socket_dir))
+            .collect();
         self.supervisor.expect(&config.name, specs.len(), models);
         for spec in &specs {
             self.supervisor.spawn(spec.clone());
         }
         let addrs = specs.iter().map(|s| (s.id.clone(), WorkerAddr::Unix(s.socket.clone()))).collect();
-        let local = Arc::new(Local::new(config.clone(), specs, n));
+        let local = Arc::new(Local::new(config.clone(), specs));
         self.by_pool.lock().unwrap_or_else(PoisonError::into_inner).insert(config.name.clone(), local);
         addrs
     }
 
-    /// Stop the workers of local pool `name`, removed from the pools.
-    pub async fn remove(&self, name: &str) {
-        let local = self.by_pool.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
-        let Some(local) = local else { return };
-        let mut running = local.running.lock().await;
+    /// Take local pool `name`'s processes out (its pool was removed): no
+    /// change reaches them any more.
+    pub fn take(&self, name: &str) -> Option<Processes> {
+        let local = self.by_pool.lock().unwrap_or_else(PoisonError::into_inner).remove(name)?;
+        Some(Processes { name: name.to_owned(), local })
+    }
+
+    /// Stop the processes of a removed pool (after a change under way).
+    pub async fn stop_all(&self, processes: Processes) {
+        let mut running = processes.local.running.lock().await;
         for spec in running.workers.drain(..) {
-            self.supervisor.stop(name, &spec.id).await;
+            self.supervisor.stop(&processes.name, &spec.id).await;
         }
     }
 
@@ -149,13 +180,14 @@ impl Locals {
 
     /// Start the pool's next worker and add it to the pool.
     fn start(&self, name: &str, config: &PoolConfig, running: &mut Running) -> Result<WorkerSpec, String> {
-        let spec = WorkerSpec::of(config, running.next, &self.socket_dir).ok_or("not a local pool")?;
-        running.next += 1;
+        let spec = WorkerSpec::of(config, self.next_number(name), &self.socket_dir).ok_or("not a local pool")?;
         self.supervisor.spawn(spec.clone());
+        // Running from here, whatever follows: a pool removed meanwhile
+        // stops it with the rest.
+        running.workers.push(spec.clone());
         self.pools
             .add_worker(name, spec.id.clone(), WorkerAddr::Unix(spec.socket.clone()))
             .map_err(|e| e.to_string())?;
-        running.workers.push(spec.clone());
         tracing::info!(pool = %name, worker = %spec.id, "worker added");
         Ok(spec)
     }
@@ -190,7 +222,7 @@ impl Locals {
 }
 
 impl Local {
-    fn new(config: PoolConfig, workers: Vec<WorkerSpec>, next: u32) -> Self {
-        Self { desired: Mutex::new((config, None)), running: tokio::sync::Mutex::new(Running { workers, next }) }
+    fn new(config: PoolConfig, workers: Vec<WorkerSpec>) -> Self {
+        Self { desired: Mutex::new((config, None)), running: tokio::sync::Mutex::new(Running { workers }) }
     }
 }

@@ -264,11 +264,15 @@ impl Control {
             self.locals.reconcile(pool_of(&new, pool).clone(), models.get(pool).cloned());
         }
         for pool in &plan.removed {
-            let (pools, locals, name) = (self.pools.clone(), self.locals.clone(), pool.clone());
+            // No new call enters it from here; its processes stop once the
+            // calls in it have ended.
+            let retired = self.pools.remove_pool(pool)?;
+            let processes = self.locals.take(pool);
+            let locals = self.locals.clone();
             tokio::spawn(async move {
-                match pools.remove_pool(&name).await {
-                    Ok(_) => locals.remove(&name).await,
-                    Err(e) => tracing::warn!(pool = %name, error = %e, "cannot remove pool"),
+                retired.finish().await;
+                if let Some(processes) = processes {
+                    locals.stop_all(processes).await;
                 }
             });
         }

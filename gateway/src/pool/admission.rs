@@ -186,9 +186,13 @@ impl Pool {
         (!self.retired.load(Ordering::SeqCst)).then_some(guard)
     }
 
-    /// Refuse new calls and wait until those that entered have ended.
-    pub(super) async fn retire(&self) {
+    /// Refuse new calls from now on.
+    pub(super) fn mark_retired(&self) {
         self.retired.store(true, Ordering::SeqCst);
+    }
+
+    /// Wait until the calls that entered (before it was retired) have ended.
+    pub(super) async fn until_idle(&self) {
         super::worker::until_zero(&self.active, &self.idle).await;
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::Pools;
 use super::admission::Pool;
 use super::members::DiscoveryError;
-use super::watching::{Watching, discovery_key};
+use super::watching::{Watching, discovery_key, worker_key};
 use super::worker::Worker;
 use crate::config::{PoolConfig, WorkerAddr};
 
@@ -165,23 +165,18 @@ impl Pools {
         Ok(())
     }
 
-    /// Remove pool `name`: no new call enters it (its models are not found,
-    /// unless another pool serves them), calls under way finish, then its
-    /// watches end. Its workers, for the caller to stop.
-    pub async fn remove_pool(&self, name: &str) -> Result<Vec<Arc<Worker>>, ChangeError> {
+    /// Remove pool `name`: from now on no new call enters it (its models
+    /// are not found, unless another pool serves them). Ending it — waiting
+    /// for the calls under way, then ending its watches — is
+    /// [`Retired::finish`]'s.
+    pub fn remove_pool(&self, name: &str) -> Result<Retired, ChangeError> {
         let pool = self.live(name)?;
-        let watching = self.watching()?;
         self.table.write().unwrap_or_else(PoisonError::into_inner).retire(pool.index);
-        pool.retire().await;
-        watching.stop(&discovery_key(pool.index));
-        let workers = pool.workers();
-        for w in workers.iter() {
-            watching.stop(&w.id);
-        }
+        pool.mark_retired();
         self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner).retain(|(p, _), _| *p != pool.index);
         self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner).retain(|(p, _), _| *p != pool.index);
-        tracing::info!(pool = %name, "pool removed");
-        Ok(workers.to_vec())
+        tracing::info!(pool = %name, "pool removed: no new calls");
+        Ok(Retired { pools: self.me.upgrade().ok_or(ChangeError::NotWatching)?, pool })
     }
 
     /// Add worker `id` at `addr` to pool `pool`; it takes calls once it is
@@ -210,7 +205,7 @@ impl Pools {
             .ok_or_else(|| ChangeError::NoWorker { pool: pool.to_owned(), worker: id.to_owned() })?;
         let drained = tokio::time::timeout(grace, worker.drain()).await.is_ok();
         self.set_members(live.index, workers.iter().filter(|w| w.id != id).cloned().collect());
-        self.watching()?.stop(id);
+        self.watching()?.stop(&worker_key(&worker));
         Ok(drained)
     }
 
@@ -230,5 +225,28 @@ impl Pools {
     /// Whether worker `id` of pool `pool` is SERVING.
     pub fn is_serving(&self, pool: &str, id: &str) -> bool {
         self.live(pool).is_ok_and(|p| p.workers().iter().any(|w| w.id == id && w.is_serving()))
+    }
+}
+
+/// A pool removed from the pools, its calls still ending.
+pub struct Retired {
+    pools: Arc<Pools>,
+    pool: Arc<Pool>,
+}
+
+impl Retired {
+    /// Wait for the calls that entered the pool to end, then end its
+    /// watches: its workers, for the caller to stop.
+    pub async fn finish(self) -> Vec<Arc<Worker>> {
+        self.pool.until_idle().await;
+        let workers = self.pool.workers();
+        if let Ok(watching) = self.pools.watching() {
+            watching.stop(&discovery_key(self.pool.index));
+            for w in workers.iter() {
+                watching.stop(&worker_key(w));
+            }
+        }
+        tracing::info!(pool = %self.pool.name, "pool removed: its calls have ended");
+        workers.to_vec()
     }
 }

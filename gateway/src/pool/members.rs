@@ -110,7 +110,7 @@ impl Pools {
     pub(super) fn watch_worker(self: &Arc<Self>, p: usize, worker: &Arc<Worker>, watching: &super::watching::Watching) {
         let me = self.clone();
         let on_describe = move |w: &Worker, models: Vec<ModelInfo>| me.register(p, w, models);
-        let stop = watching.token(&worker.id);
+        let stop = watching.token(&super::watching::worker_key(worker));
         tokio::spawn(worker.clone().watch(watching.connect_timeout, on_describe, stop));
     }
 

@@ -218,7 +218,8 @@ async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap(
 async fn a_retired_pool_refuses_new_calls_and_waits_for_those_under_way() {
     let pool = Arc::new(one_worker_pool(4, 4));
     let under_way = pool.enter().unwrap();
-    let mut retired = Box::pin(pool.retire());
+    pool.mark_retired();
+    let mut retired = Box::pin(pool.until_idle());
     assert!(futures::poll!(retired.as_mut()).is_pending(), "a call is still in the pool");
     assert!(pool.enter().is_none(), "no call enters a retired pool");
     drop(under_way);

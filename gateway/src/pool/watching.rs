@@ -40,6 +40,13 @@ impl Watching {
     }
 }
 
+/// The watch key of `worker`'s health watch: the worker itself, not its id
+/// (a pool removed and added again may have workers of the same ids while
+/// the old ones are still being stopped).
+pub(super) fn worker_key(worker: &std::sync::Arc<super::worker::Worker>) -> String {
+    format!("worker@{:p}", std::sync::Arc::as_ptr(worker))
+}
+
 /// The watch key of pool `index`'s DNS discovery.
 pub(super) fn discovery_key(index: usize) -> String {
     format!("discovery of pool #{index}")
