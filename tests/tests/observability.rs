@@ -48,7 +48,10 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     let config = format!(
         "[auth]\nenabled = true\n[[auth.keys]]\nid = \"dash\"\nsha256 = \"{digest}\"\ntenant = \"t1\"\n\
          [limits]\nper_key = {{ rate = 20 }}\n\
-         [prices.echo]\ninput_per_million = 1.0\noutput_per_million = 2.0\n{ECHO_POOL}{MINILM_POOL}"
+         [prices.echo]\ninput_per_million = 1.0\noutput_per_million = 2.0\n{ECHO_POOL}{MINILM_POOL}\
+         [[aliases]]\nname = \"guarded\"\n\
+         [[aliases.variants]]\nname = \"v1\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 90\n\
+         [[aliases.variants]]\nname = \"v2\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 10\nslo = {{}}\n"
     );
     let gw = Gateway::start(&config).unwrap();
     let c = client();
