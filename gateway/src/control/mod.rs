@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, PoolConfig, PoolKind, WorkerAddr};
+use crate::config::{Config, ConfigError, PoolConfig, PoolKind};
 use crate::pool::Pools;
 use crate::service::{Core, Live};
 use crate::supervisor::Supervisor;
@@ -241,9 +241,8 @@ impl Control {
         };
         // Checked: from here on, the new config is applied.
         let mut changes = plan.describe();
-        for pool in &plan.added {
-            let config = pool_of(&new, pool);
-            self.add_pool(config, &new, models.get(pool).cloned().unwrap_or_default())?;
+        for pool in pools_of(&new, &plan.added) {
+            self.add_pool(pool, &new, models.get(&pool.name).cloned().unwrap_or_default())?;
         }
         self.core.replace(Live {
             policy,
@@ -254,14 +253,14 @@ impl Control {
         if new.log.filter != old.config.log.filter {
             crate::telemetry::set_log_filter(&new.log.filter).map_err(ReloadError::LogLevel)?;
         }
-        for pool in &plan.retuned {
-            self.pools.retune(pool_of(&new, pool))?;
+        for pool in pools_of(&new, &plan.retuned) {
+            self.pools.retune(pool)?;
         }
-        for pool in &plan.members {
-            self.change_members(pool_of(&old.config, pool), pool_of(&new, pool))?;
+        for (before, after) in pools_of(&old.config, &plan.members).zip(pools_of(&new, &plan.members)) {
+            self.change_members(before, after)?;
         }
-        for pool in &plan.local {
-            self.locals.reconcile(pool_of(&new, pool).clone(), models.get(pool).cloned());
+        for pool in pools_of(&new, &plan.local) {
+            self.locals.reconcile(pool.clone(), models.get(&pool.name).cloned());
         }
         for pool in &plan.removed {
             // No new call enters it from here; its processes stop once the
@@ -380,11 +379,7 @@ impl Control {
 /// How often the config file is looked at.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn pool_of<'a>(config: &'a Config, name: &str) -> &'a PoolConfig {
-    config.pools.iter().find(|p| p.name == name).unwrap_or_else(|| unreachable!("the plan names pools of the config"))
-}
-
-/// The address a worker of `addr` is shown with.
-pub fn shown(addr: &WorkerAddr) -> String {
-    addr.to_string()
+/// The pools of `config` named in `names` (a plan's, so all of them).
+fn pools_of<'a>(config: &'a Config, names: &'a [String]) -> impl Iterator<Item = &'a PoolConfig> {
+    names.iter().filter_map(|name| config.pools.iter().find(|p| &p.name == name))
 }

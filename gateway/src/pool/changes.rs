@@ -61,21 +61,13 @@ pub struct PoolView {
     pub workers: Vec<WorkerView>,
 }
 
-fn address(addr: &WorkerAddr) -> String {
-    match addr {
-        WorkerAddr::Tcp(uri) => uri.to_string(),
-        WorkerAddr::Unix(path) => format!("unix:{}", path.display()),
-        WorkerAddr::InProcess(name) => format!("in-process:{name}"),
-    }
-}
-
 fn view(pool: &Pool) -> PoolView {
     let workers = pool
         .workers()
         .iter()
         .map(|w| WorkerView {
             id: w.id.clone(),
-            address: address(&w.addr),
+            address: w.addr.to_string(),
             state: if w.is_draining() {
                 "draining"
             } else if w.outlier.is_ejected() {
