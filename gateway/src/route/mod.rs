@@ -40,7 +40,7 @@ pub struct Target {
 pub struct Plan {
     pub targets: Vec<Target>,
     /// Per target: the canary state its outcome is recorded in, and the
-    /// variant's index there.
+    /// variant's index there; empty when no target has any.
     pub watch: Vec<Option<(Arc<Canary>, usize)>>,
 }
 
@@ -51,10 +51,9 @@ impl std::fmt::Debug for Plan {
 }
 
 impl Plan {
-    /// A plan of `targets` with no canary state.
+    /// A plan of `targets` with no canary state (no allocation for it).
     pub fn of(targets: Vec<Target>) -> Self {
-        let watch = vec![None; targets.len()];
-        Self { targets, watch }
+        Self { targets, watch: Vec::new() }
     }
 
     fn push(&mut self, target: Target, watch: Option<(Arc<Canary>, usize)>) {
