@@ -145,46 +145,58 @@ impl Control {
     /// Read the config again and apply it. `why` (sighup, file, api) and
     /// `who` are logged.
     pub async fn reload(&self, why: &str, who: &str) -> Result<Reloaded, ReloadError> {
-        let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        self.reload_with(why, who, overlay).await
+        self.reload_with(why, who, |_, _| Ok(())).await
     }
 
     /// Load the repository model (pool) `name` of `[[admin.repository]]`,
     /// or a configured pool unloaded before.
     pub async fn load_model(&self, name: &str, who: &str) -> Result<Reloaded, ReloadError> {
-        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if !overlay.unloaded.remove(name) {
-            let config = self.applied().config;
+        self.reload_with("repository load", who, |overlay, config| {
+            if overlay.unloaded.remove(name) {
+                return Ok(());
+            }
             if config.raw.admin.repository.iter().all(|p| p.name != name) && config.pools.iter().all(|p| p.name != name)
             {
-                return Err(ConfigError::Invalid {
-                    key: "admin.repository".into(),
-                    message: format!("no model {name:?} in the repository"),
-                }
-                .into());
+                let message = format!("no model {name:?} in the repository");
+                return Err(ConfigError::Invalid { key: "admin.repository".into(), message }.into());
             }
             overlay.loaded.insert(name.to_owned());
-        }
-        self.reload_with("repository load", who, overlay).await
+            Ok(())
+        })
+        .await
     }
 
     /// Unload model (pool) `name`: its pool is drained and removed.
     pub async fn unload_model(&self, name: &str, who: &str) -> Result<Reloaded, ReloadError> {
-        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if !overlay.loaded.remove(name) {
-            if self.applied().config.pools.iter().all(|p| p.name != name) {
-                return Err(
-                    ConfigError::Invalid { key: "pools".into(), message: format!("no loaded model {name:?}") }.into()
-                );
+        self.reload_with("repository unload", who, |overlay, config| {
+            if overlay.loaded.remove(name) {
+                return Ok(());
+            }
+            if config.pools.iter().all(|p| p.name != name) {
+                let message = format!("no loaded model {name:?}");
+                return Err(ConfigError::Invalid { key: "pools".into(), message }.into());
             }
             overlay.unloaded.insert(name.to_owned());
-        }
-        self.reload_with("repository unload", who, overlay).await
+            Ok(())
+        })
+        .await
     }
 
-    async fn reload_with(&self, why: &str, who: &str, overlay: Overlay) -> Result<Reloaded, ReloadError> {
+    /// One reload at a time: the repository changes `edit` makes to the
+    /// overlay (given the config in force), then the file read and applied.
+    async fn reload_with(
+        &self,
+        why: &str,
+        who: &str,
+        edit: impl FnOnce(&mut Overlay, &Config) -> Result<(), ReloadError>,
+    ) -> Result<Reloaded, ReloadError> {
         let _one = self.reloading.lock().await;
-        match self.apply(&overlay).await {
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let result = match edit(&mut overlay, &self.applied().config) {
+            Ok(()) => self.apply(&overlay).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(done) => {
                 *self.overlay.lock().unwrap_or_else(PoisonError::into_inner) = overlay;
                 if done.changes.is_empty() {
