@@ -90,6 +90,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
     );
     let state = Arc::new(EdgeState {
         conversations: infergate::conversations::Conversations::in_memory(),
+        queue: None,
         core: Arc::new(core),
         default_deadline: Duration::from_secs(5),
         max_body_bytes: 1 << 20,

@@ -22,6 +22,17 @@ pub struct Call<P> {
     pub caller: Arc<Caller>,
     /// The pool a route variant chose; `None`: the pool serving `model`.
     pub pool: Option<Arc<str>>,
+    /// Whether a client waits for it, or it came from the queue.
+    pub class: Class,
+}
+
+/// Who waits for a call: a client now, or nobody (queued work, which a
+/// pool runs only in the room interactive calls leave).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Class {
+    #[default]
+    Interactive,
+    Queued,
 }
 
 impl<P> Call<P> {
@@ -34,6 +45,7 @@ impl<P> Call<P> {
             request_id: self.request_id.clone(),
             caller: self.caller.clone(),
             pool: self.pool.clone(),
+            class: self.class,
         }
     }
 }

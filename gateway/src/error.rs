@@ -128,6 +128,45 @@ pub enum GatewayError {
     /// Stored responses cannot be read or written (Redis down or slow).
     #[error("{detail}")]
     StoreUnavailable { detail: String },
+    /// The queue's Redis cannot be reached (down or slow): nothing was
+    /// queued or read.
+    #[error("the queue is unavailable: {detail}")]
+    QueueUnavailable { detail: String },
+    /// This gateway has no queue (`queue.redis_url` is not set).
+    #[error("this gateway has no queue: set queue.redis_url to serve async requests and batches")]
+    QueueNotConfigured,
+    /// The tenant's queued work would pass `queue.max_queued_per_tenant`.
+    #[error("{queued} requests of this tenant are queued; {adding} more would pass the limit of {limit}")]
+    QueueQuota { queued: u64, adding: u64, limit: u64 },
+    /// No file, batch or async request of the caller's tenant has this id.
+    #[error("{kind} {id:?} not found")]
+    QueuedNotFound { kind: QueuedKind, id: String },
+    /// An async request that will never have an answer (cancelled, or
+    /// expired in the queue).
+    #[error("async request {id:?} was {state}: it has no answer")]
+    AsyncGone { id: String, state: String },
+    /// The queued object is past the state the request needs (a finished
+    /// request cancelled, a cancelled one read).
+    #[error("{detail}")]
+    QueuedConflict { detail: String },
+}
+
+/// What a queue id names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuedKind {
+    File,
+    Batch,
+    Async,
+}
+
+impl std::fmt::Display for QueuedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::File => "file",
+            Self::Batch => "batch",
+            Self::Async => "async request",
+        })
+    }
 }
 
 fn retry_hint(after: Option<Duration>) -> String {
@@ -263,6 +302,26 @@ impl GatewayError {
             E::StoreUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "store-unavailable", "Response store unavailable")
             }
+            E::QueueUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "queue-unavailable", "Queue unavailable")
+            }
+            E::QueueNotConfigured => {
+                (StatusCode::NOT_IMPLEMENTED, C::Unimplemented, "queue-not-configured", "No queue configured")
+            }
+            E::QueueQuota { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, C::ResourceExhausted, "queue-quota", "Queued work quota reached")
+            }
+            E::QueuedNotFound { kind: QueuedKind::File, .. } => {
+                (StatusCode::NOT_FOUND, C::NotFound, "file-not-found", "File not found")
+            }
+            E::QueuedNotFound { kind: QueuedKind::Batch, .. } => {
+                (StatusCode::NOT_FOUND, C::NotFound, "batch-not-found", "Batch not found")
+            }
+            E::QueuedNotFound { kind: QueuedKind::Async, .. } => {
+                (StatusCode::NOT_FOUND, C::NotFound, "async-not-found", "Async request not found")
+            }
+            E::AsyncGone { .. } => (StatusCode::GONE, C::NotFound, "async-gone", "Async request has no answer"),
+            E::QueuedConflict { .. } => (StatusCode::CONFLICT, C::InvalidArgument, "conflict", "Conflict"),
         };
         Meta { status, code, slug, title }
     }
@@ -298,7 +357,10 @@ impl GatewayError {
             | Self::MemoryFull { .. }
             | Self::LimitsUnavailable
             | Self::StoreUnavailable { .. }
+            | Self::QueueUnavailable { .. }
             | Self::QueueFull { .. } => Some(1),
+            // Queued work drains; a minute is a fair first wait.
+            Self::QueueQuota { .. } => Some(60),
             Self::RateLimited { retry_after, .. } => retry_after.map(ceil_secs),
             Self::CircuitOpen { retry_after, .. } | Self::Shed { retry_after, .. } => Some(ceil_secs(*retry_after)),
             Self::InvalidRequest { .. }
@@ -313,6 +375,10 @@ impl GatewayError {
             | Self::MethodNotAllowed
             | Self::ModelNotFound { .. }
             | Self::ResponseNotFound { .. }
+            | Self::QueueNotConfigured
+            | Self::QueuedNotFound { .. }
+            | Self::AsyncGone { .. }
+            | Self::QueuedConflict { .. }
             // Restarts go on, but a fix is what it waits for.
             | Self::ModelFailedToLoad { .. }
             | Self::VersionNotFound { .. }

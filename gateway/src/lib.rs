@@ -27,6 +27,7 @@
 //! | call | config |
 //! | redis_pool | config |
 //! | conversations | config redis_pool |
+//! | queue | call config error redis_pool telemetry |
 //! | tensor | proto |
 //! | upstream | call error proto |
 //! | telemetry | config |
@@ -39,8 +40,8 @@
 //! | cache | call config error proto redis_pool route telemetry upstream |
 //! | service | cache call error policy proto route telemetry upstream |
 //! | control | cache config policy pool redis_pool route service supervisor telemetry |
-//! | edge | bulk cache call config control conversations error policy pool proto route service telemetry tensor upstream |
-//! | server | cache config control conversations edge embedded load_state policy pool proto redis_pool route service supervisor telemetry upstream |
+//! | edge | bulk cache call config control conversations error policy pool proto queue route service telemetry tensor upstream |
+//! | server | cache config control conversations edge embedded load_state policy pool proto queue redis_pool route service supervisor telemetry upstream |
 
 pub mod batch;
 pub mod bulk;
@@ -55,6 +56,7 @@ pub mod error;
 pub mod load_state;
 pub mod policy;
 pub mod pool;
+pub mod queue;
 pub mod redis_pool;
 pub mod route;
 pub mod server;

@@ -289,9 +289,11 @@ pub async fn run(
     crate::policy::Policy::start_housekeeping(move || current.policy(), watchers.clone());
     let conversations = crate::conversations::Conversations::new(config.responses.clone(), config.redis.as_ref())
         .map_err(ServeError::Cache)?;
+    let queue = config.queue.clone().map(crate::queue::Queue::new).transpose().map_err(ServeError::Cache)?;
     let state = Arc::new(EdgeState {
         core: core.clone(),
         conversations: Arc::new(conversations),
+        queue: queue.clone(),
         default_deadline: config.default_deadline,
         max_body_bytes: config.max_body_bytes,
         max_message_bytes: config.max_message_bytes,
@@ -307,6 +309,11 @@ pub async fn run(
         health.set_service_status(service, tonic_health::ServingStatus::Serving).await;
     }
     let http_app = edge::rest::router(state.clone());
+    // The queue's consumer takes no new entries once draining starts; what
+    // it has not settled by the end stays pending for another replica.
+    if let Some(queue) = queue {
+        edge::queued::consumer::spawn(queue, core.clone(), edge::rest::queued_routes(state.clone()), draining.clone());
+    }
     let grpc_app = edge::grpc::router(state, health_service)?;
 
     let local =

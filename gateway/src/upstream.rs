@@ -64,6 +64,13 @@ pub trait Upstream: Send + Sync + 'static {
     }
     /// Readiness of every pool.
     fn status(&self) -> Vec<PoolStatus>;
+    /// How many more queued calls (`Class::Queued`) pool `pool` takes now,
+    /// holding at most `max_share` of its slots while interactive calls
+    /// come; `None` for a pool it does not have.
+    fn room(&self, pool: &str, max_share: f64) -> Option<usize> {
+        let _ = (pool, max_share);
+        None
+    }
     /// How `pool` batches calls to the model `info` describes; `None` when
     /// they are sent one by one.
     fn batching(&self, _pool: &str, _info: &ModelInfo) -> Option<Batching> {

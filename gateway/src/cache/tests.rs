@@ -55,6 +55,7 @@ fn call<P>(payload: P, tenant: &str) -> Call<P> {
         request_id: "r".into(),
         caller: Arc::new(caller),
         pool: None,
+        class: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod components;
 mod overrides;
 pub mod policy;
 pub mod pools;
+pub mod queue;
 pub mod raw;
 pub mod routes;
 
@@ -66,6 +67,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     pub cache: components::CacheConfig,
     pub responses: components::ResponsesConfig,
+    /// `None`: no queue (`queue.redis_url` is empty).
+    pub queue: Option<queue::QueueConfig>,
     /// Pools marked `deterministic = false` / `true`.
     pub cache_pools: components::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
@@ -417,6 +420,7 @@ impl Config {
                     raw.responses.max_conversation_bytes,
                 )?,
             },
+            queue: queue::QueueConfig::from_raw(&raw.queue)?,
             cache_pools: components::PoolRules {
                 nondeterministic: raw
                     .pools

@@ -220,7 +220,7 @@ impl AuthConfig {
 }
 
 /// The limits of one scope, checked. Every field is optional.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LimitSpec {
     pub rate: Option<RateSpec>,
     pub tokens_per_minute: Option<u64>,
@@ -228,7 +228,7 @@ pub struct LimitSpec {
 }
 
 /// A request rate: `per_second` on average, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RateSpec {
     pub per_second: f64,
     pub burst: u32,

@@ -17,6 +17,7 @@ const RESTART_ONLY: &[&str] = &[
     "workers",
     "redis",
     "responses",
+    "queue",
     "tracing",
     "discovery",
     "deadlines",

@@ -99,6 +99,7 @@ fn app_with(
     );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
+        queue: None,
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 64 * 1024,

@@ -35,6 +35,9 @@ fn ask(state: &EdgeState, parts: &http::request::Parts) -> Result<Ask, GatewayEr
         caller: super::caller_of(&parts.extensions),
         pin: super::version_pin(&parts.headers)?.map(str::to_owned),
         cache: cache_mode(&parts.headers),
+        // Set by the queue's consumer on the requests it runs; a client
+        // cannot set an extension.
+        class: parts.extensions.get::<crate::call::Class>().copied().unwrap_or_default(),
     })
 }
 
@@ -70,7 +73,7 @@ async fn read_json<T: DeserializeOwned>(state: &EdgeState, headers: &HeaderMap, 
 /// Parse a JSON body; errors name the field that failed. Parsed plainly
 /// first: tracking the path costs an allocation per key, so it is done only
 /// to name the field of a body that failed.
-fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, GatewayError> {
+pub(crate) fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, GatewayError> {
     if let Ok(value) = serde_json::from_slice(bytes) {
         return Ok(value);
     }

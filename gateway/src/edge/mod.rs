@@ -25,6 +25,7 @@ mod parity_tests;
 #[cfg(test)]
 mod policy_tests;
 pub mod problem;
+pub mod queued;
 mod reply;
 pub mod responses;
 pub mod rest;
@@ -47,6 +48,8 @@ pub struct EdgeState {
     pub core: Arc<Core>,
     /// Stored responses of the Responses API.
     pub conversations: Arc<crate::conversations::Conversations>,
+    /// Async requests and batches; `None`: no `[queue]`.
+    pub queue: Option<Arc<crate::queue::Queue>>,
     pub default_deadline: Duration,
     pub max_body_bytes: usize,
     pub max_message_bytes: usize,

@@ -143,6 +143,7 @@ class = "x:Y"
     );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
+        queue: None,
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1 << 20,

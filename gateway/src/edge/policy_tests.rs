@@ -87,6 +87,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
     );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
+        queue: None,
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,

@@ -10,20 +10,37 @@ use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use super::reply::{Reply, request_id};
-use super::{EdgeState, http, meta, model_config, openapi};
+use super::{EdgeState, http, meta, model_config, openapi, queued};
+
+/// Batch files uploaded at once (each may be `queue.max_file_bytes`).
+const UPLOADS_AT_ONCE: usize = 4;
 use crate::error::GatewayError;
 
-/// The REST router with its layers, outermost first.
-pub fn router(state: Arc<EdgeState>) -> Router {
-    // Work that reaches workers is bounded; health and metadata stay
-    // answerable under overload so probes do not flap.
-    let api = Router::new()
+/// The model routes: every call that reaches a worker.
+fn model_routes(state: Arc<EdgeState>) -> Router {
+    Router::new()
         .route("/v1/chat/completions", post(http::chat_completions))
         .route("/v1/embeddings", post(http::embeddings))
         .route("/v1/responses", post(http::create_response))
         .route("/v2/models/{model}/infer", post(http::infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(http::infer_version))
-        .with_state(state.clone());
+        .with_state(state)
+}
+
+/// The model routes as the queue's consumer calls them: no listener
+/// bounds (the consumer bounds itself) and no caller identification (the
+/// caller comes with the entry).
+pub fn queued_routes(state: Arc<EdgeState>) -> Router {
+    model_routes(state).fallback(not_found)
+}
+
+/// The REST router with its layers, outermost first.
+pub fn router(state: Arc<EdgeState>) -> Router {
+    // Work that reaches workers is bounded; health and metadata stay
+    // answerable under overload so probes do not flap. A request that
+    // prefers an async answer is queued rather than answered.
+    let api = model_routes(state.clone())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::queued::respond_async));
     // Bodies are read whole before a request takes an in-flight permit.
     // A caller whose own rate is spent is refused before that.
     let api = super::gate::Gate::new(
@@ -34,7 +51,28 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         |e, rid| e.into_http(rid),
     )
     .guard(api);
+    // A batch file is read whole (within `queue.max_file_bytes` and the
+    // memory all bodies share) before it is checked line by line.
+    let upload = Router::new()
+        .route("/v1/files", post(queued::batch::create_file))
+        .with_state(state.clone())
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let upload = super::gate::Gate::new(
+        UPLOADS_AT_ONCE,
+        state.queue.as_ref().map_or(state.max_body_bytes, |q| q.config().max_file_bytes),
+        state.buffered.clone(),
+        Some(state.core.clone()),
+        |e, rid| e.into_http(rid),
+    )
+    .guard(upload);
     let routes = Router::new()
+        .route("/v1/async/{id}", get(queued::get_async).delete(queued::cancel_async))
+        .route("/v1/files", get(queued::batch::list_files))
+        .route("/v1/files/{id}", get(queued::batch::get_file).delete(queued::batch::delete_file))
+        .route("/v1/files/{id}/content", get(queued::batch::file_content))
+        .route("/v1/batches", post(queued::batch::create_batch).get(queued::batch::list_batches))
+        .route("/v1/batches/{id}", get(queued::batch::get_batch))
+        .route("/v1/batches/{id}/cancel", post(queued::batch::cancel_batch))
         .route("/v1/models", get(meta::list_models))
         .route("/v1/responses/{id}", get(http::get_response).delete(http::delete_response))
         .route("/v2", get(meta::server_metadata))
@@ -52,6 +90,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/openapi.json", get(openapi::document))
         .with_state(state.clone())
         .merge(api)
+        .merge(upload)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Which route matched, for the access log outside the router.

@@ -70,6 +70,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
     );
     let state = Arc::new(EdgeState {
         conversations: crate::conversations::Conversations::in_memory(),
+        queue: None,
         core: Arc::new(core),
         default_deadline: Duration::from_secs(30),
         max_body_bytes: 1024,

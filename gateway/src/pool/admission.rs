@@ -47,23 +47,30 @@ pub(super) struct Pool {
     active: AtomicUsize,
     /// Told when `active` falls to zero on a retired pool.
     idle: tokio::sync::Notify,
+    /// Room for queued work beside interactive calls.
+    pub(super) background: super::background::Background,
 }
 
 /// A call's presence in a pool, from routing to its end; while any is
 /// held, a removed pool's workers are not stopped.
-pub(super) struct Active(Arc<Pool>);
+pub(super) struct Active {
+    pool: Arc<Pool>,
+    class: crate::call::Class,
+    entered: tokio::time::Instant,
+}
 
 impl std::ops::Deref for Active {
     type Target = Pool;
     fn deref(&self) -> &Pool {
-        &self.0
+        &self.pool
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.retired.load(Ordering::SeqCst) {
-            self.0.idle.notify_waiters();
+        self.pool.background.leave(self.class, self.entered.elapsed());
+        if self.pool.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.pool.retired.load(Ordering::SeqCst) {
+            self.pool.idle.notify_waiters();
         }
     }
 }
@@ -172,6 +179,7 @@ impl Pool {
             retired: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            background: super::background::Background::new(),
             name,
         }
     }
@@ -180,10 +188,21 @@ impl Pool {
     /// the pool is retired. (The call's increment and the retirement's flag
     /// are both sequentially consistent: either the call sees the flag, or
     /// the retirement sees the call and waits for it.)
-    pub(super) fn enter(self: &Arc<Self>) -> Option<Active> {
+    pub(super) fn enter(self: &Arc<Self>, class: crate::call::Class) -> Option<Active> {
         self.active.fetch_add(1, Ordering::SeqCst);
-        let guard = Active(self.clone());
+        self.background.enter(class);
+        let guard = Active { pool: self.clone(), class, entered: tokio::time::Instant::now() };
         (!self.retired.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// How many more queued calls the pool takes now (see [`super::background`]).
+    pub(super) fn room(&self, max_share: f64) -> usize {
+        let load = super::background::Load {
+            slots: self.slots.size(),
+            active: self.active(),
+            waiting: self.queued.load(Ordering::Relaxed),
+        };
+        self.background.room(&load, max_share)
     }
 
     /// Refuse new calls from now on.

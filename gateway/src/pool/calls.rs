@@ -69,6 +69,12 @@ impl Upstream for Pools {
             .collect()
     }
 
+    fn room(&self, pool: &str, max_share: f64) -> Option<usize> {
+        let pools = self.all();
+        let pool = pools.iter().find(|p| p.name == pool && !p.is_retired())?;
+        Some(pool.room(max_share))
+    }
+
     fn batching(&self, pool: &str, info: &ModelInfo) -> Option<Batching> {
         let pools = self.all();
         let pool = pools.iter().find(|p| p.name == pool && !p.is_retired())?;
@@ -252,7 +258,7 @@ impl Pools {
             None => self.route(&call.model)?,
         };
         // Removed by a reload between the lookup and now.
-        let active = pool.enter().ok_or_else(|| GatewayError::ModelNotFound { model: call.model.clone() })?;
+        let active = pool.enter(call.class).ok_or_else(|| GatewayError::ModelNotFound { model: call.model.clone() })?;
         Ok((active, info))
     }
 

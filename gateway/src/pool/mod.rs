@@ -22,6 +22,7 @@ pub mod worker;
 
 mod admission;
 mod attempts;
+mod background;
 mod batched;
 mod calls;
 pub mod changes;

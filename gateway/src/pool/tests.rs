@@ -73,6 +73,7 @@ async fn a_model_stays_with_the_pool_that_claimed_it_first() {
         request_id: String::new(),
         caller: Arc::new(crate::call::Caller::anonymous([127, 0, 0, 1].into())),
         pool: None,
+        class: Default::default(),
     };
     assert!(matches!(p.embed(call).await, Err(GatewayError::NoReadyWorker { .. })));
 }
@@ -217,11 +218,11 @@ async fn a_failing_worker_is_ejected_from_balancing_but_never_more_than_the_cap(
 #[tokio::test]
 async fn a_retired_pool_refuses_new_calls_and_waits_for_those_under_way() {
     let pool = Arc::new(one_worker_pool(4, 4));
-    let under_way = pool.enter().unwrap();
+    let under_way = pool.enter(crate::call::Class::Interactive).unwrap();
     pool.mark_retired();
     let mut retired = Box::pin(pool.until_idle());
     assert!(futures::poll!(retired.as_mut()).is_pending(), "a call is still in the pool");
-    assert!(pool.enter().is_none(), "no call enters a retired pool");
+    assert!(pool.enter(crate::call::Class::Interactive).is_none(), "no call enters a retired pool");
     drop(under_way);
     retired.await;
     assert_eq!(pool.active(), 0);

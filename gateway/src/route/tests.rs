@@ -153,6 +153,7 @@ fn call() -> Call<u32> {
         request_id: "r".into(),
         caller: Arc::new(user("u", "standard")),
         pool: None,
+        class: Default::default(),
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::cache::{CacheMode, CacheStatus, ResponseCache};
-use crate::call::{Call, Deadline};
+use crate::call::{Call, Class, Deadline};
 use crate::error::GatewayError;
 use crate::policy::{Admission, Caller, Policy, Tokens, estimate_tokens};
 use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo};
@@ -58,6 +58,8 @@ pub struct Ask {
     pub pin: Option<String>,
     /// What the caller's `cache-control` lets the cache do.
     pub cache: CacheMode,
+    /// A client's call, or the queue's.
+    pub class: Class,
 }
 
 impl Ask {
@@ -69,6 +71,7 @@ impl Ask {
             request_id: self.request_id.clone(),
             caller: self.caller.clone(),
             pool: None,
+            class: self.class,
         }
     }
 }

@@ -86,6 +86,20 @@ pub const ADMITTED_SHARE: &str = "infergate_pool_admitted_share";
 pub const CANARY_ROLLBACKS: &str = "infergate_canary_rollbacks_total";
 /// Config reloads, by result (`applied`, `unchanged`, `refused`).
 pub const CONFIG_RELOADS: &str = "infergate_config_reloads_total";
+/// Entries in the queue (waiting or running), by `target` (the model named);
+/// read from Redis, so every replica reports the same depth.
+pub const QUEUED: &str = "infergate_queued_requests";
+/// Age of the oldest entry in the queue, by `target`.
+pub const QUEUED_OLDEST: &str = "infergate_queued_oldest_age_seconds";
+/// Requests queued (async or batch lines), by `kind`.
+pub const QUEUE_SUBMITTED: &str = "infergate_queue_submitted_total";
+/// Queued entries settled by this replica, by `outcome` (`done`, `failed`,
+/// `expired`, `cancelled`).
+pub const QUEUE_ENTRIES: &str = "infergate_queue_entries_total";
+/// Entries taken over from a consumer that stopped, by `target`.
+pub const QUEUE_RECLAIMS: &str = "infergate_queue_reclaims_total";
+/// Answers of queued requests stored in Redis.
+pub const QUEUE_RESULTS_STORED: &str = "infergate_queue_results_stored_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -200,6 +214,12 @@ fn describe() {
     counter!(WORKER_RESTARTS, "Local worker processes restarted");
     gauge!(ADMITTED_SHARE, "Share of a pool's calls its adaptive admission lets through (1: none shed)");
     counter!(CANARY_ROLLBACKS, "Canary variants rolled back (weight 0) for breaching their SLO, by alias and variant");
+    gauge!(QUEUED, "Entries in the queue (waiting or running), by target; the same from every replica");
+    gauge!(QUEUED_OLDEST, "Age of the oldest entry in the queue, by target");
+    counter!(QUEUE_SUBMITTED, "Requests queued, by kind: async, batch");
+    counter!(QUEUE_ENTRIES, "Queued entries settled by this replica, by outcome: done, failed, expired, cancelled");
+    counter!(QUEUE_RECLAIMS, "Queued entries taken over from a consumer that stopped, by target");
+    counter!(QUEUE_RESULTS_STORED, "Answers of queued requests stored in Redis");
     counter!(CONFIG_RELOADS, "Config reloads, by result: applied, unchanged, refused (the running config stays)");
     histogram!(BATCH_SIZE, "Items per batch sent to a worker");
     counter!(POOL_ERRORS, "Calls a pool failed, by pool, model and error type (the problem type's slug)");

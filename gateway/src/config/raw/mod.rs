@@ -5,6 +5,7 @@ mod cache;
 mod listeners;
 mod policy;
 mod pools;
+mod queue;
 mod routes;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ pub use cache::*;
 pub use listeners::*;
 pub use policy::*;
 pub use pools::*;
+pub use queue::*;
 pub use routes::*;
 
 /// The whole config file. Every section has defaults.
@@ -31,6 +33,7 @@ pub struct RawConfig {
     pub redis: RawRedis,
     pub cache: RawCache,
     pub responses: RawResponses,
+    pub queue: RawQueue,
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
     /// Per-token prices by model, for the estimated-cost metric.

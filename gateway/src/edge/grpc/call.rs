@@ -35,6 +35,7 @@ pub fn ask<T>(state: &EdgeState, req: &Request<T>) -> Result<Ask, Status> {
         caller: super::super::caller_of(req.extensions()),
         pin,
         cache,
+        class: crate::call::Class::Interactive,
     })
 }
 
