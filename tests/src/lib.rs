@@ -576,9 +576,43 @@ impl Redis {
     /// Start one (`make test` installs Debian's redis-server when missing).
     pub fn start() -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::spawn(port, None)
+    }
+
+    /// One that writes every change to its append-only file in `dir`
+    /// before it answers (`appendfsync always`), so a restart after a crash
+    /// keeps everything it acknowledged.
+    pub fn start_durable(dir: &Path) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::spawn(port, Some(dir))
+    }
+
+    /// SIGKILL a durable server and start it again on the same port and files.
+    pub fn restart_durable(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.kill();
+        *self = Self::spawn(self.port, Some(dir))?;
+        Ok(())
+    }
+
+    fn spawn(port: u16, durable: Option<&Path>) -> anyhow::Result<Self> {
         let server = std::env::var("INFERGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        match durable {
+            None => args.extend(["--appendonly".into(), "no".into()]),
+            Some(dir) => args.extend([
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ]),
+        }
         let child = Command::new(&server)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

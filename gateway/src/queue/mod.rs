@@ -620,10 +620,15 @@ impl Queue {
             invocation.arg("custom_id").arg(custom_id);
         }
         let mut conn = self.conn().await?;
-        let (stored, finalize): (i64, i64) = self.bounded("finish", invocation.invoke_async(&mut conn)).await?;
+        let (stored, finalize, counted): (i64, i64, String) =
+            self.bounded("finish", invocation.invoke_async(&mut conn)).await?;
         if stored == 1 {
-            metrics::counter!(crate::telemetry::metrics::QUEUE_ENTRIES, "outcome" => outcome.as_str()).increment(1);
-            if answer.is_some() {
+            let counted = [Outcome::Done, Outcome::Failed, Outcome::Expired, Outcome::Cancelled]
+                .into_iter()
+                .find(|o| o.as_str() == counted)
+                .unwrap_or(outcome);
+            metrics::counter!(crate::telemetry::metrics::QUEUE_ENTRIES, "outcome" => counted.as_str()).increment(1);
+            if answer.is_some() && counted != Outcome::Cancelled {
                 metrics::counter!(crate::telemetry::metrics::QUEUE_RESULTS_STORED).increment(1);
             }
         }

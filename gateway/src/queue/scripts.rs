@@ -70,8 +70,9 @@ return state or 'missing'
 /// KEYS: stream, result, quota, owner (job or batch hash). ARGV: group,
 /// entry id, kind (`async`/`batch`), outcome (`done`, `failed`, `expired`,
 /// `cancelled`), ttl (ms), now (ms), then result fields (name, value)….
-/// Returns `{stored, finalize}`: whether this call stored the result, and
-/// (batches) whether it settled the batch's last entry.
+/// Returns `{stored, finalize, outcome}`: whether this call stored the
+/// result, (batches) whether it settled the batch's last entry, and the
+/// outcome counted (`cancelled` for an async request cancelled meanwhile).
 pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -103,7 +104,7 @@ end
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if acked == 1 and tonumber(redis.call('GET', KEYS[3]) or '0') > 0 then redis.call('DECR', KEYS[3]) end
-return {stored, finalize}
+return {stored, finalize, outcome}
 ",
     )
 });

@@ -179,7 +179,13 @@ pub(in crate::edge) async fn get_async(
     drop(req);
     let result = async {
         let job = queue(&state)?.job(&caller.tenant, &id).await?;
-        answer_of(job)
+        let job_state = job.state.clone();
+        answer_of(job).or_else(|e| {
+            // No answer: the problem, still saying the request's state.
+            let mut resp = e.into_http(Some(&rid));
+            set_state(resp.headers_mut(), &job_state);
+            Ok(resp)
+        })
     }
     .await;
     Reply(result, rid)

@@ -1,0 +1,350 @@
+//! Queued inference end to end: a private redis-server, real gateways and
+//! Python workers. Async requests (`Prefer: respond-async`), the OpenAI
+//! Batch API driven by the official `openai` package, two replicas sharing
+//! the queue while one is killed, interactive latency while a large batch
+//! drains, and Redis stopped mid-batch.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use infergate_e2e::{Gateway, MINILM_POOL, Redis, python, root};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+/// API keys of two tenants.
+const KEY: &str = "ig_e2e-queue-tenant-one-aaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+const OTHER_KEY: &str = "ig_e2e-queue-tenant-two-bbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+const ECHO_POOL: &str = "[[pools]]\nname = \"echo\"\nclass = \"infergate_worker.examples.echo:Echo\"\n";
+
+/// Auth with two tenants' keys, the queue on `redis`, and `rest`.
+fn config(redis: &Redis, rest: &str) -> String {
+    use sha2::Digest;
+    let digest = |k: &str| hex::encode(sha2::Sha256::digest(k.as_bytes()));
+    format!(
+        "[auth]\nenabled = true\n\
+         [[auth.keys]]\nid = \"one\"\nsha256 = \"{}\"\ntenant = \"t1\"\n\
+         [[auth.keys]]\nid = \"two\"\nsha256 = \"{}\"\ntenant = \"t2\"\n\
+         [queue]\nredis_url = \"{}\"\n{rest}",
+        digest(KEY),
+        digest(OTHER_KEY),
+        redis.url()
+    )
+}
+
+fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+fn metric(gw: &Gateway, line_start: &str) -> f64 {
+    let text = client().get(gw.url("/metrics")).send().unwrap().text().unwrap();
+    text.lines().filter(|l| l.starts_with(line_start)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Wait until the sum of `line_start` series reaches `at_least`.
+fn wait_metric(gw: &Gateway, line_start: &str, at_least: f64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric(gw, line_start) < at_least {
+        assert!(Instant::now() < end, "{line_start} stayed below {at_least}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An OIP infer body for echo asking for `delay_ms` of work.
+fn echo_infer(delay_ms: u64, value: i64) -> Value {
+    json!({
+        "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [value]}],
+        "parameters": {"delay_ms": delay_ms}
+    })
+}
+
+/// Poll `GET location` until it is no longer 202; the final response.
+fn poll(gw: &Gateway, key: &str, location: &str, within: Duration) -> reqwest::blocking::Response {
+    let end = Instant::now() + within;
+    loop {
+        let resp = client().get(gw.url(location)).bearer_auth(key).send().unwrap();
+        if resp.status() != 202 {
+            return resp;
+        }
+        assert!(Instant::now() < end, "{location} still pending after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn submit(gw: &Gateway, key: &str, path: &str, body: &Value) -> (String, Value) {
+    let resp =
+        client().post(gw.url(path)).bearer_auth(key).header("prefer", "respond-async").json(body).send().unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().unwrap_or_default());
+    assert_eq!(resp.headers()["preference-applied"], "respond-async");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    (location, resp.json().unwrap())
+}
+
+#[test]
+fn the_openai_package_runs_batches_that_answer_as_the_synchronous_calls_do_per_tenant() {
+    let redis = Redis::start().unwrap();
+    let gw = Gateway::start(&config(&redis, &format!("{ECHO_POOL}{MINILM_POOL}"))).unwrap();
+    let out = Command::new(python())
+        .arg(root().join("tests/clients/openai_batch.py"))
+        .args([&gw.url("/v1"), KEY, OTHER_KEY])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.trim() == "ok", "openai client failed:\n{stdout}\n{stderr}");
+    assert!(metric(&gw, "infergate_queue_results_stored_total") >= 1020.0);
+    assert!(metric(&gw, "infergate_queue_entries_total{outcome=\"done\"}") >= 1020.0);
+}
+
+#[test]
+fn an_async_request_answers_as_the_synchronous_one_and_can_be_cancelled_or_expire() {
+    let redis = Redis::start().unwrap();
+    // One queued request at a time, and a short wait in the queue.
+    let gw = Gateway::start(&config(
+        &redis,
+        &format!("max_running = 1\nasync_expiry = \"1500ms\"\n{ECHO_POOL}{MINILM_POOL}"),
+    ))
+    .unwrap();
+    let body = json!({"model": "minilm", "input": ["the queue", "drains bursts"]});
+
+    // The same answer as the synchronous call: status, type and body.
+    let (location, status) = submit(&gw, KEY, "/v1/embeddings", &body);
+    assert!(location.starts_with("/v1/async/async_"), "{location}");
+    assert_eq!(status["status"], "queued");
+    let done = poll(&gw, KEY, &location, Duration::from_secs(30));
+    assert_eq!(done.status(), 200);
+    assert_eq!(done.headers()["x-async-status"], "done");
+    assert_eq!(done.headers()["content-type"], "application/json");
+    let queued: Value = done.json().unwrap();
+    let sync: Value = client()
+        .post(gw.url("/v1/embeddings"))
+        .bearer_auth(KEY)
+        .header("cache-control", "no-cache")
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(queued["data"].as_array().unwrap().len(), 2);
+    for (a, b) in queued["data"].as_array().unwrap().iter().zip(sync["data"].as_array().unwrap()) {
+        let (a, b) = (a["embedding"].as_array().unwrap(), b["embedding"].as_array().unwrap());
+        let worst = a.iter().zip(b).map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-5, "vectors differ by {worst}");
+    }
+    // An error is the synchronous error: status and problem.
+    let (location, _) = submit(&gw, KEY, "/v1/embeddings", &json!({"model": "no-such-model", "input": "x"}));
+    let failed = poll(&gw, KEY, &location, Duration::from_secs(10));
+    assert_eq!(failed.status(), 404);
+    assert_eq!(failed.headers()["x-async-status"], "failed");
+    assert_eq!(failed.json::<Value>().unwrap()["type"], "urn:infergate:error:model-not-found");
+    // The same idempotency key names the same request.
+    let once = || {
+        let resp = client()
+            .post(gw.url("/v2/models/echo/infer"))
+            .bearer_auth(KEY)
+            .header("prefer", "respond-async")
+            .header("idempotency-key", "nightly-1")
+            .json(&echo_infer(0, 7))
+            .send()
+            .unwrap();
+        resp.headers()["location"].to_str().unwrap().to_owned()
+    };
+    assert_eq!(once(), once());
+
+    // Behind a request that takes 2 s, one queued request is cancelled and
+    // another expires in the queue.
+    let (slow, _) = submit(&gw, KEY, "/v2/models/echo/infer", &echo_infer(2000, 1));
+    let (cancelled, _) = submit(&gw, KEY, "/v2/models/echo/infer", &echo_infer(0, 2));
+    let (expiring, _) = submit(&gw, KEY, "/v2/models/echo/infer", &echo_infer(0, 3));
+    let other = client().delete(gw.url(&cancelled)).bearer_auth(OTHER_KEY).send().unwrap();
+    assert_eq!(other.status(), 404, "another tenant cannot cancel it");
+    let cancel = client().delete(gw.url(&cancelled)).bearer_auth(KEY).send().unwrap();
+    assert_eq!(cancel.status(), 200);
+    assert_eq!(cancel.json::<Value>().unwrap()["status"], "cancelled");
+    let slow = poll(&gw, KEY, &slow, Duration::from_secs(30));
+    assert_eq!(slow.status(), 200);
+    assert_eq!(slow.json::<Value>().unwrap()["outputs"][0]["data"], json!([1]));
+    let gone = poll(&gw, KEY, &cancelled, Duration::from_secs(10));
+    assert_eq!(gone.status(), 410);
+    assert_eq!(gone.headers()["x-async-status"], "cancelled");
+    let expired = poll(&gw, KEY, &expiring, Duration::from_secs(10));
+    assert_eq!(expired.status(), 410);
+    assert_eq!(expired.headers()["x-async-status"], "expired");
+    let again = client().delete(gw.url(&location)).bearer_auth(KEY).send().unwrap();
+    assert_eq!(again.status(), 409, "a finished request cannot be cancelled");
+
+    // Another tenant's ids name nothing; streams are not queued.
+    assert_eq!(client().get(gw.url(&location)).bearer_auth(OTHER_KEY).send().unwrap().status(), 404);
+    assert_eq!(client().get(gw.url("/v1/async/async_000")).bearer_auth(KEY).send().unwrap().status(), 404);
+    let stream = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("prefer", "respond-async")
+        .json(&json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .unwrap();
+    assert_eq!(stream.status(), 400);
+    // The consumer settles the entries it did not run when it comes to them.
+    wait_metric(&gw, "infergate_queue_entries_total{outcome=\"expired\"}", 1.0);
+    wait_metric(&gw, "infergate_queue_entries_total{outcome=\"cancelled\"}", 1.0);
+}
+
+/// Upload `lines` as a batch file (multipart, as the SDK sends it); its id.
+fn upload(gw: &Gateway, key: &str, lines: &[Value]) -> Result<String, (u16, Value)> {
+    let boundary = "infergate-e2e-boundary";
+    let content: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         content-type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let resp = client()
+        .post(gw.url("/v1/files"))
+        .bearer_auth(key)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let json: Value = resp.json().unwrap();
+    if status == 200 { Ok(json["id"].as_str().unwrap().to_owned()) } else { Err((status, json)) }
+}
+
+/// `n` chat requests to echo, each about `words` × 10 ms of work.
+fn chat_lines(n: usize, words: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let text = (0..words).map(|w| format!("w{i}x{w}")).collect::<Vec<_>>().join(" ");
+            json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "echo", "messages": [{"role": "user", "content": text}]}})
+        })
+        .collect()
+}
+
+fn create_batch(gw: &Gateway, key: &str, file: &str) -> reqwest::blocking::Response {
+    client()
+        .post(gw.url("/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .unwrap()
+}
+
+/// Poll batch `id` until it is final; the batch.
+fn until_final(gw: &Gateway, key: &str, id: &str, within: Duration) -> Value {
+    let end = Instant::now() + within;
+    loop {
+        let batch: Value =
+            client().get(gw.url(&format!("/v1/batches/{id}"))).bearer_auth(key).send().unwrap().json().unwrap();
+        if ["completed", "failed", "expired", "cancelled"].contains(&batch["status"].as_str().unwrap_or_default()) {
+            return batch;
+        }
+        assert!(Instant::now() < end, "batch still {batch} after {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The custom_ids of a batch's output file, each checked answered 200 with
+/// the echo of its request; panics on one answered twice.
+fn answered_once(gw: &Gateway, key: &str, batch: &Value, lines: &[Value]) {
+    let file = batch["output_file_id"].as_str().unwrap();
+    let text =
+        client().get(gw.url(&format!("/v1/files/{file}/content"))).bearer_auth(key).send().unwrap().text().unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for row in text.lines() {
+        let row: Value = serde_json::from_str(row).unwrap();
+        assert_eq!(row["response"]["status_code"], 200, "{row}");
+        let id = row["custom_id"].as_str().unwrap().to_owned();
+        let said = row["response"]["body"]["choices"][0]["message"]["content"].clone();
+        assert!(seen.insert(id.clone(), said).is_none(), "{id} answered twice");
+    }
+    assert_eq!(seen.len(), lines.len(), "answers for {} of {} requests", seen.len(), lines.len());
+    for line in lines {
+        let id = line["custom_id"].as_str().unwrap();
+        assert_eq!(seen[id], line["body"]["messages"][0]["content"], "{id}");
+    }
+}
+
+#[test]
+fn two_replicas_share_the_queue_and_one_killed_mid_batch_loses_nothing() {
+    let redis = Redis::start().unwrap();
+    let settings = config(&redis, &format!("claim_after = \"2s\"\n{ECHO_POOL}"));
+    let mut first = Gateway::start(&settings).unwrap();
+    let second = Gateway::start_beside(&first, &settings).unwrap();
+    let lines = chat_lines(600, 10);
+    let file = upload(&first, KEY, &lines).unwrap();
+    let batch: Value = create_batch(&first, KEY, &file).json().unwrap();
+    let id = batch["id"].as_str().unwrap().to_owned();
+    // Both consume; then the first dies holding entries it had taken.
+    let done = "infergate_queue_entries_total{outcome=\"done\"}";
+    wait_metric(&first, done, 20.0);
+    wait_metric(&second, done, 20.0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
+    first.wait_exit(Duration::from_secs(10));
+    let batch = until_final(&second, KEY, &id, Duration::from_secs(120));
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"], json!({"total": 600, "completed": 600, "failed": 0}));
+    answered_once(&second, KEY, &batch, &lines);
+    assert!(metric(&second, "infergate_queue_reclaims_total") >= 1.0, "the survivor claimed the dead one's entries");
+}
+
+#[test]
+fn with_redis_down_submits_are_refused_and_the_batch_resumes_when_it_returns() {
+    let dir = std::env::temp_dir().join(format!("infergate-queue-redis-{:x}", infergate_e2e::rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = Redis::start_durable(&dir).unwrap();
+    let gw =
+        Gateway::start(&config(&redis, &format!("claim_after = \"2s\"\ntimeout = \"500ms\"\n{ECHO_POOL}"))).unwrap();
+    let lines = chat_lines(300, 10);
+    let file = upload(&gw, KEY, &lines).unwrap();
+    let batch: Value = create_batch(&gw, KEY, &file).json().unwrap();
+    let id = batch["id"].as_str().unwrap().to_owned();
+    wait_metric(&gw, "infergate_queue_entries_total{outcome=\"done\"}", 30.0);
+
+    redis.kill();
+    for resp in [
+        create_batch(&gw, KEY, &file),
+        client()
+            .post(gw.url("/v2/models/echo/infer"))
+            .bearer_auth(KEY)
+            .header("prefer", "respond-async")
+            .json(&echo_infer(0, 1))
+            .send()
+            .unwrap(),
+        client().get(gw.url(&format!("/v1/batches/{id}"))).bearer_auth(KEY).send().unwrap(),
+    ] {
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.json::<Value>().unwrap()["type"], "urn:infergate:error:queue-unavailable");
+    }
+    assert_eq!(upload(&gw, KEY, &lines[..3]).unwrap_err().0, 503);
+    // Interactive calls do not need the queue.
+    let sync = client().post(gw.url("/v2/models/echo/infer")).bearer_auth(KEY).json(&echo_infer(0, 5)).send().unwrap();
+    assert_eq!(sync.status(), 200);
+    std::thread::sleep(Duration::from_secs(2));
+
+    redis.restart_durable(&dir).unwrap();
+    let batch = until_final(&gw, KEY, &id, Duration::from_secs(120));
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"], json!({"total": 300, "completed": 300, "failed": 0}));
+    answered_once(&gw, KEY, &batch, &lines);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_tenant_past_its_queued_quota_is_refused_at_submit() {
+    let redis = Redis::start().unwrap();
+    let gw = Gateway::start(&config(&redis, &format!("max_queued_per_tenant = 50\n{ECHO_POOL}"))).unwrap();
+    let file = upload(&gw, KEY, &chat_lines(60, 1)).unwrap();
+    let refused = create_batch(&gw, KEY, &file);
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: Value = refused.json().unwrap();
+    assert_eq!(problem["type"], "urn:infergate:error:queue-quota", "{problem}");
+    // Within the quota, and another tenant's own quota, it is taken.
+    let small = upload(&gw, KEY, &chat_lines(40, 1)).unwrap();
+    assert_eq!(create_batch(&gw, KEY, &small).status(), 200);
+    let theirs = upload(&gw, OTHER_KEY, &chat_lines(40, 1)).unwrap();
+    assert_eq!(create_batch(&gw, OTHER_KEY, &theirs).status(), 200);
+}
