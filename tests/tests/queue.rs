@@ -348,3 +348,77 @@ fn a_tenant_past_its_queued_quota_is_refused_at_submit() {
     let theirs = upload(&gw, OTHER_KEY, &chat_lines(40, 1)).unwrap();
     assert_eq!(create_batch(&gw, OTHER_KEY, &theirs).status(), 200);
 }
+
+/// Latencies of `n` interactive chat calls to echo (about 50 ms of work
+/// each) sent at `rate` a second (open loop: each at its time, however
+/// long the others take), sorted.
+fn interactive(gw: &Gateway, n: usize, rate: f64) -> Vec<Duration> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let at = start + Duration::from_secs_f64(i as f64 / rate);
+            let url = gw.url("/v1/chat/completions");
+            let body =
+                json!({"model": "echo", "messages": [{"role": "user", "content": format!("interactive {i} a b c")}]});
+            std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let sent = Instant::now();
+                let resp =
+                    client().post(url).bearer_auth(KEY).header("cache-control", "no-cache").json(&body).send().unwrap();
+                assert_eq!(resp.status(), 200);
+                sent.elapsed()
+            })
+        })
+        .collect();
+    let mut took: Vec<Duration> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    took.sort();
+    took
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[(sorted.len() * 99).div_ceil(100) - 1]
+}
+
+/// Echo's chat answers word by word, 10 ms a word, sleeping rather than
+/// computing, like a model on an accelerator: the pool's capacity is its
+/// slots (eight threads, eight calls at once), which is what queued work
+/// must leave to interactive calls.
+#[test]
+fn interactive_p99_holds_while_a_10000_entry_batch_uses_the_spare_capacity() {
+    let redis = Redis::start().unwrap();
+    // Eight calls at once: eight model threads, eight slots.
+    let pool = format!("{ECHO_POOL}threads = 8\nmax_in_flight_per_worker = 8\n");
+    let gw = Gateway::start(&config(&redis, &pool)).unwrap();
+    // Warm up, then the interactive latency with nothing queued.
+    interactive(&gw, 40, 20.0);
+    let alone = interactive(&gw, 300, 20.0);
+    let lines = chat_lines(10_000, 5);
+    let file = upload(&gw, KEY, &lines).unwrap();
+    let batch: Value = create_batch(&gw, KEY, &file).json().unwrap();
+    let id = batch["id"].as_str().unwrap();
+    let done = "infergate_queue_entries_total{outcome=\"done\"}";
+    wait_metric(&gw, done, 50.0);
+    let before = metric(&gw, done);
+    let beside = interactive(&gw, 300, 20.0);
+    let ran = metric(&gw, done) - before;
+    let cancelled: Value =
+        client().post(gw.url(&format!("/v1/batches/{id}/cancel"))).bearer_auth(KEY).send().unwrap().json().unwrap();
+    assert_eq!(cancelled["status"], "cancelling", "{cancelled}");
+    eprintln!(
+        "interactive p50/p99 alone {:?}/{:?}, beside the batch {:?}/{:?}; {ran} queued entries ran meanwhile",
+        alone[alone.len() / 2],
+        p99(&alone),
+        beside[beside.len() / 2],
+        p99(&beside)
+    );
+    assert!(
+        p99(&beside).as_secs_f64() <= 1.5 * p99(&alone).as_secs_f64(),
+        "interactive p99 {:?} beside the batch, {:?} alone",
+        p99(&beside),
+        p99(&alone)
+    );
+    assert!(ran >= 300.0, "the batch used the spare capacity: {ran} entries in 15 s");
+    let batch = until_final(&gw, KEY, id, Duration::from_secs(60));
+    assert_eq!(batch["status"], "cancelled", "{batch}");
+    assert!(batch["request_counts"]["completed"].as_u64().unwrap() < 10_000);
+}
