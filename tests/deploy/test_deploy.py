@@ -166,6 +166,10 @@ def test_dashboard_shows_what_operators_need():
         "adaptive admission": "infergate_pool_admitted_share",
         "config reloads": "infergate_config_reloads_total",
         "canary rollbacks": "infergate_canary_rollbacks_total",
+        "queued work": "infergate_queued_requests",
+        "oldest queued entry": "infergate_queued_oldest_age_seconds",
+        "queued outcomes": "infergate_queue_entries_total",
+        "queue reclaims": "infergate_queue_reclaims_total",
     }.items():
         assert metric in exprs, f"the dashboard does not show {topic}"
 

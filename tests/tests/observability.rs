@@ -45,13 +45,16 @@ fn dashboard_metrics() -> BTreeSet<String> {
 fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     use sha2::Digest;
     let digest = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+    let redis = infergate_e2e::Redis::start().unwrap();
     let config = format!(
         "[auth]\nenabled = true\n[[auth.keys]]\nid = \"dash\"\nsha256 = \"{digest}\"\ntenant = \"t1\"\n\
+         [queue]\nredis_url = \"{}\"\n\
          [limits]\nper_key = {{ rate = 20 }}\n\
          [prices.echo]\ninput_per_million = 1.0\noutput_per_million = 2.0\n{ECHO_POOL}{MINILM_POOL}\
          [[aliases]]\nname = \"guarded\"\n\
          [[aliases.variants]]\nname = \"v1\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 90\n\
-         [[aliases.variants]]\nname = \"v2\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 10\nslo = {{}}\n"
+         [[aliases.variants]]\nname = \"v2\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 10\nslo = {{}}\n",
+        redis.url()
     );
     let gw = Gateway::start(&config).unwrap();
     let c = client();
@@ -67,12 +70,33 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     let failing = json!({"parameters": {"fail": true},
         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
     assert_eq!(post("/v2/models/echo/infer", &failing).status(), 502);
+    // A queued request, answered: the queue's series.
+    let queued = c
+        .post(gw.url("/v1/embeddings"))
+        .bearer_auth(KEY)
+        .header("prefer", "respond-async")
+        .json(&json!({"model": "minilm", "input": "later"}))
+        .send()
+        .unwrap();
+    assert_eq!(queued.status(), 202);
+    let location = queued.headers()["location"].to_str().unwrap().to_owned();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.get(gw.url(&location)).bearer_auth(KEY).send().unwrap().status() == 202 {
+        assert!(std::time::Instant::now() < end, "the queued request was not answered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // An auth failure and a rate-limit rejection.
     assert_eq!(c.get(gw.url("/v1/models")).send().unwrap().status(), 401);
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
     let limited = (0..200).any(|_| post("/v2/models/echo/infer", &body).status() == 429);
     assert!(limited, "the per-key rate never refused");
 
+    // The depth gauges are set when the consumer next looks (every second).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !c.get(gw.url("/metrics")).send().unwrap().text().unwrap().contains("infergate_queued_requests{") {
+        assert!(std::time::Instant::now() < end, "no queue depth gauge");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let scrape = c.get(gw.url("/metrics")).send().unwrap().text().unwrap();
     let exposed: BTreeSet<&str> =
         scrape.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();

@@ -62,6 +62,15 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let max_running = queue.config().max_running;
+    // Counted from 0, so the series exist before the first event.
+    use crate::telemetry::metrics::{QUEUE_ENTRIES, QUEUE_RESULTS_STORED, QUEUE_SUBMITTED};
+    for outcome in [Outcome::Done, Outcome::Failed, Outcome::Expired, Outcome::Cancelled] {
+        metrics::counter!(QUEUE_ENTRIES, "outcome" => outcome.as_str()).increment(0);
+    }
+    for kind in ["async", "batch"] {
+        metrics::counter!(QUEUE_SUBMITTED, "kind" => kind).increment(0);
+    }
+    metrics::counter!(QUEUE_RESULTS_STORED).increment(0);
     let shared = Arc::new(Shared {
         queue,
         core,
@@ -212,6 +221,7 @@ fn room(shared: &Shared, target: &str) -> usize {
 async fn look(shared: &Shared) -> Result<Vec<String>, GatewayError> {
     let depths = shared.queue.depths().await?;
     for (target, depth, oldest) in &depths {
+        metrics::counter!(crate::telemetry::metrics::QUEUE_RECLAIMS, "target" => target.clone()).increment(0);
         metrics::gauge!(crate::telemetry::metrics::QUEUED, "target" => target.clone()).set(*depth as f64);
         metrics::gauge!(crate::telemetry::metrics::QUEUED_OLDEST, "target" => target.clone()).set(oldest.as_secs_f64());
     }
