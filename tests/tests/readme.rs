@@ -240,3 +240,28 @@ fn the_model_author_walkthrough_works_as_written_from_a_folder_of_ones_own() {
     let said = fenced("text", "config ok");
     assert_eq!(stdout.trim(), said.trim(), "{stderr}\n{log}");
 }
+
+/// "Queued work": a Redis of its own, an async request answered later and
+/// a batch through the openai package's Batch API, as written.
+#[test]
+fn the_queue_worked_example_answers_later_and_runs_a_batch() {
+    let _serial = infergate_e2e::one_at_a_time();
+    let (port, redis) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("infergate-queue-demo-{:x}", infergate_e2e::rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let local = |text: &str| {
+        text.replace("./target/release/infergate", &infergate_e2e::gateway_bin().display().to_string())
+            .replace(".venv/bin/python", &infergate_e2e::python().display().to_string())
+            .replace("localhost:8080", &format!("127.0.0.1:{port}"))
+            .replace("6390", &redis.to_string())
+    };
+    std::fs::write(dir.join("batch.py"), local(&fenced("python", "# batch.py"))).unwrap();
+    let script = local(&sh_block("Prefer: respond-async"));
+    let python = infergate_e2e::python().display().to_string();
+    let env = [("INFERGATE__WORKERS__PYTHON", python.as_str()), ("INFERGATE__ADMIN__LISTEN", "127.0.0.1:0")];
+    let (ok, stdout, stderr) = run_script(&script, &dir, port, &env);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "{script}\nfailed: {stdout}\n{stderr}");
+    let said = fenced("text", "completed 3/3");
+    assert_eq!(stdout.trim(), said.trim(), "{stderr}");
+}

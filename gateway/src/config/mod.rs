@@ -420,7 +420,15 @@ impl Config {
                     raw.responses.max_conversation_bytes,
                 )?,
             },
-            queue: queue::QueueConfig::from_raw(&raw.queue)?,
+            queue: match queue::QueueConfig::from_raw(&raw.queue)? {
+                Some(q) if q.max_file_bytes as u64 > raw.http.max_buffered_bytes => {
+                    return Err(invalid(
+                        "queue.max_file_bytes",
+                        "must be at most http.max_buffered_bytes (a file is read whole before it is checked)",
+                    ));
+                }
+                q => q,
+            },
             cache_pools: components::PoolRules {
                 nondeterministic: raw
                     .pools
