@@ -1537,6 +1537,153 @@ def scenario_tensor(tmp: Path) -> None:
     write("tensor", doc, summary + head + table)
 
 
+def metric_sum(url: str, prefix: str) -> float:
+    """The sum of every series of `url`'s /metrics whose line starts with `prefix`."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+def scenario_burst(tmp: Path) -> None:
+    """Ten times a pool's capacity for 30 s, sent as ordinary calls (most are
+    refused: the pool's queue is short, as it should be for interactive
+    work) vs sent with `Prefer: respond-async` (queued in Redis, every one
+    answered, drained at the pool's own rate). The pool: echo asked for
+    50 ms of work a call, four at once and not batched, so its capacity is
+    about 80 calls a second; measured first, closed loop, as the synchronous
+    maximum."""
+    pool = (
+        '[[pools]]\nname = "echo"\nclass = "infergate_worker.examples.echo:Echo"\n'
+        "threads = 4\nmax_in_flight_per_worker = 4\nmax_queue = 8\n"
+        "batching = { enabled = false }\n"
+    )
+    body = tmp / "echo-50ms.json"
+    body.write_text(
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": [4],
+                        "datatype": "FP32",
+                        "data": [1, 2, 3, 4],
+                    }
+                ],
+                "parameters": {"delay_ms": 50},
+            }
+        )
+    )
+    burst_s = 30
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(redis_server(tmp))
+        queue = f'[queue]\nredis_url = "{redis_url}"\n'
+        urls = stack.enter_context(gateway(queue + pool, tmp))
+        url = urls["http"] + "/v2/models/echo/infer"
+        common = ["--url", url, "--body-file", str(body)]
+        top = load([*common, "--concurrency", "16"], "max", tmp, "10s")["reports"][0]
+        capacity = top["achieved_rps"]
+        rate = 10 * capacity
+        sync = load([*common, "--rate", f"{rate:.0f}"], "sync", tmp, f"{burst_s}s")["reports"][0]
+        submitted_before = metric_sum(urls["http"], 'infergate_queue_submitted_total{kind="async"}')
+        done = 'infergate_queue_entries_total{outcome="done"}'
+        done_before = metric_sum(urls["http"], done)
+        started = time.monotonic()
+        asked = [*common, "--rate", f"{rate:.0f}", "--header", "Prefer: respond-async"]
+        queued = load([*asked, "--expect-status", "202"], "async", tmp, f"{burst_s}s")["reports"][0]
+        submitted = metric_sum(urls["http"], 'infergate_queue_submitted_total{kind="async"}')
+        submitted -= submitted_before
+        samples = []
+        while True:
+            n = metric_sum(urls["http"], done) - done_before
+            samples.append((time.monotonic() - started, n))
+            if n >= submitted:
+                break
+            if time.monotonic() - started > 20 * burst_s:
+                raise RuntimeError(f"the queue did not drain: {n} of {submitted} done")
+            time.sleep(0.5)
+        drained_s = samples[-1][0]
+        outcomes = {
+            o: metric_sum(urls["http"], f'infergate_queue_entries_total{{outcome="{o}"}}')
+            for o in ("done", "failed", "expired", "cancelled")
+        }
+    drain_rps = submitted / drained_s
+    refused = 1 - sync["outcomes"].get("ok", 0) / max(sync["sent"] + sync["dropped"], 1)
+    doc = {
+        "machine": machine(),
+        "capacity_rps": capacity,
+        "burst_rps": rate,
+        "burst_s": burst_s,
+        "sync": sync,
+        "async_submit": queued,
+        "async": {
+            "submitted": submitted,
+            "outcomes": outcomes,
+            "completed_share": outcomes["done"] / submitted if submitted else 0,
+            "drained_s": drained_s,
+            "drain_rps": drain_rps,
+            "drain_rate_vs_capacity": drain_rps / capacity,
+            "samples": samples,
+        },
+        "sync_refused_share": refused,
+    }
+    summary = (
+        f"A pool of echo at 50 ms a call, four at once: its synchronous maximum is "
+        f"{capacity:.1f} calls/s (closed loop, 16 clients). A burst of {rate:.0f}/s for "
+        f"{burst_s} s sent synchronously: {refused:.1%} refused, p99 of the answered "
+        f"{sync['latency_ms']['p99']:.0f} ms. The same burst with `Prefer: respond-async`: "
+        f"{submitted:.0f} queued (202 in p99 {queued['latency_ms']['p99']:.1f} ms), "
+        f"{outcomes['done']:.0f} answered ({outcomes['done'] / submitted:.1%}), drained in "
+        f"{drained_s:.0f} s: {drain_rps:.1f} calls/s, {drain_rps / capacity:.1%} of the "
+        f"synchronous maximum.\n\n"
+    )
+    top_lat = top["latency_ms"]
+    top_errors = {k: v for k, v in top["outcomes"].items() if k != "ok"}
+    table = (
+        "| run | offered rps | achieved rps | p50 ms | p99 ms | p99.9 ms | errors |\n"
+        "|---|---:|---:|---:|---:|---:|---|\n"
+        f"| synchronous maximum (closed, 16) | - | {capacity:.0f} | {top_lat['p50']:.2f} | "
+        f"{top_lat['p99']:.2f} | {top_lat['p999']:.2f} | {top_errors or 0} |\n"
+        f"| burst, synchronous | {row(sync)} |\n"
+        f"| burst, `Prefer: respond-async` (the 202s) | {row(queued)} |\n"
+    )
+    write("burst", doc, summary + table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(
+        [t for t, _ in samples],
+        [n for _, n in samples],
+        label="async: answered (cumulative)",
+    )
+    ax.plot(
+        [0, drained_s],
+        [0, capacity * drained_s],
+        "--",
+        color="grey",
+        label=f"the synchronous maximum, {capacity:.0f}/s",
+    )
+    ax.axvline(
+        burst_s,
+        color="black",
+        linestyle=":",
+        label=f"burst ends ({rate:.0f}/s offered)",
+    )
+    ok = sync["outcomes"].get("ok", 0)
+    ax.axhline(ok, color="C3", linestyle="-.", label=f"synchronous burst: {ok} answered")
+    ax.set_xlabel("seconds since the burst started")
+    ax.set_ylabel("requests answered")
+    ax.set_title("A 10x burst for 30 s: refused synchronously, drained from the queue")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "burst.png", dpi=110)
+    plt.close(fig)
+
+
 SCENARIOS = {
     "hostile": scenario_hostile,
     "overhead": scenario_overhead,
@@ -1549,6 +1696,7 @@ SCENARIOS = {
     "embedded": scenario_embedded,
     "tensor": scenario_tensor,
     "allocs": scenario_allocs,
+    "burst": scenario_burst,
 }
 
 

@@ -64,9 +64,9 @@ pub trait Upstream: Send + Sync + 'static {
     }
     /// Readiness of every pool.
     fn status(&self) -> Vec<PoolStatus>;
-    /// How many more queued calls (`Class::Queued`) pool `pool` takes now,
-    /// holding at most `max_share` of its slots while interactive calls
-    /// come; `None` for a pool it does not have.
+    /// How many queued calls (`Class::Queued`) pool `pool` may hold at once
+    /// now, those it holds included: at most `max_share` of its slots while
+    /// interactive calls come; `None` for a pool it does not have.
     fn room(&self, pool: &str, max_share: f64) -> Option<usize> {
         let _ = (pool, max_share);
         None

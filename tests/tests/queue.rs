@@ -333,7 +333,7 @@ fn with_redis_down_submits_are_refused_and_the_batch_resumes_when_it_returns() {
 }
 
 #[test]
-fn a_tenant_past_its_queued_quota_is_refused_at_submit() {
+fn a_tenant_past_its_queued_quota_is_refused_at_submit_and_a_batch_of_mixed_endpoints_fails() {
     let redis = Redis::start().unwrap();
     let gw = Gateway::start(&config(&redis, &format!("max_queued_per_tenant = 50\n{ECHO_POOL}"))).unwrap();
     let file = upload(&gw, KEY, &chat_lines(60, 1)).unwrap();
@@ -347,6 +347,16 @@ fn a_tenant_past_its_queued_quota_is_refused_at_submit() {
     assert_eq!(create_batch(&gw, KEY, &small).status(), 200);
     let theirs = upload(&gw, OTHER_KEY, &chat_lines(40, 1)).unwrap();
     assert_eq!(create_batch(&gw, OTHER_KEY, &theirs).status(), 200);
+    // A batch whose lines call another endpoint fails validation, its lines
+    // named, and queues nothing.
+    let mut mixed = chat_lines(3, 1);
+    mixed[1] =
+        json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "echo", "input": "x"}});
+    let mixed = upload(&gw, OTHER_KEY, &mixed).unwrap();
+    let failed: Value = create_batch(&gw, OTHER_KEY, &mixed).json().unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["errors"]["data"][0]["line"], 2, "{failed}");
+    assert!(failed["failed_at"].is_u64(), "{failed}");
 }
 
 /// Latencies of `n` interactive chat calls to echo (about 50 ms of work
@@ -421,4 +431,23 @@ fn interactive_p99_holds_while_a_10000_entry_batch_uses_the_spare_capacity() {
     let batch = until_final(&gw, KEY, id, Duration::from_secs(60));
     assert_eq!(batch["status"], "cancelled", "{batch}");
     assert!(batch["request_counts"]["completed"].as_u64().unwrap() < 10_000);
+}
+
+#[test]
+fn queued_requests_count_against_the_callers_limits_as_they_run_not_at_submit() {
+    let redis = Redis::start().unwrap();
+    let limits = "[limits]\nper_key = { rate = 10, burst = 5 }\n";
+    let gw = Gateway::start(&config(&redis, &format!("{ECHO_POOL}{limits}"))).unwrap();
+    // Forty requests, four times the key's rate a second: taken at submit.
+    let lines = chat_lines(40, 1);
+    let file = upload(&gw, KEY, &lines).unwrap();
+    let created = create_batch(&gw, KEY, &file);
+    assert_eq!(created.status(), 200);
+    let id = created.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    // As they run, the limit refuses some; each waits as long as it says
+    // and runs: none fails.
+    let batch = until_final(&gw, KEY, &id, Duration::from_secs(60));
+    assert_eq!(batch["request_counts"], json!({"total": 40, "completed": 40, "failed": 0}), "{batch}");
+    answered_once(&gw, KEY, &batch, &lines);
+    assert!(metric(&gw, "infergate_limit_rejections_total{limit=\"key.rate\"}") >= 1.0, "the limit never refused");
 }

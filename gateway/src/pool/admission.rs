@@ -195,14 +195,15 @@ impl Pool {
         (!self.retired.load(Ordering::SeqCst)).then_some(guard)
     }
 
-    /// How many more queued calls the pool takes now (see [`super::background`]).
+    /// How many queued calls the pool may hold at once now, those it holds
+    /// included (see [`super::background`]).
     pub(super) fn room(&self, max_share: f64) -> usize {
         let load = super::background::Load {
             slots: self.slots.size(),
             active: self.active(),
             waiting: self.queued.load(Ordering::Relaxed),
         };
-        self.background.room(&load, max_share)
+        self.background.allowance(&load, max_share)
     }
 
     /// Refuse new calls from now on.

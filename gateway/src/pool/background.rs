@@ -5,14 +5,18 @@
 //! every free slot: a burst left for later drains at the pool's full rate.
 //! While interactive calls come, queued work holds at most `max_share` of
 //! the slots, never while an interactive call waits for one, and fewer as
-//! interactive latency rises: every [`TICK`] the mean latency of the
-//! interactive calls that ended is compared with its baseline — the same
-//! mean in ticks when no queued call ran — and the limit on queued calls
-//! is halved past [`TOLERANCE`] times the baseline, or raised by one
-//! within it (additive increase, multiplicative decrease, as TCP's). At
-//! least one queued call may run, so queued work is never starved. The
-//! baseline is measured again every [`REFRESH`], pausing queued work for
-//! two ticks if it must (as LEDBAT and BBR refresh their base delay).
+//! interactive latency rises. Every [`TICK`] the interactive calls that
+//! ended are compared with their baseline — the same figures in ticks when
+//! no queued call ran: their mean past [`TOLERANCE`] times the baseline's,
+//! or their slowest past [`TAIL_TOLERANCE`] times the baseline's slowest,
+//! halves the limit on queued calls (to none at all: a pool whose
+//! interactive calls have no room to spare gives none); a tick within both
+//! raises it by one (additive increase, multiplicative decrease, as TCP's).
+//! A limit halved to none stays there for a hold that doubles each time
+//! (from two ticks to [`MAX_HOLD`]) and is forgotten after good ticks,
+//! then one queued call is tried again. The baseline is measured again
+//! every [`REFRESH`], pausing queued work for two ticks if it must (as
+//! LEDBAT and BBR refresh their base delay).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,10 +30,18 @@ use crate::call::Class;
 pub const TICK: Duration = Duration::from_millis(250);
 /// No interactive call for this long: queued work may use every slot.
 pub const QUIET: Duration = Duration::from_secs(1);
-/// Interactive latency this many times its baseline halves the limit.
+/// Interactive mean latency this many times its baseline halves the limit.
 pub const TOLERANCE: f64 = 1.25;
+/// The slowest interactive call of a tick this many times the baseline's
+/// slowest halves it too: a tail that grows while the mean holds is queued
+/// work in the way of a few calls.
+pub const TAIL_TOLERANCE: f64 = 1.5;
 /// A baseline older than this is measured again.
 pub const REFRESH: Duration = Duration::from_secs(30);
+/// Longest a limit halved to none is held there, in ticks.
+pub const MAX_HOLD: u32 = 32;
+/// Good ticks in a row after which the hold starts short again.
+const FORGIVE_AFTER: u32 = 8;
 
 pub(super) struct Background {
     /// Queued calls in the pool now.
@@ -37,25 +49,40 @@ pub(super) struct Background {
     /// When the last interactive call entered, in µs from `epoch`.
     last_interactive: AtomicU64,
     epoch: Instant,
-    /// Interactive calls that ended this tick, and their latencies' sum (µs).
+    /// Interactive calls that ended this tick, their latencies' sum and the
+    /// slowest (µs).
     ended: AtomicU64,
     latency_sum: AtomicU64,
+    slowest: AtomicU64,
     /// A queued call ran at some time this tick.
     ran: AtomicBool,
     control: Mutex<Control>,
 }
 
+/// Mean and slowest interactive latency (µs) in ticks with no queued work.
+#[derive(Clone, Copy)]
+struct Baseline {
+    mean: f64,
+    slowest: f64,
+    at: Instant,
+}
+
 struct Control {
     tick: Instant,
-    /// Mean interactive latency with no queued work, and when measured.
-    baseline: Option<(f64, Instant)>,
+    baseline: Option<Baseline>,
     /// Queued calls allowed at once while interactive calls come.
     limit: usize,
+    /// A limit of none is held until then.
+    held_until: Option<Instant>,
+    /// The next hold, in ticks.
+    hold: u32,
+    /// Good ticks in a row.
+    good: u32,
     /// Queued work is paused until then to measure the baseline.
     probe_until: Option<Instant>,
 }
 
-/// A pool's load, for [`Background::room`].
+/// A pool's load, for [`Background::allowance`].
 pub(super) struct Load {
     pub slots: usize,
     /// Calls in the pool now (waiting or at a worker), both classes.
@@ -73,8 +100,17 @@ impl Background {
             epoch,
             ended: AtomicU64::new(0),
             latency_sum: AtomicU64::new(0),
+            slowest: AtomicU64::new(0),
             ran: AtomicBool::new(false),
-            control: Mutex::new(Control { tick: epoch, baseline: None, limit: 1, probe_until: None }),
+            control: Mutex::new(Control {
+                tick: epoch,
+                baseline: None,
+                limit: 1,
+                held_until: None,
+                hold: 2,
+                good: 0,
+                probe_until: None,
+            }),
         }
     }
 
@@ -103,7 +139,9 @@ impl Background {
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
             Class::Interactive => {
-                self.latency_sum.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX / 2), Ordering::Relaxed);
+                let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX / 2);
+                self.latency_sum.fetch_add(micros, Ordering::Relaxed);
+                self.slowest.fetch_max(micros, Ordering::Relaxed);
                 self.ended.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -114,11 +152,13 @@ impl Background {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// How many more queued calls the pool takes now.
-    pub(super) fn room(&self, load: &Load, max_share: f64) -> usize {
+    /// How many queued calls the pool may hold at once now (those it holds
+    /// included).
+    pub(super) fn allowance(&self, load: &Load, max_share: f64) -> usize {
         let now = Instant::now();
         let in_flight = self.in_flight();
-        let free = load.slots.saturating_sub(load.active);
+        // Slots interactive calls do not hold.
+        let spare = load.slots.saturating_sub(load.active.saturating_sub(in_flight));
         let mut control = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cap = ((load.slots as f64 * max_share).ceil() as usize).clamp(1, load.slots.max(1));
         if now.saturating_duration_since(control.tick) >= TICK {
@@ -127,12 +167,12 @@ impl Background {
         let last = self.last_interactive.load(Ordering::Relaxed);
         let contended = last != 0 && self.micros_since_epoch(now).saturating_sub(last - 1) < QUIET.as_micros() as u64;
         if !contended {
-            return free;
+            return spare;
         }
         if load.waiting > 0 {
             return 0;
         }
-        let stale = control.baseline.is_none_or(|(_, at)| now.saturating_duration_since(at) > REFRESH);
+        let stale = control.baseline.is_none_or(|b| now.saturating_duration_since(b.at) > REFRESH);
         match control.probe_until {
             Some(until) if now < until => return 0,
             Some(_) => control.probe_until = None,
@@ -142,13 +182,18 @@ impl Background {
             }
             None => {}
         }
-        control.limit.min(cap).saturating_sub(in_flight).min(free)
+        if control.limit == 0 && control.held_until.is_some_and(|until| now >= until) {
+            control.held_until = None;
+            control.limit = 1;
+        }
+        control.limit.min(cap).min(spare)
     }
 
     fn close_tick(&self, control: &mut Control, now: Instant, in_flight: usize, cap: usize) {
         control.tick = now;
         let ended = self.ended.swap(0, Ordering::Relaxed);
         let sum = self.latency_sum.swap(0, Ordering::Relaxed);
+        let slowest = self.slowest.swap(0, Ordering::Relaxed) as f64;
         // Calls still running count for the next tick too.
         let ran = self.ran.swap(in_flight > 0, Ordering::Relaxed);
         if ended == 0 {
@@ -156,11 +201,27 @@ impl Background {
         }
         let mean = sum as f64 / ended as f64;
         if !ran {
-            let base = control.baseline.map_or(mean, |(b, _)| 0.7 * b + 0.3 * mean);
-            control.baseline = Some((base, now));
-        } else if let Some((base, _)) = control.baseline {
-            control.limit =
-                if mean > base * TOLERANCE { (control.limit / 2).max(1) } else { (control.limit + 1).min(cap) };
+            let blend = |old: f64, new: f64| 0.7 * old + 0.3 * new;
+            control.baseline = Some(match control.baseline {
+                None => Baseline { mean, slowest, at: now },
+                Some(b) => Baseline { mean: blend(b.mean, mean), slowest: blend(b.slowest, slowest), at: now },
+            });
+            return;
+        }
+        let Some(base) = control.baseline else { return };
+        if mean > base.mean * TOLERANCE || slowest > base.slowest * TAIL_TOLERANCE {
+            control.good = 0;
+            control.limit /= 2;
+            if control.limit == 0 && control.held_until.is_none() {
+                control.held_until = Some(now + TICK * control.hold);
+                control.hold = (control.hold * 2).min(MAX_HOLD);
+            }
+        } else if control.held_until.is_none() {
+            control.good += 1;
+            if control.good >= FORGIVE_AFTER {
+                control.hold = 2;
+            }
+            control.limit = (control.limit + 1).min(cap);
         }
     }
 }
@@ -181,18 +242,30 @@ mod tests {
         }
     }
 
+    /// Close the tick with `n` interactive calls of `latency` in it; the
+    /// allowance then.
+    async fn tick(b: &Background, n: usize, latency: Duration, active: usize) -> usize {
+        interactive(b, n, latency);
+        tokio::time::advance(TICK).await;
+        b.allowance(&load(active), 0.5)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn with_no_interactive_calls_queued_work_takes_every_free_slot() {
+    async fn with_no_interactive_calls_queued_work_takes_every_slot_they_leave() {
         let b = Background::new();
-        assert_eq!(b.room(&load(0), 0.5), 8);
-        assert_eq!(b.room(&load(5), 0.5), 3);
+        assert_eq!(b.allowance(&load(0), 0.5), 8);
+        b.enter(Class::Queued);
+        b.enter(Class::Queued);
+        // Two queued and three interactive calls in the pool: five of eight
+        // slots are not the interactive calls'.
+        assert_eq!(b.allowance(&load(5), 0.5), 5);
     }
 
     #[tokio::test(start_paused = true)]
     async fn interactive_calls_waiting_leave_no_room() {
         let b = Background::new();
         interactive(&b, 1, Duration::from_millis(2));
-        assert_eq!(b.room(&Load { slots: 8, active: 8, waiting: 2 }, 0.5), 0);
+        assert_eq!(b.allowance(&Load { slots: 8, active: 8, waiting: 2 }, 0.5), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -201,33 +274,48 @@ mod tests {
         let ms = Duration::from_millis;
         // No baseline yet: queued work pauses while it is measured.
         interactive(&b, 1, ms(2));
-        assert_eq!(b.room(&load(0), 0.5), 0, "paused to measure the baseline");
-        tokio::time::advance(TICK).await;
-        interactive(&b, 10, ms(2));
-        assert_eq!(b.room(&load(0), 0.5), 0);
-        tokio::time::advance(TICK).await;
-        interactive(&b, 10, ms(2));
-        tokio::time::advance(TICK).await;
+        assert_eq!(b.allowance(&load(0), 0.5), 0, "paused to measure the baseline");
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 0);
         // The probe ended; its clean tick set the baseline (2 ms).
-        assert_eq!(b.room(&load(0), 0.5), 1, "one queued call at first");
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 1, "one queued call at first");
         b.enter(Class::Queued);
-        // Latency within tolerance: one more each tick, up to half of 8 slots.
+        // Within tolerance: one more each tick, up to half of 8 slots.
         for want in [2, 3, 4, 4] {
-            tokio::time::advance(TICK).await;
-            interactive(&b, 10, ms(2));
-            tokio::time::advance(Duration::from_millis(1)).await;
-            let room = b.room(&load(1), 0.5);
-            assert_eq!(room + 1, want, "limit {want}");
+            assert_eq!(tick(&b, 10, ms(2), 1).await, want);
         }
-        // Latency past 1.25x the baseline halves it.
-        tokio::time::advance(TICK).await;
-        interactive(&b, 10, ms(3));
-        assert_eq!(b.room(&load(1), 0.5), 1, "4 halved to 2, one running");
-        tokio::time::advance(TICK).await;
-        interactive(&b, 10, ms(4));
-        assert_eq!(b.room(&load(1), 0.5), 0, "2 halved to 1, one running");
-        // Interactive calls stop: every free slot again after QUIET.
+        // A mean past 1.25x the baseline halves it.
+        assert_eq!(tick(&b, 10, ms(3), 1).await, 2);
+        // So does one call past 1.5x the baseline's slowest, the mean within.
+        interactive(&b, 9, ms(2));
+        assert_eq!(tick(&b, 1, ms(4), 1).await, 1);
+        // Interactive calls stop: every slot after QUIET.
         tokio::time::advance(QUIET).await;
-        assert_eq!(b.room(&load(1), 0.5), 7);
+        assert_eq!(b.allowance(&load(1), 0.5), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_with_no_room_to_spare_gives_none_for_a_hold_that_grows() {
+        let b = Background::new();
+        let ms = Duration::from_millis;
+        interactive(&b, 1, ms(2));
+        b.allowance(&load(0), 0.5);
+        tick(&b, 10, ms(2), 0).await;
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 1);
+        b.enter(Class::Queued);
+        // Every call slower beside queued work: halved to none…
+        assert_eq!(tick(&b, 10, ms(4), 1).await, 0);
+        b.leave(Class::Queued, ms(2));
+        // …held for two ticks (clean ones: the baseline holds), then one
+        // queued call is tried again.
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 0);
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 1);
+        b.enter(Class::Queued);
+        // Bad again: held twice as long.
+        assert_eq!(tick(&b, 10, ms(4), 1).await, 0);
+        b.leave(Class::Queued, ms(2));
+        for _ in 0..3 {
+            assert_eq!(tick(&b, 10, ms(2), 0).await, 0);
+        }
+        assert_eq!(tick(&b, 10, ms(2), 0).await, 1);
     }
 }

@@ -286,6 +286,7 @@ impl Queue {
         match queued {
             Ok(n) => {
                 metrics::counter!(crate::telemetry::metrics::QUEUE_SUBMITTED, "kind" => "batch").increment(n as u64);
+                self.note_submitted();
                 let _: String = self
                     .bounded(
                         "batch",

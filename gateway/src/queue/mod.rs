@@ -35,6 +35,10 @@ use crate::redis_pool::RedisSetupError;
 pub struct Queue {
     config: QueueConfig,
     pool: deadpool_redis::Pool,
+    /// Told when this replica queues something, so its consumer looks now.
+    submitted: tokio::sync::Notify,
+    /// Set with it, for a consumer that was not waiting.
+    fresh: std::sync::atomic::AtomicBool,
 }
 
 /// Milliseconds since the epoch.
@@ -277,7 +281,27 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> GatewayError {
 impl Queue {
     pub fn new(config: QueueConfig) -> Result<Arc<Self>, RedisSetupError> {
         let pool = crate::redis_pool::connect(&config.redis())?;
-        Ok(Arc::new(Self { config, pool }))
+        Ok(Arc::new(Self {
+            config,
+            pool,
+            submitted: tokio::sync::Notify::new(),
+            fresh: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Wait until this replica queues something.
+    pub async fn until_submitted(&self) {
+        self.submitted.notified().await;
+    }
+
+    /// Whether this replica queued something since last asked.
+    pub fn take_submitted(&self) -> bool {
+        self.fresh.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    pub(super) fn note_submitted(&self) {
+        self.fresh.store(true, std::sync::atomic::Ordering::Release);
+        self.submitted.notify_one();
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -388,6 +412,7 @@ impl Queue {
         }
         metrics::counter!(crate::telemetry::metrics::QUEUE_SUBMITTED, "kind" => "async")
             .increment(u64::from(code == 1));
+        self.note_submitted();
         self.job(&tenant, &id).await
     }
 

@@ -99,6 +99,10 @@ async fn consume(shared: Arc<Shared>) {
     let mut down = false;
     loop {
         let now = tokio::time::Instant::now();
+        // Something queued here, perhaps for a model not seen yet.
+        if shared.queue.take_submitted() {
+            looked = None;
+        }
         if looked.is_none_or(|at| now.duration_since(at) >= LOOK_EVERY) {
             looked = Some(now);
             match look(&shared).await {
@@ -122,6 +126,15 @@ async fn consume(shared: Arc<Shared>) {
         if now.duration_since(touched) >= touch_every {
             touched = now;
             touch(&shared).await;
+        }
+        if targets.is_empty() {
+            // Nothing was ever queued: wait for this replica to queue
+            // something (or another's, seen at the next look).
+            tokio::select! {
+                () = shared.queue.until_submitted() => looked = None,
+                () = tokio::time::sleep(LOOK_EVERY) => {}
+            }
+            continue;
         }
         let room: Vec<(&str, usize)> =
             targets.iter().map(|t| (t.as_str(), room(&shared, t))).filter(|(_, r)| *r > 0).collect();
@@ -151,10 +164,10 @@ async fn consume(shared: Arc<Shared>) {
         }
         if deliveries.is_empty() {
             // Nothing waiting: block on the first target with room until
-            // something comes (or a while passes).
-            if let Ok(d) = shared.queue.read(&room[..1], Some(BLOCK)).await {
-                deliveries = d;
-            }
+            // something comes or a while passes.
+            // (Not cancelled: a read given up on the wire would still take
+            // its entries.)
+            deliveries = shared.queue.read(&room[..1], Some(BLOCK)).await.unwrap_or_default();
             if deliveries.is_empty() {
                 continue;
             }
@@ -203,7 +216,8 @@ fn pool_of(shared: &Shared, target: &str) -> Option<String> {
     shared.core.entry(target).ok().map(|e| e.pool)
 }
 
-/// How many more of `target`'s entries this consumer takes now.
+/// How many more of `target`'s entries this consumer takes now: what the
+/// pool allows at once, less what this consumer runs there already.
 fn room(shared: &Shared, target: &str) -> usize {
     let free = shared.permits.available_permits();
     let Some(pool) = pool_of(shared, target) else {
@@ -336,12 +350,15 @@ async fn call(shared: &Shared, entry: &Entry) -> Answered {
             .iter()
             .find(|(k, _)| k == "retry-after")
             .and_then(|(_, v)| v.parse::<u64>().ok())
-            .map_or(Duration::from_secs(1), Duration::from_secs);
+            .map(Duration::from_secs);
         let again = match answer.status {
-            429 => true,
+            // A limit says when it will let the call in; one that cannot
+            // ever (a call larger than the limit) says nothing.
+            429 => retry_after.is_some(),
             502..=504 => tries < TRIES,
             _ => false,
         };
+        let retry_after = retry_after.unwrap_or(Duration::from_secs(1));
         let deadline = entry.expires.saturating_sub(now_ms());
         if !again || retry_after.as_millis() as u64 >= deadline {
             return answer;
