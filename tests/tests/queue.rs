@@ -333,9 +333,14 @@ fn with_redis_down_submits_are_refused_and_the_batch_resumes_when_it_returns() {
 }
 
 #[test]
-fn a_tenant_past_its_queued_quota_is_refused_at_submit_and_a_batch_of_mixed_endpoints_fails() {
+fn files_past_their_bound_and_tenants_past_their_quota_are_refused_and_mixed_endpoints_fail() {
     let redis = Redis::start().unwrap();
-    let gw = Gateway::start(&config(&redis, &format!("max_queued_per_tenant = 50\n{ECHO_POOL}"))).unwrap();
+    let gw =
+        Gateway::start(&config(&redis, &format!("max_queued_per_tenant = 50\nmax_file_bytes = 20000\n{ECHO_POOL}")))
+            .unwrap();
+    // A file past queue.max_file_bytes is refused before it is read whole.
+    let (status, problem) = upload(&gw, KEY, &chat_lines(200, 5)).unwrap_err();
+    assert_eq!(status, 413, "{problem}");
     let file = upload(&gw, KEY, &chat_lines(60, 1)).unwrap();
     let refused = create_batch(&gw, KEY, &file);
     assert_eq!(refused.status(), 429);

@@ -145,6 +145,43 @@ impl Queue {
         bytes.map(Bytes::from).ok_or_else(|| GatewayError::QueuedNotFound { kind: QueuedKind::File, id: id.to_owned() })
     }
 
+    /// The bytes of `tenant`'s file `id` as a stream of pieces of at most
+    /// [`APPEND_EVERY`] bytes, read as they are sent: a download holds one
+    /// piece in memory, however large the file.
+    pub async fn file_pieces(
+        self: &std::sync::Arc<Self>,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(u64, impl futures::Stream<Item = Result<Bytes, GatewayError>> + use<>), GatewayError> {
+        let file = self.file(tenant, id).await?;
+        let key = self.file_data_key(id);
+        let mut conn = self.conn().await?;
+        let len: u64 = self.bounded("STRLEN", redis::cmd("STRLEN").arg(&key).query_async(&mut conn)).await?;
+        if len == 0 && file.bytes > 0 {
+            return Err(GatewayError::QueuedNotFound { kind: QueuedKind::File, id: id.to_owned() });
+        }
+        let queue = self.clone();
+        let pieces = futures::stream::try_unfold(0u64, move |at| {
+            let (queue, key) = (queue.clone(), key.clone());
+            async move {
+                if at >= len {
+                    return Ok(None);
+                }
+                let end = (at + APPEND_EVERY as u64).min(len) - 1;
+                let mut conn = queue.conn().await?;
+                let piece: Vec<u8> = queue
+                    .bounded("GETRANGE", redis::cmd("GETRANGE").arg(&key).arg(at).arg(end).query_async(&mut conn))
+                    .await?;
+                if piece.is_empty() {
+                    return Err(GatewayError::QueueUnavailable { detail: "the file was deleted while read".into() });
+                }
+                let next = at + piece.len() as u64;
+                Ok(Some((Bytes::from(piece), next)))
+            }
+        });
+        Ok((len, pieces))
+    }
+
     /// Forget `tenant`'s file `id`.
     pub async fn delete_file(&self, tenant: &str, id: &str) -> Result<(), GatewayError> {
         self.file(tenant, id).await?;

@@ -24,6 +24,10 @@ pub const ENDPOINTS: &[&str] = &["/v1/embeddings", "/v1/chat/completions", "/v1/
 /// Lines named in an error at most.
 const NAMED_LINES: usize = 20;
 
+/// Batches created at once: each reads its input file whole (at most
+/// `queue.max_file_bytes`) to check and queue its lines.
+static CREATING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Lines that failed, by number (from 1; 0: the file as a whole), and why.
 type LineErrors = Vec<(usize, String)>;
 
@@ -201,9 +205,13 @@ pub(in crate::edge) async fn file_content(
     let caller = super::super::caller_of(req.extensions());
     drop(req);
     let result = async {
-        let bytes = queue(&state)?.file_content(&caller.tenant, &id).await?;
-        let mut resp = bytes.into_response();
+        let (len, pieces) = queue(&state)?.file_pieces(&caller.tenant, &id).await?;
+        let mut resp = axum::body::Body::from_stream(futures::StreamExt::map(pieces, |p| {
+            p.map_err(|e| std::io::Error::other(e.to_string()))
+        }))
+        .into_response();
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
+        resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         Ok(resp)
     }
     .await;
@@ -269,6 +277,7 @@ pub(in crate::edge) async fn create_batch(State(state): State<Arc<EdgeState>>, r
         {
             return Err(GatewayError::invalid("metadata", "at most 16 pairs of strings"));
         }
+        let _turn = CREATING.acquire().await.map_err(|_| GatewayError::ShuttingDown)?;
         let content = queue.file_content(&caller.tenant, &ask.input_file_id).await?;
         let lines = parse_lines(&content, queue.config().max_batch_requests)
             .map_err(|errors| GatewayError::invalid("input_file_id", name_lines(&errors)))?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use http::{HeaderValue, Request};
+use http::Request;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -404,10 +404,7 @@ fn failed(status: u16, detail: &str) -> Answered {
     let body = serde_json::json!({"type": "urn:infergate:error:queued-request-failed", "title": "Queued request failed", "status": status, "detail": detail});
     Answered {
         status,
-        headers: vec![(
-            "content-type".into(),
-            HeaderValue::from_static("application/problem+json").to_str().unwrap_or_default().to_owned(),
-        )],
+        headers: vec![("content-type".into(), "application/problem+json".into())],
         body: serde_json::to_vec(&body).unwrap_or_default().into(),
     }
 }
