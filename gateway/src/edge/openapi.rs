@@ -102,5 +102,10 @@ mod tests {
         let chat = &doc["paths"]["/v1/chat/completions"]["post"];
         assert!(chat["responses"]["200"]["content"]["text/event-stream"].is_object(), "{chat}");
         assert_eq!(schemas["ChatRequest"]["required"], serde_json::json!(["model", "messages"]));
+        // The queue's routes share their error responses.
+        let batches = &doc["paths"]["/v1/batches"]["post"]["responses"];
+        for class in ["4XX", "5XX"] {
+            assert!(batches[class]["content"]["application/problem+json"].is_object(), "{batches}");
+        }
     }
 }

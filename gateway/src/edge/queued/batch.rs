@@ -13,7 +13,7 @@ use serde_json::{Value as Json, json};
 
 use super::super::EdgeState;
 use super::super::reply::{Reply, request_id};
-use super::queue;
+use super::{Asked, QueueErrors, queue};
 use crate::error::GatewayError;
 use crate::queue::QueuedCaller;
 use crate::queue::batches::{Line, NewBatch};
@@ -108,8 +108,7 @@ fn name_lines(errors: &[(usize, String)]) -> String {
     request_body(content_type = "multipart/form-data", description = "purpose=batch and file: JSONL, one request a line; every line is checked and each that fails is named"),
     responses(
         (status = 200, description = "The file object (OpenAI's)"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn create_file(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let rid = request_id(req.headers());
     let result = async {
@@ -156,8 +155,7 @@ pub(in crate::edge) async fn create_file(State(state): State<Arc<EdgeState>>, re
 #[utoipa::path(get, path = "/v1/files", tag = "queue",
     responses(
         (status = 200, description = "The tenant's files"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn list_files(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let rid = request_id(req.headers());
     let caller = super::super::caller_of(req.extensions());
@@ -175,16 +173,13 @@ pub(in crate::edge) async fn list_files(State(state): State<Arc<EdgeState>>, req
     params(("id" = String, Path, description = "The id")),
     responses(
         (status = 200, description = "The file object"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn get_file(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async { Ok(axum::Json(queue(&state)?.file(&caller.tenant, &id).await?).into_response()) }.await;
     Reply(result, rid)
 }
@@ -194,16 +189,13 @@ pub(in crate::edge) async fn get_file(
     params(("id" = String, Path, description = "The id")),
     responses(
         (status = 200, description = "The file's bytes (JSONL)", content_type = "application/jsonl"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn file_content(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async {
         let (len, pieces) = queue(&state)?.file_pieces(&caller.tenant, &id).await?;
         let mut resp = axum::body::Body::from_stream(futures::StreamExt::map(pieces, |p| {
@@ -223,16 +215,13 @@ pub(in crate::edge) async fn file_content(
     params(("id" = String, Path, description = "The id")),
     responses(
         (status = 200, description = "Deleted"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn delete_file(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async {
         queue(&state)?.delete_file(&caller.tenant, &id).await?;
         Ok(axum::Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
@@ -257,8 +246,7 @@ struct CreateBatch {
     responses(
         (status = 200, description = "The batch object (OpenAI's)"),
         (status = 429, description = "The tenant's queued work would pass queue.max_queued_per_tenant", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn create_batch(State(state): State<Arc<EdgeState>>, req: Request) -> Reply {
     let rid = request_id(req.headers());
     let result = async {
@@ -319,16 +307,13 @@ pub(in crate::edge) async fn create_batch(State(state): State<Arc<EdgeState>>, r
     params(("id" = String, Path, description = "The id")),
     responses(
         (status = 200, description = "The batch object, with its request_counts"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn get_batch(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async { Ok(axum::Json(queue(&state)?.batch(&caller.tenant, &id).await?).into_response()) }.await;
     Reply(result, rid)
 }
@@ -344,16 +329,13 @@ pub struct Page {
     params(("after" = Option<String>, Query, description = "The last id of the page before"), ("limit" = Option<usize>, Query, description = "1 to 100, 20 by default")),
     responses(
         (status = 200, description = "The tenant's batches, newest first"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn list_batches(
     State(state): State<Arc<EdgeState>>,
     Query(page): Query<Page>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async {
         let limit = page.limit.unwrap_or(20).clamp(1, 100);
         let (data, has_more) = queue(&state)?.batches(&caller.tenant, page.after.as_deref(), limit).await?;
@@ -374,16 +356,13 @@ pub(in crate::edge) async fn list_batches(
     responses(
         (status = 200, description = "Cancelling: lines not run are not run"),
         (status = 409, description = "It has finished already", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn cancel_batch(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result =
         async { Ok(axum::Json(queue(&state)?.cancel_batch(&caller.tenant, &id).await?).into_response()) }.await;
     Reply(result, rid)

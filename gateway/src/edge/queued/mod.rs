@@ -38,6 +38,34 @@ pub const ANSWER_HEADERS: &[&str] = &[
 /// Header on every answer of `/v1/async/{id}`: the request's state.
 pub const STATE_HEADER: &str = "x-async-status";
 
+/// The errors every queue route may answer with, for `/openapi.json`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code, reason = "a description for the document, never built")]
+pub(in crate::edge) enum QueueErrors {
+    /// The caller's error (problem+json).
+    #[response(status = "4XX", content_type = "application/problem+json")]
+    Client(crate::error::Problem),
+    /// The queue's Redis is down (503 queue-unavailable) or no queue is
+    /// configured (501) (problem+json).
+    #[response(status = "5XX", content_type = "application/problem+json")]
+    Server(crate::error::Problem),
+}
+
+/// What every queue route reads from its request's head: the request id
+/// its errors are reported under, and who asks.
+pub(in crate::edge) struct Asked {
+    rid: String,
+    caller: Arc<crate::call::Caller>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Asked {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self { rid: request_id(&parts.headers), caller: super::caller_of(&parts.extensions) })
+    }
+}
+
 /// Whether `Prefer` asks for an asynchronous answer (RFC 7240).
 fn prefers_async(headers: &HeaderMap) -> bool {
     headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| {
@@ -167,16 +195,13 @@ fn status_object(job: &Job) -> serde_json::Value {
         (status = 200, description = "Done or failed: the answer the synchronous call gave (its status, headers and body)"),
         (status = 202, description = "Queued or running: the status (retry after Retry-After)"),
         (status = 410, description = "Cancelled or expired: no answer", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn get_async(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async {
         let job = queue(&state)?.job(&caller.tenant, &id).await?;
         let job_state = job.state.clone();
@@ -222,16 +247,13 @@ fn answer_of(job: Job) -> Result<Response, GatewayError> {
     responses(
         (status = 200, description = "Cancelled: the status"),
         (status = 409, description = "It has finished already", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "4XX", description = "The caller's error (problem+json)", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = "5XX", description = "The queue's Redis is down (503 queue-unavailable) or no queue is configured (501) (problem+json)", body = crate::error::Problem, content_type = "application/problem+json")))]
+        QueueErrors))]
 pub(in crate::edge) async fn cancel_async(
     State(state): State<Arc<EdgeState>>,
     Path(id): Path<String>,
-    req: Request,
+    asked: Asked,
 ) -> Reply {
-    let rid = request_id(req.headers());
-    let caller = super::caller_of(req.extensions());
-    drop(req);
+    let Asked { rid, caller } = asked;
     let result = async {
         let job = queue(&state)?.cancel_async(&caller.tenant, &id).await?;
         let mut resp = axum::Json(status_object(&job)).into_response();
