@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 from openai import OpenAI
@@ -25,7 +26,7 @@ def jsonl(lines: list[dict]) -> io.BytesIO:
     return io.BytesIO("\n".join(json.dumps(line) for line in lines).encode())
 
 
-def run_batch(client: OpenAI, lines: list[dict], endpoint: str):
+def run_batch(client: OpenAI, lines: list[dict], endpoint: str) -> tuple[Any, Any, dict[str, Any]]:
     upload = client.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
     assert upload.purpose == "batch" and upload.bytes > 0, upload
     batch = client.batches.create(
