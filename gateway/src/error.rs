@@ -132,7 +132,9 @@ pub enum GatewayError {
     /// queued or read.
     #[error("the queue is unavailable: {detail}")]
     QueueUnavailable { detail: String },
-    /// This gateway has no queue (`queue.redis_url` is not set).
+    /// This gateway has no queue (`queue.redis_url` is not set): the queue
+    /// routes are not served here, as on any OpenAI-compatible server
+    /// without the Batch API (404, not a server fault).
     #[error("this gateway has no queue: set queue.redis_url to serve async requests and batches")]
     QueueNotConfigured,
     /// The tenant's queued work would pass `queue.max_queued_per_tenant`.
@@ -306,7 +308,7 @@ impl GatewayError {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "queue-unavailable", "Queue unavailable")
             }
             E::QueueNotConfigured => {
-                (StatusCode::NOT_IMPLEMENTED, C::Unimplemented, "queue-not-configured", "No queue configured")
+                (StatusCode::NOT_FOUND, C::NotFound, "queue-not-configured", "No queue configured")
             }
             E::QueueQuota { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, C::ResourceExhausted, "queue-quota", "Queued work quota reached")

@@ -8,13 +8,14 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
+use super::reply::Params;
 use crate::control::{Control, ReloadError, Reloaded};
 
 /// Who an admin request comes from (`key:<id>` or `user:<sub>`).
@@ -152,7 +153,7 @@ async fn set_draining(control: &Control, who: &str, pool: &str, worker: &str, dr
 
 async fn drain(
     State(control): State<Arc<Control>>,
-    Path((pool, worker)): Path<(String, String)>,
+    Params((pool, worker)): Params<(String, String)>,
     req: Request,
 ) -> Response {
     set_draining(&control, &who(req.extensions()), &pool, &worker, true).await
@@ -160,7 +161,7 @@ async fn drain(
 
 async fn undrain(
     State(control): State<Arc<Control>>,
-    Path((pool, worker)): Path<(String, String)>,
+    Params((pool, worker)): Params<(String, String)>,
     req: Request,
 ) -> Response {
     set_draining(&control, &who(req.extensions()), &pool, &worker, false).await
@@ -169,7 +170,7 @@ async fn undrain(
 /// Put a rolled-back canary back in its alias's split.
 async fn restore(
     State(control): State<Arc<Control>>,
-    Path((alias, variant)): Path<(String, String)>,
+    Params((alias, variant)): Params<(String, String)>,
     req: Request,
 ) -> Response {
     tracing::info!(admin = %who(req.extensions()), action = "restore", alias, variant, "admin action");
@@ -204,13 +205,13 @@ async fn index(State(control): State<Arc<Control>>, req: Request) -> Response {
     ok(Value::Array(models))
 }
 
-async fn load(State(control): State<Arc<Control>>, Path(model): Path<String>, req: Request) -> Response {
+async fn load(State(control): State<Arc<Control>>, Params(model): Params<String>, req: Request) -> Response {
     let who = who(req.extensions());
     tracing::info!(admin = %who, action = "repository load", model, "admin action");
     reloaded(control.load_model(&model, &who).await)
 }
 
-async fn unload(State(control): State<Arc<Control>>, Path(model): Path<String>, req: Request) -> Response {
+async fn unload(State(control): State<Arc<Control>>, Params(model): Params<String>, req: Request) -> Response {
     let who = who(req.extensions());
     tracing::info!(admin = %who, action = "repository unload", model, "admin action");
     reloaded(control.unload_model(&model, &who).await)

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
@@ -13,7 +13,7 @@ use super::EdgeState;
 use super::chat::{ChatRequest, Completion};
 use super::convert::{self, BodyKind};
 use super::json::{self, BinaryOutputs, EmbeddingsRequest, InferRequestJson};
-use super::reply::{Reply, request_id};
+use super::reply::{Params, Reply, request_id};
 use super::responses::{Making, ResponseRequest};
 use crate::cache::CacheMode;
 use crate::call::{Deadline, parse_request_timeout};
@@ -206,7 +206,11 @@ pub(super) async fn create_response(State(state): State<Arc<EdgeState>>, req: Re
     params(("id" = String, Path, description = "The response's id (`resp_...`)")),
     responses((status = 200, body = super::responses::ResponseObject),
               (status = 404, body = Problem, content_type = "application/problem+json")))]
-pub(super) async fn get_response(State(state): State<Arc<EdgeState>>, Path(id): Path<String>, req: Request) -> Reply {
+pub(super) async fn get_response(
+    State(state): State<Arc<EdgeState>>,
+    Params(id): Params<String>,
+    req: Request,
+) -> Reply {
     let rid = request_id(req.headers());
     let caller = super::caller_of(req.extensions());
     let result = async {
@@ -225,7 +229,7 @@ pub(super) async fn get_response(State(state): State<Arc<EdgeState>>, Path(id): 
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn delete_response(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     req: Request,
 ) -> Reply {
     let rid = request_id(req.headers());
@@ -256,7 +260,7 @@ pub(super) async fn delete_response(
             ("application/x-protobuf"))),
         (status = "4XX", description = "The caller's error (problem+json)", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
-pub(super) async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path<String>, req: Request) -> Reply {
+pub(super) async fn infer(State(state): State<Arc<EdgeState>>, Params(model): Params<String>, req: Request) -> Reply {
     infer_at(state, model, None, req).await
 }
 
@@ -279,7 +283,7 @@ pub(super) async fn infer(State(state): State<Arc<EdgeState>>, Path(model): Path
         (status = "5XX", description = "The gateway or a worker failed (problem+json)", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn infer_version(
     State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
+    Params((model, version)): Params<(String, String)>,
     req: Request,
 ) -> Reply {
     infer_at(state, model, Some(version), req).await

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::EdgeState;
-use super::reply::{Reply, request_id};
+use super::reply::{Params, Reply, request_id};
 use crate::error::Problem;
 use crate::proto::{ModelEntry, ModelKind};
 use crate::upstream::PoolStatus;
@@ -165,7 +165,7 @@ fn readiness(model: &str, entry: &ModelEntry) -> Response {
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn model_metadata(
     State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
+    Params(model): Params<String>,
     headers: HeaderMap,
 ) -> Reply {
     Reply(state.core.entry(&model).map(metadata), request_id(&headers))
@@ -178,7 +178,7 @@ pub(super) async fn model_metadata(
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn model_ready(
     State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
+    Params(model): Params<String>,
     headers: HeaderMap,
 ) -> Reply {
     let result = state.core.entry(&model).map(|entry| readiness(&model, &entry));
@@ -194,7 +194,7 @@ pub(super) async fn model_ready(
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn version_metadata(
     State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
+    Params((model, version)): Params<(String, String)>,
     headers: HeaderMap,
 ) -> Reply {
     let result = state.core.version_entry(&model, &version).map(|(entry, _)| metadata(entry));
@@ -209,7 +209,7 @@ pub(super) async fn version_metadata(
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn version_ready(
     State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
+    Params((model, version)): Params<(String, String)>,
     headers: HeaderMap,
 ) -> Reply {
     let result = state.core.version_entry(&model, &version).map(|(entry, _)| readiness(&model, &entry));

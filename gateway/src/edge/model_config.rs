@@ -14,14 +14,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::EdgeState;
-use super::reply::{Reply, request_id};
+use super::reply::{Params, Reply, request_id};
 use crate::error::Problem;
 use crate::proto::{ModelEntry, TensorSpec};
 use crate::upstream::Batching;
@@ -204,7 +204,7 @@ fn answer(state: &EdgeState, entry: &ModelEntry) -> Response {
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn model_config(
     State(state): State<Arc<EdgeState>>,
-    Path(model): Path<String>,
+    Params(model): Params<String>,
     headers: HeaderMap,
 ) -> Reply {
     Reply(state.core.entry(&model).map(|entry| answer(&state, &entry)), request_id(&headers))
@@ -219,7 +219,7 @@ pub(super) async fn model_config(
               (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn version_config(
     State(state): State<Arc<EdgeState>>,
-    Path((model, version)): Path<(String, String)>,
+    Params((model, version)): Params<(String, String)>,
     headers: HeaderMap,
 ) -> Reply {
     let result = state.core.version_entry(&model, &version).map(|(entry, _)| answer(&state, &entry));

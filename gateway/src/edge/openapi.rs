@@ -56,9 +56,56 @@ use super::{http, meta, model_config, queued};
         (name = "oip", description = "Open Inference Protocol v2"),
         (name = "queue", description = "Async requests (Prefer: respond-async) and the OpenAI Batch API"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
-    )
+    ),
+    modifiers(&RespondAsync)
 )]
 struct ApiDoc;
+
+/// The model routes, which take `Prefer: respond-async` (see
+/// [`queued::respond_async`]): the header and its 202 answer, added to each.
+const ASYNC_PATHS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v2/models/{model}/infer",
+    "/v2/models/{model}/versions/{version}/infer",
+];
+
+struct RespondAsync;
+
+impl utoipa::Modify for RespondAsync {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        use utoipa::openapi::{Required, ResponseBuilder};
+        let header = |about: &str| HeaderBuilder::new().description(Some(about)).build();
+        let prefer = ParameterBuilder::new()
+            .name("Prefer")
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(
+                "`respond-async` queues the request (RFC 7240) when the gateway has a queue: the answer is \
+                 202 and its Location, where the synchronous answer can be read once done. Without a queue \
+                 the preference is not applied.",
+            ))
+            // Other preferences are ignored (RFC 7240), so any value is valid.
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .example(Some("respond-async".into()))
+            .build();
+        let accepted = ResponseBuilder::new()
+            .description("Queued (Prefer: respond-async): the request's status; its answer at Location")
+            .header("Location", header("/v1/async/{id}"))
+            .header("Retry-After", header("Seconds until a poll is worth it"))
+            .content("application/json", utoipa::openapi::Content::new(Some(ObjectBuilder::new().build())))
+            .build();
+        for path in ASYNC_PATHS {
+            let Some(op) = doc.paths.paths.get_mut(*path).and_then(|item| item.post.as_mut()) else { continue };
+            op.parameters.get_or_insert_with(Vec::new).push(prefer.clone());
+            op.responses.responses.insert("202".into(), accepted.clone().into());
+        }
+    }
+}
 
 /// The document, built once.
 pub fn json() -> &'static str {
@@ -106,6 +153,22 @@ mod tests {
         let batches = &doc["paths"]["/v1/batches"]["post"]["responses"];
         for class in ["4XX", "5XX"] {
             assert!(batches[class]["content"]["application/problem+json"].is_object(), "{batches}");
+        }
+    }
+
+    #[test]
+    fn every_model_route_documents_prefer_respond_async_and_its_202() {
+        let doc: Value = serde_json::from_str(super::json()).unwrap();
+        // The routes `model_routes` declares (those behind `respond_async`).
+        let source = include_str!("rest.rs");
+        let body = source.split("fn model_routes").nth(1).unwrap().split("\n}").next().unwrap();
+        let routed: Vec<&str> = body.split(".route(\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+        assert_eq!(routed, super::ASYNC_PATHS);
+        for path in routed {
+            let op = &doc["paths"][path]["post"];
+            let params = op["parameters"].as_array().unwrap();
+            assert!(params.iter().any(|p| p["name"] == "Prefer" && p["in"] == "header"), "{path}: {op}");
+            assert!(op["responses"]["202"]["headers"]["Location"].is_object(), "{path}: {op}");
         }
     }
 }

@@ -1,7 +1,10 @@
 //! A REST handler's outcome and the request id it is reported under.
 
+use axum::extract::{FromRequestParts, Path};
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
+use http::request::Parts;
+use serde::de::DeserializeOwned;
 
 use crate::error::GatewayError;
 
@@ -23,6 +26,25 @@ impl IntoResponse for Reply {
                     tracing::warn!(request_id = %self.1, error = %e, "request failed");
                 }
                 e.into_http(Some(&self.1))
+            }
+        }
+    }
+}
+
+/// A route's path parameters, as axum's `Path`, but a path that does not
+/// decode (percent-encoded bytes that are not UTF-8) is refused as every
+/// other client error is: 400 problem+json with the request id.
+pub(super) struct Params<T>(pub(super) T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(e) => {
+                let rid = request_id(&parts.headers);
+                Err(Reply(Err(GatewayError::invalid("path", e.body_text())), rid).into_response())
             }
         }
     }

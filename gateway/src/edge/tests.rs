@@ -190,6 +190,32 @@ async fn method_not_allowed_is_a_problem_on_every_route() {
 }
 
 #[tokio::test]
+async fn a_path_that_is_not_utf8_is_a_problem_on_every_route_with_parameters() {
+    let (state, _) = state(Fake { ready: true, ..Default::default() }, 8);
+    let app = super::rest::router(state);
+    let source = include_str!("rest.rs");
+    let routed: Vec<&str> = source.split(".route(\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+    let with_params: Vec<&&str> = routed.iter().filter(|p| p.contains('{')).collect();
+    assert!(with_params.len() >= 10, "{with_params:?}");
+    for path in with_params {
+        // Every parameter is %FF: a byte that is not UTF-8 on its own.
+        let path = path.split('/').map(|s| if s.starts_with('{') { "%FF" } else { s }).collect::<Vec<_>>().join("/");
+        for method in [http::Method::GET, http::Method::POST, http::Method::DELETE] {
+            let req = Request::builder().method(method.clone()).uri(&path).body(Body::empty()).unwrap();
+            let (status, headers, body) = send(&app, req).await;
+            if status == 405 {
+                continue;
+            }
+            assert_eq!(status, 400, "{method} {path}: {body}");
+            assert_eq!(headers["content-type"], "application/problem+json", "{method} {path}");
+            // The OpenAI dialect names the parameter in `error.param`, OIP in `field`.
+            let param = if path.starts_with("/v2/") { &body["field"] } else { &body["error"]["param"] };
+            assert_eq!(param, "path", "{method} {path}: {body}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn over_the_in_flight_limit_is_shed_but_health_still_answers() {
     let gate = Arc::new(Semaphore::new(0));
     let (state, _) = state(Fake { ready: true, gate: Some(gate.clone()), ..Default::default() }, 1);

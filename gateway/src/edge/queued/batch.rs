@@ -5,14 +5,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use axum::extract::{Multipart, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Multipart, Query, Request, State};
 use axum::response::IntoResponse;
 use http::{HeaderValue, header};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::super::EdgeState;
-use super::super::reply::{Reply, request_id};
+use super::super::reply::{Params, Reply, request_id};
 use super::{Asked, QueueErrors, queue};
 use crate::error::GatewayError;
 use crate::queue::QueuedCaller;
@@ -176,7 +177,7 @@ pub(in crate::edge) async fn list_files(State(state): State<Arc<EdgeState>>, req
         QueueErrors))]
 pub(in crate::edge) async fn get_file(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
@@ -192,7 +193,7 @@ pub(in crate::edge) async fn get_file(
         QueueErrors))]
 pub(in crate::edge) async fn file_content(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
@@ -218,7 +219,7 @@ pub(in crate::edge) async fn file_content(
         QueueErrors))]
 pub(in crate::edge) async fn delete_file(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
@@ -310,7 +311,7 @@ pub(in crate::edge) async fn create_batch(State(state): State<Arc<EdgeState>>, r
         QueueErrors))]
 pub(in crate::edge) async fn get_batch(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
@@ -332,11 +333,12 @@ pub struct Page {
         QueueErrors))]
 pub(in crate::edge) async fn list_batches(
     State(state): State<Arc<EdgeState>>,
-    Query(page): Query<Page>,
+    page: Result<Query<Page>, QueryRejection>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
     let result = async {
+        let Query(page) = page.map_err(|e| GatewayError::invalid("query", e.body_text()))?;
         let limit = page.limit.unwrap_or(20).clamp(1, 100);
         let (data, has_more) = queue(&state)?.batches(&caller.tenant, page.after.as_deref(), limit).await?;
         let first = data.first().map(|b| b["id"].clone()).unwrap_or(Json::Null);
@@ -359,7 +361,7 @@ pub(in crate::edge) async fn list_batches(
         QueueErrors))]
 pub(in crate::edge) async fn cancel_batch(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;

@@ -10,14 +10,14 @@ pub mod consumer;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use super::EdgeState;
-use super::reply::{Reply, request_id};
+use super::reply::{Params, Reply, request_id};
 use crate::error::GatewayError;
 use crate::queue::{Job, NewJob, Queue, QueuedCaller};
 
@@ -42,11 +42,11 @@ pub const STATE_HEADER: &str = "x-async-status";
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code, reason = "a description for the document, never built")]
 pub(in crate::edge) enum QueueErrors {
-    /// The caller's error (problem+json).
+    /// The caller's error, or 404 `queue-not-configured` when this gateway
+    /// has no queue (problem+json).
     #[response(status = "4XX", content_type = "application/problem+json")]
     Client(crate::error::Problem),
-    /// The queue's Redis is down (503 queue-unavailable) or no queue is
-    /// configured (501) (problem+json).
+    /// The queue's Redis is down (503 queue-unavailable) (problem+json).
     #[response(status = "5XX", content_type = "application/problem+json")]
     Server(crate::error::Problem),
 }
@@ -74,7 +74,7 @@ fn prefers_async(headers: &HeaderMap) -> bool {
     })
 }
 
-/// The queue, or 501 when this gateway has none.
+/// The queue, or 404 `queue-not-configured` when this gateway has none.
 fn queue(state: &EdgeState) -> Result<&Arc<Queue>, GatewayError> {
     state.queue.as_ref().ok_or(GatewayError::QueueNotConfigured)
 }
@@ -198,7 +198,7 @@ fn status_object(job: &Job) -> serde_json::Value {
         QueueErrors))]
 pub(in crate::edge) async fn get_async(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
@@ -250,7 +250,7 @@ fn answer_of(job: Job) -> Result<Response, GatewayError> {
         QueueErrors))]
 pub(in crate::edge) async fn cancel_async(
     State(state): State<Arc<EdgeState>>,
-    Path(id): Path<String>,
+    Params(id): Params<String>,
     asked: Asked,
 ) -> Reply {
     let Asked { rid, caller } = asked;
