@@ -81,12 +81,14 @@ local outcome = ARGV[4]
 if redis.call('EXISTS', KEYS[2]) == 0 then
   local cancelled = ARGV[3] == 'async' and redis.call('HGET', KEYS[4], 'state') == 'cancelled'
   if cancelled then outcome = 'cancelled' end
+  -- A cancelled entry keeps no answer, but its result marks it settled,
+  -- so that a second delivery of it is not counted twice.
+  local fields = {}
   if outcome ~= 'cancelled' then
-    local fields = {}
     for i = 7, #ARGV do table.insert(fields, ARGV[i]) end
-    redis.call('HSET', KEYS[2], 'outcome', outcome, 'at', ARGV[6], unpack(fields))
-    redis.call('PEXPIRE', KEYS[2], ARGV[5])
   end
+  redis.call('HSET', KEYS[2], 'outcome', outcome, 'at', ARGV[6], unpack(fields))
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
   stored = 1
   if ARGV[3] == 'async' then
     redis.call('HSET', KEYS[4], 'state', outcome, 'finished_at', ARGV[6])
