@@ -1,4 +1,5 @@
-//! A REST handler's outcome and the request id it is reported under.
+//! A REST handler's outcome, the request id it is reported under, and its
+//! path parameters (refused as problem+json when they do not decode).
 
 use axum::extract::{FromRequestParts, Path};
 use axum::response::{IntoResponse, Response};
