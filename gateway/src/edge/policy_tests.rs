@@ -20,7 +20,8 @@ use crate::config::{Config, RawConfig};
 use crate::policy::{PeerAddr, Policy};
 
 const KEY: &str = "ig_test-key-0123456789abcdefghijklmnopqrstuv";
-const HS_SECRET: &str = "a shared secret for the hs256 tests, 32+ bytes";
+/// The HS256 key's secret, as `secret_file` holds it.
+const HS_SECRET: &str = include_str!("../policy/testdata/hs256.secret");
 const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/policy/testdata");
 
 fn sha256(s: &str) -> String {
@@ -29,8 +30,6 @@ fn sha256(s: &str) -> String {
 
 /// A config with auth on: one key (models `m` only), HS256/RS256/ES256 JWT keys.
 fn config(extra: &str) -> Config {
-    let secret_file = std::env::temp_dir().join(format!("infergate-hs-{}", fastrand::u64(..)));
-    std::fs::write(&secret_file, HS_SECRET).unwrap();
     let text = format!(
         r#"
 [auth]
@@ -48,7 +47,7 @@ leeway = "30s"
 [[auth.jwt.keys]]
 kid = "hs"
 alg = "HS256"
-secret_file = "{}"
+secret_file = "{TESTDATA}/hs256.secret"
 [[auth.jwt.keys]]
 kid = "rs"
 alg = "RS256"
@@ -63,7 +62,6 @@ name = "p"
 class = "x:Y"
 "#,
         sha256(KEY),
-        secret_file.display()
     );
     let raw: RawConfig = toml::from_str(&text).unwrap();
     Config::from_raw(raw).unwrap()
