@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use infergate_e2e::{Gateway, RemoteWorker};
 use serde_json::{Value, json};
 
-const SECRET: &str = "canary e2e shared secret, long enough for HS256";
+/// The callers' HS256 secret, and the file the gateway reads it from.
+const SECRET: &str = include_str!("../testdata/hs256.secret");
+const SECRET_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/hs256.secret");
 const ADMIN_KEY: &str = "ig_canary_e2e_admin_key_0123456789";
 
 fn client() -> reqwest::blocking::Client {
@@ -31,14 +33,11 @@ fn token(sub: &str) -> String {
 /// Auth by JWT for callers (each user its own sticky caller), an admin key.
 fn auth() -> String {
     use sha2::Digest;
-    let secret = std::env::temp_dir().join(format!("infergate-canary-{}-{:x}", std::process::id(), rand()));
-    std::fs::write(&secret, SECRET).unwrap();
     format!(
         "[auth]\nenabled = true\n[auth.jwt]\nissuer = \"e2e\"\naudience = \"infergate\"\n\
-         [[auth.jwt.keys]]\nalg = \"HS256\"\nsecret_file = \"{}\"\n\
+         [[auth.jwt.keys]]\nalg = \"HS256\"\nsecret_file = \"{SECRET_FILE}\"\n\
          [[auth.keys]]\nid = \"ops\"\nsha256 = \"{}\"\ntenant = \"ops\"\n\
          [admin]\nkeys = [\"ops\"]\nwatch_config = false\n",
-        secret.display(),
         hex::encode(sha2::Sha256::digest(ADMIN_KEY.as_bytes()))
     )
 }
