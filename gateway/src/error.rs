@@ -93,6 +93,13 @@ pub enum GatewayError {
     /// `http.max_buffered_bytes`; refused at once rather than risk the heap.
     #[error("gateway memory for request bodies is full ({limit} bytes buffered)")]
     MemoryFull { limit: usize },
+    /// As many streams of frames are open as the gateway allows
+    /// (`streams.max_open`); one more is refused at once.
+    #[error("gateway at its bound of {limit} open streams")]
+    TooManyStreams { limit: usize },
+    /// A stream sent no frame for `streams.idle_timeout`.
+    #[error("stream idle: no frame for {}", humantime::format_duration(*.after))]
+    StreamIdle { after: Duration },
     /// The gateway is draining and takes no new work.
     #[error("gateway is shutting down")]
     ShuttingDown,
@@ -253,6 +260,10 @@ impl GatewayError {
                 "Operation not supported by model",
             ),
             E::Starting { .. } => (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "starting", "Gateway is starting"),
+            E::TooManyStreams { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "too-many-streams", "Too many open streams")
+            }
+            E::StreamIdle { .. } => (StatusCode::REQUEST_TIMEOUT, C::DeadlineExceeded, "stream-idle", "Stream idle"),
             E::NoReadyWorker { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, C::Unavailable, "no-ready-worker", "No ready worker")
             }
@@ -356,6 +367,7 @@ impl GatewayError {
             | Self::WorkerUnavailable { .. }
             | Self::WorkerRefused { .. }
             | Self::Overloaded { .. }
+            | Self::TooManyStreams { .. }
             | Self::MemoryFull { .. }
             | Self::LimitsUnavailable
             | Self::StoreUnavailable { .. }
@@ -372,6 +384,7 @@ impl GatewayError {
             | Self::ImageTooLarge { .. }
             | Self::ImageTooHeavy { .. }
             | Self::BodyTimeout { .. }
+            | Self::StreamIdle { .. }
             | Self::HostNotAllowed { .. }
             | Self::RouteNotFound { .. }
             | Self::MethodNotAllowed

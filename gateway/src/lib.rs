@@ -38,7 +38,7 @@
 //! | pool | batch bulk call config embedded error load_state proto slots telemetry tensor upstream |
 //! | route | call config error proto telemetry upstream |
 //! | cache | call config error proto redis_pool route telemetry upstream |
-//! | service | cache call error policy proto route telemetry upstream |
+//! | service | cache call config error policy proto route telemetry upstream |
 //! | control | cache config policy pool redis_pool route service supervisor telemetry |
 //! | edge | bulk cache call config control conversations error policy pool proto queue route service telemetry tensor upstream |
 //! | server | cache config control conversations edge embedded load_state policy pool proto queue redis_pool route service supervisor telemetry upstream |

@@ -283,6 +283,7 @@ pub async fn run(
                 .map_err(ServeError::Cache)?,
             ),
             prices: Arc::new(config.prices.clone()),
+            streams: config.streams,
         },
     ));
     let current = core.clone();

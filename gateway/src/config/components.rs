@@ -229,3 +229,25 @@ pub struct AdminRole {
     pub claim: String,
     pub role: String,
 }
+
+/// `[streams]`: streams of frames, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamsConfig {
+    pub max_open: usize,
+    pub max_in_flight: u32,
+    pub frame_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_duration: Duration,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            max_open: 256,
+            max_in_flight: 64,
+            frame_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_duration: Duration::from_secs(3600),
+        }
+    }
+}

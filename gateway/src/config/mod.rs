@@ -69,6 +69,7 @@ pub struct Config {
     pub responses: components::ResponsesConfig,
     /// `None`: no queue (`queue.redis_url` is empty).
     pub queue: Option<queue::QueueConfig>,
+    pub streams: components::StreamsConfig,
     /// Pools marked `deterministic = false` / `true`.
     pub cache_pools: components::PoolRules,
     /// Model names clients use, with their variants and fallbacks.
@@ -428,6 +429,14 @@ impl Config {
                     ));
                 }
                 q => q,
+            },
+            streams: components::StreamsConfig {
+                max_open: positive_size("streams.max_open", raw.streams.max_open.into())?,
+                max_in_flight: u32::try_from(positive_size("streams.max_in_flight", raw.streams.max_in_flight.into())?)
+                    .unwrap_or(u32::MAX),
+                frame_timeout: duration("streams.frame_timeout", &raw.streams.frame_timeout)?,
+                idle_timeout: duration("streams.idle_timeout", &raw.streams.idle_timeout)?,
+                max_duration: duration("streams.max_duration", &raw.streams.max_duration)?,
             },
             cache_pools: components::PoolRules {
                 nondeterministic: raw

@@ -225,6 +225,8 @@ pub struct LimitSpec {
     pub rate: Option<RateSpec>,
     pub tokens_per_minute: Option<u64>,
     pub max_in_flight: Option<usize>,
+    /// Frames a second on streams, one second's worth at once.
+    pub frames_per_second: Option<RateSpec>,
 }
 
 /// A request rate: `per_second` on average, `burst` at once.
@@ -264,15 +266,29 @@ impl LimitSpec {
         if raw.max_in_flight == Some(0) {
             return Err(invalid(format!("{at}.max_in_flight"), "must be positive (leave it out for no limit)"));
         }
+        let frames_per_second = match raw.frames_per_second {
+            None => None,
+            Some(r) if !(r.is_finite() && r > 0.0 && r <= 1e9) => {
+                return Err(invalid(
+                    format!("{at}.frames_per_second"),
+                    "must be a positive number of frames per second",
+                ));
+            }
+            Some(r) => Some(RateSpec { per_second: r, burst: r.ceil().clamp(1.0, f64::from(u32::MAX)) as u32 }),
+        };
         Ok(Self {
             rate,
             tokens_per_minute: raw.tokens_per_minute,
             max_in_flight: raw.max_in_flight.map(|n| n as usize),
+            frames_per_second,
         })
     }
 
     pub fn is_unlimited(&self) -> bool {
-        self.rate.is_none() && self.tokens_per_minute.is_none() && self.max_in_flight.is_none()
+        self.rate.is_none()
+            && self.tokens_per_minute.is_none()
+            && self.max_in_flight.is_none()
+            && self.frames_per_second.is_none()
     }
 }
 

@@ -28,7 +28,7 @@ fn embedded_default_is_valid() {
     assert_eq!(cfg.default_deadline, Duration::from_secs(30));
     assert_eq!(cfg.max_body_bytes, 10 * 1024 * 1024);
     let names: Vec<_> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["minilm", "echo", "rag", "sentiment"]);
+    assert_eq!(names, ["minilm", "echo", "rag", "sentiment", "tiny_cnn"]);
     match &cfg.pools[0].kind {
         PoolKind::Local { workers, .. } => assert_eq!(workers.get(), 2),
         other => panic!("minilm should be local, got {other:?}"),
@@ -95,7 +95,7 @@ fn worker_addresses_parse() {
 fn check_config_output_round_trips() {
     let cfg = Config::load(None, std::iter::empty()).unwrap();
     let again: RawConfig = toml::from_str(&cfg.to_toml()).unwrap();
-    assert_eq!(again.pools.len(), 4);
+    assert_eq!(again.pools.len(), 5);
 }
 
 #[test]

@@ -261,6 +261,7 @@ impl Control {
             routes: Arc::new(crate::route::Routes::new(&new.aliases)),
             cache,
             prices: Arc::new(new.prices.clone()),
+            streams: new.streams,
         });
         if new.log.filter != old.config.log.filter {
             crate::telemetry::set_log_filter(&new.log.filter).map_err(ReloadError::LogLevel)?;

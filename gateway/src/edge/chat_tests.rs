@@ -95,6 +95,7 @@ fn app_with(
             routes: Default::default(),
             cache: crate::cache::ResponseCache::disabled(),
             prices: Arc::default(),
+            streams: Default::default(),
         },
     );
     let state = Arc::new(EdgeState {

@@ -123,6 +123,11 @@ async fn admit(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respo
     {
         return reject(spent);
     }
+    // A stream of frames is read message by message for as long as it
+    // lasts; the core bounds how many are open (`streams.max_open`).
+    if super::conn::body::STREAMING_PATHS.contains(&parts.uri.path()) {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
     let mut reservation = Reservation::new(&gate.buffered);
     let bytes = match read_limited(&parts.headers, body, gate.max_body, |n| reservation.grow_to(n)).await {
         Ok(bytes) => bytes,

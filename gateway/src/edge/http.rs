@@ -27,7 +27,7 @@ pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
 /// The core's view of a request from its head: who asks, its deadline
 /// (counted from now), pin and cache mode. The model is the caller's to
 /// fill in (from the path or the body).
-fn ask(state: &EdgeState, parts: &http::request::Parts) -> Result<Ask, GatewayError> {
+pub(super) fn ask(state: &EdgeState, parts: &http::request::Parts) -> Result<Ask, GatewayError> {
     Ok(Ask {
         model: String::new(),
         request_id: request_id(&parts.headers),

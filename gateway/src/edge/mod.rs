@@ -11,6 +11,7 @@ mod chat_tests;
 pub mod conn;
 pub mod convert;
 pub mod dialect;
+pub mod frames;
 pub mod gate;
 pub mod grpc;
 pub mod http;
@@ -32,6 +33,7 @@ pub mod rest;
 pub mod sse;
 #[cfg(test)]
 mod tests;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;

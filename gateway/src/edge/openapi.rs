@@ -8,7 +8,7 @@ use ::http::header;
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
-use super::{http, meta, model_config, queued};
+use super::{http, meta, model_config, queued, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -49,12 +49,14 @@ use super::{http, meta, model_config, queued};
         queued::batch::list_batches,
         queued::batch::get_batch,
         queued::batch::cancel_batch,
+        ws::open,
         document,
     ),
     tags(
         (name = "openai", description = "OpenAI-compatible API"),
         (name = "oip", description = "Open Inference Protocol v2"),
         (name = "queue", description = "Async requests (Prefer: respond-async) and the OpenAI Batch API"),
+        (name = "streams", description = "Streams of frames over WebSocket (gRPC: Inference/InferStream)"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     ),
     modifiers(&RespondAsync)

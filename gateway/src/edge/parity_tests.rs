@@ -139,6 +139,7 @@ class = "x:Y"
                 crate::cache::ResponseCache::new(config.cache.clone(), None, config.cache_pools.clone()).unwrap(),
             ),
             prices: Arc::default(),
+            streams: Default::default(),
         },
     );
     let state = Arc::new(EdgeState {

@@ -81,6 +81,7 @@ fn state(config: &Config, fake: Fake) -> (Arc<EdgeState>, Arc<Fake>) {
             routes: Arc::new(crate::route::Routes::new(&config.aliases)),
             cache: crate::cache::ResponseCache::disabled(),
             prices: Arc::default(),
+            streams: Default::default(),
         },
     );
     let state = Arc::new(EdgeState {

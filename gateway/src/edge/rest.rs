@@ -74,6 +74,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/v1/batches/{id}", get(queued::batch::get_batch))
         .route("/v1/batches/{id}/cancel", post(queued::batch::cancel_batch))
         .route("/v1/models", get(meta::list_models))
+        // A stream of frames: bounded by `streams.*`, not the body gate.
+        .route("/v1/streams/{model}", get(super::ws::open))
         .route("/v1/responses/{id}", get(http::get_response).delete(http::delete_response))
         .route("/v2", get(meta::server_metadata))
         .route("/v2/health/live", get(meta::live))
@@ -109,6 +111,8 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .layer(axum::middleware::from_fn(super::access::access_log))
         // Errors in the dialect of each surface's clients (auth refusals too).
         .layer(axum::middleware::from_fn(super::dialect::error_dialect))
+        // A browser's WebSocket offers its key as a subprotocol.
+        .layer(axum::middleware::from_fn(super::ws::bearer_from_subprotocol))
         // Who is calling, before any body is read (public routes pass).
         .layer(axum::middleware::from_fn_with_state(state.core.clone(), super::identify::identify_http))
         .service(routes);

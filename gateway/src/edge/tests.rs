@@ -66,6 +66,7 @@ fn state(fake: Fake, max_in_flight: usize) -> (Arc<EdgeState>, Arc<Fake>) {
             routes: Default::default(),
             cache: crate::cache::ResponseCache::disabled(),
             prices: Arc::default(),
+            streams: Default::default(),
         },
     );
     let state = Arc::new(EdgeState {

@@ -190,9 +190,14 @@ impl RateState {
     }
 
     fn check(&self, scope: &Scope, spec: RateSpec) -> Result<(), Refusal> {
+        self.check_key(&scope.key, scope.kind, "rate", spec)
+    }
+
+    /// Take one unit of `key`'s rate; a refusal names `kind.what`.
+    fn check_key(&self, key: &str, kind: &str, what: &str, spec: RateSpec) -> Result<(), Refusal> {
         let limiter = self.limiter(spec);
-        limiter.check_key(&scope.key).map(drop).map_err(|not_until| Refusal {
-            limit: format!("{}.rate", scope.kind),
+        limiter.check_key(&key.to_owned()).map(drop).map_err(|not_until| Refusal {
+            limit: format!("{kind}.{what}"),
             quota: u64::from(spec.burst),
             remaining: 0,
             // The limiter's own clock: a fresh quanta clock calibrates (µs).
@@ -360,6 +365,14 @@ impl LocalLimits {
     /// Settle a token reservation: positive `refund` gives back, negative charges more.
     pub fn adjust_tokens(&self, scopes: &[(String, Gcra)], refund: i64) {
         self.tokens.adjust(scopes, refund);
+    }
+
+    /// One frame in every scope of `frames` (state key, scope kind, rate).
+    pub fn admit_frame(&self, frames: &[(String, &'static str, RateSpec)]) -> Result<(), Refusal> {
+        for (key, kind, spec) in frames {
+            self.rates.check_key(key, kind, "frames_per_second", *spec)?;
+        }
+        Ok(())
     }
 
     /// In-flight permits for every scope that bounds them.

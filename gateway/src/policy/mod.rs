@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::{Authenticator, KeyLoadError};
 use self::limits::{Gcra, LocalLimits, Refusal, Scope};
 use self::redis::{Check, Decision, RedisLimits};
-use crate::config::{Config, LimitsConfig, RedisFallback};
+use crate::config::{Config, LimitsConfig, RateSpec, RedisFallback};
 use crate::error::GatewayError;
 use crate::redis_pool::RedisSetupError;
 
@@ -318,6 +318,37 @@ impl Policy {
             on_redis,
         });
         Ok(Admission { _permits: permits, reservation })
+    }
+}
+
+/// The frame rates that apply to one stream: its caller's and model's
+/// `frames_per_second` in every scope, counted in this replica's memory.
+pub struct FrameLimit {
+    policy: Arc<Policy>,
+    /// State key, scope kind and rate of every scope that limits frames.
+    scopes: Vec<(String, &'static str, RateSpec)>,
+}
+
+impl FrameLimit {
+    /// Count one frame; refused (429's error) when a scope's rate is spent.
+    /// A refused frame does not mark its caller spent: its other calls go on.
+    pub fn take(&self) -> Result<(), GatewayError> {
+        if self.scopes.is_empty() {
+            return Ok(());
+        }
+        self.policy.local.admit_frame(&self.scopes).map_err(refused)
+    }
+}
+
+impl Policy {
+    /// The frame limits of `caller`'s stream to `model`.
+    pub fn frame_limit(self: &Arc<Self>, caller: &Caller, model: &str) -> FrameLimit {
+        let aliases = self.covering.get(model).map_or(&[][..], Vec::as_slice);
+        let scopes = limits::scopes(&self.limits, caller, model, aliases)
+            .into_iter()
+            .filter_map(|s| Some((format!("frames:{}", s.key), s.kind, s.spec.frames_per_second?)))
+            .collect();
+        FrameLimit { policy: Arc::clone(self), scopes }
     }
 }
 

@@ -11,6 +11,8 @@
 
 pub mod contract;
 pub mod generate;
+mod open_streams;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -18,9 +20,10 @@ use arc_swap::ArcSwap;
 
 use crate::cache::{CacheMode, CacheStatus, ResponseCache};
 use crate::call::{Call, Class, Deadline};
+use crate::config::components::StreamsConfig;
 use crate::error::GatewayError;
 use crate::policy::{Admission, Caller, Policy, Tokens, estimate_tokens};
-use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo};
+use crate::proto::{InferItem, InferOutputs, ModelEntry, ModelInfo, TensorSpec};
 use crate::route::{self, Plan, Routes, Target};
 use crate::telemetry::usage::{Meter, Prices};
 use crate::upstream::{Batching, EmbedOutput, PoolStatus, Upstream};
@@ -30,6 +33,8 @@ use crate::upstream::{Batching, EmbedOutput, PoolStatus, Upstream};
 pub struct Core {
     pub upstream: Arc<dyn Upstream>,
     live: ArcSwap<Live>,
+    /// Streams of frames open now.
+    open_streams: Arc<open_streams::OpenStreams>,
 }
 
 /// The parts of the core a reload replaces whole. A call takes one
@@ -44,6 +49,8 @@ pub struct Live {
     pub cache: Arc<ResponseCache>,
     /// Per-token prices, for the token and cost metrics.
     pub prices: Arc<Prices>,
+    /// Bounds of streams of frames.
+    pub streams: StreamsConfig,
 }
 
 /// A call as an edge hands it over: what it names and who asks.
@@ -121,7 +128,7 @@ fn name_model<T>(model: &str, looked_up: &Result<T, GatewayError>) {
 
 impl Core {
     pub fn new(upstream: Arc<dyn Upstream>, live: Live) -> Self {
-        Self { upstream, live: ArcSwap::from_pointee(live) }
+        Self { upstream, live: ArcSwap::from_pointee(live), open_streams: Arc::default() }
     }
 
     /// The settings now; a call keeps the snapshot it started with.
@@ -235,12 +242,26 @@ impl Core {
     ) -> Result<Answer<(ModelInfo, InferOutputs)>, GatewayError> {
         let Admitted { ask, plan, admission, entry, live } = admitted;
         let declared = entry.info.as_ref().map_or(&[][..], |i| &i.inputs[..]);
-        contract::check_inputs(&ask.model, declared, &item)?;
-        let (((mut info, out), cached), target) =
-            route::run(&plan, ask.call(item), |c| live.cache.infer(&*self.upstream, c, ask.cache)).await?;
+        let ((mut info, out), cached, target) = self.send_infer(&live, &plan, &ask, declared, item).await?;
         admission.settle(None);
         info.name = ask.model;
         Ok(Answer { value: (info, out), served: Served::by(target, cached) })
+    }
+
+    /// Check a tensor item against the inputs its first target declares,
+    /// then send it through the cache to the pools along `plan`.
+    async fn send_infer(
+        &self,
+        live: &Live,
+        plan: &Plan,
+        ask: &Ask,
+        declared: &[TensorSpec],
+        item: InferItem,
+    ) -> Result<((ModelInfo, InferOutputs), Option<CacheStatus>, Target), GatewayError> {
+        contract::check_inputs(&ask.model, declared, &item)?;
+        let (((info, out), cached), target) =
+            route::run(plan, ask.call(item), |c| live.cache.infer(&*self.upstream, c, ask.cache)).await?;
+        Ok(((info, out), cached, target))
     }
 }
 

@@ -100,6 +100,20 @@ pub const QUEUE_ENTRIES: &str = "infergate_queue_entries_total";
 pub const QUEUE_RECLAIMS: &str = "infergate_queue_reclaims_total";
 /// Answers of queued requests stored in Redis.
 pub const QUEUE_RESULTS_STORED: &str = "infergate_queue_results_stored_total";
+/// Streams of frames open now, by `edge` (`grpc`, `websocket`).
+pub const STREAMS_OPEN: &str = "infergate_streams_open";
+/// Frames read from streams, by `model`.
+pub const STREAM_FRAMES_RECEIVED: &str = "infergate_stream_frames_received_total";
+/// Frames' results sent back, by `model` and `outcome` (`answered`,
+/// `failed`, `dropped`).
+pub const STREAM_FRAMES: &str = "infergate_stream_frames_total";
+/// Frames dropped, by `model` and `reason` (`overflow`, `rate_limited`).
+pub const STREAM_FRAMES_DROPPED: &str = "infergate_stream_frames_dropped_total";
+/// A sent frame's arrival to its result, by `model`.
+pub const STREAM_FRAME_LATENCY: &str = "infergate_stream_frame_latency_seconds";
+/// Frames of its stream read and not yet answered when a result goes out
+/// (how far a stream's results run behind its frames), by `model`.
+pub const STREAM_LAG: &str = "infergate_stream_lag_frames";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -159,6 +173,8 @@ const BUCKETS: &[(&str, &[f64])] = &[
     (REQUEST_DURATION, DURATIONS),
     (TIME_TO_FIRST_BYTE, DURATIONS),
     (WORKER_CALL_DURATION, DURATIONS),
+    (STREAM_FRAME_LATENCY, DURATIONS),
+    (STREAM_LAG, &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
     (WORKER_INFERENCE_TIME, DURATIONS),
     // The gateway's own share is tens of microseconds on a good day.
     (GATEWAY_OVERHEAD, &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
@@ -220,6 +236,12 @@ fn describe() {
     counter!(QUEUE_ENTRIES, "Queued entries settled by this replica, by outcome: done, failed, expired, cancelled");
     counter!(QUEUE_RECLAIMS, "Queued entries taken over from a consumer that stopped, by target");
     counter!(QUEUE_RESULTS_STORED, "Answers of queued requests stored in Redis");
+    gauge!(STREAMS_OPEN, "Streams of frames open, by edge: grpc, websocket");
+    counter!(STREAM_FRAMES_RECEIVED, "Frames read from streams, by model");
+    counter!(STREAM_FRAMES, "Frames' results sent back on streams, by model and outcome: answered, failed, dropped");
+    counter!(STREAM_FRAMES_DROPPED, "Frames dropped, by model and reason: overflow, rate_limited");
+    histogram!(STREAM_FRAME_LATENCY, Seconds, "A streamed frame's arrival to its result, by model");
+    histogram!(STREAM_LAG, "Frames of a stream read and not yet answered when one of its results goes out");
     counter!(CONFIG_RELOADS, "Config reloads, by result: applied, unchanged, refused (the running config stays)");
     histogram!(BATCH_SIZE, "Items per batch sent to a worker");
     counter!(POOL_ERRORS, "Calls a pool failed, by pool, model and error type (the problem type's slug)");

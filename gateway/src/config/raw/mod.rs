@@ -7,6 +7,7 @@ mod policy;
 mod pools;
 mod queue;
 mod routes;
+mod streams;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,7 @@ pub use policy::*;
 pub use pools::*;
 pub use queue::*;
 pub use routes::*;
+pub use streams::*;
 
 /// The whole config file. Every section has defaults.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -34,6 +36,7 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub responses: RawResponses,
     pub queue: RawQueue,
+    pub streams: RawStreams,
     pub pools: Vec<RawPool>,
     pub aliases: Vec<RawAlias>,
     /// Per-token prices by model, for the estimated-cost metric.

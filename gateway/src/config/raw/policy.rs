@@ -138,6 +138,10 @@ pub struct RawLimit {
     /// Requests of this scope in flight at once (keys and models only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
+    /// Frames per second sent on streams (`InferStream`, `/v1/streams`),
+    /// with one second's worth at once; counted by each replica.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_per_second: Option<f64>,
 }
 
 /// `[limits]`: every applicable scope must admit a request.

@@ -12,6 +12,12 @@ use tokio::time::{Instant, Sleep};
 
 use super::watch::ConnState;
 
+/// Routes whose request body is a stream of messages that lasts as long as
+/// the call (gRPC `InferStream`): not read whole, not under the body
+/// deadlines, bounded instead by the stream's own idle timeout and
+/// duration (`[streams]`) and by HTTP/2 flow control.
+pub const STREAMING_PATHS: [&str; 1] = ["/infergate.v1.Inference/InferStream"];
+
 /// The rate floor applies after this much of the body's time.
 pub const MIN_RATE_AFTER: Duration = Duration::from_secs(5);
 
@@ -21,6 +27,11 @@ pub struct BodyLimits {
     pub timeout: Duration,
     /// Bytes a second, after [`MIN_RATE_AFTER`]; 0: no floor.
     pub min_rate: u64,
+}
+
+impl BodyLimits {
+    /// No deadline and no floor (a body of [`STREAMING_PATHS`]).
+    pub const UNBOUNDED: Self = Self { timeout: Duration::MAX, min_rate: 0 };
 }
 
 /// The error a stalled body ends with. Its source is the gRPC status the
@@ -77,6 +88,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.limits.timeout == Duration::MAX => Poll::Pending,
             Poll::Pending => {
                 let deadline = this.deadline();
                 let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));

@@ -291,6 +291,18 @@ impl Connection {
                     }
                     // Dropping hyper's connection docks the socket if it parked.
                     served = None;
+                    if state.is_upgraded() {
+                        // The socket lives on in the upgraded protocol's
+                        // handler (a WebSocket): the connection keeps its
+                        // slots until that closes it.
+                        while !state.is_socket_closed() {
+                            tokio::select! {
+                                () = state.changed() => {}
+                                () = stop.cancelled() => return,
+                            }
+                        }
+                        return;
+                    }
                     parked = dock
                         .take()
                         .filter(|_| !stopping && closing_by.is_none())
@@ -361,11 +373,19 @@ impl tower::Service<http::Request<Incoming>> for Tracked {
             resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             return Box::pin(std::future::ready(Ok(resp.map(|body| Answer { body, _in_flight: in_flight }))));
         }
-        let mut req = req.map(|b| TimedBody::new(b, self.body, self.state.clone()));
+        let limits = match body::STREAMING_PATHS.contains(&req.uri().path()) {
+            true => BodyLimits::UNBOUNDED,
+            false => self.body,
+        };
+        let mut req = req.map(|b| TimedBody::new(b, limits, self.state.clone()));
         req.extensions_mut().insert(PeerAddr(self.peer));
         let answer = tower::Service::call(&mut self.app, req);
+        let state = self.state.clone();
         Box::pin(async move {
             let resp = answer.await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                state.upgrade();
+            }
             Ok(resp.map(|body| Answer { body, _in_flight: in_flight }))
         })
     }

@@ -89,6 +89,8 @@ impl<T> Drop for Watched<T> {
             && let Some(socket) = self.socket.take()
         {
             *self.dock.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(socket);
+        } else {
+            self.state.socket_closed();
         }
     }
 }
@@ -102,6 +104,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let state = this.state.clone();
         let dirty = this.dirty;
         let socket = this.socket()?;
+        // An upgraded connection's bytes are another protocol's: nothing
+        // to follow, and it never parks.
+        if state.is_upgraded() {
+            return Pin::new(&mut socket.io).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut socket.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {

@@ -74,7 +74,13 @@ pub struct ConnState {
     /// The first HTTP/1.1 request (counted from 0) whose head had both
     /// `Content-Length` and `Transfer-Encoding`, if any.
     ambiguous_head: AtomicU64,
-    /// Woken when the connection turns idle, starts reading a head, or is doomed.
+    /// The connection switched protocols (a WebSocket): its bytes are no
+    /// longer HTTP's, and it lives as long as its upgraded socket.
+    upgraded: AtomicBool,
+    /// The socket was dropped (closed) by whoever held it last.
+    socket_gone: AtomicBool,
+    /// Woken when the connection turns idle, starts reading a head, is
+    /// doomed, or its upgraded socket closes.
     changed: Notify,
 }
 
@@ -103,6 +109,8 @@ impl ConnState {
             resets: AtomicU32::new(0),
             reset_window: AtomicU64::new(0),
             ambiguous_head: AtomicU64::new(NONE),
+            upgraded: AtomicBool::new(false),
+            socket_gone: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -124,6 +132,25 @@ impl ConnState {
     pub fn doom(&self) {
         self.doomed.store(true, Ordering::Release);
         self.changed.notify_one();
+    }
+
+    /// The connection is switching protocols (a `101` answer is on its way).
+    pub fn upgrade(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
+
+    /// The socket was closed (dropped without being parked).
+    pub fn socket_closed(&self) {
+        self.socket_gone.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    pub fn is_socket_closed(&self) -> bool {
+        self.socket_gone.load(Ordering::Acquire)
     }
 
     /// Bytes arrived from the peer.

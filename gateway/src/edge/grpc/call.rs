@@ -13,15 +13,7 @@ use crate::service::{Ask, Served};
 /// mode (`cache-control`); the model is filled in from the message.
 pub fn ask<T>(state: &EdgeState, req: &Request<T>) -> Result<Ask, Status> {
     let md = req.metadata();
-    let requested = match md.get("grpc-timeout") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(parse_grpc_timeout)
-                .ok_or_else(|| Status::invalid_argument("malformed grpc-timeout metadata"))?,
-        ),
-    };
+    let requested = requested_timeout(req)?;
     let request_id = request_id(req);
     let pin = match md.get(crate::route::VERSION_HEADER) {
         None => None,
@@ -37,6 +29,19 @@ pub fn ask<T>(state: &EdgeState, req: &Request<T>) -> Result<Ask, Status> {
         cache,
         class: crate::call::Class::Interactive,
     })
+}
+
+/// The client's `grpc-timeout`, if it sent one.
+pub fn requested_timeout<T>(req: &Request<T>) -> Result<Option<std::time::Duration>, Status> {
+    match req.metadata().get("grpc-timeout") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(parse_grpc_timeout)
+            .map(Some)
+            .ok_or_else(|| Status::invalid_argument("malformed grpc-timeout metadata")),
+    }
 }
 
 /// The call's request id: checked, or generated, by the access middleware.

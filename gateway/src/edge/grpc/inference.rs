@@ -82,6 +82,15 @@ impl Inference for InferenceService {
         result.map(|(msg, served)| respond(msg, &rid, &served)).map_err(|e| fail(e, &rid))
     }
 
+    type InferStreamStream = super::stream::Results;
+
+    async fn infer_stream(
+        &self,
+        req: Request<tonic::Streaming<crate::proto::StreamRequest>>,
+    ) -> Result<Response<Self::InferStreamStream>, Status> {
+        super::stream::open(&self.state, req).await
+    }
+
     type GenerateStream = futures::stream::BoxStream<'static, Result<GenerateChunk, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {

@@ -9,6 +9,7 @@
 mod call;
 mod inference;
 mod oip;
+mod stream;
 
 use std::sync::Arc;
 

@@ -1,0 +1,51 @@
+//! What the two stream edges (gRPC `InferStream`, WebSocket
+//! `/v1/streams/{model}`) share: a frame's payload made into the model's
+//! tensors, as a single REST or gRPC call's would be.
+
+use crate::error::GatewayError;
+use crate::proto::{ModelEntry, Tensor};
+
+use super::convert::{ImageBounds, check_tensor, image_input, image_tensor};
+
+/// How a stream's frames become tensors for its model.
+pub struct FrameReader {
+    /// The model's image input (name, height, width), or why it has none.
+    image: Result<(String, u32, u32), GatewayError>,
+    bounds: ImageBounds,
+}
+
+impl FrameReader {
+    pub fn new(entry: &ModelEntry, bounds: ImageBounds) -> Self {
+        let image = match &entry.info {
+            Some(info) => image_input(info).map(|(name, h, w)| (name.to_owned(), h, w)),
+            None => Err(GatewayError::invalid("image", "the model declares no image input")),
+        };
+        Self { image, bounds }
+    }
+
+    /// A frame's tensors: the ones it carries, checked, or its image
+    /// decoded into the model's image input; exactly one of the two.
+    pub fn inputs(&self, mut tensors: Vec<Tensor>, image: &[u8]) -> Result<Vec<Tensor>, GatewayError> {
+        match (tensors.is_empty(), image.is_empty()) {
+            (true, true) => Err(GatewayError::invalid("frame", "a frame carries input tensors or an image")),
+            (false, false) => {
+                Err(GatewayError::invalid("frame", "a frame carries input tensors or an image, not both"))
+            }
+            (false, true) => {
+                for (i, t) in tensors.iter_mut().enumerate() {
+                    check_tensor(t, &format!("inputs[{i}]"))?;
+                }
+                Ok(tensors)
+            }
+            (true, false) => {
+                let (name, h, w) = self.image.as_ref().map_err(Clone::clone)?;
+                let tensor = image_tensor(image, name, *h, *w, self.bounds).map_err(|e| match e {
+                    // The image is the frame's, not a request body.
+                    GatewayError::InvalidRequest { detail, .. } => GatewayError::invalid("image", detail),
+                    other => other,
+                })?;
+                Ok(vec![tensor])
+            }
+        }
+    }
+}
