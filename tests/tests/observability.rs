@@ -49,7 +49,7 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     let config = format!(
         "[auth]\nenabled = true\n[[auth.keys]]\nid = \"dash\"\nsha256 = \"{digest}\"\ntenant = \"t1\"\n\
          [queue]\nredis_url = \"{}\"\n\
-         [limits]\nper_key = {{ rate = 20 }}\n\
+         [limits]\nper_key = {{ rate = 20, frames_per_second = 3 }}\n\
          [prices.echo]\ninput_per_million = 1.0\noutput_per_million = 2.0\n{ECHO_POOL}{MINILM_POOL}\
          [[aliases]]\nname = \"guarded\"\n\
          [[aliases.variants]]\nname = \"v1\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 90\n\
@@ -85,6 +85,8 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
         assert!(std::time::Instant::now() < end, "the queued request was not answered");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // A stream of frames: three answered, three over the key's frame rate.
+    stream_six_frames(&gw);
     // An auth failure and a rate-limit rejection.
     assert_eq!(c.get(gw.url("/v1/models")).send().unwrap().status(), 401);
     let body = json!({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]});
@@ -104,6 +106,42 @@ fn every_metric_the_dashboard_queries_is_in_a_live_scrape() {
     assert!(wanted.len() >= 20, "the dashboard queries {wanted:?}");
     let missing: Vec<&String> = wanted.iter().filter(|m| !exposed.contains(m.as_str())).collect();
     assert!(missing.is_empty(), "the dashboard queries metrics the gateway does not expose: {missing:?}\n{scrape}");
+}
+
+/// Send six frames at once on a gRPC stream to echo, with the test's key.
+fn stream_six_frames(gw: &Gateway) {
+    use infergate::proto::inference_client::InferenceClient;
+    use infergate::proto::stream_request::Kind;
+    use infergate::proto::{StreamFrame, StreamOpen, StreamRequest, Tensor};
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let open = StreamOpen { model: "echo".into(), ..Default::default() };
+        let frame = |seq| StreamFrame {
+            seq,
+            inputs: vec![Tensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![1],
+                fp32_contents: vec![1.0],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let messages = std::iter::once(Kind::Open(open))
+            .chain((0..6).map(move |i| Kind::Frame(frame(i))))
+            .map(|kind| StreamRequest { kind: Some(kind) });
+        let mut req = tonic::Request::new(futures::stream::iter(messages));
+        req.metadata_mut().insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+        let mut results = client.infer_stream(req).await.unwrap().into_inner();
+        let mut n = 0;
+        while let Some(r) = results.message().await.unwrap() {
+            assert!(r.outcome.is_some(), "{r:?}");
+            n += 1;
+        }
+        assert_eq!(n, 6);
+    });
 }
 
 /// Debian's `prometheus`, on a free port, with `config`; killed on drop.
