@@ -39,6 +39,11 @@ pub enum GatewayError {
     /// served, so a web page cannot drive the gateway through a rebound name.
     #[error("host {host:?} is not served here (see http.allowed_hosts)")]
     HostNotAllowed { host: String },
+    /// With auth off, a WebSocket opened by a page of another site (its
+    /// `Origin` is not a loopback name or in `http.allowed_hosts`): a page
+    /// the user visits must not drive a local gateway.
+    #[error("origin {origin:?} may not open streams here (see http.allowed_hosts)")]
+    OriginNotAllowed { origin: String },
     /// An image whose decoding would take more memory than allowed
     /// (`http.max_image_bytes`); refused by the decoder's own limits.
     #[error("decoding the {width}x{height} image takes more than the {max_bytes} bytes allowed")]
@@ -245,6 +250,9 @@ impl GatewayError {
             E::HostNotAllowed { .. } => {
                 (StatusCode::MISDIRECTED_REQUEST, C::PermissionDenied, "host-not-allowed", "Host not allowed")
             }
+            E::OriginNotAllowed { .. } => {
+                (StatusCode::FORBIDDEN, C::PermissionDenied, "origin-not-allowed", "Origin not allowed")
+            }
             E::RouteNotFound { .. } => (StatusCode::NOT_FOUND, C::Unimplemented, "route-not-found", "Route not found"),
             E::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, C::Unimplemented, "method-not-allowed", "Method not allowed")
@@ -386,6 +394,7 @@ impl GatewayError {
             | Self::BodyTimeout { .. }
             | Self::StreamIdle { .. }
             | Self::HostNotAllowed { .. }
+            | Self::OriginNotAllowed { .. }
             | Self::RouteNotFound { .. }
             | Self::MethodNotAllowed
             | Self::ModelNotFound { .. }

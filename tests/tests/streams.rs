@@ -316,6 +316,18 @@ fn frames_at_30_fps_come_back_in_order_each_equal_to_its_single_request_answer()
             .collect();
         ws_stream(ws, frames, spaced).await
     });
+    // With auth off, a page of another site cannot open a stream; a local one can.
+    rt.block_on(async {
+        for (origin, refused) in [("https://evil.example", true), ("http://localhost:3000", false)] {
+            let mut req = ws_url(&gw, "echo", "").into_client_request().unwrap();
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+            match tokio_tungstenite::connect_async(req).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if refused => assert_eq!(resp.status(), 403),
+                Ok(_) if !refused => {}
+                other => panic!("{origin}: {:?}", other.map(|_| ())),
+            }
+        }
+    });
     let order: Vec<u64> = ws_ready.0.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(order.len(), 8);
     assert_ne!(order[0], 0, "as_ready held back later frames: {order:?}");

@@ -18,6 +18,9 @@
 //! - a stream that cannot go on gets a last text message `{"error":
 //!   problem}` and a close with code 1008 (the client's fault) or 1011.
 //!
+//! With auth off, a page of another site cannot open a stream: an `Origin`
+//! must be a name the gateway serves (loopback, `http.allowed_hosts`).
+//!
 //! A browser cannot set `Authorization` on a WebSocket: it offers the
 //! subprotocols `infergate.v1` and `infergate.bearer.<key>`, and the key is
 //! read from the second ([`bearer_from_subprotocol`]) as if sent as a
@@ -153,6 +156,15 @@ pub(super) async fn open(State(state): State<Arc<EdgeState>>, Params(model): Par
         let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| GatewayError::invalid("upgrade", format!("{}: open a WebSocket here", e.body_text())))?;
+        if let Some(origin) = parts.headers.get(http::header::ORIGIN) {
+            let text = origin.to_str().unwrap_or("?");
+            let authority = text.split_once("://").map_or(text, |(_, rest)| rest);
+            state
+                .core
+                .policy()
+                .check_host(authority)
+                .map_err(|_| GatewayError::OriginNotAllowed { origin: text.to_owned() })?;
+        }
         let mut ask = super::http::ask(&state, &parts)?;
         ask.model = model;
         let opened = state.core.open_stream(ask, spec, "websocket").await?;
