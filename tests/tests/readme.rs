@@ -87,9 +87,11 @@ fn the_try_it_examples_work_as_written_against_the_default_config() {
 
     // "Clients", against the same gateway: each Python block prints what
     // the text block after it says.
-    let clients = client_examples();
+    let clients = client_examples("Clients");
     assert!(clients.len() >= 4, "{clients:#?}");
-    for (code, prints) in clients {
+    let streams = client_examples("Streams of frames: video over gRPC and WebSocket");
+    assert_eq!(streams.len(), 1, "{streams:#?}");
+    for (code, prints) in clients.into_iter().chain(streams) {
         let code =
             code.replace("127.0.0.1:8080", &gw.http.to_string()).replace("127.0.0.1:50051", &gw.grpc.to_string());
         let out = Command::new(infergate_e2e::python()).args(["-c", &code]).current_dir(root()).output().unwrap();
@@ -99,14 +101,21 @@ fn the_try_it_examples_work_as_written_against_the_default_config() {
     }
 }
 
-/// The "Clients" section's examples: each fenced `python` block and the
-/// fenced `text` block after it (what it prints).
-fn client_examples() -> Vec<(String, String)> {
+/// The examples of the section headed `heading`: each fenced `python`
+/// block and the fenced `text` block after it (what it prints); other
+/// languages' blocks (a browser's JavaScript) are not run.
+fn client_examples(heading: &str) -> Vec<(String, String)> {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let (_, section) = readme.split_once("\n## Clients\n").expect("no Clients section");
+    let (_, section) =
+        readme.split_once(&format!("\n## {heading}\n")).unwrap_or_else(|| panic!("no section {heading}"));
     let section = section.split_once("\n## ").map_or(section, |(it, _)| it);
-    let blocks: Vec<(&str, &str)> =
-        section.split("```").skip(1).step_by(2).map(|b| b.split_once('\n').unwrap_or((b, ""))).collect();
+    let blocks: Vec<(&str, &str)> = section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.split_once('\n').unwrap_or((b, "")))
+        .filter(|(lang, _)| *lang != "js")
+        .collect();
     let mut out = Vec::new();
     for pair in blocks.chunks(2) {
         match pair {

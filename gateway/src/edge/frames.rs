@@ -8,6 +8,7 @@ use crate::proto::{ModelEntry, Tensor};
 use super::convert::{ImageBounds, check_tensor, image_input, image_tensor};
 
 /// How a stream's frames become tensors for its model.
+#[derive(Clone)]
 pub struct FrameReader {
     /// The model's image input (name, height, width), or why it has none.
     image: Result<(String, u32, u32), GatewayError>,
@@ -24,8 +25,9 @@ impl FrameReader {
     }
 
     /// A frame's tensors: the ones it carries, checked, or its image
-    /// decoded into the model's image input; exactly one of the two.
-    pub fn inputs(&self, mut tensors: Vec<Tensor>, image: &[u8]) -> Result<Vec<Tensor>, GatewayError> {
+    /// decoded (on a bulk thread, as a REST image is) into the model's
+    /// image input; exactly one of the two.
+    pub async fn inputs(&self, mut tensors: Vec<Tensor>, image: Vec<u8>) -> Result<Vec<Tensor>, GatewayError> {
         match (tensors.is_empty(), image.is_empty()) {
             (true, true) => Err(GatewayError::invalid("frame", "a frame carries input tensors or an image")),
             (false, false) => {
@@ -38,12 +40,16 @@ impl FrameReader {
                 Ok(tensors)
             }
             (true, false) => {
-                let (name, h, w) = self.image.as_ref().map_err(Clone::clone)?;
-                let tensor = image_tensor(image, name, *h, *w, self.bounds).map_err(|e| match e {
-                    // The image is the frame's, not a request body.
-                    GatewayError::InvalidRequest { detail, .. } => GatewayError::invalid("image", detail),
-                    other => other,
-                })?;
+                let (name, h, w) = self.image.clone()?;
+                let bounds = self.bounds;
+                let tensor = crate::bulk::run(move || image_tensor(&image, &name, h, w, bounds))
+                    .await
+                    .map_err(|e| GatewayError::invalid("image", format!("image decoding failed: {e}")))?
+                    .map_err(|e| match e {
+                        // The image is the frame's, not a request body.
+                        GatewayError::InvalidRequest { detail, .. } => GatewayError::invalid("image", detail),
+                        other => other,
+                    })?;
                 Ok(vec![tensor])
             }
         }

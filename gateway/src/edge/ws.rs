@@ -195,8 +195,8 @@ fn frames(
         loop {
             let frame = match source.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(GatewayError::Cancelled),
-                Some(Ok(Message::Binary(bytes))) => Ok(binary_frame(&bytes, &reader)),
-                Some(Ok(Message::Text(text))) => match text_frame(text.as_str(), &reader) {
+                Some(Ok(Message::Binary(bytes))) => Ok(binary_frame(&bytes, &reader).await),
+                Some(Ok(Message::Text(text))) => match text_frame(text.as_str(), &reader).await {
                     Ok(None) => return None,
                     Ok(Some(frame)) => Ok(frame),
                     Err(e) => Err(e),
@@ -209,7 +209,7 @@ fn frames(
 }
 
 /// A binary message: the header, then an image.
-fn binary_frame(bytes: &[u8], reader: &FrameReader) -> Frame {
+async fn binary_frame(bytes: &[u8], reader: &FrameReader) -> Frame {
     let Some((header, image)) = bytes.split_first_chunk::<HEADER>() else {
         let e = GatewayError::invalid("frame", format!("a binary frame starts with {HEADER} bytes of header"));
         return Frame { seq: 0, timestamp: 0, inputs: Err(e), parameters: HashMap::new() };
@@ -217,7 +217,7 @@ fn binary_frame(bytes: &[u8], reader: &FrameReader) -> Frame {
     let (seq, timestamp) = header.split_at(8);
     let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
     let timestamp = i64::from_be_bytes(timestamp.try_into().unwrap_or_default());
-    Frame { seq, timestamp, inputs: reader.inputs(Vec::new(), image), parameters: HashMap::new() }
+    Frame { seq, timestamp, inputs: reader.inputs(Vec::new(), image.to_vec()).await, parameters: HashMap::new() }
 }
 
 /// A text message from the client.
@@ -239,20 +239,23 @@ struct TextFrame<'a> {
 /// A text message: a frame of tensors, or `None` for the end of frames.
 /// A message that is not JSON at all ends the stream (there is no frame to
 /// blame); one that is, with bad tensors, fails that frame alone.
-fn text_frame(text: &str, reader: &FrameReader) -> Result<Option<Frame>, GatewayError> {
+async fn text_frame(text: &str, reader: &FrameReader) -> Result<Option<Frame>, GatewayError> {
     let msg: TextFrame<'_> = serde_json::from_str(text).map_err(|e| {
         GatewayError::invalid("message", format!("a text message is a JSON frame or {{\"end\": true}}: {e}"))
     })?;
     if msg.end {
         return Ok(None);
     }
-    let inputs = msg
+    let inputs = match msg
         .inputs
         .iter()
         .enumerate()
         .map(|(i, t)| tensor_from_json(t, &format!("inputs[{i}]")))
         .collect::<Result<Vec<Tensor>, _>>()
-        .and_then(|tensors| reader.inputs(tensors, &[]));
+    {
+        Ok(tensors) => reader.inputs(tensors, Vec::new()).await,
+        Err(e) => Err(e),
+    };
     let (inputs, parameters) = match params_from_json(msg.parameters.as_ref(), "parameters") {
         Ok(parameters) => (inputs, parameters),
         Err(e) => (Err(e), HashMap::new()),
