@@ -46,7 +46,7 @@ build:
 
 # Side-by-side scenarios (benches/scenarios.py); SCENARIO=name runs one.
 bench: $(STAMPS)/venv-bench
-	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench --bin infergate-ceiling --bin infergate-allocs
+	cargo build --release --locked -p infergate -p infergate-benches --bin infergate --bin infergate-bench --bin infergate-ceiling --bin infergate-allocs --bin infergate-video
 	$(VPY) benches/scenarios.py $(SCENARIO)
 
 # CPU profiles under load (benches/profile.py: perf + inferno for the gateway,

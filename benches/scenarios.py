@@ -1686,6 +1686,98 @@ def scenario_burst(tmp: Path) -> None:
     plt.close(fig)
 
 
+VIDEO = ROOT / "target/release/infergate-video"
+
+
+def scenario_video(tmp: Path) -> None:
+    """Cameras at 30 fps of 224x224 JPEG frames through tiny_cnn: 1, 4 and
+    16 at once, each as one gRPC InferStream (8 frames in flight, the oldest
+    waiting frame dropped when behind) and, from the same client process on
+    the same cores, as one REST request per frame: `rest` sends a camera's
+    next frame once the last is answered (frames captured meanwhile are
+    skipped), `rest-pipelined` up to 8 unanswered at once. Latency is a
+    frame's send to its result, at the client."""
+    pool = '[[pools]]\nname = "tiny_cnn"\nclass = "infergate_worker.examples.tiny_cnn:TinyCNN"\n'
+    duration = 15
+    modes = ["stream", "rest", "rest-pipelined"]
+    runs: list[dict[str, Any]] = []
+    with gateway(pool, tmp) as urls:
+        # Warm the model and the decoders.
+        warm = [str(VIDEO), "--mode", "stream", "--http", urls["http"], "--grpc", urls["grpc"]]
+        subprocess.run(
+            pinned([*warm, "--duration", "3s"], LOAD_CPUS), check=True, stdout=subprocess.DEVNULL
+        )
+        for streams in (1, 4, 16):
+            for mode in modes:
+                out = tmp / f"video-{mode}-{streams}.json"
+                cmd = [str(VIDEO), "--mode", mode, "--http", urls["http"], "--grpc", urls["grpc"]]
+                cmd += ["--streams", str(streams), "--duration", f"{duration}s"]
+                cmd += ["--label", f"{mode} x{streams}", "--json", str(out)]
+                subprocess.run(pinned(cmd, LOAD_CPUS), check=True, stdout=subprocess.DEVNULL)
+                runs.append(json.loads(out.read_text()))
+                fps = runs[-1]["answered_fps"]
+                print(f"video {mode} x{streams}: {fps:.1f} frames/s", flush=True)
+    by = {(r["mode"], r["streams"]): r for r in runs}
+    table = (
+        "| cameras | client | offered fps | answered fps | p50 ms | p99 ms | dropped | failed |\n"
+        "|---:|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    for r in runs:
+        lat = r["latency_ms"]
+        table += (
+            f"| {r['streams']} | {r['mode']} | {r['offered'] / duration:.0f} | "
+            f"{r['answered_fps']:.1f} | {lat['p50']:.1f} | {lat['p99']:.1f} | "
+            f"{r['dropped']} | {r['failed']} |\n"
+        )
+    ratios = {}
+    for n in (1, 4, 16):
+        stream, rest, piped = by[("Stream", n)], by[("Rest", n)], by[("RestPipelined", n)]
+        ratios[n] = {
+            "stream_vs_rest_fps": stream["answered_fps"] / max(rest["answered_fps"], 1e-9),
+            "stream_vs_rest_pipelined_fps": stream["answered_fps"]
+            / max(piped["answered_fps"], 1e-9),
+            "stream_p99_ms": stream["latency_ms"]["p99"],
+            "rest_p99_ms": rest["latency_ms"]["p99"],
+            "rest_pipelined_p99_ms": piped["latency_ms"]["p99"],
+        }
+    summary = "".join(
+        f"{n} camera(s): streams answered {r['stream_vs_rest_fps']:.2f}x the frames a second of "
+        f"one REST request per frame (p99 {r['stream_p99_ms']:.0f} ms vs "
+        f"{r['rest_p99_ms']:.0f} ms), {r['stream_vs_rest_pipelined_fps']:.2f}x those of "
+        f"pipelined REST (p99 {r['rest_pipelined_p99_ms']:.0f} ms).\n"
+        for n, r in ratios.items()
+    )
+    doc = {"machine": machine(), "duration_s": duration, "runs": runs, "ratios": ratios}
+    write("video", doc, summary + "\n" + table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for mode, label in (
+        ("Stream", "gRPC InferStream"),
+        ("Rest", "REST, one at a time"),
+        ("RestPipelined", "REST, 8 at once"),
+    ):
+        ns = [1, 4, 16]
+        left.plot(ns, [by[(mode, n)]["answered_fps"] for n in ns], marker="o", label=label)
+        right.plot(ns, [by[(mode, n)]["latency_ms"]["p99"] for n in ns], marker="o", label=label)
+    left.plot([1, 4, 16], [30, 120, 480], "--", color="grey", label="offered (30 fps a camera)")
+    left.set_ylabel("frames answered / s")
+    right.set_ylabel("p99 frame latency, ms")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+        ax.set_xlabel("cameras at 30 fps")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("224x224 JPEG frames through tiny_cnn: streams vs one REST request per frame")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "video.png", dpi=110)
+    plt.close(fig)
+
+
 SCENARIOS = {
     "hostile": scenario_hostile,
     "overhead": scenario_overhead,
@@ -1698,6 +1790,7 @@ SCENARIOS = {
     "embedded": scenario_embedded,
     "tensor": scenario_tensor,
     "allocs": scenario_allocs,
+    "video": scenario_video,
     "burst": scenario_burst,
 }
 

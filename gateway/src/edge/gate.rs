@@ -3,7 +3,9 @@
 //! memory all buffered requests take together (`http.max_buffered_bytes`),
 //! before it takes one of the listener's in-flight permits. A client that
 //! stalls its body therefore holds a connection and a little memory, never
-//! a permit that an ordinary client needs.
+//! a permit that an ordinary client needs. A stream of frames (gRPC
+//! `InferStream`) is the exception: its body is read message by message
+//! for as long as it lasts, under the core's stream bounds instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -153,6 +153,12 @@ pub(super) async fn open(State(state): State<Arc<EdgeState>>, Params(model): Par
         let axum::extract::Query(settings) = axum::extract::Query::<Settings>::try_from_uri(&parts.uri)
             .map_err(|e| GatewayError::invalid("query", e.body_text()))?;
         let spec = settings.spec()?;
+        // Over HTTP/2 (RFC 8441) a WebSocket is one stream of a connection
+        // whose idle bounds count requests, not upgraded streams; browsers
+        // open `ws://` over HTTP/1.1.
+        if parts.version != http::Version::HTTP_11 {
+            return Err(GatewayError::invalid("upgrade", "open the stream's WebSocket over HTTP/1.1"));
+        }
         let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
             .await
             .map_err(|e| GatewayError::invalid("upgrade", format!("{}: open a WebSocket here", e.body_text())))?;
