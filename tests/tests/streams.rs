@@ -395,6 +395,46 @@ fn a_slow_model_behind_a_fast_sender_blocks_the_sender_or_drops_the_oldest_frame
     assert!(answered.contains(&58), "the second freshest frame was dropped: answered {answered:?}");
     let dropped_after = metric(&gw, "infergate_stream_frames_dropped_total{model=\"echo\",reason=\"overflow\"}");
     assert_eq!(dropped_after - dropped_before, dropped.len() as f64);
+
+    // A frame's deadline: frames slower than it fail alone; the stream goes
+    // on. Values no earlier frame had, so that none is answered from the cache.
+    let hasty = StreamOpen { frame_timeout_ms: 50, ..slow(StreamOverflow::Block) };
+    let unseen = |seq: u64| StreamFrame { seq, inputs: vec![fp32("x", &[1000.0 + seq as f32])], ..Default::default() };
+    let late = rt.block_on(grpc_stream(&gw, hasty, (0..4).map(unseen).collect(), Duration::ZERO, None)).unwrap();
+    assert!(late.ended.is_none(), "{:?}", late.ended);
+    assert_eq!(late.results.len(), 4);
+    for r in &late.results {
+        let Some(Outcome::Error(e)) = &r.outcome else { panic!("a 100 ms frame beat its 50 ms deadline: {r:?}") };
+        assert_eq!((e.code, e.r#type.as_str()), (tonic::Code::DeadlineExceeded as i32, "deadline-exceeded"), "{e:?}");
+    }
+
+    // The stream's deadline (grpc-timeout): it ends with DEADLINE_EXCEEDED
+    // then, whatever its frames.
+    let ended = rt.block_on(async {
+        let mut client = InferenceClient::connect(gw.grpc_url()).await.unwrap();
+        let messages = std::iter::once(Kind::Open(open("echo")))
+            .chain((0..1000).map(|i| Kind::Frame(tensor_frame(i, 0))))
+            .map(|kind| StreamRequest { kind: Some(kind) });
+        let paced = tokio_stream::StreamExt::throttle(futures::stream::iter(messages), Duration::from_millis(20));
+        let mut req = tonic::Request::new(paced);
+        req.metadata_mut().insert("grpc-timeout", "1500m".parse().unwrap());
+        let started = Instant::now();
+        let mut results = client.infer_stream(req).await.unwrap().into_inner();
+        let mut answered = 0;
+        let status = loop {
+            match results.message().await {
+                Ok(Some(_)) => answered += 1,
+                Ok(None) => panic!("the stream outlived its deadline"),
+                Err(status) => break status,
+            }
+        };
+        (status, started.elapsed(), answered)
+    });
+    let (status, after, answered) = ended;
+    eprintln!("a 1.5 s stream ended after {after:?} with {answered} results: {status:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(4), "{after:?}");
+    assert!(answered > 10, "{answered}");
 }
 
 #[test]

@@ -142,6 +142,8 @@ struct Session {
     window: usize,
     frame_timeout: Duration,
     idle_timeout: Duration,
+    /// How long the stream may last, and when that is.
+    lasts: Duration,
     ends_at: Instant,
     frames: FrameLimit,
     edge: &'static str,
@@ -184,6 +186,7 @@ impl Core {
             declared,
             frame_timeout: spec.frame_timeout.unwrap_or(limits.frame_timeout),
             idle_timeout: limits.idle_timeout,
+            lasts,
             ends_at: Instant::now() + lasts,
             window,
             frames,
@@ -337,8 +340,7 @@ impl Session {
                     return;
                 }
                 () = &mut ends => {
-                    let after = self.ends_at.saturating_duration_since(Instant::now());
-                    let _ = tx.send(Err(GatewayError::DeadlineExceeded { after })).await;
+                    let _ = tx.send(Err(GatewayError::DeadlineExceeded { after: self.lasts })).await;
                     return;
                 }
             }
