@@ -2,8 +2,12 @@
 //! `/v1/streams/{model}`) share: a frame's payload made into the model's
 //! tensors, as a single REST or gRPC call's would be.
 
+use bytes::Bytes;
+use futures::FutureExt;
+
 use crate::error::GatewayError;
 use crate::proto::{ModelEntry, Tensor};
+use crate::service::stream::Inputs;
 
 use super::convert::{ImageBounds, check_tensor, image_input, image_tensor};
 
@@ -24,34 +28,37 @@ impl FrameReader {
         Self { image, bounds }
     }
 
-    /// A frame's tensors: the ones it carries, checked, or its image
+    /// A frame's tensors: the ones it carries, checked now, or its image,
     /// decoded (on a bulk thread, as a REST image is) into the model's
-    /// image input; exactly one of the two.
-    pub async fn inputs(&self, mut tensors: Vec<Tensor>, image: Vec<u8>) -> Result<Vec<Tensor>, GatewayError> {
-        match (tensors.is_empty(), image.is_empty()) {
+    /// image input when the stream sends the frame; exactly one of the two.
+    pub fn inputs(&self, mut tensors: Vec<Tensor>, image: Bytes) -> Inputs {
+        let checked = match (tensors.is_empty(), image.is_empty()) {
             (true, true) => Err(GatewayError::invalid("frame", "a frame carries input tensors or an image")),
             (false, false) => {
                 Err(GatewayError::invalid("frame", "a frame carries input tensors or an image, not both"))
             }
-            (false, true) => {
-                for (i, t) in tensors.iter_mut().enumerate() {
-                    check_tensor(t, &format!("inputs[{i}]"))?;
-                }
-                Ok(tensors)
-            }
+            (false, true) => tensors
+                .iter_mut()
+                .enumerate()
+                .try_for_each(|(i, t)| check_tensor(t, &format!("inputs[{i}]")))
+                .map(|()| tensors),
             (true, false) => {
-                let (name, h, w) = self.image.clone()?;
-                let bounds = self.bounds;
-                let tensor = crate::bulk::run(move || image_tensor(&image, &name, h, w, bounds))
-                    .await
-                    .map_err(|e| GatewayError::invalid("image", format!("image decoding failed: {e}")))?
-                    .map_err(|e| match e {
-                        // The image is the frame's, not a request body.
-                        GatewayError::InvalidRequest { detail, .. } => GatewayError::invalid("image", detail),
-                        other => other,
-                    })?;
-                Ok(vec![tensor])
+                let (image_input, bounds) = (self.image.clone(), self.bounds);
+                return async move {
+                    let (name, h, w) = image_input?;
+                    let tensor = crate::bulk::run(move || image_tensor(&image, &name, h, w, bounds))
+                        .await
+                        .map_err(|e| GatewayError::invalid("image", format!("image decoding failed: {e}")))?
+                        .map_err(|e| match e {
+                            // The image is the frame's, not a request body.
+                            GatewayError::InvalidRequest { detail, .. } => GatewayError::invalid("image", detail),
+                            other => other,
+                        })?;
+                    Ok(vec![tensor])
+                }
+                .boxed();
             }
-        }
+        };
+        futures::future::ready(checked).boxed()
     }
 }

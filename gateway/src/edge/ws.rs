@@ -34,7 +34,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{FromRequestParts, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -201,8 +202,8 @@ fn frames(
         loop {
             let frame = match source.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(GatewayError::Cancelled),
-                Some(Ok(Message::Binary(bytes))) => Ok(binary_frame(&bytes, &reader).await),
-                Some(Ok(Message::Text(text))) => match text_frame(text.as_str(), &reader).await {
+                Some(Ok(Message::Binary(bytes))) => Ok(binary_frame(bytes, &reader)),
+                Some(Ok(Message::Text(text))) => match text_frame(text.as_str(), &reader) {
                     Ok(None) => return None,
                     Ok(Some(frame)) => Ok(frame),
                     Err(e) => Err(e),
@@ -215,15 +216,15 @@ fn frames(
 }
 
 /// A binary message: the header, then an image.
-async fn binary_frame(bytes: &[u8], reader: &FrameReader) -> Frame {
-    let Some((header, image)) = bytes.split_first_chunk::<HEADER>() else {
+fn binary_frame(bytes: Bytes, reader: &FrameReader) -> Frame {
+    let Some((header, _)) = bytes.split_first_chunk::<HEADER>() else {
         let e = GatewayError::invalid("frame", format!("a binary frame starts with {HEADER} bytes of header"));
-        return Frame { seq: 0, timestamp: 0, inputs: Err(e), parameters: HashMap::new() };
+        return Frame { seq: 0, timestamp: 0, inputs: futures::future::err(e).boxed(), parameters: HashMap::new() };
     };
     let (seq, timestamp) = header.split_at(8);
     let seq = u64::from_be_bytes(seq.try_into().unwrap_or_default());
     let timestamp = i64::from_be_bytes(timestamp.try_into().unwrap_or_default());
-    Frame { seq, timestamp, inputs: reader.inputs(Vec::new(), image.to_vec()).await, parameters: HashMap::new() }
+    Frame { seq, timestamp, inputs: reader.inputs(Vec::new(), bytes.slice(HEADER..)), parameters: HashMap::new() }
 }
 
 /// A text message from the client.
@@ -245,26 +246,22 @@ struct TextFrame<'a> {
 /// A text message: a frame of tensors, or `None` for the end of frames.
 /// A message that is not JSON at all ends the stream (there is no frame to
 /// blame); one that is, with bad tensors, fails that frame alone.
-async fn text_frame(text: &str, reader: &FrameReader) -> Result<Option<Frame>, GatewayError> {
+fn text_frame(text: &str, reader: &FrameReader) -> Result<Option<Frame>, GatewayError> {
     let msg: TextFrame<'_> = serde_json::from_str(text).map_err(|e| {
         GatewayError::invalid("message", format!("a text message is a JSON frame or {{\"end\": true}}: {e}"))
     })?;
     if msg.end {
         return Ok(None);
     }
-    let inputs = match msg
+    let tensors = msg
         .inputs
         .iter()
         .enumerate()
         .map(|(i, t)| tensor_from_json(t, &format!("inputs[{i}]")))
-        .collect::<Result<Vec<Tensor>, _>>()
-    {
-        Ok(tensors) => reader.inputs(tensors, Vec::new()).await,
-        Err(e) => Err(e),
-    };
-    let (inputs, parameters) = match params_from_json(msg.parameters.as_ref(), "parameters") {
-        Ok(parameters) => (inputs, parameters),
-        Err(e) => (Err(e), HashMap::new()),
+        .collect::<Result<Vec<Tensor>, _>>();
+    let (inputs, parameters) = match (tensors, params_from_json(msg.parameters.as_ref(), "parameters")) {
+        (Ok(tensors), Ok(parameters)) => (reader.inputs(tensors, Bytes::new()), parameters),
+        (Err(e), _) | (_, Err(e)) => (futures::future::err(e).boxed(), HashMap::new()),
     };
     Ok(Some(Frame { seq: msg.seq, timestamp: msg.timestamp, inputs, parameters }))
 }

@@ -92,14 +92,18 @@ pub struct StreamSpec {
     pub deadline: Option<Duration>,
 }
 
+/// A frame's tensors as its edge makes them, or why it cannot (the frame
+/// then fails alone). Made only when the frame goes to the model: an image
+/// is decoded then, so a frame dropped while it waits costs no more than
+/// reading it, and a stream behind its model falls behind by dropping,
+/// not by decoding frames it will never send.
+pub type Inputs = futures::future::BoxFuture<'static, Result<Vec<Tensor>, GatewayError>>;
+
 /// One frame as an edge read it.
-#[derive(Debug)]
 pub struct Frame {
     pub seq: u64,
     pub timestamp: i64,
-    /// The frame's tensors, or why the edge could not read them (the frame
-    /// fails alone).
-    pub inputs: Result<Vec<Tensor>, GatewayError>,
+    pub inputs: Inputs,
     /// This frame's parameters, over the stream's.
     pub parameters: HashMap<String, ParamValue>,
 }
@@ -224,7 +228,7 @@ struct Waiting {
     seq: u64,
     timestamp: i64,
     arrived: Instant,
-    inputs: Vec<Tensor>,
+    inputs: Inputs,
     parameters: HashMap<String, ParamValue>,
 }
 
@@ -347,9 +351,9 @@ impl Session {
         }
     }
 
-    /// Take in one frame: queue it, or settle it at once (dropped, or
-    /// failed when the edge could not read it). The frame, or the one the
-    /// overflow policy dropped for it, is returned when settled.
+    /// Take in one frame: queue it, or settle it at once (dropped). The
+    /// frame, or the one the overflow policy dropped for it, is returned
+    /// when settled.
     fn arrive(&self, flow: &mut Flow, frame: Frame) -> Option<(u64, FrameResult)> {
         let index = flow.read;
         flow.read += 1;
@@ -364,16 +368,12 @@ impl Session {
             tracing::debug!(model = %self.ask.model, seq = frame.seq, error = %refused, "frame dropped");
             return settled(Outcome::Dropped(DropReason::RateLimited));
         }
-        let inputs = match frame.inputs {
-            Ok(inputs) => inputs,
-            Err(e) => return settled(Outcome::Failed(e)),
-        };
         let waiting = Waiting {
             index,
             seq: frame.seq,
             timestamp: frame.timestamp,
             arrived,
-            inputs,
+            inputs: frame.inputs,
             parameters: frame.parameters,
         };
         if flow.waiting.len() < self.window || self.spec.overflow == Overflow::Block {
@@ -396,8 +396,9 @@ impl Session {
         Some((dropped.index, result))
     }
 
-    /// Send one frame through the routes, the cache and the pools, as a
-    /// single tensor call, with the frame's own deadline.
+    /// Make one frame's tensors and send them through the routes, the
+    /// cache and the pools, as a single tensor call, with the frame's own
+    /// deadline.
     fn send(
         &self,
         core: &Arc<Core>,
@@ -413,20 +414,23 @@ impl Session {
             request_id: format!("{}:{}", self.ask.request_id, w.seq),
             ..self.ask.clone()
         };
-        let item = InferItem {
-            id: String::new(),
-            inputs: w.inputs,
-            outputs: self.spec.outputs.clone(),
-            parameters: if w.parameters.is_empty() {
-                self.spec.parameters.clone()
-            } else {
-                let mut all = self.spec.parameters.clone();
-                all.extend(w.parameters);
-                all
-            },
+        let outputs = self.spec.outputs.clone();
+        let parameters = if w.parameters.is_empty() {
+            self.spec.parameters.clone()
+        } else {
+            let mut all = self.spec.parameters.clone();
+            all.extend(w.parameters);
+            all
         };
         async move {
-            let outcome = match core.send_infer(&live, &plan, &ask, &declared, item).await {
+            let sent = async {
+                let inputs = tokio::time::timeout(ask.deadline.remaining(), w.inputs)
+                    .await
+                    .map_err(|_| GatewayError::DeadlineExceeded { after: ask.deadline.budget })??;
+                let item = InferItem { id: String::new(), inputs, outputs, parameters };
+                core.send_infer(&live, &plan, &ask, &declared, item).await
+            };
+            let outcome = match sent.await {
                 Ok(((info, out), _, _)) => {
                     Outcome::Answered { version: info.version, outputs: out.tensors, parameters: out.parameters }
                 }

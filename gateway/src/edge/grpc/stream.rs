@@ -66,21 +66,16 @@ pub(super) async fn open(
     let reader = FrameReader::new(&opened.entry, state.image);
     let served = opened.served();
     let frames = incoming
-        .then(move |msg| {
-            let reader = reader.clone();
-            async move {
-                match msg {
-                    Ok(StreamRequest { kind: Some(Kind::Frame(f)) }) => Ok(Frame {
-                        seq: f.seq,
-                        timestamp: f.timestamp,
-                        inputs: reader.inputs(f.inputs, f.image).await,
-                        parameters: f.parameters,
-                    }),
-                    Ok(_) => Err(GatewayError::invalid("open", "only the first message opens the stream")),
-                    // The client's side of the call broke: nobody reads on.
-                    Err(_) => Err(GatewayError::Cancelled),
-                }
-            }
+        .map(move |msg| match msg {
+            Ok(StreamRequest { kind: Some(Kind::Frame(f)) }) => Ok(Frame {
+                seq: f.seq,
+                timestamp: f.timestamp,
+                inputs: reader.inputs(f.inputs, f.image.into()),
+                parameters: f.parameters,
+            }),
+            Ok(_) => Err(GatewayError::invalid("open", "only the first message opens the stream")),
+            // The client's side of the call broke: nobody reads on.
+            Err(_) => Err(GatewayError::Cancelled),
         })
         .take_until(state.draining.clone().cancelled_owned());
     let results = {
