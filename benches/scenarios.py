@@ -1687,22 +1687,32 @@ def scenario_burst(tmp: Path) -> None:
 
 
 VIDEO = ROOT / "target/release/infergate-video"
-# Cameras at once: the issue's 1, 4 and 16, then on until the server's core
-# is the limit and the clients differ in what they get from it.
-CAMERAS = (1, 4, 16, 32, 64)
+# Cameras at once on loopback: the issue's 1, 4 and 16, then 64, past what
+# the server's core decodes and classifies.
+CAMERAS = (1, 4, 16, 64)
+# Cameras at the far end of a link (a city network, a cellular uplink):
+# its round-trip times, and cameras at once over it.
+RTTS_MS = (20, 50, 100)
+LINK_CAMERAS = (4, 16)
+VIDEO_MODES = {
+    "Stream": "gRPC InferStream",
+    "Rest": "REST, one at a time",
+    "RestPipelined": "REST, 8 at once",
+}
 
 
 def scenario_video(tmp: Path) -> None:
-    """Cameras at 30 fps of 224x224 JPEG frames through tiny_cnn: 1, 4, 16,
-    32 and 64 at once, each as one gRPC InferStream (8 frames in flight, the oldest
-    waiting frame dropped when behind) and, from the same client process on
-    the same cores, as one REST request per frame: `rest` sends a camera's
-    next frame once the last is answered (frames captured meanwhile are
-    skipped), `rest-pipelined` up to 8 unanswered at once. Latency is a
-    frame's send to its result, at the client."""
+    """Cameras at 30 fps of 224x224 JPEG frames through tiny_cnn, each as
+    one gRPC InferStream (8 frames in flight, the oldest waiting frame
+    dropped when behind) and, from the same client process on the same
+    cores, as one REST request per frame: `rest` sends a camera's next frame
+    once the last is answered (frames captured meanwhile are skipped),
+    `rest-pipelined` up to 8 unanswered at once. Latency is a frame's send
+    to its result, at the client. First on loopback, 1 to 64 cameras; then
+    with the cameras behind a link of 20 to 100 ms round trip."""
     pool = '[[pools]]\nname = "tiny_cnn"\nclass = "infergate_worker.examples.tiny_cnn:TinyCNN"\n'
     duration = 15
-    modes = ["stream", "rest", "rest-pipelined"]
+    plan = [(n, 0) for n in CAMERAS] + [(n, rtt) for rtt in RTTS_MS for n in LINK_CAMERAS]
     runs: list[dict[str, Any]] = []
     with gateway(pool, tmp) as urls:
         # Warm the model and the decoders.
@@ -1710,45 +1720,51 @@ def scenario_video(tmp: Path) -> None:
         subprocess.run(
             pinned([*warm, "--duration", "3s"], LOAD_CPUS), check=True, stdout=subprocess.DEVNULL
         )
-        for streams in CAMERAS:
-            for mode in modes:
-                out = tmp / f"video-{mode}-{streams}.json"
+        for streams, rtt in plan:
+            for mode in ("stream", "rest", "rest-pipelined"):
+                out = tmp / f"video-{mode}-{streams}-{rtt}.json"
                 cmd = [str(VIDEO), "--mode", mode, "--http", urls["http"], "--grpc", urls["grpc"]]
                 cmd += ["--streams", str(streams), "--duration", f"{duration}s"]
-                cmd += ["--label", f"{mode} x{streams}", "--json", str(out)]
+                cmd += ["--rtt", f"{rtt}ms", "--label", f"{mode} x{streams} rtt {rtt} ms"]
+                cmd += ["--json", str(out)]
                 subprocess.run(pinned(cmd, LOAD_CPUS), check=True, stdout=subprocess.DEVNULL)
                 runs.append(json.loads(out.read_text()))
                 fps = runs[-1]["answered_fps"]
-                print(f"video {mode} x{streams}: {fps:.1f} frames/s", flush=True)
-    by = {(r["mode"], r["streams"]): r for r in runs}
+                print(f"video {mode} x{streams} rtt {rtt} ms: {fps:.1f} frames/s", flush=True)
+    by = {(r["mode"], r["streams"], round(r["rtt_ms"])): r for r in runs}
     table = (
-        "| cameras | client | offered fps | answered fps | p50 ms | p99 ms | dropped | failed |\n"
-        "|---:|---|---:|---:|---:|---:|---:|---:|\n"
+        "| link RTT ms | cameras | client | offered fps | answered fps | p50 ms | p99 ms "
+        "| dropped | failed |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|\n"
     )
     for r in runs:
         lat = r["latency_ms"]
         table += (
-            f"| {r['streams']} | {r['mode']} | {r['offered'] / duration:.0f} | "
-            f"{r['answered_fps']:.1f} | {lat['p50']:.1f} | {lat['p99']:.1f} | "
+            f"| {r['rtt_ms']:.0f} | {r['streams']} | {r['mode']} | {r['offered'] / duration:.0f} "
+            f"| {r['answered_fps']:.1f} | {lat['p50']:.1f} | {lat['p99']:.1f} | "
             f"{r['dropped']} | {r['failed']} |\n"
         )
-    ratios = {}
-    for n in CAMERAS:
-        stream, rest, piped = by[("Stream", n)], by[("Rest", n)], by[("RestPipelined", n)]
-        ratios[n] = {
-            "stream_vs_rest_fps": stream["answered_fps"] / max(rest["answered_fps"], 1e-9),
-            "stream_vs_rest_pipelined_fps": stream["answered_fps"]
-            / max(piped["answered_fps"], 1e-9),
-            "stream_p99_ms": stream["latency_ms"]["p99"],
-            "rest_p99_ms": rest["latency_ms"]["p99"],
-            "rest_pipelined_p99_ms": piped["latency_ms"]["p99"],
-        }
+    ratios = []
+    for n, rtt in plan:
+        stream, rest, piped = (by[(mode, n, rtt)] for mode in VIDEO_MODES)
+        ratios.append(
+            {
+                "cameras": n,
+                "rtt_ms": rtt,
+                "stream_vs_rest_fps": stream["answered_fps"] / max(rest["answered_fps"], 1e-9),
+                "stream_vs_rest_pipelined_fps": stream["answered_fps"]
+                / max(piped["answered_fps"], 1e-9),
+                "stream_p99_ms": stream["latency_ms"]["p99"],
+                "rest_p99_ms": rest["latency_ms"]["p99"],
+                "rest_pipelined_p99_ms": piped["latency_ms"]["p99"],
+            }
+        )
     summary = "".join(
-        f"{n} camera(s): streams answered {r['stream_vs_rest_fps']:.2f}x the frames a second of "
-        f"one REST request per frame (p99 {r['stream_p99_ms']:.0f} ms vs "
-        f"{r['rest_p99_ms']:.0f} ms), {r['stream_vs_rest_pipelined_fps']:.2f}x those of "
-        f"pipelined REST (p99 {r['rest_pipelined_p99_ms']:.0f} ms).\n"
-        for n, r in ratios.items()
+        f"{r['cameras']} camera(s), {r['rtt_ms']} ms link: streams answered "
+        f"{r['stream_vs_rest_fps']:.2f}x the frames a second of one REST request per frame "
+        f"(p99 {r['stream_p99_ms']:.0f} ms vs {r['rest_p99_ms']:.0f} ms), "
+        f"{r['stream_vs_rest_pipelined_fps']:.2f}x those of pipelined REST "
+        f"(p99 {r['rest_pipelined_p99_ms']:.0f} ms).\n"
+        for r in ratios
     )
     doc = {"machine": machine(), "duration_s": duration, "runs": runs, "ratios": ratios}
     write("video", doc, summary + "\n" + table)
@@ -1757,26 +1773,30 @@ def scenario_video(tmp: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for mode, label in (
-        ("Stream", "gRPC InferStream"),
-        ("Rest", "REST, one at a time"),
-        ("RestPipelined", "REST, 8 at once"),
-    ):
-        ns = list(CAMERAS)
-        left.plot(ns, [by[(mode, n)]["answered_fps"] for n in ns], marker="o", label=label)
-        right.plot(ns, [by[(mode, n)]["latency_ms"]["p99"] for n in ns], marker="o", label=label)
-    left.plot(
-        CAMERAS, [30 * n for n in CAMERAS], "--", color="grey", label="offered (30 fps a camera)"
-    )
-    left.set_ylabel("frames answered / s")
-    right.set_ylabel("p99 frame latency, ms")
-    for ax in (left, right):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    far = LINK_CAMERAS[-1]
+    for mode, label in VIDEO_MODES.items():
+        near = [by[(mode, n, 0)] for n in CAMERAS]
+        axes[0][0].plot(CAMERAS, [r["answered_fps"] for r in near], marker="o", label=label)
+        axes[0][1].plot(CAMERAS, [r["latency_ms"]["p99"] for r in near], marker="o", label=label)
+        linked = [by[(mode, far, rtt)] for rtt in RTTS_MS]
+        axes[1][0].plot(RTTS_MS, [r["answered_fps"] for r in linked], marker="o", label=label)
+        axes[1][1].plot(RTTS_MS, [r["latency_ms"]["p99"] for r in linked], marker="o", label=label)
+    axes[0][0].plot(CAMERAS, [30 * n for n in CAMERAS], "--", color="grey", label="offered")
+    axes[1][0].axhline(30 * far, linestyle="--", color="grey", label="offered")
+    for ax in axes[0]:
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(CAMERAS), [str(n) for n in CAMERAS])
-        ax.set_xlabel("cameras at 30 fps")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_xlabel("cameras at 30 fps, loopback")
+    for ax in axes[1]:
+        ax.set_xticks(list(RTTS_MS))
+        ax.set_xlabel(f"link round trip, ms ({far} cameras at 30 fps)")
+    for row in axes:
+        row[0].set_ylabel("frames answered / s")
+        row[1].set_ylabel("p99 frame latency, ms")
+        for ax in row:
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle("224x224 JPEG frames through tiny_cnn: streams vs one REST request per frame")
     fig.tight_layout()
     fig.savefig(RESULTS / "video.png", dpi=110)

@@ -86,6 +86,7 @@ async fn closed_loop_over_grpc_counts_what_it_sends() {
             routes: Default::default(),
             cache: infergate::cache::ResponseCache::disabled(),
             prices: Arc::default(),
+            streams: Default::default(),
         },
     );
     let state = Arc::new(EdgeState {

@@ -639,7 +639,7 @@ fn streams_are_authenticated_rate_limited_and_bounded_and_a_bad_frame_fails_alon
         assert_eq!(resp.status(), 200);
         for (_tx, mut results, opened) in idle {
             let end = results.message().await;
-            let status = end.err().expect("an idle stream ended without an error");
+            let status = end.expect_err("an idle stream ended without an error");
             assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
             assert!(status.message().contains("idle"), "{status:?}");
             let after = opened.elapsed();

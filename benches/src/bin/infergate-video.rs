@@ -10,6 +10,11 @@
 //! `--max-in-flight` unanswered (past it, skipped). A stream keeps at most
 //! `--max-in-flight` frames at the model and drops the oldest waiting frame
 //! when behind (`drop_oldest`), reported by the gateway.
+//!
+//! `--rtt` puts the cameras at the far end of a network link: both
+//! connections go through a delay line (the e2e tests' TCP fault proxy,
+//! half the round trip each way, never throttled; `tc netem` does not work
+//! on these machines), as a camera on a city network or a cellular uplink is.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use infergate::proto::inference_client::InferenceClient;
 use infergate::proto::stream_request::Kind;
 use infergate::proto::stream_result::Outcome;
 use infergate::proto::{StreamFrame, StreamOpen, StreamOverflow, StreamRequest};
+use infergate_e2e::fault_proxy::{Fault, FaultProxy};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -65,6 +71,9 @@ struct Args {
     label: String,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Round-trip time of the cameras' link to the gateway.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    rtt: Duration,
 }
 
 /// What every camera adds to.
@@ -90,9 +99,33 @@ fn frames() -> anyhow::Result<Vec<Bytes>> {
         .collect()
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    // Started before this runtime: each runs its own.
+    let _link = if args.rtt.is_zero() {
+        None
+    } else {
+        let http = through_link(&args.http, args.rtt)?;
+        let grpc = through_link(&args.grpc, args.rtt)?;
+        args.http = format!("http://{}", http.addr);
+        args.grpc = format!("http://{}", grpc.addr);
+        Some((http, grpc))
+    };
+    tokio::runtime::Runtime::new()?.block_on(run(Arc::new(args)))
+}
+
+/// A delay line to the server at `url` (`http://host:port`), `rtt / 2` each way.
+fn through_link(url: &str, rtt: Duration) -> anyhow::Result<FaultProxy> {
+    use std::net::ToSocketAddrs;
+    let uri: http::Uri = url.parse()?;
+    let authority = uri.authority().context("a URL with host:port")?.as_str();
+    let upstream = authority.to_socket_addrs()?.next().context("the server's address")?;
+    let proxy = FaultProxy::start(upstream)?;
+    proxy.set(Fault::Latency(rtt / 2));
+    Ok(proxy)
+}
+
+async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     let frames = Arc::new(frames()?);
     let tally = Arc::new(Tally::default());
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
@@ -119,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         "mode": format!("{:?}", args.mode),
         "streams": args.streams,
         "fps_per_stream": args.fps,
+        "rtt_ms": args.rtt.as_secs_f64() * 1000.0,
         "duration_s": elapsed,
         "offered": tally.offered.load(Ordering::Relaxed),
         "answered": answered,
@@ -127,7 +161,10 @@ async fn main() -> anyhow::Result<()> {
         "answered_fps": answered as f64 / args.duration.as_secs_f64(),
         "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": h.max() as f64 / 1000.0},
     });
-    println!("{report}");
+    #[expect(clippy::print_stdout, reason = "the report is this tool's output")]
+    {
+        println!("{report}");
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }

@@ -112,8 +112,17 @@ pub fn image_tensor(bytes: &[u8], name: &str, h: u32, w: u32, max: ImageBounds) 
         }
         e => bad(&e),
     })?;
-    // In place when it is already 8-bit RGB.
-    let rgb = image::imageops::resize(&decoded.into_rgb8(), w, h, image::imageops::FilterType::Triangle);
+    // In place when it is already 8-bit RGB. A triangle (bilinear) filter,
+    // with SIMD: the resize was a third of a frame's time in the gateway.
+    let mut rgb = image::RgbImage::new(w, h);
+    fast_image_resize::Resizer::new()
+        .resize(
+            &decoded.into_rgb8(),
+            &mut rgb,
+            &fast_image_resize::ResizeOptions::new()
+                .resize_alg(fast_image_resize::ResizeAlg::Convolution(fast_image_resize::FilterType::Bilinear)),
+        )
+        .map_err(|e| bad(&e))?;
     let plane = (h as usize) * (w as usize);
     let mut data = vec![0f32; 3 * plane];
     for (i, px) in rgb.pixels().enumerate() {
