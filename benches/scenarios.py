@@ -1707,8 +1707,9 @@ def scenario_video(tmp: Path) -> None:
     dropped when behind) and, from the same client process on the same
     cores, as one REST request per frame: `rest` sends a camera's next frame
     once the last is answered (frames captured meanwhile are skipped),
-    `rest-pipelined` up to 8 unanswered at once. Latency is a frame's send
-    to its result, at the client. First on loopback, 1 to 64 cameras; then
+    `rest-pipelined` up to 8 unanswered at once. Cameras' frame clocks are
+    spread over one frame interval, as independent cameras' are. Latency is
+    a frame's send to its result, at the client. First on loopback, 1 to 64 cameras; then
     with the cameras behind a link of 20 to 100 ms round trip."""
     pool = '[[pools]]\nname = "tiny_cnn"\nclass = "infergate_worker.examples.tiny_cnn:TinyCNN"\n'
     duration = 15

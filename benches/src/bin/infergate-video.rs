@@ -133,10 +133,14 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     let mut cameras = Vec::new();
     for camera in 0..args.streams {
         let (args, frames, tally, latency) = (args.clone(), frames.clone(), tally.clone(), latency.clone());
+        // Cameras are not phase-locked: each starts its frame clock at its own
+        // offset within one frame interval, as independent cameras would.
+        let phase = Duration::from_secs_f64(camera as f64 / args.streams as f64 / args.fps);
         cameras.push(tokio::spawn(async move {
+            let start = started + phase;
             match args.mode {
-                Mode::Stream => stream_camera(&args, camera, &frames, &tally, &latency).await,
-                Mode::Rest | Mode::RestPipelined => rest_camera(&args, camera, &frames, &tally, &latency).await,
+                Mode::Stream => stream_camera(&args, camera, start, &frames, &tally, &latency).await,
+                Mode::Rest | Mode::RestPipelined => rest_camera(&args, camera, start, &frames, &tally, &latency).await,
             }
         }));
     }
@@ -179,6 +183,7 @@ fn capture_at(start: Instant, fps: f64, i: u64) -> Instant {
 async fn stream_camera(
     args: &Args,
     camera: usize,
+    start: Instant,
     frames: &[Bytes],
     tally: &Tally,
     latency: &Mutex<Histogram<u64>>,
@@ -192,7 +197,6 @@ async fn stream_camera(
         ..Default::default()
     };
     tx.send(StreamRequest { kind: Some(Kind::Open(open)) }).await?;
-    let start = Instant::now();
     let total = (args.duration.as_secs_f64() * args.fps) as u64;
     let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
         Arc::new(std::sync::Mutex::new(vec![None; total as usize]));
@@ -217,22 +221,13 @@ async fn stream_camera(
     let mut results = client.infer_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     while let Some(r) = results.message().await? {
         tally.offered.fetch_add(1, Ordering::Relaxed);
-        match r.outcome {
-            Some(Outcome::Outputs(_)) => {
-                tally.answered.fetch_add(1, Ordering::Relaxed);
-                let sent = sent_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?[r.seq as usize];
-                if let Some(sent) = sent {
-                    let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-                    latency.lock().await.saturating_record(us);
-                }
-            }
-            Some(Outcome::Dropped(_)) => {
-                tally.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            Some(Outcome::Error(_)) | None => {
-                tally.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        if matches!(r.outcome, Some(Outcome::Dropped(_))) {
+            tally.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
+        let sent = sent_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(r.seq as usize).copied().flatten();
+        let took = sent.context("a result for a frame never sent")?.elapsed();
+        record((matches!(r.outcome, Some(Outcome::Outputs(_))), took), tally, latency).await;
     }
     sender.await??;
     Ok(())
@@ -241,6 +236,7 @@ async fn stream_camera(
 async fn rest_camera(
     args: &Args,
     camera: usize,
+    start: Instant,
     frames: &[Bytes],
     tally: &Tally,
     latency: &Mutex<Histogram<u64>>,
@@ -253,7 +249,6 @@ async fn rest_camera(
         _ => args.max_in_flight as usize,
     };
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
-    let start = Instant::now();
     let total = (args.duration.as_secs_f64() * args.fps) as u64;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..total {
