@@ -219,8 +219,13 @@ async fn stream_camera(
         })
     };
     let mut results = client.infer_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    // Every frame sent must come back exactly once: answered, failed or
+    // reported dropped. A frame that never comes back is a silent drop.
+    let mut reported = vec![false; total as usize];
     while let Some(r) = results.message().await? {
-        tally.offered.fetch_add(1, Ordering::Relaxed);
+        let seen = reported.get_mut(r.seq as usize).context("a result for a frame never sent")?;
+        anyhow::ensure!(!*seen, "frame {} reported twice", r.seq);
+        *seen = true;
         if matches!(r.outcome, Some(Outcome::Dropped(_))) {
             tally.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -230,6 +235,13 @@ async fn stream_camera(
         record((matches!(r.outcome, Some(Outcome::Outputs(_))), took), tally, latency).await;
     }
     sender.await??;
+    let sent = sent_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.iter().filter(|s| s.is_some()).count();
+    let silent = sent - reported.iter().filter(|r| **r).count();
+    anyhow::ensure!(
+        silent == 0,
+        "camera {camera}: {silent} of {sent} frames sent were neither answered nor reported dropped"
+    );
+    tally.offered.fetch_add(sent as u64, Ordering::Relaxed);
     Ok(())
 }
 
