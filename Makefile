@@ -12,7 +12,7 @@ VPY := $(VENV)/bin/python
 STAMPS := .stamps
 WORKER_SRC := $(shell find python-worker/src/infergate_worker -name '*.py') python-worker/pyproject.toml python-worker/setup.py $(wildcard proto/infergate/v1/*.proto)
 
-.PHONY: run test bench profile venv build build-release test-rust test-python test-deploy lint fmt clean help redis-server prometheus
+.PHONY: run test bench profile venv build build-release test-rust test-python test-deploy lint fmt clean help redis-server prometheus chromium screenshots
 
 help:
 	@echo "make run   - start the gateway on 127.0.0.1:8080 (REST) and :50051 (gRPC)"
@@ -76,7 +76,21 @@ prometheus:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test-rust: venv build redis-server prometheus
+# The console tests drive Debian's Chromium headless (Playwright, from the
+# venv, launches it as installed: no browser download).
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "installing chromium (Debian package) for the console tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
+
+# The README's screenshots of the console (docs/img/console-*.png), taken by
+# its browser test against the default models.
+screenshots: venv build chromium
+	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) INFERGATE_SCREENSHOTS=$(CURDIR)/docs/img \
+		cargo test --locked -p infergate-e2e --test console -- the_console_shows
+
+test-rust: venv build redis-server prometheus chromium
 	INFERGATE_BIN=$(CURDIR)/target/debug/infergate INFERGATE_PYTHON=$(CURDIR)/$(VPY) \
 		cargo test --locked --workspace --all-targets
 
@@ -94,13 +108,13 @@ lint: venv
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	# The gateway without Python (no `embedded` pool kind) builds too.
 	cargo clippy --locked -p infergate --no-default-features -- -D warnings
-	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy ../tests/console && ../$(VPY) -m ruff format --check . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy ../tests/console
 
 test: lint test-python test-deploy test-rust
 
 fmt:
 	cargo fmt --all
-	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy
+	cd python-worker && ../$(VPY) -m ruff format . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy ../tests/console && ../$(VPY) -m ruff check --fix . ../benches/baseline ../benches/scenarios.py ../benches/profile.py ../benches/models ../tests/workers ../tests/author ../tests/clients ../tests/deploy ../tests/console
 
 clean:
 	cargo clean

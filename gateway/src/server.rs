@@ -214,7 +214,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Log once when every pool first has a SERVING worker, so a person
 /// watching `make run` knows when to send requests.
-fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
+fn announce_ready(pools: Arc<Pools>, console: Option<String>, stop: CancellationToken) {
     use crate::upstream::Upstream;
     let started = tokio::time::Instant::now();
     tokio::spawn(async move {
@@ -228,7 +228,12 @@ fn announce_ready(pools: Arc<Pools>, stop: CancellationToken) {
             if status.iter().all(|p| p.ready_workers > 0) {
                 let pools: Vec<String> =
                     status.iter().map(|p| format!("{} {}/{}", p.pool, p.ready_workers, p.workers)).collect();
-                tracing::info!(after = ?started.elapsed(), pools = %pools.join(", "), "infergate ready");
+                tracing::info!(
+                    after = ?started.elapsed(),
+                    pools = %pools.join(", "),
+                    console = console.as_deref().unwrap_or("off"),
+                    "infergate ready"
+                );
                 return;
             }
         }
@@ -266,7 +271,9 @@ pub async fn run(
     let watchers = CancellationToken::new();
     pools.watch(config.workers.connect_timeout, &config.nameservers, &watchers)?;
 
-    announce_ready(pools.clone(), watchers.clone());
+    // Where an operator opens the console (the admin listener's page).
+    let console_url = admin_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}/console"));
+    announce_ready(pools.clone(), console_url.clone(), watchers.clone());
 
     let draining = CancellationToken::new();
     let core = Arc::new(crate::service::Core::new(
@@ -316,6 +323,8 @@ pub async fn run(
         edge::queued::consumer::spawn(queue, core.clone(), edge::rest::queued_routes(state.clone()), draining.clone());
     }
     let grpc_app = edge::grpc::router(state, health_service)?;
+    // The console's playground calls the REST edge's router in process.
+    let public_app = http_app.clone();
 
     let local =
         |edge, listener: &TcpListener| listener.local_addr().map_err(|source| ServeError::LocalAddr { edge, source });
@@ -323,10 +332,13 @@ pub async fn run(
         Some(l) => Some(local("admin", l)?),
         None => None,
     };
+    let listening =
+        edge::console::Listening { http: local("http", &http_listener)?, grpc: local("grpc", &grpc_listener)? };
     tracing::info!(
-        http = %local("http", &http_listener)?,
-        grpc = %local("grpc", &grpc_listener)?,
+        http = %listening.http,
+        grpc = %listening.grpc,
         admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        console = console_url.as_deref().unwrap_or("off"),
         pools = config.pools.len(),
         "infergate listening"
     );
@@ -340,7 +352,12 @@ pub async fn run(
         tokio::spawn(edge::conn::serve(
             "admin",
             listener,
-            edge::admin::router(control.clone()),
+            edge::admin::router(control.clone()).merge(edge::console::router(
+                control.clone(),
+                public_app,
+                listening,
+                draining.clone(),
+            )),
             limits,
             draining.clone(),
         ))

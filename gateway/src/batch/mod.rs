@@ -337,6 +337,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         }
     }
 
+    /// Items waiting in its queue now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Allow `slots` batches in flight at once (the pool's membership changed).
     pub fn resize(&self, slots: usize) {
         self.slots.resize(slots.max(1));

@@ -249,6 +249,7 @@ impl ResponseCache {
 
 fn count(cache: &'static str, result: &'static str) {
     metrics::counter!(crate::telemetry::metrics::CACHE_REQUESTS, "cache" => cache, "result" => result).increment(1);
+    crate::telemetry::window::cache_lookups(usize::from(result == "hit"), 1);
 }
 
 /// Passes a stream through, collecting the answer; keeps it at the finish,

@@ -345,6 +345,7 @@ impl ResponseCache {
     fn count(result: &'static str, n: usize) {
         metrics::counter!(crate::telemetry::metrics::CACHE_REQUESTS, "cache" => "exact", "result" => result)
             .increment(n as u64);
+        crate::telemetry::window::cache_lookups(if result == "hit" { n } else { 0 }, n);
     }
 
     /// Embeddings through the cache, one entry per text.

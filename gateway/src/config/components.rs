@@ -210,7 +210,7 @@ pub fn check_prices(prices: &Prices) -> Result<(), (String, String)> {
     Ok(())
 }
 
-/// `[admin]`: the admin API's listener and who may use it.
+/// `[admin]`: the admin API's listener (the console's too) and who may use it.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// `None`: no admin listener.
@@ -219,11 +219,15 @@ pub struct AdminConfig {
     pub keys: Vec<String>,
     /// A JWT role that makes its bearer an admin.
     pub role: Option<AdminRole>,
+    /// Ids of API keys that may see the console's status, read-only.
+    pub viewer_keys: Vec<String>,
+    /// A JWT role that may see the console's status, read-only.
+    pub viewer_role: Option<AdminRole>,
     /// Reload when the config file changes (besides SIGHUP and the API).
     pub watch_config: bool,
 }
 
-/// The JWT claim and value that make an admin.
+/// The JWT claim and value that make an admin (or a console viewer).
 #[derive(Debug, Clone)]
 pub struct AdminRole {
     pub claim: String,

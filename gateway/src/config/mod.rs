@@ -220,6 +220,11 @@ impl Config {
             keys: raw.admin.keys.clone(),
             role: (!raw.admin.role.is_empty())
                 .then(|| components::AdminRole { claim: raw.admin.role_claim.clone(), role: raw.admin.role.clone() }),
+            viewer_keys: raw.admin.viewer_keys.clone(),
+            viewer_role: (!raw.admin.viewer_role.is_empty()).then(|| components::AdminRole {
+                claim: raw.admin.role_claim.clone(),
+                role: raw.admin.viewer_role.clone(),
+            }),
             watch_config: raw.admin.watch_config,
         };
         let max_body_bytes = positive_size("http.max_body_bytes", raw.http.max_body_bytes)?;

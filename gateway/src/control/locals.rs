@@ -57,6 +57,11 @@ pub struct Locals {
 }
 
 impl Locals {
+    /// Local workers' processes (by worker id).
+    pub fn processes(&self) -> HashMap<String, crate::supervisor::Process> {
+        self.supervisor.processes()
+    }
+
     /// The local pools of `config`, as the supervisor started them.
     pub fn new(config: &Config, pools: Arc<Pools>, supervisor: Arc<Supervisor>, socket_dir: PathBuf) -> Arc<Self> {
         let by_pool = config

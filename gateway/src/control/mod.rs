@@ -142,6 +142,11 @@ impl Control {
         &self.core
     }
 
+    /// Local workers' processes (pid, restarts), by worker id.
+    pub fn processes(&self) -> std::collections::HashMap<String, crate::supervisor::Process> {
+        self.locals.processes()
+    }
+
     /// Read the config again and apply it. `why` (sighup, file, api) and
     /// `who` are logged.
     pub async fn reload(&self, why: &str, who: &str) -> Result<Reloaded, ReloadError> {

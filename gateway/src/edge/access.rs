@@ -248,7 +248,12 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         Surface::Grpc => grpc_route,
     };
     by_route(&HEAD_TIMES, route).record(head.as_secs_f64());
-    by_route(&OVERHEADS, route).record(timings.overhead(head).as_secs_f64());
+    let overhead = timings.overhead(head);
+    by_route(&OVERHEADS, route).record(overhead.as_secs_f64());
+    let detail = match surface {
+        Surface::Http => resp.extensions().get::<crate::error::Problem>().map(|p| p.detail.clone()),
+        Surface::Grpc => grpc_message_of(resp.headers()),
+    };
     let record = Record {
         surface,
         method,
@@ -262,6 +267,8 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
         wall,
         started,
         timings,
+        overhead,
+        detail,
     };
     // Known for whole bodies: logged now. Otherwise the body logs as it ends.
     let whole = resp
@@ -281,6 +288,12 @@ async fn observe(surface: Surface, req: Request, next: Next) -> Response {
 /// A gRPC status in `headers` (trailers, or a trailers-only response's head).
 fn grpc_status_of(headers: &HeaderMap) -> Option<i32> {
     headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+}
+
+/// A gRPC status message in `headers`, percent-decoded.
+fn grpc_message_of(headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get("grpc-message")?.to_str().ok()?;
+    Some(percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned())
 }
 
 /// How a response's body ended.
@@ -320,6 +333,10 @@ struct Record {
     wall: std::time::SystemTime,
     started: Instant,
     timings: Arc<Timings>,
+    /// The gateway's own part of the time to the response head.
+    overhead: Duration,
+    /// What went wrong, for an error: the problem's detail, the gRPC message.
+    detail: Option<String>,
 }
 
 /// A caller as the access line names it (see [`Caller::id`]), written only
@@ -439,6 +456,38 @@ impl Record {
                 )
             })
             .record(latency.as_secs_f64());
+        self.to_window(model_label, class, latency, grpc_status);
+    }
+
+    /// Count the request in the console's window, and keep it when it failed.
+    fn to_window(&self, model_label: &str, class: &str, latency: Duration, grpc_status: Option<i32>) {
+        use crate::telemetry::window::{self, Outcome};
+        let outcome = match class {
+            "4xx" => Outcome::Refused,
+            "5xx" => Outcome::Failed,
+            _ => Outcome::Ok,
+        };
+        // Requests that named no model (probes, metadata, the metrics) are not charted.
+        if model_label != "-" {
+            window::record(model_label, outcome, latency, self.overhead);
+        }
+        if outcome != Outcome::Ok {
+            let status = match (self.surface, class) {
+                (Surface::Grpc, "4xx") => 400,
+                (Surface::Grpc, _) => 500,
+                (Surface::Http, _) => self.status.as_u16(),
+            };
+            window::error(window::RecentError {
+                seq: 0,
+                at_ms: 0,
+                route: self.route.to_owned(),
+                model: self.timings.named().map_or_else(|| model_label.to_owned(), |n| n.model.clone()),
+                status,
+                grpc_status,
+                request_id: self.request_id.clone(),
+                detail: self.detail.clone().unwrap_or_default(),
+            });
+        }
     }
 }
 
@@ -475,6 +524,7 @@ impl HttpBody for Observed {
                 }
                 if let (Some(trailers), Some(record)) = (frame.trailers_ref(), this.record.as_mut()) {
                     record.grpc_status = grpc_status_of(trailers).or(record.grpc_status);
+                    record.detail = grpc_message_of(trailers).or(record.detail.take());
                 }
                 if this.inner.is_end_stream() {
                     this.finish(Ended::Complete);

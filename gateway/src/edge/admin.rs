@@ -23,7 +23,7 @@ use crate::control::{Control, ReloadError, Reloaded};
 struct Admin(Arc<str>);
 
 /// An RFC 9457 problem document.
-fn problem(status: StatusCode, slug: &str, detail: impl Into<String>, extra: Option<Value>) -> Response {
+pub(super) fn problem(status: StatusCode, slug: &str, detail: impl Into<String>, extra: Option<Value>) -> Response {
     let mut body = json!({
         "type": format!("urn:infergate:error:{slug}"),
         "title": status.canonical_reason().unwrap_or("error"),

@@ -40,8 +40,9 @@ pub async fn error_dialect(req: Request, next: Next) -> Response {
     }
     // Our own errors carry their problem: written again with the member,
     // without reading the body back.
-    if let Some(problem) = resp.extensions_mut().remove::<Problem>() {
-        let body = serde_json::to_vec(&InDialect { problem: &problem, error: error_of(dialect, &problem) });
+    // It stays in the extensions: the access layer keeps its detail for the console.
+    if let Some(problem) = resp.extensions().get::<Problem>() {
+        let body = serde_json::to_vec(&InDialect { problem, error: error_of(dialect, problem) });
         resp.headers_mut().remove(header::CONTENT_LENGTH);
         *resp.body_mut() = Body::from(body.unwrap_or_default());
         return resp;

@@ -9,6 +9,7 @@ pub mod chat;
 #[cfg(test)]
 mod chat_tests;
 pub mod conn;
+pub mod console;
 pub mod convert;
 pub mod dialect;
 pub mod frames;

@@ -562,6 +562,8 @@ async fn admin_credentials_are_admin_keys_or_jwts_with_the_admin_role() {
         listen: None,
         keys: keys.iter().map(|k| (*k).to_owned()).collect(),
         role: role.map(|r| AdminRole { claim: "roles".into(), role: r.into() }),
+        viewer_keys: Vec::new(),
+        viewer_role: None,
         watch_config: false,
     };
     // An API key is an admin's only if admin.keys names it.
@@ -580,4 +582,50 @@ async fn admin_credentials_are_admin_keys_or_jwts_with_the_admin_role() {
     assert_eq!(policy.admin(bearer(&without).headers(), &role), Err("not_admin"));
     // Without an admin role configured, no JWT is an admin's.
     assert_eq!(policy.admin(bearer(&with_role).headers(), &admin(&["k1"], None)), Err("unknown_key"));
+}
+
+#[tokio::test]
+async fn the_console_is_open_only_without_auth_or_console_credentials_and_viewers_see_status_alone() {
+    use crate::config::components::{AdminConfig, AdminRole};
+    use crate::policy::ConsoleAccess;
+    let console = |keys: &[&str], viewers: &[&str], viewer_role: Option<&str>| AdminConfig {
+        listen: None,
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        role: None,
+        viewer_keys: viewers.iter().map(|k| (*k).to_owned()).collect(),
+        viewer_role: viewer_role.map(|r| AdminRole { claim: "roles".into(), role: r.into() }),
+        watch_config: false,
+    };
+    let none = Request::new(Body::empty());
+    // Auth on (the test config): a credential is always needed.
+    let on = Policy::new(&config("")).unwrap();
+    assert_eq!(on.console(none.headers(), &console(&[], &[], None)), Err("missing"));
+    assert_eq!(
+        on.console(bearer(KEY).headers(), &console(&["k1"], &[], None)),
+        Ok(ConsoleAccess::Admin("key:k1".into()))
+    );
+    assert_eq!(
+        on.console(bearer(KEY).headers(), &console(&[], &["k1"], None)),
+        Ok(ConsoleAccess::Viewer("key:k1".into()))
+    );
+    assert_eq!(on.console(bearer(KEY).headers(), &console(&["other"], &[], None)), Err("not_admin"));
+    assert_eq!(
+        on.console(bearer("ig_unknown-key-0123456789").headers(), &console(&["k1"], &[], None)),
+        Err("unknown_key")
+    );
+    // A JWT holding the viewer role is a viewer.
+    let mut claims = claims();
+    claims.insert("roles".into(), serde_json::json!(["gateway-viewer"]));
+    let viewer = jwt(Algorithm::HS256, "hs", &claims);
+    assert_eq!(
+        on.console(bearer(&viewer).headers(), &console(&[], &[], Some("gateway-viewer"))),
+        Ok(ConsoleAccess::Viewer("user:u1".into()))
+    );
+    // Auth off and nothing configured: open, like the client listeners.
+    let mut off = config("");
+    off.auth.enabled = false;
+    let off = Policy::new(&off).unwrap();
+    assert_eq!(off.console(none.headers(), &console(&[], &[], None)), Ok(ConsoleAccess::Open));
+    // Auth off with console credentials configured: they are needed.
+    assert_eq!(off.console(none.headers(), &console(&["k1"], &[], None)), Err("missing"));
 }

@@ -45,6 +45,18 @@ pub enum PolicyError {
     Redis(#[from] RedisSetupError),
 }
 
+/// How far a console user may go (see [`Policy::console`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleAccess {
+    /// Auth is off and no console credential is configured: anyone who
+    /// reaches the admin listener, as anyone reaches the client listeners.
+    Open,
+    /// An admin (`key:<id>` or `user:<sub>`): status and playground.
+    Admin(String),
+    /// A viewer: status only.
+    Viewer(String),
+}
+
 /// Auth, limits and client addressing, shared by both edges.
 pub struct Policy {
     auth: Authenticator,
@@ -210,6 +222,34 @@ impl Policy {
         admin: &crate::config::components::AdminConfig,
     ) -> Result<String, &'static str> {
         self.auth.admin(headers, &admin.keys, admin.role.as_ref()).map_err(auth::AuthFailure::reason)
+    }
+
+    /// Who may use the console, and how far: an admin (status and
+    /// playground) or a viewer (status only). With auth off and no admin
+    /// or viewer credential configured, the console is open
+    /// ([`ConsoleAccess::Open`]) as the client listeners are.
+    pub fn console(
+        &self,
+        headers: &http::HeaderMap,
+        admin: &crate::config::components::AdminConfig,
+    ) -> Result<ConsoleAccess, &'static str> {
+        let configured = !admin.keys.is_empty()
+            || admin.role.is_some()
+            || !admin.viewer_keys.is_empty()
+            || admin.viewer_role.is_some();
+        if !self.auth.enabled() && !configured {
+            return Ok(ConsoleAccess::Open);
+        }
+        match self.auth.admin(headers, &admin.keys, admin.role.as_ref()) {
+            Ok(who) => Ok(ConsoleAccess::Admin(who)),
+            // Not an admin's: perhaps a viewer's (a JWT is read only where a
+            // role for it is configured, so both are asked before refusing).
+            Err(not_admin) => match self.auth.admin(headers, &admin.viewer_keys, admin.viewer_role.as_ref()) {
+                Ok(who) => Ok(ConsoleAccess::Viewer(who)),
+                Err(auth::AuthFailure::NotAdmin) => Err(auth::AuthFailure::NotAdmin.reason()),
+                Err(_) => Err(not_admin.reason()),
+            },
+        }
     }
 
     /// The caller of a request to `path`, or why it is refused.

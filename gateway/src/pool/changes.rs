@@ -57,11 +57,13 @@ pub struct PoolView {
     pub active: usize,
     /// Calls waiting for a slot.
     pub queued: usize,
+    /// Items waiting in its batchers' queues.
+    pub batch_queued: usize,
     pub slots: usize,
     pub workers: Vec<WorkerView>,
 }
 
-fn view(pool: &Pool) -> PoolView {
+fn view(pool: &Pool, batch_queued: usize) -> PoolView {
     let workers = pool
         .workers()
         .iter()
@@ -87,6 +89,7 @@ fn view(pool: &Pool) -> PoolView {
         admitted_share: 1.0 - pool.adaptive.shed_share(),
         active: pool.active(),
         queued: pool.queued.load(std::sync::atomic::Ordering::Relaxed),
+        batch_queued,
         slots: pool.slots.size(),
         workers,
     }
@@ -108,7 +111,18 @@ impl Pools {
 
     /// Every pool and its workers, as an operator sees them.
     pub fn views(&self) -> Vec<PoolView> {
-        self.all().iter().filter(|p| !p.is_retired()).map(|p| view(p)).collect()
+        let mut batch_queued = std::collections::HashMap::<usize, usize>::new();
+        for ((index, _), b) in self.embed_batchers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            *batch_queued.entry(*index).or_default() += b.queued();
+        }
+        for ((index, _), b) in self.infer_batchers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            *batch_queued.entry(*index).or_default() += b.queued();
+        }
+        self.all()
+            .iter()
+            .filter(|p| !p.is_retired())
+            .map(|p| view(p, batch_queued.get(&p.index).copied().unwrap_or(0)))
+            .collect()
     }
 
     /// Add pool `config` with the workers `workers` (id, address) and start

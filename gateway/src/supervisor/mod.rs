@@ -71,6 +71,8 @@ impl WorkerSpec {
 /// stopped one by one as a reload changes the pools.
 pub struct Supervisor {
     workers: Mutex<HashMap<String, (CancellationToken, tokio::task::JoinHandle<()>)>>,
+    /// Each worker's process now and its restarts, for an operator's view.
+    processes: Arc<Mutex<HashMap<String, Process>>>,
     config: WorkersConfig,
     loads: Arc<LoadState>,
     stop: CancellationToken,
@@ -135,8 +137,13 @@ impl Supervisor {
                 loads.expect(&pool.name, workers.get() as usize, models.get(&pool.name).cloned().unwrap_or_default());
             }
         }
-        let me =
-            Self { workers: Mutex::default(), config: config.workers.clone(), loads, stop: CancellationToken::new() };
+        let me = Self {
+            workers: Mutex::default(),
+            processes: Arc::default(),
+            config: config.workers.clone(),
+            loads,
+            stop: CancellationToken::new(),
+        };
         for spec in local_workers(config, socket_dir) {
             me.spawn(spec);
         }
@@ -175,7 +182,8 @@ impl Supervisor {
     pub fn spawn(&self, spec: WorkerSpec) {
         let stop = self.stop.child_token();
         let id = spec.id.clone();
-        let task = tokio::spawn(supervise(spec, self.config.clone(), self.loads.clone(), stop.clone()));
+        let processes = self.processes.clone();
+        let task = tokio::spawn(supervise(spec, self.config.clone(), self.loads.clone(), processes, stop.clone()));
         let old = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, (stop, task));
         if let Some((stop, _)) = old {
             stop.cancel();
@@ -189,7 +197,13 @@ impl Supervisor {
             stop.cancel();
             let _ = task.await;
         }
+        self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
         self.loads.forget(pool, id);
+    }
+
+    /// Every supervised worker's process now (by worker id).
+    pub fn processes(&self) -> HashMap<String, Process> {
+        self.processes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Stop every worker (SIGTERM, then SIGKILL after the grace) and wait.
@@ -431,9 +445,30 @@ fn forward(to: &Listener, stream: Option<impl AsyncRead + Unpin + Send + 'static
 /// How long the supervisor waits for an exited worker's last output.
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
-async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, loads: Arc<LoadState>, stop: CancellationToken) {
+/// A local worker's process as an operator sees it.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Process {
+    /// Its process id while it runs; `None` between an exit and its restart.
+    pub pid: Option<u32>,
+    /// Times it exited (or could not be spawned) and was started again.
+    pub restarts: u64,
+}
+
+async fn supervise(
+    spec: WorkerSpec,
+    cfg: WorkersConfig,
+    loads: Arc<LoadState>,
+    processes: Arc<Mutex<HashMap<String, Process>>>,
+    stop: CancellationToken,
+) {
     let mut backoff = cfg.restart_backoff_min;
     let mut restarts = 0u64;
+    let note = |pid: Option<u32>, restarts: u64| {
+        processes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(spec.id.clone(), Process { pid, restarts });
+    };
     let listener =
         Listener { pool: spec.pool.clone(), id: spec.id.clone(), loads, load_error: Arc::new(Mutex::new(None)) };
     // At 0 from the start: a dashboard shows "no restarts", not "no data".
@@ -443,6 +478,7 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, loads: Arc<LoadState>, 
         let exited: Result<ExitStatus, std::io::Error> = match spawn(&spec, &cfg) {
             Ok(mut child) => {
                 tracing::info!(worker = %spec.id, pid = child.id(), class = %spec.class, restarts, "worker started");
+                note(child.id(), restarts);
                 let output = [forward(&listener, child.stdout.take()), forward(&listener, child.stderr.take())];
                 tokio::select! {
                     status = child.wait() => {
@@ -458,6 +494,7 @@ async fn supervise(spec: WorkerSpec, cfg: WorkersConfig, loads: Arc<LoadState>, 
             }
             Err(e) => Err(e),
         };
+        note(None, restarts);
         let load_error = listener.load_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         match exited {
             Ok(status) if status.code() == Some(EXIT_LOAD_FAILED) => {

@@ -6,6 +6,7 @@ pub mod python_log;
 pub mod timing;
 pub mod trace;
 pub mod usage;
+pub mod window;
 
 use std::io::Write;
 use std::sync::OnceLock;

@@ -17,6 +17,13 @@ pub struct RawAdmin {
     pub role: String,
     /// The claim holding a JWT's roles (a string or an array of strings).
     pub role_claim: String,
+    /// Ids of API keys that may see the console's status (read-only: not
+    /// its playground, not the admin API).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub viewer_keys: Vec<String>,
+    /// A JWT whose `role_claim` holds this role may see the console's status.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub viewer_role: String,
     /// Reload when the config file changes (SIGHUP and `POST /admin/reload` always do).
     pub watch_config: bool,
     /// Pools not started with the gateway that `POST
@@ -32,6 +39,8 @@ impl Default for RawAdmin {
             keys: Vec::new(),
             role: String::new(),
             role_claim: "roles".into(),
+            viewer_keys: Vec::new(),
+            viewer_role: String::new(),
             watch_config: true,
             repository: Vec::new(),
         }
