@@ -41,8 +41,11 @@ fn examples(heading: &str) -> Vec<Example> {
 
 /// Run `command` with bash from the workspace root, aimed at `gw`.
 fn run(gw: &Gateway, command: &str) -> String {
-    let command =
-        command.replace("127.0.0.1:8080", &gw.http.to_string()).replace("127.0.0.1:50051", &gw.grpc.to_string());
+    let admin = gw.admin.map(|a| a.to_string()).unwrap_or_default();
+    let command = command
+        .replace("127.0.0.1:8080", &gw.http.to_string())
+        .replace("127.0.0.1:50051", &gw.grpc.to_string())
+        .replace("127.0.0.1:8081", &admin);
     let out = Command::new("bash").args(["-euo", "pipefail", "-c", &command]).current_dir(root()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{command}\nfailed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -58,7 +61,8 @@ fn the_try_it_examples_work_as_written_against_the_default_config() {
     };
 
     // Those whose exact output the README gives.
-    let exact = ["/v1/embeddings", "\"shape\": [2, 2]", "/v2/models/sentiment/infer", "pb.EmbedRequest"];
+    let exact =
+        ["/v1/embeddings", "\"shape\": [2, 2]", "/v2/models/sentiment/infer", "pb.EmbedRequest", "/console/api/status"];
     for needle in exact {
         let example = find(needle);
         let said = example.prints.as_deref().unwrap_or_else(|| panic!("no `prints` after {}", example.command));

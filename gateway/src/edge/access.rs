@@ -352,6 +352,17 @@ impl std::fmt::Display for CallerId<'_> {
     }
 }
 
+/// Health probes' routes: their 503 says "not ready yet", and is not kept
+/// among the console's recent errors.
+const PROBES: [&str; 6] = [
+    "/healthz",
+    "/readyz",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
 /// Most label sets whose metric handles are kept (see [`Handles`]).
 const MAX_LABEL_SETS: usize = 4096;
 
@@ -471,7 +482,8 @@ impl Record {
         if model_label != "-" {
             window::record(model_label, outcome, latency, self.overhead);
         }
-        if outcome != Outcome::Ok {
+        // A probe's "not ready" is its answer, not an error to show.
+        if outcome != Outcome::Ok && !PROBES.contains(&self.route) {
             let status = match (self.surface, class) {
                 (Surface::Grpc, "4xx") => 400,
                 (Surface::Grpc, _) => 500,

@@ -266,6 +266,8 @@ pub struct Point {
     pub errors: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// The gateway's own part of a request's time, median.
+    pub overhead_p50_ms: Option<f64>,
 }
 
 /// A model's figures over the last [`Snapshot::summary_seconds`] and its chart.
@@ -342,6 +344,7 @@ pub fn snapshot() -> Snapshot {
                         errors: per(s.errors, BIN_SECONDS),
                         p50_ms: s.latency.quantile_ms(0.5),
                         p99_ms: s.latency.quantile_ms(0.99),
+                        overhead_p50_ms: s.overhead.quantile_ms(0.5),
                     }
                 })
                 .collect();

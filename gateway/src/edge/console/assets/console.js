@@ -229,10 +229,11 @@
         h("td", { class: "num" }, fmt(m.overhead_p50_ms, 3)),
         h("td", {}, chart(m.chart, ["rate", "errors"], `${m.model} requests and 5xx per second`)),
         h("td", {}, chart(m.chart, ["p50_ms", "p99_ms"], `${m.model} latency p50 and p99`)),
+        h("td", {}, chart(m.chart, ["overhead_p50_ms"], `${m.model} gateway overhead p50`)),
       ),
     );
     $("models").tBodies[0].replaceChildren(
-      ...(rows.length ? rows : [h("tr", {}, h("td", { colSpan: 9, class: "empty" }, "No requests yet."))]),
+      ...(rows.length ? rows : [h("tr", {}, h("td", { colSpan: 10, class: "empty" }, "No requests yet."))]),
     );
     renderAliases(s.aliases);
     $("cache").replaceChildren(
@@ -347,7 +348,7 @@
     svg.append(label);
     for (const s of series) {
       const line = document.createElementNS(SVG, "polyline");
-      line.setAttribute("class", s.replace("_ms", ""));
+      line.setAttribute("class", s.replace("_ms", "").replace("_p50", ""));
       const step = points.length > 1 ? W / (points.length - 1) : W;
       line.setAttribute(
         "points",
