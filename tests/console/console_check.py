@@ -362,6 +362,8 @@ def open_console(url: str, shots: Path) -> None:
         expect(page.locator("#errors tbody tr[data-request-id]").first).to_be_visible(
             timeout=WAIT_MS
         )
+        # minilm's and sentiment's calls went through the response cache.
+        expect(page.locator("#cache-ratio")).to_contain_text("lookups hit")
         page.wait_for_timeout(1500)
         page.screenshot(path=str(shots / "console-status.png"), full_page=True)
         fits_width(page)
@@ -409,6 +411,10 @@ def auth_console(url: str, admin_key: str, viewer_key: str, client_key: str) -> 
             timeout=WAIT_MS
         )
         expect(page.locator("#who")).to_contain_text("viewer")
+        # The alias's variants with their weights as the split uses them.
+        canary = page.locator("tr[data-alias='talk'][data-variant='canary']")
+        expect(canary.locator("td.num").first).to_have_text("20")
+        expect(canary.locator("td.num").nth(1)).to_have_text("20.0")
         page.click("#tab-play")
         expect(page.locator("#play-denied")).to_be_visible()
         expect(page.locator("#play-form")).to_be_hidden()
@@ -433,7 +439,7 @@ def auth_console(url: str, admin_key: str, viewer_key: str, client_key: str) -> 
         expect(page.locator("#who")).to_contain_text("admin")
         to_playground(page)
         expect(page.locator("#model option[value='echo']")).to_be_attached(timeout=WAIT_MS)
-        pick(page, "echo", "tensors")
+        pick(page, "talk", "tensors")
         page.fill(
             "#tensor-json",
             json.dumps(
@@ -455,6 +461,8 @@ def auth_console(url: str, admin_key: str, viewer_key: str, client_key: str) -> 
         assert "$INFERGATE_KEY" in command and admin_key not in command, command
         direct = {t["name"]: t["data"] for t in run_curl(command, admin_key)["outputs"]}
         assert direct == shown == {"x": [1.5, 2.5]}, f"curl {direct} vs page {shown}"
+        variant = page.locator("tr[data-header='x-infergate-variant'] code")
+        expect(variant).to_have_text(re.compile("^(stable|canary)$"))
         assert admin_key not in page.content(), "the key is in the page"
         console.no_errors(allowed=2, why="the refused sign-ins")
         console.close()

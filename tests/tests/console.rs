@@ -55,8 +55,13 @@ fn with_auth_on_the_console_asks_for_a_key_refuses_wrong_ones_and_shows_viewers_
         .iter()
         .map(|(id, key)| format!("[[auth.keys]]\nid = \"{id}\"\nsha256 = \"{}\"\ntenant = \"t1\"\n", digest(key)))
         .collect();
-    let config =
-        format!("[auth]\nenabled = true\n{keys}\n[admin]\nkeys = [\"ops\"]\nviewer_keys = [\"watch\"]\n{ECHO_POOL}");
+    // An alias with a canary, for the status view's weights and the playground's variant header.
+    let alias = "[[aliases]]\nname = \"talk\"\n\
+                 [[aliases.variants]]\nname = \"stable\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 80\n\
+                 [[aliases.variants]]\nname = \"canary\"\npool = \"echo\"\nmodel = \"echo\"\nweight = 20\n";
+    let config = format!(
+        "[auth]\nenabled = true\n{keys}\n[admin]\nkeys = [\"ops\"]\nviewer_keys = [\"watch\"]\n{ECHO_POOL}{alias}"
+    );
     let gw = Gateway::start(&config).unwrap();
     browser_check(&["auth", &gw.admin_url(""), ADMIN_KEY, VIEWER_KEY, CLIENT_KEY]);
 }

@@ -108,6 +108,13 @@ struct State {
     out: Vec<bool>,
 }
 
+impl State {
+    /// A start: every variant at its ramp's first step, none rolled back.
+    fn fresh(n: usize) -> Self {
+        Self { started: Instant::now(), windows: vec![Window::default(); n], step: vec![0; n], out: vec![false; n] }
+    }
+}
+
 /// The canary state of one alias.
 #[derive(Debug)]
 pub struct Canary {
@@ -127,12 +134,7 @@ impl Canary {
                 "alias" => alias.name.to_string(), "variant" => v.name.to_string())
             .increment(0);
         }
-        let state = State {
-            started: Instant::now(),
-            windows: vec![Window::default(); n],
-            step: vec![0; n],
-            out: vec![false; n],
-        };
+        let state = State::fresh(n);
         let weights = effective(alias, &state);
         Some(Self { alias: alias.clone(), window, state: Mutex::new(state), weights: RwLock::new(weights) })
     }
@@ -204,31 +206,40 @@ impl Canary {
     }
 
     pub fn views(&self) -> Vec<VariantView> {
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let weights = effective(&self.alias, &state);
-        self.alias
-            .variants
-            .iter()
-            .enumerate()
-            .map(|(v, variant)| VariantView {
-                name: variant.name.to_string(),
-                weight: variant.weight,
-                effective_weight: weights[v],
-                state: if v == self.alias.stable {
-                    "stable"
-                } else if state.out[v] {
-                    "rolled-back"
-                } else if !variant.ramp.is_empty() {
-                    "ramping"
-                } else {
-                    "steady"
-                },
-                step: (!variant.ramp.is_empty()).then_some(state.step[v]),
-                window_calls: state.windows[v].calls,
-                window_failures: state.windows[v].failures,
-            })
-            .collect()
+        views_of(&self.alias, &self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
+}
+
+/// The variants of `alias`, which has no canary state (no SLO): the
+/// weights as configured are the ones the split uses.
+pub fn plain_views(alias: &AliasConfig) -> Vec<VariantView> {
+    views_of(alias, &State::fresh(alias.variants.len()))
+}
+
+fn views_of(alias: &AliasConfig, state: &State) -> Vec<VariantView> {
+    let weights = effective(alias, state);
+    alias
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(v, variant)| VariantView {
+            name: variant.name.to_string(),
+            weight: variant.weight,
+            effective_weight: weights[v],
+            state: if v == alias.stable {
+                "stable"
+            } else if state.out[v] {
+                "rolled-back"
+            } else if !variant.ramp.is_empty() {
+                "ramping"
+            } else {
+                "steady"
+            },
+            step: (!variant.ramp.is_empty()).then_some(state.step[v]),
+            window_calls: state.windows[v].calls,
+            window_failures: state.windows[v].failures,
+        })
+        .collect()
 }
 
 /// The weights of `alias`'s variants now: 0 for one rolled back; a ramping

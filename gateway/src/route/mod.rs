@@ -103,6 +103,21 @@ impl Routes {
         views
     }
 
+    /// Every alias and its variants' weights now (those without canary
+    /// state as configured).
+    pub fn all_views(&self) -> Vec<AliasView> {
+        let mut views: Vec<AliasView> = self
+            .aliases
+            .iter()
+            .map(|(name, alias)| AliasView {
+                alias: name.to_string(),
+                variants: self.canaries.get(name).map_or_else(|| canary::plain_views(alias), |c| c.views()),
+            })
+            .collect();
+        views.sort_by(|a, b| a.alias.cmp(&b.alias));
+        views
+    }
+
     /// Put a rolled-back variant back in its alias's split; false when
     /// there is no such alias or variant with canary state.
     pub fn restore(&self, alias: &str, variant: &str) -> bool {

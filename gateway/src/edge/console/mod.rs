@@ -275,7 +275,7 @@ fn snapshot(control: &Control) -> Value {
         "at_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
         "config": { "version": applied.version, "hash": applied.hash },
         "pools": pools,
-        "aliases": control.core().live().routes.views(),
+        "aliases": control.core().live().routes.all_views(),
         "traffic": crate::telemetry::window::snapshot(),
     })
 }
