@@ -462,6 +462,26 @@ impl RemoteWorker {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// Wait until it accepts connections, at most `within`. Workers start
+    /// at once and each takes seconds of CPU to import its SDK: on a loaded
+    /// machine a test that starts several waits here, before its gateway,
+    /// so the gateway's own timeouts do not count the workers' start.
+    pub fn wait_listening(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if std::net::TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("worker {} exited before it listened: {status}", self.addr());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("worker {} not listening after {within:?}", self.addr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL it, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -20,6 +20,15 @@ fn remote_pool(name: &str, addresses: &[String], extra: &str) -> String {
     format!("[[pools]]\nname = \"{name}\"\naddresses = [{}]\n{extra}", quoted.join(", "))
 }
 
+/// Start `n` remote workers (`start(i)` starts the i-th) and wait until each listens.
+fn listening_workers(n: usize, start: impl Fn(usize) -> RemoteWorker) -> Vec<RemoteWorker> {
+    let mut workers: Vec<RemoteWorker> = (0..n).map(start).collect();
+    for w in &mut workers {
+        w.wait_listening(Duration::from_secs(120)).unwrap();
+    }
+    workers
+}
+
 /// Wait until every worker `<pool>-<i>`, i < n, has reported SERVING.
 fn wait_serving(gw: &Gateway, pool: &str, n: usize) {
     for i in 0..n {
@@ -296,7 +305,7 @@ fn when_every_worker_fails_retries_stay_within_the_budget_and_clients_get_503_in
 
 #[test]
 fn a_worker_made_500_ms_slower_gets_under_10_percent_of_calls_and_p99_stays_under_twice_healthy() {
-    let workers: Vec<RemoteWorker> = (0..4).map(|_| RemoteWorker::start(ECHO).unwrap()).collect();
+    let workers = listening_workers(4, |_| RemoteWorker::start(ECHO).unwrap());
     // echo-0 is reached through the fault proxy, the others directly.
     let proxy = FaultProxy::start(workers[0].addr().parse().unwrap()).unwrap();
     let mut addresses = vec![proxy.addr.to_string()];
@@ -331,8 +340,10 @@ fn a_worker_failing_fast_is_ejected_the_others_absorb_it_and_it_is_readmitted_af
     let flag = std::env::temp_dir().join(format!("infergate-flaky-{}-{}", std::process::id(), line!()));
     std::fs::write(&flag, b"failing").unwrap();
     let flag_env = flag.to_str().unwrap();
-    let mut workers = vec![RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag_env)]).unwrap()];
-    workers.extend((0..2).map(|_| RemoteWorker::start("faulty:Flaky").unwrap()));
+    let workers = listening_workers(3, |i| match i {
+        0 => RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag_env)]).unwrap(),
+        _ => RemoteWorker::start("faulty:Flaky").unwrap(),
+    });
     let addresses: Vec<String> = workers.iter().map(RemoteWorker::addr).collect();
     let extra = format!("idempotent = true\noutlier = {{ consecutive = 3, base_ejection = \"1s\" }}\n{NO_CACHE}");
     let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, &extra), "info,infergate::pool=debug").unwrap();
@@ -387,10 +398,10 @@ fn a_stream_refused_by_a_full_worker_is_retried_on_another_before_the_client_see
 
     let flag = std::env::temp_dir().join(format!("infergate-flaky-{}-{}", std::process::id(), line!()));
     std::fs::write(&flag, b"full").unwrap();
-    let workers = [
-        RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag.to_str().unwrap())]).unwrap(),
-        RemoteWorker::start("faulty:Flaky").unwrap(),
-    ];
+    let workers = listening_workers(2, |i| match i {
+        0 => RemoteWorker::start_with("faulty:Flaky", &[("FAULTY_FLAG", flag.to_str().unwrap())]).unwrap(),
+        _ => RemoteWorker::start("faulty:Flaky").unwrap(),
+    });
     let addresses: Vec<String> = workers.iter().map(RemoteWorker::addr).collect();
     // Not idempotent: only calls that provably never started may be retried.
     let gw = Gateway::start_logging(&remote_pool("flaky", &addresses, ""), "info,infergate::pool=debug").unwrap();
