@@ -82,6 +82,8 @@ pub fn router(control: Arc<Control>, public: Router, listening: Listening, drain
         .route("/console/api/events", get(events))
         .route("/console/api/play/{*path}", any(play))
         .route_layer(axum::middleware::from_fn_with_state(console.clone(), guard))
+        // Says whether to sign in: no guard of its own (see `session`).
+        .route("/console/api/session", get(session))
         .layer(axum::middleware::map_response(|mut resp: Response| async move {
             resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             resp
@@ -92,8 +94,6 @@ pub fn router(control: Arc<Control>, public: Router, listening: Listening, drain
         .route("/console/", get(|| async { Redirect::to("/console") }))
         .route("/console/{file}", get(asset))
         .merge(api)
-        // Says whether to sign in: no guard of its own (see `session`).
-        .route("/console/api/session", get(session))
         .layer(axum::middleware::map_response(secure))
         .with_state(console)
 }
