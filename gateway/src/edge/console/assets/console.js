@@ -174,20 +174,9 @@
       }
       if (!r.ok) throw new Error("status " + r.status);
       setLive(true);
-      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += value;
-        let end;
-        while ((end = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, end);
-          buf = buf.slice(end + 2);
-          const event = parseEvent(block);
-          if (event && event.event === "status") renderStatus(JSON.parse(event.data));
-        }
-      }
+      await readEvents(r, (event) => {
+        if (event.event === "status") renderStatus(JSON.parse(event.data));
+      });
     } catch (e) {
       if (ctl.signal.aborted) return;
     }
@@ -196,6 +185,23 @@
     setTimeout(() => {
       if (stream === ctl) follow();
     }, 1000);
+  }
+
+  /** Read the server-sent events of `r`'s body, calling `onEvent` with each. */
+  async function readEvents(r, onEvent) {
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += value;
+      let end;
+      while ((end = buf.indexOf("\n\n")) >= 0) {
+        const event = parseEvent(buf.slice(0, end));
+        buf = buf.slice(end + 2);
+        if (event) onEvent(event);
+      }
+    }
   }
 
   function parseEvent(block) {
@@ -579,29 +585,19 @@
     let first = null;
     let usage = null;
     let chunks = 0;
-    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let end;
-      while ((end = buf.indexOf("\n\n")) >= 0) {
-        const event = parseEvent(buf.slice(0, end));
-        buf = buf.slice(end + 2);
-        if (!event || event.data === "[DONE]") continue;
-        const chunk = JSON.parse(event.data);
-        if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
-        if (chunk.usage) usage = chunk.usage;
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content;
-        if (delta) {
-          if (first === null) first = performance.now() - started;
-          chunks += 1;
-          answer.append(delta);
-          stats([["time to first token", fmt(first) + " ms", "ttft"], ["chunks", String(chunks), "chunks"]]);
-        }
+    await readEvents(r, (event) => {
+      if (event.data === "[DONE]") return;
+      const chunk = JSON.parse(event.data);
+      if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
+      if (chunk.usage) usage = chunk.usage;
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta && chunk.choices[0].delta.content;
+      if (delta) {
+        if (first === null) first = performance.now() - started;
+        chunks += 1;
+        answer.append(delta);
+        stats([["time to first token", fmt(first) + " ms", "ttft"], ["chunks", String(chunks), "chunks"]]);
       }
-    }
+    });
     const total = performance.now() - started;
     const shown = [["time to first token", fmt(first) + " ms", "ttft"], ["total", fmt(total) + " ms", "total"], ["chunks", String(chunks), "chunks"]];
     if (usage) shown.push(["tokens", `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion = ${usage.total_tokens}`, "usage"]);
